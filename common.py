@@ -1,0 +1,68 @@
+"""
+Small pieces shared by the top-level scripts that belong to none of them: user-facing errors, atomic file
+writes, and picking a device / autocast dtype.
+"""
+
+import contextlib
+import os
+import sys
+import tempfile
+
+import torch
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad path, bad config, bad file). Printed as one line, no stack trace."""
+
+
+def run_cli(main, argv=None):
+    """Run main(argv); a UserError becomes one line on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to `path`; it replaces `path` only if the block finishes without error,
+    so an interrupted write never leaves a file that looks complete."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_torch_save(obj, path):
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def atomic_write_text(path, text):
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def resolve_device(device="auto"):
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    return device
+
+
+def autocast(device, dtype):
+    """torch.autocast for dtype ("bfloat16"/"float16") on `device`, or a no-op for "float32"."""
+    if dtype in (None, "float32", torch.float32):
+        return contextlib.nullcontext()
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)

@@ -1,0 +1,401 @@
+"""
+GPT-2 as a PPO policy: the network of nanoGPT / build-nanogpt plus a scalar value head, padded batches, KV-cache
+sampling, loading from every GPT-2 source we care about, and export back to transformers format.
+
+    model = GPT.from_pretrained("gpt2")             # or a transformers dir, a build-nanogpt .pt, a run's checkpoint
+    logits, values = model(idx, attention_mask)     # (B, T, vocab), (B, T)
+    tokens, mask, logprobs = model.generate(idx, attention_mask, max_new_tokens=32, temperature=1.0)
+    model.save_pretrained("out/hf")                 # AutoModelForCausalLM / AutoTokenizer load it offline
+"""
+
+import dataclasses
+import inspect
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from common import UserError
+from tokenizer import EOT_TOKEN
+
+CHECKPOINT_FORMAT = "gpt-ppo-checkpoint/1"  # marks this project's checkpoints (written by train_ppo.py)
+HUB_GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # max sequence length
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # GPT-2 has biases in Linear and LayerNorm layers
+    layer_norm_epsilon: float = 1e-5
+
+
+def logprobs_from_logits(logits, tokens):
+    """log p(tokens) under logits, in float32: (..., V), (...) -> (...). The project's one log-prob helper."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def forward(self, x, attn_mask=None, past_kv=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if past_kv is not None:
+            k = torch.cat([past_kv[0], k], dim=2)  # (B, nh, T_past + T, hs)
+            v = torch.cat([past_kv[1], v], dim=2)
+        dropout_p = self.dropout if self.training else 0.0
+        if attn_mask is None:  # no padding, no cache: the fast causal kernel
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y)), (k, v)
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, past_kv=None):
+        a, present_kv = self.attn(self.ln_1(x), attn_mask, past_kv)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, present_kv
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        # the value head starts at zero so that a fresh policy's values do not disturb early PPO updates
+        self.value_head = nn.Linear(config.n_embd, 1)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------------------------------------------------
+    # forward
+
+    def hidden_states(self, idx, attention_mask=None, past_kv=None, use_cache=False):
+        """
+        Final hidden states (after ln_f) of idx (B, T) -> (B, T, C), and the KV cache if use_cache.
+        attention_mask (B, T_past + T): 1 = token, 0 = padding, covering the cached tokens too. Position ids
+        come from the mask, so a left-padded row gets the same positions as the row alone.
+        """
+        B, T = idx.size()
+        past_len = 0 if past_kv is None else past_kv[0][0].size(2)
+        if past_len + T > self.config.block_size:
+            raise ValueError(f"sequence of {past_len + T} tokens is longer than block_size {self.config.block_size}")
+        if attention_mask is None and past_kv is None:
+            attn_mask = None  # plain causal attention
+            pos = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T)
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, past_len + T, dtype=torch.long, device=idx.device)
+            assert attention_mask.shape == (B, past_len + T), "attention_mask must cover past and current tokens"
+            keep = attention_mask.bool()
+            pos = (keep.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]  # (B, T)
+            q_pos = torch.arange(past_len, past_len + T, device=idx.device).view(T, 1)
+            k_pos = torch.arange(past_len + T, device=idx.device).view(1, past_len + T)
+            attn_mask = (k_pos <= q_pos) & keep[:, None, None, :]  # (B, 1, T, T_past + T) causal and not padding
+            # a padding query may have no key at all (left padding); let it see itself so softmax stays finite
+            attn_mask = attn_mask | (k_pos == q_pos)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        present = []
+        for i, block in enumerate(self.transformer.h):
+            x, kv = block(x, attn_mask, None if past_kv is None else past_kv[i])
+            present.append(kv)
+        x = self.transformer.ln_f(x)
+        return (x, present) if use_cache else x
+
+    def forward(self, idx, attention_mask=None):
+        """-> logits (B, T, vocab_size), values (B, T). Values are float32."""
+        x = self.hidden_states(idx, attention_mask)
+        return self.lm_head(x), self.value_head(x).squeeze(-1).float()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # sampling
+
+    @torch.no_grad()
+    def generate(self, idx, attention_mask=None, max_new_tokens=32, temperature=1.0, top_k=None, top_p=None,
+                 stop_tokens=(EOT_TOKEN,), generator=None):
+        """
+        Sample continuations of left-padded prompts idx (B, T) with a KV cache.
+        Returns tokens (B, N), mask (B, N) (1 up to and including the first stop token) and the log-probs of the
+        sampled tokens under the temperature-scaled distribution (before top-k / top-p), float32, 0 where masked.
+        temperature=0 is greedy decoding (log-probs then under temperature 1). N <= max_new_tokens: sampling
+        stops early once every row has stopped.
+        """
+        B = idx.size(0)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(idx)
+        if idx.size(1) + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt of {idx.size(1)} + {max_new_tokens} new tokens exceeds block_size "
+                             f"{self.config.block_size}")
+        stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
+        hidden, kv = self.hidden_states(idx, attention_mask, use_cache=True)
+        logits = self.lm_head(hidden[:, -1, :]).float()  # left padding: the last column is every row's last token
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        tokens, masks, logprobs = [], [], []
+        for step in range(max_new_tokens):
+            if temperature == 0:
+                next_token = logits.argmax(dim=-1)
+                logp = F.log_softmax(logits, dim=-1)
+            else:
+                logits = logits / temperature
+                logp = F.log_softmax(logits, dim=-1)
+                probs = F.softmax(filter_logits(logits, top_k, top_p), dim=-1)
+                next_token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            alive = ~done
+            tokens.append(next_token)
+            masks.append(alive)
+            logprobs.append(logp.gather(-1, next_token[:, None]).squeeze(-1) * alive)
+            done = done | torch.isin(next_token, stop)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            hidden, kv = self.hidden_states(next_token[:, None], attention_mask, past_kv=kv, use_cache=True)
+            logits = self.lm_head(hidden[:, -1, :]).float()
+        return torch.stack(tokens, 1), torch.stack(masks, 1).long(), torch.stack(logprobs, 1)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # optimizer
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # decay the matrices (and embeddings), not the biases and LayerNorm gains
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # loading and export
+
+    @classmethod
+    def from_pretrained(cls, source):
+        """
+        source: a hub name ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", or another GPT-2 repo), a local
+        transformers GPT-2 directory (ours from save_pretrained included), a build-nanogpt or nanoGPT checkpoint
+        (.pt), or this project's checkpoint (.pt, or a run directory holding ckpt.pt).
+        """
+        source = os.fspath(source)
+        if os.path.isdir(source):
+            if os.path.exists(os.path.join(source, "config.json")):
+                return cls._from_transformers(source)
+            if os.path.exists(os.path.join(source, "ckpt.pt")):
+                return cls._from_torch_file(os.path.join(source, "ckpt.pt"))
+            raise UserError(f"{source}: directory holds neither a transformers model (config.json) nor ckpt.pt")
+        if os.path.isfile(source):
+            return cls._from_torch_file(source)
+        if source.endswith((".pt", ".pth", ".bin")) or source.startswith((".", "/", "~")) or source.count("/") > 1:
+            raise UserError(f"{source}: no such file or directory")
+        return cls._from_transformers(source)
+
+    @classmethod
+    def _from_transformers(cls, name_or_dir):
+        from transformers import AutoConfig, GPT2LMHeadModel
+
+        try:
+            hf_config = AutoConfig.from_pretrained(name_or_dir)
+            if hf_config.model_type != "gpt2":
+                raise UserError(f"{name_or_dir}: a '{hf_config.model_type}' model, but GPT.from_pretrained loads "
+                                "GPT-2 only (hellaswag.py and reward.py take other architectures)")
+            hf = GPT2LMHeadModel.from_pretrained(name_or_dir, dtype=torch.float32)
+        except OSError as e:
+            if os.path.isdir(name_or_dir):
+                raise UserError(f"{name_or_dir}: not a loadable transformers GPT-2 directory ({e})") from None
+            raise UserError(f"could not load '{name_or_dir}' from the Hugging Face hub (offline, or no such repo?); "
+                            f"download it where there is internet (hf download {name_or_dir} --local-dir DIR) "
+                            "and pass that directory instead") from None
+        c = hf.config
+        if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise UserError(f"{name_or_dir}: activation {c.activation_function!r} is not GPT-2's tanh GELU")
+        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                           n_embd=c.n_embd, layer_norm_epsilon=c.layer_norm_epsilon)
+        model = cls(config)
+        sd = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        for k in sd:
+            if k.endswith(_CONV1D_WEIGHTS):  # transformers' Conv1D stores (in, out); nn.Linear wants (out, in)
+                sd[k] = sd[k].t()
+        value_head = os.path.join(name_or_dir, "value_head.safetensors")
+        if os.path.isfile(value_head):
+            from safetensors.torch import load_file
+            sd.update({"value_head." + k: v for k, v in load_file(value_head).items()})
+        model._load_state_dict(sd, name_or_dir)
+        return model
+
+    @classmethod
+    def _from_torch_file(cls, path):
+        # build-nanogpt pickles its GPTConfig dataclass from __main__; read it as a plain object, nothing executed
+        stand_ins = [(type("GPTConfig", (), {}), f"{module}.GPTConfig") for module in ("__main__", "train_gpt2", "model")]
+        try:
+            with torch.serialization.safe_globals(stand_ins):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{path}: not a readable PyTorch checkpoint ({first_line})") from None
+        if not isinstance(ckpt, dict):
+            raise UserError(f"{path}: expected a checkpoint dict, found {type(ckpt).__name__}")
+        if ckpt.get("format") == CHECKPOINT_FORMAT:  # ours
+            config, sd = GPTConfig(**ckpt["model_config"]), ckpt["model"]
+        elif "model" in ckpt and "config" in ckpt and not isinstance(ckpt["config"], dict):  # build-nanogpt
+            config, sd = _config_from(vars(ckpt["config"]), path), ckpt["model"]
+        elif "model" in ckpt and "model_args" in ckpt:  # nanoGPT's ckpt.pt
+            config, sd = _config_from(ckpt["model_args"], path), ckpt["model"]
+        else:
+            raise UserError(f"{path}: unknown checkpoint layout (keys: {sorted(ckpt)[:8]}); expected this project's, "
+                            "build-nanogpt's or nanoGPT's")
+        model = cls(config)
+        model._load_state_dict(sd, path)
+        return model
+
+    def _load_state_dict(self, sd, where):
+        clean = {}
+        for k, v in sd.items():
+            for prefix in ("_orig_mod.", "module."):  # torch.compile and DDP wrappers
+                k = k.removeprefix(prefix)
+            if k.endswith((".attn.bias", ".attn.masked_bias")):  # old nanoGPT causal-mask buffers
+                continue
+            clean[k] = v
+        if "lm_head.weight" not in clean:  # tied: some writers store only the embedding
+            clean["lm_head.weight"] = clean.get("transformer.wte.weight")
+        missing, unexpected = self.load_state_dict(clean, strict=False)
+        missing = [k for k in missing if not k.startswith("value_head.")]  # a fresh value head is fine
+        if missing or unexpected:
+            raise UserError(f"{where}: weights do not fit a GPT-2 of this config "
+                            f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+
+    def save_pretrained(self, out_dir):
+        """Write a transformers GPT-2 directory (config, safetensors, tokenizer) plus value_head.safetensors.
+        The directory is replaced atomically: a crash leaves the old export or the new one, never half of one."""
+        from safetensors.torch import save_file
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        from tokenizer import gpt2_hf_tokenizer
+
+        c = self.config
+        hf_config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                               n_head=c.n_head, layer_norm_epsilon=c.layer_norm_epsilon, activation_function="gelu_new",
+                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                               bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN, tie_word_embeddings=True)
+        hf = GPT2LMHeadModel(hf_config)
+        sd = {k: v.detach().float().cpu() for k, v in self.state_dict().items() if not k.startswith("value_head.")}
+        for k in sd:
+            if k.endswith(_CONV1D_WEIGHTS):
+                sd[k] = sd[k].t().contiguous()
+        missing, unexpected = hf.load_state_dict(sd, strict=False)
+        assert not unexpected and all(k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing), missing
+        out_dir = os.path.abspath(out_dir)
+        parent = os.path.dirname(out_dir)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(out_dir) + ".")
+        try:
+            hf.save_pretrained(tmp)
+            gpt2_hf_tokenizer().save_pretrained(tmp)
+            vh = {k.removeprefix("value_head."): v.detach().float().cpu().contiguous()
+                  for k, v in self.state_dict().items() if k.startswith("value_head.")}
+            save_file(vh, os.path.join(tmp, "value_head.safetensors"))
+            with open(os.path.join(tmp, "gpt_config.json"), "w") as f:
+                json.dump(dataclasses.asdict(c), f, indent=2)
+            old = None
+            if os.path.exists(out_dir):
+                old = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(out_dir) + ".old.")
+                os.replace(out_dir, os.path.join(old, "x"))
+            os.replace(tmp, out_dir)
+            if old:
+                shutil.rmtree(old)
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+
+
+_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _config_from(fields, where):
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    try:
+        return GPTConfig(**{k: v for k, v in fields.items() if k in known})
+    except TypeError as e:
+        raise UserError(f"{where}: bad model config in checkpoint ({e})") from None
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """Set logits outside the top-k and outside the top-p nucleus to -inf. (B, V) -> (B, V)"""
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = F.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop_sorted = cum - F.softmax(sorted_logits, dim=-1) > top_p  # keep the smallest set whose mass reaches top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
