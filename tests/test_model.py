@@ -1,0 +1,265 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from common import UserError
+from model import CHECKPOINT_FORMAT, GPT, GPTConfig, filter_logits, logprobs_from_logits
+
+TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)
+
+
+def tiny_gpt(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**TINY, **overrides})).eval()
+    with torch.no_grad():  # a non-zero value head, so that loading it is checked too
+        model.value_head.weight.normal_()
+        model.value_head.bias.fill_(0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_gpt2_dir(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50257, n_positions=64, n_embd=64, n_layer=2, n_head=2)
+    hf = GPT2LMHeadModel(config).eval()
+    path = tmp_path_factory.mktemp("hf_gpt2")
+    hf.save_pretrained(path)
+    return path, hf
+
+
+def test_logits_equal_transformers_gpt2(hf_gpt2_dir):
+    path, hf = hf_gpt2_dir
+    model = GPT.from_pretrained(str(path)).eval()
+    idx = torch.randint(0, 50257, (3, 17), generator=torch.Generator().manual_seed(1))
+    logits, values = model(idx)
+    with torch.no_grad():
+        ref = hf(idx).logits
+    assert logits.shape == ref.shape
+    assert (logits - ref).abs().max().item() <= 1e-4
+    assert values.shape == (3, 17) and values.dtype == torch.float32
+    assert values.abs().max().item() == 0.0  # fresh value head is zero-initialised
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_row_equals_row_alone(side):
+    model = tiny_gpt()
+    g = torch.Generator().manual_seed(2)
+    short, long = torch.randint(0, 50257, (1, 7), generator=g), torch.randint(0, 50257, (1, 12), generator=g)
+    pad = torch.zeros(1, 5, dtype=torch.long)
+    row = torch.cat([pad, short], 1) if side == "left" else torch.cat([short, pad], 1)
+    idx = torch.cat([row, long])
+    mask = torch.ones_like(idx)
+    if side == "left":
+        mask[0, :5] = 0
+    else:
+        mask[0, 7:] = 0
+    logits, values = model(idx, mask)
+    alone_logits, alone_values = model(short)
+    real = mask[0].bool()
+    assert (logits[0, real] - alone_logits[0]).abs().max().item() <= 1e-5
+    assert (values[0, real] - alone_values[0]).abs().max().item() <= 1e-5
+    assert (logits[1] - model(long)[0][0]).abs().max().item() <= 1e-5
+    assert torch.isfinite(logits).all()  # padding queries must not produce NaN
+
+
+def left_padded_prompts():
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 50257, (3, 9), generator=g)
+    mask = torch.ones_like(idx)
+    mask[0, :4] = 0
+    mask[2, :1] = 0
+    return idx, mask
+
+
+def test_greedy_generate_equals_no_cache_loop():
+    model = tiny_gpt(seed=4)
+    idx, mask = left_padded_prompts()
+    tokens, out_mask, _ = model.generate(idx, mask, max_new_tokens=8, temperature=0, stop_tokens=())
+    seq, seq_mask, ref = idx, mask, []
+    for _ in range(8):  # reference: a full forward over the whole sequence for every new token
+        logits, _ = model(seq, seq_mask)
+        next_token = logits[:, -1].argmax(-1)
+        ref.append(next_token)
+        seq = torch.cat([seq, next_token[:, None]], 1)
+        seq_mask = torch.cat([seq_mask, torch.ones_like(seq_mask[:, :1])], 1)
+    assert torch.equal(tokens, torch.stack(ref, 1))
+    assert out_mask.all()
+
+
+def test_sampled_logprobs_match_full_forward():
+    model = tiny_gpt(seed=5)
+    idx, mask = left_padded_prompts()
+    temperature = 0.7
+    tokens, out_mask, logprobs = model.generate(idx, mask, max_new_tokens=10, temperature=temperature, top_k=50,
+                                                stop_tokens=(), generator=torch.Generator().manual_seed(0))
+    full = torch.cat([idx, tokens], 1)
+    full_mask = torch.cat([mask, out_mask], 1)
+    logits, _ = model(full, full_mask)
+    T = idx.size(1)
+    ref = logprobs_from_logits(logits[:, T - 1:-1] / temperature, tokens)
+    assert (ref - logprobs).abs().max().item() <= 1e-4
+    # top-k 50: every sampled token is in the top 50 of its position's logits
+    top50 = logits[:, T - 1:-1].topk(50, dim=-1).indices
+    assert (top50 == tokens[..., None]).any(-1).all()
+
+
+def test_generate_is_reproducible_with_a_generator():
+    model = tiny_gpt(seed=6)
+    idx, mask = left_padded_prompts()
+    a = model.generate(idx, mask, max_new_tokens=6, generator=torch.Generator().manual_seed(7))[0]
+    b = model.generate(idx, mask, max_new_tokens=6, generator=torch.Generator().manual_seed(7))[0]
+    c = model.generate(idx, mask, max_new_tokens=6, generator=torch.Generator().manual_seed(8))[0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_stop_token_mask_includes_the_stop_and_nothing_after():
+    model = tiny_gpt(seed=4)
+    idx, mask = left_padded_prompts()
+    free, _, _ = model.generate(idx, mask, max_new_tokens=6, temperature=0, stop_tokens=())
+    stop = int(free[0, 2])  # row 0 stops at its third token
+    tokens, out_mask, logprobs = model.generate(idx, mask, max_new_tokens=6, temperature=0, stop_tokens=(stop,))
+    first_stop = (free[0] == stop).nonzero()[0].item()
+    assert out_mask[0].tolist() == [1] * (first_stop + 1) + [0] * (tokens.size(1) - first_stop - 1)
+    assert (logprobs[0, first_stop + 1:] == 0).all() and (logprobs[0, :first_stop + 1] < 0).all()
+    assert torch.equal(tokens[:, :first_stop + 1], free[:, :first_stop + 1])
+
+
+def test_generate_stops_early_when_every_row_stopped():
+    model = tiny_gpt(seed=4)
+    idx, mask = left_padded_prompts()
+    free, _, _ = model.generate(idx, mask, max_new_tokens=4, temperature=0, stop_tokens=())
+    tokens, out_mask, _ = model.generate(idx, mask, max_new_tokens=20, temperature=0, stop_tokens=free[:, 0].tolist())
+    assert tokens.shape == (3, 1) and out_mask.all()
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True, True]]
+    # nucleus 0.8: 0.5 + 0.2 = 0.7 < 0.8, so the 0.15 token is needed too
+    assert torch.isinf(filter_logits(logits, top_p=0.8)).tolist() == [[False, False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.45)).tolist() == [[False, True, True, True, True]]
+    shuffled = logits[:, [3, 0, 4, 2, 1]]
+    assert torch.isinf(filter_logits(shuffled, top_p=0.8)).tolist() == [[True, False, True, False, False]]
+
+
+def test_build_nanogpt_checkpoint_loads(tmp_path):
+    """A checkpoint written the way build-nanogpt's train_gpt2.py writes it: a GPTConfig dataclass from __main__,
+    a torch.compile'd state dict (_orig_mod. prefixes), step and val_loss."""
+    model = tiny_gpt(seed=8)
+    sd_path, ckpt_path = tmp_path / "sd.pt", tmp_path / "model_00050.pt"
+    torch.save(model.state_dict(), sd_path)
+    script = textwrap.dedent(f"""
+        import torch
+        from dataclasses import dataclass
+        @dataclass
+        class GPTConfig:
+            block_size: int = 64
+            vocab_size: int = 50257
+            n_layer: int = 2
+            n_head: int = 2
+            n_embd: int = 64
+        sd = torch.load({str(sd_path)!r})
+        sd = {{"_orig_mod." + k: v for k, v in sd.items() if not k.startswith("value_head.")}}
+        torch.save({{"model": sd, "config": GPTConfig(), "step": 50, "val_loss": 3.2}}, {str(ckpt_path)!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True)
+    loaded = GPT.from_pretrained(str(ckpt_path)).eval()
+    assert loaded.config.n_layer == 2 and loaded.config.block_size == 64
+    idx = torch.randint(0, 50257, (2, 11))
+    assert (loaded(idx)[0] - model(idx)[0]).abs().max().item() == 0.0
+
+
+def test_project_checkpoint_and_run_dir_load(tmp_path):
+    import dataclasses
+
+    model = tiny_gpt(seed=9)
+    ckpt = {"format": CHECKPOINT_FORMAT, "model_config": dataclasses.asdict(model.config), "model": model.state_dict()}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    idx = torch.randint(0, 50257, (2, 11))
+    for source in (tmp_path / "ckpt.pt", tmp_path):
+        loaded = GPT.from_pretrained(source).eval()
+        logits, values = loaded(idx)
+        ref_logits, ref_values = model(idx)
+        assert torch.equal(logits, ref_logits) and torch.equal(values, ref_values)
+
+
+def test_bad_checkpoints_name_the_file(tmp_path):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UserError, match="corrupt.pt"):
+        GPT.from_pretrained(corrupt)
+    unknown = tmp_path / "unknown.pt"
+    torch.save({"weights": torch.zeros(2)}, unknown)
+    with pytest.raises(UserError, match="unknown.pt.*unknown checkpoint layout"):
+        GPT.from_pretrained(unknown)
+    with pytest.raises(UserError, match="no such file"):
+        GPT.from_pretrained(tmp_path / "missing.pt")
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    with pytest.raises(UserError, match="neither"):
+        GPT.from_pretrained(empty_dir)
+
+
+def test_mismatched_weights_are_a_clear_error(tmp_path):
+    import dataclasses
+
+    model = tiny_gpt()
+    config = dataclasses.asdict(model.config) | {"n_layer": 3}
+    torch.save({"format": CHECKPOINT_FORMAT, "model_config": config, "model": model.state_dict()}, tmp_path / "x.pt")
+    with pytest.raises(UserError, match="x.pt: weights do not fit"):
+        GPT.from_pretrained(tmp_path / "x.pt")
+
+
+def test_offline_hub_name_fails_with_one_clear_line():
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    with pytest.raises(UserError) as e:
+        GPT.from_pretrained("gpt2")
+    message = str(e.value)
+    assert "gpt2" in message and "hub" in message and "\n" not in message
+
+
+def test_non_gpt2_transformers_dir_is_refused(tmp_path):
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    neo = GPTNeoForCausalLM(GPTNeoConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=2,
+                                         attention_types=[[["global"], 2]], max_position_embeddings=32))
+    neo.save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="gpt_neo"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_export_loads_in_transformers_offline(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokenizer import gpt2_encoding
+
+    model = tiny_gpt(seed=10)
+    out = tmp_path / "export"
+    model.save_pretrained(out)
+    model.save_pretrained(out)  # overwriting an existing export works
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    text = "The policy was exported, and café ünïcode survives."
+    ids = tok(text)["input_ids"]
+    assert ids == gpt2_encoding().encode_ordinary(text)
+    idx = torch.tensor([ids])
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)[0]).abs().max().item() <= 1e-4
+    # and back: the value head travels with the export
+    again = GPT.from_pretrained(out).eval()
+    assert torch.allclose(again(idx)[1], model(idx)[1], atol=1e-5)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp dirs left behind
+
+
+def test_optimizer_groups_decay_matrices_only():
+    model = tiny_gpt()
+    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-4, betas=(0.9, 0.95), device_type="cpu")
+    decay, no_decay = opt.param_groups
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
