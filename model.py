@@ -13,6 +13,7 @@ import inspect
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -173,10 +174,17 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         return (x, present) if use_cache else x
 
-    def forward(self, idx, attention_mask=None):
-        """-> logits (B, T, vocab_size), values (B, T). Values are float32."""
+    def forward(self, idx, attention_mask=None, logits_at=None):
+        """
+        -> logits (B, T, vocab_size), values (B, T) in float32.
+        logits_at (B, T) bool: apply the LM head only there (it is a third of GPT-2's FLOPs); logits are then
+        (K, vocab_size) for the K selected positions in row-major order.
+        """
         x = self.hidden_states(idx, attention_mask)
-        return self.lm_head(x), self.value_head(x).squeeze(-1).float()
+        values = self.value_head(x).squeeze(-1).float()
+        if logits_at is not None:
+            x = x[logits_at]
+        return self.lm_head(x), values
 
     # ------------------------------------------------------------------------------------------------------------
     # sampling
@@ -243,15 +251,17 @@ class GPT(nn.Module):
         """
         source: a hub name ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", or another GPT-2 repo), a local
         transformers GPT-2 directory (ours from save_pretrained included), a build-nanogpt or nanoGPT checkpoint
-        (.pt), or this project's checkpoint (.pt, or a run directory holding ckpt.pt).
+        (.pt), or this project's checkpoint (.pt, or a run directory: its newest ckpt_<step>.pt).
         """
         source = os.fspath(source)
         if os.path.isdir(source):
             if os.path.exists(os.path.join(source, "config.json")):
                 return cls._from_transformers(source)
-            if os.path.exists(os.path.join(source, "ckpt.pt")):
-                return cls._from_torch_file(os.path.join(source, "ckpt.pt"))
-            raise UserError(f"{source}: directory holds neither a transformers model (config.json) nor ckpt.pt")
+            ckpt = latest_checkpoint(source)
+            if ckpt is None:
+                raise UserError(f"{source}: directory holds neither a transformers model (config.json) nor a "
+                                "checkpoint (ckpt_*.pt)")
+            return cls._from_torch_file(ckpt)
         if os.path.isfile(source):
             return cls._from_torch_file(source)
         if source.endswith((".pt", ".pth", ".bin")) or source.startswith((".", "/", "~")) or source.count("/") > 1:
@@ -377,6 +387,12 @@ class GPT(nn.Module):
 
 
 _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def latest_checkpoint(run_dir):
+    """Path of the newest ckpt_<step>.pt in run_dir (written by train_ppo.py), or None."""
+    steps = [int(m.group(1)) for f in os.listdir(run_dir) if (m := re.fullmatch(r"ckpt_(\d+)\.pt", f))]
+    return os.path.join(run_dir, f"ckpt_{max(steps):06d}.pt") if steps else None
 
 
 def _config_from(fields, where):

@@ -65,6 +65,8 @@ def test_padded_row_equals_row_alone(side):
     assert (logits[0, real] - alone_logits[0]).abs().max().item() <= 1e-5
     assert (values[0, real] - alone_values[0]).abs().max().item() <= 1e-5
     assert (logits[1] - model(long)[0][0]).abs().max().item() <= 1e-5
+    selected, _ = model(idx, mask, logits_at=mask.bool())  # LM head only at the real tokens
+    assert (selected - logits[mask.bool()]).abs().max().item() <= 1e-5
     assert torch.isfinite(logits).all()  # padding queries must not produce NaN
 
 
@@ -180,9 +182,10 @@ def test_project_checkpoint_and_run_dir_load(tmp_path):
 
     model = tiny_gpt(seed=9)
     ckpt = {"format": CHECKPOINT_FORMAT, "model_config": dataclasses.asdict(model.config), "model": model.state_dict()}
-    torch.save(ckpt, tmp_path / "ckpt.pt")
+    torch.save(ckpt, tmp_path / "ckpt_000007.pt")
+    torch.save({**ckpt, "model": tiny_gpt(seed=1).state_dict()}, tmp_path / "ckpt_000003.pt")  # older
     idx = torch.randint(0, 50257, (2, 11))
-    for source in (tmp_path / "ckpt.pt", tmp_path):
+    for source in (tmp_path / "ckpt_000007.pt", tmp_path):
         loaded = GPT.from_pretrained(source).eval()
         logits, values = loaded(idx)
         ref_logits, ref_values = model(idx)
