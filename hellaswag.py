@@ -207,3 +207,254 @@ def example_texts(example, style="completion"):
             query = example["activity_label"] + ": " + query
         return lm_eval_preprocess(query), [" " + lm_eval_preprocess(ending) for ending in example["endings"]]
     raise UserError(f"unknown style '{style}'; choose one of {', '.join(STYLES)}")
+
+
+def encode_example(example, encode, style="completion", split_whole=None, prefix_tokens=()):
+    """
+    -> (context tokens, 4 ending token lists). encode: str -> list[int].
+    Completion style encodes the context and each continuation separately (build-nanogpt). lm-eval style, and any
+    split_whole=True, encodes context + continuation whole and splits at the context's token length, with the
+    context's trailing whitespace moved to the continuation (lm-evaluation-harness). prefix_tokens (a BOS) start
+    the context.
+    """
+    context, continuations = example_texts(example, style)
+    if split_whole is None:
+        split_whole = style == "lm-eval"
+    if not split_whole:
+        return list(prefix_tokens) + encode(context), [encode(c) for c in continuations]
+    stripped = context.rstrip()
+    context_tokens = encode(stripped)
+    endings = [encode(stripped + context[len(stripped):] + c)[len(context_tokens):] for c in continuations]
+    if not all(endings):
+        raise UserError(f"example {example['index']}: an ending encodes to no tokens after the context")
+    return list(prefix_tokens) + context_tokens, endings
+
+
+def fit_to_length(context_tokens, ending_tokens, max_len):
+    """Drop context tokens from the left so that context + the longest ending fit in max_len tokens."""
+    room = max_len - max(len(e) for e in ending_tokens)
+    if room < 1:
+        raise UserError(f"an ending of {max_len - room} tokens does not fit the model's {max_len}-token window")
+    return context_tokens[-room:], ending_tokens
+
+
+def pad_choices(encoded, pad_token=EOT_TOKEN):
+    """
+    N encoded examples -> idx, attention_mask, target_mask, each (4N, T) long, right-padded; row 4*i+j holds
+    context_i + ending_j. target_mask[r, t] = 1 where idx[r, t+1] is an ending token: the positions whose logits
+    predict the ending (the last column is always 0).
+    """
+    rows = [(context, ending) for context, endings in encoded for ending in endings]
+    T = max(len(c) + len(e) for c, e in rows)
+    idx = torch.full((len(rows), T), pad_token, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
+    target_mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for r, (context, ending) in enumerate(rows):
+        n = len(context) + len(ending)
+        idx[r, :n] = torch.tensor(context + ending)
+        attention_mask[r, :n] = 1
+        target_mask[r, len(context) - 1:n - 1] = 1
+    return idx, attention_mask, target_mask
+
+
+def choice_logprobs(logits, idx, target_mask):
+    """
+    logits (4N, T, V) of the rows of pad_choices -> sum of the ending tokens' log-probs (N, 4) and their number
+    (N, 4), float32 and differentiable. The acc_norm score of completion style is sum / n.
+    """
+    logp = logprobs_from_logits(logits[:, :-1], idx[:, 1:])  # (4N, T-1): log p of each next token
+    mask = target_mask[:, :-1].float()
+    return (logp * mask).sum(1).view(-1, 4), mask.sum(1).view(-1, 4)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# the scorer
+
+HEAD_CHUNK = 1024  # positions per LM-head call: bounds the (positions, vocab) logits in memory
+
+
+def _shared_context_batch(encoded, pad_token):
+    """
+    Tensors to score B examples with one pass over each context and one over the 4 endings reusing its KV cache.
+    Contexts are left-padded (B, Tc) so that every context's last token, which predicts each ending's first token,
+    sits in the last column. Endings minus their last token are right-padded (4B, Te); ending token t >= 1 is
+    predicted at flat position r * Te + t - 1 of that pass.
+    """
+    Tc = max(len(c) for c, _ in encoded)
+    Te = max(len(e) for _, endings in encoded for e in endings) - 1
+    ctx_rows, ctx_mask, end_rows, end_mask, first_tokens = [], [], [], [], []
+    positions, rows, targets = [], [], []
+    for b, (context, endings) in enumerate(encoded):
+        ctx_rows.append([pad_token] * (Tc - len(context)) + context)
+        ctx_mask.append([0] * (Tc - len(context)) + [1] * len(context))
+        first_tokens.append([ending[0] for ending in endings])
+        for j, ending in enumerate(endings):
+            r, n = 4 * b + j, len(ending) - 1
+            end_rows.append(ending[:-1] + [pad_token] * (Te - n))
+            end_mask.append([1] * n + [0] * (Te - n))
+            positions.extend(range(r * Te, r * Te + n))
+            rows.extend([r] * n)
+            targets.extend(ending[1:])
+    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return (as_long(ctx_rows), as_long(ctx_mask), as_long(end_rows).view(len(end_rows), Te),
+            as_long(end_mask).view(len(end_rows), Te), as_long(first_tokens), as_long(positions), as_long(rows),
+            as_long(targets))
+
+
+def _score_gpt_batch(model, encoded, pad_token, device):
+    """Summed ending log-probs (B, 4) for this project's GPT: shared context pass, LM head only where needed."""
+    tensors = [t.to(device, non_blocking=True) for t in _shared_context_batch(encoded, pad_token)]
+    ctx_idx, ctx_mask, end_idx, end_mask, first_tokens, positions, rows, targets = tensors
+    B = ctx_idx.size(0)
+    hidden, kv = model.hidden_states(ctx_idx, ctx_mask, use_cache=True)  # (B, Tc, C)
+    first_logits = model.lm_head(hidden[:, -1])  # (B, V)
+    scores = logprobs_from_logits(first_logits[:, None].expand(B, 4, -1), first_tokens).reshape(4 * B)
+    if end_idx.size(1) > 0:
+        kv = [(k.repeat_interleave(4, 0), v.repeat_interleave(4, 0)) for k, v in kv]  # each context for 4 endings
+        mask = torch.cat([ctx_mask.repeat_interleave(4, 0), end_mask], dim=1)  # (4B, Tc + Te)
+        hidden = model.hidden_states(end_idx, mask, past_kv=kv)  # (4B, Te, C)
+        picked = hidden.flatten(0, 1).index_select(0, positions)  # (M, C), M = ending tokens after the first
+        token_logp = torch.cat([logprobs_from_logits(model.lm_head(h), t)
+                                for h, t in zip(picked.split(HEAD_CHUNK), targets.split(HEAD_CHUNK))])
+        scores = scores.index_add(0, rows, token_logp)
+    return scores.view(B, 4)
+
+
+def _score_reference_batch(model, encoded, pad_token, device):
+    """Summed ending log-probs (B, 4) for any transformers causal LM: one full forward of the 4B padded rows."""
+    idx, attention_mask, target_mask = (t.to(device) for t in pad_choices(encoded, pad_token))
+    logits = model(input_ids=idx, attention_mask=attention_mask).logits
+    return choice_logprobs(logits, idx, target_mask)[0]
+
+
+@torch.no_grad()
+def score_choices(model, encoded, batch_size=32, device="cpu", dtype="float32", pad_token=EOT_TOKEN):
+    """
+    The one HellaSwag scorer: summed log-probs of the 4 endings of each encoded example, (N, 4) float32 on the
+    host. Examples are scored batch_size at a time in order of length (less padding); results stay on the device
+    until the end, so there is no host sync per batch. The model must be in eval mode.
+    """
+    score_batch = _score_gpt_batch if isinstance(model, GPT) else _score_reference_batch
+    order = sorted(range(len(encoded)), key=lambda i: (max(map(len, encoded[i][1])), len(encoded[i][0])))
+    scores = torch.zeros(len(encoded), 4, device=device)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        with autocast(device, dtype):
+            batch_scores = score_batch(model, [encoded[i] for i in batch], pad_token, device)
+        scores[torch.tensor(batch, device=device)] = batch_scores.float()
+    return scores.cpu()
+
+
+def text_encoder(tokenizer=None):
+    """
+    -> (encode: str -> list[int], prefix tokens, split_whole) for a tokenizer: None (GPT-2's tiktoken encoding),
+    a tiktoken Encoding, or a transformers tokenizer (encode whole and split as lm-evaluation-harness, with a BOS
+    in front where the tokenizer adds one).
+    """
+    if tokenizer is None:
+        from tokenizer import gpt2_encoding
+        tokenizer = gpt2_encoding()
+    if hasattr(tokenizer, "encode_ordinary"):  # tiktoken
+        return tokenizer.encode_ordinary, (), None
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    bos = tokenizer.bos_token_id
+    adds_bos = bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+    return encode, ((bos,) if adds_bos else ()), True
+
+
+def _unwrap(model):
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):  # DDP, torch.compile
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def _max_length(model):
+    if isinstance(model, GPT):
+        return model.config.block_size
+    config = model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+
+
+def _pad_token(model, tokenizer):
+    if isinstance(model, GPT) or tokenizer is None:
+        return EOT_TOKEN
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0  # padding is masked: any valid id does
+
+
+def evaluate(model, examples, *, tokenizer=None, style="completion", batch_size=32, device=None, dtype="float32",
+             return_predictions=False):
+    """
+    HellaSwag accuracy of `model` on `examples` (from load_examples) -> {"n", "acc", "acc_norm", "seconds"} and
+    "predictions" (one dict per example, in data order) if asked. model: this project's GPT (raw, DDP-wrapped or
+    compiled) or any transformers causal LM with its `tokenizer`. device defaults to the model's. Under
+    torch.distributed each rank scores examples i % world_size == rank and every rank returns the same totals.
+    """
+    t0 = time.time()
+    if style not in STYLES:
+        raise UserError(f"unknown style '{style}'; choose one of {', '.join(STYLES)}")
+    unlabeled = [ex["index"] for ex in examples if ex["label"] is None]
+    if unlabeled:
+        raise UserError(f"{len(unlabeled)} examples have no label (first: index {unlabeled[0]}); the HellaSwag test "
+                        "split is unlabeled, evaluate on val (or train)")
+    model = _unwrap(model)
+    if not isinstance(model, GPT) and tokenizer is None:
+        raise ValueError("a transformers model needs its tokenizer: evaluate(model, examples, tokenizer=...)")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    mine = examples[rank::world_size]
+
+    encode, prefix_tokens, split_whole = text_encoder(tokenizer)
+    max_len = _max_length(model)
+    encoded = [fit_to_length(*encode_example(ex, encode, style, split_whole, prefix_tokens), max_len) for ex in mine]
+    was_training = model.training
+    model.eval()
+    try:
+        sum_logprobs = score_choices(model, encoded, batch_size, device, dtype, _pad_token(model, tokenizer))
+    finally:
+        model.train(was_training)
+
+    if style == "completion":  # mean log-prob per token
+        lengths = torch.tensor([[len(e) for e in endings] for _, endings in encoded], dtype=torch.float32)
+    else:  # per character of the ending, without the space before it (lm-evaluation-harness)
+        lengths = torch.tensor([[max(1, len(c) - 1) for c in example_texts(ex, style)[1]] for ex in mine],
+                               dtype=torch.float32)
+    norm_scores = sum_logprobs / lengths.view(-1, 4)
+    labels = torch.tensor([ex["label"] for ex in mine], dtype=torch.long)
+    pred, pred_norm = sum_logprobs.argmax(1), norm_scores.argmax(1)  # ties go to the first ending, as np.argmax
+    counts = torch.tensor([len(mine), (pred == labels).sum(), (pred_norm == labels).sum()], device=device)
+    if distributed:
+        torch.distributed.all_reduce(counts)
+    n, correct, correct_norm = counts.tolist()
+    result = {"n": n, "acc": correct / max(n, 1), "acc_norm": correct_norm / max(n, 1)}
+    if return_predictions:
+        predictions = [_prediction(ex, pred[i], pred_norm[i], sum_logprobs[i], norm_scores[i])
+                       for i, ex in enumerate(mine)]
+        if distributed:
+            gathered = [None] * world_size
+            torch.distributed.all_gather_object(gathered, predictions)
+            predictions = sorted((p for part in gathered for p in part), key=lambda p: p["index"])
+        result["predictions"] = predictions
+    result["seconds"] = time.time() - t0
+    return result
+
+
+def _prediction(example, pred, pred_norm, sum_logprobs, norm_scores):
+    record = {"index": example["index"], "label": example["label"], "pred": int(pred), "pred_norm": int(pred_norm),
+              "sum_logprobs": [round(x, 6) for x in sum_logprobs.tolist()],
+              "norm_scores": [round(x, 6) for x in norm_scores.tolist()]}
+    for field in ("ind", "split_type", "activity_label"):
+        if field in example:
+            record[field] = example[field]
+    if "source_id" in example:
+        record["source"] = source_name(example["source_id"])
+    return record
+
+
+def source_name(source_id):
+    """'activitynet~v_-JhWjGDPHMY' -> 'ActivityNet', 'wikihow~...' -> 'WikiHow'."""
+    prefix = source_id.split("~")[0]
+    return {"activitynet": "ActivityNet", "wikihow": "WikiHow"}.get(prefix.lower(), prefix)
