@@ -458,3 +458,193 @@ def source_name(source_id):
     """'activitynet~v_-JhWjGDPHMY' -> 'ActivityNet', 'wikihow~...' -> 'WikiHow'."""
     prefix = source_id.split("~")[0]
     return {"activitynet": "ActivityNet", "wikihow": "WikiHow"}.get(prefix.lower(), prefix)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# analysis: accuracy by group, paired comparison of two prediction files
+
+GROUP_FIELDS = ("split_type", "source", "activity_label")
+
+
+def group_accuracy(predictions, fields=GROUP_FIELDS):
+    """{field: {value: {"n", "acc", "acc_norm"}}} for the group fields the predictions carry."""
+    groups = {}
+    for field in fields:
+        by_value = {}
+        for p in predictions:
+            if field in p:
+                by_value.setdefault(p[field], []).append(p)
+        if by_value:
+            groups[field] = {value: {"n": len(ps), "acc": sum(p["pred"] == p["label"] for p in ps) / len(ps),
+                                     "acc_norm": sum(p["pred_norm"] == p["label"] for p in ps) / len(ps)}
+                             for value, ps in sorted(by_value.items())}
+    return groups
+
+
+def mcnemar_exact_p(a_only, b_only):
+    """Two-sided exact McNemar p-value: the discordant pairs against Binomial(a_only + b_only, 1/2)."""
+    n, k = a_only + b_only, min(a_only, b_only)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)  # exact integers, one rounding
+
+
+def paired_difference(correct_a, correct_b):
+    """Accuracy of B minus A on the same examples, with a 95% normal interval of the paired difference and
+    McNemar's exact p-value."""
+    n = len(correct_a)
+    diffs = [int(b) - int(a) for a, b in zip(correct_a, correct_b)]
+    mean = sum(diffs) / n
+    variance = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    half_width = 1.96 * math.sqrt(variance / n)
+    a_only, b_only = diffs.count(-1), diffs.count(1)
+    return {"n": n, "acc_a": sum(map(bool, correct_a)) / n, "acc_b": sum(map(bool, correct_b)) / n, "diff": mean,
+            "ci95": [mean - half_width, mean + half_width], "a_only": a_only, "b_only": b_only,
+            "p_value": mcnemar_exact_p(a_only, b_only)}
+
+
+def read_predictions(path):
+    records = []
+    for where, obj in _read_jsonl(path):
+        missing = [k for k in ("index", "label", "pred", "pred_norm") if not isinstance(obj.get(k), int)]
+        if not isinstance(obj, dict) or missing:
+            raise UserError(f"{where}: not a prediction line of hellaswag.py (missing or non-integer {missing})")
+        records.append(obj)
+    if not records:
+        raise UserError(f"{path}: no predictions")
+    return records
+
+
+def compare_predictions(a, b, names=("A", "B")):
+    """Paired comparison of two prediction lists of the same data, overall (acc, acc_norm) and by group."""
+    if len(a) != len(b):
+        raise UserError(f"{names[0]} has {len(a)} predictions and {names[1]} {len(b)}: not the same data")
+    for i, (pa, pb) in enumerate(zip(a, b)):
+        if (pa["index"], pa["label"], pa.get("ind")) != (pb["index"], pb["label"], pb.get("ind")):
+            raise UserError(f"line {i + 1} differs in index/label/ind between {names[0]} and {names[1]}: "
+                            "prediction files of different data")
+    result = {metric: paired_difference([p[key] == p["label"] for p in a], [p[key] == p["label"] for p in b])
+              for metric, key in (("acc", "pred"), ("acc_norm", "pred_norm"))}
+    result["groups"] = {}
+    for field in GROUP_FIELDS:
+        values = sorted({p[field] for p in a if field in p})
+        result["groups"][field] = {
+            value: paired_difference(*[[p["pred_norm"] == p["label"] for p in preds if p.get(field) == value]
+                                       for preds in (a, b)])
+            for value in values}
+    return result
+
+
+def format_comparison(comparison, name_a, name_b, max_groups=12):
+    lines = [f"A = {name_a}", f"B = {name_b}",
+             f"{'metric':<10} {'A':>7} {'B':>7} {'B-A':>8}  {'95% CI':<18} {'A only':>7} {'B only':>7} {'McNemar p':>10}"]
+    for metric in ("acc", "acc_norm"):
+        c = comparison[metric]
+        lines.append(f"{metric:<10} {c['acc_a']:>7.4f} {c['acc_b']:>7.4f} {c['diff']:>+8.4f}  "
+                     f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] {c['a_only']:>7} {c['b_only']:>7} "
+                     f"{c['p_value']:>10.3g}")
+    for field, by_value in comparison["groups"].items():
+        lines.append(f"acc_norm by {field}" + (f" (the {max_groups} largest groups)" if len(by_value) > max_groups
+                                                 else ""))
+        largest = sorted(by_value.items(), key=lambda kv: -kv[1]["n"])[:max_groups]
+        for value, c in sorted(largest):
+            lines.append(f"  {str(value)[:28]:<28} n={c['n']:<5} {c['acc_a']:.4f} -> {c['acc_b']:.4f} "
+                         f"({c['diff']:+.4f}, p={c['p_value']:.3g})")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def load_model(source):
+    """-> (model, tokenizer): this project's GPT for anything GPT.from_pretrained takes (tokenizer None), else a
+    transformers causal LM with its tokenizer."""
+    model_type = _transformers_model_type(source)
+    if model_type in (None, "gpt2"):
+        return GPT.from_pretrained(source), None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{source}: could not load a '{model_type}' causal LM with transformers ({first_line})") from None
+
+
+def _transformers_model_type(source):
+    """The model_type of a transformers model directory or hub name, None for anything else."""
+    config_path = os.path.join(source, "config.json")
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            try:
+                return json.load(f).get("model_type")
+            except json.JSONDecodeError:
+                raise UserError(f"{config_path}: not valid JSON") from None
+    if os.path.exists(source) or source.startswith((".", "/", "~")) or source.endswith((".pt", ".pth")):
+        return None  # a checkpoint, or a path GPT.from_pretrained will explain
+    try:
+        from transformers import AutoConfig
+        return AutoConfig.from_pretrained(source).model_type
+    except Exception:  # offline or unknown: GPT.from_pretrained gives the clear error
+        return None
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="HellaSwag accuracy of a model, or a comparison of two runs.")
+    parser.add_argument("--model", help="GPT-2 hub name, transformers directory or hub name, or a .pt checkpoint")
+    parser.add_argument("--split", default="val", choices=SPLITS)
+    parser.add_argument("--data", help="a local jsonl in the official schema (instead of the downloaded split)")
+    parser.add_argument("--hub", action="store_true", help=f"read the split from the {HUB_DATASET} dataset")
+    parser.add_argument("--limit", type=int, help="score only the first N examples")
+    parser.add_argument("--style", default="completion", choices=STYLES)
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per forward")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--output", help="write the results (accuracies, by group, speed) to this JSON file")
+    parser.add_argument("--predictions", help="write one JSON line per example to this file")
+    parser.add_argument("--compare", nargs=2, metavar=("A.jsonl", "B.jsonl"),
+                        help="compare two --predictions files of the same data")
+    args = parser.parse_args(argv)
+    if args.compare is None and args.model is None:
+        raise UserError("give --model SOURCE to evaluate, or --compare A.jsonl B.jsonl")
+    if args.limit is not None and args.limit < 1 or args.batch_size < 1:
+        raise UserError("--limit and --batch-size must be positive")
+    if args.split == "test" and args.data is None:
+        raise UserError("the HellaSwag test split has no labels, so it cannot be scored; use --split val")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.compare:
+        a, b = (read_predictions(path) for path in args.compare)
+        print(format_comparison(compare_predictions(a, b, names=args.compare), *args.compare))
+        return
+
+    examples = load_examples(args.split, args.data, limit=args.limit, hub=args.hub)
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.model)
+    model.to(device)
+    result = evaluate(model, examples, tokenizer=tokenizer, style=args.style, batch_size=args.batch_size,
+                      device=device, dtype=args.dtype, return_predictions=True)
+    predictions = result.pop("predictions")
+    summary = {"model": args.model, "split": args.split, "data": args.data or ("hub" if args.hub else "official"),
+               "style": args.style, "dtype": args.dtype, "n": result["n"], "acc": result["acc"],
+               "acc_norm": result["acc_norm"], "seconds": result["seconds"],
+               "examples_per_s": result["n"] / result["seconds"], "groups": group_accuracy(predictions)}
+
+    print(f"hellaswag {args.split} | {args.style} style | {args.model} | {summary['n']} examples | "
+          f"{summary['seconds']:.1f}s | {summary['examples_per_s']:.1f} examples/s")
+    print(f"acc       {summary['acc']:.4f}\nacc_norm  {summary['acc_norm']:.4f}")
+    for field in ("split_type", "source"):
+        for value, g in summary["groups"].get(field, {}).items():
+            print(f"  {field}={value:<12} n={g['n']:<6} acc {g['acc']:.4f}  acc_norm {g['acc_norm']:.4f}")
+    if args.output:
+        atomic_write_text(args.output, json.dumps(summary, indent=2) + "\n")
+    if args.predictions:
+        atomic_write_text(args.predictions, "".join(json.dumps(p) + "\n" for p in predictions))
+
+
+if __name__ == "__main__":
+    run_cli(main)
