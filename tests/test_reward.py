@@ -1,0 +1,378 @@
+"""
+reward.py's RewardModel and CLI against tiny models built here (2 layers, 64 dims), saved with save_pretrained and
+loaded back by path: a GPT-Neo with GPT-2's vocabulary, a Llama whose own BPE adds a BOS token, and a Pythia-style
+GPT-NeoX with a byte-level BPE that pads on the left. Every score is checked against a plain reference: the model's
+own tokenizer, lm-evaluation-harness's boundary rule, one unbatched forward per pair.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from common import UserError
+from reward import PairError, RewardModel, main
+from tokenizer import EOT_TOKEN, gpt2_encoding, gpt2_hf_tokenizer
+
+CORPUS = [
+    "A man is sitting on a roof. He starts pulling up roofing on a roof.",
+    "The quick brown fox jumps over the lazy dog, doesn't it? Yes!",
+    "Héllo wörld: ünïcode ☃ snow and 日本語 text, 123 456 7.89 numbers.",
+    "Wait... the weather is nice today. Line one\nLine two\n\nThe cats are here.",
+]
+
+
+def build_gpt_neo(path, window=64):
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoConfig(vocab_size=50257, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                          attention_types=[[["global", "local"], 1]], window_size=16, max_position_embeddings=window,
+                          initializer_range=0.2, bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN)
+    GPTNeoForCausalLM(config).save_pretrained(path)
+    gpt2_hf_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def train_tokenizer(kind):
+    """A small BPE unlike GPT-2's: SentencePiece-style metaspace with a BOS ("llama"), or byte-level ("pythia")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<s>", "</s>", "<pad>"]
+    if kind == "llama":
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        alphabet = sorted(set("".join(CORPUS)))
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                                            initial_alphabet=alphabet))
+    if kind == "llama":
+        bos = tok.token_to_id("<s>")
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", bos)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                       pad_token="<pad>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", padding_side="left")
+
+
+def build_llama(path, window=48):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_tokenizer("llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=window,
+                         initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def build_pythia(path, window=64):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    tokenizer = train_tokenizer("pythia")
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=window, initializer_range=0.2,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    GPTNeoXForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def neo(tmp_path_factory):
+    return RewardModel(build_gpt_neo(tmp_path_factory.mktemp("neo")))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return RewardModel(build_llama(tmp_path_factory.mktemp("llama")))
+
+
+@pytest.fixture(scope="module")
+def pythia(tmp_path_factory):
+    return RewardModel(build_pythia(tmp_path_factory.mktemp("pythia")))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the reference: lm-evaluation-harness's rule and one plain forward per pair, sharing nothing with reward.py
+
+def reference_score(model, encode, context, continuation, start_id=None, window=None):
+    """(sum log-prob, n tokens) of continuation given context. encode: the model's own tokenizer, special tokens
+    included. start_id begins an empty context; window left-truncates the context (the head token stays)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole, ctx = encode(context + continuation), encode(context)
+    assert whole[:len(ctx)] == ctx, "pick reference pairs whose boundary falls between tokens"
+    cont = whole[len(ctx):]
+    if not ctx:
+        ctx = [start_id]
+    if window is not None and len(ctx) + len(cont) - 1 > window:
+        head = ctx[:1] if start_id is None else []  # a tokenizer that adds BOS keeps it
+        ctx = head + ctx[len(head):][-(window + 1 - len(head) - len(cont)):]
+    return reference_token_score(model, ctx, cont), len(cont)
+
+
+def reference_token_score(model, context_ids, continuation_ids):
+    ids = torch.tensor([context_ids + continuation_ids])
+    with torch.no_grad():
+        logits = model(ids[:, :-1]).logits[0].float()
+    logp = torch.log_softmax(logits, dim=-1)[len(context_ids) - 1:]  # the predictions of the continuation tokens
+    return logp.gather(1, torch.tensor(continuation_ids)[:, None]).sum().item()
+
+
+def tiktoken_encode(text):
+    return gpt2_encoding().encode(text)
+
+
+def hf_encode(rm):
+    return lambda text: rm.tokenizer(text)["input_ids"]
+
+
+PAIRS = [
+    ("A man is sitting on a roof.", " He starts pulling up roofing."),
+    ("A man is sitting on a roof. ", "He starts pulling up roofing."),  # trailing space moves to the continuation
+    ("The quick brown fox", " jumps over the lazy dog, doesn't it? Yes!"),  # punctuation, apostrophe
+    ("Héllo wörld:", " ünïcode ☃ snow and 日本語 text"),  # unicode, multi-byte characters
+    ("The weather is", "  nice today."),  # two spaces at the boundary
+    ("", " A man is sitting on a roof."),  # empty context: a start token (GPT-2's) or BOS (Llama) comes first
+    ("numbers", " 123 456 7.89"),
+    ("Yes.", " No!"),
+]
+# boundaries that fall between GPT-2 tokens but inside a metaspace token (that case has its own test below)
+GPT2_PAIRS = [("Yes", "!"), ("He said", ' "no," and left.\n\nThen'), ("Line one\n", "Line two"), ("x", " y")]
+
+
+def check_against_reference(rm, encode, pairs, start_id=None, batch_size=3):
+    contexts, continuations = [c for c, _ in pairs], [k for _, k in pairs]
+    scores = rm.score(contexts, continuations, batch_size=batch_size)  # mixed lengths in each batch
+    assert set(scores) == {"sum_logprob", "n_tokens", "mean_logprob", "n_chars", "per_char_logprob"}
+    for i, (context, continuation) in enumerate(pairs):
+        expected, n_tokens = reference_score(rm.model, encode, context, continuation, start_id)
+        assert scores["sum_logprob"][i].item() == pytest.approx(expected, abs=1e-4), (context, continuation)
+        assert scores["n_tokens"][i].item() == n_tokens
+        assert scores["n_chars"][i].item() == len(continuation)
+        assert scores["mean_logprob"][i].item() == pytest.approx(expected / n_tokens, abs=1e-4)
+        assert scores["per_char_logprob"][i].item() == pytest.approx(expected / len(continuation), abs=1e-4)
+    assert all(v.dtype == torch.float32 and v.shape == (len(pairs),) for v in scores.values())
+    return scores
+
+
+# --------------------------------------------------------------------------------------------------------------
+# scoring text
+
+def test_gpt_neo_scores_match_reference(neo):
+    scores = check_against_reference(neo, tiktoken_encode, PAIRS + GPT2_PAIRS, start_id=EOT_TOKEN)
+    # the model is not uniform: scores differ between pairs by far more than the tolerance
+    assert scores["mean_logprob"].std() > 0.1
+
+
+def test_llama_with_bos_scores_match_reference(llama):
+    assert llama.prefix_ids == [llama.tokenizer.bos_token_id]
+    check_against_reference(llama, hf_encode(llama), PAIRS)
+    rows = llama.encode_pairs(["A man", ""], [" sits", " sits"])
+    assert [ids[0] for ids, _ in rows] == [llama.tokenizer.bos_token_id] * 2  # BOS once, also for an empty context
+
+
+def test_pythia_left_padding_tokenizer_scores_match_reference(pythia):
+    assert pythia.tokenizer.padding_side == "left" and pythia.prefix_ids == []
+    check_against_reference(pythia, hf_encode(pythia), PAIRS + GPT2_PAIRS, start_id=pythia.tokenizer.eos_token_id)
+
+
+def test_padding_side_and_batch_size_do_not_change_scores(neo):
+    contexts, continuations = [c for c, _ in PAIRS], [k for _, k in PAIRS]
+    one_by_one = neo.score(contexts, continuations, batch_size=1)["sum_logprob"]
+    neo.tokenizer.padding_side = "left"
+    try:
+        batched = neo.score(contexts, continuations, batch_size=8)["sum_logprob"]
+    finally:
+        neo.tokenizer.padding_side = "right"
+    torch.testing.assert_close(batched, one_by_one, atol=1e-4, rtol=0)
+
+
+def test_boundary_whitespace_belongs_to_the_continuation(neo):
+    a = neo.score(["A man is "], ["sitting"])
+    b = neo.score(["A man is"], [" sitting"])
+    assert torch.equal(a["sum_logprob"], b["sum_logprob"]) and a["n_tokens"].item() == 1  # " sitting" is one token
+    assert (a["n_chars"].item(), b["n_chars"].item()) == (7, 8)  # characters of the continuation as given
+
+
+def test_token_spanning_the_boundary_counts_as_continuation(neo, llama):
+    # GPT-2 reads "Wait..." as "Wait" "...": the continuation ".." shares a token with the context's "."
+    ids, n = neo.encode_pairs(["Wait."], [".."])[0]
+    assert ids == tiktoken_encode("Wait...") and n == 1
+    expected, _ = reference_score(neo.model, tiktoken_encode, "Wait", "...")
+    assert neo.score(["Wait."], [".."])["sum_logprob"].item() == pytest.approx(expected, abs=1e-4)
+    # the metaspace tokenizer merges across a newline: "Line one\n" + "Line two" -> ... "▁one\nLine" "▁two"
+    ids, n = llama.encode_pairs(["Line one\n"], ["Line two"])[0]
+    tokens = llama.tokenizer.convert_ids_to_tokens(ids)
+    assert tokens[:3] == ["<s>", "▁Line", "▁one\nLine"] and n == len(tokens) - 2
+    expected, _ = reference_score(llama.model, hf_encode(llama), "Line", " one\nLine two")
+    assert llama.score(["Line one\n"], ["Line two"])["sum_logprob"].item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_long_context_is_truncated_from_the_left(neo, llama):
+    context = " ".join(["A man is sitting on a roof."] * 30)  # ~240 GPT-2 tokens, windows of 64 and 48
+    continuation = " He starts pulling up roofing."
+    expected, n = reference_score(neo.model, tiktoken_encode, context, continuation, EOT_TOKEN, window=64)
+    got = neo.score([context, "Short"], [continuation, " one"], batch_size=2)
+    assert got["sum_logprob"][0].item() == pytest.approx(expected, abs=1e-4) and got["n_tokens"][0] == n
+    ids, _ = neo.encode_pairs([context], [continuation])[0]
+    assert len(ids) == 64 + 1  # the window is full: 64 inputs, the last token only a target
+    expected, n = reference_score(llama.model, hf_encode(llama), context, continuation, window=48)
+    assert llama.score([context], [continuation])["sum_logprob"].item() == pytest.approx(expected, abs=1e-4)
+    ids, _ = llama.encode_pairs([context], [continuation])[0]
+    assert len(ids) == 48 + 1 and ids[0] == llama.tokenizer.bos_token_id  # BOS survives the truncation
+
+
+def test_unscoreable_pairs_are_errors_not_zeros(neo):
+    with pytest.raises(PairError, match="pair 1: the continuation is empty"):
+        neo.score(["A man", "A man "], [" sits", ""])
+    too_long = " roof" * 65  # 65 tokens cannot fit a window of 64 even without context
+    with pytest.raises(PairError, match=r"pair 0: the continuation alone \(65 tokens\) does not fit .* 64"):
+        neo.score(["A man"], [too_long])
+    neo.score([""], [" roof" * 64])  # 64 tokens after the start token fit exactly
+    with pytest.raises(ValueError, match="2 contexts but 1 continuations"):
+        neo.score(["a", "b"], [" c"])
+    with pytest.raises(PairError, match="empty"):
+        neo.score_tokens([[1, 2]], [[]])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPT-2 token ids in
+
+TOKEN_TEXTS = PAIRS + GPT2_PAIRS + [("Tabs\tand", " spaces   here"), ("end", ".")]
+
+
+def test_score_tokens_equals_the_text_path_for_canonical_tokens(neo):
+    assert neo.shares_gpt2_vocab
+    enc = gpt2_encoding()
+    contexts, continuations, ctx_ids, cont_ids = [], [], [], []
+    for context, continuation in TOKEN_TEXTS:
+        context, continuation = context.rstrip(), context[len(context.rstrip()):] + continuation
+        whole, ctx = enc.encode(context + continuation), enc.encode(context)
+        if whole[:len(ctx)] != ctx:
+            continue
+        contexts.append(context), continuations.append(continuation)
+        ctx_ids.append(ctx), cont_ids.append(whole[len(ctx):])
+    assert len(contexts) == len(TOKEN_TEXTS)
+    from_text = neo.score(contexts, continuations, batch_size=4)
+    from_tokens = neo.score_tokens(ctx_ids, cont_ids, batch_size=4)
+    for key in from_text:
+        assert torch.equal(from_text[key], from_tokens[key]), key  # the very same forwards, bit for bit
+
+
+def test_score_tokens_scores_the_given_tokens(neo, llama):
+    # a sampled, non-canonical tokenization (" roof" as " ro" "of") is scored as sampled on a GPT-2-vocab model
+    enc = gpt2_encoding()
+    ctx, sample = enc.encode("A man on the"), enc.encode(" ro") + enc.encode("of")
+    assert sample != enc.encode(" roof")
+    direct = neo.score_tokens([ctx], [sample])["sum_logprob"].item()
+    assert direct == pytest.approx(reference_token_score(neo.model, ctx, sample), abs=1e-4)
+    canonical = neo.score(["A man on the"], [" roof"])["sum_logprob"].item()
+    assert abs(direct - canonical) > 1e-3  # the text path would have scored " roof", a different token
+    # another vocabulary: decoded and re-tokenized by the reward model's tokenizer
+    assert not llama.shares_gpt2_vocab
+    got = llama.score_tokens([ctx], [sample])
+    want = llama.score(["A man on the"], [" roof"])
+    assert torch.equal(got["sum_logprob"], want["sum_logprob"]) and got["n_chars"].item() == 5
+
+
+# --------------------------------------------------------------------------------------------------------------
+# loading
+
+def test_reward_model_is_frozen_float32_on_cpu(neo, tmp_path):
+    assert not neo.model.training and not any(p.requires_grad for p in neo.model.parameters())
+    assert neo.model.dtype == torch.float32 and neo.max_length == 64
+    bf16 = RewardModel(neo.source, dtype="bfloat16")
+    assert bf16.model.dtype == torch.bfloat16
+    s32, s16 = neo.score(["A man is"], [" sitting"]), bf16.score(["A man is"], [" sitting"])
+    assert s16["sum_logprob"].dtype == torch.float32  # log-probs in float32 whatever the model's dtype
+    assert s16["sum_logprob"].item() == pytest.approx(s32["sum_logprob"].item(), abs=0.5)
+
+
+def test_unloadable_sources_are_one_line_errors(tmp_path):
+    with pytest.raises(UserError, match="no such directory"):
+        RewardModel(str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="no config.json"):
+        RewardModel(str(tmp_path))
+    (tmp_path / "ckpt.pt").write_bytes(b"x")
+    with pytest.raises(UserError, match="save_pretrained"):
+        RewardModel(str(tmp_path / "ckpt.pt"))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="not a loadable transformers causal LM"):
+        RewardModel(str(tmp_path))
+    with pytest.raises(UserError, match=r"hf download EleutherAI/gpt-neo-2.7B --local-dir DIR"):  # offline in tests
+        RewardModel("EleutherAI/gpt-neo-2.7B")
+    with pytest.raises(UserError, match="unknown dtype"):
+        RewardModel(str(tmp_path), dtype="int8")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_cli_writes_scores_in_input_order(neo, tmp_path, capsys):
+    pairs = PAIRS[:4]
+    src = write_jsonl(tmp_path / "pairs.jsonl", [{"context": c, "continuation": k} for c, k in pairs])
+    out = tmp_path / "scores.jsonl"
+    main(["--model", neo.source, "--input", src, "--output", str(out), "--batch-size", "2", "--device", "cpu"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = neo.score([c for c, _ in pairs], [k for _, k in pairs])
+    assert [r["n_chars"] for r in rows] == [len(k) for _, k in pairs]
+    for i, r in enumerate(rows):
+        assert r["sum_logprob"] == pytest.approx(expected["sum_logprob"][i].item(), abs=1e-4)
+        assert r["n_tokens"] == int(expected["n_tokens"][i])
+        assert r["mean_logprob"] == pytest.approx(r["sum_logprob"] / r["n_tokens"], rel=1e-5)
+    main(["--model", neo.source, "--input", src])  # no --output: stdout
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"context": "a", "continuation": " b"}', '{"context": "a", "continuation": " b"'], ":2: not valid JSON"),
+    (['{"context": "a"}'], ":1: 'continuation' missing"),
+    (['{"context": 3, "continuation": " b"}'], ":1: 'context' not a string"),
+    (['', '{"context": "a", "continuation": ""}'], ":2: empty continuation"),
+    (['[1, 2]'], ":1: expected an object"),
+])
+def test_cli_bad_input_names_file_and_line(tmp_path, lines, message):
+    from reward import read_pairs
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=f"pairs.jsonl{message}"):
+        read_pairs(str(path))
+
+
+def test_cli_pair_that_cannot_fit_names_its_line(neo, tmp_path):
+    src = write_jsonl(tmp_path / "pairs.jsonl", [{"context": "a", "continuation": " b"},
+                                                 {"context": "a", "continuation": " roof" * 80}])
+    with pytest.raises(UserError, match=r"pairs.jsonl:2: the continuation alone \(80 tokens\) does not fit"):
+        main(["--model", neo.source, "--input", src])
+
+
+def test_cli_process_exits_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "reward.py", "--model", str(tmp_path), "--input",
+                             str(tmp_path / "none.jsonl")], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'none.jsonl'}: cannot read "
+                                                  "(No such file or directory)"]
