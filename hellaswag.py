@@ -15,13 +15,13 @@ Two scoring styles, both documented in the README:
 """
 
 import argparse
+import http.client
 import json
 import math
 import os
 import re
 import sys
 import time
-import urllib.error
 import urllib.request
 
 import torch
@@ -65,7 +65,7 @@ def download_split(split, cache_dir=None, url=None, retries=3, retry_wait=2.0, t
                     raise UserError(f"{url}: downloaded {n_lines} examples, expected {SPLIT_LINES[split]} "
                                     f"for the {split} split; nothing was saved, run again")
             return path
-        except (urllib.error.URLError, OSError) as e:  # HTTPError is a URLError
+        except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts, cut connections
             if attempt == retries:
                 reason = getattr(e, "reason", None) or e
                 raise UserError(f"could not download {url} after {retries} tries ({reason}); without internet, "

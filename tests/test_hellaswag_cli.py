@@ -1,0 +1,267 @@
+"""hellaswag.py around the scorer: the download (against a local HTTP server), the command line, --compare and its
+statistics, and sharding across 2 gloo processes."""
+
+import dataclasses
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import hellaswag
+from common import UserError, run_cli
+from hellaswag import (compare_predictions, download_split, evaluate, load_examples, load_model, main,
+                       mcnemar_exact_p, paired_difference)
+from model import CHECKPOINT_FORMAT, GPT, GPTConfig
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hellaswag_synthetic.jsonl")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=256)
+
+
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**TINY)).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    model = tiny_gpt()
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt_000010.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "model_config": dataclasses.asdict(model.config),
+                "model": model.state_dict()}, path)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# download
+
+class FakeServer:
+    """Serves `body` at any path on 127.0.0.1; the first `failures` requests get a 503; `cut` sends a
+    Content-Length longer than the body (a dropped connection)."""
+
+    def __init__(self, body, failures=0, cut=False):
+        self.body, self.failures, self.cut, self.requests = body, failures, cut, 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests += 1
+                if server.requests <= server.failures:
+                    self.send_error(503)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(server.body) + (100 if server.cut else 0)))
+                self.end_headers()
+                self.wfile.write(server.body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hellaswag_{{split}}.jsonl"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def fixture_bytes():
+    with open(FIXTURE, "rb") as f:
+        return f.read()
+
+
+def test_download_retries_then_writes_the_split_once(tmp_path, monkeypatch, fixture_bytes):
+    monkeypatch.setitem(hellaswag.SPLIT_LINES, "val", 6)
+    monkeypatch.setenv("HELLASWAG_CACHE", str(tmp_path / "cache"))
+    with FakeServer(fixture_bytes, failures=1) as server:
+        monkeypatch.setattr(hellaswag, "DATA_URL", server.url)
+        monkeypatch.setattr(hellaswag.time, "sleep", lambda s: None)
+        examples = load_examples("val")
+        assert server.requests == 2  # one 503, one success
+    assert os.listdir(tmp_path / "cache") == ["hellaswag_val.jsonl"]  # no temporary file left
+    assert (tmp_path / "cache" / "hellaswag_val.jsonl").read_bytes() == fixture_bytes
+    assert [ex["ind"] for ex in examples] == [3, 8, 15, 21, 34, 55]
+    assert len(load_examples("val")) == 6  # server gone: read from the cache
+
+
+def test_download_with_the_wrong_line_count_leaves_nothing(tmp_path, monkeypatch, fixture_bytes):
+    monkeypatch.setitem(hellaswag.SPLIT_LINES, "val", 10042)
+    with FakeServer(fixture_bytes) as server:
+        with pytest.raises(UserError, match="downloaded 6 examples, expected 10042"):
+            download_split("val", cache_dir=str(tmp_path), url=server.url.format(split="val"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_cut_connection_is_retried_then_reported(tmp_path, monkeypatch, fixture_bytes):
+    monkeypatch.setitem(hellaswag.SPLIT_LINES, "val", 6)
+    with FakeServer(fixture_bytes, cut=True) as server:
+        with pytest.raises(UserError, match="after 2 tries.*--data FILE"):
+            download_split("val", cache_dir=str(tmp_path), url=server.url.format(split="val"), retries=2,
+                           retry_wait=0)
+        assert server.requests == 2
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+
+def test_cli_writes_results_and_predictions(tmp_path, checkpoint, capsys):
+    output, predictions = tmp_path / "results.json", tmp_path / "preds.jsonl"
+    main(["--model", checkpoint, "--data", FIXTURE, "--batch-size", "4", "--output", str(output),
+          "--predictions", str(predictions)])
+    printed = capsys.readouterr().out
+    results = json.loads(output.read_text())
+    direct = evaluate(GPT.from_pretrained(checkpoint), load_examples(data_file=FIXTURE))
+    assert (results["n"], results["acc"], results["acc_norm"]) == (6, direct["acc"], direct["acc_norm"])
+    assert results["style"] == "completion" and results["model"] == checkpoint and results["split"] == "val"
+    assert results["seconds"] > 0 and results["examples_per_s"] > 0
+    assert {k: v["n"] for k, v in results["groups"]["split_type"].items()} == {"indomain": 3, "zeroshot": 3}
+    assert {k: v["n"] for k, v in results["groups"]["source"].items()} == {"ActivityNet": 4, "WikiHow": 2}
+    assert len(results["groups"]["activity_label"]) == 6
+    lines = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert [p["index"] for p in lines] == list(range(6)) and [p["ind"] for p in lines] == [3, 8, 15, 21, 34, 55]
+    for p in lines:
+        assert {"label", "pred", "pred_norm", "sum_logprobs", "norm_scores"} <= set(p)
+        assert len(p["sum_logprobs"]) == len(p["norm_scores"]) == 4
+    assert sum(p["pred"] == p["label"] for p in lines) / 6 == results["acc"]
+    assert f"acc_norm  {results['acc_norm']:.4f}" in printed
+
+
+def test_cli_on_a_transformers_model_of_another_architecture(tmp_path, capsys):
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    from tokenizer import gpt2_hf_tokenizer
+
+    torch.manual_seed(0)
+    config = GPTNeoConfig(vocab_size=50257, hidden_size=64, num_layers=2, num_heads=2, attention_types=[[["global"], 2]],
+                          max_position_embeddings=256)
+    GPTNeoForCausalLM(config).save_pretrained(tmp_path / "neo")
+    gpt2_hf_tokenizer().save_pretrained(tmp_path / "neo")
+    model, tokenizer = load_model(str(tmp_path / "neo"))
+    assert type(model).__name__ == "GPTNeoForCausalLM" and tokenizer is not None
+    main(["--model", str(tmp_path / "neo"), "--data", FIXTURE, "--style", "lm-eval", "--output",
+          str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text())["n"] == 6
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", FIXTURE], "give --model"),
+    (["--model", "MODEL", "--data", "missing.jsonl"], "missing.jsonl: no such file"),
+    (["--model", "MODEL", "--data", "BAD"], "line 2: field 'endings'"),
+    (["--model", "nowhere/ckpt.pt", "--data", FIXTURE], "no such file"),
+    (["--model", "MODEL", "--split", "test"], "test split has no labels"),
+    (["--model", "MODEL", "--data", FIXTURE, "--limit", "0"], "must be positive"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, checkpoint, capsys, argv, message):
+    bad = tmp_path / "bad.jsonl"
+    with open(FIXTURE) as f:
+        bad.write_text(f.readline() + json.dumps({"ctx": "x", "endings": ["a"], "label": 0}) + "\n")
+    argv = [{"MODEL": checkpoint, "BAD": str(bad)}.get(a, a) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+def test_cli_entry_point_in_a_subprocess(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "hellaswag.py", "--model", str(tmp_path / "none.pt"), "--data", FIXTURE],
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert proc.stderr.startswith("error: ") and "no such file" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --compare
+
+def test_mcnemar_exact_p_values():
+    assert mcnemar_exact_p(0, 0) == 1.0
+    assert mcnemar_exact_p(3, 3) == 1.0
+    assert mcnemar_exact_p(0, 5) == pytest.approx(2 / 32)
+    assert mcnemar_exact_p(9, 1) == pytest.approx(2 * 11 / 1024)  # P(X <= 1) for X ~ Bin(10, 1/2), two-sided
+    assert 0 < mcnemar_exact_p(1400, 1600) < 0.001  # large counts stay exact and finite
+
+
+def test_paired_difference_interval():
+    a = [1, 1, 0, 0, 1, 0, 1, 0]
+    b = [1, 0, 1, 1, 1, 1, 1, 0]  # diffs: 0 -1 1 1 0 1 0 0 -> mean 0.25, sample sd 0.7071
+    c = paired_difference(a, b)
+    assert (c["acc_a"], c["acc_b"], c["diff"], c["a_only"], c["b_only"]) == (0.5, 0.75, 0.25, 1, 3)
+    half = 1.96 * 0.7071067811865476 / 8 ** 0.5
+    assert c["ci95"] == pytest.approx([0.25 - half, 0.25 + half])
+    assert c["p_value"] == pytest.approx(mcnemar_exact_p(1, 3))
+
+
+def write_predictions(path, labels, preds, groups):
+    path.write_text("".join(json.dumps({"index": i, "label": l, "pred": p, "pred_norm": p, "split_type": g,
+                                        "sum_logprobs": [0.0] * 4, "norm_scores": [0.0] * 4}) + "\n"
+                            for i, (l, p, g) in enumerate(zip(labels, preds, groups))))
+    return str(path)
+
+
+def test_compare_cli_reports_both_runs_and_groups(tmp_path, capsys):
+    labels = [0, 1, 2, 3, 0, 1, 2, 3]
+    groups = ["indomain"] * 4 + ["zeroshot"] * 4
+    a = write_predictions(tmp_path / "a.jsonl", labels, [0, 0, 0, 0, 0, 0, 0, 0], groups)  # right on 0 and 4
+    b = write_predictions(tmp_path / "b.jsonl", labels, [0, 1, 2, 3, 1, 1, 1, 1], groups)  # right on 0-3 and 5
+    main(["--compare", a, b])
+    out = capsys.readouterr().out
+    assert "acc_norm    0.2500  0.6250  +0.3750" in out
+    assert "indomain" in out and "zeroshot" in out
+    comparison = compare_predictions(hellaswag.read_predictions(a), hellaswag.read_predictions(b))
+    assert comparison["groups"]["split_type"]["indomain"]["diff"] == 0.75
+    assert comparison["groups"]["split_type"]["zeroshot"]["diff"] == 0.0
+    assert (comparison["acc"]["a_only"], comparison["acc"]["b_only"]) == (1, 4)
+
+
+def test_compare_refuses_files_of_different_data(tmp_path, capsys):
+    a = write_predictions(tmp_path / "a.jsonl", [0, 1, 2], [0, 0, 0], ["x"] * 3)
+    b = write_predictions(tmp_path / "b.jsonl", [0, 1, 3], [0, 0, 0], ["x"] * 3)
+    c = write_predictions(tmp_path / "c.jsonl", [0, 1], [0, 0], ["x"] * 2)
+    for other, message in ((b, "line 3 differs"), (c, "3 predictions")):
+        with pytest.raises(SystemExit):
+            run_cli(main, ["--compare", a, other])
+        assert message in capsys.readouterr().err
+    (tmp_path / "junk.jsonl").write_text('{"index": 0}\n')
+    with pytest.raises(UserError, match="not a prediction line"):
+        hellaswag.read_predictions(str(tmp_path / "junk.jsonl"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# distributed: 2 gloo processes on CPU
+
+def _ddp_worker(rank, world_size, store_path, out_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
+                                         world_size=world_size)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(tiny_gpt())
+        examples = load_examples(data_file=FIXTURE, limit=5)  # 3 on rank 0, 2 on rank 1
+        result = evaluate(model, examples, batch_size=2, return_predictions=True)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_shards_and_every_rank_returns_the_single_process_totals(tmp_path):
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    single = evaluate(tiny_gpt(), load_examples(data_file=FIXTURE, limit=5), return_predictions=True)
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert (result["n"], result["acc"], result["acc_norm"]) == (5, single["acc"], single["acc_norm"])
+        assert [p["index"] for p in result["predictions"]] == list(range(5))
+        for p, q in zip(result["predictions"], single["predictions"]):
+            assert (p["pred"], p["pred_norm"]) == (q["pred"], q["pred_norm"])
+            assert p["sum_logprobs"] == pytest.approx(q["sum_logprobs"], abs=1e-4)
