@@ -367,9 +367,10 @@ class LikelihoodReward:
 class TeacherReward:
     """
     For the multiple-choice rollout: the reward model, as teacher, scores the 4 endings of each example as
-    HellaSwag does. A score is the per-token mean log-prob of the ending (build-nanogpt's acc_norm), computed from
-    hellaswag.example_texts(example, style). The reward for choosing ending c is softmax(scores / temperature)[c]
-    (mode="prob") or 1 / 0 for agreeing with the teacher's pick (mode="agree").
+    hellaswag.py's acc_norm does: the ending's log-prob given hellaswag.example_texts(example, style), per token
+    for style="completion" (build-nanogpt), per character of the ending for style="lm-eval" (lm-evaluation-harness).
+    The reward for choosing ending c is softmax(scores / temperature)[c] (mode="prob") or 1 / 0 for agreeing with
+    the teacher's pick (mode="agree"); ties go to the first ending.
     Scores depend only on the example, so they are computed once, lazily, kept in memory and in cache_dir (one
     file keyed by the model, the scored texts and the style; data_id only names the file). Under DDP each rank
     scores the examples it meets and merges them into the file, so a rerun on the same data does no forwards.
@@ -388,6 +389,9 @@ class TeacherReward:
         self.batch_size = batch_size
         self.texts = [hellaswag.example_texts(ex, style) for ex in examples]
         self.labels = [ex.get("label") for ex in examples]
+        # characters of each ending without the space before it: lm-evaluation-harness's acc_norm length
+        self.n_chars = torch.tensor([[max(1, len(c) - 1) for c in endings] for _, endings in self.texts],
+                                    dtype=torch.float32).view(-1, 4)
         self.sum_logprob = torch.full((len(examples), 4), float("nan"))
         self.n_tokens = torch.full((len(examples), 4), float("nan"))
         data_hash = hashlib.sha256(json.dumps(self.texts).encode("utf-8")).hexdigest()
@@ -404,12 +408,13 @@ class TeacherReward:
         return len(self.texts)
 
     def teacher_scores(self, indices):
-        """(N, 4) float32: the teacher's per-token mean log-prob of each ending of examples[indices]."""
+        """(N, 4) float32: the teacher's normalised log-prob of each ending of examples[indices]."""
         indices = self._check(indices)
         missing = sorted({i for i in indices if math.isnan(self.sum_logprob[i, 0])})
         if missing:
             self._score(missing)
-        return self.sum_logprob[indices] / self.n_tokens[indices]
+        lengths = self.n_chars[indices] if self.style == "lm-eval" else self.n_tokens[indices]
+        return self.sum_logprob[indices] / lengths
 
     def __call__(self, example_indices, choices):
         """-> (N,) float32 CPU rewards for choosing ending choices[k] (0..3) of examples[example_indices[k]]."""

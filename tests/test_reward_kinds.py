@@ -1,0 +1,235 @@
+"""
+The three reward kinds of reward.py (likelihood, teacher, label) on a tiny GPT-Neo built in the test.
+"""
+
+import threading
+
+import pytest
+import torch
+
+import hellaswag
+from common import UserError
+from reward import LabelReward, LikelihoodReward, PairError, RewardModel, TeacherReward
+from test_reward import build_gpt_neo, reference_score, tiktoken_encode
+from tokenizer import EOT_TOKEN, gpt2_encoding
+
+EXAMPLES = [
+    {"ctx": "A man is sitting on a roof. He", "endings": ["starts pulling up roofing.", "is using a phone.",
+                                                           "jumps into a pool.", "eats a sandwich quickly."]},
+    {"ctx": "A woman holds a violin. She", "endings": ["plays a song.", "throws it at a dog, then laughs.",
+                                                        "sings loudly", "puts it down and leaves the room."]},
+    {"ctx": "The kids run to the park and", "endings": ["play on the swings.", "sleep.", "cook dinner for everyone.",
+                                                         "read newspapers."]},
+    {"ctx": "Héllo, the café owner", "endings": ["opens the door.", "smiles ☃.", "closes early today.", "waves."]},
+    {"ctx": "A dog chases a ball across", "endings": ["the yard.", "the moon and the stars.", "a field of grass.",
+                                                       "town."]},
+]
+for i, ex in enumerate(EXAMPLES):
+    ex.update(index=i, label=i % 4, activity_label="Test", ctx_a=ex["ctx"], ctx_b="")
+
+CONTEXTS = ["A man is sitting on a roof.", "The quick brown fox", "Héllo wörld:", "", "The weather is"]
+CONTINUATIONS = [" He starts pulling up roofing.", " jumps over the lazy dog.", " ☃ snow", " Once upon a time",
+                 " nice."]
+
+
+@pytest.fixture(scope="module")
+def neo(tmp_path_factory):
+    return RewardModel(build_gpt_neo(tmp_path_factory.mktemp("neo")))
+
+
+@pytest.fixture
+def count_forwards(neo):
+    calls = []
+    handle = neo.model.register_forward_hook(lambda module, args, output: calls.append(1))
+    yield calls
+    handle.remove()
+
+
+def reference_teacher_scores(neo, examples):
+    """(N, 4) per-token mean log-probs of " " + ending given ctx, computed pair by pair."""
+    rows = []
+    for ex in examples:
+        row = []
+        for ending in ex["endings"]:
+            total, n = reference_score(neo.model, tiktoken_encode, ex["ctx"], " " + ending, EOT_TOKEN)
+            row.append(total / n)
+        rows.append(row)
+    return torch.tensor(rows)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# likelihood
+
+def test_likelihood_reward_is_the_mean_logprob(neo):
+    scores = neo.score(CONTEXTS, CONTINUATIONS)
+    per_token = LikelihoodReward(neo, normalize=False)(CONTEXTS, CONTINUATIONS)
+    per_char = LikelihoodReward(neo, per="char", normalize=False)(CONTEXTS, CONTINUATIONS)
+    torch.testing.assert_close(per_token, scores["sum_logprob"] / scores["n_tokens"])
+    torch.testing.assert_close(per_char, scores["sum_logprob"] / torch.tensor([float(len(c)) for c in CONTINUATIONS]))
+    assert per_token.dtype == torch.float32 and per_token.shape == (5,)
+
+
+def test_likelihood_reward_from_gpt2_tokens_equals_from_text(neo):
+    enc = gpt2_encoding()
+    from_tokens = LikelihoodReward(neo, normalize=False)([enc.encode(c) for c in CONTEXTS],
+                                                         [enc.encode(c) for c in CONTINUATIONS])
+    torch.testing.assert_close(from_tokens, LikelihoodReward(neo, normalize=False)(CONTEXTS, CONTINUATIONS))
+
+
+def test_likelihood_running_normalisation_over_batches(neo):
+    reward = LikelihoodReward(neo)
+    raw = LikelihoodReward(neo, normalize=False)
+    first, second = (CONTEXTS[:3], CONTINUATIONS[:3]), (CONTEXTS[3:], CONTINUATIONS[3:])
+    raw1, raw2 = raw(*first).double(), raw(*second).double()
+    out1 = reward(*first)
+    torch.testing.assert_close(out1.double(), (raw1 - raw1.mean()) / raw1.std(), atol=1e-5, rtol=0)
+    out2 = reward(*second)
+    everything = torch.cat([raw1, raw2])  # statistics over all rewards seen so far, this batch included
+    torch.testing.assert_close(out2.double(), (raw2 - everything.mean()) / everything.std(), atol=1e-5, rtol=0)
+    assert reward.count == 5 and reward.mean == pytest.approx(everything.mean().item())
+
+    restored = LikelihoodReward(neo)  # a resumed run continues the same statistics
+    restored.load_state_dict(reward.state_dict())
+    torch.testing.assert_close(restored(*first), reward(*first))
+
+
+def test_likelihood_clipping(neo):
+    raw = LikelihoodReward(neo, normalize=False)(CONTEXTS, CONTINUATIONS)
+    assert raw.min() < -3  # a tiny random model: so the clip below changes something
+    torch.testing.assert_close(LikelihoodReward(neo, normalize=False, clip=3.0)(CONTEXTS, CONTINUATIONS),
+                               raw.clamp(-3.0, 3.0))
+    normalised = LikelihoodReward(neo, clip=0.5)(CONTEXTS, CONTINUATIONS)
+    assert normalised.abs().max() == 0.5  # whitened values of 5 rewards reach beyond 0.5; clipped after
+    with pytest.raises(UserError, match="clip must be positive"):
+        LikelihoodReward(neo, clip=0)
+    with pytest.raises(UserError, match="per must be"):
+        LikelihoodReward(neo, per="word")
+
+
+def test_likelihood_statistics_agree_across_ranks(neo):
+    """Two ranks (threads here) with different batches end with the same statistics: those of both batches."""
+    world, parts, barrier = 2, [None, None], threading.Barrier(2)
+
+    def all_reduce_for(rank):
+        def all_reduce(tensor):  # torch.distributed.all_reduce's contract: sum in place across ranks
+            parts[rank] = tensor.clone()
+            barrier.wait()
+            tensor.copy_(parts[0] + parts[1])
+            barrier.wait()
+        return all_reduce
+
+    rewards = [LikelihoodReward(neo, all_reduce=all_reduce_for(rank)) for rank in range(world)]
+    batches = [(CONTEXTS[:2], CONTINUATIONS[:2]), (CONTEXTS[2:], CONTINUATIONS[2:])]
+    outputs = [None, None]
+
+    def run(rank):
+        outputs[rank] = rewards[rank](*batches[rank])
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    raw = LikelihoodReward(neo, normalize=False)(CONTEXTS, CONTINUATIONS).double()
+    assert rewards[0].state_dict() == rewards[1].state_dict()
+    assert rewards[0].count == 5 and rewards[0].mean == pytest.approx(raw.mean().item())
+    assert rewards[0].std == pytest.approx(raw.std().item())
+    torch.testing.assert_close(torch.cat(outputs).double(), (raw - raw.mean()) / raw.std(), atol=1e-5, rtol=0)
+
+
+def test_likelihood_empty_sample(neo):
+    with pytest.raises(PairError, match="empty"):
+        LikelihoodReward(neo, normalize=False)(["A man"], [""])
+    got = LikelihoodReward(neo, normalize=False, empty_reward=-20.0)(["A man", "A man"], [" sits", ""])
+    assert got[1].item() == -20.0
+    assert got[0].item() == pytest.approx(neo.score(["A man"], [" sits"])["mean_logprob"].item())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# teacher
+
+def test_teacher_scores_match_reference_and_rewards(neo):
+    teacher = TeacherReward(neo, EXAMPLES, temperature=0.5)
+    expected = reference_teacher_scores(neo, EXAMPLES)
+    torch.testing.assert_close(teacher.teacher_scores(range(5)), expected, atol=1e-4, rtol=0)
+    choices = torch.tensor([0, 1, 2, 3, 0])
+    probs = torch.softmax(expected / 0.5, dim=-1)
+    torch.testing.assert_close(teacher([0, 1, 2, 3, 4], choices), probs[torch.arange(5), choices],
+                               atol=1e-4, rtol=0)
+    agree = TeacherReward(neo, EXAMPLES, mode="agree")([4, 0, 2], expected.argmax(-1)[[4, 0, 2]])
+    assert agree.tolist() == [1.0, 1.0, 1.0]
+    disagree = TeacherReward(neo, EXAMPLES, mode="agree")([4], (expected.argmax(-1)[[4]] + 1) % 4)
+    assert disagree.tolist() == [0.0]
+    labels = torch.tensor([ex["label"] for ex in EXAMPLES])
+    assert teacher.accuracy() == pytest.approx((expected.argmax(-1) == labels).float().mean().item())
+
+
+def test_teacher_lm_eval_style_normalises_per_character(neo):
+    teacher = TeacherReward(neo, EXAMPLES, style="lm-eval")
+    context, endings = hellaswag.example_texts(EXAMPLES[1], "lm-eval")
+    scores = neo.score([context] * 4, endings)
+    expected = scores["sum_logprob"] / torch.tensor([len(e) - 1 for e in endings], dtype=torch.float32)
+    torch.testing.assert_close(teacher.teacher_scores([1])[0], expected)
+
+
+def test_teacher_scores_lazily_and_caches_on_disk(neo, tmp_path, count_forwards):
+    first = TeacherReward(neo, EXAMPLES, cache_dir=tmp_path, data_id="unit/val", batch_size=4)
+    r1 = first([0, 2, 2], torch.tensor([1, 0, 3]))
+    assert len(count_forwards) == 2 and first.n_forward_examples == 2  # 2 examples x 4 endings, batches of 4
+    first([2, 0], torch.tensor([0, 0]))
+    assert len(count_forwards) == 2  # in memory
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].name.startswith("teacher-unit_val-completion-")
+
+    second = TeacherReward(neo, EXAMPLES, cache_dir=tmp_path, data_id="unit/val", batch_size=4)
+    torch.testing.assert_close(second([0, 2, 2], torch.tensor([1, 0, 3])), r1)
+    assert len(count_forwards) == 2 and second.n_forward_examples == 0  # a new run: no forwards at all
+    second([1], torch.tensor([0]))
+    assert len(count_forwards) == 3  # an example nobody scored yet
+
+    third = TeacherReward(neo, EXAMPLES, cache_dir=tmp_path, data_id="unit/val")
+    third.teacher_scores([0, 1, 2])
+    assert len(count_forwards) == 3  # the file holds what both runs scored
+
+    changed = [dict(ex) for ex in EXAMPLES]
+    changed[0]["endings"] = ["sits still."] + changed[0]["endings"][1:]
+    TeacherReward(neo, changed, cache_dir=tmp_path, data_id="unit/val").teacher_scores([2])
+    assert len(count_forwards) == 4  # other data -> other key: nothing reused, nothing overwritten
+    TeacherReward(neo, EXAMPLES, cache_dir=tmp_path, data_id="unit/val", style="lm-eval").teacher_scores([2])
+    assert len(count_forwards) == 5  # other style, other strings
+    assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_teacher_unreadable_cache_is_rescored(neo, tmp_path, capsys):
+    teacher = TeacherReward(neo, EXAMPLES, cache_dir=tmp_path)
+    expected = teacher.teacher_scores([3])
+    (path,) = tmp_path.iterdir()
+    path.write_bytes(b"not a torch file")
+    again = TeacherReward(neo, EXAMPLES, cache_dir=tmp_path)
+    assert "unreadable teacher cache" in capsys.readouterr().err
+    torch.testing.assert_close(again.teacher_scores([3]), expected)
+    assert again.n_forward_examples == 1
+
+
+def test_teacher_bad_arguments(neo):
+    with pytest.raises(UserError, match="mode must be"):
+        TeacherReward(neo, EXAMPLES, mode="max")
+    with pytest.raises(UserError, match="temperature must be positive"):
+        TeacherReward(neo, EXAMPLES, temperature=0)
+    with pytest.raises(UserError, match="unknown style"):
+        TeacherReward(neo, EXAMPLES, style="zero-shot")
+    with pytest.raises(IndexError, match="example index 5 out of range"):
+        TeacherReward(neo, EXAMPLES)([5], torch.tensor([0]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# label
+
+def test_label_reward():
+    reward = LabelReward(EXAMPLES)  # labels 0, 1, 2, 3, 0
+    got = reward([0, 1, 4, 3], torch.tensor([0, 2, 0, 3]))
+    assert got.tolist() == [1.0, 0.0, 1.0, 1.0] and got.dtype == torch.float32
+    unlabelled = [dict(ex) for ex in EXAMPLES]
+    unlabelled[2]["label"] = None
+    with pytest.raises(UserError, match="label reward needs gold labels.*first: example 2"):
+        LabelReward(unlabelled)
