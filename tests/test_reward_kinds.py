@@ -191,12 +191,20 @@ def test_teacher_scores_lazily_and_caches_on_disk(neo, tmp_path, count_forwards)
     third.teacher_scores([0, 1, 2])
     assert len(count_forwards) == 3  # the file holds what both runs scored
 
+    # two ranks that opened the cache at the same time, each scoring its own examples: the file keeps both
+    rank0, rank1 = (TeacherReward(neo, EXAMPLES, cache_dir=tmp_path, data_id="unit/val") for _ in range(2))
+    rank0.teacher_scores([3])
+    rank1.teacher_scores([4])
+    assert len(count_forwards) == 5
+    TeacherReward(neo, EXAMPLES, cache_dir=tmp_path, data_id="unit/val").teacher_scores(range(5))
+    assert len(count_forwards) == 5
+
     changed = [dict(ex) for ex in EXAMPLES]
     changed[0]["endings"] = ["sits still."] + changed[0]["endings"][1:]
     TeacherReward(neo, changed, cache_dir=tmp_path, data_id="unit/val").teacher_scores([2])
-    assert len(count_forwards) == 4  # other data -> other key: nothing reused, nothing overwritten
+    assert len(count_forwards) == 6  # other data -> other key: nothing reused, nothing overwritten
     TeacherReward(neo, EXAMPLES, cache_dir=tmp_path, data_id="unit/val", style="lm-eval").teacher_scores([2])
-    assert len(count_forwards) == 5  # other style, other strings
+    assert len(count_forwards) == 7  # other style, other strings
     assert len(list(tmp_path.iterdir())) == 3
 
 
