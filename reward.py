@@ -97,11 +97,13 @@ def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu"):
             attention_mask[r, :len(ids) - 1] = 1
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                        use_cache=False).logits  # (B, T, V)
+        batch_sums = []
         for r, i in enumerate(batch):
             ids, n = rows[i]
             targets = torch.tensor(ids[-n:], device=logits.device)
             # logits at position t predict token t + 1; float32 on the n scored positions only
-            sums[i] = logprobs_from_logits(logits[r, len(ids) - 1 - n:len(ids) - 1], targets).sum().cpu()
+            batch_sums.append(logprobs_from_logits(logits[r, len(ids) - 1 - n:len(ids) - 1], targets).sum())
+        sums[batch] = torch.stack(batch_sums).cpu()
     return sums
 
 
@@ -256,14 +258,13 @@ def load_causal_lm(source, device, dtype):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError, KeyError) as e:
-        if local:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"{source}: not a loadable transformers causal LM with its tokenizer ({first_line})") \
-                from None
-        raise UserError(f"could not load '{source}' from the Hugging Face hub (offline, or no such repo?); download "
-                        f"it where there is internet (hf download {source} --local-dir DIR) and pass DIR instead") \
-            from None
+    except Exception as e:  # transformers raises many kinds (OSError, ValueError, safetensors errors, ...)
+        if not local and isinstance(e, OSError):
+            raise UserError(f"could not load '{source}' from the Hugging Face hub (offline, or no such repo?); "
+                            f"download it where there is internet (hf download {source} --local-dir DIR) and pass "
+                            "DIR instead") from None
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{source}: not a loadable transformers causal LM with its tokenizer ({first_line})") from None
     model.to(device).eval().requires_grad_(False)
     return model, tokenizer
 

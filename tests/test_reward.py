@@ -305,6 +305,23 @@ def test_reward_model_is_frozen_float32_on_cpu(neo, tmp_path):
     assert s16["sum_logprob"].item() == pytest.approx(s32["sum_logprob"].item(), abs=0.5)
 
 
+def test_this_projects_exported_policy_can_judge(tmp_path):
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64)).eval()
+    policy.save_pretrained(tmp_path / "hf")
+    judge = RewardModel(str(tmp_path / "hf"))
+    assert judge.shares_gpt2_vocab and judge.max_length == 64
+    context, continuation = tiktoken_encode("A man is sitting on a roof."), tiktoken_encode(" He starts pulling.")
+    with torch.no_grad():
+        logits, _ = policy(torch.tensor([context + continuation[:-1]]))
+    logp = torch.log_softmax(logits[0, len(context) - 1:].float(), dim=-1)
+    expected = logp.gather(1, torch.tensor(continuation)[:, None]).sum().item()
+    got = judge.score(["A man is sitting on a roof."], [" He starts pulling."])["sum_logprob"].item()
+    assert got == pytest.approx(expected, abs=1e-4)
+
+
 def test_unloadable_sources_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="no such directory"):
         RewardModel(str(tmp_path / "missing"))

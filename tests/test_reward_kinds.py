@@ -108,7 +108,7 @@ def test_likelihood_clipping(neo):
 
 def test_likelihood_statistics_agree_across_ranks(neo):
     """Two ranks (threads here) with different batches end with the same statistics: those of both batches."""
-    world, parts, barrier = 2, [None, None], threading.Barrier(2)
+    world, parts, barrier = 2, [None, None], threading.Barrier(2, timeout=60)
 
     def all_reduce_for(rank):
         def all_reduce(tensor):  # torch.distributed.all_reduce's contract: sum in place across ranks
@@ -135,6 +135,16 @@ def test_likelihood_statistics_agree_across_ranks(neo):
     assert rewards[0].count == 5 and rewards[0].mean == pytest.approx(raw.mean().item())
     assert rewards[0].std == pytest.approx(raw.std().item())
     torch.testing.assert_close(torch.cat(outputs).double(), (raw - raw.mean()) / raw.std(), atol=1e-5, rtol=0)
+
+    # a rank with nothing to score this step still takes part (else the other rank would wait forever)
+    batches = [([], []), (CONTEXTS, CONTINUATIONS)]
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outputs[0].shape == (0,) and rewards[0].state_dict() == rewards[1].state_dict()
+    assert rewards[0].count == 10 and rewards[0].mean == pytest.approx(raw.mean().item())
 
 
 def test_likelihood_empty_sample(neo):
