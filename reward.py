@@ -233,8 +233,8 @@ class RewardModel:
 
 
 def resolve_dtype(dtype, device):
-    """None -> bfloat16 on CUDA, float32 elsewhere; names ("bfloat16") -> torch dtypes."""
-    if dtype is None:
+    """None or "auto" -> bfloat16 on CUDA, float32 elsewhere; names ("bfloat16") -> torch dtypes."""
+    if dtype is None or dtype == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -373,8 +373,9 @@ class TeacherReward:
     The reward for choosing ending c is softmax(scores / temperature)[c] (mode="prob") or 1 / 0 for agreeing with
     the teacher's pick (mode="agree"); ties go to the first ending.
     Scores depend only on the example, so they are computed once, lazily, kept in memory and in cache_dir (one
-    file keyed by the model, the scored texts and the style; data_id only names the file). Under DDP each rank
-    scores the examples it meets and merges them into the file, so a rerun on the same data does no forwards.
+    file keyed by the model, the scored texts and the style; data_id only names the file), so a rerun on the same
+    data does no forwards. Under DDP each rank scores the examples it meets and merges the file's contents into
+    its own before each (atomic) save; the rare entry lost to two simultaneous saves is only scored again.
     examples: dicts as from hellaswag.load_examples; indices are positions in this list.
     """
 
