@@ -6,7 +6,6 @@ own tokenizer, lm-evaluation-harness's boundary rule, one unbatched forward per 
 """
 
 import json
-import math
 import os
 import subprocess
 import sys
