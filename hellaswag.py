@@ -271,49 +271,72 @@ def choice_logprobs(logits, idx, target_mask):
 # the scorer
 
 HEAD_CHUNK = 1024  # positions per LM-head call: bounds the (positions, vocab) logits in memory
+ENDING_SLACK = 1.2  # an ending chunk's longest row may be 20% (+1 token) longer than its shortest
+
+
+def _as_long(values):
+    return torch.tensor(values, dtype=torch.long)
+
+
+def _length_chunks(items, key, slack=ENDING_SLACK):
+    """Cut items sorted by key into runs whose largest key is at most slack * the smallest + 1."""
+    chunks = []
+    for item in items:
+        if chunks and key(item) <= slack * key(chunks[-1][0]) + 1:
+            chunks[-1].append(item)
+        else:
+            chunks.append([item])
+    return chunks
 
 
 def _shared_context_batch(encoded, pad_token):
     """
-    Tensors to score B examples with one pass over each context and one over the 4 endings reusing its KV cache.
-    Contexts are left-padded (B, Tc) so that every context's last token, which predicts each ending's first token,
-    sits in the last column. Endings minus their last token are right-padded (4B, Te); ending token t >= 1 is
-    predicted at flat position r * Te + t - 1 of that pass.
+    Host-side tensors to score B examples with one pass over their contexts, then passes over their 4B endings
+    that reuse each context's KV cache. Contexts are left-padded (B, Tc), so every context's last token, which
+    predicts the first token of its 4 endings, sits in the last column. The ending rows (r = 4b + j), minus their
+    last token, are sorted by length and cut into chunks whose longest row is at most ENDING_SLACK times their
+    shortest, each right-padded to its own longest: an example's 4 endings differ a lot in length, and padding
+    them all to the batch's longest would waste most of the ending pass.
     """
-    Tc = max(len(c) for c, _ in encoded)
-    Te = max(len(e) for _, endings in encoded for e in endings) - 1
-    ctx_rows, ctx_mask, end_rows, end_mask, first_tokens = [], [], [], [], []
-    positions, rows, targets = [], [], []
-    for b, (context, endings) in enumerate(encoded):
-        ctx_rows.append([pad_token] * (Tc - len(context)) + context)
-        ctx_mask.append([0] * (Tc - len(context)) + [1] * len(context))
-        first_tokens.append([ending[0] for ending in endings])
-        for j, ending in enumerate(endings):
-            r, n = 4 * b + j, len(ending) - 1
+    B = len(encoded)
+    Tc = max(len(context) for context, _ in encoded)
+    ctx_idx = _as_long([[pad_token] * (Tc - len(c)) + c for c, _ in encoded])  # (B, Tc)
+    ctx_mask = _as_long([[0] * (Tc - len(c)) + [1] * len(c) for c, _ in encoded])
+    first_tokens = _as_long([[ending[0] for ending in endings] for _, endings in encoded])  # (B, 4)
+    endings = {4 * b + j: ending for b, (_, es) in enumerate(encoded) for j, ending in enumerate(es)}
+    order = sorted((r for r in endings if len(endings[r]) > 1), key=lambda r: len(endings[r]))  # 1 token: done
+    chunks = []
+    for chunk in _length_chunks(order, key=lambda r: len(endings[r])):
+        Te = max(len(endings[r]) for r in chunk) - 1
+        end_rows, end_mask, positions, rows, targets = [], [], [], [], []
+        for i, r in enumerate(chunk):
+            ending, n = endings[r], len(endings[r]) - 1
             end_rows.append(ending[:-1] + [pad_token] * (Te - n))
             end_mask.append([1] * n + [0] * (Te - n))
-            positions.extend(range(r * Te, r * Te + n))
+            positions.extend(range(i * Te, i * Te + n))  # hidden state i * Te + t predicts token t + 1
             rows.extend([r] * n)
             targets.extend(ending[1:])
-    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-    return (as_long(ctx_rows), as_long(ctx_mask), as_long(end_rows).view(len(end_rows), Te),
-            as_long(end_mask).view(len(end_rows), Te), as_long(first_tokens), as_long(positions), as_long(rows),
-            as_long(targets))
+        chunks.append((_as_long([r // 4 for r in chunk]), _as_long(end_rows), _as_long(end_mask),
+                       _as_long(positions), _as_long(rows), _as_long(targets)))
+    return ctx_idx, ctx_mask, first_tokens, chunks
 
 
 def _score_gpt_batch(model, encoded, pad_token, device):
     """Summed ending log-probs (B, 4) for this project's GPT: shared context pass, LM head only where needed."""
-    tensors = [t.to(device, non_blocking=True) for t in _shared_context_batch(encoded, pad_token)]
-    ctx_idx, ctx_mask, end_idx, end_mask, first_tokens, positions, rows, targets = tensors
+    ctx_idx, ctx_mask, first_tokens, chunks = _shared_context_batch(encoded, pad_token)
+    ctx_idx, ctx_mask, first_tokens = (t.to(device, non_blocking=True) for t in (ctx_idx, ctx_mask, first_tokens))
     B = ctx_idx.size(0)
     hidden, kv = model.hidden_states(ctx_idx, ctx_mask, use_cache=True)  # (B, Tc, C)
+    kv = [(k.contiguous(), v.contiguous()) for k, v in kv]  # row gathers from strided views are ~10x slower
     first_logits = model.lm_head(hidden[:, -1])  # (B, V)
     scores = logprobs_from_logits(first_logits[:, None].expand(B, 4, -1), first_tokens).reshape(4 * B)
-    if end_idx.size(1) > 0:
-        kv = [(k.repeat_interleave(4, 0), v.repeat_interleave(4, 0)) for k, v in kv]  # each context for 4 endings
-        mask = torch.cat([ctx_mask.repeat_interleave(4, 0), end_mask], dim=1)  # (4B, Tc + Te)
-        hidden = model.hidden_states(end_idx, mask, past_kv=kv)  # (4B, Te, C)
-        picked = hidden.flatten(0, 1).index_select(0, positions)  # (M, C), M = ending tokens after the first
+    for chunk in chunks:
+        example_of_row, end_idx, end_mask, positions, rows, targets = (t.to(device, non_blocking=True)
+                                                                        for t in chunk)
+        chunk_kv = [(k.index_select(0, example_of_row), v.index_select(0, example_of_row)) for k, v in kv]
+        mask = torch.cat([ctx_mask.index_select(0, example_of_row), end_mask], dim=1)  # (R, Tc + Te)
+        hidden = model.hidden_states(end_idx, mask, past_kv=chunk_kv)  # (R, Te, C)
+        picked = hidden.flatten(0, 1).index_select(0, positions)  # (M, C): the positions that predict a token
         token_logp = torch.cat([logprobs_from_logits(model.lm_head(h), t)
                                 for h, t in zip(picked.split(HEAD_CHUNK), targets.split(HEAD_CHUNK))])
         scores = scores.index_add(0, rows, token_logp)
@@ -331,11 +354,11 @@ def _score_reference_batch(model, encoded, pad_token, device):
 def score_choices(model, encoded, batch_size=32, device="cpu", dtype="float32", pad_token=EOT_TOKEN):
     """
     The one HellaSwag scorer: summed log-probs of the 4 endings of each encoded example, (N, 4) float32 on the
-    host. Examples are scored batch_size at a time in order of length (less padding); results stay on the device
-    until the end, so there is no host sync per batch. The model must be in eval mode.
+    host. Examples are scored batch_size at a time in order of context length (less padding); results stay on
+    the device until the end, so there is no host sync per batch. The model must be in eval mode.
     """
     score_batch = _score_gpt_batch if isinstance(model, GPT) else _score_reference_batch
-    order = sorted(range(len(encoded)), key=lambda i: (max(map(len, encoded[i][1])), len(encoded[i][0])))
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]), max(map(len, encoded[i][1]))))
     scores = torch.zeros(len(encoded), 4, device=device)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]

@@ -1,0 +1,116 @@
+"""
+HellaSwag scoring speed: the one-forward-per-example loop of build-nanogpt (4 rows padded to the longest, LM head
+at every position) against hellaswag.evaluate (shared context with a KV cache, LM head only where an ending token
+is predicted, many examples per forward), on a GPT-2-124M-sized model with random weights and real validation text.
+
+    python benchmarks/hellaswag_speed.py --limit 200          # CPU, a few minutes on 2 cores
+    python benchmarks/hellaswag_speed.py --limit 10042 --device cuda --batch-size 128
+
+Random weights are fine for speed; the predictions of the two float32 paths must be identical. Skips (exit 0)
+when the data file is absent.
+"""
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common import resolve_device  # noqa: E402
+from hellaswag import choice_logprobs, encode_example, evaluate, load_examples, pad_choices  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from tokenizer import gpt2_encoding  # noqa: E402
+
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
+                            "hellaswag_val_preprocessed.jsonl")
+
+
+@torch.no_grad()
+def naive_predictions(model, examples, device):
+    """build-nanogpt's loop: per example, the 4 rows padded to the longest, one full forward, full LM head."""
+    encode = gpt2_encoding().encode_ordinary
+    preds, preds_norm = [], []
+    for example in examples:
+        idx, _, target_mask = pad_choices([encode_example(example, encode)])
+        idx, target_mask = idx.to(device), target_mask.to(device)
+        logits, _ = model(idx)  # right padding: causal attention never looks at the padding
+        sums, n_tokens = choice_logprobs(logits, idx, target_mask)
+        preds.append(sums.argmax(1).item())
+        preds_norm.append((sums / n_tokens).argmax(1).item())
+    return preds, preds_norm
+
+
+def timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.time()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.time() - t0
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-naive", action="store_true", help="only time evaluate (e.g. the full set on a GPU)")
+    args = parser.parse_args()
+    if not os.path.isfile(args.data):
+        print(f"skipping: {args.data} not found (the real HellaSwag text lives outside the project)")
+        return
+
+    device = resolve_device(args.device)
+    examples = load_examples(data_file=args.data, limit=args.limit)
+    torch.manual_seed(args.seed)
+    model = GPT(GPTConfig()).to(device).eval()  # GPT-2 124M shape, random weights
+    on = torch.cuda.get_device_name() if device == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
+    print(f"{len(examples)} examples | GPT-2 124M shape, random weights | {device}: {on} | torch {torch.__version__}")
+
+    warmup = examples[:4]  # first calls allocate and pick kernels
+    evaluate(model, warmup, batch_size=args.batch_size)
+    evaluate(model, warmup, batch_size=args.batch_size, dtype="bfloat16")
+
+    rows = []  # (name, examples/s, acc, acc_norm, predictions)
+    if not args.skip_naive:
+        naive_predictions(model, warmup, device)
+        (preds, preds_norm), seconds = timed(lambda: naive_predictions(model, examples, device))
+        rows.append(("one forward per example, fp32", len(examples) / seconds, preds, preds_norm))
+    for dtype in ("float32", "bfloat16"):
+        result, seconds = timed(lambda: evaluate(model, examples, batch_size=args.batch_size, dtype=dtype,
+                                                 return_predictions=True))
+        ps = result["predictions"]
+        rows.append((f"evaluate, batch {args.batch_size}, {dtype}", len(examples) / seconds,
+                     [p["pred"] for p in ps], [p["pred_norm"] for p in ps]))
+
+    labels = [ex["label"] for ex in examples]
+    base_name, base_speed, base_preds, base_norm = rows[0]
+    print(f"\n| {'method':<34} | {'examples/s':>10} | {'speedup':>7} | {'acc':>6} | {'acc_norm':>8} | "
+          f"{'predictions changed vs ' + base_name.split(',')[0]:<40} |")
+    print(f"|{'-' * 36}|{'-' * 12}|{'-' * 9}|{'-' * 8}|{'-' * 10}|{'-' * 42}|")
+    for name, speed, preds, preds_norm in rows:
+        acc = sum(p == y for p, y in zip(preds, labels)) / len(labels)
+        acc_norm = sum(p == y for p, y in zip(preds_norm, labels)) / len(labels)
+        changed = sum(a != b for a, b in zip(preds, base_preds))
+        changed_norm = sum(a != b for a, b in zip(preds_norm, base_norm))
+        print(f"| {name:<34} | {speed:>10.2f} | {speed / base_speed:>6.2f}x | {acc:>6.4f} | {acc_norm:>8.4f} | "
+              f"{f'{changed} (acc), {changed_norm} (acc_norm)':<40} |")
+
+
+if __name__ == "__main__":
+    main()
