@@ -19,6 +19,7 @@ CLI, to see what a judge thinks of some text:
 
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -95,16 +96,26 @@ def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu"):
             ids = rows[i][0]
             input_ids[r, :len(ids) - 1] = torch.tensor(ids[:-1])
             attention_mask[r, :len(ids) - 1] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                       use_cache=False).logits  # (B, T, V)
+        # the LM head only over the span of positions that predict scored tokens (sorted rows: a short span)
+        first = min(len(rows[i][0]) - 1 - rows[i][1] for i in batch)
+        kwargs = {"logits_to_keep": torch.arange(first, T)} if _keeps_logits(model) else {}
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False,
+                       **kwargs).logits  # (B, T - first, V), or (B, T, V) for a model that cannot skip positions
+        offset = first if kwargs else 0
         batch_sums = []
         for r, i in enumerate(batch):
             ids, n = rows[i]
             targets = torch.tensor(ids[-n:], device=logits.device)
             # logits at position t predict token t + 1; float32 on the n scored positions only
-            batch_sums.append(logprobs_from_logits(logits[r, len(ids) - 1 - n:len(ids) - 1], targets).sum())
+            batch_sums.append(logprobs_from_logits(logits[r, len(ids) - 1 - n - offset:len(ids) - 1 - offset],
+                                                   targets).sum())
         sums[batch] = torch.stack(batch_sums).cpu()
     return sums
+
+
+def _keeps_logits(model):
+    """Whether the model's forward can apply its LM head to chosen positions only (transformers' logits_to_keep)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """
 The offline demo task: a synthetic HellaSwag-format dataset whose right ending follows a rule a tiny model can
-learn (every object has one colour), and a tiny GPT-Neo teacher that has learned the rule. The teacher is saved as
-a transformers directory, so train_ppo.py loads it through reward.py exactly like a real reward model.
+learn (every object has one colour), a tiny GPT-Neo teacher that has learned the rule, and a tiny GPT policy that
+has learned the format but not the rule. Both models are saved as transformers directories, so train_ppo.py loads
+the teacher through reward.py and the policy through GPT.from_pretrained exactly like the real ones.
 
-    python synthetic.py out/synthetic     # writes train.jsonl, val.jsonl and teacher/ (a transformers dir)
+    python synthetic.py out/synthetic     # writes train.jsonl, val.jsonl, teacher/ and policy/
 """
 
 import json
@@ -19,9 +20,8 @@ from common import atomic_write_text
 
 # objects and their one colour; every colour is a single GPT-2 token after a space
 OBJECT_COLORS = {
-    "banana": "yellow", "lemon": "yellow", "cherry": "red", "tomato": "red", "lime": "green", "grass": "green",
-    "plum": "purple", "pumpkin": "orange", "carrot": "orange", "chocolate": "brown", "coffee": "brown",
-    "sky": "blue", "ocean": "blue", "coal": "black", "snow": "white", "milk": "white", "flamingo": "pink",
+    "banana": "yellow", "cherry": "red", "grass": "green", "plum": "purple", "pumpkin": "orange",
+    "chocolate": "brown", "sky": "blue", "coal": "black", "snow": "white", "flamingo": "pink",
 }
 COLORS = sorted(set(OBJECT_COLORS.values()))
 NAMES = ["Anna", "Ben", "Carla", "David", "Emma", "Frank", "Grace", "Henry", "Julia", "Kevin", "Laura", "Mark"]
@@ -56,69 +56,109 @@ def write_jsonl(path, records):
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
-def train_teacher(examples, out_dir, steps=300, batch_size=32, lr=3e-3, seed=0):
-    """Train a tiny GPT-Neo (GPT-2 vocabulary) on the right endings and save it as a transformers directory.
-    The loss is taken on the ending tokens only, so the LM head runs at a handful of positions."""
-    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+def fit_endings(hidden_fn, lm_head, parameters, rows, steps, batch_size=32, lr=3e-3, seed=0):
+    """Language-model training on the ending tokens only (the LM head runs at a handful of positions).
+    rows: (tokens, n_context) pairs; hidden_fn(idx) -> final hidden states (B, T, C). Returns the last loss."""
+    from tokenizer import EOT_TOKEN
 
-    from tokenizer import EOT_TOKEN, gpt2_encoding, gpt2_hf_tokenizer
-
-    enc = gpt2_encoding()
-    torch.manual_seed(seed)
-    config = GPTNeoConfig(vocab_size=50257, max_position_embeddings=64, hidden_size=64, num_layers=2, num_heads=2,
-                          attention_types=[[["global"], 2]], intermediate_size=256, bos_token_id=EOT_TOKEN,
-                          eos_token_id=EOT_TOKEN, embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0)
-    model = GPTNeoForCausalLM(config)
-    rows = []
-    for ex in examples:
-        ctx, ending = enc.encode_ordinary(ex["ctx"]), enc.encode_ordinary(" " + ex["endings"][ex["label"]])
-        rows.append((ctx + ending, len(ctx)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
-    model.train()
     for _ in range(steps):
         batch = rng.sample(rows, batch_size)
         T = max(len(tokens) for tokens, _ in batch)
         idx = torch.full((batch_size, T), EOT_TOKEN)
         target = torch.zeros(batch_size, T, dtype=torch.bool)  # positions whose next token is an ending token
-        for i, (tokens, n_ctx) in enumerate(batch):
+        for i, (tokens, n_context) in enumerate(batch):
             idx[i, :len(tokens)] = torch.tensor(tokens)
-            target[i, n_ctx - 1:len(tokens) - 1] = True
-        hidden = model.transformer(input_ids=idx).last_hidden_state
-        logits = model.lm_head(hidden[target])
+            target[i, n_context - 1:len(tokens) - 1] = True
+        logits = lm_head(hidden_fn(idx)[target])
         loss = torch.nn.functional.cross_entropy(logits, idx[:, 1:][target[:, :-1]])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    model.eval()
-    # write into a temp dir and rename, so an interrupted run never leaves a half-written teacher
+    return loss.item()
+
+
+def ending_rows(examples, pick):
+    """(context + ending tokens, context length) for the ending pick(example) of each example."""
+    from tokenizer import gpt2_encoding
+
+    enc = gpt2_encoding()
+    rows = []
+    for ex in examples:
+        context, ending = enc.encode_ordinary(ex["ctx"]), enc.encode_ordinary(" " + ex["endings"][pick(ex)])
+        rows.append((context + ending, len(context)))
+    return rows
+
+
+def save_dir_atomically(save, out_dir):
+    """save(tmp_dir) into a temp dir, then rename it to out_dir: an interrupted run leaves no half-written model."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".teacher.")
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".synthetic.")
     try:
-        model.save_pretrained(tmp)
-        gpt2_hf_tokenizer().save_pretrained(tmp)
+        save(tmp)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
-    return loss.item()
 
 
-def prepare(out_dir, n_train=2000, n_val=200, seed=0, teacher_steps=300, log=print):
-    """Write the demo task into out_dir (train.jsonl, val.jsonl, teacher/) unless it is already there."""
+def train_teacher(examples, out_dir, steps=300, seed=0):
+    """A tiny GPT-Neo (GPT-2 vocabulary) trained on the right endings, saved as a transformers directory."""
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    from tokenizer import EOT_TOKEN, gpt2_hf_tokenizer
+
+    torch.manual_seed(seed)
+    config = GPTNeoConfig(vocab_size=50257, max_position_embeddings=64, hidden_size=64, num_layers=2, num_heads=2,
+                          attention_types=[[["global"], 2]], intermediate_size=256, bos_token_id=EOT_TOKEN,
+                          eos_token_id=EOT_TOKEN, embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0)
+    model = GPTNeoForCausalLM(config).train()
+    loss = fit_endings(lambda idx: model.transformer(input_ids=idx).last_hidden_state, model.lm_head,
+                       model.parameters(), ending_rows(examples, lambda ex: ex["label"]), steps, seed=seed)
+
+    def save(path):
+        model.eval().save_pretrained(path)
+        gpt2_hf_tokenizer().save_pretrained(path)
+
+    save_dir_atomically(save, out_dir)
+    return loss
+
+
+def pretrain_policy(examples, out_dir, steps=150, seed=0):
+    """A tiny GPT (this project's model) that knows the format but not the rule: trained on a random one of the
+    4 endings, it writes "<colour>." after a context and picks each colour about equally often. PPO's job is
+    to teach it the rule, as it would teach GPT-2 HellaSwag."""
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)).train()
+    rng = random.Random(seed)
+    loss = fit_endings(model.hidden_states, model.lm_head, model.parameters(),
+                       ending_rows(examples, lambda ex: rng.randrange(4)), steps, seed=seed)
+    save_dir_atomically(model.eval().save_pretrained, out_dir)
+    return loss
+
+
+def prepare(out_dir, n_train=2000, n_val=200, seed=0, teacher_steps=300, policy_steps=150, log=print):
+    """Write the demo task into out_dir unless it is already there: train.jsonl, val.jsonl, teacher/ (the reward
+    model) and policy/ (the starting policy), the last two as transformers directories."""
     paths = {"train": os.path.join(out_dir, "train.jsonl"), "val": os.path.join(out_dir, "val.jsonl"),
-             "teacher": os.path.join(out_dir, "teacher")}
+             "teacher": os.path.join(out_dir, "teacher"), "policy": os.path.join(out_dir, "policy")}
     for split, n in (("train", n_train), ("val", n_val)):
         if not os.path.exists(paths[split]):
             write_jsonl(paths[split], make_examples(n, seed, split))
-    if not os.path.exists(os.path.join(paths["teacher"], "config.json")):
-        log(f"training the synthetic teacher ({teacher_steps} steps) into {paths['teacher']}")
-        train_examples = [json.loads(line) for line in open(paths["train"], encoding="utf-8")]
-        loss = train_teacher(train_examples, paths["teacher"], steps=teacher_steps, seed=seed)
-        log(f"teacher trained, final loss on the right endings {loss:.3f}")
+    train_examples = None
+    for name, fit, steps in (("teacher", train_teacher, teacher_steps), ("policy", pretrain_policy, policy_steps)):
+        if not os.path.exists(os.path.join(paths[name], "config.json")):
+            if train_examples is None:
+                train_examples = [json.loads(line) for line in open(paths["train"], encoding="utf-8")]
+            log(f"training the synthetic {name} ({steps} steps) into {paths[name]}")
+            loss = fit(train_examples, paths[name], steps=steps, seed=seed)
+            log(f"synthetic {name} trained, final loss on its endings {loss:.3f}")
     return paths
 
 

@@ -46,8 +46,10 @@ from model import CHECKPOINT_FORMAT, GPT, GPTConfig, latest_checkpoint, logprobs
 @dataclass
 class Config:
     # run
-    out_dir: str = "out/ppo"  # checkpoints, config.json, metrics.jsonl, samples.jsonl and the exported policy (hf/)
-    init_from: str = "gpt2"  # hub name, transformers dir, build-nanogpt/nanoGPT .pt, project checkpoint, "scratch", "resume"
+    out_dir: str = "out/ppo"  # checkpoints, train_config.json, metrics.jsonl, samples.jsonl and the exported policy (hf/)
+    # hub name, transformers dir, build-nanogpt/nanoGPT .pt, project checkpoint or run dir, "resume" (this out_dir),
+    # "scratch" (random weights of the size below), "synthetic" (the demo task's starting policy)
+    init_from: str = "gpt2"
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (under torchrun: cuda:LOCAL_RANK)
     dtype: str = "bfloat16"  # autocast dtype on CUDA: bfloat16 | float16 (with a GradScaler) | float32; float32 on CPU
@@ -61,7 +63,7 @@ class Config:
     train_data: str = "hellaswag:train"  # "hellaswag:<split>" (downloaded) or a jsonl file in HellaSwag's schema
     val_data: str = "hellaswag:val"
     data_cache: str = ""  # download folder for the HellaSwag splits ("" = hellaswag.py's default)
-    synthetic: bool = False  # use the offline demo task (synthetic.py): its train/val data and its tiny teacher
+    synthetic: bool = False  # the offline demo task (synthetic.py): its train/val data and its tiny teacher
     synthetic_dir: str = ""  # where the demo task is written ("" = out_dir/synthetic)
     style: str = "completion"  # HellaSwag rendering for choice rollouts, the teacher and eval: completion | lm-eval
     # rollouts
@@ -209,6 +211,8 @@ def load_config(argv):
     if cfg.batch_size % cfg.minibatch_size or cfg.minibatch_size % cfg.micro_batch_size:
         raise UserError(f"config: batch_size ({cfg.batch_size}) must be a multiple of minibatch_size "
                         f"({cfg.minibatch_size}), and that of micro_batch_size ({cfg.micro_batch_size})")
+    if cfg.init_from == "synthetic" and not cfg.synthetic:
+        raise UserError("config: init_from='synthetic' is the demo task's policy and needs synthetic=True")
     wanted = {"choice": ("teacher", "label"), "generate": ("likelihood",)}[cfg.rollout]
     if cfg.reward_kind not in wanted:
         raise UserError(f"config: rollout {cfg.rollout!r} takes reward_kind {' or '.join(wanted)}, "
@@ -412,7 +416,7 @@ def chunked(n, size):
 def gather_rng_states(sample_generator, shuffle_generator, world_size):
     """Every rank's RNG states (rank order), so that a resumed run samples exactly what an uninterrupted one would."""
     state = {"sample": sample_generator.get_state(), "shuffle": shuffle_generator.get_state(),
-             "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+             "torch": torch.get_rng_state()}
     if world_size == 1:
         return [state]
     states = [None] * world_size
@@ -463,7 +467,7 @@ def peak_memory_gb(device):
 
 
 def train(cfg):
-    """Run PPO as configured. Returns a summary dict (final step, last eval, last metrics)."""
+    """Run PPO as configured. Returns a summary: final step, last eval, last metrics and the policy."""
     from hellaswag import encode_example, evaluate
     from reward import LabelReward, LikelihoodReward, RewardModel, TeacherReward
     from tokenizer import EOT_TOKEN, gpt2_encoding
@@ -494,7 +498,8 @@ def train(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
     if master_process:
         log(json.dumps(dataclasses.asdict(cfg), indent=2))
-        atomic_write_text(os.path.join(cfg.out_dir, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=2))
+        atomic_write_text(os.path.join(cfg.out_dir, "train_config.json"),
+                          json.dumps(dataclasses.asdict(cfg), indent=2))
 
     # ---- data
     if cfg.synthetic:
@@ -507,8 +512,9 @@ def train(cfg):
             dist.barrier()
         paths = synthetic.prepare(synthetic_dir, seed=cfg.seed)  # already there: only returns the paths
         train_data, val_data, reward_source = paths["train"], paths["val"], paths["teacher"]
+        init_from = paths["policy"] if cfg.init_from == "synthetic" else cfg.init_from
     else:
-        train_data, val_data, reward_source = cfg.train_data, cfg.val_data, cfg.reward_model
+        train_data, val_data, reward_source, init_from = cfg.train_data, cfg.val_data, cfg.reward_model, cfg.init_from
     if master_process:  # one download, then every rank reads the cached file
         load_examples_from(train_data, cfg.data_cache)
         load_examples_from(val_data, cfg.data_cache)
@@ -528,7 +534,7 @@ def train(cfg):
         if resume_path is None:
             raise UserError(f"init_from=resume: no checkpoint (ckpt_*.pt) in {cfg.out_dir}")
     ckpt = torch.load(resume_path, map_location="cpu", weights_only=True) if resume_path else None
-    reference_from = ckpt["reference_from"] if ckpt else cfg.init_from
+    reference_from = ckpt["reference_from"] if ckpt else init_from
 
     def build_policy(source):
         if source == "scratch":
@@ -578,8 +584,6 @@ def train(cfg):
             sample_generator.set_state(mine["sample"])
             shuffle_generator.set_state(mine["shuffle"])
             torch.set_rng_state(mine["torch"])
-            np.random.set_state(mine["numpy"])
-            random.setstate(mine["python"])
         else:
             log(f"warning: checkpoint has RNG states of {len(rng)} ranks, this run has {ddp_world_size}; reseeding")
         log(f"resumed from {resume_path} at step {step}")
@@ -694,9 +698,9 @@ def train(cfg):
                      for row, n in zip(responses.tolist(), lengths.tolist())]
             nonempty = [i for i, text in enumerate(texts) if text.strip()]
             scores = torch.full((B,), -cfg.no_stop_penalty, device=device)  # an empty sample gets the penalty
-            if nonempty:
-                scores[nonempty] = reward_fn([examples[i]["ctx"] for i in nonempty],
-                                             [texts[i] for i in nonempty]).to(device).float()
+            # every rank calls the reward, even with nothing to score: it may all-reduce its running statistics
+            nonempty_scores = reward_fn([examples[i]["ctx"] for i in nonempty], [texts[i] for i in nonempty])
+            scores[nonempty] = nonempty_scores.to(device).float()
             scores = scores - cfg.no_stop_penalty * (~stopped).float()
             sample_texts = [{"ctx": ex["ctx"], "continuation": text} for ex, text in zip(examples, texts)]
         kl = kl_penalty(old_logprobs, ref_logprobs) * action_mask  # (B, L) per action
@@ -818,7 +822,7 @@ def train(cfg):
         wandb_run.finish()
     if ddp:
         dist.destroy_process_group()
-    return {"step": step, "eval": last_eval, "metrics": metrics}
+    return {"step": step, "eval": last_eval, "metrics": metrics, "model": raw_model}
 
 
 def main(argv=None):

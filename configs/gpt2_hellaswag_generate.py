@@ -1,0 +1,37 @@
+"""
+The seed project's setting: GPT-2 124M writes continuations of HellaSwag contexts, gpt-neo-2.7B scores how likely
+they are (mean log-prob per token, normalised), with a per-token KL penalty to the reference.
+    torchrun --standalone --nproc_per_node=8 train_ppo.py configs/gpt2_hellaswag_generate.py
+"""
+out_dir = "out/gpt2_hellaswag_generate"
+init_from = "gpt2"
+rollout = "generate"
+reward_kind = "likelihood"
+reward_model = "EleutherAI/gpt-neo-2.7B"
+likelihood_per = "token"
+reward_normalize = True
+reward_clip = 5.0
+max_prompt_tokens = 128
+max_new_tokens = 32
+temperature = 1.0
+top_k = 0
+top_p = 1.0
+stop_at_sentence_end = True
+no_stop_penalty = 1.0
+batch_size = 64
+minibatch_size = 16
+micro_batch_size = 8
+ppo_epochs = 4
+learning_rate = 1e-5
+warmup_steps = 10
+kl_coef = 0.05
+adaptive_kl = True
+kl_target = 6.0
+kl_horizon = 10000
+gamma = 1.0
+gae_lambda = 0.95
+max_steps = 300
+eval_interval = 25
+eval_batch_size = 64
+checkpoint_interval = 50
+sample_interval = 10

@@ -1,0 +1,22 @@
+"""
+Choice rollouts rewarded by the gold label (1 for the right ending, 0 otherwise): the simplest RL signal on
+HellaSwag's train split, and no reward model to load.
+    torchrun --standalone --nproc_per_node=8 train_ppo.py configs/gpt2_hellaswag_label.py
+"""
+out_dir = "out/gpt2_hellaswag_label"
+init_from = "gpt2"
+rollout = "choice"
+reward_kind = "label"
+batch_size = 64
+minibatch_size = 32
+micro_batch_size = 16
+ppo_epochs = 2
+learning_rate = 1e-5
+warmup_steps = 10
+kl_coef = 0.05
+vf_coef = 0.1
+max_steps = 300
+eval_interval = 25
+eval_batch_size = 64
+checkpoint_interval = 50
+sample_interval = 25

@@ -1,0 +1,26 @@
+"""
+The main recipe: GPT-2 124M learns HellaSwag's multiple choice from a gpt-neo-2.7B teacher.
+Choice rollouts on the train split; reward = the teacher's probability of the chosen ending.
+    torchrun --standalone --nproc_per_node=8 train_ppo.py configs/gpt2_hellaswag_teacher.py
+"""
+out_dir = "out/gpt2_hellaswag_teacher"
+init_from = "gpt2"
+rollout = "choice"
+reward_kind = "teacher"
+reward_model = "EleutherAI/gpt-neo-2.7B"
+teacher_mode = "prob"
+teacher_temperature = 0.5
+choice_temperature = 1.0
+batch_size = 64
+minibatch_size = 32
+micro_batch_size = 16
+ppo_epochs = 2
+learning_rate = 1e-5
+warmup_steps = 10
+kl_coef = 0.05
+vf_coef = 0.1
+max_steps = 300
+eval_interval = 25
+eval_batch_size = 64
+checkpoint_interval = 50
+sample_interval = 25

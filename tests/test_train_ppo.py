@@ -1,0 +1,345 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import synthetic
+import train_ppo
+from common import UserError
+from train_ppo import (AdaptiveKLController, Config, compute_gae, kl_penalty, load_config, masked_whiten, ppo_losses,
+                       read_config_file)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the math
+
+
+def test_gae_matches_a_plain_loop():
+    g = torch.Generator().manual_seed(0)
+    B, T, gamma, lam = 4, 7, 0.9, 0.8
+    rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    lengths = [7, 3, 1, 5]
+    mask = torch.zeros(B, T)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    advantages, returns = compute_gae(rewards, values, mask, gamma, lam)
+    for b, n in enumerate(lengths):
+        expected, running = [0.0] * T, 0.0
+        for t in reversed(range(n)):  # the textbook recursion, one sequence at a time, terminal after n
+            next_value = values[b, t + 1].item() if t + 1 < n else 0.0
+            delta = rewards[b, t].item() + gamma * next_value - values[b, t].item()
+            running = delta + gamma * lam * running
+            expected[t] = running
+        assert torch.allclose(advantages[b], torch.tensor(expected), atol=1e-5)
+        assert torch.allclose(returns[b, :n], advantages[b, :n] + values[b, :n], atol=1e-6)
+        assert (returns[b, n:] == 0).all()
+
+
+def test_single_step_gae_is_reward_minus_value():
+    rewards, values = torch.tensor([[1.0], [0.0]]), torch.tensor([[0.3], [0.5]])
+    advantages, returns = compute_gae(rewards, values, torch.ones(2, 1), gamma=1.0, gae_lambda=0.95)
+    assert torch.allclose(advantages, rewards - values) and torch.allclose(returns, rewards)
+
+
+def test_masked_whiten_uses_only_masked_entries():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -50.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]).float()
+    w = masked_whiten(x, mask)
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    expected = (values - values.mean()) / values.std()  # unbiased, as torch.std
+    assert torch.allclose(w[mask.bool()], expected, atol=1e-5)
+    assert (w[~mask.bool()] == 0).all()
+    shifted = masked_whiten(x, mask, shift_mean=False)
+    assert torch.allclose(shifted[mask.bool()], expected + values.mean(), atol=1e-5)
+
+
+def test_ppo_losses_at_ratio_one():
+    g = torch.Generator().manual_seed(1)
+    logprobs = torch.randn(3, 5, generator=g)
+    advantages = torch.randn(3, 5, generator=g)
+    values, returns = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    mask = torch.ones(3, 5)
+    mask[1, 3:] = 0
+    out = ppo_losses(logprobs, logprobs, advantages, values, values, returns, mask, 0.2, 0.2)
+    assert out["clipfrac"].item() == 0.0 and abs(out["approx_kl"].item()) < 1e-7
+    assert torch.allclose(out["pg_loss"], -(advantages * mask).sum() / mask.sum())
+    assert torch.allclose(out["vf_loss"], 0.5 * (((values - returns) ** 2) * mask).sum() / mask.sum())
+
+
+def test_ppo_policy_clipping():
+    old = torch.zeros(1, 4)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.9]])).requires_grad_(True)
+    advantages = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    zeros = torch.zeros(1, 4)
+    out = ppo_losses(new, old, advantages, zeros, zeros, zeros, torch.ones(1, 4), clip_coef=0.2, vf_clip_coef=0.0)
+    # ratio 1.5 with A>0 and 0.5 with A<0 are clipped (no gradient); 1.1 and 0.9 are inside the trust region
+    assert out["clipfrac"].item() == 0.5
+    assert torch.allclose(out["pg_loss"], -torch.tensor([1.2, -0.8, 1.1, -0.9]).mean())
+    out["pg_loss"].backward()
+    assert new.grad[0, 0] == 0 and new.grad[0, 1] == 0 and new.grad[0, 2] != 0 and new.grad[0, 3] != 0
+
+
+def test_value_clipping_takes_the_pessimistic_loss():
+    old_values, returns = torch.tensor([[0.0]]), torch.tensor([[1.0]])
+    new_values = torch.tensor([[0.9]])  # moved 0.9 towards the return, but the clip allows 0.2
+    out = ppo_losses(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1), new_values, old_values, returns,
+                     torch.ones(1, 1), 0.2, vf_clip_coef=0.2)
+    assert torch.allclose(out["vf_loss"], torch.tensor(0.5 * 0.8 ** 2))
+
+
+def test_kl_estimators_are_unbiased_or_exact_in_expectation():
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    q = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    exact = (p * (p.log() - q.log())).sum()
+    for kind in ("k1", "k3"):  # expectation under the policy, computed exactly over the 4 outcomes
+        assert torch.allclose((p * kl_penalty(p.log(), q.log(), kind)).sum(), exact, atol=1e-6)
+    assert (kl_penalty(p.log(), q.log(), "k3") >= 0).all() and (kl_penalty(p.log(), q.log(), "k2") >= 0).all()
+    with pytest.raises(ValueError):
+        kl_penalty(p.log(), q.log(), "k9")
+
+
+def test_adaptive_kl_controller_moves_towards_the_target():
+    controller = AdaptiveKLController(0.1, target=6.0, horizon=1000)
+    controller.update(current_kl=12.0, n_steps=100)  # too much KL: raise the penalty, at most 20% per horizon
+    assert controller.value == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    controller.update(current_kl=3.0, n_steps=100)
+    assert controller.value < 0.1 * (1 + 0.2 * 0.1)
+    restored = AdaptiveKLController(1.0, 6.0, 1000)
+    restored.load_state_dict(controller.state_dict())
+    assert restored.value == controller.value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# config
+
+
+def test_config_files_and_overrides(tmp_path):
+    path = tmp_path / "recipe.py"
+    path.write_text('"""a recipe"""\n# a comment\nbatch_size = 32\nlearning_rate = 1\nrollout = "generate"\n'
+                    'reward_kind = "likelihood"\ncompile = True\n')
+    cfg = load_config([str(path), "--batch_size=16", "--top_p=0.9", "--compile=false", "--out_dir=runs/7"])
+    assert cfg.batch_size == 16 and cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
+    assert cfg.rollout == "generate" and cfg.compile is False and cfg.top_p == 0.9 and cfg.out_dir == "runs/7"
+    assert load_config(["--out_dir=123"]).out_dir == "123"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--learning_rat=1e-4"], r"unknown config key 'learning_rat' \(did you mean learning_rate\?\)"),
+    (["--batch_size=1.5"], "batch_size must be int"),
+    (["--compile=yes"], "compile must be bool"),
+    (["--rollout=beam"], "rollout must be one of choice, generate"),
+    (["--batch_size"], "written --key=value"),
+    (["--rollout=generate"], "takes reward_kind likelihood"),
+    (["--batch_size=10", "--minibatch_size=4"], "multiple of minibatch_size"),
+    (["missing_config.py"], "missing_config.py: cannot read config file"),
+])
+def test_config_errors_name_the_key(args, message):
+    with pytest.raises(UserError, match=message):
+        load_config(args)
+
+
+def test_config_file_must_be_plain_assignments(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("batch_size = 8\nimport os\n")
+    with pytest.raises(UserError, match="bad.py:2: config files hold only"):
+        list(read_config_file(bad))
+    bad.write_text("batch_size = 4 * 2\n")
+    with pytest.raises(UserError, match="bad.py:1: the value of batch_size must be a literal"):
+        list(read_config_file(bad))
+    bad.write_text("batch_sise = 8\n")
+    with pytest.raises(UserError, match=r"bad.py:1: unknown config key 'batch_sise' \(did you mean batch_size\?\)"):
+        load_config([str(bad)])
+
+
+def test_shipped_configs_load():
+    configs = sorted(os.listdir(os.path.join(REPO, "configs")))
+    assert "demo.py" in configs and "gpt2_hellaswag_teacher.py" in configs
+    for name in configs:
+        load_config([os.path.join(REPO, "configs", name)])
+
+
+def test_cli_bad_config_is_one_line_and_exit_2():
+    result = subprocess.run([sys.executable, "train_ppo.py", "configs/demo.py", "--ppo_epoch=2"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --ppo_epoch=2: unknown config key 'ppo_epoch' (did you mean ppo_epochs?)"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training runs on the synthetic task (tiny models, CPU)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("synthetic")
+    synthetic.prepare(str(path), n_train=1000, n_val=100, seed=0, teacher_steps=200)
+    return str(path)
+
+
+def tiny_run(out_dir, synthetic_dir, **overrides):
+    settings = dict(out_dir=str(out_dir), init_from="synthetic", synthetic=True, synthetic_dir=synthetic_dir, device="cpu", batch_size=16, minibatch_size=8,
+                    micro_batch_size=4, ppo_epochs=2, learning_rate=3e-3, max_steps=2, eval_interval=0,
+                    eval_limit=40, checkpoint_interval=100, sample_interval=1, teacher_temperature=0.25,
+                    export_hf=False, seed=0)
+    settings.update(overrides)
+    return load_config([f"--{k}={v}" for k, v in settings.items()])
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_one_choice_step(tmp_path, synthetic_dir):
+    summary = train_ppo.train(tiny_run(tmp_path, synthetic_dir, max_steps=1, export_hf=True))
+    metrics = read_metrics(tmp_path)
+    assert metrics[0]["step"] == 0 and 0 <= metrics[0]["eval/acc_norm"] <= 1 and metrics[0]["eval/n"] == 40
+    step = metrics[1]
+    for key in ("reward", "kl", "pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy", "explained_var",
+                "samples_per_s", "tokens_per_s", "dt", "peak_mem_gb", "eval/acc", "eval/acc_norm"):
+        assert key in step, key
+    assert summary["step"] == 1 and 0 < step["entropy"] <= torch.log(torch.tensor(4.0)).item() + 1e-6
+    assert os.path.exists(tmp_path / "ckpt_000001.pt") and os.path.exists(tmp_path / "best.pt")
+    assert json.load(open(tmp_path / "train_config.json"))["batch_size"] == 16
+    samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+    assert samples and {"ctx", "chosen", "reward"} <= set(samples[0])
+    # the exported policy loads in transformers, and the checkpoint loads back into a GPT with the same weights
+    from transformers import AutoModelForCausalLM
+
+    from model import GPT
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf") is not None
+    reloaded = GPT.from_pretrained(str(tmp_path))
+    for (name, a), b in zip(summary["model"].state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_one_generate_step(tmp_path, synthetic_dir):
+    train_ppo.train(tiny_run(tmp_path, synthetic_dir, max_steps=1, rollout="generate", reward_kind="likelihood",
+                             max_new_tokens=6))
+    step = read_metrics(tmp_path)[1]
+    assert step["step"] == 1 and step["entropy"] > 0 and abs(step["kl"]) < 1e-4  # policy == reference at step 0
+    samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
+    assert samples and "continuation" in samples[0]
+
+
+@pytest.mark.slow
+def test_choice_rollouts_learn_the_synthetic_task(tmp_path, synthetic_dir):
+    cfg = tiny_run(tmp_path, synthetic_dir, batch_size=32, minibatch_size=8, micro_batch_size=8, ppo_epochs=4,
+                   max_steps=12, eval_interval=12, eval_limit=100, kl_coef=0.01, vf_coef=0.5)
+    summary = train_ppo.train(cfg)
+    metrics = read_metrics(tmp_path)
+    start = metrics[0]["eval/acc_norm"]
+    assert start < 0.45  # chance is 0.25
+    assert summary["eval"]["eval/acc_norm"] > start + 0.2
+    early = sum(m["reward"] for m in metrics[1:5]) / 4
+    late = sum(m["reward"] for m in metrics[-4:]) / 4
+    assert late > early + 0.1
+
+
+@pytest.mark.slow
+def test_generate_rollouts_raise_the_reward(tmp_path, synthetic_dir):
+    cfg = tiny_run(tmp_path, synthetic_dir, rollout="generate", reward_kind="likelihood", reward_normalize=False,
+                   batch_size=32, minibatch_size=8, micro_batch_size=8, ppo_epochs=4, max_new_tokens=4,
+                   learning_rate=2e-3, kl_coef=0.01, max_steps=12, eval_limit=8)
+    train_ppo.train(cfg)
+    rewards = [m["reward"] for m in read_metrics(tmp_path)[1:]]
+    # the teacher's mean log-prob of the samples rises as the policy learns to write what the teacher expects
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.5
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, synthetic_dir):
+    common = dict(reward_kind="label", eval_limit=8, checkpoint_interval=2)
+    straight = train_ppo.train(tiny_run(tmp_path / "straight", synthetic_dir, max_steps=4, **common))["model"]
+    train_ppo.train(tiny_run(tmp_path / "split", synthetic_dir, max_steps=2, **common))
+    resumed = train_ppo.train(tiny_run(tmp_path / "split", synthetic_dir, max_steps=4, init_from="resume",
+                                       **common))["model"]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [m["step"] for m in read_metrics(tmp_path / "split")] == [0, 1, 2, 3, 4]
+    assert sorted(f for f in os.listdir(tmp_path / "split") if f.startswith("ckpt_")) == \
+        ["ckpt_000002.pt", "ckpt_000004.pt"]
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, synthetic_dir):
+    with pytest.raises(UserError, match="no checkpoint"):
+        train_ppo.train(tiny_run(tmp_path, synthetic_dir, init_from="resume", reward_kind="label"))
+
+
+@pytest.mark.slow
+def test_non_finite_losses_skip_updates_then_stop(tmp_path, synthetic_dir, monkeypatch):
+    real = train_ppo.ppo_losses
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return {**out, "pg_loss": out["pg_loss"] * float("nan")}
+
+    monkeypatch.setattr(train_ppo, "ppo_losses", poisoned)
+    cfg = tiny_run(tmp_path, synthetic_dir, reward_kind="label", max_bad_steps=3, checkpoint_interval=1, eval_limit=8)
+    with pytest.raises(RuntimeError, match="3 non-finite updates in a row"):
+        train_ppo.train(cfg)
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("ckpt_")]  # nothing broken was written
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, synthetic_dir):
+    cfg = tiny_run(tmp_path, synthetic_dir, reward_kind="label", max_steps=10000, eval_limit=8)
+    args = [f"--{k}={v}" for k, v in vars(cfg).items()]
+    proc = subprocess.Popen([sys.executable, "train_ppo.py", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(tmp_path / "metrics.jsonl") and len(read_metrics(tmp_path)) >= 3:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    last_step = read_metrics(tmp_path)[-1]["step"]
+    assert os.path.exists(tmp_path / f"ckpt_{last_step:06d}.pt") and "received signal" in output
+    ckpt = torch.load(tmp_path / f"ckpt_{last_step:06d}.pt", weights_only=True)
+    assert ckpt["step"] == last_step and ckpt["data_position"] == last_step * cfg.batch_size
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_agree(tmp_path, synthetic_dir):
+    """2 gloo processes: both ranks end with identical weights and identical eval totals."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import json, os, sys, torch\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "import train_ppo\n"
+        "summary = train_ppo.train(train_ppo.load_config(sys.argv[1:]))\n"
+        "rank = int(os.environ['RANK'])\n"
+        "torch.save(summary['model'].state_dict(), os.path.join(sys.argv[-1].split('=')[1], f'rank{rank}.pt'))\n"
+        "json.dump(summary['eval'], open(os.path.join(sys.argv[-1].split('=')[1], f'eval{rank}.json'), 'w'))\n")
+    cfg = tiny_run(tmp_path, synthetic_dir, reward_kind="teacher", max_steps=2, eval_limit=21, batch_size=8,
+                   minibatch_size=4, micro_batch_size=2)
+    args = [f"--{k}={v}" for k, v in vars(cfg).items() if k != "out_dir"] + [f"--out_dir={tmp_path}"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), *args], cwd=REPO, capture_output=True, text=True, timeout=400,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    eval0, eval1 = json.load(open(tmp_path / "eval0.json")), json.load(open(tmp_path / "eval1.json"))
+    assert eval0 == eval1 and eval0["eval/n"] == 21
+    # the sharded eval counts every example once: the same totals as one process scoring the same weights
+    from hellaswag import evaluate, load_examples
+    from model import GPT
+
+    model = GPT.from_pretrained(os.path.join(synthetic_dir, "policy"))
+    model.load_state_dict(rank0)
+    single = evaluate(model, load_examples(data_file=os.path.join(synthetic_dir, "val.jsonl"))[:21])
+    assert single["acc_norm"] == pytest.approx(eval0["eval/acc_norm"])
+    assert read_metrics(tmp_path)[-1]["step"] == 2
