@@ -46,6 +46,19 @@ def default_cache_dir():
     return os.environ.get("HELLASWAG_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hellaswag")
 
 
+def _fetch(url, out_path, desc, timeout):
+    from tqdm import tqdm
+
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(out_path, "wb") as f:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr) as bar:
+            while chunk := response.read(1 << 16):
+                f.write(chunk)
+                bar.update(len(chunk))
+        if total is not None and bar.n != total:
+            raise OSError(f"connection closed after {bar.n} of {total} bytes")
+
+
 def download_split(split, cache_dir=None, url=None, retries=3, retry_wait=2.0, timeout=60):
     """Download the official jsonl of `split` into cache_dir (once) and return its path. The file appears only
     complete: it is written to a temporary name, its line count checked, then renamed."""
@@ -74,42 +87,6 @@ def download_split(split, cache_dir=None, url=None, retries=3, retry_wait=2.0, t
             time.sleep(retry_wait * attempt)
 
 
-def _fetch(url, out_path, desc, timeout):
-    from tqdm import tqdm
-
-    with urllib.request.urlopen(url, timeout=timeout) as response, open(out_path, "wb") as f:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr) as bar:
-            while chunk := response.read(1 << 16):
-                f.write(chunk)
-                bar.update(len(chunk))
-        if total is not None and bar.n != total:
-            raise OSError(f"connection closed after {bar.n} of {total} bytes")
-
-
-def load_examples(split="val", data_file=None, cache_dir=None, limit=None, hub=False):
-    """
-    Validated examples, in file order: dicts with ctx, endings (4 str), label (0-3, None when unlabeled), index
-    (0-based position) and the optional fields the data has. data_file reads any jsonl in the official schema;
-    hub=True reads the Hugging Face copy (Rowan/hellaswag) through `datasets` instead of the official files.
-    """
-    if data_file is not None:
-        records = _read_jsonl(data_file)
-    elif hub:
-        records = _read_hub(split)
-    else:
-        data_file = download_split(split, cache_dir)
-        records = _read_jsonl(data_file)
-    examples = []
-    for where, obj in records:
-        if limit is not None and len(examples) >= limit:
-            break
-        examples.append(validate_record(obj, where, index=len(examples)))
-    if not examples:
-        raise UserError(f"{data_file or HUB_DATASET}: no examples")
-    return examples
-
-
 def _read_jsonl(path):
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -136,6 +113,16 @@ def _read_hub(split):
                         f"{str(e).splitlines()[0] if str(e) else ''}); use the official files instead") from None
     for n, obj in enumerate(data):
         yield f"{HUB_DATASET} {hub_split}, row {n}", obj
+
+
+def _parse_label(label, bad):
+    if label is None or label == "":  # the test split has no labels ("" in the hub copy)
+        return None
+    if isinstance(label, str) and label.strip().isdigit():  # the hub copy stores "0".."3"
+        label = int(label)
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label <= 3:
+        raise bad("label", f"expected an integer 0-3, found {label!r}")
+    return label
 
 
 def validate_record(obj, where, index):
@@ -171,14 +158,27 @@ def validate_record(obj, where, index):
     return example
 
 
-def _parse_label(label, bad):
-    if label is None or label == "":  # the test split has no labels ("" in the hub copy)
-        return None
-    if isinstance(label, str) and label.strip().isdigit():  # the hub copy stores "0".."3"
-        label = int(label)
-    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label <= 3:
-        raise bad("label", f"expected an integer 0-3, found {label!r}")
-    return label
+def load_examples(split="val", data_file=None, cache_dir=None, limit=None, hub=False):
+    """
+    Validated examples, in file order: dicts with ctx, endings (4 str), label (0-3, None when unlabeled), index
+    (0-based position) and the optional fields the data has. data_file reads any jsonl in the official schema;
+    hub=True reads the Hugging Face copy (Rowan/hellaswag) through `datasets` instead of the official files.
+    """
+    if data_file is not None:
+        records = _read_jsonl(data_file)
+    elif hub:
+        records = _read_hub(split)
+    else:
+        data_file = download_split(split, cache_dir)
+        records = _read_jsonl(data_file)
+    examples = []
+    for where, obj in records:
+        if limit is not None and len(examples) >= limit:
+            break
+        examples.append(validate_record(obj, where, index=len(examples)))
+    if not examples:
+        raise UserError(f"{data_file or HUB_DATASET}: no examples")
+    return examples
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -298,7 +298,6 @@ def _shared_context_batch(encoded, pad_token):
     shortest, each right-padded to its own longest: an example's 4 endings differ a lot in length, and padding
     them all to the batch's longest would waste most of the ending pass.
     """
-    B = len(encoded)
     Tc = max(len(context) for context, _ in encoded)
     ctx_idx = _as_long([[pad_token] * (Tc - len(c)) + c for c, _ in encoded])  # (B, Tc)
     ctx_mask = _as_long([[0] * (Tc - len(c)) + [1] * len(c) for c, _ in encoded])
@@ -407,6 +406,24 @@ def _pad_token(model, tokenizer):
     return 0  # padding is masked: any valid id does
 
 
+def source_name(source_id):
+    """'activitynet~v_-JhWjGDPHMY' -> 'ActivityNet', 'wikihow~...' -> 'WikiHow'."""
+    prefix = source_id.split("~")[0]
+    return {"activitynet": "ActivityNet", "wikihow": "WikiHow"}.get(prefix.lower(), prefix)
+
+
+def _prediction(example, pred, pred_norm, sum_logprobs, norm_scores):
+    record = {"index": example["index"], "label": example["label"], "pred": int(pred), "pred_norm": int(pred_norm),
+              "sum_logprobs": [round(x, 6) for x in sum_logprobs.tolist()],
+              "norm_scores": [round(x, 6) for x in norm_scores.tolist()]}
+    for field in ("ind", "split_type", "activity_label"):
+        if field in example:
+            record[field] = example[field]
+    if "source_id" in example:
+        record["source"] = source_name(example["source_id"])
+    return record
+
+
 def evaluate(model, examples, *, tokenizer=None, style="completion", batch_size=32, device=None, dtype="float32",
              return_predictions=False):
     """
@@ -465,24 +482,6 @@ def evaluate(model, examples, *, tokenizer=None, style="completion", batch_size=
     return result
 
 
-def _prediction(example, pred, pred_norm, sum_logprobs, norm_scores):
-    record = {"index": example["index"], "label": example["label"], "pred": int(pred), "pred_norm": int(pred_norm),
-              "sum_logprobs": [round(x, 6) for x in sum_logprobs.tolist()],
-              "norm_scores": [round(x, 6) for x in norm_scores.tolist()]}
-    for field in ("ind", "split_type", "activity_label"):
-        if field in example:
-            record[field] = example[field]
-    if "source_id" in example:
-        record["source"] = source_name(example["source_id"])
-    return record
-
-
-def source_name(source_id):
-    """'activitynet~v_-JhWjGDPHMY' -> 'ActivityNet', 'wikihow~...' -> 'WikiHow'."""
-    prefix = source_id.split("~")[0]
-    return {"activitynet": "ActivityNet", "wikihow": "WikiHow"}.get(prefix.lower(), prefix)
-
-
 # -----------------------------------------------------------------------------------------------------------------
 # analysis: accuracy by group, paired comparison of two prediction files
 
@@ -529,8 +528,9 @@ def paired_difference(correct_a, correct_b):
 def read_predictions(path):
     records = []
     for where, obj in _read_jsonl(path):
-        missing = [k for k in ("index", "label", "pred", "pred_norm") if not isinstance(obj.get(k), int)]
-        if not isinstance(obj, dict) or missing:
+        missing = [k for k in ("index", "label", "pred", "pred_norm")
+                   if not isinstance(obj, dict) or not isinstance(obj.get(k), int)]
+        if missing:
             raise UserError(f"{where}: not a prediction line of hellaswag.py (missing or non-integer {missing})")
         records.append(obj)
     if not records:
@@ -580,21 +580,6 @@ def format_comparison(comparison, name_a, name_b, max_groups=12):
 # command line
 
 
-def load_model(source):
-    """-> (model, tokenizer): this project's GPT for anything GPT.from_pretrained takes (tokenizer None), else a
-    transformers causal LM with its tokenizer."""
-    model_type = _transformers_model_type(source)
-    if model_type in (None, "gpt2"):
-        return GPT.from_pretrained(source), None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{source}: could not load a '{model_type}' causal LM with transformers ({first_line})") from None
-
-
 def _transformers_model_type(source):
     """The model_type of a transformers model directory or hub name, None for anything else."""
     config_path = os.path.join(source, "config.json")
@@ -611,6 +596,21 @@ def _transformers_model_type(source):
         return AutoConfig.from_pretrained(source).model_type
     except Exception:  # offline or unknown: GPT.from_pretrained gives the clear error
         return None
+
+
+def load_model(source):
+    """-> (model, tokenizer): this project's GPT for anything GPT.from_pretrained takes (tokenizer None), else a
+    transformers causal LM with its tokenizer."""
+    model_type = _transformers_model_type(source)
+    if model_type in (None, "gpt2"):
+        return GPT.from_pretrained(source), None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{source}: could not load a '{model_type}' causal LM with transformers ({first_line})") from None
 
 
 def parse_args(argv=None):

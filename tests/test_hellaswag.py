@@ -294,9 +294,14 @@ def test_evaluate_restores_train_mode(training):
 
 
 def test_long_contexts_are_cut_from_the_left():
+    torch.manual_seed(0)
     model = GPT(GPTConfig(**{**TINY, "block_size": 16})).eval()
     example = {"index": 0, "ctx": "word " * 40 + "end", "endings": ["one.", "two.", "three.", "four."], "label": 0}
-    assert evaluate(model, [example])["n"] == 1
+    context, endings = encode_example(example, gpt2_encoding().encode_ordinary)
+    kept = context[-(16 - max(map(len, endings))):]
+    result = evaluate(model, [example], return_predictions=True)
+    expected = reference_scores(model, [(kept, endings)])[0]
+    assert result["predictions"][0]["sum_logprobs"] == pytest.approx(expected.tolist(), abs=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -362,3 +367,42 @@ def test_a_transformers_model_needs_its_tokenizer(tiny_hf_gpt2):
 
 def test_module_has_no_import_side_effects():
     assert not hasattr(hellaswag, "enc") and "gpt2_encoding" not in vars(hellaswag)
+
+
+def test_fit_to_length_cuts_the_context_from_the_left():
+    context, endings = [1, 2, 3, 4, 5, 6], [[7, 8], [9], [10, 11, 12], [13]]
+    assert hellaswag.fit_to_length(context, endings, 7) == ([3, 4, 5, 6], endings)
+    assert hellaswag.fit_to_length(context, endings, 100) == (context, endings)
+    with pytest.raises(UserError, match="does not fit"):
+        hellaswag.fit_to_length(context, endings, 3)
+
+
+def test_no_examples_on_this_rank_gives_zero_counts():
+    assert evaluate(tiny_gpt(), [])["n"] == 0
+
+
+def test_lm_eval_style_equals_the_harness_loglikelihoods(tiny_hf_gpt2):
+    """With lm-evaluation-harness installed: its HFLM scores the same continuations to the same log-likelihoods."""
+    pytest.importorskip("lm_eval.models.huggingface", exc_type=ImportError)
+    import numpy as np
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from tokenizer import gpt2_hf_tokenizer
+
+    gpt2_hf_tokenizer().save_pretrained(tiny_hf_gpt2)
+    utils = _harness_utils()
+    import datasets
+
+    with open(FIXTURE) as f:
+        docs = list(utils.process_docs(datasets.Dataset.from_list([json.loads(line) for line in f])))
+    requests = [Instance(request_type="loglikelihood", doc=doc, arguments=(doc["query"], " " + choice), idx=j)
+                for doc in docs for j, choice in enumerate(doc["choices"])]
+    harness = HFLM(pretrained=tiny_hf_gpt2, batch_size=4, device="cpu", dtype="float32")
+    lls = np.array([ll for ll, _ in harness.loglikelihood(requests)]).reshape(-1, 4)
+    chars = np.array([[len(choice) for choice in doc["choices"]] for doc in docs], dtype=float)
+    ours = evaluate(GPT.from_pretrained(tiny_hf_gpt2), load_examples(data_file=FIXTURE), style="lm-eval",
+                    return_predictions=True)["predictions"]
+    assert np.abs(np.array([p["sum_logprobs"] for p in ours]) - lls).max() < 1e-4
+    assert [p["pred"] for p in ours] == lls.argmax(1).tolist()
+    assert [p["pred_norm"] for p in ours] == (lls / chars).argmax(1).tolist()
