@@ -233,8 +233,8 @@ def test_one_generate_step(tmp_path, synthetic_dir):
 
 @pytest.mark.slow
 def test_choice_rollouts_learn_the_synthetic_task(tmp_path, synthetic_dir):
-    cfg = tiny_run(tmp_path, synthetic_dir, batch_size=32, minibatch_size=8, micro_batch_size=8, ppo_epochs=4,
-                   max_steps=12, eval_interval=12, eval_limit=100, kl_coef=0.01, vf_coef=0.5)
+    cfg = tiny_run(tmp_path, synthetic_dir, batch_size=32, minibatch_size=16, micro_batch_size=16, ppo_epochs=4,
+                   learning_rate=2e-3, max_steps=20, eval_interval=20, eval_limit=100, kl_coef=0.01, vf_coef=0.5)
     summary = train_ppo.train(cfg)
     metrics = read_metrics(tmp_path)
     start = metrics[0]["eval/acc_norm"]
