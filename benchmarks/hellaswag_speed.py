@@ -4,6 +4,7 @@ at every position) against hellaswag.evaluate (shared context with a KV cache, L
 is predicted, many examples per forward), on a GPT-2-124M-sized model with random weights and real validation text.
 
     python benchmarks/hellaswag_speed.py --limit 200          # CPU, a few minutes on 2 cores
+    python benchmarks/hellaswag_speed.py --limit 200 --threads 1   # steadier on a machine shared with other jobs
     python benchmarks/hellaswag_speed.py --limit 10042 --device cuda --batch-size 128
 
 Random weights are fine for speed; the predictions of the two float32 paths must be identical. Skips (exit 0)
@@ -45,13 +46,15 @@ def naive_predictions(model, examples, device):
 
 
 def timed(fn):
+    """-> (result, wall seconds, CPU seconds of this process). CPU time is the steadier of the two on a shared
+    machine: time spent waiting for another job's threads is not counted."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    t0 = time.time()
+    wall, cpu = time.perf_counter(), time.process_time()
     out = fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return out, time.time() - t0
+    return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
 def cpu_name():
@@ -69,12 +72,16 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--slice", type=int, default=100, help="examples per turn of each method")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip-naive", action="store_true", help="only time evaluate (e.g. the full set on a GPU)")
     args = parser.parse_args()
     if not os.path.isfile(args.data):
         print(f"skipping: {args.data} not found (the real HellaSwag text lives outside the project)")
         return
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     examples = load_examples(data_file=args.data, limit=args.limit)
     torch.manual_seed(args.seed)
@@ -86,30 +93,45 @@ def main():
     evaluate(model, warmup, batch_size=args.batch_size)
     evaluate(model, warmup, batch_size=args.batch_size, dtype="bfloat16")
 
-    rows = []  # (name, examples/s, acc, acc_norm, predictions)
+    # methods take turns on slices of the data, so that a load change on a shared machine hits them all alike
+    methods = {} if args.skip_naive else {"one forward per example, float32": lambda exs: naive_predictions(
+        model, exs, device)}
+    for dtype in ("float32", "bfloat16"):
+        methods[f"evaluate, batch {args.batch_size}, {dtype}"] = lambda exs, dtype=dtype: _evaluate_predictions(
+            model, exs, args.batch_size, dtype)
     if not args.skip_naive:
         naive_predictions(model, warmup, device)
-        (preds, preds_norm), seconds = timed(lambda: naive_predictions(model, examples, device))
-        rows.append(("one forward per example, fp32", len(examples) / seconds, preds, preds_norm))
-    for dtype in ("float32", "bfloat16"):
-        result, seconds = timed(lambda: evaluate(model, examples, batch_size=args.batch_size, dtype=dtype,
-                                                 return_predictions=True))
-        ps = result["predictions"]
-        rows.append((f"evaluate, batch {args.batch_size}, {dtype}", len(examples) / seconds,
-                     [p["pred"] for p in ps], [p["pred_norm"] for p in ps]))
+    totals = {name: [0.0, 0.0, [], []] for name in methods}  # wall, cpu, preds, preds_norm
+    for start in range(0, len(examples), args.slice):
+        for name, method in methods.items():
+            (preds, preds_norm), wall, cpu = timed(lambda: method(examples[start:start + args.slice]))
+            total = totals[name]
+            total[0] += wall
+            total[1] += cpu
+            total[2] += preds
+            total[3] += preds_norm
 
     labels = [ex["label"] for ex in examples]
-    base_name, base_speed, base_preds, base_norm = rows[0]
-    print(f"\n| {'method':<34} | {'examples/s':>10} | {'speedup':>7} | {'acc':>6} | {'acc_norm':>8} | "
-          f"{'predictions changed vs ' + base_name.split(',')[0]:<40} |")
-    print(f"|{'-' * 36}|{'-' * 12}|{'-' * 9}|{'-' * 8}|{'-' * 10}|{'-' * 42}|")
-    for name, speed, preds, preds_norm in rows:
+    base_name = next(iter(totals))
+    base_wall, base_cpu, base_preds, base_norm = totals[base_name]
+    header = (f"| {'method':<34} | {'examples/s':>10} | {'speedup':>7} | {'per CPU-s':>9} | {'speedup':>7} | "
+              f"{'acc':>6} | {'acc_norm':>8} | {'predictions changed (acc, acc_norm)':<36} |")
+    print("\n" + header)
+    print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
+    for name, (wall, cpu, preds, preds_norm) in totals.items():
         acc = sum(p == y for p, y in zip(preds, labels)) / len(labels)
         acc_norm = sum(p == y for p, y in zip(preds_norm, labels)) / len(labels)
         changed = sum(a != b for a, b in zip(preds, base_preds))
         changed_norm = sum(a != b for a, b in zip(preds_norm, base_norm))
-        print(f"| {name:<34} | {speed:>10.2f} | {speed / base_speed:>6.2f}x | {acc:>6.4f} | {acc_norm:>8.4f} | "
-              f"{f'{changed} (acc), {changed_norm} (acc_norm)':<40} |")
+        print(f"| {name:<34} | {len(labels) / wall:>10.2f} | {base_wall / wall:>6.2f}x | {len(labels) / cpu:>9.2f} | "
+              f"{base_cpu / cpu:>6.2f}x | {acc:>6.4f} | {acc_norm:>8.4f} | {f'{changed}, {changed_norm}':<36} |")
+    print(f"(changes counted against '{base_name}'; examples/s is wall-clock, per CPU-s is per second of this "
+          "process's CPU time)")
+
+
+def _evaluate_predictions(model, examples, batch_size, dtype):
+    predictions = evaluate(model, examples, batch_size=batch_size, dtype=dtype, return_predictions=True)["predictions"]
+    return [p["pred"] for p in predictions], [p["pred_norm"] for p in predictions]
 
 
 if __name__ == "__main__":
