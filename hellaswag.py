@@ -259,12 +259,17 @@ def pad_choices(encoded, pad_token=EOT_TOKEN):
 
 def choice_logprobs(logits, idx, target_mask):
     """
-    logits (4N, T, V) of the rows of pad_choices -> sum of the ending tokens' log-probs (N, 4) and their number
-    (N, 4), float32 and differentiable. The acc_norm score of completion style is sum / n.
+    Logits of the rows of pad_choices -> sum of the ending tokens' log-probs (N, 4) and their number (N, 4), float32
+    and differentiable. The acc_norm score of completion style is sum / n. logits are (4N, T, V), or (K, V) at just
+    the K positions where target_mask is 1 (GPT's logits_at=target_mask.bool(), which skips most of the LM head).
     """
-    logp = logprobs_from_logits(logits[:, :-1], idx[:, 1:])  # (4N, T-1): log p of each next token
-    mask = target_mask[:, :-1].float()
-    return (logp * mask).sum(1).view(-1, 4), mask.sum(1).view(-1, 4)
+    mask = target_mask.bool()
+    if logits.dim() == 3:
+        logits = logits[mask]
+    next_tokens = torch.roll(idx, -1, dims=1)[mask]  # position t predicts token t + 1
+    token_logprobs = torch.zeros(mask.shape, device=logits.device).masked_scatter(
+        mask, logprobs_from_logits(logits, next_tokens))
+    return token_logprobs.sum(1).view(-1, 4), mask.sum(1).float().view(-1, 4)
 
 
 # -----------------------------------------------------------------------------------------------------------------

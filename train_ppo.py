@@ -348,19 +348,16 @@ def choice_forward(model, encoded, choice_temperature, device):
     Score the 4 endings of each encoded example as the HellaSwag scorer does (mean log-prob per ending token) and
     turn them into the policy over endings. -> log-probs (N, 4), values (N,), all float32.
     """
-    from hellaswag import pad_choices
+    from hellaswag import choice_logprobs, pad_choices
 
     idx, attention_mask, target_mask = (t.to(device) for t in pad_choices(encoded))
-    target_mask = target_mask.bool()
-    logits, values = model(idx, attention_mask, logits_at=target_mask)  # logits (K, V) at ending positions only
-    next_tokens = torch.roll(idx, -1, dims=1)[target_mask]
-    token_logprobs = torch.zeros(target_mask.shape, device=device).masked_scatter(
-        target_mask, logprobs_from_logits(logits, next_tokens))
-    scores = token_logprobs.sum(1) / target_mask.sum(1)  # (4N,) mean log-prob per ending token
-    choice_logprobs = F.log_softmax(scores.view(-1, 4) / choice_temperature, dim=-1)
+    logits, values = model(idx, attention_mask, logits_at=target_mask.bool())  # logits (K, V) at ending positions
+    sum_logprobs, n_tokens = choice_logprobs(logits, idx, target_mask)
+    scores = sum_logprobs / n_tokens  # (N, 4) mean log-prob per ending token
+    policy_logprobs = F.log_softmax(scores / choice_temperature, dim=-1)
     last_context = torch.tensor([len(context) - 1 for context, _ in encoded], device=device)
     context_values = values.view(-1, 4, values.size(1))[:, 0].gather(1, last_context[:, None]).squeeze(1)
-    return choice_logprobs, context_values
+    return policy_logprobs, context_values
 
 
 def sequence_forward(model, prompts, prompt_mask, responses, response_mask, temperature):

@@ -343,3 +343,25 @@ def test_torchrun_two_processes_agree(tmp_path, synthetic_dir):
     single = evaluate(model, load_examples(data_file=os.path.join(synthetic_dir, "val.jsonl"))[:21])
     assert single["acc_norm"] == pytest.approx(eval0["eval/acc_norm"])
     assert read_metrics(tmp_path)[-1]["step"] == 2
+
+
+def test_choice_policy_scores_endings_like_the_evaluator(tmp_path):
+    from hellaswag import encode_example, evaluate, load_examples
+    from model import GPT, GPTConfig
+    from tokenizer import gpt2_encoding
+
+    synthetic.write_jsonl(tmp_path / "val.jsonl", synthetic.make_examples(12, seed=3, split="val"))
+    examples = load_examples(data_file=str(tmp_path / "val.jsonl"))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)).eval()
+    torch.nn.init.normal_(model.value_head.weight)
+    encoded = [encode_example(ex, gpt2_encoding().encode_ordinary) for ex in examples]
+    with torch.no_grad():
+        policy_logprobs, values = train_ppo.choice_forward(model, encoded, choice_temperature=0.5, device="cpu")
+        result = evaluate(model, examples, return_predictions=True)
+    norm_scores = torch.tensor([p["norm_scores"] for p in result["predictions"]])
+    assert torch.allclose(policy_logprobs, torch.log_softmax(norm_scores / 0.5, -1), atol=1e-4)
+    context, _ = encoded[5]
+    with torch.no_grad():
+        alone = model(torch.tensor([context]))[1][0, -1]  # the value at the context's last token
+    assert values[5].item() == pytest.approx(alone.item(), abs=1e-5)
