@@ -150,7 +150,7 @@ class GPT(nn.Module):
         """
         B, T = idx.size()
         past_len = 0 if past_kv is None else past_kv[0][0].size(2)
-        if past_len + T > self.config.block_size:
+        if attention_mask is None and past_len + T > self.config.block_size:
             raise ValueError(f"sequence of {past_len + T} tokens is longer than block_size {self.config.block_size}")
         if attention_mask is None and past_kv is None:
             attn_mask = None  # plain causal attention
@@ -161,6 +161,10 @@ class GPT(nn.Module):
             assert attention_mask.shape == (B, past_len + T), "attention_mask must cover past and current tokens"
             keep = attention_mask.bool()
             pos = (keep.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]  # (B, T)
+            # padding takes no position, so only a padded batch longer than the window needs the (syncing) check
+            if past_len + T > self.config.block_size and pos.max().item() >= self.config.block_size:
+                raise ValueError(f"a row of {pos.max().item() + 1} tokens is longer than block_size "
+                                 f"{self.config.block_size}")
             q_pos = torch.arange(past_len, past_len + T, device=idx.device).view(T, 1)
             k_pos = torch.arange(past_len + T, device=idx.device).view(1, past_len + T)
             attn_mask = (k_pos <= q_pos) & keep[:, None, None, :]  # (B, 1, T, T_past + T) causal and not padding

@@ -70,6 +70,21 @@ def test_padded_row_equals_row_alone(side):
     assert torch.isfinite(logits).all()  # padding queries must not produce NaN
 
 
+def test_padding_does_not_count_against_the_window():
+    model = tiny_gpt()  # block_size 64
+    idx = torch.randint(0, 50257, (2, 70))
+    mask = torch.ones_like(idx)
+    mask[0, :10] = 0  # 60 real tokens: fits although the padded batch is 70 wide
+    mask[1, :5] = 0  # 65 real tokens: too long
+    with pytest.raises(ValueError, match="row of 65 tokens is longer than block_size 64"):
+        model(idx, mask)
+    mask[1, :10] = 0
+    logits, _ = model(idx, mask)
+    assert (logits[0, 10:] - model(idx[:1, 10:])[0][0]).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="longer than block_size"):
+        model(idx)
+
+
 def left_padded_prompts():
     g = torch.Generator().manual_seed(3)
     idx = torch.randint(0, 50257, (3, 9), generator=g)
