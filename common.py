@@ -4,6 +4,7 @@ writes, and picking a device / autocast dtype.
 """
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -66,3 +67,25 @@ def autocast(device, dtype):
         return contextlib.nullcontext()
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def read_jsonl(path):
+    """Yield (where, object) for each non-blank line of a JSON-lines file, where = "PATH, line N". A missing,
+    unreadable or malformed file is a UserError that names the file and line."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+                yield f"{path}, line {n}", obj
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None

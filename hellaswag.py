@@ -26,7 +26,7 @@ import urllib.request
 
 import torch
 
-from common import UserError, atomic_path, atomic_write_text, autocast, resolve_device, run_cli
+from common import UserError, atomic_path, atomic_write_text, autocast, read_jsonl, resolve_device, run_cli
 from model import GPT, logprobs_from_logits
 from tokenizer import EOT_TOKEN
 
@@ -85,21 +85,6 @@ def download_split(split, cache_dir=None, url=None, retries=3, retry_wait=2.0, t
                                 f"put hellaswag_{split}.jsonl in {os.path.dirname(path)} or pass --data FILE") from None
             print(f"download failed ({e}), retrying in {retry_wait * attempt:.0f}s", file=sys.stderr)
             time.sleep(retry_wait * attempt)
-
-
-def _read_jsonl(path):
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-            yield f"{path}, line {n}", obj
 
 
 def _read_hub(split):
@@ -165,12 +150,12 @@ def load_examples(split="val", data_file=None, cache_dir=None, limit=None, hub=F
     hub=True reads the Hugging Face copy (Rowan/hellaswag) through `datasets` instead of the official files.
     """
     if data_file is not None:
-        records = _read_jsonl(data_file)
+        records = read_jsonl(data_file)
     elif hub:
         records = _read_hub(split)
     else:
         data_file = download_split(split, cache_dir)
-        records = _read_jsonl(data_file)
+        records = read_jsonl(data_file)
     examples = []
     for where, obj in records:
         if limit is not None and len(examples) >= limit:
@@ -532,7 +517,7 @@ def paired_difference(correct_a, correct_b):
 
 def read_predictions(path):
     records = []
-    for where, obj in _read_jsonl(path):
+    for where, obj in read_jsonl(path):
         missing = [k for k in ("index", "label", "pred", "pred_norm")
                    if not isinstance(obj, dict) or not isinstance(obj.get(k), int)]
         if missing:

@@ -174,7 +174,8 @@ class GPT(nn.Module):
         present = []
         for i, block in enumerate(self.transformer.h):
             x, kv = block(x, attn_mask, None if past_kv is None else past_kv[i])
-            present.append(kv)
+            if use_cache:
+                present.append(kv)
         x = self.transformer.ln_f(x)
         return (x, present) if use_cache else x
 

@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from common import UserError, atomic_torch_save, atomic_write_text, resolve_device, run_cli
+from common import UserError, atomic_torch_save, atomic_write_text, read_jsonl, resolve_device, run_cli
 from model import logprobs_from_logits
 
 DEFAULT_REWARD_MODEL = "EleutherAI/gpt-neo-2.7B"  # the seed project's judge: GPT-2's vocabulary, ~5.4 GB in bf16
@@ -516,36 +516,24 @@ class LabelReward:
 # CLI
 
 def read_pairs(path):
-    """-> contexts, continuations, line numbers from a jsonl file of {"context": str, "continuation": str}."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
-    contexts, continuations, line_numbers = [], [], []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    """-> contexts, continuations, and where each pair is ("PATH, line N") from a jsonl file of
+    {"context": str, "continuation": str}."""
+    contexts, continuations, wheres = [], [], []
+    for where, obj in read_jsonl(path):
         if not isinstance(obj, dict):
-            raise UserError(f'{path}:{number}: expected an object {{"context": ..., "continuation": ...}}')
+            raise UserError(f'{where}: expected an object {{"context": ..., "continuation": ...}}')
         for key in ("context", "continuation"):
             if not isinstance(obj.get(key), str):
                 problem = "missing" if key not in obj else f"not a string ({type(obj[key]).__name__})"
-                raise UserError(f"{path}:{number}: '{key}' {problem}")
+                raise UserError(f"{where}: '{key}' {problem}")
         if not obj["continuation"]:
-            raise UserError(f"{path}:{number}: empty continuation; there is nothing to score")
+            raise UserError(f"{where}: empty continuation; there is nothing to score")
         contexts.append(obj["context"])
         continuations.append(obj["continuation"])
-        line_numbers.append(number)
+        wheres.append(where)
     if not contexts:
         raise UserError(f"{path}: no pairs to score")
-    return contexts, continuations, line_numbers
+    return contexts, continuations, wheres
 
 
 def main(argv=None):
@@ -561,13 +549,13 @@ def main(argv=None):
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {args.batch_size}")
 
-    contexts, continuations, line_numbers = read_pairs(args.input)
+    contexts, continuations, wheres = read_pairs(args.input)
     t0 = time.time()
     reward_model = RewardModel(args.model, device=args.device, dtype=args.dtype)
     try:
         scores = reward_model.score(contexts, continuations, batch_size=args.batch_size)
     except PairError as e:
-        raise UserError(f"{args.input}:{line_numbers[e.index]}: {e.problem}") from None
+        raise UserError(f"{wheres[e.index]}: {e.problem}") from None
     lines = []
     for i in range(len(contexts)):
         lines.append(json.dumps({"sum_logprob": scores["sum_logprob"][i].item(),

@@ -363,11 +363,11 @@ def test_cli_writes_scores_in_input_order(neo, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("lines, message", [
-    (['{"context": "a", "continuation": " b"}', '{"context": "a", "continuation": " b"'], ":2: not valid JSON"),
-    (['{"context": "a"}'], ":1: 'continuation' missing"),
-    (['{"context": 3, "continuation": " b"}'], ":1: 'context' not a string"),
-    (['', '{"context": "a", "continuation": ""}'], ":2: empty continuation"),
-    (['[1, 2]'], ":1: expected an object"),
+    (['{"context": "a", "continuation": " b"}', '{"context": "a", "continuation": " b"'], ", line 2: not valid JSON"),
+    (['{"context": "a"}'], ", line 1: 'continuation' missing"),
+    (['{"context": 3, "continuation": " b"}'], ", line 1: 'context' not a string"),
+    (['', '{"context": "a", "continuation": ""}'], ", line 2: empty continuation"),
+    (['[1, 2]'], ", line 1: expected an object"),
 ])
 def test_cli_bad_input_names_file_and_line(tmp_path, lines, message):
     from reward import read_pairs
@@ -381,7 +381,7 @@ def test_cli_bad_input_names_file_and_line(tmp_path, lines, message):
 def test_cli_pair_that_cannot_fit_names_its_line(neo, tmp_path):
     src = write_jsonl(tmp_path / "pairs.jsonl", [{"context": "a", "continuation": " b"},
                                                  {"context": "a", "continuation": " roof" * 80}])
-    with pytest.raises(UserError, match=r"pairs.jsonl:2: the continuation alone \(80 tokens\) does not fit"):
+    with pytest.raises(UserError, match=r"pairs.jsonl, line 2: the continuation alone \(80 tokens\) does not fit"):
         main(["--model", neo.source, "--input", src])
 
 
@@ -390,5 +390,4 @@ def test_cli_process_exits_with_one_line(tmp_path):
                              str(tmp_path / "none.jsonl")], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'none.jsonl'}: cannot read "
-                                                  "(No such file or directory)"]
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'none.jsonl'}: no such file"]
