@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import signal
 import sys
@@ -70,11 +71,13 @@ class Config:
     rollout: str = "choice"  # choice | generate
     batch_size: int = 64  # rollouts per rank per step
     choice_temperature: float = 1.0  # softmax temperature over the 4 endings' scores (choice rollouts)
-    max_prompt_tokens: int = 128  # generate: contexts are truncated from the left to this many tokens
+    max_prompt_tokens: int = 128  # generate: the policy's prompt is the context's last tokens (the reward sees it all)
     max_new_tokens: int = 24  # generate
     temperature: float = 1.0  # generate: sampling temperature, also applied to the log-probs PPO optimises
-    top_k: int = 0  # generate: 0 = off
-    top_p: float = 1.0  # generate: 1.0 = off
+    # generate: top-k / top-p sample from a truncated distribution while PPO and the KL use the full one (slightly
+    # off-policy); leave them off unless samples degenerate
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
     stop_at_sentence_end: bool = True  # generate: stop at ".", "!", "?" or a newline as well as <|endoftext|>
     no_stop_penalty: float = 1.0  # generate: subtracted from the score of a sample that never stopped
     # reward
@@ -147,6 +150,8 @@ def read_config_file(path):
             tree = ast.parse(f.read(), filename=path)
     except OSError as e:
         raise UserError(f"{path}: cannot read config file ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: config file is not UTF-8 text") from None
     except SyntaxError as e:
         raise UserError(f"{path}:{e.lineno}: syntax error in config file") from None
     for node in tree.body:
@@ -156,7 +161,7 @@ def read_config_file(path):
             raise UserError(f"{path}:{node.lineno}: config files hold only `name = value` lines")
         try:
             value = ast.literal_eval(node.value)
-        except ValueError:
+        except (ValueError, TypeError, MemoryError, RecursionError):
             raise UserError(f"{path}:{node.lineno}: the value of {node.targets[0].id} must be a literal "
                             "(number, string, True/False/None)") from None
         yield node.targets[0].id, value, f"{path}:{node.lineno}"
@@ -166,6 +171,8 @@ def parse_override(arg):
     key, sep, text = arg[2:].partition("=")
     if not sep or not key:
         raise UserError(f"{arg}: command-line overrides are written --key=value")
+    if typing.get_type_hints(Config).get(key) is str:
+        return key, text  # --out_dir=1e3 is the folder "1e3"
     lowered = text.lower()
     if lowered in ("true", "false"):
         return key, lowered == "true"
@@ -173,9 +180,9 @@ def parse_override(arg):
         return key, None
     try:
         value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return key, text  # a bare string
-    return key, value if isinstance(value, (int, float, bool)) else text
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return key, text  # not a literal: check_value reports the type
+    return key, value
 
 
 def check_value(key, value, where):
@@ -183,10 +190,10 @@ def check_value(key, value, where):
     expected = typing.get_type_hints(Config)[key]
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool) and where.startswith("--"):
-        value = str(value)  # --out_dir=123 is a string
     if type(value) is not expected:
         raise UserError(f"{where}: {key} must be {expected.__name__}, got {value!r}")
+    if expected is float and not math.isfinite(value):
+        raise UserError(f"{where}: {key} must be a finite number, got {value!r}")
     if key in CHOICES and value not in CHOICES[key]:
         raise UserError(f"{where}: {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
     return value
@@ -205,9 +212,22 @@ def load_config(argv):
                 raise UserError(f"{where}: unknown config key {key!r}{hint}")
             values[key] = check_value(key, value, where)
     cfg = Config(**values)
-    for name in ("batch_size", "minibatch_size", "micro_batch_size", "ppo_epochs", "max_new_tokens", "keep_last"):
+    for name in ("batch_size", "minibatch_size", "micro_batch_size", "ppo_epochs", "max_new_tokens", "keep_last",
+                 "max_prompt_tokens", "log_interval", "checkpoint_interval", "eval_batch_size", "reward_batch_size",
+                 "max_bad_steps", "kl_horizon"):
         if getattr(cfg, name) < 1:
             raise UserError(f"config: {name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("choice_temperature", "temperature", "teacher_temperature", "clip_coef", "kl_target", "top_p"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"config: {name} must be positive, got {getattr(cfg, name)}")
+    for name in ("learning_rate", "min_lr", "weight_decay", "kl_coef", "vf_coef", "vf_clip_coef", "ent_coef",
+                 "grad_clip", "target_kl", "reward_clip", "no_stop_penalty", "top_k", "seed", "max_steps",
+                 "warmup_steps", "lr_decay_steps", "eval_interval", "eval_limit", "sample_interval"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"config: {name} must not be negative, got {getattr(cfg, name)}")
+    for name in ("gamma", "gae_lambda", "top_p", "beta1", "beta2"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise UserError(f"config: {name} must be in [0, 1], got {getattr(cfg, name)}")
     if cfg.batch_size % cfg.minibatch_size or cfg.minibatch_size % cfg.micro_batch_size:
         raise UserError(f"config: batch_size ({cfg.batch_size}) must be a multiple of minibatch_size "
                         f"({cfg.minibatch_size}), and that of micro_batch_size ({cfg.micro_batch_size})")
@@ -228,6 +248,8 @@ def all_reduce_sum(*tensors):
     """Sum float tensors across ranks (no-op without torch.distributed)."""
     stacked = torch.stack([t.float().reshape(()) for t in tensors])
     if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+            stacked = stacked.to(torch.device("cuda", torch.cuda.current_device()))
         dist.all_reduce(stacked)
     return stacked.unbind(0)
 
@@ -423,16 +445,14 @@ def gather_rng_states(sample_generator, shuffle_generator, world_size):
 
 def save_checkpoint(out_dir, step, raw_model, optimizer, scaler, state, cfg, keep_last, best):
     """ckpt_<step>.pt written atomically; older step checkpoints beyond keep_last removed; best.pt linked."""
-    if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
-        raise RuntimeError("refusing to write a checkpoint with non-finite weights")
     ckpt = {"format": CHECKPOINT_FORMAT, "model_config": dataclasses.asdict(raw_model.config),
             "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "step": step, "config": dataclasses.asdict(cfg), **state}
     path = os.path.join(out_dir, f"ckpt_{step:06d}.pt")
     atomic_torch_save(ckpt, path)
-    steps = sorted(int(f[5:11]) for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
-    for old in steps[:-keep_last]:
-        os.remove(os.path.join(out_dir, f"ckpt_{old:06d}.pt"))
+    steps = sorted((int(m.group(1)), f) for f in os.listdir(out_dir) if (m := re.fullmatch(r"ckpt_(\d+)\.pt", f)))
+    for _, old in steps[:-keep_last]:
+        os.remove(os.path.join(out_dir, old))
     if best:  # a hard link: the step file can be rotated away, best.pt stays
         tmp = os.path.join(out_dir, ".best.pt.tmp")
         if os.path.exists(tmp):
@@ -443,6 +463,14 @@ def save_checkpoint(out_dir, step, raw_model, optimizer, scaler, state, cfg, kee
             atomic_torch_save(ckpt, tmp)
         os.replace(tmp, os.path.join(out_dir, "best.pt"))
     return path
+
+
+def drop_lines_after(path, step):
+    """Keep the JSON lines of path whose "step" is at most step (rewritten atomically)."""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write_text(path, "".join(kept))
 
 
 def load_examples_from(spec, cache_dir):
@@ -481,6 +509,8 @@ def train(cfg):
     else:
         ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
         device = resolve_device(cfg.device)
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)  # memory stats and synchronize follow the chosen GPU
     master_process = ddp_rank == 0
     device_type = torch.device(device).type
     dtype = cfg.dtype if device_type == "cuda" else "float32"
@@ -584,6 +614,9 @@ def train(cfg):
         else:
             log(f"warning: checkpoint has RNG states of {len(rng)} ranks, this run has {ddp_world_size}; reseeding")
         log(f"resumed from {resume_path} at step {step}")
+        if master_process:  # steps logged after that checkpoint are about to be redone
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                drop_lines_after(os.path.join(cfg.out_dir, name), step)
         del ckpt
 
     def run_eval():
@@ -744,6 +777,8 @@ def train(cfg):
                 if torch.isfinite(grad_norm):  # identical on every rank: the gradients were all-reduced
                     scaler.step(optimizer)
                     bad_steps = 0
+                elif scaler.is_enabled() and scaler.get_scale() > 1.0:
+                    scaler.step(optimizer)  # a float16 overflow: the scaler skips this step and lowers its scale
                 else:
                     bad_steps += 1
                     log(f"warning: step {step}: non-finite loss or gradient ({bad_steps} in a row); update skipped")
@@ -792,14 +827,16 @@ def train(cfg):
             metrics.update(last_eval)
             log(f"step {step} | eval acc {last_eval['eval/acc']:.4f} | acc_norm {last_eval['eval/acc_norm']:.4f}")
         log_metrics(metrics)
-        if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or stop_now:
-            is_best = "eval/acc_norm" in metrics and metrics["eval/acc_norm"] > best_acc_norm
+        is_best = "eval/acc_norm" in metrics and metrics["eval/acc_norm"] > best_acc_norm
+        if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or stop_now or is_best:
             if is_best:
                 best_acc_norm = metrics["eval/acc_norm"]
             state = {"data_position": data_position, "best_acc_norm": best_acc_norm,
                      "kl_controller": kl_controller.state_dict(), "reference_from": reference_from,
                      "reward": reward_fn.state_dict() if hasattr(reward_fn, "state_dict") else None,
                      "rng": gather_rng_states(sample_generator, shuffle_generator, ddp_world_size)}
+            if not all(torch.isfinite(p).all() for p in raw_model.parameters()):  # the same on every rank
+                raise RuntimeError(f"non-finite weights at step {step}; no checkpoint written")
             if master_process:
                 path = save_checkpoint(cfg.out_dir, step, raw_model, optimizer, scaler, state, cfg, cfg.keep_last,
                                        is_best)

@@ -128,6 +128,7 @@ def test_config_files_and_overrides(tmp_path):
     assert cfg.batch_size == 16 and cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
     assert cfg.rollout == "generate" and cfg.compile is False and cfg.top_p == 0.9 and cfg.out_dir == "runs/7"
     assert load_config(["--out_dir=123"]).out_dir == "123"
+    assert load_config(["--out_dir=1e3"]).out_dir == "1e3" and load_config(["--wandb_run_name=0x10"]).wandb_run_name == "0x10"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -139,6 +140,12 @@ def test_config_files_and_overrides(tmp_path):
     (["--rollout=generate"], "takes reward_kind likelihood"),
     (["--batch_size=10", "--minibatch_size=4"], "multiple of minibatch_size"),
     (["missing_config.py"], "missing_config.py: cannot read config file"),
+    (["--rollout=generate", "--reward_kind=likelihood", "--temperature=0"], "temperature must be positive"),
+    (["--choice_temperature=-1"], "choice_temperature must be positive"),
+    (["--checkpoint_interval=0"], "checkpoint_interval must be at least 1"),
+    (["--gae_lambda=1.5"], r"gae_lambda must be in \[0, 1\]"),
+    (["--learning_rate=-1e-5"], "learning_rate must not be negative"),
+    (["--kl_coef=1e999"], "kl_coef must be a finite number"),
 ])
 def test_config_errors_name_the_key(args, message):
     with pytest.raises(UserError, match=message):
@@ -268,6 +275,13 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, synthet
     assert [m["step"] for m in read_metrics(tmp_path / "split")] == [0, 1, 2, 3, 4]
     assert sorted(f for f in os.listdir(tmp_path / "split") if f.startswith("ckpt_")) == \
         ["ckpt_000002.pt", "ckpt_000004.pt"]
+    # as if the run had crashed after logging step 4 (and a step 5) without its checkpoint: resuming from step 2
+    # redoes steps 3 and 4, and the log holds each step once
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 5, "reward": 0.0}) + "\n")
+    os.remove(tmp_path / "split" / "ckpt_000004.pt")
+    train_ppo.train(tiny_run(tmp_path / "split", synthetic_dir, max_steps=4, init_from="resume", **common))
+    assert [m["step"] for m in read_metrics(tmp_path / "split")] == [0, 1, 2, 3, 4]
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, synthetic_dir):
