@@ -435,7 +435,7 @@ def chunked(n, size):
 def gather_rng_states(sample_generator, shuffle_generator, world_size):
     """Every rank's RNG states (rank order), so that a resumed run samples exactly what an uninterrupted one would."""
     state = {"sample": sample_generator.get_state(), "shuffle": shuffle_generator.get_state(),
-             "torch": torch.get_rng_state()}
+             "torch": torch.get_rng_state(), "device_type": sample_generator.device.type}
     if world_size == 1:
         return [state]
     states = [None] * world_size
@@ -602,17 +602,20 @@ def train(cfg):
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         kl_controller.load_state_dict(ckpt["kl_controller"])
+        if kl_controller.value != cfg.kl_coef:
+            log(f"KL coefficient {kl_controller.value:.4g} restored from the checkpoint (config kl_coef {cfg.kl_coef})")
         if hasattr(reward_fn, "load_state_dict") and ckpt.get("reward") is not None:
             reward_fn.load_state_dict(ckpt["reward"])
         step, data_position, best_acc_norm = ckpt["step"], ckpt["data_position"], ckpt["best_acc_norm"]
         rng = ckpt["rng"]
-        if len(rng) == ddp_world_size:
+        if len(rng) == ddp_world_size and rng[ddp_rank].get("device_type") == sample_generator.device.type:
             mine = rng[ddp_rank]
             sample_generator.set_state(mine["sample"])
             shuffle_generator.set_state(mine["shuffle"])
             torch.set_rng_state(mine["torch"])
         else:
-            log(f"warning: checkpoint has RNG states of {len(rng)} ranks, this run has {ddp_world_size}; reseeding")
+            log(f"warning: checkpoint has RNG states of {len(rng)} rank(s) on {rng[0].get('device_type')}, this run "
+                f"has {ddp_world_size} on {sample_generator.device.type}; sampling is reseeded, not continued")
         log(f"resumed from {resume_path} at step {step}")
         if master_process:  # steps logged after that checkpoint are about to be redone
             for name in ("metrics.jsonl", "samples.jsonl"):
