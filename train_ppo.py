@@ -574,6 +574,9 @@ def train(cfg):
     raw_model.to(device).eval()  # eval mode throughout: PPO wants no dropout in rollouts or updates
     log(f"policy: {raw_model.num_params() / 1e6:.2f}M parameters from {reference_from}; device {device}, "
         f"{ddp_world_size} process(es), autocast {dtype}")
+    if cfg.rollout == "generate" and cfg.max_prompt_tokens + cfg.max_new_tokens > raw_model.config.block_size:
+        raise UserError(f"config: max_prompt_tokens + max_new_tokens ({cfg.max_prompt_tokens} + {cfg.max_new_tokens})"
+                        f" exceed the policy's block_size {raw_model.config.block_size}")
     model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[ddp_local_rank] if device_type == "cuda"
                                                       else None) if ddp else raw_model
     train_model = torch.compile(model) if cfg.compile else model
@@ -698,7 +701,6 @@ def train(cfg):
                 old_values = torch.cat(old_values)[:, None]
                 action_mask = torch.ones_like(old_logprobs)
                 n_tokens = sum(4 * len(c) + sum(len(e) for e in es) for c, es in encoded)
-                rollout_inputs = {"encoded": encoded}
             else:
                 prompts = [encode(ex["ctx"])[-cfg.max_prompt_tokens:] for ex in examples]
                 prompt_idx, prompt_mask = (t.to(device) for t in left_pad(prompts, EOT_TOKEN))
@@ -715,8 +717,6 @@ def train(cfg):
                 old_logprobs, old_values, ref_logprobs = (torch.cat(x) for x in (old_logprobs, old_values, ref_logprobs))
                 action_mask = response_mask.float()
                 n_tokens = int(prompt_mask.sum() + response_mask.sum())
-                rollout_inputs = {"prompt_idx": prompt_idx, "prompt_mask": prompt_mask, "responses": responses,
-                                  "response_mask": response_mask}
 
         # ---- reward: the task's score at the last action, minus the KL penalty on every action
         if cfg.rollout == "choice":

@@ -11,7 +11,7 @@ import torch
 import synthetic
 import train_ppo
 from common import UserError
-from train_ppo import (AdaptiveKLController, Config, compute_gae, kl_penalty, load_config, masked_whiten, ppo_losses,
+from train_ppo import (AdaptiveKLController, compute_gae, kl_penalty, load_config, masked_whiten, ppo_losses,
                        read_config_file)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
