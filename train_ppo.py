@@ -71,7 +71,8 @@ class Config:
     rollout: str = "choice"  # choice | generate
     batch_size: int = 64  # rollouts per rank per step
     choice_temperature: float = 1.0  # softmax temperature over the 4 endings' scores (choice rollouts)
-    max_prompt_tokens: int = 128  # generate: the policy's prompt is the context's last tokens (the reward sees it all)
+    max_prompt_tokens: int = 128  # generate: the prompt is the context's last tokens (fewer if the window needs it;
+    # the reward model sees the whole context)
     max_new_tokens: int = 24  # generate
     temperature: float = 1.0  # generate: sampling temperature, also applied to the log-probs PPO optimises
     # generate: top-k / top-p sample from a truncated distribution while PPO and the KL use the full one (slightly
@@ -574,9 +575,10 @@ def train(cfg):
     raw_model.to(device).eval()  # eval mode throughout: PPO wants no dropout in rollouts or updates
     log(f"policy: {raw_model.num_params() / 1e6:.2f}M parameters from {reference_from}; device {device}, "
         f"{ddp_world_size} process(es), autocast {dtype}")
-    if cfg.rollout == "generate" and cfg.max_prompt_tokens + cfg.max_new_tokens > raw_model.config.block_size:
-        raise UserError(f"config: max_prompt_tokens + max_new_tokens ({cfg.max_prompt_tokens} + {cfg.max_new_tokens})"
-                        f" exceed the policy's block_size {raw_model.config.block_size}")
+    prompt_budget = min(cfg.max_prompt_tokens, raw_model.config.block_size - cfg.max_new_tokens)  # fit the window
+    if cfg.rollout == "generate" and prompt_budget < 1:
+        raise UserError(f"config: max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the policy's "
+                        f"block_size {raw_model.config.block_size}")
     model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[ddp_local_rank] if device_type == "cuda"
                                                       else None) if ddp else raw_model
     train_model = torch.compile(model) if cfg.compile else model
@@ -702,7 +704,7 @@ def train(cfg):
                 action_mask = torch.ones_like(old_logprobs)
                 n_tokens = sum(4 * len(c) + sum(len(e) for e in es) for c, es in encoded)
             else:
-                prompts = [encode(ex["ctx"])[-cfg.max_prompt_tokens:] for ex in examples]
+                prompts = [encode(ex["ctx"])[-prompt_budget:] for ex in examples]
                 prompt_idx, prompt_mask = (t.to(device) for t in left_pad(prompts, EOT_TOKEN))
                 responses, response_mask, _ = raw_model.generate(
                     prompt_idx, prompt_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
