@@ -649,7 +649,10 @@ def train(cfg):
     stop_signal = {"received": None}
 
     def on_signal(signum, frame):
+        if stop_signal["received"] is not None:  # a second signal: stop at once, without a checkpoint
+            raise KeyboardInterrupt
         stop_signal["received"] = signum
+        log(f"signal {signum}: finishing this step, then writing a checkpoint (signal again to stop at once)")
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
