@@ -42,6 +42,20 @@ def atomic_path(path):
             os.remove(tmp)
 
 
+def raise_on_every_rank(error):
+    """Under torch.distributed, turn a UserError raised on any rank into the same UserError on every rank, so
+    that an error on one rank never leaves the others waiting in a collective. Call it on every rank with the
+    error caught there (or None); it raises where any rank had one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        messages = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(messages, None if error is None else str(error))
+        first = next((m for m in messages if m is not None), None)
+        if first is not None:
+            raise UserError(first)
+    elif error is not None:
+        raise error
+
+
 def atomic_torch_save(obj, path):
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -54,10 +68,26 @@ def atomic_write_text(path, text):
 
 
 def resolve_device(device="auto"):
+    """"auto" -> cuda, mps or cpu, whichever this machine has; anything else is checked, so that asking for a
+    device the machine lacks is one clear error before any model loads."""
     if device == "auto":
         if torch.cuda.is_available():
             return "cuda"
         return "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"device {device!r}: not a device name; use auto, cpu, cuda, cuda:N or mps") from None
+    if kind.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device!r}: CUDA is not available on this machine; use cpu or auto")
+        if kind.index is not None and kind.index >= torch.cuda.device_count():
+            raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"numbered from 0")
+    elif kind.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {device!r}: MPS is not available on this machine; use cpu or auto")
+    elif kind.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device {device!r}: this project runs on cpu, cuda or mps")
     return device
 
 
