@@ -85,7 +85,7 @@ def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu"):
     right-padded: padding after the real tokens never changes a causal LM's outputs at them, and positions stay
     0, 1, 2, ... without position ids, whatever padding side the tokenizer prefers.
     """
-    sums = torch.zeros(len(rows), dtype=torch.float32)
+    sums = torch.zeros(len(rows), dtype=torch.float32, device=device)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
@@ -98,19 +98,24 @@ def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu"):
             attention_mask[r, :len(ids) - 1] = 1
         # the LM head only over the span of positions that predict scored tokens (sorted rows: a short span)
         first = min(len(rows[i][0]) - 1 - rows[i][1] for i in batch)
-        kwargs = {"logits_to_keep": torch.arange(first, T)} if _keeps_logits(model) else {}
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False,
-                       **kwargs).logits  # (B, T - first, V), or (B, T, V) for a model that cannot skip positions
-        offset = first if kwargs else 0
-        batch_sums = []
+        keep = _keeps_logits(model)
+        kwargs = {"logits_to_keep": torch.arange(first, T)} if keep else {}
+        offset = first if keep else 0
+        # which logits rows score which tokens, built on the host and moved once: logits at position t predict
+        # token t + 1, and row r's scored tokens are its last n
+        span = T - offset
+        flat, targets, owner = [], [], []
         for r, i in enumerate(batch):
             ids, n = rows[i]
-            targets = torch.tensor(ids[-n:], device=logits.device)
-            # logits at position t predict token t + 1; float32 on the n scored positions only
-            batch_sums.append(logprobs_from_logits(logits[r, len(ids) - 1 - n - offset:len(ids) - 1 - offset],
-                                                   targets).sum())
-        sums[batch] = torch.stack(batch_sums).cpu()
-    return sums
+            flat.extend(r * span + t - offset for t in range(len(ids) - 1 - n, len(ids) - 1))
+            targets.extend(ids[-n:])
+            owner.extend([i] * n)
+        flat, targets, owner = (torch.tensor(x).to(device, non_blocking=True) for x in (flat, targets, owner))
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False,
+                       **kwargs).logits  # (B, T - first, V), or (B, T, V) for a model that cannot skip positions
+        scored = logits.reshape(-1, logits.size(-1)).index_select(0, flat)  # float32 on the scored tokens only
+        sums.index_add_(0, owner, logprobs_from_logits(scored, targets))
+    return sums.cpu()
 
 
 def _keeps_logits(model):
@@ -259,7 +264,7 @@ def load_causal_lm(source, device, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if os.path.isfile(source):
-        raise UserError(f"{source}: a file, but reward models load from a transformers directory or a hub name "
+        raise UserError(f"{source}: a file, but transformers models load from a directory or a hub name "
                         "(export a checkpoint of this project with GPT.save_pretrained(DIR) and pass DIR)")
     local = os.path.isdir(source)
     if not local and (source.startswith((".", "/", "~")) or source.count("/") > 1):

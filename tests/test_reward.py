@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from common import UserError
+import reward
 from reward import PairError, RewardModel, main
 from tokenizer import EOT_TOKEN, gpt2_encoding, gpt2_hf_tokenizer
 
@@ -203,6 +204,14 @@ def test_padding_side_and_batch_size_do_not_change_scores(neo):
     torch.testing.assert_close(batched, one_by_one, atol=1e-4, rtol=0)
 
 
+def test_models_without_logits_to_keep_score_the_same(neo, monkeypatch):
+    contexts, continuations = [c for c, _ in PAIRS], [k for _, k in PAIRS]
+    span_only = neo.score(contexts, continuations, batch_size=3)["sum_logprob"]
+    monkeypatch.setattr(reward, "_keeps_logits", lambda model: False)  # the LM head over every position
+    torch.testing.assert_close(neo.score(contexts, continuations, batch_size=3)["sum_logprob"], span_only,
+                               atol=1e-4, rtol=0)
+
+
 def test_boundary_whitespace_belongs_to_the_continuation(neo):
     a = neo.score(["A man is "], ["sitting"])
     b = neo.score(["A man is"], [" sitting"])
@@ -358,7 +367,7 @@ def test_cli_writes_scores_in_input_order(neo, tmp_path, capsys):
         assert r["sum_logprob"] == pytest.approx(expected["sum_logprob"][i].item(), abs=1e-4)
         assert r["n_tokens"] == int(expected["n_tokens"][i])
         assert r["mean_logprob"] == pytest.approx(r["sum_logprob"] / r["n_tokens"], rel=1e-5)
-    main(["--model", neo.source, "--input", src])  # no --output: stdout
+    main(["--model", neo.source, "--input", src, "--batch-size", "2"])  # no --output: stdout
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
 
 
