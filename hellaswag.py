@@ -16,6 +16,7 @@ Two scoring styles, both documented in the README:
 
 import argparse
 import http.client
+import inspect
 import json
 import math
 import os
@@ -25,8 +26,10 @@ import time
 import urllib.request
 
 import torch
+import torch.nn.functional as F
 
-from common import UserError, atomic_path, atomic_write_text, autocast, read_jsonl, resolve_device, run_cli
+from common import (UserError, atomic_path, atomic_write_text, autocast, raise_on_every_rank, read_jsonl,
+                    resolve_device, run_cli)
 from model import GPT, logprobs_from_logits
 from tokenizer import EOT_TOKEN
 
@@ -206,21 +209,32 @@ def encode_example(example, encode, style="completion", split_whole=None, prefix
     if split_whole is None:
         split_whole = style == "lm-eval"
     if not split_whole:
-        return list(prefix_tokens) + encode(context), [encode(c) for c in continuations]
-    stripped = context.rstrip()
-    context_tokens = encode(stripped)
-    endings = [encode(stripped + context[len(stripped):] + c)[len(context_tokens):] for c in continuations]
+        context_tokens, endings = list(prefix_tokens) + encode(context), [encode(c) for c in continuations]
+    else:
+        stripped = context.rstrip()
+        context_tokens = encode(stripped)
+        endings = [encode(stripped + context[len(stripped):] + c)[len(context_tokens):] for c in continuations]
+        context_tokens = list(prefix_tokens) + context_tokens
+    if not context_tokens:  # nothing would predict the first ending token
+        raise UserError(f"example {example['index']}: the context is empty once {style}-style cleaning is done")
     if not all(endings):
         raise UserError(f"example {example['index']}: an ending encodes to no tokens after the context")
-    return list(prefix_tokens) + context_tokens, endings
+    return context_tokens, endings
 
 
-def fit_to_length(context_tokens, ending_tokens, max_len):
+def fit_to_length(context_tokens, ending_tokens, max_len, where="an example"):
     """Drop context tokens from the left so that context + the longest ending fit in max_len tokens."""
     room = max_len - max(len(e) for e in ending_tokens)
     if room < 1:
-        raise UserError(f"an ending of {max_len - room} tokens does not fit the model's {max_len}-token window")
+        raise UserError(f"{where}: an ending of {max_len - room} tokens does not fit the model's {max_len}-token "
+                        "window")
     return context_tokens[-room:], ending_tokens
+
+
+def encode_for_model(example, encode, max_len, style="completion", split_whole=None, prefix_tokens=()):
+    """encode_example, cut to fit a max_len-token window: what the scorer and PPO's choice rollouts score."""
+    return fit_to_length(*encode_example(example, encode, style, split_whole, prefix_tokens), max_len,
+                         where=f"example {example['index']}")
 
 
 def pad_choices(encoded, pad_token=EOT_TOKEN):
@@ -317,8 +331,8 @@ def _score_gpt_batch(model, encoded, pad_token, device):
     B = ctx_idx.size(0)
     hidden, kv = model.hidden_states(ctx_idx, ctx_mask, use_cache=True)  # (B, Tc, C)
     kv = [(k.contiguous(), v.contiguous()) for k, v in kv]  # row gathers from strided views are ~10x slower
-    first_logits = model.lm_head(hidden[:, -1])  # (B, V)
-    scores = logprobs_from_logits(first_logits[:, None].expand(B, 4, -1), first_tokens).reshape(4 * B)
+    first_logp = F.log_softmax(model.lm_head(hidden[:, -1]).float(), dim=-1)  # (B, V), once for the 4 endings
+    scores = first_logp.gather(1, first_tokens).reshape(4 * B)
     for chunk in chunks:
         example_of_row, end_idx, end_mask, positions, rows, targets = (t.to(device, non_blocking=True)
                                                                         for t in chunk)
@@ -335,7 +349,13 @@ def _score_gpt_batch(model, encoded, pad_token, device):
 def _score_reference_batch(model, encoded, pad_token, device):
     """Summed ending log-probs (B, 4) for any transformers causal LM: one full forward of the 4B padded rows."""
     idx, attention_mask, target_mask = (t.to(device) for t in pad_choices(encoded, pad_token))
-    logits = model(input_ids=idx, attention_mask=attention_mask).logits
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:  # the LM head from the first ending on
+        first = min(len(context) for context, _ in encoded) - 1
+        logits = model(input_ids=idx, attention_mask=attention_mask, use_cache=False,
+                       logits_to_keep=torch.arange(first, idx.size(1), device=device)).logits
+        logits = logits[target_mask[:, first:].bool()]  # (K, V): just the positions that predict ending tokens
+    else:
+        logits = model(input_ids=idx, attention_mask=attention_mask, use_cache=False).logits
     return choice_logprobs(logits, idx, target_mask)[0]
 
 
@@ -348,13 +368,15 @@ def score_choices(model, encoded, batch_size=32, device="cpu", dtype="float32", 
     """
     score_batch = _score_gpt_batch if isinstance(model, GPT) else _score_reference_batch
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]), max(map(len, encoded[i][1]))))
-    scores = torch.zeros(len(encoded), 4, device=device)
+    in_order = []
     for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
         with autocast(device, dtype):
-            batch_scores = score_batch(model, [encoded[i] for i in batch], pad_token, device)
-        scores[torch.tensor(batch, device=device)] = batch_scores.float()
-    return scores.cpu()
+            in_order.append(score_batch(model, [encoded[i] for i in order[start:start + batch_size]], pad_token,
+                                        device).float())
+    scores = torch.zeros(len(encoded), 4)
+    if in_order:
+        scores[torch.tensor(order)] = torch.cat(in_order).cpu()
+    return scores
 
 
 def text_encoder(tokenizer=None):
@@ -439,7 +461,12 @@ def evaluate(model, examples, *, tokenizer=None, style="completion", batch_size=
 
     encode, prefix_tokens, split_whole = text_encoder(tokenizer)
     max_len = _max_length(model)
-    encoded = [fit_to_length(*encode_example(ex, encode, style, split_whole, prefix_tokens), max_len) for ex in mine]
+    encoded, error = None, None
+    try:
+        encoded = [encode_for_model(ex, encode, max_len, style, split_whole, prefix_tokens) for ex in mine]
+    except UserError as e:
+        error = e
+    raise_on_every_rank(error)
     was_training = model.training
     model.eval()
     try:
@@ -590,17 +617,13 @@ def _transformers_model_type(source):
 
 def load_model(source):
     """-> (model, tokenizer): this project's GPT for anything GPT.from_pretrained takes (tokenizer None), else a
-    transformers causal LM with its tokenizer."""
+    transformers causal LM with its tokenizer, in float32 on the CPU (--dtype sets the autocast, not the weights)."""
     model_type = _transformers_model_type(source)
     if model_type in (None, "gpt2"):
         return GPT.from_pretrained(source), None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from reward import load_causal_lm  # the one loader of other architectures, with its one-line errors
 
-    try:
-        return AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{source}: could not load a '{model_type}' causal LM with transformers ({first_line})") from None
+    return load_causal_lm(source, "cpu", torch.float32)
 
 
 def parse_args(argv=None):

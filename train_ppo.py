@@ -494,22 +494,23 @@ def peak_memory_gb(device):
 
 def train(cfg):
     """Run PPO as configured. Returns a summary: final step, last eval, last metrics and the policy."""
-    from hellaswag import encode_example, evaluate
+    from hellaswag import encode_for_model, evaluate
     from reward import LabelReward, LikelihoodReward, RewardModel, TeacherReward
     from tokenizer import EOT_TOKEN, gpt2_encoding
 
     # ---- setup: distributed, device, precision, seeds
+    requested_device = resolve_device(cfg.device)  # a device this machine lacks is an error here, on every rank
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
         ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+        backend = "nccl" if requested_device.startswith("cuda") else "gloo"
         dist.init_process_group(backend=backend)
         device = f"cuda:{ddp_local_rank}" if backend == "nccl" else "cpu"
         if backend == "nccl":
             torch.cuda.set_device(device)
     else:
         ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
-        device = resolve_device(cfg.device)
+        device = requested_device
         if device.startswith("cuda"):
             torch.cuda.set_device(device)  # memory stats and synchronize follow the chosen GPU
     master_process = ddp_rank == 0
@@ -692,7 +693,7 @@ def train(cfg):
         # ---- rollout: act, and record log-probs, values and reference log-probs with one forward each
         with torch.no_grad(), autocast(device, dtype):
             if cfg.rollout == "choice":
-                encoded = [encode_example(ex, encode, style=cfg.style) for ex in examples]
+                encoded = [encode_for_model(ex, encode, raw_model.config.block_size, cfg.style) for ex in examples]
                 policy_lp, ref_lp, old_values = [], [], []
                 for s in chunked(B, cfg.micro_batch_size):
                     lp, v = choice_forward(raw_model, encoded[s], cfg.choice_temperature, device)

@@ -194,6 +194,15 @@ def test_encode_example_whole_split_moves_trailing_space_and_adds_prefix():
         assert context_tokens[1:] + tokens == whole
 
 
+def test_a_context_that_cleaning_empties_is_an_error_unless_a_prefix_starts_it():
+    enc = gpt2_encoding()
+    example = {"index": 7, "ctx": "[header]", "endings": ["a.", "b.", "c.", "d."], "label": 0}
+    with pytest.raises(UserError, match="example 7: the context is empty once lm-eval-style cleaning is done"):
+        encode_example(example, enc.encode_ordinary, style="lm-eval")
+    context_tokens, _ = encode_example(example, enc.encode_ordinary, style="lm-eval", prefix_tokens=(EOT_TOKEN,))
+    assert context_tokens == [EOT_TOKEN]
+
+
 def test_pad_choices_layout():
     encoded = [([1, 2, 3], [[4], [5, 6], [7], [8, 9, 10]]), ([11], [[12], [13], [14, 15], [16]])]
     idx, attention_mask, target_mask = pad_choices(encoded, pad_token=0)
@@ -318,7 +327,19 @@ def tiny_hf_gpt2(tmp_path_factory):
     return str(path)
 
 
-def test_transformers_path_equals_fast_path_on_the_same_gpt2(tiny_hf_gpt2):
+class AllLogits(torch.nn.Module):
+    """A causal LM whose forward has no logits_to_keep: the LM head runs at every position."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, input_ids, attention_mask, use_cache):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+
+@pytest.mark.parametrize("logits_to_keep", [True, False])
+def test_transformers_path_equals_fast_path_on_the_same_gpt2(tiny_hf_gpt2, logits_to_keep):
     from transformers import GPT2LMHeadModel
 
     from tokenizer import gpt2_hf_tokenizer
@@ -326,6 +347,7 @@ def test_transformers_path_equals_fast_path_on_the_same_gpt2(tiny_hf_gpt2):
     examples = load_examples(data_file=FIXTURE)
     ours = evaluate(GPT.from_pretrained(tiny_hf_gpt2), examples, return_predictions=True)
     hf = GPT2LMHeadModel.from_pretrained(tiny_hf_gpt2).eval()
+    hf = hf if logits_to_keep else AllLogits(hf)
     theirs = evaluate(hf, examples, tokenizer=gpt2_hf_tokenizer(), batch_size=2, return_predictions=True)
     for a, b in zip(ours["predictions"], theirs["predictions"]):
         assert a["sum_logprobs"] == pytest.approx(b["sum_logprobs"], abs=1e-4)

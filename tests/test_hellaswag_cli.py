@@ -146,10 +146,11 @@ def test_cli_on_a_transformers_model_of_another_architecture(tmp_path, capsys):
     torch.manual_seed(0)
     config = GPTNeoConfig(vocab_size=50257, hidden_size=64, num_layers=2, num_heads=2, attention_types=[[["global"], 2]],
                           max_position_embeddings=256)
-    GPTNeoForCausalLM(config).save_pretrained(tmp_path / "neo")
+    GPTNeoForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "neo")  # stored in bf16, as many are
     gpt2_hf_tokenizer().save_pretrained(tmp_path / "neo")
     model, tokenizer = load_model(str(tmp_path / "neo"))
     assert type(model).__name__ == "GPTNeoForCausalLM" and tokenizer is not None
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # --dtype picks the autocast, not the weights
     main(["--model", str(tmp_path / "neo"), "--data", FIXTURE, "--style", "lm-eval", "--output",
           str(tmp_path / "r.json")])
     assert json.loads((tmp_path / "r.json").read_text())["n"] == 6
@@ -162,6 +163,7 @@ def test_cli_on_a_transformers_model_of_another_architecture(tmp_path, capsys):
     (["--model", "nowhere/ckpt.pt", "--data", FIXTURE], "no such file"),
     (["--model", "MODEL", "--split", "test"], "test split has no labels"),
     (["--model", "MODEL", "--data", FIXTURE, "--limit", "0"], "must be positive"),
+    (["--model", "MODEL", "--data", FIXTURE, "--device", "gpu"], "device 'gpu': not a device name"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, checkpoint, capsys, argv, message):
     bad = tmp_path / "bad.jsonl"
@@ -252,6 +254,34 @@ def _ddp_worker(rank, world_size, store_path, out_dir):
             json.dump(result, f)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _ddp_error_worker(rank, world_size, store_path, out_dir):
+    import datetime
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
+                                         world_size=world_size, timeout=datetime.timedelta(seconds=30))
+    try:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**{**TINY, "block_size": 17}))  # fits the first 4 examples' endings (<= 16 tokens)
+        examples = load_examples(data_file=FIXTURE, limit=4)
+        examples[1]["endings"][2] = "a very long ending with far more tokens than this small model's window " * 2
+        try:  # example 1 is rank 1's: rank 0 alone would wait for it in a collective
+            evaluate(model, examples)
+            message = "no error"
+        except UserError as e:
+            message = str(e)
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(message)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_an_error_on_one_rank_is_raised_on_every_rank(tmp_path):
+    torch.multiprocessing.spawn(_ddp_error_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    messages = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("example 1: an ending of") and "17-token window" in messages[0]
 
 
 @pytest.mark.slow

@@ -289,6 +289,13 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, synthetic_dir):
         train_ppo.train(tiny_run(tmp_path, synthetic_dir, init_from="resume", reward_kind="label"))
 
 
+def test_a_device_the_machine_lacks_is_a_clear_error(tmp_path, synthetic_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="device 'cuda': CUDA is not available"):
+        train_ppo.train(tiny_run(tmp_path, synthetic_dir, device="cuda"))
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
 @pytest.mark.slow
 def test_non_finite_losses_skip_updates_then_stop(tmp_path, synthetic_dir, monkeypatch):
     real = train_ppo.ppo_losses
@@ -360,16 +367,17 @@ def test_torchrun_two_processes_agree(tmp_path, synthetic_dir):
 
 
 def test_choice_policy_scores_endings_like_the_evaluator(tmp_path):
-    from hellaswag import encode_example, evaluate, load_examples
+    from hellaswag import encode_for_model, evaluate, load_examples
     from model import GPT, GPTConfig
     from tokenizer import gpt2_encoding
 
     synthetic.write_jsonl(tmp_path / "val.jsonl", synthetic.make_examples(12, seed=3, split="val"))
     examples = load_examples(data_file=str(tmp_path / "val.jsonl"))
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)).eval()
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=12)).eval()  # most contexts are cut to fit
     torch.nn.init.normal_(model.value_head.weight)
-    encoded = [encode_example(ex, gpt2_encoding().encode_ordinary) for ex in examples]
+    encoded = [encode_for_model(ex, gpt2_encoding().encode_ordinary, 12) for ex in examples]
+    assert max(len(c) + max(map(len, es)) for c, es in encoded) == 12
     with torch.no_grad():
         policy_logprobs, values = train_ppo.choice_forward(model, encoded, choice_temperature=0.5, device="cpu")
         result = evaluate(model, examples, return_predictions=True)
