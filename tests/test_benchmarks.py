@@ -1,0 +1,52 @@
+"""The benchmark scripts run end to end on tiny stand-ins (their numbers are for the README, not for tests)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, reward_dir", [("gpt2_hellaswag_teacher", "reward-gpt-neo-2.7B-tiny-float32"),
+                                                ("gpt2_hellaswag_label", None)])
+def test_recipe_cost_runs_a_recipe_on_stand_ins(tmp_path, recipe, reward_dir):
+    data = tmp_path / "train.jsonl"
+    synthetic.write_jsonl(data, synthetic.make_examples(40, seed=0, split="train"))
+    out = tmp_path / "cost.json"
+    proc = run_script("benchmarks/recipe_cost.py", f"configs/{recipe}.py", "--tiny", "--device=cpu", "--steps", "2",
+                      "--data", str(data), "--work", str(tmp_path / "work"), "--output", str(out),
+                      "--batch_size=8", "--minibatch_size=4", "--micro_batch_size=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["steps"] == 2 and result["batch_size"] == 8 and result["device"] == "cpu"
+    assert result["step_s"] > 0 and result["samples_per_s"] > 0 and result["peak_mem_gb"] > 0
+    with open(tmp_path / "work" / "policy-gpt2-tiny" / "config.json") as f:
+        assert json.load(f)["n_layer"] == 2  # the stand-in, not the hub model, was trained
+    with open(tmp_path / "work" / f"run-{recipe}" / "train_config.json") as f:
+        config = json.load(f)
+    assert config["init_from"] == str(tmp_path / "work" / "policy-gpt2-tiny")
+    if reward_dir:
+        assert config["reward_model"] == str(tmp_path / "work" / reward_dir)
+        assert os.listdir(tmp_path / "work" / f"run-{recipe}" / "teacher_cache")  # the teacher really scored
+
+
+def test_recipe_cost_errors_are_one_line(tmp_path):
+    data = tmp_path / "train.jsonl"
+    synthetic.write_jsonl(data, synthetic.make_examples(8, seed=0, split="train"))
+    proc = run_script("benchmarks/recipe_cost.py", "configs/gpt2_hellaswag_teacher.py", "--tiny", "--device=cpu",
+                      "--data", str(data), "--work", str(tmp_path), "--reward_model=someone/unknown-model")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "no stand-in shape known" in proc.stderr
+    proc = run_script("benchmarks/recipe_cost.py", "configs/gpt2_hellaswag_teacher.py", "--data", "missing.jsonl")
+    assert proc.returncode == 0 and proc.stdout.startswith("skipped: no data file")
