@@ -577,7 +577,8 @@ def compare_predictions(a, b, names=("A", "B")):
 
 def format_comparison(comparison, name_a, name_b, max_groups=12):
     lines = [f"A = {name_a}", f"B = {name_b}",
-             f"{'metric':<10} {'A':>7} {'B':>7} {'B-A':>8}  {'95% CI':<18} {'A only':>7} {'B only':>7} {'McNemar p':>10}"]
+             f"{'metric':<10} {'A':>7} {'B':>7} {'B-A':>8}  {'95% CI':<18} {'A only':>7} {'B only':>7} "
+             f"{'McNemar p':>10}"]
     for metric in ("acc", "acc_norm"):
         c = comparison[metric]
         lines.append(f"{metric:<10} {c['acc_a']:>7.4f} {c['acc_b']:>7.4f} {c['diff']:>+8.4f}  "

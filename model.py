@@ -309,7 +309,8 @@ class GPT(nn.Module):
     @classmethod
     def _from_torch_file(cls, path):
         # build-nanogpt pickles its GPTConfig dataclass from __main__; read it as a plain object, nothing executed
-        stand_ins = [(type("GPTConfig", (), {}), f"{module}.GPTConfig") for module in ("__main__", "train_gpt2", "model")]
+        stand_ins = [(type("GPTConfig", (), {}), f"{module}.GPTConfig")
+                     for module in ("__main__", "train_gpt2", "model")]
         try:
             with torch.serialization.safe_globals(stand_ins):
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)

@@ -47,7 +47,7 @@ from model import CHECKPOINT_FORMAT, GPT, GPTConfig, latest_checkpoint, logprobs
 @dataclass
 class Config:
     # run
-    out_dir: str = "out/ppo"  # checkpoints, train_config.json, metrics.jsonl, samples.jsonl and the exported policy (hf/)
+    out_dir: str = "out/ppo"  # checkpoints, train_config.json, metrics.jsonl, samples.jsonl, the exported policy (hf/)
     # hub name, transformers dir, build-nanogpt/nanoGPT .pt, project checkpoint or run dir, "resume" (this out_dir),
     # "scratch" (random weights of the size below), "synthetic" (the demo task's starting policy)
     init_from: str = "gpt2"
@@ -720,7 +720,8 @@ def train(cfg):
                     old_logprobs.append(lp)
                     old_values.append(v)
                     ref_logprobs.append(sequence_forward(reference, *args)[0])
-                old_logprobs, old_values, ref_logprobs = (torch.cat(x) for x in (old_logprobs, old_values, ref_logprobs))
+                old_logprobs, old_values, ref_logprobs = (torch.cat(x)
+                                                          for x in (old_logprobs, old_values, ref_logprobs))
                 action_mask = response_mask.float()
                 n_tokens = int(prompt_mask.sum() + response_mask.sum())
 

@@ -144,7 +144,8 @@ def test_cli_on_a_transformers_model_of_another_architecture(tmp_path, capsys):
     from tokenizer import gpt2_hf_tokenizer
 
     torch.manual_seed(0)
-    config = GPTNeoConfig(vocab_size=50257, hidden_size=64, num_layers=2, num_heads=2, attention_types=[[["global"], 2]],
+    config = GPTNeoConfig(vocab_size=50257, hidden_size=64, num_layers=2, num_heads=2,
+                          attention_types=[[["global"], 2]],
                           max_position_embeddings=256)
     GPTNeoForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "neo")  # stored in bf16, as many are
     gpt2_hf_tokenizer().save_pretrained(tmp_path / "neo")
@@ -206,9 +207,9 @@ def test_paired_difference_interval():
 
 
 def write_predictions(path, labels, preds, groups):
-    path.write_text("".join(json.dumps({"index": i, "label": l, "pred": p, "pred_norm": p, "split_type": g,
+    path.write_text("".join(json.dumps({"index": i, "label": y, "pred": p, "pred_norm": p, "split_type": g,
                                         "sum_logprobs": [0.0] * 4, "norm_scores": [0.0] * 4}) + "\n"
-                            for i, (l, p, g) in enumerate(zip(labels, preds, groups))))
+                            for i, (y, p, g) in enumerate(zip(labels, preds, groups))))
     return str(path)
 
 

@@ -128,7 +128,8 @@ def test_config_files_and_overrides(tmp_path):
     assert cfg.batch_size == 16 and cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
     assert cfg.rollout == "generate" and cfg.compile is False and cfg.top_p == 0.9 and cfg.out_dir == "runs/7"
     assert load_config(["--out_dir=123"]).out_dir == "123"
-    assert load_config(["--out_dir=1e3"]).out_dir == "1e3" and load_config(["--wandb_run_name=0x10"]).wandb_run_name == "0x10"
+    assert load_config(["--out_dir=1e3"]).out_dir == "1e3"
+    assert load_config(["--wandb_run_name=0x10"]).wandb_run_name == "0x10"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -191,7 +192,8 @@ def synthetic_dir(tmp_path_factory):
 
 
 def tiny_run(out_dir, synthetic_dir, **overrides):
-    settings = dict(out_dir=str(out_dir), init_from="synthetic", synthetic=True, synthetic_dir=synthetic_dir, device="cpu", batch_size=16, minibatch_size=8,
+    settings = dict(out_dir=str(out_dir), init_from="synthetic", synthetic=True, synthetic_dir=synthetic_dir,
+                    device="cpu", batch_size=16, minibatch_size=8,
                     micro_batch_size=4, ppo_epochs=2, learning_rate=3e-3, max_steps=2, eval_interval=0,
                     eval_limit=40, checkpoint_interval=100, sample_interval=1, teacher_temperature=0.25,
                     export_hf=False, seed=0)
