@@ -45,7 +45,8 @@ def atomic_path(path):
 def raise_on_every_rank(error):
     """Under torch.distributed, turn a UserError raised on any rank into the same UserError on every rank, so
     that an error on one rank never leaves the others waiting in a collective. Call it on every rank with the
-    error caught there (or None); it raises where any rank had one."""
+    error caught there (or None); it raises where any rank had one. Under NCCL, torch.cuda.set_device must have
+    been called (all_gather_object works on the current GPU)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         messages = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(messages, None if error is None else str(error))

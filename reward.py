@@ -76,6 +76,9 @@ def fit_window(head, context_ids, continuation_ids, window):
     return head + context_ids + continuation_ids
 
 
+SCORE_CHUNK = 1024  # scored positions per log-softmax: bounds the float32 (positions, vocab) copy in memory
+
+
 @torch.no_grad()
 def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu"):
     """
@@ -85,8 +88,8 @@ def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu"):
     right-padded: padding after the real tokens never changes a causal LM's outputs at them, and positions stay
     0, 1, 2, ... without position ids, whatever padding side the tokenizer prefers.
     """
-    sums = torch.zeros(len(rows), dtype=torch.float32, device=device)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    in_order = []
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         T = len(rows[batch[0]][0]) - 1  # the longest input in the batch: every token but the last
@@ -99,23 +102,30 @@ def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu"):
         # the LM head only over the span of positions that predict scored tokens (sorted rows: a short span)
         first = min(len(rows[i][0]) - 1 - rows[i][1] for i in batch)
         keep = _keeps_logits(model)
-        kwargs = {"logits_to_keep": torch.arange(first, T)} if keep else {}
+        kwargs = {"logits_to_keep": torch.arange(first, T, device=device)} if keep else {}
         offset = first if keep else 0
-        # which logits rows score which tokens, built on the host and moved once: logits at position t predict
-        # token t + 1, and row r's scored tokens are its last n
+        # which logits score which tokens, built on the host and moved once: logits at position t predict token
+        # t + 1, and row r's scored tokens are its last n
         span = T - offset
-        flat, targets, owner = [], [], []
+        flat, targets = [], []
         for r, i in enumerate(batch):
             ids, n = rows[i]
             flat.extend(r * span + t - offset for t in range(len(ids) - 1 - n, len(ids) - 1))
             targets.extend(ids[-n:])
-            owner.extend([i] * n)
-        flat, targets, owner = (torch.tensor(x).to(device, non_blocking=True) for x in (flat, targets, owner))
+        flat, targets = (torch.tensor(x).to(device, non_blocking=True) for x in (flat, targets))
         logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False,
                        **kwargs).logits  # (B, T - first, V), or (B, T, V) for a model that cannot skip positions
-        scored = logits.reshape(-1, logits.size(-1)).index_select(0, flat)  # float32 on the scored tokens only
-        sums.index_add_(0, owner, logprobs_from_logits(scored, targets))
-    return sums.cpu()
+        logits = logits.reshape(-1, logits.size(-1))
+        # float32 log-probs of the scored tokens, a chunk of positions at a time to bound memory, put back in their
+        # (row, position) slots and summed per row: deterministic, unlike an atomic index_add on CUDA
+        token_logprobs = torch.cat([logprobs_from_logits(logits.index_select(0, f), t)
+                                    for f, t in zip(flat.split(SCORE_CHUNK), targets.split(SCORE_CHUNK))])
+        slots = torch.zeros(len(batch) * span, device=logits.device).index_put_((flat,), token_logprobs)
+        in_order.append(slots.view(len(batch), span).sum(1))
+    sums = torch.zeros(len(rows), dtype=torch.float32)
+    if in_order:
+        sums[torch.tensor(order, dtype=torch.long)] = torch.cat(in_order).cpu()
+    return sums
 
 
 def _keeps_logits(model):

@@ -504,8 +504,8 @@ def train(cfg):
     if ddp:
         ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
         backend = "nccl" if requested_device.startswith("cuda") else "gloo"
+        device = resolve_device(f"cuda:{ddp_local_rank}") if backend == "nccl" else "cpu"  # one GPU per process
         dist.init_process_group(backend=backend)
-        device = f"cuda:{ddp_local_rank}" if backend == "nccl" else "cpu"
         if backend == "nccl":
             torch.cuda.set_device(device)
     else:
@@ -580,6 +580,10 @@ def train(cfg):
     if cfg.rollout == "generate" and prompt_budget < 1:
         raise UserError(f"config: max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the policy's "
                         f"block_size {raw_model.config.block_size}")
+    # choice rollouts score the endings as the evaluator does, contexts cut to the window; encoding every training
+    # example once here makes a bad one an error at setup, the same on every rank
+    train_encoded = ([encode_for_model(ex, encode, raw_model.config.block_size, cfg.style) for ex in train_examples]
+                     if cfg.rollout == "choice" else None)
     model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[ddp_local_rank] if device_type == "cuda"
                                                       else None) if ddp else raw_model
     train_model = torch.compile(model) if cfg.compile else model
@@ -693,7 +697,7 @@ def train(cfg):
         # ---- rollout: act, and record log-probs, values and reference log-probs with one forward each
         with torch.no_grad(), autocast(device, dtype):
             if cfg.rollout == "choice":
-                encoded = [encode_for_model(ex, encode, raw_model.config.block_size, cfg.style) for ex in examples]
+                encoded = [train_encoded[i] for i in indices]
                 policy_lp, ref_lp, old_values = [], [], []
                 for s in chunked(B, cfg.micro_batch_size):
                     lp, v = choice_forward(raw_model, encoded[s], cfg.choice_temperature, device)
@@ -865,6 +869,7 @@ def train(cfg):
     if wandb_run:
         wandb_run.finish()
     if ddp:
+        dist.barrier()  # every rank done with every collective first: tearing gloo down mid-way can abort a rank
         dist.destroy_process_group()
     return {"step": step, "eval": last_eval, "metrics": metrics, "model": raw_model}
 

@@ -1,11 +1,15 @@
 """
 What a recipe costs per PPO step, in seconds and peak memory, measured without downloading anything: the recipe's
 models are replaced by stand-ins of the same shapes with random weights (GPT-2 124M policy, gpt-neo-2.7B reward
-model), and its data by a local HellaSwag jsonl. Time and memory depend on shapes and lengths, not on weights.
+model), and its data by a local HellaSwag jsonl. Time and memory depend on shapes and lengths, not on weights,
+except where the weights set a length: under the generate recipe a random policy rarely samples a stop, so every
+sample runs to max_new_tokens and the figure is an upper bound. One process, no DDP: an 8-GPU run adds DDP's
+gradient buckets (about one float32 copy of the policy) and all-reduce time; CUDA memory is the allocator's peak.
 
     python benchmarks/recipe_cost.py configs/gpt2_hellaswag_teacher.py --device=cuda
     python benchmarks/recipe_cost.py configs/gpt2_hellaswag_generate.py --device=cuda --steps 6
-    python benchmarks/recipe_cost.py configs/gpt2_hellaswag_label.py --device=cpu --batch_size=16 --steps 2
+    python benchmarks/recipe_cost.py configs/gpt2_hellaswag_label.py --device=cpu --steps 3 \
+        --batch_size=16 --minibatch_size=8 --micro_batch_size=8
     python benchmarks/recipe_cost.py configs/gpt2_hellaswag_teacher.py --tiny --device=cpu   # a quick check
 
 Any `--key=value` after the recipe overrides it, as with train_ppo.py. The first step is reported apart: it pays
@@ -76,9 +80,12 @@ def reward_stand_in(name, work, tiny, build_device, dtype):
     with torch.device(build_device):  # random init of 2.7B parameters is minutes on a CPU, seconds on a GPU
         model = GPTNeoForCausalLM(config).to(dtype)
     tmp = tempfile.mkdtemp(dir=work, prefix=".reward-")  # renamed into place once complete
-    model.save_pretrained(tmp)
-    gpt2_hf_tokenizer().save_pretrained(tmp)
-    os.replace(tmp, path)
+    try:
+        model.save_pretrained(tmp)
+        gpt2_hf_tokenizer().save_pretrained(tmp)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after the rename; gigabytes if the save failed
     return path, True
 
 

@@ -253,6 +253,7 @@ def _ddp_worker(rank, world_size, store_path, out_dir):
         result = evaluate(model, examples, batch_size=2, return_predictions=True)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
+        torch.distributed.barrier()  # both ranks past every collective before the teardown
     finally:
         torch.distributed.destroy_process_group()
 
@@ -274,6 +275,7 @@ def _ddp_error_worker(rank, world_size, store_path, out_dir):
             message = str(e)
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
             f.write(message)
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 

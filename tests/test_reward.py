@@ -212,6 +212,14 @@ def test_models_without_logits_to_keep_score_the_same(neo, monkeypatch):
                                atol=1e-4, rtol=0)
 
 
+def test_scoring_in_small_chunks_of_positions_gives_the_same_sums(neo, monkeypatch):
+    contexts, continuations = [c for c, _ in PAIRS], [k for _, k in PAIRS]
+    whole = neo.score(contexts, continuations, batch_size=4)["sum_logprob"]
+    monkeypatch.setattr(reward, "SCORE_CHUNK", 3)  # a chunk boundary inside most rows
+    torch.testing.assert_close(neo.score(contexts, continuations, batch_size=4)["sum_logprob"], whole,
+                               atol=1e-5, rtol=0)
+
+
 def test_boundary_whitespace_belongs_to_the_continuation(neo):
     a = neo.score(["A man is "], ["sitting"])
     b = neo.score(["A man is"], [" sitting"])

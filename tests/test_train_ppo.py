@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -284,6 +285,13 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, synthet
     os.remove(tmp_path / "split" / "ckpt_000004.pt")
     train_ppo.train(tiny_run(tmp_path / "split", synthetic_dir, max_steps=4, init_from="resume", **common))
     assert [m["step"] for m in read_metrics(tmp_path / "split")] == [0, 1, 2, 3, 4]
+
+
+def test_choice_rollouts_cut_contexts_to_the_policy_window(tmp_path, synthetic_dir):
+    # the synthetic contexts and endings reach 17 tokens: a 12-token window must cut the contexts, as evaluation does
+    result = train_ppo.train(tiny_run(tmp_path, synthetic_dir, init_from="scratch", block_size=12, reward_kind="label",
+                                      max_steps=1))
+    assert result["step"] == 1 and math.isfinite(result["metrics"]["pg_loss"])
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, synthetic_dir):
