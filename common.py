@@ -4,6 +4,7 @@ writes, and picking a device / autocast dtype.
 """
 
 import contextlib
+import inspect
 import json
 import os
 import sys
@@ -42,19 +43,30 @@ def atomic_path(path):
             os.remove(tmp)
 
 
-def raise_on_every_rank(error):
-    """Under torch.distributed, turn a UserError raised on any rank into the same UserError on every rank, so
-    that an error on one rank never leaves the others waiting in a collective. Call it on every rank with the
-    error caught there (or None); it raises where any rank had one. Under NCCL, torch.cuda.set_device must have
-    been called (all_gather_object works on the current GPU)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+@contextlib.contextmanager
+def same_error_on_every_rank():
+    """Under torch.distributed, a UserError raised in the block on any rank is raised on every rank when the block
+    ends, so that an error on one rank never leaves the others waiting in a collective. Every rank must enter the
+    block. Under NCCL, torch.cuda.set_device must have been called (all_gather_object works on the current GPU)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    error = None
+    try:
+        yield
+    except UserError as e:
+        if not distributed:
+            raise
+        error = e
+    if distributed:
         messages = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(messages, None if error is None else str(error))
         first = next((m for m in messages if m is not None), None)
         if first is not None:
             raise UserError(first)
-    elif error is not None:
-        raise error
+
+
+def keeps_logits(model):
+    """Whether a transformers model's forward can apply its LM head to chosen positions only (logits_to_keep)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def atomic_torch_save(obj, path):

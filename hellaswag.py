@@ -16,7 +16,6 @@ Two scoring styles, both documented in the README:
 
 import argparse
 import http.client
-import inspect
 import json
 import math
 import os
@@ -28,8 +27,8 @@ import urllib.request
 import torch
 import torch.nn.functional as F
 
-from common import (UserError, atomic_path, atomic_write_text, autocast, raise_on_every_rank, read_jsonl,
-                    resolve_device, run_cli)
+from common import (UserError, atomic_path, atomic_write_text, autocast, keeps_logits, read_jsonl,
+                    resolve_device, run_cli, same_error_on_every_rank)
 from model import GPT, logprobs_from_logits
 from tokenizer import EOT_TOKEN
 
@@ -349,7 +348,7 @@ def _score_gpt_batch(model, encoded, pad_token, device):
 def _score_reference_batch(model, encoded, pad_token, device):
     """Summed ending log-probs (B, 4) for any transformers causal LM: one full forward of the 4B padded rows."""
     idx, attention_mask, target_mask = (t.to(device) for t in pad_choices(encoded, pad_token))
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:  # the LM head from the first ending on
+    if keeps_logits(model):  # the LM head from the first ending on
         first = min(len(context) for context, _ in encoded) - 1
         logits = model(input_ids=idx, attention_mask=attention_mask, use_cache=False,
                        logits_to_keep=torch.arange(first, idx.size(1), device=device)).logits
@@ -461,12 +460,8 @@ def evaluate(model, examples, *, tokenizer=None, style="completion", batch_size=
 
     encode, prefix_tokens, split_whole = text_encoder(tokenizer)
     max_len = _max_length(model)
-    encoded, error = None, None
-    try:
+    with same_error_on_every_rank():
         encoded = [encode_for_model(ex, encode, max_len, style, split_whole, prefix_tokens) for ex in mine]
-    except UserError as e:
-        error = e
-    raise_on_every_rank(error)
     was_training = model.training
     model.eval()
     try:

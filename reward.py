@@ -19,7 +19,6 @@ CLI, to see what a judge thinks of some text:
 
 import argparse
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -29,7 +28,8 @@ import time
 
 import torch
 
-from common import UserError, atomic_torch_save, atomic_write_text, read_jsonl, resolve_device, run_cli
+from common import (UserError, atomic_torch_save, atomic_write_text, keeps_logits, read_jsonl, resolve_device,
+                    run_cli)
 from model import logprobs_from_logits
 
 DEFAULT_REWARD_MODEL = "EleutherAI/gpt-neo-2.7B"  # the seed project's judge: GPT-2's vocabulary, ~5.4 GB in bf16
@@ -101,7 +101,7 @@ def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu"):
             attention_mask[r, :len(ids) - 1] = 1
         # the LM head only over the span of positions that predict scored tokens (sorted rows: a short span)
         first = min(len(rows[i][0]) - 1 - rows[i][1] for i in batch)
-        keep = _keeps_logits(model)
+        keep = keeps_logits(model)
         kwargs = {"logits_to_keep": torch.arange(first, T, device=device)} if keep else {}
         offset = first if keep else 0
         # which logits score which tokens, built on the host and moved once: logits at position t predict token
@@ -126,11 +126,6 @@ def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu"):
     if in_order:
         sums[torch.tensor(order, dtype=torch.long)] = torch.cat(in_order).cpu()
     return sums
-
-
-def _keeps_logits(model):
-    """Whether the model's forward can apply its LM head to chosen positions only (transformers' logits_to_keep)."""
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_ppo  # noqa: E402
 from common import UserError, resolve_device, run_cli  # noqa: E402
 from model import GPT, GPTConfig, HUB_GPT2_NAMES  # noqa: E402
+from reward import resolve_dtype  # noqa: E402
 from tokenizer import gpt2_hf_tokenizer  # noqa: E402
 
 from hellaswag_speed import DEFAULT_DATA, cpu_name  # noqa: E402  (this folder is on the path of a script)
@@ -120,16 +121,13 @@ def main(argv=None):
     device = resolve_device(cfg.device)
     os.makedirs(args.work, exist_ok=True)
 
-    stand_ins, built = {}, []
-    stand_ins["init_from"], built_policy = policy_stand_in(cfg.init_from, args.work, args.tiny)
-    built.append(built_policy)
+    stand_ins = {}
+    stand_ins["init_from"], built = policy_stand_in(cfg.init_from, args.work, args.tiny)
     if cfg.reward_kind in ("teacher", "likelihood"):
-        on_cuda = torch.device(device).type == "cuda"
-        dtype = {"auto": torch.bfloat16 if on_cuda else torch.float32}.get(cfg.reward_dtype) or getattr(
-            torch, cfg.reward_dtype)
+        dtype = resolve_dtype(cfg.reward_dtype, device)  # what RewardModel will load it in
         stand_ins["reward_model"], built_reward = reward_stand_in(cfg.reward_model, args.work, args.tiny, device,
                                                                   dtype)
-        built.append(built_reward)
+        built = built or built_reward
     if device.startswith("cuda"):  # building a stand-in on the GPU must not count as the run's peak
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -151,7 +149,7 @@ def main(argv=None):
     print(f"first step {result['first_step_s']:.2f}s | later steps {result['step_s']:.2f}s "
           f"({result['samples_per_s']:.1f} samples/s, {result['tokens_per_s']:.0f} tok/s) | "
           f"peak memory {result['peak_mem_gb']:.2f} GB")
-    if any(built) and not device.startswith("cuda"):
+    if built and not device.startswith("cuda"):
         result["note"] = "peak memory (process RSS) includes building the stand-ins; rerun for the run's own figure"
         print(result["note"])
     if args.output:

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from common import UserError, atomic_path, atomic_write_text, autocast, resolve_device
+from common import UserError, atomic_path, atomic_write_text, autocast, resolve_device, same_error_on_every_rank
 
 
 def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
@@ -56,3 +56,14 @@ def test_autocast_float32_is_a_no_op_and_bfloat16_casts():
         assert (a @ a).dtype == torch.float32
     with autocast("cpu", "bfloat16"):
         assert (a @ a).dtype == torch.bfloat16
+
+
+def test_same_error_on_every_rank_without_torch_distributed_raises_the_error_itself():
+    error = UserError("example 3: too long")
+    with pytest.raises(UserError) as raised:
+        with same_error_on_every_rank():
+            raise error
+    assert raised.value is error
+    with same_error_on_every_rank():
+        done = True
+    assert done

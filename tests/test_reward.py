@@ -207,7 +207,7 @@ def test_padding_side_and_batch_size_do_not_change_scores(neo):
 def test_models_without_logits_to_keep_score_the_same(neo, monkeypatch):
     contexts, continuations = [c for c, _ in PAIRS], [k for _, k in PAIRS]
     span_only = neo.score(contexts, continuations, batch_size=3)["sum_logprob"]
-    monkeypatch.setattr(reward, "_keeps_logits", lambda model: False)  # the LM head over every position
+    monkeypatch.setattr(reward, "keeps_logits", lambda model: False)  # the LM head over every position
     torch.testing.assert_close(neo.score(contexts, continuations, batch_size=3)["sum_logprob"], span_only,
                                atol=1e-4, rtol=0)
 
