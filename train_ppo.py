@@ -511,6 +511,8 @@ def train(cfg):
     else:
         ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
         device = requested_device
+        if device == "cuda":
+            device = f"cuda:{torch.cuda.current_device()}"  # set_device needs an index
         if device.startswith("cuda"):
             torch.cuda.set_device(device)  # memory stats and synchronize follow the chosen GPU
     master_process = ddp_rank == 0
