@@ -537,6 +537,11 @@ def paired_difference(correct_a, correct_b):
             "p_value": mcnemar_exact_p(a_only, b_only)}
 
 
+def write_predictions(path, predictions):
+    """One JSON line per example (the --predictions schema), written atomically."""
+    atomic_write_text(path, "".join(json.dumps(p) + "\n" for p in predictions))
+
+
 def read_predictions(path):
     records = []
     for where, obj in read_jsonl(path):
@@ -675,7 +680,7 @@ def main(argv=None):
     if args.output:
         atomic_write_text(args.output, json.dumps(summary, indent=2) + "\n")
     if args.predictions:
-        atomic_write_text(args.predictions, "".join(json.dumps(p) + "\n" for p in predictions))
+        write_predictions(args.predictions, predictions)
 
 
 if __name__ == "__main__":

@@ -474,6 +474,19 @@ def drop_lines_after(path, step):
         atomic_write_text(path, "".join(kept))
 
 
+def eval_predictions_path(out_dir, step):
+    return os.path.join(out_dir, "eval", f"step_{step:06d}.jsonl")
+
+
+def drop_evaluations_after(out_dir, step):
+    """Remove the prediction files of evaluations after step (a resumed run redoes those steps)."""
+    eval_dir = os.path.join(out_dir, "eval")
+    for name in os.listdir(eval_dir) if os.path.isdir(eval_dir) else []:
+        match = re.fullmatch(r"step_(\d+)\.jsonl", name)
+        if match and int(match.group(1)) > step:
+            os.remove(os.path.join(eval_dir, name))
+
+
 def load_examples_from(spec, cache_dir):
     from hellaswag import load_examples
 
@@ -494,7 +507,7 @@ def peak_memory_gb(device):
 
 def train(cfg):
     """Run PPO as configured. Returns a summary: final step, last eval, last metrics and the policy."""
-    from hellaswag import encode_for_model, evaluate
+    from hellaswag import encode_for_model, evaluate, write_predictions
     from reward import LabelReward, LikelihoodReward, RewardModel, TeacherReward
     from tokenizer import EOT_TOKEN, gpt2_encoding
 
@@ -632,13 +645,18 @@ def train(cfg):
         if master_process:  # steps logged after that checkpoint are about to be redone
             for name in ("metrics.jsonl", "samples.jsonl"):
                 drop_lines_after(os.path.join(cfg.out_dir, name), step)
+            drop_evaluations_after(cfg.out_dir, step)
         del ckpt
 
-    def run_eval():
+    def run_eval(step):
+        """Evaluate, and keep the per-example predictions as out_dir/eval/step_NNNNNN.jsonl (master only)."""
         raw_model.eval()
         with torch.no_grad():
             result = evaluate(raw_model, val_examples, style=cfg.style, batch_size=cfg.eval_batch_size,
-                              device=device, dtype=dtype)
+                              device=device, dtype=dtype, return_predictions=True)
+        if master_process:
+            os.makedirs(os.path.join(cfg.out_dir, "eval"), exist_ok=True)
+            write_predictions(eval_predictions_path(cfg.out_dir, step), result["predictions"])
         return {"eval/acc": result["acc"], "eval/acc_norm": result["acc_norm"], "eval/n": result["n"]}
 
     def next_batch(position):
@@ -683,7 +701,7 @@ def train(cfg):
 
     last_eval = None
     if step == 0:
-        last_eval = run_eval()
+        last_eval = run_eval(0)
         log(f"step 0 | eval acc {last_eval['eval/acc']:.4f} | acc_norm {last_eval['eval/acc_norm']:.4f}")
         log_metrics({"step": 0, **last_eval})
     bad_steps, metrics = 0, {}
@@ -839,7 +857,7 @@ def train(cfg):
                     f.write(json.dumps({"step": step, **sample, "reward": score}) + "\n")
         stop_now = all_reduce_sum(torch.tensor(float(stop_signal["received"] is not None)))[0].item() > 0
         if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps:
-            last_eval = run_eval()
+            last_eval = run_eval(step)
             metrics.update(last_eval)
             log(f"step {step} | eval acc {last_eval['eval/acc']:.4f} | acc_norm {last_eval['eval/acc_norm']:.4f}")
         log_metrics(metrics)

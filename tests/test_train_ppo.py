@@ -12,6 +12,7 @@ import torch
 import synthetic
 import train_ppo
 from common import UserError
+from hellaswag import read_predictions
 from train_ppo import (AdaptiveKLController, compute_gae, kl_penalty, load_config, masked_whiten, ppo_losses,
                        read_config_file)
 
@@ -268,7 +269,7 @@ def test_generate_rollouts_raise_the_reward(tmp_path, synthetic_dir):
 
 @pytest.mark.slow
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, synthetic_dir):
-    common = dict(reward_kind="label", eval_limit=8, checkpoint_interval=2)
+    common = dict(reward_kind="label", eval_limit=8, eval_interval=2, checkpoint_interval=2)
     straight = train_ppo.train(tiny_run(tmp_path / "straight", synthetic_dir, max_steps=4, **common))["model"]
     train_ppo.train(tiny_run(tmp_path / "split", synthetic_dir, max_steps=2, **common))
     resumed = train_ppo.train(tiny_run(tmp_path / "split", synthetic_dir, max_steps=4, init_from="resume",
@@ -278,13 +279,25 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, synthet
     assert [m["step"] for m in read_metrics(tmp_path / "split")] == [0, 1, 2, 3, 4]
     assert sorted(f for f in os.listdir(tmp_path / "split") if f.startswith("ckpt_")) == \
         ["ckpt_000002.pt", "ckpt_000004.pt"]
+    # every evaluation keeps its per-example predictions, the same for both runs
+    evals = sorted(os.listdir(tmp_path / "split" / "eval"))
+    assert evals == ["step_000000.jsonl", "step_000002.jsonl", "step_000004.jsonl"]
+    assert sorted(os.listdir(tmp_path / "straight" / "eval")) == evals
+    for name in evals:
+        split_preds = read_predictions(str(tmp_path / "split" / "eval" / name))
+        assert split_preds == read_predictions(str(tmp_path / "straight" / "eval" / name))
+        assert len(split_preds) == 8 and [p["index"] for p in split_preds] == list(range(8))
+    step4 = read_predictions(str(tmp_path / "split" / "eval" / "step_000004.jsonl"))
+    assert sum(p["pred_norm"] == p["label"] for p in step4) / 8 == read_metrics(tmp_path / "split")[-1]["eval/acc_norm"]
     # as if the run had crashed after logging step 4 (and a step 5) without its checkpoint: resuming from step 2
     # redoes steps 3 and 4, and the log holds each step once
     with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 5, "reward": 0.0}) + "\n")
     os.remove(tmp_path / "split" / "ckpt_000004.pt")
+    (tmp_path / "split" / "eval" / "step_000006.jsonl").write_text("from the crashed run\n")
     train_ppo.train(tiny_run(tmp_path / "split", synthetic_dir, max_steps=4, init_from="resume", **common))
     assert [m["step"] for m in read_metrics(tmp_path / "split")] == [0, 1, 2, 3, 4]
+    assert sorted(os.listdir(tmp_path / "split" / "eval")) == evals  # the redone evaluations replace the old ones
 
 
 def test_choice_rollouts_cut_contexts_to_the_policy_window(tmp_path, synthetic_dir):
