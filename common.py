@@ -4,7 +4,6 @@ writes, and picking a device / autocast dtype.
 """
 
 import contextlib
-import inspect
 import json
 import os
 import sys
@@ -64,9 +63,15 @@ def same_error_on_every_rank():
             raise UserError(first)
 
 
-def keeps_logits(model):
-    """Whether a transformers model's forward can apply its LM head to chosen positions only (logits_to_keep)."""
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+def first_line(error):
+    """The first line of an exception's message (its type's name if it has none): for one-line errors."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def looks_like_a_path(source):
+    """Whether a model source that is not on disk was meant as a local path rather than a hub name ("org/name")."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith((".pt", ".pth", ".bin"))
 
 
 def atomic_torch_save(obj, path):

@@ -26,11 +26,14 @@ import urllib.request
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoConfig
 
-from common import (UserError, atomic_path, atomic_write_text, autocast, keeps_logits, read_jsonl,
+from causal_lm import CausalLM, PairError, load_causal_lm, sequence_logprobs, split_encode
+from common import (UserError, atomic_path, atomic_write_text, autocast, first_line, looks_like_a_path, read_jsonl,
                     resolve_device, run_cli, same_error_on_every_rank)
 from model import GPT, logprobs_from_logits
-from tokenizer import EOT_TOKEN
+from tokenizer import EOT_TOKEN, gpt2_encoding
 
 STYLES = ("completion", "lm-eval")
 SPLITS = ("train", "val", "test")
@@ -49,7 +52,6 @@ def default_cache_dir():
 
 
 def _fetch(url, out_path, desc, timeout):
-    from tqdm import tqdm
 
     with urllib.request.urlopen(url, timeout=timeout) as response, open(out_path, "wb") as f:
         total = int(response.headers.get("Content-Length") or 0) or None
@@ -90,14 +92,14 @@ def download_split(split, cache_dir=None, url=None, retries=3, retry_wait=2.0, t
 
 
 def _read_hub(split):
-    import datasets
+    import datasets  # optional, and slow to import: only for --hub
 
     hub_split = {"val": "validation"}.get(split, split)
     try:
         data = datasets.load_dataset(HUB_DATASET, split=hub_split)
     except Exception as e:  # datasets raises many types for offline / missing
         raise UserError(f"could not load {HUB_DATASET} split '{hub_split}' through datasets ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); use the official files instead") from None
+                        f"{first_line(e)}); use the official files instead") from None
     for n, obj in enumerate(data):
         yield f"{HUB_DATASET} {hub_split}, row {n}", obj
 
@@ -196,24 +198,21 @@ def example_texts(example, style="completion"):
     raise UserError(f"unknown style '{style}'; choose one of {', '.join(STYLES)}")
 
 
-def encode_example(example, encode, style="completion", split_whole=None, prefix_tokens=()):
+def encode_example(example, encode, style="completion"):
     """
-    -> (context tokens, 4 ending token lists). encode: str -> list[int].
-    Completion style encodes the context and each continuation separately (build-nanogpt). lm-eval style, and any
-    split_whole=True, encodes context + continuation whole and splits at the context's token length, with the
-    context's trailing whitespace moved to the continuation (lm-evaluation-harness). prefix_tokens (a BOS) start
-    the context.
+    -> (context tokens, 4 ending token lists) for this project's GPT. encode: str -> list[int].
+    Completion style encodes the context and each continuation separately (build-nanogpt). lm-eval style encodes
+    context + continuation whole and splits it by causal_lm's boundary rule (lm-evaluation-harness's split, with a
+    token that spans the boundary counted as the ending's).
     """
     context, continuations = example_texts(example, style)
-    if split_whole is None:
-        split_whole = style == "lm-eval"
-    if not split_whole:
-        context_tokens, endings = list(prefix_tokens) + encode(context), [encode(c) for c in continuations]
+    if style == "completion":
+        context_tokens, endings = encode(context), [encode(c) for c in continuations]
     else:
-        stripped = context.rstrip()
-        context_tokens = encode(stripped)
-        endings = [encode(stripped + context[len(stripped):] + c)[len(context_tokens):] for c in continuations]
-        context_tokens = list(prefix_tokens) + context_tokens
+        pairs = [split_encode(encode, context, c) for c in continuations]
+        context_tokens, endings = min((c for c, _ in pairs), key=len), []
+        for pair_context, ending in pairs:  # a spanning token moves context tokens into that ending
+            endings.append(pair_context[len(context_tokens):] + ending)
     if not context_tokens:  # nothing would predict the first ending token
         raise UserError(f"example {example['index']}: the context is empty once {style}-style cleaning is done")
     if not all(endings):
@@ -230,10 +229,9 @@ def fit_to_length(context_tokens, ending_tokens, max_len, where="an example"):
     return context_tokens[-room:], ending_tokens
 
 
-def encode_for_model(example, encode, max_len, style="completion", split_whole=None, prefix_tokens=()):
+def encode_for_model(example, encode, max_len, style="completion"):
     """encode_example, cut to fit a max_len-token window: what the scorer and PPO's choice rollouts score."""
-    return fit_to_length(*encode_example(example, encode, style, split_whole, prefix_tokens), max_len,
-                         where=f"example {example['index']}")
+    return fit_to_length(*encode_example(example, encode, style), max_len, where=f"example {example['index']}")
 
 
 def pad_choices(encoded, pad_token=EOT_TOKEN):
@@ -345,76 +343,29 @@ def _score_gpt_batch(model, encoded, pad_token, device):
     return scores.view(B, 4)
 
 
-def _score_reference_batch(model, encoded, pad_token, device):
-    """Summed ending log-probs (B, 4) for any transformers causal LM: one full forward of the 4B padded rows."""
-    idx, attention_mask, target_mask = (t.to(device) for t in pad_choices(encoded, pad_token))
-    if keeps_logits(model):  # the LM head from the first ending on
-        first = min(len(context) for context, _ in encoded) - 1
-        logits = model(input_ids=idx, attention_mask=attention_mask, use_cache=False,
-                       logits_to_keep=torch.arange(first, idx.size(1), device=device)).logits
-        logits = logits[target_mask[:, first:].bool()]  # (K, V): just the positions that predict ending tokens
-    else:
-        logits = model(input_ids=idx, attention_mask=attention_mask, use_cache=False).logits
-    return choice_logprobs(logits, idx, target_mask)[0]
-
-
 @torch.no_grad()
 def score_choices(model, encoded, batch_size=32, device="cpu", dtype="float32", pad_token=EOT_TOKEN):
     """
-    The one HellaSwag scorer: summed log-probs of the 4 endings of each encoded example, (N, 4) float32 on the
-    host. Examples are scored batch_size at a time in order of context length (less padding); results stay on
-    the device until the end, so there is no host sync per batch. The model must be in eval mode.
+    The one HellaSwag scorer of this project's GPT: summed log-probs of the 4 endings of each encoded example,
+    (N, 4) float32 on the host. Examples are scored batch_size at a time in order of context length (less padding);
+    results stay on the device until the end, so there is no host sync per batch. The model must be in eval mode.
     """
-    score_batch = _score_gpt_batch if isinstance(model, GPT) else _score_reference_batch
     order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]), max(map(len, encoded[i][1]))))
     in_order = []
     for start in range(0, len(order), batch_size):
         with autocast(device, dtype):
-            in_order.append(score_batch(model, [encoded[i] for i in order[start:start + batch_size]], pad_token,
-                                        device).float())
+            in_order.append(_score_gpt_batch(model, [encoded[i] for i in order[start:start + batch_size]],
+                                             pad_token, device).float())
     scores = torch.zeros(len(encoded), 4)
     if in_order:
         scores[torch.tensor(order)] = torch.cat(in_order).cpu()
     return scores
 
 
-def text_encoder(tokenizer=None):
-    """
-    -> (encode: str -> list[int], prefix tokens, split_whole) for a tokenizer: None (GPT-2's tiktoken encoding),
-    a tiktoken Encoding, or a transformers tokenizer (encode whole and split as lm-evaluation-harness, with a BOS
-    in front where the tokenizer adds one).
-    """
-    if tokenizer is None:
-        from tokenizer import gpt2_encoding
-        tokenizer = gpt2_encoding()
-    if hasattr(tokenizer, "encode_ordinary"):  # tiktoken
-        return tokenizer.encode_ordinary, (), None
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    bos = tokenizer.bos_token_id
-    adds_bos = bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
-    return encode, ((bos,) if adds_bos else ()), True
-
-
 def _unwrap(model):
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):  # DDP, torch.compile
         model = getattr(model, "module", None) or model._orig_mod
     return model
-
-
-def _max_length(model):
-    if isinstance(model, GPT):
-        return model.config.block_size
-    config = model.config
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
-
-
-def _pad_token(model, tokenizer):
-    if isinstance(model, GPT) or tokenizer is None:
-        return EOT_TOKEN
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return token_id
-    return 0  # padding is masked: any valid id does
 
 
 def source_name(source_id):
@@ -435,12 +386,47 @@ def _prediction(example, pred, pred_norm, sum_logprobs, norm_scores):
     return record
 
 
+def _score_with_gpt(model, examples, style, batch_size, device, dtype):
+    """-> summed ending log-probs and ending lengths in tokens, (N, 4) each, with the shared-context scorer."""
+    with same_error_on_every_rank():
+        encode = gpt2_encoding().encode_ordinary
+        encoded = [encode_for_model(ex, encode, model.config.block_size, style) for ex in examples]
+    was_training = model.training
+    model.eval()
+    try:
+        sum_logprobs = score_choices(model, encoded, batch_size, device, dtype)
+    finally:
+        model.train(was_training)
+    n_tokens = torch.tensor([[len(e) for e in endings] for _, endings in encoded], dtype=torch.float32)
+    return sum_logprobs, n_tokens.view(-1, 4)
+
+
+def _score_with_causal_lm(lm, examples, style, batch_size, device, dtype):
+    """-> summed ending log-probs and ending lengths in tokens, (N, 4) each: each ending a row of its own, scored
+    by causal_lm exactly as a teacher scores it in reward.py."""
+    contexts, continuations = [], []
+    for ex in examples:
+        context, endings = example_texts(ex, style)
+        contexts += [context] * 4
+        continuations += endings
+    with same_error_on_every_rank():
+        try:
+            rows = lm.encode_pairs(contexts, continuations)
+        except PairError as e:
+            raise UserError(f"example {examples[e.index // 4]['index']}: {e.problem}") from None
+    with autocast(device, dtype):
+        sum_logprobs = sequence_logprobs(lm.model, rows, lm.pad_id, 4 * batch_size, device)
+    n_tokens = torch.tensor([n for _, n in rows], dtype=torch.float32)
+    return sum_logprobs.view(-1, 4), n_tokens.view(-1, 4)
+
+
 def evaluate(model, examples, *, tokenizer=None, style="completion", batch_size=32, device=None, dtype="float32",
              return_predictions=False):
     """
     HellaSwag accuracy of `model` on `examples` (from load_examples) -> {"n", "acc", "acc_norm", "seconds"} and
     "predictions" (one dict per example, in data order) if asked. model: this project's GPT (raw, DDP-wrapped or
-    compiled) or any transformers causal LM with its `tokenizer`. device defaults to the model's. Under
+    compiled), a causal_lm.CausalLM, or any transformers causal LM with its `tokenizer`. device defaults to the
+    model's. Under
     torch.distributed each rank scores examples i % world_size == rank and every rank returns the same totals.
     """
     t0 = time.time()
@@ -451,26 +437,22 @@ def evaluate(model, examples, *, tokenizer=None, style="completion", batch_size=
         raise UserError(f"{len(unlabeled)} examples have no label (first: index {unlabeled[0]}); the HellaSwag test "
                         "split is unlabeled, evaluate on val (or train)")
     model = _unwrap(model)
-    if not isinstance(model, GPT) and tokenizer is None:
-        raise ValueError("a transformers model needs its tokenizer: evaluate(model, examples, tokenizer=...)")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if not isinstance(model, (GPT, CausalLM)):
+        if tokenizer is None:
+            raise ValueError("a transformers model needs its tokenizer: evaluate(model, examples, tokenizer=...)")
+        model = CausalLM(model, tokenizer)
+    parameters = model.parameters() if isinstance(model, GPT) else model.model.parameters()
+    device = torch.device(device) if device is not None else next(parameters).device
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     mine = examples[rank::world_size]
 
-    encode, prefix_tokens, split_whole = text_encoder(tokenizer)
-    max_len = _max_length(model)
-    with same_error_on_every_rank():
-        encoded = [encode_for_model(ex, encode, max_len, style, split_whole, prefix_tokens) for ex in mine]
-    was_training = model.training
-    model.eval()
-    try:
-        sum_logprobs = score_choices(model, encoded, batch_size, device, dtype, _pad_token(model, tokenizer))
-    finally:
-        model.train(was_training)
-
+    if isinstance(model, GPT):
+        sum_logprobs, n_tokens = _score_with_gpt(model, mine, style, batch_size, device, dtype)
+    else:
+        sum_logprobs, n_tokens = _score_with_causal_lm(model, mine, style, batch_size, device, dtype)
     if style == "completion":  # mean log-prob per token
-        lengths = torch.tensor([[len(e) for e in endings] for _, endings in encoded], dtype=torch.float32)
+        lengths = n_tokens
     else:  # per character of the ending, without the space before it (lm-evaluation-harness)
         lengths = torch.tensor([[max(1, len(c) - 1) for c in example_texts(ex, style)[1]] for ex in mine],
                                dtype=torch.float32)
@@ -607,10 +589,9 @@ def _transformers_model_type(source):
                 return json.load(f).get("model_type")
             except json.JSONDecodeError:
                 raise UserError(f"{config_path}: not valid JSON") from None
-    if os.path.exists(source) or source.startswith((".", "/", "~")) or source.endswith((".pt", ".pth")):
+    if os.path.exists(source) or looks_like_a_path(source):
         return None  # a checkpoint, or a path GPT.from_pretrained will explain
     try:
-        from transformers import AutoConfig
         return AutoConfig.from_pretrained(source).model_type
     except Exception:  # offline or unknown: GPT.from_pretrained gives the clear error
         return None
@@ -622,8 +603,6 @@ def load_model(source):
     model_type = _transformers_model_type(source)
     if model_type in (None, "gpt2"):
         return GPT.from_pretrained(source), None
-    from reward import load_causal_lm  # the one loader of other architectures, with its one-line errors
-
     return load_causal_lm(source, "cpu", torch.float32)
 
 

@@ -15,8 +15,11 @@ import sys
 import tempfile
 
 import torch
+from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
 from common import atomic_write_text
+from model import GPT, GPTConfig
+from tokenizer import EOT_TOKEN, gpt2_encoding, gpt2_hf_tokenizer
 
 # objects and their one colour; every colour is a single GPT-2 token after a space
 OBJECT_COLORS = {
@@ -59,8 +62,6 @@ def write_jsonl(path, records):
 def fit_endings(hidden_fn, lm_head, parameters, rows, steps, batch_size=32, lr=3e-3, seed=0):
     """Language-model training on the ending tokens only (the LM head runs at a handful of positions).
     rows: (tokens, n_context) pairs; hidden_fn(idx) -> final hidden states (B, T, C). Returns the last loss."""
-    from tokenizer import EOT_TOKEN
-
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     for _ in range(steps):
@@ -81,8 +82,6 @@ def fit_endings(hidden_fn, lm_head, parameters, rows, steps, batch_size=32, lr=3
 
 def ending_rows(examples, pick):
     """(context + ending tokens, context length) for the ending pick(example) of each example."""
-    from tokenizer import gpt2_encoding
-
     enc = gpt2_encoding()
     rows = []
     for ex in examples:
@@ -108,10 +107,6 @@ def save_dir_atomically(save, out_dir):
 
 def train_teacher(examples, out_dir, steps=300, seed=0):
     """A tiny GPT-Neo (GPT-2 vocabulary) trained on the right endings, saved as a transformers directory."""
-    from transformers import GPTNeoConfig, GPTNeoForCausalLM
-
-    from tokenizer import EOT_TOKEN, gpt2_hf_tokenizer
-
     torch.manual_seed(seed)
     config = GPTNeoConfig(vocab_size=50257, max_position_embeddings=64, hidden_size=64, num_layers=2, num_heads=2,
                           attention_types=[[["global"], 2]], intermediate_size=256, bos_token_id=EOT_TOKEN,
@@ -132,8 +127,6 @@ def pretrain_policy(examples, out_dir, steps=150, seed=0):
     """A tiny GPT (this project's model) that knows the format but not the rule: trained on a random one of the
     4 endings, it writes "<colour>." after a context and picks each colour about equally often. PPO's job is
     to teach it the rule, as it would teach GPT-2 HellaSwag."""
-    from model import GPT, GPTConfig
-
     torch.manual_seed(seed)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)).train()
     rng = random.Random(seed)

@@ -36,8 +36,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import synthetic
+from causal_lm import CausalLM
 from common import UserError, atomic_torch_save, atomic_write_text, autocast, resolve_device, run_cli
-from model import CHECKPOINT_FORMAT, GPT, GPTConfig, latest_checkpoint, logprobs_from_logits
+from hellaswag import (choice_logprobs, encode_for_model, evaluate, load_examples, pad_choices,
+                       write_predictions)
+from model import CHECKPOINT_FORMAT, GPT, GPTConfig, latest_checkpoint
+from reward import DEFAULT_REWARD_MODEL, LabelReward, LikelihoodReward, TeacherReward
+from tokenizer import EOT_TOKEN, gpt2_encoding
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -83,7 +89,7 @@ class Config:
     no_stop_penalty: float = 1.0  # generate: subtracted from the score of a sample that never stopped
     # reward
     reward_kind: str = "teacher"  # teacher | label (choice rollouts), likelihood (generate rollouts)
-    reward_model: str = "EleutherAI/gpt-neo-2.7B"  # any transformers causal LM: hub name or local directory
+    reward_model: str = DEFAULT_REWARD_MODEL  # any transformers causal LM: hub name or local directory
     reward_dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
     reward_batch_size: int = 32
     teacher_mode: str = "prob"  # teacher: prob = teacher's probability of the chosen ending, agree = 1/0
@@ -292,17 +298,10 @@ def compute_gae(rewards, values, mask, gamma, gae_lambda):
     return advantages, (advantages + values) * mask
 
 
-def kl_penalty(logprobs, ref_logprobs, kind="k1"):
-    """Per-sample estimates of KL(policy || reference) from log-probs of tokens sampled from the policy.
-    k1 = log ratio (unbiased, can be negative), k2 = half its square, k3 = (r - 1) - log r (unbiased, >= 0)."""
-    log_ratio = logprobs.float() - ref_logprobs.float()
-    if kind == "k1":
-        return log_ratio
-    if kind == "k2":
-        return 0.5 * log_ratio ** 2
-    if kind == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"unknown KL estimator {kind!r}")
+def kl_penalty(logprobs, ref_logprobs):
+    """Per-action estimate of KL(policy || reference) from log-probs of actions sampled from the policy: the log
+    ratio (unbiased; negative for some samples)."""
+    return logprobs.float() - ref_logprobs.float()
 
 
 def ppo_losses(new_logprobs, old_logprobs, advantages, new_values, old_values, returns, mask, clip_coef, vf_clip_coef):
@@ -363,7 +362,22 @@ def learning_rate_at(step, cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# rollouts: forward passes that give log-probs, values and entropies of the actions
+# rollouts: two kinds behind one interface. collect() acts on a batch of examples and scores it; forward()
+# recomputes, with gradients, the log-probs, values and entropies of the actions of a minibatch. Tensors are
+# (B, L): one column per action, L = 1 for a choice and up to max_new_tokens for a generated continuation.
+
+
+@dataclass
+class Rollouts:
+    examples: list  # the training examples acted on
+    actions: dict  # what was done, as forward() needs it: {"choices"} or {"prompts", "prompt_mask", "responses"}
+    logprobs: torch.Tensor  # (B, L) under the acting policy
+    ref_logprobs: torch.Tensor  # (B, L) under the frozen reference
+    values: torch.Tensor  # (B, L) the value head's estimate in the state each action was taken in
+    mask: torch.Tensor  # (B, L) 1 for an action, 0 for padding
+    scores: torch.Tensor  # (B,) the task's reward for the whole rollout
+    n_tokens: int  # tokens through the policy, for tok/s
+    samples: list  # one dict per rollout for samples.jsonl
 
 
 def choice_forward(model, encoded, choice_temperature, device):
@@ -371,8 +385,6 @@ def choice_forward(model, encoded, choice_temperature, device):
     Score the 4 endings of each encoded example as the HellaSwag scorer does (mean log-prob per ending token) and
     turn them into the policy over endings. -> log-probs (N, 4), values (N,), all float32.
     """
-    from hellaswag import choice_logprobs, pad_choices
-
     idx, attention_mask, target_mask = (t.to(device) for t in pad_choices(encoded))
     logits, values = model(idx, attention_mask, logits_at=target_mask.bool())  # logits (K, V) at ending positions
     sum_logprobs, n_tokens = choice_logprobs(logits, idx, target_mask)
@@ -381,6 +393,50 @@ def choice_forward(model, encoded, choice_temperature, device):
     last_context = torch.tensor([len(context) - 1 for context, _ in encoded], device=device)
     context_values = values.view(-1, 4, values.size(1))[:, 0].gather(1, last_context[:, None]).squeeze(1)
     return policy_logprobs, context_values
+
+
+class ChoiceRollouts:
+    """The policy picks one of an example's 4 endings, sampled from softmax(its HellaSwag scores / temperature);
+    the reward (teacher or label) is for that choice. The value head is read at the context's last token."""
+
+    def __init__(self, encoded, reward_fn, choice_temperature, micro_batch_size, device):
+        self.encoded = encoded  # every training example, encoded once at setup as the evaluator encodes it
+        self.reward_fn, self.temperature = reward_fn, choice_temperature
+        self.micro_batch_size, self.device = micro_batch_size, device
+
+    @torch.no_grad()
+    def collect(self, policy, reference, examples, indices, generator):
+        encoded = [self.encoded[i] for i in indices]
+        policy_lp, ref_lp, values = [], [], []
+        for s in chunked(len(encoded), self.micro_batch_size):
+            lp, v = choice_forward(policy, encoded[s], self.temperature, self.device)
+            policy_lp.append(lp)
+            values.append(v)
+            ref_lp.append(choice_forward(reference, encoded[s], self.temperature, self.device)[0])
+        policy_lp, ref_lp = torch.cat(policy_lp), torch.cat(ref_lp)
+        choices = torch.multinomial(policy_lp.exp(), 1, generator=generator)  # (B, 1)
+        scores = self.reward_fn(indices, choices.squeeze(1).cpu()).to(self.device).float()
+        samples = [{"ctx": ex["ctx"], "chosen": ex["endings"][c], "label": ex.get("label")}
+                   for ex, c in zip(examples, choices.squeeze(1).tolist())]
+        return Rollouts(examples=examples, actions={"choices": choices, "encoded": encoded},
+                        logprobs=policy_lp.gather(1, choices), ref_logprobs=ref_lp.gather(1, choices),
+                        values=torch.cat(values)[:, None], mask=torch.ones(choices.shape, device=self.device),
+                        scores=scores, n_tokens=sum(4 * len(c) + sum(map(len, es)) for c, es in encoded),
+                        samples=samples)
+
+    def forward(self, model, rollouts, micro):
+        lp, v = choice_forward(model, [rollouts.actions["encoded"][j] for j in micro.tolist()], self.temperature,
+                               self.device)
+        entropy = -(lp.exp() * lp).sum(1, keepdim=True)
+        return lp.gather(1, rollouts.actions["choices"][micro]), v[:, None], entropy
+
+    def metrics(self, rollouts):
+        """The share of this rank's choices that were the gold ending (when the data has labels)."""
+        labels = [ex.get("label") for ex in rollouts.examples]
+        if any(label is None for label in labels):
+            return {}
+        labels = torch.tensor(labels, device=self.device)
+        return {"train/chosen_acc": (rollouts.actions["choices"].squeeze(1) == labels).float().mean().item()}
 
 
 def sequence_forward(model, prompts, prompt_mask, responses, response_mask, temperature):
@@ -394,13 +450,76 @@ def sequence_forward(model, prompts, prompt_mask, responses, response_mask, temp
     at = torch.zeros_like(idx, dtype=torch.bool)
     at[:, P - 1:-1] = response_mask.bool()
     logits, values = model(idx, attention_mask, logits_at=at)  # logits (K, V) at the response positions
-    logits = logits.float() / temperature
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)  # (K, V), once for the log-probs and the entropy
     selected = response_mask.bool()
     logprobs = torch.zeros(responses.shape, device=idx.device).masked_scatter(
-        selected, logprobs_from_logits(logits, responses[selected]))
-    logp = F.log_softmax(logits, dim=-1)
+        selected, logp.gather(1, responses[selected][:, None]).squeeze(1))
     entropy = torch.zeros(responses.shape, device=idx.device).masked_scatter(selected, -(logp.exp() * logp).sum(-1))
     return logprobs, values[:, P - 1:-1] * response_mask, entropy
+
+
+class GenerateRollouts:
+    """The policy writes a continuation of the context (its last prompt_budget tokens); the judge's likelihood of
+    it, given the whole context, is the score. A sample that never stopped loses no_stop_penalty, and an empty
+    one gets -no_stop_penalty without asking the judge."""
+
+    def __init__(self, reward_fn, cfg, prompt_budget, stop_tokens, device):
+        self.reward_fn, self.cfg, self.prompt_budget, self.device = reward_fn, cfg, prompt_budget, device
+        self.stop_tokens = torch.tensor(stop_tokens, device=device)
+        self.encode = gpt2_encoding().encode_ordinary
+        self.decode = gpt2_encoding().decode
+
+    @torch.no_grad()
+    def collect(self, policy, reference, examples, indices, generator):
+        cfg = self.cfg
+        contexts = [self.encode(ex["ctx"]) for ex in examples]
+        prompts, prompt_mask = (t.to(self.device) for t in left_pad([c[-self.prompt_budget:] for c in contexts],
+                                                                     EOT_TOKEN))
+        responses, response_mask, _ = policy.generate(
+            prompts, prompt_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            top_k=cfg.top_k or None, top_p=cfg.top_p, stop_tokens=self.stop_tokens.tolist(), generator=generator)
+        logprobs, values, ref_logprobs = [], [], []
+        for s in chunked(len(examples), cfg.micro_batch_size):
+            args = (prompts[s], prompt_mask[s], responses[s], response_mask[s], cfg.temperature)
+            lp, v, _ = sequence_forward(policy, *args)
+            logprobs.append(lp)
+            values.append(v)
+            ref_logprobs.append(sequence_forward(reference, *args)[0])
+        scores, samples = self.score(examples, contexts, responses, response_mask)
+        return Rollouts(examples=examples,
+                        actions={"prompts": prompts, "prompt_mask": prompt_mask, "responses": responses},
+                        logprobs=torch.cat(logprobs), ref_logprobs=torch.cat(ref_logprobs), values=torch.cat(values),
+                        mask=response_mask.float(), scores=scores,
+                        n_tokens=int(prompt_mask.sum() + response_mask.sum()), samples=samples)
+
+    def score(self, examples, contexts, responses, response_mask):
+        """-> (B,) scores and the samples' texts. The judge scores the sampled token ids themselves when it shares
+        GPT-2's vocabulary, and their text otherwise."""
+        lengths = response_mask.sum(1)
+        last_tokens = responses.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+        stopped = torch.isin(last_tokens, self.stop_tokens)
+        samples = [[t for t in row[:n] if t != EOT_TOKEN] for row, n in zip(responses.tolist(), lengths.tolist())]
+        texts = [self.decode(tokens) for tokens in samples]
+        nonempty = [i for i, text in enumerate(texts) if text.strip()]
+        scores = torch.full((len(examples),), -self.cfg.no_stop_penalty, device=self.device)
+        # every rank calls the reward, even with nothing to score: it may all-reduce its running statistics
+        judged = self.reward_fn([contexts[i] for i in nonempty], [samples[i] for i in nonempty])
+        scores[nonempty] = judged.to(self.device).float()
+        scores = scores - self.cfg.no_stop_penalty * (~stopped).float()
+        samples = [{"ctx": ex["ctx"], "continuation": text, "stopped": stop}
+                   for ex, text, stop in zip(examples, texts, stopped.tolist())]
+        return scores, samples
+
+    def forward(self, model, rollouts, micro):
+        actions = rollouts.actions
+        return sequence_forward(model, actions["prompts"][micro], actions["prompt_mask"][micro],
+                                actions["responses"][micro], rollouts.mask[micro].long(), self.cfg.temperature)
+
+    def metrics(self, rollouts):
+        """This rank's mean response length in tokens and the share of responses that stopped by themselves."""
+        stopped = [sample["stopped"] for sample in rollouts.samples]
+        return {"train/response_length": rollouts.mask.sum(1).mean().item(),
+                "train/stop_rate": sum(stopped) / max(len(stopped), 1)}
 
 
 def left_pad(rows, pad_token):
@@ -415,8 +534,6 @@ def left_pad(rows, pad_token):
 
 def sentence_stop_tokens(enc):
     """<|endoftext|> plus the single tokens that end a sentence: '.', '!', '?' and newlines."""
-    from tokenizer import EOT_TOKEN
-
     stops = {EOT_TOKEN}
     for text in (".", "!", "?", "\n", "\n\n", ".\n", ".\n\n", '."', "!\"", "?\""):
         tokens = enc.encode_ordinary(text)
@@ -487,18 +604,314 @@ def drop_evaluations_after(out_dir, step):
             os.remove(os.path.join(eval_dir, name))
 
 
-def load_examples_from(spec, cache_dir):
-    from hellaswag import load_examples
+def peak_memory_gb(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# setup: named steps, in the order train() takes them
+
+
+@dataclass
+class Distributed:
+    """Where this process sits in the run: torchrun's RANK / LOCAL_RANK / WORLD_SIZE, or one process."""
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    device: str  # this process's device: cpu, or the one GPU it owns
+
+    @property
+    def master_process(self):
+        return self.rank == 0
+
+    def barrier(self):
+        if self.ddp:
+            dist.barrier()
+
+
+def setup_distributed(cfg):
+    requested = resolve_device(cfg.device)  # a device this machine lacks is an error here, on every rank
+    if int(os.environ.get("RANK", -1)) == -1:
+        device = requested
+        if device == "cuda":
+            device = f"cuda:{torch.cuda.current_device()}"  # set_device needs an index
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)  # memory stats and synchronize follow the chosen GPU
+        return Distributed(ddp=False, rank=0, local_rank=0, world_size=1, device=device)
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    nccl = requested.startswith("cuda")
+    device = resolve_device(f"cuda:{local_rank}") if nccl else "cpu"  # one GPU per process
+    dist.init_process_group(backend="nccl" if nccl else "gloo")
+    if nccl:
+        torch.cuda.set_device(device)
+    return Distributed(ddp=True, rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def seed_everything(seed, run):
+    """Seed the global RNGs per rank. -> (generator for sampling actions, generator for minibatch order)."""
+    torch.manual_seed(seed + run.rank)
+    np.random.seed(seed + run.rank)
+    random.seed(seed + run.rank)
+    sample_generator = torch.Generator(device=run.device).manual_seed(seed * 1000 + run.rank)
+    shuffle_generator = torch.Generator().manual_seed(seed * 1000 + 500 + run.rank)
+    return sample_generator, shuffle_generator
+
+
+def load_examples_from(spec, cache_dir):
     if spec.startswith("hellaswag:"):
         return load_examples(split=spec.split(":", 1)[1], cache_dir=cache_dir or None)
     return load_examples(data_file=spec)
 
 
-def peak_memory_gb(device):
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+def load_data(cfg, run, log):
+    """-> train examples, val examples, and where the run's models come from: {"init_from", "reward_source",
+    "train_data"} (the demo's synthetic task brings its own data, policy and teacher)."""
+    sources = {"init_from": cfg.init_from, "reward_source": cfg.reward_model, "train_data": cfg.train_data}
+    train_data, val_data = cfg.train_data, cfg.val_data
+    if cfg.synthetic:
+        synthetic_dir = cfg.synthetic_dir or os.path.join(cfg.out_dir, "synthetic")
+        if run.master_process:
+            synthetic.prepare(synthetic_dir, seed=cfg.seed, log=log)
+        run.barrier()
+        paths = synthetic.prepare(synthetic_dir, seed=cfg.seed)  # already there: only returns the paths
+        train_data, val_data = paths["train"], paths["val"]
+        sources.update(reward_source=paths["teacher"], train_data=train_data)
+        if cfg.init_from == "synthetic":
+            sources["init_from"] = paths["policy"]
+    if run.master_process:  # one download, then every rank reads the cached file
+        load_examples_from(train_data, cfg.data_cache)
+        load_examples_from(val_data, cfg.data_cache)
+    run.barrier()
+    train_examples = load_examples_from(train_data, cfg.data_cache)
+    val_examples = load_examples_from(val_data, cfg.data_cache)
+    return train_examples, val_examples[:cfg.eval_limit or None], sources
+
+
+def build_policy(source, cfg):
+    if source == "scratch":
+        torch.manual_seed(cfg.seed)  # the same weights on every rank, and again when the reference is rebuilt
+        return GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size))
+    return GPT.from_pretrained(source)
+
+
+def load_models(cfg, init_from, ckpt, resume_path, device):
+    """-> (policy with its value head, frozen reference, where the reference came from). A resumed run rebuilds
+    the reference from the source its checkpoint names and the policy from the checkpoint."""
+    reference_from = ckpt["reference_from"] if ckpt else init_from
+    reference = build_policy(reference_from, cfg).to(device).eval().requires_grad_(False)
+    policy = build_policy(resume_path, cfg) if ckpt else copy.deepcopy(reference).requires_grad_(True)
+    policy.to(device).eval()  # eval mode throughout: PPO wants no dropout in rollouts or updates
+    return policy, reference, reference_from
+
+
+def build_reward(cfg, train_examples, sources, run):
+    if cfg.reward_kind == "label":
+        return LabelReward(train_examples)
+    judge = CausalLM.load(sources["reward_source"], device=run.device,
+                          dtype=None if cfg.reward_dtype == "auto" else cfg.reward_dtype)
+    if cfg.reward_kind == "teacher":
+        return TeacherReward(judge, train_examples, style=cfg.style, mode=cfg.teacher_mode,
+                             temperature=cfg.teacher_temperature, batch_size=cfg.reward_batch_size,
+                             cache_dir=cfg.teacher_cache or os.path.join(cfg.out_dir, "teacher_cache"),
+                             data_id=sources["train_data"])
+    # every rank keeps the same running statistics
+    return LikelihoodReward(judge, per=cfg.likelihood_per, clip=cfg.reward_clip or None,
+                            normalize=cfg.reward_normalize, batch_size=cfg.reward_batch_size,
+                            all_reduce=dist.all_reduce if run.ddp else None)
+
+
+def build_rollouts(cfg, policy, train_examples, reward_fn, device):
+    if cfg.rollout == "choice":
+        # choice rollouts score the endings as the evaluator does, contexts cut to the window; encoding every
+        # training example once here makes a bad one an error at setup, the same on every rank
+        encode = gpt2_encoding().encode_ordinary
+        encoded = [encode_for_model(ex, encode, policy.config.block_size, cfg.style) for ex in train_examples]
+        return ChoiceRollouts(encoded, reward_fn, cfg.choice_temperature, cfg.micro_batch_size, device)
+    prompt_budget = min(cfg.max_prompt_tokens, policy.config.block_size - cfg.max_new_tokens)  # fit the window
+    if prompt_budget < 1:
+        raise UserError(f"config: max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the policy's "
+                        f"block_size {policy.config.block_size}")
+    stop_tokens = sentence_stop_tokens(gpt2_encoding()) if cfg.stop_at_sentence_end else [EOT_TOKEN]
+    return GenerateRollouts(reward_fn, cfg, prompt_budget, stop_tokens, device)
+
+
+def restore(ckpt, optimizer, scaler, kl_controller, reward_fn, generators, cfg, run, log):
+    """Load the optimizer, scaler, KL controller, reward statistics and RNG states of a checkpoint.
+    -> (step, data position, best acc_norm)."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    kl_controller.load_state_dict(ckpt["kl_controller"])
+    if kl_controller.value != cfg.kl_coef:
+        log(f"KL coefficient {kl_controller.value:.4g} restored from the checkpoint (config kl_coef {cfg.kl_coef})")
+    if hasattr(reward_fn, "load_state_dict") and ckpt.get("reward") is not None:
+        reward_fn.load_state_dict(ckpt["reward"])
+    sample_generator, shuffle_generator = generators
+    rng = ckpt["rng"]
+    if len(rng) == run.world_size and rng[run.rank].get("device_type") == sample_generator.device.type:
+        mine = rng[run.rank]
+        sample_generator.set_state(mine["sample"])
+        shuffle_generator.set_state(mine["shuffle"])
+        torch.set_rng_state(mine["torch"])
+    else:
+        log(f"warning: checkpoint has RNG states of {len(rng)} rank(s) on {rng[0].get('device_type')}, this run "
+            f"has {run.world_size} on {sample_generator.device.type}; sampling is reseeded, not continued")
+    return ckpt["step"], ckpt["data_position"], ckpt["best_acc_norm"]
+
+
+class Batches:
+    """Each rank's slice of each global batch, from a permutation of the training set per epoch seeded by
+    seed + epoch: a resumed run needs only the position to go on exactly where it stopped."""
+
+    def __init__(self, n_examples, batch_size, seed, run):
+        self.n_examples, self.batch_size, self.seed, self.run = n_examples, batch_size, seed, run
+        self.epoch, self.permutation = None, None
+
+    def at(self, position):
+        """-> (this rank's example indices, the next batch's position)."""
+        indices = []
+        start = position + self.run.rank * self.batch_size
+        for i in range(start, start + self.batch_size):
+            epoch, offset = divmod(i, self.n_examples)
+            if epoch != self.epoch:
+                self.epoch = epoch
+                self.permutation = np.random.RandomState(self.seed + epoch).permutation(self.n_examples)
+            indices.append(int(self.permutation[offset]))
+        return indices, position + self.batch_size * self.run.world_size
+
+
+class StopSignal:
+    """SIGTERM / SIGINT: finish the step, write a checkpoint, exit 0. A second signal stops at once."""
+
+    def __init__(self, log):
+        self.received, self.log = None, log
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        self.log(f"signal {signum}: finishing this step, then writing a checkpoint (signal again to stop at once)")
+
+    def on_any_rank(self):
+        return all_reduce_sum(torch.tensor(float(self.received is not None)))[0].item() > 0
+
+
+class RunLog:
+    """metrics.jsonl (and wandb), samples.jsonl and the console line; the master process alone writes."""
+
+    def __init__(self, cfg, master_process):
+        self.cfg, self.master_process, self.wandb_run = cfg, master_process, None
+        self.log = print if master_process else (lambda *a, **k: None)
+        if cfg.wandb_log and master_process:
+            try:
+                import wandb  # optional
+                self.wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None,
+                                            config=dataclasses.asdict(cfg))
+            except ImportError:
+                self.log("warning: wandb_log=True but wandb is not installed; logging to metrics.jsonl only")
+        self.metrics_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master_process else None
+
+    def metrics(self, metrics):
+        if self.master_process:
+            self.metrics_file.write(json.dumps(metrics) + "\n")
+            self.metrics_file.flush()
+            if self.wandb_run:
+                self.wandb_run.log(metrics, step=metrics["step"])
+
+    def step_line(self, m):
+        self.log(f"step {m['step']} | reward {m['reward']:.4f} | kl {m['kl']:.4f} | pg {m['pg_loss']:.4f} | "
+                 f"vf {m['vf_loss']:.4f} | clipfrac {m['clipfrac']:.3f} | approx_kl {m['approx_kl']:.4f} | "
+                 f"ent {m['entropy']:.3f} | ev {m['explained_var']:.3f} | {m['samples_per_s']:.1f} samples/s | "
+                 f"{m['tokens_per_s']:.0f} tok/s | dt {m['dt'] * 1000:.0f}ms | mem {m['peak_mem_gb']:.2f}GB")
+
+    def eval_line(self, step, result):
+        self.log(f"step {step} | eval acc {result['eval/acc']:.4f} | acc_norm {result['eval/acc_norm']:.4f}")
+
+    def samples(self, step, rollouts):
+        if self.master_process and self.cfg.sample_interval and step % self.cfg.sample_interval == 0:
+            with open(os.path.join(self.cfg.out_dir, "samples.jsonl"), "a") as f:
+                for sample, score in list(zip(rollouts.samples, rollouts.scores.tolist()))[:4]:
+                    f.write(json.dumps({"step": step, **sample, "reward": score}) + "\n")
+
+    def close(self):
+        if self.metrics_file:
+            self.metrics_file.close()
+        if self.wandb_run:
+            self.wandb_run.finish()
+
+
+def run_eval(policy, val_examples, step, cfg, device, dtype, master_process):
+    """HellaSwag on the val examples; the per-example predictions go to out_dir/eval/step_NNNNNN.jsonl."""
+    result = evaluate(policy, val_examples, style=cfg.style, batch_size=cfg.eval_batch_size, device=device,
+                      dtype=dtype, return_predictions=True)
+    if master_process:
+        os.makedirs(os.path.join(cfg.out_dir, "eval"), exist_ok=True)
+        write_predictions(eval_predictions_path(cfg.out_dir, step), result["predictions"])
+    return {"eval/acc": result["acc"], "eval/acc_norm": result["acc_norm"], "eval/n": result["n"]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the PPO update
+
+
+def shaped_rewards(scores, kl, kl_coef, mask):
+    """Per-action rewards (B, L): the KL penalty on every action, plus the task's score at the last one."""
+    rewards = -kl_coef * kl
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(len(scores), device=scores.device), last] += scores
+    return rewards
+
+
+def ppo_update(model, raw_model, optimizer, scaler, rollout_kind, batch, advantages, returns, cfg, generator,
+               run, dtype, bad_steps, step, log):
+    """ppo_epochs passes over the batch in shuffled minibatches: one optimizer step per minibatch, gradients
+    accumulated over its micro-batches, clipped losses. Stops early once approx_kl passes target_kl.
+    -> (mean statistics, epochs done, non-finite updates in a row)."""
+    stats = {k: [] for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "entropy", "grad_norm")}
+    B = len(batch.scores)
+    for epoch in range(cfg.ppo_epochs):
+        for minibatch in torch.randperm(B, generator=generator).split(cfg.minibatch_size):
+            micro_batches = minibatch.split(cfg.micro_batch_size)
+            for i, micro in enumerate(micro_batches):
+                micro = micro.to(run.device)
+                # DDP all-reduces the gradients of the minibatch's last micro-batch only
+                no_sync = model.no_sync() if run.ddp and i < len(micro_batches) - 1 else contextlib.nullcontext()
+                with no_sync, autocast(run.device, dtype):
+                    new_logprobs, new_values, entropy = rollout_kind.forward(model, batch, micro)
+                    mask = batch.mask[micro]
+                    losses = ppo_losses(new_logprobs, batch.logprobs[micro], advantages[micro], new_values,
+                                        batch.values[micro], returns[micro], mask, cfg.clip_coef, cfg.vf_clip_coef)
+                    entropy = masked_mean(entropy, mask)
+                    loss = losses["pg_loss"] + cfg.vf_coef * losses["vf_loss"] - cfg.ent_coef * entropy
+                scaler.scale(loss * len(micro) / len(minibatch)).backward()
+                for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac"):
+                    stats[k].append(losses[k].item())
+                stats["entropy"].append(entropy.item())
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+            if torch.isfinite(grad_norm):  # identical on every rank: the gradients were all-reduced
+                scaler.step(optimizer)
+                bad_steps = 0
+            elif scaler.is_enabled() and scaler.get_scale() > 1.0:
+                scaler.step(optimizer)  # a float16 overflow: the scaler skips this step and lowers its scale
+            else:
+                bad_steps += 1
+                log(f"warning: step {step}: non-finite loss or gradient ({bad_steps} in a row); update skipped")
+                if bad_steps >= cfg.max_bad_steps:
+                    raise RuntimeError(f"{bad_steps} non-finite updates in a row at step {step}; stopping "
+                                       "(the last good checkpoint is kept)")
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            stats["grad_norm"].append(grad_norm.item())
+            if cfg.target_kl > 0:  # every rank sees the same mean, so every rank stops at the same point
+                approx_kl = all_reduce_sum(torch.tensor(stats["approx_kl"][-len(micro_batches):]).mean())[0]
+                if approx_kl / run.world_size > cfg.target_kl:
+                    return {k: float(np.mean(v)) for k, v in stats.items() if v}, epoch + 1, bad_steps
+    return {k: float(np.mean(v)) for k, v in stats.items() if v}, cfg.ppo_epochs, bad_steps
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -507,360 +920,104 @@ def peak_memory_gb(device):
 
 def train(cfg):
     """Run PPO as configured. Returns a summary: final step, last eval, last metrics and the policy."""
-    from hellaswag import encode_for_model, evaluate, write_predictions
-    from reward import LabelReward, LikelihoodReward, RewardModel, TeacherReward
-    from tokenizer import EOT_TOKEN, gpt2_encoding
-
-    # ---- setup: distributed, device, precision, seeds
-    requested_device = resolve_device(cfg.device)  # a device this machine lacks is an error here, on every rank
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-        backend = "nccl" if requested_device.startswith("cuda") else "gloo"
-        device = resolve_device(f"cuda:{ddp_local_rank}") if backend == "nccl" else "cpu"  # one GPU per process
-        dist.init_process_group(backend=backend)
-        if backend == "nccl":
-            torch.cuda.set_device(device)
-    else:
-        ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
-        device = requested_device
-        if device == "cuda":
-            device = f"cuda:{torch.cuda.current_device()}"  # set_device needs an index
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)  # memory stats and synchronize follow the chosen GPU
-    master_process = ddp_rank == 0
-    device_type = torch.device(device).type
-    dtype = cfg.dtype if device_type == "cuda" else "float32"
-    log = print if master_process else (lambda *a, **k: None)
-    torch.manual_seed(cfg.seed + ddp_rank)
-    np.random.seed(cfg.seed + ddp_rank)
-    random.seed(cfg.seed + ddp_rank)
+    # ---- setup: distributed, seeds, data, models, reward, optimizer, resume
+    run = setup_distributed(cfg)
+    log = print if run.master_process else (lambda *a, **k: None)
+    dtype = cfg.dtype if run.device.startswith("cuda") else "float32"
+    sample_generator, shuffle_generator = seed_everything(cfg.seed, run)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    sample_generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + ddp_rank)
-    shuffle_generator = torch.Generator().manual_seed(cfg.seed * 1000 + 500 + ddp_rank)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    if master_process:
-        log(json.dumps(dataclasses.asdict(cfg), indent=2))
-        atomic_write_text(os.path.join(cfg.out_dir, "train_config.json"),
-                          json.dumps(dataclasses.asdict(cfg), indent=2))
-
-    # ---- data
-    if cfg.synthetic:
-        import synthetic
-
-        synthetic_dir = cfg.synthetic_dir or os.path.join(cfg.out_dir, "synthetic")
-        if master_process:
-            synthetic.prepare(synthetic_dir, seed=cfg.seed, log=log)
-        if ddp:
-            dist.barrier()
-        paths = synthetic.prepare(synthetic_dir, seed=cfg.seed)  # already there: only returns the paths
-        train_data, val_data, reward_source = paths["train"], paths["val"], paths["teacher"]
-        init_from = paths["policy"] if cfg.init_from == "synthetic" else cfg.init_from
-    else:
-        train_data, val_data, reward_source, init_from = cfg.train_data, cfg.val_data, cfg.reward_model, cfg.init_from
-    if master_process:  # one download, then every rank reads the cached file
-        load_examples_from(train_data, cfg.data_cache)
-        load_examples_from(val_data, cfg.data_cache)
-    if ddp:
-        dist.barrier()
-    train_examples = load_examples_from(train_data, cfg.data_cache)
-    val_examples = load_examples_from(val_data, cfg.data_cache)
-    if cfg.eval_limit:
-        val_examples = val_examples[:cfg.eval_limit]
-    enc = gpt2_encoding()
-    encode = enc.encode_ordinary
-
-    # ---- models: policy (+ value head), frozen reference, reward
     resume_path = None
     if cfg.init_from == "resume":
         resume_path = latest_checkpoint(cfg.out_dir) if os.path.isdir(cfg.out_dir) else None
         if resume_path is None:
             raise UserError(f"init_from=resume: no checkpoint (ckpt_*.pt) in {cfg.out_dir}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if run.master_process:
+        log(json.dumps(dataclasses.asdict(cfg), indent=2))
+        atomic_write_text(os.path.join(cfg.out_dir, "train_config.json"), json.dumps(dataclasses.asdict(cfg), indent=2))
+    train_examples, val_examples, sources = load_data(cfg, run, log)
     ckpt = torch.load(resume_path, map_location="cpu", weights_only=True) if resume_path else None
-    reference_from = ckpt["reference_from"] if ckpt else init_from
-
-    def build_policy(source):
-        if source == "scratch":
-            torch.manual_seed(cfg.seed)  # the same weights on every rank, and again when the reference is rebuilt
-            return GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size))
-        return GPT.from_pretrained(source)
-
-    reference = build_policy(reference_from).to(device).eval().requires_grad_(False)
-    raw_model = build_policy(resume_path) if ckpt else copy.deepcopy(reference).requires_grad_(True)
-    raw_model.to(device).eval()  # eval mode throughout: PPO wants no dropout in rollouts or updates
-    log(f"policy: {raw_model.num_params() / 1e6:.2f}M parameters from {reference_from}; device {device}, "
-        f"{ddp_world_size} process(es), autocast {dtype}")
-    prompt_budget = min(cfg.max_prompt_tokens, raw_model.config.block_size - cfg.max_new_tokens)  # fit the window
-    if cfg.rollout == "generate" and prompt_budget < 1:
-        raise UserError(f"config: max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the policy's "
-                        f"block_size {raw_model.config.block_size}")
-    # choice rollouts score the endings as the evaluator does, contexts cut to the window; encoding every training
-    # example once here makes a bad one an error at setup, the same on every rank
-    train_encoded = ([encode_for_model(ex, encode, raw_model.config.block_size, cfg.style) for ex in train_examples]
-                     if cfg.rollout == "choice" else None)
-    model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[ddp_local_rank] if device_type == "cuda"
-                                                      else None) if ddp else raw_model
+    raw_model, reference, reference_from = load_models(cfg, sources["init_from"], ckpt, resume_path, run.device)
+    log(f"policy: {raw_model.num_params() / 1e6:.2f}M parameters from {reference_from}; device {run.device}, "
+        f"{run.world_size} process(es), autocast {dtype}")
+    reward_fn = build_reward(cfg, train_examples, sources, run)
+    rollout_kind = build_rollouts(cfg, raw_model, train_examples, reward_fn, run.device)
+    device_type = torch.device(run.device).type
+    model = raw_model
+    if run.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[run.local_rank]
+                                                          if device_type == "cuda" else None)
     train_model = torch.compile(model) if cfg.compile else model
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                               device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-    kl_controller = (AdaptiveKLController if cfg.adaptive_kl else FixedKLController)(cfg.kl_coef, cfg.kl_target,
-                                                                                     cfg.kl_horizon)
-    reward_dtype = None if cfg.reward_dtype == "auto" else cfg.reward_dtype
-    if cfg.reward_kind == "label":
-        reward_fn = LabelReward(train_examples)
-    else:
-        reward_model = RewardModel(reward_source, device=device, dtype=reward_dtype)
-        if cfg.reward_kind == "teacher":
-            reward_fn = TeacherReward(reward_model, train_examples, style=cfg.style, mode=cfg.teacher_mode,
-                                      temperature=cfg.teacher_temperature, batch_size=cfg.reward_batch_size,
-                                      cache_dir=cfg.teacher_cache or os.path.join(cfg.out_dir, "teacher_cache"),
-                                      data_id=train_data)
-        else:
-            reward_fn = LikelihoodReward(reward_model, per=cfg.likelihood_per, clip=cfg.reward_clip or None,
-                                         normalize=cfg.reward_normalize, batch_size=cfg.reward_batch_size,
-                                         all_reduce=dist.all_reduce if ddp else None)  # same statistics on every rank
-    stop_tokens = sentence_stop_tokens(enc) if cfg.stop_at_sentence_end else [EOT_TOKEN]
-
+    controller = AdaptiveKLController if cfg.adaptive_kl else FixedKLController
+    kl_controller = controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     step, data_position, best_acc_norm = 0, 0, -1.0
-    if ckpt:  # ---- resume
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        kl_controller.load_state_dict(ckpt["kl_controller"])
-        if kl_controller.value != cfg.kl_coef:
-            log(f"KL coefficient {kl_controller.value:.4g} restored from the checkpoint (config kl_coef {cfg.kl_coef})")
-        if hasattr(reward_fn, "load_state_dict") and ckpt.get("reward") is not None:
-            reward_fn.load_state_dict(ckpt["reward"])
-        step, data_position, best_acc_norm = ckpt["step"], ckpt["data_position"], ckpt["best_acc_norm"]
-        rng = ckpt["rng"]
-        if len(rng) == ddp_world_size and rng[ddp_rank].get("device_type") == sample_generator.device.type:
-            mine = rng[ddp_rank]
-            sample_generator.set_state(mine["sample"])
-            shuffle_generator.set_state(mine["shuffle"])
-            torch.set_rng_state(mine["torch"])
-        else:
-            log(f"warning: checkpoint has RNG states of {len(rng)} rank(s) on {rng[0].get('device_type')}, this run "
-                f"has {ddp_world_size} on {sample_generator.device.type}; sampling is reseeded, not continued")
+    if ckpt:
+        step, data_position, best_acc_norm = restore(ckpt, optimizer, scaler, kl_controller, reward_fn,
+                                                     (sample_generator, shuffle_generator), cfg, run, log)
         log(f"resumed from {resume_path} at step {step}")
-        if master_process:  # steps logged after that checkpoint are about to be redone
+        if run.master_process:  # what was logged after that checkpoint is about to be redone
             for name in ("metrics.jsonl", "samples.jsonl"):
                 drop_lines_after(os.path.join(cfg.out_dir, name), step)
             drop_evaluations_after(cfg.out_dir, step)
         del ckpt
+    batches = Batches(len(train_examples), cfg.batch_size, cfg.seed, run)
+    stop_signal = StopSignal(log)
+    run_log = RunLog(cfg, run.master_process)
 
-    def run_eval(step):
-        """Evaluate, and keep the per-example predictions as out_dir/eval/step_NNNNNN.jsonl (master only)."""
-        raw_model.eval()
-        with torch.no_grad():
-            result = evaluate(raw_model, val_examples, style=cfg.style, batch_size=cfg.eval_batch_size,
-                              device=device, dtype=dtype, return_predictions=True)
-        if master_process:
-            os.makedirs(os.path.join(cfg.out_dir, "eval"), exist_ok=True)
-            write_predictions(eval_predictions_path(cfg.out_dir, step), result["predictions"])
-        return {"eval/acc": result["acc"], "eval/acc_norm": result["acc_norm"], "eval/n": result["n"]}
-
-    def next_batch(position):
-        """This rank's slice of the next global batch: an epoch-seeded permutation, so resuming needs only the
-        position."""
-        global_batch = cfg.batch_size * ddp_world_size
-        indices = []
-        for i in range(position + ddp_rank * cfg.batch_size, position + (ddp_rank + 1) * cfg.batch_size):
-            epoch, offset = divmod(i, len(train_examples))
-            permutation = np.random.RandomState(cfg.seed + epoch).permutation(len(train_examples))
-            indices.append(int(permutation[offset]))
-        return indices, position + global_batch
-
-    # ---- stop cleanly on SIGTERM / SIGINT: finish the step, write a checkpoint, exit 0
-    stop_signal = {"received": None}
-
-    def on_signal(signum, frame):
-        if stop_signal["received"] is not None:  # a second signal: stop at once, without a checkpoint
-            raise KeyboardInterrupt
-        stop_signal["received"] = signum
-        log(f"signal {signum}: finishing this step, then writing a checkpoint (signal again to stop at once)")
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-
-    wandb_run = None
-    if cfg.wandb_log and master_process:
-        try:
-            import wandb
-            wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None,
-                                   config=dataclasses.asdict(cfg))
-        except ImportError:
-            log("warning: wandb_log=True but wandb is not installed; logging to metrics.jsonl only")
-    metrics_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master_process else None
-
-    def log_metrics(metrics):
-        if master_process:
-            metrics_file.write(json.dumps(metrics) + "\n")
-            metrics_file.flush()
-            if wandb_run:
-                wandb_run.log(metrics, step=metrics["step"])
-
-    last_eval = None
+    last_eval, metrics, bad_steps = None, {}, 0
     if step == 0:
-        last_eval = run_eval(0)
-        log(f"step 0 | eval acc {last_eval['eval/acc']:.4f} | acc_norm {last_eval['eval/acc_norm']:.4f}")
-        log_metrics({"step": 0, **last_eval})
-    bad_steps, metrics = 0, {}
+        last_eval = run_eval(raw_model, val_examples, 0, cfg, run.device, dtype, run.master_process)
+        run_log.eval_line(0, last_eval)
+        run_log.metrics({"step": 0, **last_eval})
     while step < cfg.max_steps:
         t0 = time.time()
         lr = learning_rate_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        indices, data_position = next_batch(data_position)
-        examples = [train_examples[i] for i in indices]
-        B = len(examples)
+        indices, data_position = batches.at(data_position)
 
-        # ---- rollout: act, and record log-probs, values and reference log-probs with one forward each
-        with torch.no_grad(), autocast(device, dtype):
-            if cfg.rollout == "choice":
-                encoded = [train_encoded[i] for i in indices]
-                policy_lp, ref_lp, old_values = [], [], []
-                for s in chunked(B, cfg.micro_batch_size):
-                    lp, v = choice_forward(raw_model, encoded[s], cfg.choice_temperature, device)
-                    policy_lp.append(lp)
-                    old_values.append(v)
-                    ref_lp.append(choice_forward(reference, encoded[s], cfg.choice_temperature, device)[0])
-                policy_lp, ref_lp = torch.cat(policy_lp), torch.cat(ref_lp)
-                actions = torch.multinomial(policy_lp.exp(), 1, generator=sample_generator).squeeze(1)  # (B,)
-                old_logprobs = policy_lp.gather(1, actions[:, None])  # (B, 1): one action per example
-                ref_logprobs = ref_lp.gather(1, actions[:, None])
-                old_values = torch.cat(old_values)[:, None]
-                action_mask = torch.ones_like(old_logprobs)
-                n_tokens = sum(4 * len(c) + sum(len(e) for e in es) for c, es in encoded)
-            else:
-                prompts = [encode(ex["ctx"])[-prompt_budget:] for ex in examples]
-                prompt_idx, prompt_mask = (t.to(device) for t in left_pad(prompts, EOT_TOKEN))
-                responses, response_mask, _ = raw_model.generate(
-                    prompt_idx, prompt_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                    top_k=cfg.top_k or None, top_p=cfg.top_p, stop_tokens=stop_tokens, generator=sample_generator)
-                old_logprobs, old_values, ref_logprobs = [], [], []
-                for s in chunked(B, cfg.micro_batch_size):
-                    args = (prompt_idx[s], prompt_mask[s], responses[s], response_mask[s], cfg.temperature)
-                    lp, v, _ = sequence_forward(raw_model, *args)
-                    old_logprobs.append(lp)
-                    old_values.append(v)
-                    ref_logprobs.append(sequence_forward(reference, *args)[0])
-                old_logprobs, old_values, ref_logprobs = (torch.cat(x)
-                                                          for x in (old_logprobs, old_values, ref_logprobs))
-                action_mask = response_mask.float()
-                n_tokens = int(prompt_mask.sum() + response_mask.sum())
+        # ---- rollout and reward: act, score, and record log-probs, values and reference log-probs
+        with autocast(run.device, dtype):
+            batch = rollout_kind.collect(raw_model, reference, [train_examples[i] for i in indices], indices,
+                                         sample_generator)
 
-        # ---- reward: the task's score at the last action, minus the KL penalty on every action
-        if cfg.rollout == "choice":
-            scores = reward_fn(indices, actions.cpu()).to(device).float()
-            sample_texts = [{"ctx": ex["ctx"], "chosen": ex["endings"][a], "label": ex.get("label")}
-                            for ex, a in zip(examples, actions.tolist())]
-        else:
-            lengths = response_mask.sum(1)
-            stopped = torch.isin(responses.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1),
-                                 torch.tensor(stop_tokens, device=device))
-            texts = [enc.decode([t for t in row[:n] if t != EOT_TOKEN])
-                     for row, n in zip(responses.tolist(), lengths.tolist())]
-            nonempty = [i for i, text in enumerate(texts) if text.strip()]
-            scores = torch.full((B,), -cfg.no_stop_penalty, device=device)  # an empty sample gets the penalty
-            # every rank calls the reward, even with nothing to score: it may all-reduce its running statistics
-            nonempty_scores = reward_fn([examples[i]["ctx"] for i in nonempty], [texts[i] for i in nonempty])
-            scores[nonempty] = nonempty_scores.to(device).float()
-            scores = scores - cfg.no_stop_penalty * (~stopped).float()
-            sample_texts = [{"ctx": ex["ctx"], "continuation": text} for ex, text in zip(examples, texts)]
-        kl = kl_penalty(old_logprobs, ref_logprobs) * action_mask  # (B, L) per action
-        rewards = -kl_controller.value * kl
-        last = action_mask.sum(1).long() - 1
-        rewards[torch.arange(B, device=device), last.clamp(min=0)] += scores
-
-        # ---- advantages
-        advantages, returns = compute_gae(rewards, old_values, action_mask, cfg.gamma, cfg.gae_lambda)
+        # ---- advantages: the KL penalty on every action, the score at the last, GAE, whitening
+        kl = kl_penalty(batch.logprobs, batch.ref_logprobs) * batch.mask
+        rewards = shaped_rewards(batch.scores, kl, kl_controller.value, batch.mask)
+        advantages, returns = compute_gae(rewards, batch.values, batch.mask, cfg.gamma, cfg.gae_lambda)
         if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, action_mask, across_ranks=ddp)
+            advantages = masked_whiten(advantages, batch.mask, across_ranks=run.ddp)
 
-        # ---- PPO epochs: minibatches, gradient accumulation over micro-batches, clipped losses
-        stats = {k: [] for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "entropy", "grad_norm")}
-        stop_early = False
-        for epoch in range(cfg.ppo_epochs):
-            permutation = torch.randperm(B, generator=shuffle_generator)
-            for minibatch in permutation.split(cfg.minibatch_size):
-                micro_batches = minibatch.split(cfg.micro_batch_size)
-                for i, micro in enumerate(micro_batches):
-                    sync = i == len(micro_batches) - 1
-                    with (contextlib.nullcontext() if sync or not ddp else model.no_sync()), autocast(device, dtype):
-                        if cfg.rollout == "choice":
-                            lp, v = choice_forward(train_model, [encoded[j] for j in micro.tolist()],
-                                                   cfg.choice_temperature, device)
-                            new_logprobs, new_values = lp.gather(1, actions[micro.to(device), None]), v[:, None]
-                            entropy = -(lp.exp() * lp).sum(1, keepdim=True)
-                        else:
-                            new_logprobs, new_values, entropy = sequence_forward(
-                                train_model, prompt_idx[micro], prompt_mask[micro], responses[micro],
-                                response_mask[micro], cfg.temperature)
-                        micro = micro.to(device)
-                        mask = action_mask[micro]
-                        losses = ppo_losses(new_logprobs, old_logprobs[micro], advantages[micro], new_values,
-                                            old_values[micro], returns[micro], mask, cfg.clip_coef, cfg.vf_clip_coef)
-                        entropy = masked_mean(entropy, mask)
-                        loss = losses["pg_loss"] + cfg.vf_coef * losses["vf_loss"] - cfg.ent_coef * entropy
-                    scaler.scale(loss * len(micro) / len(minibatch)).backward()
-                    for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac"):
-                        stats[k].append(losses[k].item())
-                    stats["entropy"].append(entropy.item())
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-                if torch.isfinite(grad_norm):  # identical on every rank: the gradients were all-reduced
-                    scaler.step(optimizer)
-                    bad_steps = 0
-                elif scaler.is_enabled() and scaler.get_scale() > 1.0:
-                    scaler.step(optimizer)  # a float16 overflow: the scaler skips this step and lowers its scale
-                else:
-                    bad_steps += 1
-                    log(f"warning: step {step}: non-finite loss or gradient ({bad_steps} in a row); update skipped")
-                    if bad_steps >= cfg.max_bad_steps:
-                        raise RuntimeError(f"{bad_steps} non-finite updates in a row at step {step}; stopping "
-                                           "(the last good checkpoint is kept)")
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                stats["grad_norm"].append(grad_norm.item())
-                if cfg.target_kl > 0:  # every rank sees the same mean, so every rank stops at the same point
-                    approx_kl = all_reduce_sum(torch.tensor(stats["approx_kl"][-len(micro_batches):]).mean())[0]
-                    if approx_kl / ddp_world_size > cfg.target_kl:
-                        stop_early = True
-                        break
-            if stop_early:
-                break
+        # ---- PPO epochs
+        stats, epochs_done, bad_steps = ppo_update(train_model, raw_model, optimizer, scaler, rollout_kind, batch,
+                                                   advantages, returns, cfg, shuffle_generator, run, dtype,
+                                                   bad_steps, step, log)
 
         # ---- log / eval / checkpoint
         step += 1
-        score_mean, kl_mean = (x / ddp_world_size for x in all_reduce_sum(scores.mean(), kl.sum(1).mean()))
-        kl_controller.update(kl_mean.item(), cfg.batch_size * ddp_world_size)
+        score_mean, kl_mean = (x / run.world_size for x in all_reduce_sum(batch.scores.mean(), kl.sum(1).mean()))
+        kl_controller.update(kl_mean.item(), cfg.batch_size * run.world_size)
         if device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
         metrics = {"step": step, "reward": score_mean.item(), "kl": kl_mean.item(), "kl_coef": kl_controller.value,
-                   "lr": lr, **{k: float(np.mean(v)) for k, v in stats.items() if v},
-                   "explained_var": explained_variance(old_values, returns, action_mask),
-                   "ppo_epochs_done": epoch + 1, "samples_per_s": B * ddp_world_size / dt,
-                   "tokens_per_s": n_tokens * ddp_world_size / dt, "dt": dt, "peak_mem_gb": peak_memory_gb(device)}
-        if cfg.rollout == "choice" and all(ex.get("label") is not None for ex in examples):
-            labels = torch.tensor([ex["label"] for ex in examples], device=device)
-            metrics["train/chosen_acc"] = (actions == labels).float().mean().item()  # this rank's batch
+                   "lr": lr, **stats, "explained_var": explained_variance(batch.values, returns, batch.mask),
+                   "ppo_epochs_done": epochs_done, "samples_per_s": len(indices) * run.world_size / dt,
+                   "tokens_per_s": batch.n_tokens * run.world_size / dt, "dt": dt,
+                   "peak_mem_gb": peak_memory_gb(run.device), **rollout_kind.metrics(batch)}
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
-            log(f"step {step} | reward {metrics['reward']:.4f} | kl {metrics['kl']:.4f} | "
-                f"pg {metrics['pg_loss']:.4f} | vf {metrics['vf_loss']:.4f} | clipfrac {metrics['clipfrac']:.3f} | "
-                f"approx_kl {metrics['approx_kl']:.4f} | ent {metrics['entropy']:.3f} | "
-                f"ev {metrics['explained_var']:.3f} | {metrics['samples_per_s']:.1f} samples/s | "
-                f"{metrics['tokens_per_s']:.0f} tok/s | dt {dt * 1000:.0f}ms | mem {metrics['peak_mem_gb']:.2f}GB")
-        if master_process and cfg.sample_interval and step % cfg.sample_interval == 0:
-            with open(os.path.join(cfg.out_dir, "samples.jsonl"), "a") as f:
-                for sample, score in list(zip(sample_texts, scores.tolist()))[:4]:
-                    f.write(json.dumps({"step": step, **sample, "reward": score}) + "\n")
-        stop_now = all_reduce_sum(torch.tensor(float(stop_signal["received"] is not None)))[0].item() > 0
+            run_log.step_line(metrics)
+        run_log.samples(step, batch)
+        stop_now = stop_signal.on_any_rank()
         if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps:
-            last_eval = run_eval(step)
+            last_eval = run_eval(raw_model, val_examples, step, cfg, run.device, dtype, run.master_process)
             metrics.update(last_eval)
-            log(f"step {step} | eval acc {last_eval['eval/acc']:.4f} | acc_norm {last_eval['eval/acc_norm']:.4f}")
-        log_metrics(metrics)
+            run_log.eval_line(step, last_eval)
+        run_log.metrics(metrics)
         is_best = "eval/acc_norm" in metrics and metrics["eval/acc_norm"] > best_acc_norm
         if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or stop_now or is_best:
             if is_best:
@@ -868,27 +1025,23 @@ def train(cfg):
             state = {"data_position": data_position, "best_acc_norm": best_acc_norm,
                      "kl_controller": kl_controller.state_dict(), "reference_from": reference_from,
                      "reward": reward_fn.state_dict() if hasattr(reward_fn, "state_dict") else None,
-                     "rng": gather_rng_states(sample_generator, shuffle_generator, ddp_world_size)}
+                     "rng": gather_rng_states(sample_generator, shuffle_generator, run.world_size)}
             if not all(torch.isfinite(p).all() for p in raw_model.parameters()):  # the same on every rank
                 raise RuntimeError(f"non-finite weights at step {step}; no checkpoint written")
-            if master_process:
+            if run.master_process:
                 path = save_checkpoint(cfg.out_dir, step, raw_model, optimizer, scaler, state, cfg, cfg.keep_last,
                                        is_best)
                 log(f"saved {path}")
-            if ddp:
-                dist.barrier()
+            run.barrier()
         if stop_now:
-            log(f"received signal {stop_signal['received']}: checkpoint written at step {step}, stopping")
+            log(f"received signal {stop_signal.received}: checkpoint written at step {step}, stopping")
             break
 
-    if master_process and cfg.export_hf and step == cfg.max_steps:
+    if run.master_process and cfg.export_hf and step == cfg.max_steps:
         raw_model.save_pretrained(os.path.join(cfg.out_dir, "hf"))
         log(f"exported the policy to {os.path.join(cfg.out_dir, 'hf')}")
-    if metrics_file:
-        metrics_file.close()
-    if wandb_run:
-        wandb_run.finish()
-    if ddp:
+    run_log.close()
+    if run.ddp:
         dist.barrier()  # every rank done with every collective first: tearing gloo down mid-way can abort a rank
         dist.destroy_process_group()
     return {"step": step, "eval": last_eval, "metrics": metrics, "model": raw_model}

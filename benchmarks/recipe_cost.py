@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_ppo  # noqa: E402
 from common import UserError, resolve_device, run_cli  # noqa: E402
 from model import GPT, GPTConfig, HUB_GPT2_NAMES  # noqa: E402
-from reward import resolve_dtype  # noqa: E402
+from causal_lm import resolve_dtype  # noqa: E402
 from tokenizer import gpt2_hf_tokenizer  # noqa: E402
 
 from hellaswag_speed import DEFAULT_DATA, cpu_name  # noqa: E402  (this folder is on the path of a script)
@@ -124,7 +124,7 @@ def main(argv=None):
     stand_ins = {}
     stand_ins["init_from"], built = policy_stand_in(cfg.init_from, args.work, args.tiny)
     if cfg.reward_kind in ("teacher", "likelihood"):
-        dtype = resolve_dtype(cfg.reward_dtype, device)  # what RewardModel will load it in
+        dtype = resolve_dtype(cfg.reward_dtype, device)  # what CausalLM.load will load it in
         stand_ins["reward_model"], built_reward = reward_stand_in(cfg.reward_model, args.work, args.tiny, device,
                                                                   dtype)
         built = built or built_reward

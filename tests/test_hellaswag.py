@@ -4,12 +4,16 @@ straightforward per-example implementation. The fixtures are synthetic, written 
 import importlib.util
 import json
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import hellaswag
 from common import UserError
+from causal_lm import split_encode
 from hellaswag import (choice_logprobs, encode_example, evaluate, example_texts, load_examples, pad_choices,
                        score_choices)
 from model import GPT, GPTConfig
@@ -183,24 +187,33 @@ def test_encode_example_completion_encodes_parts_separately():
     assert ending_tokens == [enc.encode_ordinary(" " + e) for e in example["endings"]]
 
 
-def test_encode_example_whole_split_moves_trailing_space_and_adds_prefix():
+def test_split_encode_moves_trailing_space_and_keeps_a_spanning_token_whole():
     enc = gpt2_encoding()
-    example = {"index": 0, "ctx": "The end is near ", "endings": ["now.", "later.", "soon.", "never."], "label": 0}
-    context_tokens, ending_tokens = encode_example(example, enc.encode_ordinary, split_whole=True,
-                                                   prefix_tokens=(EOT_TOKEN,))
-    assert context_tokens == [EOT_TOKEN] + enc.encode_ordinary("The end is near")
-    for ending, tokens in zip(example["endings"], ending_tokens):
-        whole = enc.encode_ordinary("The end is near  " + ending)  # ctx's trailing space + the continuation's
-        assert context_tokens[1:] + tokens == whole
+    context_tokens, ending_tokens = split_encode(enc.encode_ordinary, "The end is near ", "now.")
+    assert context_tokens == enc.encode_ordinary("The end is near")
+    assert context_tokens + ending_tokens == enc.encode_ordinary("The end is near now.")  # the space goes after
+    # "Wait." + ".." encodes whole as "Wait" "...": the token spanning the boundary is the continuation's
+    context_tokens, ending_tokens = split_encode(enc.encode_ordinary, "Wait.", "..")
+    assert context_tokens == enc.encode_ordinary("Wait") and ending_tokens == enc.encode_ordinary("...")
 
 
-def test_a_context_that_cleaning_empties_is_an_error_unless_a_prefix_starts_it():
+def test_lm_eval_style_gives_a_spanning_token_to_the_ending():
+    def encode(text):  # characters, except that ". ." is one token: it spans "Wait." + " .."
+        return [999 if part == ". ." else ord(part) for part in re.findall(r"\. \.|.", text)]
+
+    example = {"index": 0, "ctx": "Wait.", "endings": ["..", "now.", "later.", "soon."], "label": 0}
+    context_tokens, ending_tokens = encode_example(example, encode, style="lm-eval")
+    context, continuations = example_texts(example, "lm-eval")
+    assert context_tokens == encode("Wait") and ending_tokens[0] == [999, ord(".")]
+    for continuation, tokens in zip(continuations, ending_tokens):  # each row is the whole text's encoding
+        assert context_tokens + tokens == encode(context + continuation)
+
+
+def test_a_context_that_cleaning_empties_is_an_error():
     enc = gpt2_encoding()
     example = {"index": 7, "ctx": "[header]", "endings": ["a.", "b.", "c.", "d."], "label": 0}
     with pytest.raises(UserError, match="example 7: the context is empty once lm-eval-style cleaning is done"):
         encode_example(example, enc.encode_ordinary, style="lm-eval")
-    context_tokens, _ = encode_example(example, enc.encode_ordinary, style="lm-eval", prefix_tokens=(EOT_TOKEN,))
-    assert context_tokens == [EOT_TOKEN]
 
 
 def test_pad_choices_layout():
@@ -387,8 +400,17 @@ def test_a_transformers_model_needs_its_tokenizer(tiny_hf_gpt2):
         evaluate(GPT2LMHeadModel.from_pretrained(tiny_hf_gpt2), varied_examples(2))
 
 
-def test_module_has_no_import_side_effects():
-    assert not hasattr(hellaswag, "enc") and "gpt2_encoding" not in vars(hellaswag)
+def test_importing_the_project_has_no_side_effects(tmp_path):
+    """Importing every module builds no tokenizer, starts no CUDA and writes nothing."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    modules = sorted(name[:-3] for name in os.listdir(root) if name.endswith(".py"))
+    assert {"hellaswag", "model", "reward", "train_ppo"} <= set(modules)
+    code = (f"import torch, tokenizer, {', '.join(modules)}\n"
+            "assert tokenizer.gpt2_encoding.cache_info().currsize == 0\n"
+            "assert not torch.cuda.is_initialized()\n")
+    env = {**os.environ, "PYTHONPATH": root, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, timeout=120)
+    assert os.listdir(tmp_path) == []
 
 
 def test_fit_to_length_cuts_the_context_from_the_left():

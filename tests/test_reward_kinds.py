@@ -9,8 +9,9 @@ import torch
 
 import hellaswag
 from common import UserError
-from reward import LabelReward, LikelihoodReward, PairError, RewardModel, TeacherReward
-from test_reward import build_gpt_neo, reference_score, tiktoken_encode
+from causal_lm import CausalLM, PairError, continuation_start
+from reward import LabelReward, LikelihoodReward, TeacherReward
+from test_causal_lm import build_gpt_neo, reference_score, tiktoken_encode
 from tokenizer import EOT_TOKEN, gpt2_encoding
 
 EXAMPLES = [
@@ -34,7 +35,7 @@ CONTINUATIONS = [" He starts pulling up roofing.", " jumps over the lazy dog.", 
 
 @pytest.fixture(scope="module")
 def neo(tmp_path_factory):
-    return RewardModel(build_gpt_neo(tmp_path_factory.mktemp("neo")))
+    return CausalLM.load(build_gpt_neo(tmp_path_factory.mktemp("neo")))
 
 
 @pytest.fixture
@@ -150,9 +151,6 @@ def test_likelihood_statistics_agree_across_ranks(neo):
 def test_likelihood_empty_sample(neo):
     with pytest.raises(PairError, match="empty"):
         LikelihoodReward(neo, normalize=False)(["A man"], [""])
-    got = LikelihoodReward(neo, normalize=False, empty_reward=-20.0)(["A man", "A man"], [" sits", ""])
-    assert got[1].item() == -20.0
-    assert got[0].item() == pytest.approx(neo.score(["A man"], [" sits"])["mean_logprob"].item())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -170,8 +168,41 @@ def test_teacher_scores_match_reference_and_rewards(neo):
     assert agree.tolist() == [1.0, 1.0, 1.0]
     disagree = TeacherReward(neo, EXAMPLES, mode="agree")([4], (expected.argmax(-1)[[4]] + 1) % 4)
     assert disagree.tolist() == [0.0]
-    labels = torch.tensor([ex["label"] for ex in EXAMPLES])
-    assert teacher.accuracy() == pytest.approx((expected.argmax(-1) == labels).float().mean().item())
+
+
+def spanning_lm(path):
+    """A tiny GPT-2-architecture LM whose BPE has no pre-tokenizer, so merges cross spaces: "Wait." + " .." encodes
+    whole with a token ". ." that spans the context/ending boundary."""
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    corpus = ["Wait. .. he said. Wait. .. again", "A man sits. He waves. He stands.", "The dog. The cat. Wait."]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.train_from_iterator(corpus * 8, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "</s>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return CausalLM.load(path)
+
+
+@pytest.mark.parametrize("style", ["completion", "lm-eval"])
+def test_teacher_scores_equal_the_evaluator_norm_scores(tmp_path, style):
+    """The teacher scores endings exactly as hellaswag.evaluate scores them with the same model, also where a
+    token spans the context/ending boundary."""
+    lm = spanning_lm(tmp_path)
+    examples = [dict(ex) for ex in EXAMPLES[:3]]
+    examples[0].update(ctx="Wait.", ctx_a="Wait.", endings=["..", "he said.", "again.", "The dog."])
+    context, continuations = hellaswag.example_texts(examples[0], style)
+    context_ids = lm.encode(context.rstrip())
+    whole_ids = lm.encode(context.rstrip() + " " + continuations[0].lstrip())
+    assert continuation_start(context_ids, whole_ids) < len(context_ids)  # the data has a spanning token
+    teacher = TeacherReward(lm, examples, style=style).teacher_scores(range(len(examples)))
+    evaluated = hellaswag.evaluate(lm.model, examples, tokenizer=lm.tokenizer, style=style, batch_size=2,
+                                   return_predictions=True)["predictions"]
+    torch.testing.assert_close(teacher, torch.tensor([p["norm_scores"] for p in evaluated]), atol=1e-5, rtol=0)
 
 
 def test_teacher_lm_eval_style_normalises_per_character(neo):
@@ -185,7 +216,7 @@ def test_teacher_lm_eval_style_normalises_per_character(neo):
 def test_teacher_scores_lazily_and_caches_on_disk(neo, tmp_path, count_forwards):
     first = TeacherReward(neo, EXAMPLES, cache_dir=tmp_path, data_id="unit/val", batch_size=4)
     r1 = first([0, 2, 2], torch.tensor([1, 0, 3]))
-    assert len(count_forwards) == 2 and first.n_forward_examples == 2  # 2 examples x 4 endings, batches of 4
+    assert len(count_forwards) == 2  # 2 examples x 4 endings, batches of 4
     first([2, 0], torch.tensor([0, 0]))
     assert len(count_forwards) == 2  # in memory
     files = list(tmp_path.iterdir())
@@ -193,7 +224,7 @@ def test_teacher_scores_lazily_and_caches_on_disk(neo, tmp_path, count_forwards)
 
     second = TeacherReward(neo, EXAMPLES, cache_dir=tmp_path, data_id="unit/val", batch_size=4)
     torch.testing.assert_close(second([0, 2, 2], torch.tensor([1, 0, 3])), r1)
-    assert len(count_forwards) == 2 and second.n_forward_examples == 0  # a new run: no forwards at all
+    assert len(count_forwards) == 2  # a new run: no forwards at all
     second([1], torch.tensor([0]))
     assert len(count_forwards) == 3  # an example nobody scored yet
 
@@ -218,15 +249,16 @@ def test_teacher_scores_lazily_and_caches_on_disk(neo, tmp_path, count_forwards)
     assert len(list(tmp_path.iterdir())) == 3
 
 
-def test_teacher_unreadable_cache_is_rescored(neo, tmp_path, capsys):
+def test_teacher_unreadable_cache_is_rescored(neo, tmp_path, capsys, count_forwards):
     teacher = TeacherReward(neo, EXAMPLES, cache_dir=tmp_path)
     expected = teacher.teacher_scores([3])
     (path,) = tmp_path.iterdir()
     path.write_bytes(b"not a torch file")
     again = TeacherReward(neo, EXAMPLES, cache_dir=tmp_path)
     assert "unreadable teacher cache" in capsys.readouterr().err
+    before = len(count_forwards)
     torch.testing.assert_close(again.teacher_scores([3]), expected)
-    assert again.n_forward_examples == 1
+    assert len(count_forwards) == before + 1
 
 
 def test_teacher_bad_arguments(neo):

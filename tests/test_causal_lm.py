@@ -1,6 +1,6 @@
 """
-reward.py's RewardModel and CLI against tiny models built here (2 layers, 64 dims), saved with save_pretrained and
-loaded back by path: a GPT-Neo with GPT-2's vocabulary, a Llama whose own BPE adds a BOS token, and a Pythia-style
+causal_lm.py's CausalLM and reward.py's CLI against tiny models built here (2 layers, 64 dims), saved with
+save_pretrained and loaded back by path: a GPT-Neo with GPT-2's vocabulary, a Llama whose own BPE adds a BOS token, and a Pythia-style
 GPT-NeoX with a byte-level BPE that pads on the left. Every score is checked against a plain reference: the model's
 own tokenizer, lm-evaluation-harness's boundary rule, one unbatched forward per pair.
 """
@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from common import UserError
-import reward
-from reward import PairError, RewardModel, main
+import causal_lm
+from causal_lm import CausalLM, PairError
+from reward import main
 from tokenizer import EOT_TOKEN, gpt2_encoding, gpt2_hf_tokenizer
 
 CORPUS = [
@@ -94,21 +95,21 @@ def build_pythia(path, window=64):
 
 @pytest.fixture(scope="module")
 def neo(tmp_path_factory):
-    return RewardModel(build_gpt_neo(tmp_path_factory.mktemp("neo")))
+    return CausalLM.load(build_gpt_neo(tmp_path_factory.mktemp("neo")))
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    return RewardModel(build_llama(tmp_path_factory.mktemp("llama")))
+    return CausalLM.load(build_llama(tmp_path_factory.mktemp("llama")))
 
 
 @pytest.fixture(scope="module")
 def pythia(tmp_path_factory):
-    return RewardModel(build_pythia(tmp_path_factory.mktemp("pythia")))
+    return CausalLM.load(build_pythia(tmp_path_factory.mktemp("pythia")))
 
 
 # --------------------------------------------------------------------------------------------------------------
-# the reference: lm-evaluation-harness's rule and one plain forward per pair, sharing nothing with reward.py
+# the reference: lm-evaluation-harness's rule and one plain forward per pair, sharing nothing with causal_lm.py
 
 def reference_score(model, encode, context, continuation, start_id=None, window=None):
     """(sum log-prob, n tokens) of continuation given context. encode: the model's own tokenizer, special tokens
@@ -207,7 +208,7 @@ def test_padding_side_and_batch_size_do_not_change_scores(neo):
 def test_models_without_logits_to_keep_score_the_same(neo, monkeypatch):
     contexts, continuations = [c for c, _ in PAIRS], [k for _, k in PAIRS]
     span_only = neo.score(contexts, continuations, batch_size=3)["sum_logprob"]
-    monkeypatch.setattr(reward, "keeps_logits", lambda model: False)  # the LM head over every position
+    monkeypatch.setattr(causal_lm, "keeps_logits", lambda model: False)  # the LM head over every position
     torch.testing.assert_close(neo.score(contexts, continuations, batch_size=3)["sum_logprob"], span_only,
                                atol=1e-4, rtol=0)
 
@@ -215,7 +216,7 @@ def test_models_without_logits_to_keep_score_the_same(neo, monkeypatch):
 def test_scoring_in_small_chunks_of_positions_gives_the_same_sums(neo, monkeypatch):
     contexts, continuations = [c for c, _ in PAIRS], [k for _, k in PAIRS]
     whole = neo.score(contexts, continuations, batch_size=4)["sum_logprob"]
-    monkeypatch.setattr(reward, "SCORE_CHUNK", 3)  # a chunk boundary inside most rows
+    monkeypatch.setattr(causal_lm, "SCORE_CHUNK", 3)  # a chunk boundary inside most rows
     torch.testing.assert_close(neo.score(contexts, continuations, batch_size=4)["sum_logprob"], whole,
                                atol=1e-5, rtol=0)
 
@@ -314,7 +315,7 @@ def test_score_tokens_scores_the_given_tokens(neo, llama):
 def test_reward_model_is_frozen_float32_on_cpu(neo, tmp_path):
     assert not neo.model.training and not any(p.requires_grad for p in neo.model.parameters())
     assert neo.model.dtype == torch.float32 and neo.max_length == 64
-    bf16 = RewardModel(neo.source, dtype="bfloat16")
+    bf16 = CausalLM.load(neo.source, dtype="bfloat16")
     assert bf16.model.dtype == torch.bfloat16
     s32, s16 = neo.score(["A man is"], [" sitting"]), bf16.score(["A man is"], [" sitting"])
     assert s16["sum_logprob"].dtype == torch.float32  # log-probs in float32 whatever the model's dtype
@@ -327,7 +328,7 @@ def test_this_projects_exported_policy_can_judge(tmp_path):
     torch.manual_seed(0)
     policy = GPT(GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64)).eval()
     policy.save_pretrained(tmp_path / "hf")
-    judge = RewardModel(str(tmp_path / "hf"))
+    judge = CausalLM.load(str(tmp_path / "hf"))
     assert judge.shares_gpt2_vocab and judge.max_length == 64
     context, continuation = tiktoken_encode("A man is sitting on a roof."), tiktoken_encode(" He starts pulling.")
     with torch.no_grad():
@@ -340,19 +341,19 @@ def test_this_projects_exported_policy_can_judge(tmp_path):
 
 def test_unloadable_sources_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="no such directory"):
-        RewardModel(str(tmp_path / "missing"))
+        CausalLM.load(str(tmp_path / "missing"))
     with pytest.raises(UserError, match="no config.json"):
-        RewardModel(str(tmp_path))
+        CausalLM.load(str(tmp_path))
     (tmp_path / "ckpt.pt").write_bytes(b"x")
     with pytest.raises(UserError, match="save_pretrained"):
-        RewardModel(str(tmp_path / "ckpt.pt"))
+        CausalLM.load(str(tmp_path / "ckpt.pt"))
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(UserError, match="not a loadable transformers causal LM"):
-        RewardModel(str(tmp_path))
+        CausalLM.load(str(tmp_path))
     with pytest.raises(UserError, match=r"hf download EleutherAI/gpt-neo-2.7B --local-dir DIR"):  # offline in tests
-        RewardModel("EleutherAI/gpt-neo-2.7B")
+        CausalLM.load("EleutherAI/gpt-neo-2.7B")
     with pytest.raises(UserError, match="unknown dtype"):
-        RewardModel(str(tmp_path), dtype="int8")
+        CausalLM.load(str(tmp_path), dtype="int8")
 
 
 # --------------------------------------------------------------------------------------------------------------

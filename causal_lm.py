@@ -1,0 +1,313 @@
+"""
+A transformers causal LM as a scorer of text: loading it (one-line errors offline), its window, the special tokens
+before a text, where a continuation starts, and the float32 log-probs of the scored tokens. hellaswag.py scores
+the endings of other architectures through it, and reward.py's judges and teachers are CausalLMs.
+
+    lm = CausalLM.load("EleutherAI/gpt-neo-2.7B", device="cuda")     # or a local transformers directory
+    s = lm.score(contexts, continuations)                             # dict of (N,) float32 tensors
+    s = lm.score_tokens(context_ids, continuation_ids)                 # the same from GPT-2 token ids
+"""
+
+import inspect
+import json
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from common import UserError, first_line, looks_like_a_path, resolve_device
+from model import logprobs_from_logits
+from tokenizer import bpe_files, gpt2_encoding
+
+SCORE_CHUNK = 1024  # scored positions per log-softmax: bounds the float32 (positions, vocab) copy in memory
+
+
+class PairError(UserError, ValueError):
+    """A (context, continuation) pair that cannot be scored; .index is its position in the input."""
+
+    def __init__(self, index, message):
+        super().__init__(f"pair {index}: {message}")
+        self.index, self.problem = index, message
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# text -> tokens: the one rule for the context/continuation boundary
+
+
+def split_boundary_whitespace(context, continuation):
+    """Trailing whitespace of the context belongs to the continuation ("A man " + "sits" -> "A man" + " sits"):
+    BPE tokenizers attach a space to the word after it, so this keeps the boundary between tokens."""
+    stripped = context.rstrip()
+    return stripped, context[len(stripped):] + continuation
+
+
+def continuation_start(context_ids, whole_ids):
+    """Where the continuation starts in whole_ids = encode(context + continuation): len(context_ids) when the whole
+    encoding begins with the context's own (lm-evaluation-harness's split), else the first token that differs, so a
+    token spanning the boundary ("Wait." + ".." -> "Wait" "...") counts as continuation and is never cut in two."""
+    n = 0
+    while n < len(context_ids) and n < len(whole_ids) and context_ids[n] == whole_ids[n]:
+        n += 1
+    return n
+
+
+def split_encode(encode, context, continuation):
+    """-> (context ids, continuation ids) of the whole text encoded once, split by the rules above. encode: str ->
+    list[int]. Joined, the two are always the encoding of context + continuation."""
+    context, continuation = split_boundary_whitespace(context, continuation)
+    whole = encode(context + continuation)
+    start = continuation_start(encode(context), whole)
+    return whole[:start], whole[start:]
+
+
+def fit_window(head, context_ids, continuation_ids, window):
+    """head + context + continuation, dropping context tokens from the left so that the model input (all tokens
+    but the last) fits in `window` positions. head (BOS, or a start token) is always kept. -> ids, or None if even
+    the continuation alone does not fit."""
+    room = window + 1 - len(head) - len(continuation_ids)  # context tokens that fit
+    if room < (0 if head else 1):  # the first continuation token needs something to be predicted from
+        return None
+    context_ids = context_ids[max(0, len(context_ids) - room):]
+    return head + context_ids + continuation_ids
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tokens -> log-probs
+
+
+def keeps_logits(model):
+    """Whether a transformers model's forward can apply its LM head to chosen positions only (logits_to_keep)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+@torch.no_grad()
+def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu"):
+    """
+    Log-probabilities of the last n tokens of each row under a transformers causal LM.
+    rows: list of (ids, n) with ids a list of token ids and n >= 1 the number of tokens at its end to score.
+    -> (len(rows), ) float32 sums, in input order. Rows run longest first (an out-of-memory batch fails at once),
+    right-padded: padding after the real tokens never changes a causal LM's outputs at them, and positions stay
+    0, 1, 2, ... without position ids, whatever padding side the tokenizer prefers.
+    """
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    in_order = []
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        T = len(rows[batch[0]][0]) - 1  # the longest input in the batch: every token but the last
+        input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), T), dtype=torch.long)
+        for r, i in enumerate(batch):
+            ids = rows[i][0]
+            input_ids[r, :len(ids) - 1] = torch.tensor(ids[:-1])
+            attention_mask[r, :len(ids) - 1] = 1
+        # the LM head only over the span of positions that predict scored tokens (sorted rows: a short span)
+        first = min(len(rows[i][0]) - 1 - rows[i][1] for i in batch)
+        keep = keeps_logits(model)
+        kwargs = {"logits_to_keep": torch.arange(first, T, device=device)} if keep else {}
+        offset = first if keep else 0
+        # which logits score which tokens, built on the host and moved once: logits at position t predict token
+        # t + 1, and row r's scored tokens are its last n
+        span = T - offset
+        flat, targets = [], []
+        for r, i in enumerate(batch):
+            ids, n = rows[i]
+            flat.extend(r * span + t - offset for t in range(len(ids) - 1 - n, len(ids) - 1))
+            targets.extend(ids[-n:])
+        flat, targets = (torch.tensor(x).to(device, non_blocking=True) for x in (flat, targets))
+        # (B, T - first, V), or (B, T, V) for a model that cannot skip positions
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False,
+                       **kwargs).logits
+        logits = logits.reshape(-1, logits.size(-1))
+        # float32 log-probs of the scored tokens, a chunk of positions at a time to bound memory, put back in their
+        # (row, position) slots and summed per row: deterministic, unlike an atomic index_add on CUDA
+        token_logprobs = torch.cat([logprobs_from_logits(logits.index_select(0, f), t)
+                                    for f, t in zip(flat.split(SCORE_CHUNK), targets.split(SCORE_CHUNK))])
+        slots = torch.zeros(len(batch) * span, device=logits.device).index_put_((flat,), token_logprobs)
+        in_order.append(slots.view(len(batch), span).sum(1))
+    sums = torch.zeros(len(rows), dtype=torch.float32)
+    if in_order:
+        sums[torch.tensor(order, dtype=torch.long)] = torch.cat(in_order).cpu()
+    return sums
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def resolve_dtype(dtype, device):
+    """None or "auto" -> bfloat16 on CUDA, float32 elsewhere; names ("bfloat16") -> torch dtypes."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"unknown dtype '{dtype}'; choose float32, bfloat16 or float16")
+    return getattr(torch, dtype)
+
+
+def load_causal_lm(source, device, dtype):
+    """(model, tokenizer) from a hub name or a local directory, frozen, on device. Failures are UserErrors."""
+    if os.path.isfile(source):
+        raise UserError(f"{source}: a file, but transformers models load from a directory or a hub name "
+                        "(export a checkpoint of this project with GPT.save_pretrained(DIR) and pass DIR)")
+    local = os.path.isdir(source)
+    if not local and looks_like_a_path(source):
+        raise UserError(f"{source}: no such directory")
+    if local and not os.path.isfile(os.path.join(source, "config.json")):
+        raise UserError(f"{source}: no config.json here; expected a transformers model directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except Exception as e:  # transformers raises many kinds (OSError, ValueError, safetensors errors, ...)
+        if not local and isinstance(e, OSError):
+            raise UserError(f"could not load '{source}' from the Hugging Face hub (offline, or no such repo?); "
+                            f"download it where there is internet (hf download {source} --local-dir DIR) and pass "
+                            "DIR instead") from None
+        raise UserError(f"{source}: not a loadable transformers causal LM with its tokenizer ({first_line(e)})") \
+            from None
+    model.to(device).eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def model_window(config, tokenizer, source):
+    """The longest input the model takes, in tokens."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    if 0 < getattr(tokenizer, "model_max_length", 0) < 1_000_000:  # tokenizers without a limit say 1e30
+        return tokenizer.model_max_length
+    raise UserError(f"{source}: cannot tell the model's context window from its config; pass max_length")
+
+
+def special_prefix(tokenizer):
+    """The special tokens the tokenizer puts before a text (e.g. [BOS]); ones it appends (EOS) are not wanted
+    after a context and are left out."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            return full[:i]
+    return []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the scorer
+
+
+class CausalLM:
+    """
+    A transformers causal LM and its tokenizer as a scorer of (context, continuation) text pairs, re-tokenized with
+    its own tokenizer, so it need not share GPT-2's vocabulary (gpt-neo does, Llama and Pythia do not). Frozen:
+    eval mode, no gradients. Never wrap it in DDP; each rank loads its own copy.
+    max_length: the model's window in tokens (default: from the model's config).
+    """
+
+    def __init__(self, model, tokenizer, source="", max_length=None):
+        self.model, self.tokenizer, self.source = model, tokenizer, os.fspath(source)
+        self.device = str(next(model.parameters()).device)
+        self.dtype = next(model.parameters()).dtype
+        self.max_length = max_length or model_window(model.config, tokenizer, self.source)
+        self.prefix_ids = special_prefix(tokenizer)  # e.g. [BOS] for Llama, [] for GPT-2
+        self.start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None))
+        self._shares_gpt2_vocab = None
+
+    @classmethod
+    def load(cls, source, device="cpu", dtype=None, max_length=None):
+        """From a hub name or a local directory holding config.json, the weights and the tokenizer files; dtype
+        None: bfloat16 on CUDA, float32 elsewhere."""
+        device = resolve_device(device)
+        model, tokenizer = load_causal_lm(os.fspath(source), device, resolve_dtype(dtype, device))
+        return cls(model, tokenizer, source, max_length)
+
+    def __repr__(self):
+        return f"CausalLM({self.source!r}, device={self.device!r}, dtype={self.dtype}, max_length={self.max_length})"
+
+    @property
+    def shares_gpt2_vocab(self):
+        """True when the tokenizer maps every GPT-2 token to GPT-2's id (gpt2, gpt-neo; not OPT, not Pythia)."""
+        if self._shares_gpt2_vocab is None:
+            with open(bpe_files()[0], encoding="utf-8") as f:
+                self._shares_gpt2_vocab = self.tokenizer.get_vocab() == json.load(f)
+        return self._shares_gpt2_vocab
+
+    def fingerprint(self):
+        """What the scores depend on, for cache keys: the model (for a local directory, its files' sizes and
+        modification times), the dtype and the window."""
+        parts = {"source": self.source, "dtype": str(self.dtype), "max_length": self.max_length,
+                 "prefix_ids": self.prefix_ids}
+        if os.path.isdir(self.source):
+            parts["source"] = os.path.abspath(self.source)
+            files = [os.path.join(self.source, name) for name in sorted(os.listdir(self.source))]
+            parts["files"] = [(os.path.basename(p), os.stat(p).st_size, os.stat(p).st_mtime_ns)
+                              for p in files if os.path.isfile(p)]
+        else:
+            parts["revision"] = getattr(self.model.config, "_commit_hash", None)
+        return parts
+
+    def encode(self, text):
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _head(self, context_ids):
+        """The tokens before the context: BOS where the tokenizer adds one; a start token (BOS or EOS, as
+        lm-evaluation-harness does) when the context is empty, so the first continuation token has a prediction."""
+        if self.prefix_ids or context_ids:
+            return list(self.prefix_ids)
+        return [self.start_id] if self.start_id is not None else []
+
+    def row(self, index, context_ids, continuation_ids):
+        """(ids, n_continuation_tokens) for the model: head + context + continuation, fit to the window."""
+        if not continuation_ids:
+            raise PairError(index, "the continuation is empty after tokenization; there is nothing to score")
+        ids = fit_window(self._head(context_ids), context_ids, continuation_ids, self.max_length)
+        if ids is None:
+            raise PairError(index, f"the continuation alone ({len(continuation_ids)} tokens) does not fit the "
+                                   f"model's window of {self.max_length} tokens")
+        return ids, len(continuation_ids)
+
+    def encode_pairs(self, contexts, continuations):
+        """Token rows (ids, n_continuation_tokens) for text pairs, with the model's own tokenizer."""
+        if len(contexts) != len(continuations):
+            raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
+        rows = []
+        for i, (context, continuation) in enumerate(zip(contexts, continuations)):
+            if not continuation:
+                raise PairError(i, "the continuation is empty; there is nothing to score")
+            rows.append(self.row(i, *split_encode(self.encode, context, continuation)))
+        return rows
+
+    def score(self, contexts, continuations, batch_size=32):
+        """
+        log p(continuation | context) for each text pair. -> dict of (N,) float32 CPU tensors in input order:
+        sum_logprob, n_tokens, mean_logprob (per token), n_chars (len(continuation) as given), per_char_logprob.
+        An empty continuation, or one that alone does not fit the window, is a PairError.
+        """
+        rows = self.encode_pairs(contexts, continuations)
+        return self.score_rows(rows, [len(c) for c in continuations], batch_size)
+
+    def score_tokens(self, context_tokens, continuation_tokens, batch_size=32):
+        """
+        score() for pairs given as GPT-2 token ids (lists of ints), e.g. a policy's prompt and sample.
+        When the model shares GPT-2's vocabulary the ids are scored as they are: this equals
+        score(decode(context), decode(continuation)) whenever the ids are what GPT-2's tokenizer gives for that
+        text, and scores the policy's own tokens where a sample is not canonically tokenized. Otherwise the ids
+        are decoded to text and re-tokenized by score().
+        """
+        if len(context_tokens) != len(continuation_tokens):
+            raise ValueError(f"{len(context_tokens)} contexts but {len(continuation_tokens)} continuations")
+        enc = gpt2_encoding()
+        continuations = [enc.decode(list(t), errors="replace") for t in continuation_tokens]
+        if not self.shares_gpt2_vocab:
+            contexts = [enc.decode(list(t), errors="replace") for t in context_tokens]
+            return self.score(contexts, continuations, batch_size)
+        rows = [self.row(i, list(ctx), list(cont)) for i, (ctx, cont) in enumerate(zip(context_tokens,
+                                                                                         continuation_tokens))]
+        return self.score_rows(rows, [len(c) for c in continuations], batch_size)
+
+    def score_rows(self, rows, n_chars, batch_size=32):
+        sum_logprob = sequence_logprobs(self.model, rows, self.pad_id, batch_size, self.device)
+        n_tokens = torch.tensor([n for _, n in rows], dtype=torch.float32)
+        n_chars = torch.tensor(n_chars, dtype=torch.float32)
+        return {"sum_logprob": sum_logprob, "n_tokens": n_tokens, "mean_logprob": sum_logprob / n_tokens,
+                "n_chars": n_chars, "per_char_logprob": sum_logprob / n_chars}
