@@ -15,9 +15,11 @@ update:
 """
 
 import ast
+import collections
 import contextlib
 import copy
 import dataclasses
+import datetime
 import difflib
 import json
 import math
@@ -29,7 +31,7 @@ import signal
 import sys
 import time
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -38,10 +40,10 @@ import torch.nn.functional as F
 
 import synthetic
 from causal_lm import CausalLM
-from common import UserError, atomic_torch_save, atomic_write_text, autocast, resolve_device, run_cli
+from common import UserError, atomic_torch_save, atomic_write_text, autocast, first_line, resolve_device, run_cli
 from hellaswag import (choice_logprobs, encode_for_model, evaluate, load_examples, pad_choices,
                        write_predictions)
-from model import CHECKPOINT_FORMAT, GPT, GPTConfig, latest_checkpoint
+from model import CHECKPOINT_FORMAT, GPT, GPTConfig
 from reward import DEFAULT_REWARD_MODEL, LabelReward, LikelihoodReward, TeacherReward
 from tokenizer import EOT_TOKEN, gpt2_encoding
 
@@ -50,104 +52,115 @@ from tokenizer import EOT_TOKEN, gpt2_encoding
 # config
 
 
+def setting(default, *, choices=None, low=None, high=None, above=None):
+    """A config field with its limits beside it: one of choices, or low <= value <= high, value > above."""
+    limits = {"choices": choices, "low": low, "high": high, "above": above}
+    return field(default=default, metadata={k: v for k, v in limits.items() if v is not None})
+
+
 @dataclass
 class Config:
     # run
-    out_dir: str = "out/ppo"  # checkpoints, train_config.json, metrics.jsonl, samples.jsonl, the exported policy (hf/)
+    out_dir: str = "out/ppo"  # checkpoints, train_config.json, metrics.jsonl, samples.jsonl, eval/, the export (hf/)
+    # a fresh run refuses an out_dir that holds another run; start_over moves that run's files to out_dir/previous/
+    start_over: bool = False
     # hub name, transformers dir, build-nanogpt/nanoGPT .pt, project checkpoint or run dir, "resume" (this out_dir),
     # "scratch" (random weights of the size below), "synthetic" (the demo task's starting policy)
     init_from: str = "gpt2"
-    seed: int = 1337
+    seed: int = setting(1337, low=0, high=2**31 - 1)  # numpy takes seeds below 2**32
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (under torchrun: cuda:LOCAL_RANK)
-    dtype: str = "bfloat16"  # autocast dtype on CUDA: bfloat16 | float16 (with a GradScaler) | float32; float32 on CPU
+    # autocast dtype on CUDA (float16 adds a GradScaler); always float32 on CPU
+    dtype: str = setting("bfloat16", choices=("bfloat16", "float16", "float32"))
     compile: bool = False  # torch.compile the training forward (rollouts and eval stay eager)
-    # policy built from scratch (init_from = "scratch")
-    n_layer: int = 2
-    n_head: int = 2
-    n_embd: int = 64
-    block_size: int = 256
+    ddp_timeout_s: float = setting(600.0, low=10.0)  # a rank that waits this long on a dead one stops the run
+    # policy built from scratch (init_from = "scratch"); n_embd must be a multiple of n_head
+    n_layer: int = setting(2, low=1, high=1000)
+    n_head: int = setting(2, low=1, high=1000)
+    n_embd: int = setting(64, low=1, high=100_000)
+    block_size: int = setting(256, low=2, high=1_000_000)
     # data
     train_data: str = "hellaswag:train"  # "hellaswag:<split>" (downloaded) or a jsonl file in HellaSwag's schema
     val_data: str = "hellaswag:val"
     data_cache: str = ""  # download folder for the HellaSwag splits ("" = hellaswag.py's default)
     synthetic: bool = False  # the offline demo task (synthetic.py): its train/val data and its tiny teacher
     synthetic_dir: str = ""  # where the demo task is written ("" = out_dir/synthetic)
-    style: str = "completion"  # HellaSwag rendering for choice rollouts, the teacher and eval: completion | lm-eval
+    # HellaSwag rendering for choice rollouts, the teacher and eval
+    style: str = setting("completion", choices=("completion", "lm-eval"))
     # rollouts
-    rollout: str = "choice"  # choice | generate
-    batch_size: int = 64  # rollouts per rank per step
-    choice_temperature: float = 1.0  # softmax temperature over the 4 endings' scores (choice rollouts)
-    max_prompt_tokens: int = 128  # generate: the prompt is the context's last tokens (fewer if the window needs it;
-    # the reward model sees the whole context)
-    max_new_tokens: int = 24  # generate
-    temperature: float = 1.0  # generate: sampling temperature, also applied to the log-probs PPO optimises
+    rollout: str = setting("choice", choices=("choice", "generate"))
+    batch_size: int = setting(64, low=1)  # rollouts per rank per step
+    # choice: softmax temperature over the 4 endings' scores
+    choice_temperature: float = setting(1.0, low=0.01, high=100.0)
+    # generate: the prompt is the context's last tokens (fewer if the window needs it; the judge sees the whole
+    # context)
+    max_prompt_tokens: int = setting(128, low=1)
+    max_new_tokens: int = setting(24, low=1)
+    # generate: sampling temperature, also applied to the log-probs PPO optimises
+    temperature: float = setting(1.0, low=0.01, high=100.0)
     # generate: top-k / top-p sample from a truncated distribution while PPO and the KL use the full one (slightly
     # off-policy); leave them off unless samples degenerate
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1.0 = off
+    top_k: int = setting(0, low=0)  # 0 = off
+    top_p: float = setting(1.0, above=0.0, high=1.0)  # 1.0 = off
     stop_at_sentence_end: bool = True  # generate: stop at ".", "!", "?" or a newline as well as <|endoftext|>
-    no_stop_penalty: float = 1.0  # generate: subtracted from the score of a sample that never stopped
+    no_stop_penalty: float = setting(1.0, low=0.0, high=1000.0)  # generate: taken from a sample that never stopped
     # reward
-    reward_kind: str = "teacher"  # teacher | label (choice rollouts), likelihood (generate rollouts)
+    # teacher | label (choice rollouts), likelihood (generate rollouts)
+    reward_kind: str = setting("teacher", choices=("teacher", "label", "likelihood"))
     reward_model: str = DEFAULT_REWARD_MODEL  # any transformers causal LM: hub name or local directory
-    reward_dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
-    reward_batch_size: int = 32
-    teacher_mode: str = "prob"  # teacher: prob = teacher's probability of the chosen ending, agree = 1/0
-    teacher_temperature: float = 1.0  # teacher: softmax temperature over its normalised ending scores
+    # auto = bfloat16 on CUDA, float32 on CPU
+    reward_dtype: str = setting("auto", choices=("auto", "bfloat16", "float16", "float32"))
+    reward_batch_size: int = setting(32, low=1)
+    # teacher: prob = teacher's probability of the chosen ending, agree = 1/0
+    teacher_mode: str = setting("prob", choices=("prob", "agree"))
+    # teacher: softmax temperature over its normalised ending scores
+    teacher_temperature: float = setting(1.0, low=0.01, high=100.0)
     teacher_cache: str = ""  # teacher: folder for cached teacher scores ("" = out_dir/teacher_cache)
-    likelihood_per: str = "token"  # likelihood: mean log-prob per token | char
-    reward_clip: float = 0.0  # likelihood: clip the normalised score to [-clip, clip]; 0 = off
+    likelihood_per: str = setting("token", choices=("token", "char"))  # likelihood: mean log-prob per token | char
+    # likelihood: clip the normalised score to [-clip, clip]; 0 = off
+    reward_clip: float = setting(0.0, low=0.0, high=1000.0)
     reward_normalize: bool = True  # likelihood: running mean/std normalisation
     # KL to the frozen reference
-    kl_coef: float = 0.05  # initial coefficient of the KL penalty in the reward
+    kl_coef: float = setting(0.05, low=0.0, high=100.0)  # initial coefficient of the KL penalty in the reward
     adaptive_kl: bool = False  # Ziegler et al. 2019 controller: steer the KL towards kl_target
-    kl_target: float = 6.0
-    kl_horizon: int = 10000
+    kl_target: float = setting(6.0, above=0.0, high=10_000.0)
+    kl_horizon: int = setting(10000, low=1)
     # PPO
-    ppo_epochs: int = 4
-    minibatch_size: int = 16  # per rank; one optimizer step per minibatch
-    micro_batch_size: int = 8  # per rank; gradient accumulation inside a minibatch
-    learning_rate: float = 1e-5
-    warmup_steps: int = 0
-    lr_decay_steps: int = 0  # cosine decay to min_lr over this many steps after warmup; 0 = constant
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 = off
-    clip_coef: float = 0.2  # policy ratio clipping
-    vf_coef: float = 0.1  # weight of the value loss
-    vf_clip_coef: float = 0.2  # value clipping around the rollout's values; 0 = off
-    ent_coef: float = 0.0  # entropy bonus
-    gamma: float = 1.0
-    gae_lambda: float = 0.95
-    target_kl: float = 0.0  # stop the step's PPO epochs once approx_kl exceeds this; 0 = off
+    ppo_epochs: int = setting(4, low=1, high=1000)
+    minibatch_size: int = setting(16, low=1)  # per rank; one optimizer step per minibatch
+    micro_batch_size: int = setting(8, low=1)  # per rank; gradient accumulation inside a minibatch
+    learning_rate: float = setting(1e-5, low=0.0, high=1.0)
+    warmup_steps: int = setting(0, low=0)
+    lr_decay_steps: int = setting(0, low=0)  # cosine decay to min_lr over this many steps after warmup; 0 = constant
+    min_lr: float = setting(0.0, low=0.0, high=1.0)
+    weight_decay: float = setting(0.0, low=0.0, high=10.0)
+    beta1: float = setting(0.9, low=0.0, high=1.0)
+    beta2: float = setting(0.95, low=0.0, high=1.0)
+    grad_clip: float = setting(1.0, low=0.0, high=1e6)  # 0 = off
+    clip_coef: float = setting(0.2, above=0.0, high=10.0)  # policy ratio clipping
+    vf_coef: float = setting(0.1, low=0.0, high=1000.0)  # weight of the value loss
+    vf_clip_coef: float = setting(0.2, low=0.0, high=1000.0)  # value clipping around the rollout's values; 0 = off
+    ent_coef: float = setting(0.0, low=0.0, high=10.0)  # entropy bonus
+    gamma: float = setting(1.0, low=0.0, high=1.0)
+    gae_lambda: float = setting(0.95, low=0.0, high=1.0)
+    # stop the step's PPO epochs once approx_kl exceeds this; 0 = off
+    target_kl: float = setting(0.0, low=0.0, high=1000.0)
     whiten_advantages: bool = True
-    max_steps: int = 1000
-    max_bad_steps: int = 3  # stop after this many non-finite losses in a row
+    max_steps: int = setting(1000, low=0)
+    # stop after this many steps in a row whose losses or gradients are not finite (each one skipped whole)
+    max_bad_steps: int = setting(3, low=1)
     # logging, evaluation, checkpoints
-    log_interval: int = 1
-    sample_interval: int = 10  # write a few rollouts to samples.jsonl every this many steps
-    eval_interval: int = 50  # HellaSwag at step 0, every eval_interval steps and at the end; 0 = only start and end
-    eval_limit: int = 0  # evaluate the first N examples only; 0 = all
-    eval_batch_size: int = 32
-    checkpoint_interval: int = 100
-    keep_last: int = 2  # step checkpoints kept (best.pt is kept besides)
+    log_interval: int = setting(1, low=1)
+    sample_interval: int = setting(10, low=0)  # write a few rollouts to samples.jsonl every this many steps
+    # HellaSwag at step 0, every eval_interval steps and at the end; 0 = only start and end
+    eval_interval: int = setting(50, low=0)
+    eval_limit: int = setting(0, low=0)  # evaluate the first N examples only; 0 = all
+    eval_batch_size: int = setting(32, low=1)
+    checkpoint_interval: int = setting(100, low=1)
+    keep_last: int = setting(2, low=1)  # step checkpoints kept (best.pt is kept besides)
     export_hf: bool = True  # export the final policy as a transformers directory out_dir/hf
     wandb_log: bool = False
     wandb_project: str = "gpt2-ppo-hellaswag"
     wandb_run_name: str = ""
-
-
-CHOICES = {
-    "rollout": ("choice", "generate"),
-    "reward_kind": ("teacher", "label", "likelihood"),
-    "style": ("completion", "lm-eval"),
-    "dtype": ("bfloat16", "float16", "float32"),
-    "reward_dtype": ("auto", "bfloat16", "float16", "float32"),
-    "teacher_mode": ("prob", "agree"),
-    "likelihood_per": ("token", "char"),
-}
 
 
 def read_config_file(path):
@@ -193,7 +206,8 @@ def parse_override(arg):
 
 
 def check_value(key, value, where):
-    """Check a value against Config's field type; int -> float allowed, nothing else converted."""
+    """Check a value against its Config field: the type (int -> float allowed, nothing else converted), then the
+    limits written beside the field."""
     expected = typing.get_type_hints(Config)[key]
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -201,9 +215,26 @@ def check_value(key, value, where):
         raise UserError(f"{where}: {key} must be {expected.__name__}, got {value!r}")
     if expected is float and not math.isfinite(value):
         raise UserError(f"{where}: {key} must be a finite number, got {value!r}")
-    if key in CHOICES and value not in CHOICES[key]:
-        raise UserError(f"{where}: {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    limits = next(f for f in dataclasses.fields(Config) if f.name == key).metadata
+    if "choices" in limits and value not in limits["choices"]:
+        raise UserError(f"{where}: {key} must be one of {', '.join(limits['choices'])}, got {value!r}")
+    low, high, above = limits.get("low"), limits.get("high"), limits.get("above")
+    bounds = [f">= {low:g}" if low is not None else "", f"> {above:g}" if above is not None else "",
+              f"<= {high:g}" if high is not None else ""]
+    if (low is not None and value < low) or (above is not None and value <= above) or (high is not None
+                                                                                       and value > high):
+        raise UserError(f"{where}: {key} must be {' and '.join(b for b in bounds if b)}, got {value!r}")
     return value
+
+
+PATH_FIELDS = ("init_from", "train_data", "val_data", "data_cache", "synthetic_dir", "teacher_cache", "reward_model")
+
+
+def absolute_paths(cfg):
+    """The config with every path that exists made absolute: what a run saves (train_config.json, the config and
+    reference source in each checkpoint) then works from any working directory."""
+    return dataclasses.replace(cfg, **{key: os.path.abspath(getattr(cfg, key)) for key in PATH_FIELDS
+                                       if getattr(cfg, key) and os.path.exists(getattr(cfg, key))})
 
 
 def load_config(argv):
@@ -219,25 +250,11 @@ def load_config(argv):
                 raise UserError(f"{where}: unknown config key {key!r}{hint}")
             values[key] = check_value(key, value, where)
     cfg = Config(**values)
-    for name in ("batch_size", "minibatch_size", "micro_batch_size", "ppo_epochs", "max_new_tokens", "keep_last",
-                 "max_prompt_tokens", "log_interval", "checkpoint_interval", "eval_batch_size", "reward_batch_size",
-                 "max_bad_steps", "kl_horizon"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"config: {name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("choice_temperature", "temperature", "teacher_temperature", "clip_coef", "kl_target", "top_p"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"config: {name} must be positive, got {getattr(cfg, name)}")
-    for name in ("learning_rate", "min_lr", "weight_decay", "kl_coef", "vf_coef", "vf_clip_coef", "ent_coef",
-                 "grad_clip", "target_kl", "reward_clip", "no_stop_penalty", "top_k", "seed", "max_steps",
-                 "warmup_steps", "lr_decay_steps", "eval_interval", "eval_limit", "sample_interval"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"config: {name} must not be negative, got {getattr(cfg, name)}")
-    for name in ("gamma", "gae_lambda", "top_p", "beta1", "beta2"):
-        if not 0 <= getattr(cfg, name) <= 1:
-            raise UserError(f"config: {name} must be in [0, 1], got {getattr(cfg, name)}")
     if cfg.batch_size % cfg.minibatch_size or cfg.minibatch_size % cfg.micro_batch_size:
         raise UserError(f"config: batch_size ({cfg.batch_size}) must be a multiple of minibatch_size "
                         f"({cfg.minibatch_size}), and that of micro_batch_size ({cfg.micro_batch_size})")
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(f"config: n_embd ({cfg.n_embd}) must be a multiple of n_head ({cfg.n_head})")
     if cfg.init_from == "synthetic" and not cfg.synthetic:
         raise UserError("config: init_from='synthetic' is the demo task's policy and needs synthetic=True")
     wanted = {"choice": ("teacher", "label"), "generate": ("likelihood",)}[cfg.rollout]
@@ -414,6 +431,8 @@ class ChoiceRollouts:
             values.append(v)
             ref_lp.append(choice_forward(reference, encoded[s], self.temperature, self.device)[0])
         policy_lp, ref_lp = torch.cat(policy_lp), torch.cat(ref_lp)
+        if not torch.isfinite(policy_lp).all():  # before sampling, which would fail on them with a traceback
+            raise UserError("the policy's scores of the endings are not finite; its weights are broken")
         choices = torch.multinomial(policy_lp.exp(), 1, generator=generator)  # (B, 1)
         scores = self.reward_fn(indices, choices.squeeze(1).cpu()).to(self.device).float()
         samples = [{"ctx": ex["ctx"], "chosen": ex["endings"][c], "label": ex.get("label")}
@@ -568,9 +587,8 @@ def save_checkpoint(out_dir, step, raw_model, optimizer, scaler, state, cfg, kee
             "step": step, "config": dataclasses.asdict(cfg), **state}
     path = os.path.join(out_dir, f"ckpt_{step:06d}.pt")
     atomic_torch_save(ckpt, path)
-    steps = sorted((int(m.group(1)), f) for f in os.listdir(out_dir) if (m := re.fullmatch(r"ckpt_(\d+)\.pt", f)))
-    for _, old in steps[:-keep_last]:
-        os.remove(os.path.join(out_dir, old))
+    for _, old in step_checkpoints(out_dir)[:-keep_last]:
+        os.remove(old)
     if best:  # a hard link: the step file can be rotated away, best.pt stays
         tmp = os.path.join(out_dir, ".best.pt.tmp")
         if os.path.exists(tmp):
@@ -583,12 +601,100 @@ def save_checkpoint(out_dir, step, raw_model, optimizer, scaler, state, cfg, kee
     return path
 
 
-def drop_lines_after(path, step):
-    """Keep the JSON lines of path whose "step" is at most step (rewritten atomically)."""
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        atomic_write_text(path, "".join(kept))
+def drop_lines_after(path, step, log=print):
+    """Keep the JSON lines of path whose "step" is at most step (rewritten atomically). A line that does not parse
+    (a kill mid-write tears the last one) is dropped with a warning."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):
+                log(f"warning: {path}, line {n}: not a JSON line (torn by a kill?), dropped")
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "train_config.json", "best.pt", "eval", "hf")  # and ckpt_*.pt
+
+
+def step_checkpoints(out_dir):
+    """[(step, path)] of the ckpt_<step>.pt files in out_dir, oldest first."""
+    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    return sorted((int(m.group(1)), os.path.join(out_dir, name)) for name in names
+                  if (m := re.fullmatch(r"ckpt_(\d+)\.pt", name)))
+
+
+def check_writable_dir(path, key):
+    """One line, before any work, for a directory the run cannot create or write."""
+    if not path:
+        raise UserError(f"config: {key} is empty; give a directory")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"config: {key} {path!r} is a file, not a directory")
+    existing = path
+    while not os.path.exists(existing):  # the nearest existing ancestor must let us create the rest
+        existing = os.path.dirname(os.path.abspath(existing))
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"config: {key} {path!r} is not writable (no write permission on {existing!r})")
+
+
+def remove_torn_writes(out_dir):
+    """Temporary files that a killed atomic write left behind (.NAME.XXXX.tmp); they never replaced anything."""
+    for folder in (out_dir, os.path.join(out_dir, "eval")):
+        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+            if name.startswith(".") and name.endswith(".tmp") and os.path.isfile(os.path.join(folder, name)):
+                os.remove(os.path.join(folder, name))
+
+
+def load_resume_checkpoint(out_dir, log):
+    """The newest checkpoint in out_dir that loads, -> (path, checkpoint). A damaged one (truncated, empty, not
+    a checkpoint) is named in a warning and the next older one is tried."""
+    candidates = step_checkpoints(out_dir)
+    if not candidates:
+        raise UserError(f"init_from=resume: no checkpoint (ckpt_*.pt) in {out_dir}")
+    for _, path in reversed(candidates):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError("not a checkpoint of this project")
+            return path, ckpt
+        except Exception as e:  # torch raises many kinds for a damaged file
+            log(f"warning: {path}: cannot resume from it ({first_line(e)}); trying an older checkpoint")
+    raise UserError(f"init_from=resume: none of the {len(candidates)} checkpoint(s) in {out_dir} loads; see the "
+                    "warnings above")
+
+
+def prepare_out_dir(cfg, run, log):
+    """Everything about out_dir that can fail, checked before any model or data work. A fresh run refuses a
+    directory that holds another run, unless start_over, which moves that run's files to out_dir/previous/TIME/.
+    -> (resume path, checkpoint) for init_from=resume, else (None, None)."""
+    check_writable_dir(cfg.out_dir, "out_dir")
+    if cfg.reward_kind == "teacher" and cfg.teacher_cache:
+        check_writable_dir(cfg.teacher_cache, "teacher_cache")
+    if cfg.init_from == "resume":
+        if run.master_process:
+            remove_torn_writes(cfg.out_dir)
+        return load_resume_checkpoint(cfg.out_dir, log)
+    existing = [name for name in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, name))]
+    existing += [os.path.basename(path) for _, path in step_checkpoints(cfg.out_dir)]
+    if existing and not cfg.start_over:
+        raise UserError(f"out_dir {cfg.out_dir} holds another run ({', '.join(sorted(existing)[:4])}); continue "
+                        "it with --init_from=resume, choose a new out_dir, or pass --start_over=True to move its "
+                        f"files to {os.path.join(cfg.out_dir, 'previous')}/")
+    run.barrier()  # every rank has looked before the master moves anything
+    if existing and run.master_process:
+        previous = os.path.join(cfg.out_dir, "previous", time.strftime("%Y%m%d-%H%M%S"))
+        os.makedirs(previous)
+        for name in existing:
+            os.replace(os.path.join(cfg.out_dir, name), os.path.join(previous, name))
+        log(f"start_over: moved the previous run's files to {previous}")
+    if run.master_process:
+        remove_torn_writes(cfg.out_dir)
+    return None, None
 
 
 def eval_predictions_path(out_dir, step):
@@ -624,8 +730,12 @@ class Distributed:
     device: str  # this process's device: cpu, or the one GPU it owns
 
     @property
-    def master_process(self):
+    def master_process(self):  # writes checkpoints, metrics and exports
         return self.rank == 0
+
+    @property
+    def local_master(self):  # prepares this node's data, which another node's filesystem may not share
+        return self.local_rank == 0
 
     def barrier(self):
         if self.ddp:
@@ -644,7 +754,8 @@ def setup_distributed(cfg):
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     nccl = requested.startswith("cuda")
     device = resolve_device(f"cuda:{local_rank}") if nccl else "cpu"  # one GPU per process
-    dist.init_process_group(backend="nccl" if nccl else "gloo")
+    # a collective waiting on a rank that died fails after ddp_timeout_s instead of hanging
+    dist.init_process_group(backend="nccl" if nccl else "gloo", timeout=datetime.timedelta(seconds=cfg.ddp_timeout_s))
     if nccl:
         torch.cuda.set_device(device)
     return Distributed(ddp=True, rank=rank, local_rank=local_rank, world_size=world_size, device=device)
@@ -672,8 +783,8 @@ def load_data(cfg, run, log):
     sources = {"init_from": cfg.init_from, "reward_source": cfg.reward_model, "train_data": cfg.train_data}
     train_data, val_data = cfg.train_data, cfg.val_data
     if cfg.synthetic:
-        synthetic_dir = cfg.synthetic_dir or os.path.join(cfg.out_dir, "synthetic")
-        if run.master_process:
+        synthetic_dir = os.path.abspath(cfg.synthetic_dir or os.path.join(cfg.out_dir, "synthetic"))
+        if run.local_master:
             synthetic.prepare(synthetic_dir, seed=cfg.seed, log=log)
         run.barrier()
         paths = synthetic.prepare(synthetic_dir, seed=cfg.seed)  # already there: only returns the paths
@@ -681,7 +792,7 @@ def load_data(cfg, run, log):
         sources.update(reward_source=paths["teacher"], train_data=train_data)
         if cfg.init_from == "synthetic":
             sources["init_from"] = paths["policy"]
-    if run.master_process:  # one download, then every rank reads the cached file
+    if run.local_master:  # one download per node, then every rank reads the cached file
         load_examples_from(train_data, cfg.data_cache)
         load_examples_from(val_data, cfg.data_cache)
     run.barrier()
@@ -702,7 +813,11 @@ def load_models(cfg, init_from, ckpt, resume_path, device):
     the reference from the source its checkpoint names and the policy from the checkpoint."""
     reference_from = ckpt["reference_from"] if ckpt else init_from
     reference = build_policy(reference_from, cfg).to(device).eval().requires_grad_(False)
-    policy = build_policy(resume_path, cfg) if ckpt else copy.deepcopy(reference).requires_grad_(True)
+    if ckpt:
+        policy = GPT(GPTConfig(**ckpt["model_config"]))
+        policy._load_state_dict(ckpt["model"], resume_path)
+    else:
+        policy = copy.deepcopy(reference).requires_grad_(True)
     policy.to(device).eval()  # eval mode throughout: PPO wants no dropout in rollouts or updates
     return policy, reference, reference_from
 
@@ -716,7 +831,7 @@ def build_reward(cfg, train_examples, sources, run):
         return TeacherReward(judge, train_examples, style=cfg.style, mode=cfg.teacher_mode,
                              temperature=cfg.teacher_temperature, batch_size=cfg.reward_batch_size,
                              cache_dir=cfg.teacher_cache or os.path.join(cfg.out_dir, "teacher_cache"),
-                             data_id=sources["train_data"])
+                             data_id=os.path.basename(sources["train_data"]))
     # every rank keeps the same running statistics
     return LikelihoodReward(judge, per=cfg.likelihood_per, clip=cfg.reward_clip or None,
                             normalize=cfg.reward_normalize, batch_size=cfg.reward_batch_size,
@@ -822,7 +937,8 @@ class RunLog:
             if self.wandb_run:
                 self.wandb_run.log(metrics, step=metrics["step"])
 
-    def step_line(self, m):
+    def step_line(self, metrics):
+        m = collections.defaultdict(lambda: float("nan"), metrics)  # a skipped step has no losses
         self.log(f"step {m['step']} | reward {m['reward']:.4f} | kl {m['kl']:.4f} | pg {m['pg_loss']:.4f} | "
                  f"vf {m['vf_loss']:.4f} | clipfrac {m['clipfrac']:.3f} | approx_kl {m['approx_kl']:.4f} | "
                  f"ent {m['entropy']:.3f} | ev {m['explained_var']:.3f} | {m['samples_per_s']:.1f} samples/s | "
@@ -866,15 +982,16 @@ def shaped_rewards(scores, kl, kl_coef, mask):
     return rewards
 
 
-def ppo_update(model, raw_model, optimizer, scaler, rollout_kind, batch, advantages, returns, cfg, generator,
-               run, dtype, bad_steps, step, log):
+def ppo_update(model, raw_model, optimizer, scaler, rollout_kind, batch, advantages, returns, cfg, generator, run,
+               dtype):
     """ppo_epochs passes over the batch in shuffled minibatches: one optimizer step per minibatch, gradients
-    accumulated over its micro-batches, clipped losses. Stops early once approx_kl passes target_kl.
-    -> (mean statistics, epochs done, non-finite updates in a row)."""
+    accumulated over its micro-batches, clipped losses. Stops early once approx_kl passes target_kl, and at the
+    first non-finite gradient, whose update is not applied (the optimizer's state is not touched).
+    -> (mean statistics, epochs done, whether every gradient was finite)."""
     stats = {k: [] for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "entropy", "grad_norm")}
-    B = len(batch.scores)
+    summary = lambda: {k: float(np.mean(v)) for k, v in stats.items() if v}  # noqa: E731
     for epoch in range(cfg.ppo_epochs):
-        for minibatch in torch.randperm(B, generator=generator).split(cfg.minibatch_size):
+        for minibatch in torch.randperm(len(batch.scores), generator=generator).split(cfg.minibatch_size):
             micro_batches = minibatch.split(cfg.micro_batch_size)
             for i, micro in enumerate(micro_batches):
                 micro = micro.to(run.device)
@@ -893,25 +1010,25 @@ def ppo_update(model, raw_model, optimizer, scaler, rollout_kind, batch, advanta
                 stats["entropy"].append(entropy.item())
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
-            if torch.isfinite(grad_norm):  # identical on every rank: the gradients were all-reduced
-                scaler.step(optimizer)
-                bad_steps = 0
-            elif scaler.is_enabled() and scaler.get_scale() > 1.0:
-                scaler.step(optimizer)  # a float16 overflow: the scaler skips this step and lowers its scale
-            else:
-                bad_steps += 1
-                log(f"warning: step {step}: non-finite loss or gradient ({bad_steps} in a row); update skipped")
-                if bad_steps >= cfg.max_bad_steps:
-                    raise RuntimeError(f"{bad_steps} non-finite updates in a row at step {step}; stopping "
-                                       "(the last good checkpoint is kept)")
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
             stats["grad_norm"].append(grad_norm.item())
+            # the same on every rank: the gradients were all-reduced
+            finite = bool(torch.isfinite(grad_norm))
+            fp16_overflow = not finite and scaler.is_enabled() and scaler.get_scale() > 1.0
+            if finite or fp16_overflow:
+                scaler.step(optimizer)  # after a float16 overflow the scaler skips the step and lowers its scale
+                scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if not (finite or fp16_overflow):
+                return summary(), epoch + 1, False
             if cfg.target_kl > 0:  # every rank sees the same mean, so every rank stops at the same point
                 approx_kl = all_reduce_sum(torch.tensor(stats["approx_kl"][-len(micro_batches):]).mean())[0]
                 if approx_kl / run.world_size > cfg.target_kl:
-                    return {k: float(np.mean(v)) for k, v in stats.items() if v}, epoch + 1, bad_steps
-    return {k: float(np.mean(v)) for k, v in stats.items() if v}, cfg.ppo_epochs, bad_steps
+                    return summary(), epoch + 1, True
+    return summary(), cfg.ppo_epochs, True
+
+
+def weights_are_finite(model):
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -921,24 +1038,22 @@ def ppo_update(model, raw_model, optimizer, scaler, rollout_kind, batch, advanta
 def train(cfg):
     """Run PPO as configured. Returns a summary: final step, last eval, last metrics and the policy."""
     # ---- setup: distributed, seeds, data, models, reward, optimizer, resume
+    cfg = absolute_paths(cfg)
     run = setup_distributed(cfg)
     log = print if run.master_process else (lambda *a, **k: None)
     dtype = cfg.dtype if run.device.startswith("cuda") else "float32"
     sample_generator, shuffle_generator = seed_everything(cfg.seed, run)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    resume_path = None
-    if cfg.init_from == "resume":
-        resume_path = latest_checkpoint(cfg.out_dir) if os.path.isdir(cfg.out_dir) else None
-        if resume_path is None:
-            raise UserError(f"init_from=resume: no checkpoint (ckpt_*.pt) in {cfg.out_dir}")
+    resume_path, ckpt = prepare_out_dir(cfg, run, log)
     os.makedirs(cfg.out_dir, exist_ok=True)
     if run.master_process:
         log(json.dumps(dataclasses.asdict(cfg), indent=2))
         atomic_write_text(os.path.join(cfg.out_dir, "train_config.json"), json.dumps(dataclasses.asdict(cfg), indent=2))
     train_examples, val_examples, sources = load_data(cfg, run, log)
-    ckpt = torch.load(resume_path, map_location="cpu", weights_only=True) if resume_path else None
     raw_model, reference, reference_from = load_models(cfg, sources["init_from"], ckpt, resume_path, run.device)
+    if not weights_are_finite(raw_model):
+        raise UserError(f"{resume_path or reference_from}: the policy's weights are not all finite")
     log(f"policy: {raw_model.num_params() / 1e6:.2f}M parameters from {reference_from}; device {run.device}, "
         f"{run.world_size} process(es), autocast {dtype}")
     reward_fn = build_reward(cfg, train_examples, sources, run)
@@ -961,7 +1076,7 @@ def train(cfg):
         log(f"resumed from {resume_path} at step {step}")
         if run.master_process:  # what was logged after that checkpoint is about to be redone
             for name in ("metrics.jsonl", "samples.jsonl"):
-                drop_lines_after(os.path.join(cfg.out_dir, name), step)
+                drop_lines_after(os.path.join(cfg.out_dir, name), step, log)
             drop_evaluations_after(cfg.out_dir, step)
         del ckpt
     batches = Batches(len(train_examples), cfg.batch_size, cfg.seed, run)
@@ -992,10 +1107,22 @@ def train(cfg):
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, batch.mask, across_ranks=run.ddp)
 
-        # ---- PPO epochs
-        stats, epochs_done, bad_steps = ppo_update(train_model, raw_model, optimizer, scaler, rollout_kind, batch,
-                                                   advantages, returns, cfg, shuffle_generator, run, dtype,
-                                                   bad_steps, step, log)
+        # ---- PPO epochs; a step with a non-finite rollout or gradient is skipped, too many in a row stop the run
+        finite_rollout = all_reduce_sum(torch.isfinite(advantages).all().float())[0].item() == run.world_size
+        stats, epochs_done, finite = {}, 0, False
+        if finite_rollout:
+            stats, epochs_done, finite = ppo_update(train_model, raw_model, optimizer, scaler, rollout_kind, batch,
+                                                    advantages, returns, cfg, shuffle_generator, run, dtype)
+        bad_steps = 0 if finite else bad_steps + 1
+        if bad_steps:
+            log(f"warning: step {step + 1}: non-finite {'gradient' if finite_rollout else 'rollout'} "
+                f"({bad_steps} step(s) in a row); the rest of the step's update is skipped")
+        if bad_steps >= cfg.max_bad_steps:
+            raise UserError(f"{bad_steps} steps in a row with non-finite losses or gradients at step {step + 1}; "
+                            "stopping (the last checkpoint is kept; try a lower learning_rate)")
+        if not weights_are_finite(raw_model):  # the same on every rank
+            raise UserError(f"step {step + 1}: the policy's weights are no longer finite; stopping (the last "
+                            "checkpoint is kept; try a lower learning_rate)")
 
         # ---- log / eval / checkpoint
         step += 1
@@ -1026,8 +1153,6 @@ def train(cfg):
                      "kl_controller": kl_controller.state_dict(), "reference_from": reference_from,
                      "reward": reward_fn.state_dict() if hasattr(reward_fn, "state_dict") else None,
                      "rng": gather_rng_states(sample_generator, shuffle_generator, run.world_size)}
-            if not all(torch.isfinite(p).all() for p in raw_model.parameters()):  # the same on every rank
-                raise RuntimeError(f"non-finite weights at step {step}; no checkpoint written")
             if run.master_process:
                 path = save_checkpoint(cfg.out_dir, step, raw_model, optimizer, scaler, state, cfg, cfg.keep_last,
                                        is_best)

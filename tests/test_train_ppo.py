@@ -140,11 +140,18 @@ def test_config_files_and_overrides(tmp_path):
     (["--rollout=generate"], "takes reward_kind likelihood"),
     (["--batch_size=10", "--minibatch_size=4"], "multiple of minibatch_size"),
     (["missing_config.py"], "missing_config.py: cannot read config file"),
-    (["--rollout=generate", "--reward_kind=likelihood", "--temperature=0"], "temperature must be positive"),
-    (["--choice_temperature=-1"], "choice_temperature must be positive"),
-    (["--checkpoint_interval=0"], "checkpoint_interval must be at least 1"),
-    (["--gae_lambda=1.5"], r"gae_lambda must be in \[0, 1\]"),
-    (["--learning_rate=-1e-5"], "learning_rate must not be negative"),
+    (["--rollout=generate", "--reward_kind=likelihood", "--temperature=0"], "temperature must be >= 0.01"),
+    (["--choice_temperature=-1"], "choice_temperature must be >= 0.01 and <= 100"),
+    (["--checkpoint_interval=0"], "checkpoint_interval must be >= 1"),
+    (["--gae_lambda=1.5"], "gae_lambda must be >= 0 and <= 1"),
+    (["--learning_rate=-1e-5"], "learning_rate must be >= 0 and <= 1"),
+    (["--top_p=0"], "top_p must be > 0 and <= 1"),
+    # values that would overflow the math later are refused here, next to the field
+    (["--teacher_temperature=1e-300"], "teacher_temperature must be >= 0.01"),
+    (["--learning_rate=1e30"], "learning_rate must be >= 0 and <= 1"),
+    (["--seed=1000000000000000000000000000000"], "seed must be >= 0 and <= 2.14748e"),
+    (["--n_head=0"], "n_head must be >= 1"),
+    (["--init_from=scratch", "--n_embd=65", "--n_head=2"], r"n_embd \(65\) must be a multiple of n_head \(2\)"),
     (["--kl_coef=1e999"], "kl_coef must be a finite number"),
 ])
 def test_config_errors_name_the_key(args, message):
