@@ -334,11 +334,12 @@ class GPT(nn.Module):
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:  # torch's own advice here is to turn the safety off: never repeat it
             found = re.search(r"GLOBAL ([\w.]+)", str(e))
-            what = f"Python code ({found.group(1)})" if found else "Python objects other than tensors and plain data"
+            what = f"Python code ({found.group(1)})" if found else "Python objects, not just tensors and data"
             raise UserError(f"{path}: refused: loading it would run {what}; only tensors and plain data are read, "
                             "so save the weights alone (a state dict of tensors) and load that") from None
         except Exception as e:
-            raise UserError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({first_line(e)})") from None
+            raise UserError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt "
+                            f"({first_line(e)})") from None
         if not isinstance(ckpt, dict):
             raise UserError(f"{path}: expected a checkpoint dict, found {type(ckpt).__name__}")
         if ckpt.get("format") == CHECKPOINT_FORMAT:  # ours
@@ -495,7 +496,8 @@ def _check_safetensors(path):
         with safe_open(path, framework="pt"):
             pass
     except Exception as e:  # safetensors raises its own error type, and OSError
-        raise UserError(f"{path}: not a readable safetensors file, truncated or corrupt ({first_line(e)})") from None
+        raise UserError(f"{path}: not a readable safetensors file, truncated or corrupt "
+                        f"({first_line(e)})") from None
 
 
 def filter_logits(logits, top_k=None, top_p=None):

@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -85,13 +86,20 @@ def damaged_export(export_dir, tmp_path, fault):
     return path, path / "config.json"
 
 
-def bad_torch_file(tmp_path, fault):
+def bad_torch_file(tmp_path, fault, monkeypatch):
     model, path = tiny_gpt(), tmp_path / "ckpt.pt"
     args = dataclasses.asdict(model.config)
     if fault == "nanoGPT args disagree with weights":
         torch.save({"model": model.state_dict(), "model_args": args | {"n_embd": 32, "n_head": 2}}, path)
     elif fault == "nanoGPT field of the wrong type":
         torch.save({"model": model.state_dict(), "model_args": args | {"n_layer": "2"}}, path)
+    elif fault == "build-nanogpt field of the wrong type":
+        # build-nanogpt's train_gpt2.py pickles its GPTConfig dataclass from __main__
+        fields = [(name, int, getattr(model.config, name)) for name in ("block_size", "vocab_size", "n_layer",
+                                                                         "n_head", "n_embd")]
+        config_class = dataclasses.make_dataclass("GPTConfig", fields, namespace={"__module__": "__main__"})
+        monkeypatch.setattr(sys.modules["__main__"], "GPTConfig", config_class, raising=False)
+        torch.save({"model": model.state_dict(), "config": config_class(n_embd=64.0), "step": 5}, path)
     elif fault == "nanoGPT n_embd not a multiple of n_head":
         torch.save({"model": model.state_dict(), "model_args": args | {"n_head": 3}}, path)
     elif fault == "project checkpoint without its weights":
@@ -110,16 +118,18 @@ def bad_torch_file(tmp_path, fault):
     ("n_head=0", "n_head must be a positive integer, not 0"),
     ("nanoGPT args disagree with weights", "the weights and the model config disagree"),
     ("nanoGPT field of the wrong type", "n_layer must be a positive integer, not '2'"),
+    ("build-nanogpt field of the wrong type", "n_embd must be a positive integer, not 64.0"),
     ("nanoGPT n_embd not a multiple of n_head", "n_embd=64 is not a multiple of n_head=3"),
     ("project checkpoint without its weights", "the checkpoint's 'model' is missing"),
     ("project checkpoint with an extra config key", "unknown model config field(s) ['n_experts']"),
     ("a pickle that would run code", "refused: loading it would run Python code"),
 ])
-def test_every_bad_model_source_is_one_line_naming_the_file(export_dir, tmp_path, capsys, fault, message):
+def test_every_bad_model_source_is_one_line_naming_the_file(export_dir, tmp_path, capsys, monkeypatch, fault,
+                                                           message):
     if fault.startswith(("truncated", "n_head=")):
         source, named = damaged_export(export_dir, tmp_path, fault)
     else:
-        source, named = bad_torch_file(tmp_path, fault)
+        source, named = bad_torch_file(tmp_path, fault, monkeypatch)
     line = cli_error(capsys, hellaswag.main, ["--model", source, "--data", FIXTURE])
     assert f"error: {named}:" in line and message in line
     assert "weights_only=False" not in line and "`False`" not in line  # never advise turning the safety off
@@ -155,6 +165,7 @@ def test_bad_output_paths_are_refused_before_the_work(tmp_path, capsys, monkeypa
             "existing directory": tmp_path,
             "same as the input": data}[fault]
     monkeypatch.setattr(hellaswag, "load_examples", no_work)
+    monkeypatch.setattr(reward, "read_pairs", no_work)
     monkeypatch.setattr(reward, "RewardModel", no_work)
     if flag.startswith("reward"):
         line = cli_error(capsys, reward.main, ["--model", "any", "--input", data, "--output", path])
