@@ -49,7 +49,10 @@ def _disk_is_full(error, directory):
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     if isinstance(error, RuntimeError):  # torch.save's zip writer reports a failed write without an errno
-        stat = os.statvfs(directory)
+        try:
+            stat = os.statvfs(directory)
+        except OSError:
+            return False
         return stat.f_bavail * stat.f_frsize < (1 << 20)
     return False
 
@@ -107,7 +110,8 @@ def check_output_path(path, inputs=(), directory=False):
         raise UserError(f"{path}: an existing file, not a directory")
     for source in inputs:
         if source is not None and os.path.exists(source) and os.path.realpath(source) == os.path.realpath(full):
-            raise UserError(f"{path}: the same file as the input {source}; writing it would destroy the input")
+            raise UserError(f"{path}: the same file as {source}, which this command reads or writes; "
+                            "give another output path")
     where = full if directory and os.path.isdir(full) else _nearest_existing(os.path.dirname(full))
     if not os.path.isdir(where):
         raise UserError(f"{path}: {where} is a file, so nothing can be written under it")

@@ -174,9 +174,22 @@ def test_bad_output_paths_are_refused_before_the_work(tmp_path, capsys, monkeypa
         line = cli_error(capsys, hellaswag.main, argv)
     assert line.startswith(f"error: {path}: ")
     expected = {"unwritable": "cannot write in", "under a file": "is a file, so nothing can be written under it",
-                "existing directory": "an existing directory", "same as the input": "the same file as the input"}
+                "existing directory": "an existing directory", "same as the input": f"the same file as {data}"}
     assert expected[fault] in line
     assert data.exists() and (tmp_path / "file.txt").read_text() == "a file\n"
+
+
+def test_an_output_directory_is_checked_the_same_way(tmp_path):
+    """directory=True, for a run's out_dir: an existing directory is fine, a file or an unwritable place is not."""
+    (tmp_path / "file.txt").write_text("a file\n")
+    common.check_output_path(tmp_path, directory=True)
+    common.check_output_path(tmp_path / "new" / "run", directory=True)
+    for path, message in ((tmp_path / "file.txt", "an existing file, not a directory"),
+                          (tmp_path / "file.txt" / "run", "is a file, so nothing can be written under it"),
+                          (os.path.join(unwritable_dir(tmp_path), "run"), "cannot write in")):
+        with pytest.raises(UserError, match=message):
+            common.check_output_path(path, directory=True)
+    assert sorted(os.listdir(tmp_path)) == ["file.txt"] + (["read_only"] if os.geteuid() else [])
 
 
 @pytest.mark.parametrize("key, value", [("pred", 4), ("pred_norm", -1), ("label", 7)])
