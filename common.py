@@ -1,9 +1,10 @@
 """
 Small pieces shared by the top-level scripts that belong to none of them: user-facing errors, atomic file
-writes, and picking a device / autocast dtype.
+writes, checks of output paths, reading JSON, and picking a device / autocast dtype.
 """
 
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -25,21 +26,100 @@ def run_cli(main, argv=None):
         sys.exit(2)
 
 
+def first_line(error):
+    """The first line of an exception's message, or its type name: enough to say why inside one line."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def current_umask():
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def give_normal_mode(path, directory=False):
+    """Give `path` the permissions a file (or directory) created with open() / mkdir() would get under the user's
+    umask: mkstemp and mkdtemp create theirs private (0600 / 0700), which would make every file we write private."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+def _disk_is_full(error, directory):
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(error, RuntimeError):  # torch.save's zip writer reports a failed write without an errno
+        try:
+            stat = os.statvfs(directory)
+        except OSError:
+            return False
+        return stat.f_bavail * stat.f_frsize < (1 << 20)
+    return False
+
+
+@contextlib.contextmanager
+def full_disk_is_one_line(path):
+    """A write in the block that fails because the disk is full becomes UserError("no space left on device: PATH").
+    Enter it before removing any partial file, so that the free space still shows the disk was full."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if _disk_is_full(e, os.path.dirname(os.path.abspath(path))):
+            raise UserError(f"no space left on device: {path}") from None
+        raise
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path next to `path`; it replaces `path` only if the block finishes without error,
-    so an interrupted write never leaves a file that looks complete."""
+    so an interrupted write (a kill, a full disk) never leaves a file that looks complete, and the old file stays."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     os.close(fd)
     try:
-        yield tmp
-        os.replace(tmp, path)
+        give_normal_mode(tmp)
+        with full_disk_is_one_line(path):
+            yield tmp
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _nearest_existing(path):
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_output_path(path, inputs=(), directory=False):
+    """Refuse, before any work, an output path that could not be written at the end: an existing directory (or,
+    with directory=True, an existing file), a path under a file, a place we cannot create files in, or the same
+    file as one of `inputs` (the data or model it is computed from). None and missing inputs are skipped."""
+    if path is None:
+        return
+    path = os.fspath(path)
+    if not path.strip():
+        raise UserError("an empty output path; give a file name")
+    full = os.path.abspath(path)
+    if not directory and os.path.isdir(full):
+        raise UserError(f"{path}: an existing directory; give a file path to write")
+    if directory and os.path.exists(full) and not os.path.isdir(full):
+        raise UserError(f"{path}: an existing file, not a directory")
+    for source in inputs:
+        if source is not None and os.path.exists(source) and os.path.realpath(source) == os.path.realpath(full):
+            raise UserError(f"{path}: the same file as {source}, which this command reads or writes; "
+                            "give another output path")
+    where = full if directory and os.path.isdir(full) else _nearest_existing(os.path.dirname(full))
+    if not os.path.isdir(where):
+        raise UserError(f"{path}: {where} is a file, so nothing can be written under it")
+    try:  # permission bits do not stop root, and read-only mounts do not show in them: try it
+        fd, probe = tempfile.mkstemp(dir=where, prefix=".write-check.")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write in {where} ({e.strerror})") from None
 
 
 @contextlib.contextmanager
@@ -61,12 +141,6 @@ def same_error_on_every_rank():
         first = next((m for m in messages if m is not None), None)
         if first is not None:
             raise UserError(first)
-
-
-def first_line(error):
-    """The first line of an exception's message (its type's name if it has none): for one-line errors."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def looks_like_a_path(source):
@@ -117,6 +191,15 @@ def autocast(device, dtype):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
+def _parse_json(text, where):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+    except RecursionError:  # json recurses once per level of nesting
+        raise UserError(f"{where}: JSON nested too deeply to read") from None
+
+
 def read_jsonl(path):
     """Yield (where, object) for each non-blank line of a JSON-lines file, where = "PATH, line N". A missing,
     unreadable or malformed file is a UserError that names the file and line."""
@@ -128,12 +211,24 @@ def read_jsonl(path):
             for n, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
-                yield f"{path}, line {n}", obj
+                yield f"{path}, line {n}", _parse_json(line, f"{path}, line {n}")
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
+
+
+def read_json(path):
+    """The object in a JSON file (a config, a model's config.json). A missing, unreadable, malformed or absurdly
+    nested file is a UserError that names the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    return _parse_json(text, path)

@@ -30,9 +30,9 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from causal_lm import CausalLM, PairError, load_causal_lm, sequence_logprobs, split_encode
-from common import (UserError, atomic_path, atomic_write_text, autocast, first_line, looks_like_a_path, read_jsonl,
-                    resolve_device, run_cli, same_error_on_every_rank)
-from model import GPT, logprobs_from_logits
+from common import (UserError, atomic_path, atomic_write_text, autocast, check_output_path, first_line,
+                    looks_like_a_path, read_json, read_jsonl, resolve_device, run_cli, same_error_on_every_rank)
+from model import GPT, check_finite_weights, logprobs_from_logits
 from tokenizer import EOT_TOKEN, gpt2_encoding
 
 STYLES = ("completion", "lm-eval")
@@ -63,21 +63,35 @@ def _fetch(url, out_path, desc, timeout):
             raise OSError(f"connection closed after {bar.n} of {total} bytes")
 
 
+def _count_lines(path):
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def split_path(split, cache_dir=None):
+    """Where the official jsonl of `split` is cached."""
+    return os.path.join(cache_dir or default_cache_dir(), f"hellaswag_{split}.jsonl")
+
+
 def download_split(split, cache_dir=None, url=None, retries=3, retry_wait=2.0, timeout=60):
     """Download the official jsonl of `split` into cache_dir (once) and return its path. The file appears only
-    complete: it is written to a temporary name, its line count checked, then renamed."""
+    complete: it is written to a temporary name, its line count checked, then renamed. A cached file is checked
+    too (one put there by hand may be cut short), so a split is never scored in part."""
     if split not in SPLITS:
         raise UserError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
-    path = os.path.join(cache_dir or default_cache_dir(), f"hellaswag_{split}.jsonl")
+    path = split_path(split, cache_dir)
     if os.path.exists(path):
+        n_lines = _count_lines(path)
+        if n_lines != SPLIT_LINES[split]:
+            raise UserError(f"{path}: {n_lines} examples, but the official {split} split has {SPLIT_LINES[split]}; "
+                            "delete the file to download it again, or pass --data FILE to score a part on purpose")
         return path
     url = url or DATA_URL.format(split=split)
     for attempt in range(1, retries + 1):
         try:
             with atomic_path(path) as tmp:
                 _fetch(url, tmp, desc=os.path.basename(path), timeout=timeout)
-                with open(tmp, "rb") as f:
-                    n_lines = sum(1 for line in f if line.strip())
+                n_lines = _count_lines(tmp)
                 if n_lines != SPLIT_LINES[split]:
                     raise UserError(f"{url}: downloaded {n_lines} examples, expected {SPLIT_LINES[split]} "
                                     f"for the {split} split; nothing was saved, run again")
@@ -528,9 +542,12 @@ def read_predictions(path):
     records = []
     for where, obj in read_jsonl(path):
         missing = [k for k in ("index", "label", "pred", "pred_norm")
-                   if not isinstance(obj, dict) or not isinstance(obj.get(k), int)]
+                   if not isinstance(obj, dict) or not isinstance(obj.get(k), int) or isinstance(obj[k], bool)]
         if missing:
             raise UserError(f"{where}: not a prediction line of hellaswag.py (missing or non-integer {missing})")
+        for key in ("label", "pred", "pred_norm"):  # an ending number: anything else would compare as wrong
+            if not 0 <= obj[key] <= 3:
+                raise UserError(f"{where}: '{key}' is {obj[key]}, but an ending number is 0-3")
         records.append(obj)
     if not records:
         raise UserError(f"{path}: no predictions")
@@ -584,11 +601,10 @@ def _transformers_model_type(source):
     """The model_type of a transformers model directory or hub name, None for anything else."""
     config_path = os.path.join(source, "config.json")
     if os.path.isfile(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            try:
-                return json.load(f).get("model_type")
-            except json.JSONDecodeError:
-                raise UserError(f"{config_path}: not valid JSON") from None
+        config = read_json(config_path)
+        if not isinstance(config, dict):
+            raise UserError(f"{config_path}: expected a JSON object, found {type(config).__name__}")
+        return config.get("model_type")
     if os.path.exists(source) or looks_like_a_path(source):
         return None  # a checkpoint, or a path GPT.from_pretrained will explain
     try:
@@ -631,6 +647,13 @@ def parse_args(argv=None):
     return args
 
 
+def check_outputs(args):
+    """Refuse --output / --predictions paths that could not be written, before any data or model loads."""
+    data = args.data or (None if args.hub else split_path(args.split))
+    check_output_path(args.output, inputs=[data, args.model])
+    check_output_path(args.predictions, inputs=[data, args.model, args.output])
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.compare:
@@ -638,9 +661,11 @@ def main(argv=None):
         print(format_comparison(compare_predictions(a, b, names=args.compare), *args.compare))
         return
 
+    check_outputs(args)
     examples = load_examples(args.split, args.data, limit=args.limit, hub=args.hub)
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model)
+    check_finite_weights(model, args.model)  # NaN weights would score as chance, not fail
     model.to(device)
     result = evaluate(model, examples, tokenizer=tokenizer, style=args.style, batch_size=args.batch_size,
                       device=device, dtype=args.dtype, return_predictions=True)

@@ -13,6 +13,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -23,7 +24,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import UserError
+from common import UserError, first_line, full_disk_is_one_line, give_normal_mode, read_json
 from tokenizer import EOT_TOKEN
 
 CHECKPOINT_FORMAT = "gpt-ppo-checkpoint/1"  # marks this project's checkpoints (written by train_ppo.py)
@@ -282,23 +283,35 @@ class GPT(nn.Module):
     def _from_transformers(cls, name_or_dir):
         from transformers import AutoConfig, GPT2LMHeadModel
 
+        local = os.path.isdir(name_or_dir)
+        config_where = os.path.join(name_or_dir, "config.json") if local else name_or_dir
+        if local:  # files transformers would fail on with a traceback, checked here so that the error names them
+            read_json(config_where)
+            for name in sorted(os.listdir(name_or_dir)):
+                if name.endswith(".safetensors"):
+                    _check_safetensors(os.path.join(name_or_dir, name))
         try:
             hf_config = AutoConfig.from_pretrained(name_or_dir)
             if hf_config.model_type != "gpt2":
                 raise UserError(f"{name_or_dir}: a '{hf_config.model_type}' model, but GPT.from_pretrained loads "
                                 "GPT-2 only (hellaswag.py and reward.py take other architectures)")
+            c = hf_config
+            config = _config_from(dict(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                                       n_head=c.n_head, n_embd=c.n_embd, layer_norm_epsilon=c.layer_norm_epsilon),
+                                  config_where)
             hf = GPT2LMHeadModel.from_pretrained(name_or_dir, dtype=torch.float32)
+        except UserError:
+            raise
         except OSError as e:
-            if os.path.isdir(name_or_dir):
+            if local:
                 raise UserError(f"{name_or_dir}: not a loadable transformers GPT-2 directory ({e})") from None
             raise UserError(f"could not load '{name_or_dir}' from the Hugging Face hub (offline, or no such repo?); "
                             f"download it where there is internet (hf download {name_or_dir} --local-dir DIR) "
                             "and pass that directory instead") from None
-        c = hf.config
+        except Exception as e:  # transformers raises many kinds for a config or weights it cannot use
+            raise UserError(f"{name_or_dir}: not a loadable transformers GPT-2 ({first_line(e)})") from None
         if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
             raise UserError(f"{name_or_dir}: activation {c.activation_function!r} is not GPT-2's tanh GELU")
-        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
-                           n_embd=c.n_embd, layer_norm_epsilon=c.layer_norm_epsilon)
         model = cls(config)
         sd = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
         for k in sd:
@@ -319,20 +332,31 @@ class GPT(nn.Module):
         try:
             with torch.serialization.safe_globals(stand_ins):
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # torch's own advice here is to turn the safety off: never repeat it
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            what = f"Python code ({found.group(1)})" if found else "Python objects, not just tensors and data"
+            raise UserError(f"{path}: refused: loading it would run {what}; only tensors and plain data are read, "
+                            "so save the weights alone (a state dict of tensors) and load that") from None
         except Exception as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"{path}: not a readable PyTorch checkpoint ({first_line})") from None
+            raise UserError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt "
+                            f"({first_line(e)})") from None
         if not isinstance(ckpt, dict):
             raise UserError(f"{path}: expected a checkpoint dict, found {type(ckpt).__name__}")
         if ckpt.get("format") == CHECKPOINT_FORMAT:  # ours
-            config, sd = GPTConfig(**ckpt["model_config"]), ckpt["model"]
+            config_key, fields, strict = "model_config", ckpt.get("model_config"), True
         elif "model" in ckpt and "config" in ckpt and not isinstance(ckpt["config"], dict):  # build-nanogpt
-            config, sd = _config_from(vars(ckpt["config"]), path), ckpt["model"]
+            config_key, fields, strict = "config", getattr(ckpt["config"], "__dict__", None), False
         elif "model" in ckpt and "model_args" in ckpt:  # nanoGPT's ckpt.pt
-            config, sd = _config_from(ckpt["model_args"], path), ckpt["model"]
+            config_key, fields, strict = "model_args", ckpt["model_args"], False
         else:
             raise UserError(f"{path}: unknown checkpoint layout (keys: {sorted(ckpt)[:8]}); expected this project's, "
                             "build-nanogpt's or nanoGPT's")
+        for key, value in ((config_key, fields), ("model", ckpt.get("model"))):
+            if not isinstance(value, dict):
+                problem = "missing" if key not in ckpt else f"a {type(ckpt[key]).__name__}, not a dict"
+                raise UserError(f"{path}: the checkpoint's '{key}' is {problem}")
+        config = _config_from(fields, path, strict)
+        sd = ckpt["model"]
         model = cls(config)
         model._load_state_dict(sd, path)
         return model
@@ -345,8 +369,19 @@ class GPT(nn.Module):
             if k.endswith((".attn.bias", ".attn.masked_bias")):  # old nanoGPT causal-mask buffers
                 continue
             clean[k] = v
-        if "lm_head.weight" not in clean:  # tied: some writers store only the embedding
-            clean["lm_head.weight"] = clean.get("transformer.wte.weight")
+        if "lm_head.weight" not in clean and "transformer.wte.weight" in clean:  # tied: some store only one
+            clean["lm_head.weight"] = clean["transformer.wte.weight"]
+        not_tensors = [k for k, v in clean.items() if not isinstance(v, torch.Tensor)]
+        if not_tensors:
+            raise UserError(f"{where}: the weights hold things that are not tensors ({not_tensors[:4]})")
+        expected = self.state_dict()
+        for k, v in clean.items():  # load_state_dict would raise a page-long RuntimeError
+            if k in expected and v.shape != expected[k].shape:
+                c = self.config
+                raise UserError(f"{where}: the weights and the model config disagree: {k} is {tuple(v.shape)}, "
+                                f"but n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, "
+                                f"vocab_size={c.vocab_size}, block_size={c.block_size} make it "
+                                f"{tuple(expected[k].shape)}")
         missing, unexpected = self.load_state_dict(clean, strict=False)
         missing = [k for k in missing if not k.startswith("value_head.")]  # a fresh value head is fine
         if missing or unexpected:
@@ -377,14 +412,18 @@ class GPT(nn.Module):
         parent = os.path.dirname(out_dir)
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(out_dir) + ".")
+        give_normal_mode(tmp, directory=True)  # mkdtemp makes it private
         try:
-            hf.save_pretrained(tmp)
-            gpt2_hf_tokenizer().save_pretrained(tmp)
-            vh = {k.removeprefix("value_head."): v.detach().float().cpu().contiguous()
-                  for k, v in self.state_dict().items() if k.startswith("value_head.")}
-            save_file(vh, os.path.join(tmp, "value_head.safetensors"))
-            with open(os.path.join(tmp, "gpt_config.json"), "w") as f:
-                json.dump(dataclasses.asdict(c), f, indent=2)
+            with full_disk_is_one_line(out_dir):  # before the finally below frees the space
+                hf.save_pretrained(tmp)
+                gpt2_hf_tokenizer().save_pretrained(tmp)
+                vh = {k.removeprefix("value_head."): v.detach().float().cpu().contiguous()
+                      for k, v in self.state_dict().items() if k.startswith("value_head.")}
+                save_file(vh, os.path.join(tmp, "value_head.safetensors"))
+                with open(os.path.join(tmp, "gpt_config.json"), "w") as f:
+                    json.dump(dataclasses.asdict(c), f, indent=2)
+            for name in os.listdir(tmp):  # transformers writes its weights through a private temporary file
+                give_normal_mode(os.path.join(tmp, name), directory=os.path.isdir(os.path.join(tmp, name)))
             old = None
             if os.path.exists(out_dir):
                 old = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(out_dir) + ".old.")
@@ -406,12 +445,59 @@ def latest_checkpoint(run_dir):
     return os.path.join(run_dir, f"ckpt_{max(steps):06d}.pt") if steps else None
 
 
-def _config_from(fields, where):
+def _config_from(fields, where, strict=False):
+    """A checked GPTConfig from a checkpoint's or config.json's fields. strict: an unknown field is an error (this
+    project's checkpoints hold exactly GPTConfig's fields); otherwise other fields are ignored (nanoGPT's)."""
     known = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(fields) - known)
+    if strict and unknown:
+        raise UserError(f"{where}: unknown model config field(s) {unknown[:4]}; not a checkpoint of this version")
+    config = GPTConfig(**{k: v for k, v in fields.items() if k in known})
+    check_model_config(config, where)
+    return config
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_model_config(config, where):
+    """One line naming `where` if a GPTConfig cannot build a GPT: a size that is not a positive integer, n_embd not
+    a multiple of n_head, a dropout outside [0, 1), a non-positive layer_norm_epsilon."""
+    for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{where}: {name} must be a positive integer, not {value!r}")
+    if config.n_embd % config.n_head:
+        raise UserError(f"{where}: n_embd={config.n_embd} is not a multiple of n_head={config.n_head}")
+    if not _is_number(config.dropout) or not 0 <= config.dropout < 1:
+        raise UserError(f"{where}: dropout must be a number in [0, 1), not {config.dropout!r}")
+    if not isinstance(config.bias, bool):
+        raise UserError(f"{where}: bias must be true or false, not {config.bias!r}")
+    if not _is_number(config.layer_norm_epsilon) or not 0 < config.layer_norm_epsilon < 1:
+        raise UserError(f"{where}: layer_norm_epsilon must be a small positive number, not "
+                        f"{config.layer_norm_epsilon!r}")
+
+
+def check_finite_weights(model, source):
+    """One line naming `source` and the first parameter that holds NaN or inf. A diverged run's weights do not fail
+    on their own: they score as chance, so evaluation and training check before they start."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise UserError(f"{source}: non-finite weights (NaN or inf) in {name}; a diverged or damaged model, "
+                            "use an earlier checkpoint")
+
+
+def _check_safetensors(path):
+    """Read the header, which is enough to find a truncated file: it must cover the file exactly."""
+    from safetensors import safe_open
+
     try:
-        return GPTConfig(**{k: v for k, v in fields.items() if k in known})
-    except TypeError as e:
-        raise UserError(f"{where}: bad model config in checkpoint ({e})") from None
+        with safe_open(path, framework="pt"):
+            pass
+    except Exception as e:  # safetensors raises its own error type, and OSError
+        raise UserError(f"{path}: not a readable safetensors file, truncated or corrupt "
+                        f"({first_line(e)})") from None
 
 
 def filter_logits(logits, top_k=None, top_p=None):

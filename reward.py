@@ -26,7 +26,7 @@ import torch
 
 import hellaswag
 from causal_lm import CausalLM, PairError
-from common import UserError, atomic_torch_save, atomic_write_text, read_jsonl, run_cli
+from common import UserError, atomic_torch_save, atomic_write_text, check_output_path, read_jsonl, run_cli
 
 DEFAULT_REWARD_MODEL = "EleutherAI/gpt-neo-2.7B"  # the seed project's judge: GPT-2's vocabulary, ~5.4 GB in bf16
 TEACHER_CACHE_FORMAT = "reward-teacher-cache/1"
@@ -260,6 +260,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {args.batch_size}")
+    check_output_path(args.output, inputs=[args.input, args.model])  # before the model loads, not after scoring
 
     contexts, continuations, wheres = read_pairs(args.input)
     t0 = time.time()
