@@ -40,10 +40,11 @@ import torch.nn.functional as F
 
 import synthetic
 from causal_lm import CausalLM
-from common import UserError, atomic_torch_save, atomic_write_text, autocast, first_line, resolve_device, run_cli
+from common import (UserError, atomic_torch_save, atomic_write_text, autocast, check_output_path, first_line,
+                    resolve_device, run_cli)
 from hellaswag import (choice_logprobs, encode_for_model, evaluate, load_examples, pad_choices,
                        write_predictions)
-from model import CHECKPOINT_FORMAT, GPT, GPTConfig
+from model import CHECKPOINT_FORMAT, GPT, GPTConfig, check_finite_weights
 from reward import DEFAULT_REWARD_MODEL, LabelReward, LikelihoodReward, TeacherReward
 from tokenizer import EOT_TOKEN, gpt2_encoding
 
@@ -629,19 +630,6 @@ def step_checkpoints(out_dir):
                   if (m := re.fullmatch(r"ckpt_(\d+)\.pt", name)))
 
 
-def check_writable_dir(path, key):
-    """One line, before any work, for a directory the run cannot create or write."""
-    if not path:
-        raise UserError(f"config: {key} is empty; give a directory")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"config: {key} {path!r} is a file, not a directory")
-    existing = path
-    while not os.path.exists(existing):  # the nearest existing ancestor must let us create the rest
-        existing = os.path.dirname(os.path.abspath(existing))
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"config: {key} {path!r} is not writable (no write permission on {existing!r})")
-
-
 def remove_torn_writes(out_dir):
     """Temporary files that a killed atomic write left behind (.NAME.XXXX.tmp); they never replaced anything."""
     for folder in (out_dir, os.path.join(out_dir, "eval")):
@@ -672,9 +660,9 @@ def prepare_out_dir(cfg, run, log):
     """Everything about out_dir that can fail, checked before any model or data work. A fresh run refuses a
     directory that holds another run, unless start_over, which moves that run's files to out_dir/previous/TIME/.
     -> (resume path, checkpoint) for init_from=resume, else (None, None)."""
-    check_writable_dir(cfg.out_dir, "out_dir")
+    check_output_path(cfg.out_dir, directory=True)
     if cfg.reward_kind == "teacher" and cfg.teacher_cache:
-        check_writable_dir(cfg.teacher_cache, "teacher_cache")
+        check_output_path(cfg.teacher_cache, directory=True)
     if cfg.init_from == "resume":
         if run.master_process:
             remove_torn_writes(cfg.out_dir)
@@ -1052,8 +1040,7 @@ def train(cfg):
         atomic_write_text(os.path.join(cfg.out_dir, "train_config.json"), json.dumps(dataclasses.asdict(cfg), indent=2))
     train_examples, val_examples, sources = load_data(cfg, run, log)
     raw_model, reference, reference_from = load_models(cfg, sources["init_from"], ckpt, resume_path, run.device)
-    if not weights_are_finite(raw_model):
-        raise UserError(f"{resume_path or reference_from}: the policy's weights are not all finite")
+    check_finite_weights(raw_model, resume_path or reference_from)
     log(f"policy: {raw_model.num_params() / 1e6:.2f}M parameters from {reference_from}; device {run.device}, "
         f"{run.world_size} process(es), autocast {dtype}")
     reward_fn = build_reward(cfg, train_examples, sources, run)

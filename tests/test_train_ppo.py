@@ -332,10 +332,18 @@ def test_non_finite_losses_skip_updates_then_stop(tmp_path, synthetic_dir, monke
         return {**out, "pg_loss": out["pg_loss"] * float("nan")}
 
     monkeypatch.setattr(train_ppo, "ppo_losses", poisoned)
-    cfg = tiny_run(tmp_path, synthetic_dir, reward_kind="label", max_bad_steps=3, checkpoint_interval=1, eval_limit=8)
-    with pytest.raises(RuntimeError, match="3 non-finite updates in a row"):
+    cfg = tiny_run(tmp_path, synthetic_dir, reward_kind="label", max_bad_steps=3, checkpoint_interval=1, eval_limit=8,
+                   max_steps=5)
+    with pytest.raises(UserError, match="3 steps in a row with non-finite losses or gradients at step 3"):
         train_ppo.train(cfg)
-    assert not [f for f in os.listdir(tmp_path) if f.startswith("ckpt_")]  # nothing broken was written
+    # the bad steps were skipped whole: the checkpoints hold the starting weights and an untouched optimizer
+    from model import GPT
+    start = GPT.from_pretrained(os.path.join(synthetic_dir, "policy")).state_dict()
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("ckpt_")) == ["ckpt_000001.pt", "ckpt_000002.pt"]
+    ckpt = torch.load(tmp_path / "ckpt_000002.pt", weights_only=True)
+    assert ckpt["optimizer"]["state"] == {}
+    for name, value in ckpt["model"].items():
+        assert torch.equal(value, start[name]), name
 
 
 @pytest.mark.slow
