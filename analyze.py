@@ -535,7 +535,9 @@ def plot_calibration(calibrations, path):
     """Reliability diagram and the distribution of the top-two probability margin, before and after."""
     fig = Figure(figsize=(10, 4))
     reliability, margins = fig.subplots(1, 2)
-    reliability.plot([0, 1], [0, 1], ":", color="grey")
+    reliability.plot([0, 1], [0, 1], ":", color="grey", label="calibrated")
+    if not any("bins" in c for c in calibrations.values()):
+        reliability.text(0.5, 0.3, "no labels", ha="center", color="grey")
     for i, (name, c) in enumerate(calibrations.items()):
         if "bins" in c:
             bins = [b for b in c["bins"] if b["n"]]
@@ -545,9 +547,8 @@ def plot_calibration(calibrations, path):
     reliability.set(xlabel="confidence of the chosen ending", ylabel="accuracy", title="calibration (acc_norm)",
                     xlim=(0, 1), ylim=(-0.02, 1.02))
     margins.set(xlabel="probability margin between the top two endings", ylabel="examples", title="confidence margin")
-    for ax in (reliability, margins):
-        if ax.has_data():
-            ax.legend(fontsize=8)
+    reliability.legend(fontsize=8)
+    margins.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -646,7 +647,7 @@ def summary_lines(result):
 
 def evaluation_lines(result):
     if not result["evaluations"]:
-        return []
+        return ["No labelled evaluations (see below).", ""]
     lines = ["| evaluation | n | acc [95% CI] | acc_norm [95% CI] |", "|---|---|---|---|"]
     for r in result["evaluations"]:
         lines.append(f"| {r['name']} | {r['n']} | {pct(r['acc'])} {ci(r['acc_ci'])} | "
@@ -680,7 +681,8 @@ def comparison_lines(name, c, examples, figure):
         for f in flips[:MAX_FLIPS]:
             change = (f"; p(gold) {f['p_gold_before']:.2f} → {f['p_gold_after']:.2f}"
                       if f["p_gold_change"] is not None else "")
-            before, after, gold = (quote(examples, f["index"], f[k]) for k in ("chosen_before", "chosen_after", "label"))
+            before, after, gold = (quote(examples, f["index"], f[key])
+                                   for key in ("chosen_before", "chosen_after", "label"))
             lines.append(f"- #{f['index']}: {example_text(examples, f['index'])}  ")
             lines.append(f"  chosen before: {before}; after: {after}; gold: {gold}{change}")
         lines.append("")
@@ -772,7 +774,8 @@ def write_report(runs, results, out_dir, differ, title):
         lines += ["Runs differ in: " + ", ".join(f"`{k}`" for k in differ) + ".", ""]
     if any(run["metrics"] for run in runs):
         figure = plot_curves(runs, results, os.path.join(out_dir, "curves.png"))
-        lines += ["## Training curves", "", f"![training curves]({figure})", "", "reward: the task's reward before the KL penalty; KL: to the frozen reference, per sample; "
+        lines += ["## Training curves", "", f"![training curves]({figure})", "",
+                  "reward: the task's reward before the KL penalty; KL: to the frozen reference, per sample; "
                   "eval: HellaSwag-style acc (dashed) and acc_norm (solid) with 95% Wilson intervals; approx_kl, "
                   "clipfrac: how far each update moved the policy; explained variance: of the value head.", ""]
     for i, (run, result) in enumerate(zip(runs, results)):
