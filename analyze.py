@@ -102,7 +102,10 @@ def read_records(path, notes):
                     obj = json.loads(line)
                 except json.JSONDecodeError:
                     obj = None
-                (records.append(obj) if isinstance(obj, dict) else bad.append(n))
+                if isinstance(obj, dict):
+                    records.append(obj)
+                else:
+                    bad.append(n)
     except OSError as e:
         notes.append(f"{path}: cannot read ({e.strerror})")
         return None
@@ -277,9 +280,10 @@ def evaluation_table(run):
             rows.append({"name": e["name"], "step": e["step"], "n": len(preds), "acc": correct / len(preds),
                          "acc_ci": wilson_interval(correct, len(preds)), "acc_norm": correct_norm / len(preds),
                          "acc_norm_ci": wilson_interval(correct_norm, len(preds))})
-    if not run["evaluations"]:
-        rows = [row for m in run["metrics"] if (row := metrics_evaluation(m))]
-    return rows
+    have = {row["step"] for row in rows}
+    if all(is_labelled(e["predictions"]) for e in run["evaluations"]):  # steps whose file is lost: the logged value
+        rows += [row for m in run["metrics"] if m["step"] not in have and (row := metrics_evaluation(m))]
+    return sorted(rows, key=lambda row: -1 if row["step"] is None else row["step"])
 
 
 def metrics_evaluation(m):
@@ -299,8 +303,10 @@ def pick_comparisons(run, table):
         return []
     first, last = evaluations[0], evaluations[-1]
     pairs = [("last", first, last)]
-    if table and len(table) == len(evaluations):
-        best = evaluations[max(range(len(table)), key=lambda i: (table[i]["acc_norm"], -i))]
+    acc_norm = {row["name"]: row["acc_norm"] for row in table}
+    scored = [e for e in evaluations if e["name"] in acc_norm]
+    if scored:
+        best = max(scored, key=lambda e: acc_norm[e["name"]])  # max keeps the first of equals: the earliest
         if best is not first and best is not last:
             pairs.append(("best", first, best))
     return pairs

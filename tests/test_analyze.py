@@ -17,6 +17,7 @@ import analyze
 import hellaswag
 import synthetic
 import train_ppo
+from common import UserError
 from tokenizer import gpt2_encoding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -237,6 +238,8 @@ def test_a_run_without_labels(tmp_path):
     assert "acc_norm" not in c
     assert c["changed_choices"] == sum(p["pred_norm"] != q["pred_norm"] for p, q in zip(evals[0], evals[20]))
     assert f"{c['changed_choices']} of 60 choices changed" in text
+    with pytest.raises(UserError, match="label"):  # --compare still needs labels
+        hellaswag.read_predictions(train_ppo.eval_predictions_path(run, 0))
     assert_figures_readable(os.path.join(run, "report"), text)
 
 
@@ -255,6 +258,9 @@ def test_an_interrupted_run(tmp_path):
     assert "only one evaluation (step 0)" in text and "not a prediction line" in text
     assert "validation text not found" in text
     assert result["training"]["steps"] == metrics[-1]["step"]  # the torn line is not a step
+    # the evaluations whose files are lost come from metrics.jsonl
+    assert [(r["step"], r["acc_norm"]) for r in result["evaluations"]] == [
+        (m["step"], m["eval/acc_norm"]) for m in metrics if "eval/acc_norm" in m]
     assert_figures_readable(os.path.join(run, "report"), text)
 
 
