@@ -152,8 +152,8 @@ def read_evaluations(run_dir, notes):
                 step = int(match.group(1))
                 evaluations.append({"name": f"step {step}", "step": step, "predictions": predictions})
     if not evaluations:
-        notes.append(f"{eval_dir}: no per-example predictions (a run from before train_ppo.py kept them), so the "
-                     "before/after comparison, flips, groups, lengths and calibration cannot be computed")
+        notes.append(f"{eval_dir}: no per-example predictions (older runs have none), so the before/after "
+                     "comparison, flips, groups, lengths and calibration cannot be computed")
     return evaluations
 
 
@@ -844,6 +844,9 @@ def parse_args(argv=None):
     for run_dir in args.runs:
         if not os.path.isdir(run_dir):
             raise UserError(f"{run_dir}: no such run directory")
+    for option, path in (("--data", args.data), ("--teacher", args.teacher)):
+        if path is not None and not os.path.isfile(path):
+            raise UserError(f"{option} {path}: no such file")
     if args.out is None:
         if len(args.runs) != 1:
             raise UserError("several runs or two prediction files: say where the report goes with --out DIR")

@@ -181,7 +181,8 @@ def test_report_numbers_equal_those_recomputed_from_the_files(tmp_path):
     first_flip = result["comparisons"]["last"]["flips"]["wrong_to_right"][0]
     assert examples[first_flip["index"]]["ctx"] in text  # flips quote the context
     assert_figures_readable(out, text)
-    assert {"curves.png", "groups_last.png", "groups_best.png", "lengths.png", "calibration.png"} <= set(os.listdir(out))
+    figures = {"curves.png", "groups_last.png", "groups_best.png", "lengths.png", "calibration.png"}
+    assert figures <= set(os.listdir(out))
 
 
 def test_teacher_agreement_before_and_after(tmp_path):
@@ -326,6 +327,8 @@ def test_two_prediction_files(tmp_path):
     (["--before", "nothing.jsonl", "--after", "nothing.jsonl", "--out", "x"], "nothing.jsonl: no such file"),
     (["no/such/run"], "no/such/run: no such run directory"),
     ([], "give run directories"),
+    (["--before", "a.jsonl", "--after", "b.jsonl", "--data", "no.jsonl", "--out", "x"],
+     "--data no.jsonl: no such file"),
 ])
 def test_cli_errors_are_one_line(args, message):
     result = run_cli(*args)
