@@ -460,7 +460,7 @@ def analyze_run(run, encode=None):
     elif run["teacher"] is None and run["config"].get("reward_kind") == "teacher":
         notes.append("teacher agreement needs the teacher's predictions on the validation data: python hellaswag.py "
                      "--model TEACHER --data VAL.jsonl --predictions RUN/eval/teacher.jsonl (same --style)")
-    if run["teacher_cache"]:
+    if run["teacher_cache"] and run["teacher"] is None:
         notes.append(run["teacher_cache"])
     if run["config"].get("rollout") == "generate" or any("continuation" in s for s in run["samples"]):
         result["generate"] = generate_stats(run, encode)
