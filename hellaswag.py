@@ -538,15 +538,20 @@ def write_predictions(path, predictions):
     atomic_write_text(path, "".join(json.dumps(p) + "\n" for p in predictions))
 
 
-def read_predictions(path):
+def read_predictions(path, require_labels=True):
+    """The lines of a --predictions file. require_labels=False also takes lines whose label is null (predictions of
+    unlabelled data, which analyze.py can still describe but not score)."""
     records = []
     for where, obj in read_jsonl(path):
-        missing = [k for k in ("index", "label", "pred", "pred_norm")
+        required = ("index", "label", "pred", "pred_norm") if require_labels else ("index", "pred", "pred_norm")
+        missing = [k for k in required
                    if not isinstance(obj, dict) or not isinstance(obj.get(k), int) or isinstance(obj[k], bool)]
+        if not require_labels and not missing and not isinstance(obj.get("label", None), (int, type(None))):
+            missing = ["label"]
         if missing:
             raise UserError(f"{where}: not a prediction line of hellaswag.py (missing or non-integer {missing})")
         for key in ("label", "pred", "pred_norm"):  # an ending number: anything else would compare as wrong
-            if not 0 <= obj[key] <= 3:
+            if obj.get(key) is not None and not 0 <= obj[key] <= 3:
                 raise UserError(f"{where}: '{key}' is {obj[key]}, but an ending number is 0-3")
         records.append(obj)
     if not records:

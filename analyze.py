@@ -1,0 +1,876 @@
+"""
+What did PPO do to the model's commonsense reasoning? A report (report.md, report.json and PNG figures) that reads
+a training run's out_dir as it is, or two prediction files.
+
+    python analyze.py out/demo                                   # -> out/demo/report/report.md
+    python analyze.py out/lr1e-5 out/lr3e-5 --out out/sweep      # several runs, curves on the same axes
+    python analyze.py --before A.jsonl --after B.jsonl --data val.jsonl --out report   # models trained elsewhere
+
+A run is read from what train_ppo.py writes: train_config.json, metrics.jsonl, samples.jsonl and eval/step_*.jsonl
+(hellaswag.py's --predictions schema). eval/teacher.jsonl (or --teacher), the teacher's own predictions on the
+validation data, adds agreement with the teacher. Anything missing, cut off or unlabelled is skipped, and the
+report says what could not be computed and why. The paired statistics are hellaswag.py's (the ones --compare
+prints); this file adds only intervals for one accuracy and the calibration error.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+
+import torch
+from matplotlib.figure import Figure  # the object API: no pyplot, no display, no global backend state
+
+import hellaswag
+from common import UserError, atomic_path, atomic_write_text, run_cli
+from tokenizer import gpt2_encoding
+
+SMALL_GROUP = 30  # groups with fewer examples get intervals too wide (or too narrow, at n < 5) to trust
+MAX_GROUPS = 25  # largest groups per field shown in the group figure
+MAX_FLIPS = 5  # flipped examples quoted per direction
+CALIBRATION_BINS = 10
+STOP_ENDINGS = (".", "!", "?", "\n", '."', '!"', '?"')  # the text ends of train_ppo.sentence_stop_tokens
+# keys that name where a run lives rather than what it did: never used to tell runs apart
+PLACE_KEYS = ("out_dir", "synthetic_dir", "teacher_cache", "data_cache", "wandb_run_name", "wandb_project", "device")
+CURVES = [("reward", "reward"), ("kl", "KL to the reference"), ("eval", "eval acc / acc_norm (95% CI)"),
+          ("approx_kl", "approx_kl"), ("clipfrac", "clipfrac"), ("entropy", "entropy"),
+          ("explained_var", "explained variance"), ("lr", "learning rate"), ("kl_coef", "KL coefficient")]
+
+# -----------------------------------------------------------------------------------------------------------------
+# statistics this report adds to hellaswag.py's paired ones
+
+
+def wilson_interval(correct, n, z=1.96):
+    """95% Wilson score interval of an accuracy of correct / n (sensible at 0, 1 and small n, unlike the normal
+    interval)."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = correct / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, center - half), min(1.0, center + half)]
+
+
+def choice_probabilities(scores, temperature=1.0):
+    """softmax(scores / temperature): for completion-style norm_scores, the choice rollouts' policy over endings."""
+    top = max(scores)
+    weights = [math.exp((s - top) / temperature) for s in scores]
+    return [w / sum(weights) for w in weights]
+
+
+def calibration(confidences, correct, n_bins=CALIBRATION_BINS):
+    """Equal-width confidence bins -> {"bins": [{lo, hi, n, confidence, accuracy}], "ece"}; the expected calibration
+    error is the bins' |accuracy - mean confidence| weighted by their share of the examples."""
+    bins = [{"lo": b / n_bins, "hi": (b + 1) / n_bins, "n": 0, "confidence": 0.0, "accuracy": 0.0}
+            for b in range(n_bins)]
+    for confidence, right in zip(confidences, correct):
+        b = bins[min(int(confidence * n_bins), n_bins - 1)]
+        b["n"] += 1
+        b["confidence"] += confidence
+        b["accuracy"] += float(right)
+    for b in bins:
+        if b["n"]:
+            b["confidence"] /= b["n"]
+            b["accuracy"] /= b["n"]
+    total = sum(b["n"] for b in bins)
+    ece = sum(b["n"] * abs(b["accuracy"] - b["confidence"]) for b in bins) / total if total else float("nan")
+    return {"bins": bins, "ece": ece}
+
+
+def mean(values):
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# reading a run as it is: every file may be missing, cut off or from an older version
+
+
+def read_records(path, notes):
+    """The JSON objects of a JSON-lines file; a missing file is None, and unreadable lines (the last one cut off by
+    an interrupted run) are skipped with a note instead of stopping the report."""
+    if not os.path.isfile(path):
+        return None
+    records, bad = [], []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    obj = None
+                if isinstance(obj, dict):
+                    records.append(obj)
+                else:
+                    bad.append(n)
+    except OSError as e:
+        notes.append(f"{path}: cannot read ({e.strerror})")
+        return None
+    if bad:
+        notes.append(f"{path}: skipped {len(bad)} unreadable line(s), first line {bad[0]} (cut off by an interrupted "
+                     "run?)")
+    return records
+
+
+def read_config(run_dir, notes):
+    path = os.path.join(run_dir, "train_config.json")
+    if not os.path.isfile(path):
+        notes.append(f"{path}: missing, so runs cannot be labelled by their settings and the validation text is not "
+                     "found unless --data is given")
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        notes.append(f"{path}: unreadable ({type(e).__name__}); settings unknown")
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def by_step(records):
+    """Records with an integer step, one per step (the last one logged wins), in step order."""
+    steps = {}
+    for r in records or []:
+        if isinstance(r.get("step"), int):
+            steps[r["step"]] = r
+    return [steps[s] for s in sorted(steps)]
+
+
+def read_evaluations(run_dir, notes):
+    """[{"name", "step", "predictions"}] from out_dir/eval/step_NNNNNN.jsonl, in step order."""
+    eval_dir = os.path.join(run_dir, "eval")
+    names = sorted(os.listdir(eval_dir)) if os.path.isdir(eval_dir) else []
+    evaluations = []
+    for name in names:
+        match = re.fullmatch(r"step_(\d+)\.jsonl", name)
+        if match:
+            predictions = read_prediction_file(os.path.join(eval_dir, name), notes)
+            if predictions is not None:
+                step = int(match.group(1))
+                evaluations.append({"name": f"step {step}", "step": step, "predictions": predictions})
+    if not evaluations:
+        notes.append(f"{eval_dir}: no per-example predictions (older runs have none), so the before/after "
+                     "comparison, flips, groups, lengths and calibration cannot be computed")
+    return evaluations
+
+
+def read_prediction_file(path, notes):
+    try:
+        return hellaswag.read_predictions(path, require_labels=False)
+    except UserError as e:
+        notes.append(f"skipped: {e}")
+        return None
+
+
+def val_data_path(config, run_dir):
+    """Where the run's validation text is on this machine, or None: the files are never downloaded here."""
+    if config.get("synthetic"):
+        folder = config.get("synthetic_dir") or os.path.join(run_dir, "synthetic")
+        return os.path.join(folder, "val.jsonl")
+    spec = config.get("val_data")
+    if not isinstance(spec, str):
+        return None
+    if spec.startswith("hellaswag:"):
+        folder = config.get("data_cache") or hellaswag.default_cache_dir()
+        return os.path.join(folder, f"hellaswag_{spec.split(':', 1)[1]}.jsonl")
+    return spec
+
+
+def read_examples(path, predictions, notes):
+    """The validation examples the predictions index, or None (with a note) when the text is not here or is other
+    data."""
+    if path is None or not os.path.isfile(path):
+        notes.append(f"validation text not found ({path or 'no val_data in the config'}; pass --data FILE): flipped "
+                     "examples are shown by index only, and ending lengths cannot be computed")
+        return None
+    try:
+        examples = hellaswag.load_examples(data_file=path)
+    except UserError as e:
+        notes.append(f"validation text unreadable ({e}); ending lengths cannot be computed")
+        return None
+    for p in predictions:
+        if p["index"] >= len(examples) or p.get("label") not in (None, examples[p["index"]]["label"]):
+            notes.append(f"{path} is not the data these predictions were made on (example {p['index']} differs); "
+                         "ending lengths cannot be computed")
+            return None
+    return examples
+
+
+def teacher_cache_note(run_dir, config):
+    """What the teacher cache holds. It scores the *training* examples (reward.TeacherReward, keyed by the teacher,
+    style and training text), so it says nothing about the validation examples the evaluations predict."""
+    folder = config.get("teacher_cache") or os.path.join(run_dir, "teacher_cache")
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".pt")) if os.path.isdir(folder) else []
+    if not files:
+        return None
+    counts = []
+    for name in files:
+        try:
+            cache = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
+            scored = cache["sum_logprob"][:, 0]
+            counts.append(f"{name}: {int((~torch.isnan(scored)).sum())} of {scored.numel()} training examples scored")
+        except Exception as e:  # any unreadable cache is only reported: it is not needed for the report
+            counts.append(f"{name}: unreadable ({type(e).__name__})")
+    return ("the teacher cache holds the teacher's scores of training examples, not of the validation examples "
+            "the evaluations predict, so it cannot give agreement on them (" + "; ".join(counts) + ")")
+
+
+def load_run(run_dir, data=None, teacher=None):
+    notes = []
+    config = read_config(run_dir, notes)
+    metrics = by_step(read_records(os.path.join(run_dir, "metrics.jsonl"), notes))
+    if not metrics:
+        notes.append(f"{os.path.join(run_dir, 'metrics.jsonl')}: missing or empty, so there are no training curves")
+    samples = read_records(os.path.join(run_dir, "samples.jsonl"), notes) or []
+    evaluations = read_evaluations(run_dir, notes)
+    first = evaluations[0]["predictions"] if evaluations else []
+    examples = read_examples(data or val_data_path(config, run_dir), first, notes) if evaluations else None
+    teacher_path = teacher or os.path.join(run_dir, "eval", "teacher.jsonl")
+    teacher_predictions = read_prediction_file(teacher_path, notes) if os.path.isfile(teacher_path) else None
+    return {"dir": run_dir, "label": os.path.basename(os.path.normpath(run_dir)), "config": config,
+            "metrics": metrics, "samples": samples, "evaluations": evaluations, "examples": examples,
+            "teacher": teacher_predictions, "teacher_cache": teacher_cache_note(run_dir, config), "notes": notes}
+
+
+def load_pair(before, after, data=None, teacher=None):
+    """Two prediction files as a run with two evaluations and nothing else."""
+    notes = []
+    evaluations = []
+    for name, path in (("before", before), ("after", after)):
+        predictions = hellaswag.read_predictions(path, require_labels=False)  # here a bad file is the user's error
+        evaluations.append({"name": f"{name} ({os.path.basename(path)})", "step": None, "predictions": predictions})
+    examples = read_examples(data, evaluations[0]["predictions"], notes) if data else None
+    if data is None:
+        notes.append("no --data: flipped examples are shown by index only, and ending lengths cannot be computed")
+    teacher_predictions = read_prediction_file(teacher, notes) if teacher else None
+    return {"dir": None, "label": f"{os.path.basename(before)} -> {os.path.basename(after)}", "config": {},
+            "metrics": [], "samples": [], "evaluations": evaluations, "examples": examples,
+            "teacher": teacher_predictions, "teacher_cache": None, "notes": notes}
+
+
+def label_runs(runs):
+    """Name each run by the settings that differ between the runs (a sweep reads at a glance), else its folder."""
+    keys = sorted({k for r in runs for k in r["config"]} - set(PLACE_KEYS))
+    differ = [k for k in keys if len({json.dumps(r["config"].get(k)) for r in runs}) > 1]
+    if len(runs) > 1 and differ:
+        for r in runs:
+            r["label"] = ", ".join(f"{k}={r['config'].get(k)}" for k in differ)
+    return differ
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# analysis of one run: plain dicts of numbers, which the report prints and report.json keeps
+
+
+def is_labelled(predictions):
+    return all(p.get("label") is not None for p in predictions)
+
+
+def evaluation_table(run):
+    """Accuracy with its interval at every evaluation: from the prediction files, else from metrics.jsonl."""
+    rows = []
+    for e in run["evaluations"]:
+        preds = e["predictions"]
+        if is_labelled(preds):
+            correct = sum(p["pred"] == p["label"] for p in preds)
+            correct_norm = sum(p["pred_norm"] == p["label"] for p in preds)
+            rows.append({"name": e["name"], "step": e["step"], "n": len(preds), "acc": correct / len(preds),
+                         "acc_ci": wilson_interval(correct, len(preds)), "acc_norm": correct_norm / len(preds),
+                         "acc_norm_ci": wilson_interval(correct_norm, len(preds))})
+    have = {row["step"] for row in rows}
+    if all(is_labelled(e["predictions"]) for e in run["evaluations"]):  # steps whose file is lost: the logged value
+        rows += [row for m in run["metrics"] if m["step"] not in have and (row := metrics_evaluation(m))]
+    return sorted(rows, key=lambda row: -1 if row["step"] is None else row["step"])
+
+
+def metrics_evaluation(m):
+    if not all(isinstance(m.get(k), (int, float)) for k in ("eval/acc", "eval/acc_norm", "eval/n")):
+        return None
+    n = m["eval/n"]
+    return {"name": f"step {m['step']}", "step": m["step"], "n": n, "acc": m["eval/acc"],
+            "acc_ci": wilson_interval(round(m["eval/acc"] * n), n), "acc_norm": m["eval/acc_norm"],
+            "acc_norm_ci": wilson_interval(round(m["eval/acc_norm"] * n), n)}
+
+
+def pick_comparisons(run, table):
+    """(label, before, after) pairs: the first evaluation against the last and against the best (by acc_norm, as
+    best.pt is chosen; ties go to the earliest)."""
+    evaluations = run["evaluations"]
+    if len(evaluations) < 2:
+        return []
+    first, last = evaluations[0], evaluations[-1]
+    pairs = [("last", first, last)]
+    acc_norm = {row["name"]: row["acc_norm"] for row in table}
+    scored = [e for e in evaluations if e["name"] in acc_norm]
+    if scored:
+        best = max(scored, key=lambda e: acc_norm[e["name"]])  # max keeps the first of equals: the earliest
+        if best is not first and best is not last:
+            pairs.append(("best", first, best))
+    return pairs
+
+
+def confidences(predictions, temperature):
+    return [choice_probabilities(p["norm_scores"], temperature) if "norm_scores" in p else None for p in predictions]
+
+
+def compare(run, before, after, temperature):
+    """Everything "before vs after" says about one pair of evaluations."""
+    a, b = before["predictions"], after["predictions"]
+    result = {"before": before["name"], "after": after["name"], "before_step": before["step"],
+              "after_step": after["step"], "n": len(a)}
+    try:  # also checks that both are predictions of the same examples
+        comparison = hellaswag.compare_predictions(a, b, names=(before["name"], after["name"]))
+    except UserError as e:
+        result["error"] = str(e)
+        return result
+    result["changed_choices"] = sum(p["pred_norm"] != q["pred_norm"] for p, q in zip(a, b))
+    if not (is_labelled(a) and is_labelled(b)):
+        return result
+    result.update(acc=comparison["acc"], acc_norm=comparison["acc_norm"], groups=comparison["groups"])
+    probs_a, probs_b = confidences(a, temperature), confidences(b, temperature)
+    flips = {"right_to_wrong": [], "wrong_to_right": []}
+    for p, q, pa, pb in zip(a, b, probs_a, probs_b):
+        right_before, right_after = p["pred_norm"] == p["label"], q["pred_norm"] == q["label"]
+        if right_before != right_after:
+            gold_change = pb[q["label"]] - pa[p["label"]] if pa and pb else None
+            flips["wrong_to_right" if right_after else "right_to_wrong"].append(
+                {"index": p["index"], "label": p["label"], "chosen_before": p["pred_norm"],
+                 "chosen_after": q["pred_norm"], "p_gold_before": pa[p["label"]] if pa else None,
+                 "p_gold_after": pb[q["label"]] if pb else None, "p_gold_change": gold_change})
+    for direction in flips.values():
+        direction.sort(key=lambda f: -abs(f["p_gold_change"] or 0))
+    result["flips"] = flips
+    return result
+
+
+def calibration_of(predictions, temperature):
+    """Calibration of the norm-score choice, the mean probability margin between the top two endings."""
+    probs = confidences(predictions, temperature)
+    if any(p is None for p in probs):
+        return None
+    top = [sorted(p, reverse=True) for p in probs]
+    result = {"margin": mean(t[0] - t[1] for t in top), "margins": [t[0] - t[1] for t in top]}
+    if is_labelled(predictions):
+        result.update(calibration([t[0] for t in top], [p["pred_norm"] == p["label"] for p in predictions]))
+    return result
+
+
+def ending_length(ending):
+    return len(ending.strip())
+
+
+def length_bias(evaluations, examples):
+    """Per evaluation: mean characters of the chosen ending and of the gold one, and how often each is the longest
+    of the four. A policy that learns "pick the longest" instead of the task shows here."""
+    rows = []
+    for e in evaluations:
+        chosen_lengths, gold_lengths, chosen_longest, gold_longest = [], [], 0, 0
+        for p in e["predictions"]:
+            lengths = [ending_length(x) for x in examples[p["index"]]["endings"]]
+            chosen_lengths.append(lengths[p["pred_norm"]])
+            chosen_longest += lengths[p["pred_norm"]] == max(lengths)
+            if p.get("label") is not None:
+                gold_lengths.append(lengths[p["label"]])
+                gold_longest += lengths[p["label"]] == max(lengths)
+        n = len(e["predictions"])
+        rows.append({"name": e["name"], "step": e["step"], "chosen_chars": mean(chosen_lengths),
+                     "gold_chars": mean(gold_lengths) if gold_lengths else None,
+                     "chosen_is_longest": chosen_longest / n,
+                     "gold_is_longest": gold_longest / n if gold_lengths else None,
+                     "chosen_minus_gold": ([c - g for c, g in zip(chosen_lengths, gold_lengths)]
+                                           if gold_lengths else None)})
+    return rows
+
+
+def teacher_agreement(before, after, teacher, notes):
+    """How often the policy picks what the teacher picks, before and after, with hellaswag.paired_difference on
+    the agreement indicators; and, where the teacher is wrong, how often the policy makes the same mistake."""
+    a, b = before["predictions"], after["predictions"]
+    same = len(teacher) == len(a) and all(t["index"] == p["index"] for t, p in zip(teacher, a))
+    if not same:
+        notes.append("the teacher's predictions are not on the same examples as the evaluations; agreement skipped")
+        return None
+    agree_a = [p["pred_norm"] == t["pred_norm"] for p, t in zip(a, teacher)]
+    agree_b = [p["pred_norm"] == t["pred_norm"] for p, t in zip(b, teacher)]
+    result = {"agreement": hellaswag.paired_difference(agree_a, agree_b)}
+    if is_labelled(teacher):
+        wrong = [i for i, t in enumerate(teacher) if t["pred_norm"] != t["label"]]
+        result["teacher_acc_norm"] = 1 - len(wrong) / len(teacher)
+        result["teacher_wrong"] = len(wrong)
+        if wrong:
+            result["copies_mistakes"] = hellaswag.paired_difference([agree_a[i] for i in wrong],
+                                                                    [agree_b[i] for i in wrong])
+    return result
+
+
+def stopped(text, max_new_tokens, n_tokens, stop_at_sentence_end=True):
+    """Whether a saved generate sample stopped by itself: <|endoftext|> is dropped from the saved text, so a
+    sample shorter than max_new_tokens stopped; one that ends like a sentence stop token stopped there."""
+    return n_tokens < max_new_tokens or (stop_at_sentence_end and text.endswith(STOP_ENDINGS))
+
+
+def generate_stats(run, encode):
+    """Response length (tokens) and stop rate per sample step, from samples.jsonl (metrics.jsonl does not log them),
+    and reward against KL per step from metrics.jsonl."""
+    config = run["config"]
+    max_new = config.get("max_new_tokens", 24)
+    per_step = {}
+    for s in run["samples"]:
+        if isinstance(s.get("continuation"), str) and isinstance(s.get("step"), int):
+            per_step.setdefault(s["step"], []).append(s)
+    rows = []
+    for step, samples in sorted(per_step.items()):
+        lengths = [len(encode(s["continuation"])) for s in samples]
+        stops = [stopped(s["continuation"], max_new, n, config.get("stop_at_sentence_end", True))
+                 for s, n in zip(samples, lengths)]
+        rows.append({"step": step, "n": len(samples), "response_tokens": mean(lengths), "stop_rate": mean(stops)})
+    logged = [m for m in run["metrics"] if "stop_rate" in m]  # should training log them, they are used instead
+    return {"samples": rows, "logged": [{k: m.get(k) for k in ("step", "response_length", "stop_rate")}
+                                        for m in logged],
+            "reward_kl": [(m["step"], m["kl"], m["reward"]) for m in run["metrics"] if "kl" in m and "reward" in m]}
+
+
+def analyze_run(run, encode=None):
+    """-> the run's numbers; notes for what cannot be computed are added to run["notes"]."""
+    notes = run["notes"]
+    temperature = run["config"].get("choice_temperature", 1.0)
+    table = evaluation_table(run)
+    result = {"label": run["label"], "dir": run["dir"], "evaluations": table, "comparisons": {}}
+    evaluations = run["evaluations"]
+    if evaluations and not is_labelled(evaluations[-1]["predictions"]):
+        notes.append("the predictions carry no gold labels: accuracies, their intervals, the paired tests, flips, "
+                     "groups and calibration cannot be computed; only how the choices changed is shown")
+    if len(evaluations) == 1:
+        notes.append(f"only one evaluation ({evaluations[0]['name']}): there is no before and after to compare")
+    for name, before, after in pick_comparisons(run, table):
+        comparison = compare(run, before, after, temperature)
+        if "error" in comparison:
+            notes.append(f"{before['name']} vs {after['name']}: {comparison['error']}")
+        result["comparisons"][name] = comparison
+    if evaluations:
+        ends = [evaluations[0], evaluations[-1]] if len(evaluations) > 1 else evaluations
+        result["calibration"] = {e["name"]: calibration_of(e["predictions"], temperature) for e in ends}
+        if run["examples"] is not None:
+            result["lengths"] = length_bias(evaluations, run["examples"])
+    if run["teacher"] is not None and len(evaluations) >= 2:
+        result["teacher"] = teacher_agreement(evaluations[0], evaluations[-1], run["teacher"], notes)
+    elif run["teacher"] is None and run["config"].get("reward_kind") == "teacher":
+        notes.append("teacher agreement needs the teacher's predictions on the validation data: python hellaswag.py "
+                     "--model TEACHER --data VAL.jsonl --predictions RUN/eval/teacher.jsonl (same --style)")
+    if run["teacher_cache"] and run["teacher"] is None:
+        notes.append(run["teacher_cache"])
+    if run["config"].get("rollout") == "generate" or any("continuation" in s for s in run["samples"]):
+        result["generate"] = generate_stats(run, encode)
+    metrics = [m for m in run["metrics"] if "reward" in m]
+    if metrics:
+        head, tail = metrics[:5], metrics[-5:]
+        result["training"] = {"steps": metrics[-1]["step"], "reward_first5": mean(m["reward"] for m in head),
+                              "reward_last5": mean(m["reward"] for m in tail),
+                              "kl_last5": mean(m.get("kl", float("nan")) for m in tail)}
+    return result
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# figures: matplotlib's object API, one PNG each
+
+
+def save_figure(fig, path):
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
+    return os.path.basename(path)
+
+
+def plot_curves(runs, results, path):
+    """The training curves of every run on the same axes, one panel per quantity."""
+    fig = Figure(figsize=(13, 10))
+    axes = fig.subplots(3, 3).ravel()
+    for ax, (key, title) in zip(axes, CURVES):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        for i, (run, result) in enumerate(zip(runs, results)):
+            color = f"C{i}"
+            if key == "eval":
+                rows = [r for r in result["evaluations"] if r["step"] is not None]
+                for metric, style in (("acc", "--"), ("acc_norm", "-")):
+                    steps = [r["step"] for r in rows]
+                    ax.plot(steps, [r[metric] for r in rows], style, color=color, marker="o", markersize=3,
+                            label=f"{run['label']} {metric}")
+                    ax.fill_between(steps, [r[f"{metric}_ci"][0] for r in rows], [r[f"{metric}_ci"][1] for r in rows],
+                                    color=color, alpha=0.12)
+            else:
+                points = [(m["step"], m[key]) for m in run["metrics"] if isinstance(m.get(key), (int, float))
+                          and math.isfinite(m[key]) and not (key == "reward" and m["step"] == 0)]
+                if points:
+                    ax.plot(*zip(*points), color=color, linewidth=1.2, label=run["label"])
+        if ax.has_data():
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_groups(comparison, path):
+    """acc_norm change by group with its interval, sorted, one panel per group field; small groups hollow."""
+    fields = [(f, g) for f, g in comparison["groups"].items() if g]
+    heights = [min(len(g), MAX_GROUPS) for _, g in fields]
+    fig = Figure(figsize=(8, 1.2 + 0.28 * sum(heights) + 0.6 * len(fields)))
+    axes = fig.subplots(len(fields), 1, squeeze=False, gridspec_kw={"height_ratios": heights})[:, 0]
+    for ax, (field, groups) in zip(axes, fields):
+        largest = sorted(groups.items(), key=lambda kv: -kv[1]["n"])[:MAX_GROUPS]
+        rows = sorted(largest, key=lambda kv: kv[1]["diff"])
+        for y, (value, c) in enumerate(rows):
+            small = c["n"] < SMALL_GROUP
+            ax.errorbar(c["diff"], y, xerr=[[c["diff"] - c["ci95"][0]], [c["ci95"][1] - c["diff"]]], fmt="o",
+                        color="grey" if small else "C0", mfc="white" if small else "C0", capsize=2)
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels([f"{str(v)[:30]} (n={c['n']}{', small' if c['n'] < SMALL_GROUP else ''})"
+                            for v, c in rows], fontsize=7)
+        ax.axvline(0, color="black", linewidth=0.8)
+        more = f", the {MAX_GROUPS} largest of {len(groups)}" if len(groups) > MAX_GROUPS else ""
+        ax.set_title(f"acc_norm change by {field}{more} (95% CI)", fontsize=9)
+    axes[-1].set_xlabel(f"{comparison['after']} minus {comparison['before']}")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_calibration(calibrations, path):
+    """Reliability diagram and the distribution of the top-two probability margin, before and after."""
+    fig = Figure(figsize=(10, 4))
+    reliability, margins = fig.subplots(1, 2)
+    reliability.plot([0, 1], [0, 1], ":", color="grey", label="calibrated")
+    if not any("bins" in c for c in calibrations.values()):
+        reliability.text(0.5, 0.3, "no labels", ha="center", color="grey")
+    for i, (name, c) in enumerate(calibrations.items()):
+        if "bins" in c:
+            bins = [b for b in c["bins"] if b["n"]]
+            reliability.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", color=f"C{i}",
+                             label=f"{name} (ECE {c['ece']:.3f})")
+        margins.hist(c["margins"], bins=20, range=(0, 1), alpha=0.5, color=f"C{i}", label=name)
+    reliability.set(xlabel="confidence of the chosen ending", ylabel="accuracy", title="calibration (acc_norm)",
+                    xlim=(0, 1), ylim=(-0.02, 1.02))
+    margins.set(xlabel="probability margin between the top two endings", ylabel="examples", title="confidence margin")
+    reliability.legend(fontsize=8)
+    margins.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_lengths(rows, path):
+    """Chosen against gold ending length over the evaluations, and the chosen-minus-gold distribution at the ends."""
+    fig = Figure(figsize=(10, 4))
+    over_steps, spread = fig.subplots(1, 2)
+    x = [r["step"] if r["step"] is not None else i for i, r in enumerate(rows)]
+    over_steps.plot(x, [r["chosen_chars"] for r in rows], "o-", label="chosen ending")
+    if rows[0]["gold_chars"] is not None:
+        over_steps.plot(x, [r["gold_chars"] for r in rows], "s--", color="black", label="gold ending")
+    over_steps.set(xlabel="step" if rows[0]["step"] is not None else "evaluation", ylabel="mean characters",
+                   title="length of the chosen ending")
+    over_steps.legend(fontsize=8)
+    for i, r in enumerate((rows[0], rows[-1]) if len(rows) > 1 else rows):
+        if r["chosen_minus_gold"] is not None:
+            spread.hist(r["chosen_minus_gold"], bins=30, alpha=0.5, color=f"C{i}", label=r["name"])
+    spread.set(xlabel="chosen minus gold (characters)", ylabel="examples", title="length of chosen vs gold")
+    if spread.has_data():
+        spread.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_generate(stats, path):
+    fig = Figure(figsize=(13, 4))
+    length, stop, reward_kl = fig.subplots(1, 3)
+    rows = stats["samples"]
+    length.plot([r["step"] for r in rows], [r["response_tokens"] for r in rows], "o-")
+    length.set(xlabel="step", ylabel="tokens", title="response length (saved samples)")
+    stop.plot([r["step"] for r in rows], [r["stop_rate"] for r in rows], "o-")
+    stop.set(xlabel="step", ylabel="fraction", ylim=(-0.05, 1.05), title="stop rate (saved samples)")
+    if stats["reward_kl"]:
+        steps, kl, reward = zip(*stats["reward_kl"])
+        points = reward_kl.scatter(kl, reward, c=steps, cmap="viridis", s=12)
+        fig.colorbar(points, ax=reward_kl, label="step")
+    reward_kl.set(xlabel="KL to the reference", ylabel="reward", title="reward against KL")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# the report
+
+
+def pct(x):
+    return f"{x:.3f}"
+
+
+def ci(interval, signed=False):
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    return f"[{fmt.format(interval[0])}, {fmt.format(interval[1])}]"
+
+
+def verdict(c):
+    return "significant at the 5% level" if c["p_value"] < 0.05 else "not significant at the 5% level"
+
+
+def example_text(examples, index, ending=None, width=110):
+    if examples is None:
+        return ""
+    text = examples[index]["ctx"] if ending is None else examples[index]["endings"][ending]
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def quote(examples, index, ending):
+    return f"{ending}" if examples is None else f"{ending} “{example_text(examples, index, ending)}”"
+
+
+def summary_lines(result):
+    lines = [f"**{result['label']}**" + (f" (`{result['dir']}`)" if result["dir"] else "")]
+    training = result.get("training")
+    if training:
+        lines.append(f"- {training['steps']} steps; mean reward {training['reward_first5']:.3f} over the first 5 "
+                     f"steps, {training['reward_last5']:.3f} over the last 5; KL to the reference "
+                     f"{training['kl_last5']:.3f} over the last 5.")
+    for name, c in result["comparisons"].items():
+        if "acc_norm" in c:
+            d = c["acc_norm"]
+            lines.append(f"- acc_norm {pct(d['acc_a'])} at {c['before']} → {pct(d['acc_b'])} at {c['after']} "
+                         f"({name}): {d['diff']:+.3f} {ci(d['ci95'], True)}, McNemar exact p = {d['p_value']:.3g}, "
+                         f"{verdict(d)} (n = {d['n']}).")
+        elif "changed_choices" in c:
+            lines.append(f"- {c['changed_choices']} of {c['n']} choices changed from {c['before']} to "
+                         f"{c['after']} (no labels: no accuracy).")
+    if not result["comparisons"] and result["evaluations"]:
+        e = result["evaluations"][-1]
+        lines.append(f"- acc_norm {pct(e['acc_norm'])} {ci(e['acc_norm_ci'])} at {e['name']} (n = {e['n']}).")
+    if "best" in result["comparisons"]:
+        lines.append("- The best evaluation is picked on the same examples it is tested on: its p-value is "
+                     "optimistic; the last evaluation's is not.")
+    return lines
+
+
+def evaluation_lines(result):
+    if not result["evaluations"]:
+        return ["No labelled evaluations (see below).", ""]
+    lines = ["| evaluation | n | acc [95% CI] | acc_norm [95% CI] |", "|---|---|---|---|"]
+    for r in result["evaluations"]:
+        lines.append(f"| {r['name']} | {r['n']} | {pct(r['acc'])} {ci(r['acc_ci'])} | "
+                     f"{pct(r['acc_norm'])} {ci(r['acc_norm_ci'])} |")
+    return lines + [""]
+
+
+def comparison_lines(name, c, examples, figure):
+    lines = [f"### {c['before']} → {c['after']} ({name} evaluation)", ""]
+    if "acc_norm" not in c:
+        if "changed_choices" in c:
+            lines.append(f"{c['changed_choices']} of {c['n']} choices changed; without labels nothing more.")
+        return lines + [""]
+    lines += ["| metric | before | after | after − before [95% CI] | right → wrong | wrong → right | McNemar p |",
+              "|---|---|---|---|---|---|---|"]
+    for metric in ("acc", "acc_norm"):
+        d = c[metric]
+        lines.append(f"| {metric} | {pct(d['acc_a'])} | {pct(d['acc_b'])} | {d['diff']:+.3f} {ci(d['ci95'], True)} | "
+                     f"{d['a_only']} | {d['b_only']} | {d['p_value']:.3g} |")
+    lines += ["", "The interval is the paired difference's normal interval and the p-value McNemar's exact test on "
+              "the examples that changed (hellaswag.py --compare computes the same numbers).", ""]
+    if figure:
+        lines += [f"![acc_norm change by group]({figure})", "",
+                  f"Each point is one group's acc_norm change with its 95% interval; hollow grey points are groups "
+                  f"of fewer than {SMALL_GROUP} examples, whose intervals should not be trusted.", ""]
+    for direction, title in (("right_to_wrong", "Right → wrong"), ("wrong_to_right", "Wrong → right")):
+        flips = c["flips"][direction]
+        lines.append(f"**{title}: {len(flips)} examples**" + (f" (the {MAX_FLIPS} with the largest change in the "
+                                                               "gold ending's probability)" if flips else ""))
+        lines.append("")
+        for f in flips[:MAX_FLIPS]:
+            change = (f"; p(gold) {f['p_gold_before']:.2f} → {f['p_gold_after']:.2f}"
+                      if f["p_gold_change"] is not None else "")
+            before, after, gold = (quote(examples, f["index"], f[key])
+                                   for key in ("chosen_before", "chosen_after", "label"))
+            lines.append(f"- #{f['index']}: {example_text(examples, f['index'])}  ")
+            lines.append(f"  chosen before: {before}; after: {after}; gold: {gold}{change}")
+        lines.append("")
+    return lines
+
+
+def choices_lines(result, figures):
+    lines = ["## How the choices changed", ""]
+    lengths = result.get("lengths")
+    if lengths:
+        first, last = lengths[0], lengths[-1]
+        lines += [f"![ending lengths]({figures['lengths']})", "",
+                  "| evaluation | chosen ending (chars) | gold ending (chars) | chosen is the longest | "
+                  "gold is the longest |", "|---|---|---|---|---|"]
+        for r in (first, last) if len(lengths) > 1 else (first,):
+            gold = "–" if r["gold_chars"] is None else f"{r['gold_chars']:.1f}"
+            gold_longest = "–" if r["gold_is_longest"] is None else pct(r["gold_is_longest"])
+            lines.append(f"| {r['name']} | {r['chosen_chars']:.1f} | {gold} | {pct(r['chosen_is_longest'])} | "
+                         f"{gold_longest} |")
+        lines += ["", "A policy that learns a length bias instead of the task picks the longest ending more often "
+                  "than the gold ending is the longest.", ""]
+    else:
+        lines += ["Ending lengths: cannot be computed (see below).", ""]
+    calibrations = {k: v for k, v in (result.get("calibration") or {}).items() if v}
+    if calibrations:
+        lines += [f"![calibration]({figures['calibration']})", "", "| evaluation | ECE | mean top-two margin |",
+                  "|---|---|---|"]
+        for name, c in calibrations.items():
+            lines.append(f"| {name} | {c['ece']:.3f} |" if "ece" in c else f"| {name} | – |")
+            lines[-1] += f" {c['margin']:.3f} |"
+        lines += ["", "Confidence is softmax(norm_scores / choice_temperature) of the chosen ending: for the "
+                  "completion style exactly the choice rollouts' policy. ECE is the expected calibration error over "
+                  f"{CALIBRATION_BINS} equal-width bins; the margin is the probability gap between the top two "
+                  "endings.", ""]
+    teacher = result.get("teacher")
+    if teacher:
+        a = teacher["agreement"]
+        lines += [f"Agreement with the teacher's pick: {pct(a['acc_a'])} → {pct(a['acc_b'])} ({a['diff']:+.3f} "
+                  f"{ci(a['ci95'], True)}, McNemar p = {a['p_value']:.3g})."]
+        if "teacher_acc_norm" in teacher:
+            lines[-1] += f" The teacher's own acc_norm: {pct(teacher['teacher_acc_norm'])}."
+        if "copies_mistakes" in teacher:
+            m = teacher["copies_mistakes"]
+            lines[-1] += (f" On the {teacher['teacher_wrong']} examples the teacher gets wrong, the policy picks the "
+                          f"teacher's wrong ending {pct(m['acc_a'])} → {pct(m['acc_b'])} of the time (p = "
+                          f"{m['p_value']:.3g}): rising means copying the judge, mistakes included.")
+        lines.append("")
+    return lines
+
+
+def generate_lines(stats, figure):
+    lines = ["## Generate rollouts", "", f"![generate rollouts]({figure})", "",
+             "Response length (tokens) and stop rate come from the samples saved in samples.jsonl (a few per "
+             "`sample_interval`; metrics.jsonl does not log them), so they are noisy.", ""]
+    if stats["samples"]:
+        first, last = stats["samples"][0], stats["samples"][-1]
+        lines += [f"Response length {first['response_tokens']:.1f} → {last['response_tokens']:.1f} tokens and stop "
+                  f"rate {first['stop_rate']:.2f} → {last['stop_rate']:.2f} from step {first['step']} to step "
+                  f"{last['step']}.", ""]
+    return lines
+
+
+def sample_lines(samples, per_interval=2, intervals=6):
+    by_step = {}
+    for s in samples:
+        if isinstance(s.get("continuation"), str):
+            by_step.setdefault(s.get("step"), []).append(s)
+    steps = sorted(k for k in by_step if isinstance(k, int))
+    if not steps:
+        return []
+    picked = sorted({steps[round(i * (len(steps) - 1) / max(1, intervals - 1))] for i in range(intervals)})
+    lines = ["| step | context (end) | continuation | reward |", "|---|---|---|---|"]
+    for step in picked:
+        for s in by_step[step][:per_interval]:
+            context = " ".join(str(s.get("ctx", "")).split())[-60:].replace("|", "\\|")
+            text = " ".join(s["continuation"].split()).replace("|", "\\|")
+            reward = s.get("reward")
+            lines.append(f"| {step} | …{context} | {text} | {reward:.3f} |" if isinstance(reward, (int, float))
+                         else f"| {step} | …{context} | {text} | – |")
+    return lines + [""]
+
+
+def write_report(runs, results, out_dir, differ, title):
+    os.makedirs(out_dir, exist_ok=True)
+    lines = [f"# {title}", "", "## Summary", ""]
+    for result in results:
+        lines += summary_lines(result) + [""]
+    if differ:
+        lines += ["Runs differ in: " + ", ".join(f"`{k}`" for k in differ) + ".", ""]
+    if any(run["metrics"] for run in runs):
+        figure = plot_curves(runs, results, os.path.join(out_dir, "curves.png"))
+        lines += ["## Training curves", "", f"![training curves]({figure})", "",
+                  "reward: the task's reward before the KL penalty; KL: to the frozen reference, per sample; "
+                  "eval: HellaSwag-style acc (dashed) and acc_norm (solid) with 95% Wilson intervals; approx_kl, "
+                  "clipfrac: how far each update moved the policy; explained variance: of the value head.", ""]
+    for i, (run, result) in enumerate(zip(runs, results)):
+        prefix = f"run{i + 1}_" if len(runs) > 1 else ""
+        if len(runs) > 1:
+            lines += [f"# {result['label']}", ""]
+        lines += ["## Evaluations", ""] + evaluation_lines(result)
+        if result["comparisons"]:
+            lines += ["## Before vs after", ""]
+        for name, c in result["comparisons"].items():
+            figure = None
+            if c.get("groups") and any(c["groups"].values()):
+                figure = plot_groups(c, os.path.join(out_dir, f"{prefix}groups_{name}.png"))
+            lines += comparison_lines(name, c, run["examples"], figure)
+        figures = {}
+        if result.get("lengths"):
+            figures["lengths"] = plot_lengths(result["lengths"], os.path.join(out_dir, f"{prefix}lengths.png"))
+        if any((result.get("calibration") or {}).values()):
+            figures["calibration"] = plot_calibration({k: v for k, v in result["calibration"].items() if v},
+                                                      os.path.join(out_dir, f"{prefix}calibration.png"))
+        if run["evaluations"]:
+            lines += choices_lines(result, figures)
+        if result.get("generate"):
+            figure = plot_generate(result["generate"], os.path.join(out_dir, f"{prefix}generate.png"))
+            lines += generate_lines(result["generate"], figure) + sample_lines(run["samples"])
+        lines += ["## What could not be computed", ""]
+        lines += [f"- {note}" for note in run["notes"]] or ["Nothing: every part of the report was computed."]
+        lines.append("")
+        result["cannot_compute"] = run["notes"]
+    atomic_write_text(os.path.join(out_dir, "report.md"), "\n".join(lines))
+    for result in results:  # the per-example lists stay out of the JSON: they are in the prediction files
+        for c in (result.get("calibration") or {}).values():
+            if c:
+                c.pop("margins", None)
+        for r in result.get("lengths") or []:
+            r.pop("chosen_minus_gold", None)
+    atomic_write_text(os.path.join(out_dir, "report.json"), json.dumps(results, indent=1, allow_nan=True) + "\n")
+    return os.path.join(out_dir, "report.md")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="A report (markdown + PNG figures) on what PPO did to a model.")
+    parser.add_argument("runs", nargs="*", metavar="RUN_DIR", help="train_ppo.py out_dir(s)")
+    parser.add_argument("--out", help="report folder (default RUN_DIR/report for one run; needed otherwise)")
+    parser.add_argument("--before", help="a --predictions file: the model before")
+    parser.add_argument("--after", help="a --predictions file of the same data: the model after")
+    parser.add_argument("--data", help="the validation jsonl the predictions index (default: from train_config.json)")
+    parser.add_argument("--teacher", help="the teacher's --predictions file on the same data "
+                                          "(default: RUN_DIR/eval/teacher.jsonl)")
+    args = parser.parse_args(argv)
+    pair = args.before is not None or args.after is not None
+    if pair and (args.before is None or args.after is None):
+        raise UserError("give both --before A.jsonl and --after B.jsonl")
+    if pair == bool(args.runs):
+        raise UserError("give run directories, or --before A.jsonl --after B.jsonl, not both")
+    for run_dir in args.runs:
+        if not os.path.isdir(run_dir):
+            raise UserError(f"{run_dir}: no such run directory")
+    for option, path in (("--data", args.data), ("--teacher", args.teacher)):
+        if path is not None and not os.path.isfile(path):
+            raise UserError(f"{option} {path}: no such file")
+    if args.out is None:
+        if len(args.runs) != 1:
+            raise UserError("several runs or two prediction files: say where the report goes with --out DIR")
+        args.out = os.path.join(args.runs[0], "report")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.runs:
+        runs = [load_run(d, data=args.data, teacher=args.teacher) for d in args.runs]
+        title = "Report: " + ", ".join(args.runs)
+    else:
+        runs = [load_pair(args.before, args.after, data=args.data, teacher=args.teacher)]
+        title = f"Report: {args.before} → {args.after}"
+    differ = label_runs(runs)
+    encode = None
+    if any(r["config"].get("rollout") == "generate" or any("continuation" in s for s in r["samples"]) for r in runs):
+        encode = gpt2_encoding().encode_ordinary  # only generate runs count tokens
+    results = [analyze_run(run, encode) for run in runs]
+    path = write_report(runs, results, args.out, differ, title)
+    print(f"wrote {path}")
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,363 @@
+"""analyze.py: the report's numbers are the ones recomputed from the run's files, every figure is a PNG, and
+runs that are short, unlabelled or cut off give a report that says what it cannot compute."""
+
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+import analyze
+import hellaswag
+import synthetic
+import train_ppo
+from common import UserError
+from tokenizer import gpt2_encoding
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# runs built by hand: val data, metrics.jsonl and eval/step_*.jsonl written by the test
+
+
+def write_jsonl(path, records):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def val_examples(n=60):
+    """Synthetic-task examples with varied groups, so that the group comparison has several rows."""
+    examples = synthetic.make_examples(n, seed=0, split="val")
+    for i, ex in enumerate(examples):
+        ex["activity_label"] = ["Colours", "Paint", "Fruit"][i % 3]
+        ex["split_type"] = "indomain" if i % 2 else "zeroshot"
+    return examples
+
+
+def predictions(examples, skill, seed, labelled=True):
+    """Predictions of a fake model that favours the gold ending on a `skill` share of the examples."""
+    rng = random.Random(seed)
+    records = []
+    for i, ex in enumerate(examples):
+        norm_scores = [rng.gauss(-3, 0.5) for _ in range(4)]
+        if rng.random() < skill:
+            norm_scores[ex["label"]] += 2.0
+        sum_logprobs = [s * rng.uniform(2, 4) for s in norm_scores]
+        records.append({"index": i, "label": ex["label"] if labelled else None,
+                        "pred": int(np.argmax(sum_logprobs)), "pred_norm": int(np.argmax(norm_scores)),
+                        "sum_logprobs": sum_logprobs, "norm_scores": norm_scores, "ind": ex["ind"],
+                        "split_type": ex["split_type"], "activity_label": ex["activity_label"],
+                        "source": "synthetic"})
+    return records
+
+
+def accuracy(records, key):
+    return sum(p[key] == p["label"] for p in records) / len(records)
+
+
+def make_run(run_dir, skills=(0.0, 0.8, 0.6), steps_per_eval=10, labelled=True, config=None):
+    """A choice run of len(skills) evaluations, with a metrics line for every step."""
+    os.makedirs(run_dir, exist_ok=True)
+    examples = val_examples()
+    data = os.path.join(os.path.dirname(run_dir), "val.jsonl")  # beside the run: a sweep's runs share it
+    write_jsonl(data, examples)
+    settings = {"rollout": "choice", "reward_kind": "label", "val_data": data, "learning_rate": 1e-3,
+                "choice_temperature": 1.0, "out_dir": run_dir, **(config or {})}
+    with open(os.path.join(run_dir, "train_config.json"), "w") as f:
+        json.dump(settings, f)
+    metrics, evals = [], {}
+    for k, skill in enumerate(skills):
+        step = k * steps_per_eval
+        evals[step] = predictions(examples, skill, seed=step, labelled=labelled)
+        write_jsonl(train_ppo.eval_predictions_path(run_dir, step), evals[step])
+    last = (len(skills) - 1) * steps_per_eval
+    for step in range(last + 1):
+        m = {"step": step} if step == 0 else {"step": step, "reward": 0.2 + step / 100, "kl": step / 50,
+                                                "approx_kl": 0.01, "clipfrac": 0.1, "entropy": 1.3,
+                                                "explained_var": 0.1, "lr": 1e-3, "kl_coef": 0.01}
+        if step in evals and labelled:
+            m.update({"eval/acc": accuracy(evals[step], "pred"), "eval/acc_norm": accuracy(evals[step], "pred_norm"),
+                      "eval/n": len(examples)})
+        metrics.append(m)
+    write_jsonl(os.path.join(run_dir, "metrics.jsonl"), metrics)
+    return examples, evals, metrics
+
+
+def as_json(obj):
+    """obj as it reads back from report.json (floats round-trip exactly), for exact comparisons."""
+    return json.loads(json.dumps(obj))
+
+
+def report_of(out_dir):
+    with open(os.path.join(out_dir, "report.md")) as f:
+        text = f.read()
+    with open(os.path.join(out_dir, "report.json")) as f:
+        return text, json.load(f)
+
+
+def assert_figures_readable(out_dir, text):
+    """Every figure the report shows exists and is a readable, non-empty PNG."""
+    figures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
+    assert figures
+    for name in figures:
+        image = matplotlib.image.imread(os.path.join(out_dir, name))
+        assert image.ndim == 3 and image.shape[0] > 50 and image.shape[1] > 50, name
+        assert image.std() > 0, f"{name} is blank"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the statistics analyze.py adds
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    low, high = analyze.wilson_interval(8, 10)  # the standard example (e.g. Newcombe 1998): [0.490, 0.943]
+    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
+    assert analyze.wilson_interval(0, 20)[0] == 0.0 and 0 < analyze.wilson_interval(0, 20)[1] < 0.2
+
+
+def test_calibration_error_against_a_plain_computation():
+    rng = np.random.default_rng(0)
+    confidence = rng.uniform(0.25, 1.0, 500)
+    correct = rng.uniform(size=500) < confidence ** 2  # overconfident on purpose
+    result = analyze.calibration(confidence.tolist(), correct.tolist(), n_bins=10)
+    bins = np.minimum((confidence * 10).astype(int), 9)
+    expected = sum((bins == b).sum() / 500 * abs(correct[bins == b].mean() - confidence[bins == b].mean())
+                   for b in range(10) if (bins == b).any())
+    assert result["ece"] == pytest.approx(expected) and result["ece"] > 0.05
+    assert sum(b["n"] for b in result["bins"]) == 500
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a run's report
+
+
+def test_report_numbers_equal_those_recomputed_from_the_files(tmp_path):
+    run = str(tmp_path / "run")
+    examples, evals, metrics = make_run(run)
+    analyze.main([run])
+    out = os.path.join(run, "report")
+    text, (result,) = report_of(out)
+
+    # every evaluation: accuracy from the prediction files equals what training logged, with its Wilson interval
+    logged = {m["step"]: m for m in metrics if "eval/acc" in m}
+    assert [r["step"] for r in result["evaluations"]] == sorted(evals)
+    for row in result["evaluations"]:
+        assert row["acc_norm"] == pytest.approx(logged[row["step"]]["eval/acc_norm"])
+        assert row["acc"] == pytest.approx(logged[row["step"]]["eval/acc"])
+        correct = sum(p["pred_norm"] == p["label"] for p in evals[row["step"]])
+        assert row["acc_norm_ci"] == pytest.approx(analyze.wilson_interval(correct, len(examples)))
+
+    # before vs after: hellaswag.py's --compare numbers, for the last and for the best (step 10) evaluation
+    for name, after in (("last", 20), ("best", 10)):
+        c = result["comparisons"][name]
+        expected = hellaswag.compare_predictions(evals[0], evals[after])
+        assert (c["before_step"], c["after_step"]) == (0, after)
+        assert [c["acc"], c["acc_norm"], c["groups"]] == as_json([expected[k] for k in ("acc", "acc_norm", "groups")])
+        right_to_wrong = {p["index"] for p, q in zip(evals[0], evals[after])
+                          if p["pred_norm"] == p["label"] != q["pred_norm"]}
+        assert {f["index"] for f in c["flips"]["right_to_wrong"]} == right_to_wrong
+        assert len(c["flips"]["wrong_to_right"]) == expected["acc_norm"]["b_only"]
+    last = result["comparisons"]["last"]["acc_norm"]
+    assert f"{last['diff']:+.3f} [{last['ci95'][0]:+.3f}, {last['ci95'][1]:+.3f}]" in text
+    assert f"McNemar exact p = {last['p_value']:.3g}" in text and last["p_value"] < 0.05
+    assert "significant at the 5% level" in text.split("## Training curves")[0]
+
+    # how the choices changed: ending lengths and calibration, recomputed here
+    for row in (result["lengths"][0], result["lengths"][-1]):
+        preds = evals[row["step"]]
+        chosen = [len(examples[p["index"]]["endings"][p["pred_norm"]].strip()) for p in preds]
+        assert row["chosen_chars"] == pytest.approx(sum(chosen) / len(chosen))
+    probs = [np.exp(p["norm_scores"]) / np.exp(p["norm_scores"]).sum() for p in evals[20]]
+    expected = analyze.calibration([float(pr.max()) for pr in probs], [p["pred_norm"] == p["label"] for p in evals[20]])
+    assert result["calibration"]["step 20"]["ece"] == pytest.approx(expected["ece"])
+    first_flip = result["comparisons"]["last"]["flips"]["wrong_to_right"][0]
+    assert examples[first_flip["index"]]["ctx"] in text  # flips quote the context
+    assert_figures_readable(out, text)
+    figures = {"curves.png", "groups_last.png", "groups_best.png", "lengths.png", "calibration.png"}
+    assert figures <= set(os.listdir(out))
+
+
+def test_teacher_agreement_before_and_after(tmp_path):
+    run = str(tmp_path / "run")
+    examples, evals, _ = make_run(run, skills=(0.0, 0.9))
+    teacher = predictions(examples, 0.7, seed=99)
+    write_jsonl(os.path.join(run, "eval", "teacher.jsonl"), teacher)
+    (result,) = analyze.main([run])
+    agree_before = [p["pred_norm"] == t["pred_norm"] for p, t in zip(evals[0], teacher)]
+    agree_after = [p["pred_norm"] == t["pred_norm"] for p, t in zip(evals[10], teacher)]
+    assert result["teacher"]["agreement"] == hellaswag.paired_difference(agree_before, agree_after)
+    wrong = [i for i, t in enumerate(teacher) if t["pred_norm"] != t["label"]]
+    assert result["teacher"]["teacher_wrong"] == len(wrong)
+    copies = result["teacher"]["copies_mistakes"]["acc_b"]
+    assert copies == pytest.approx(sum(agree_after[i] for i in wrong) / len(wrong))
+    text, _ = report_of(os.path.join(run, "report"))
+    assert "Agreement with the teacher's pick" in text
+
+
+def test_a_sweep_is_labelled_by_the_settings_that_differ(tmp_path):
+    runs = [str(tmp_path / name) for name in ("a", "b")]
+    make_run(runs[0], config={"learning_rate": 1e-3})
+    make_run(runs[1], config={"learning_rate": 3e-4})
+    out = str(tmp_path / "sweep")
+    results = analyze.main(runs + ["--out", out])
+    assert [r["label"] for r in results] == ["learning_rate=0.001", "learning_rate=0.0003"]
+    text, _ = report_of(out)
+    assert "Runs differ in: `learning_rate`" in text and "# learning_rate=0.0003" in text
+    assert_figures_readable(out, text)
+    assert os.path.exists(os.path.join(out, "run2_groups_last.png"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# runs the report must survive: they say what cannot be computed, and never raise
+
+
+def test_a_run_with_one_evaluation(tmp_path):
+    run = str(tmp_path / "run")
+    make_run(run, skills=(0.0,))
+    (result,) = analyze.main([run])
+    text, _ = report_of(os.path.join(run, "report"))
+    assert result["comparisons"] == {} and "only one evaluation (step 0)" in text
+    assert len(result["evaluations"]) == 1
+    assert_figures_readable(os.path.join(run, "report"), text)
+
+
+def test_a_run_without_labels(tmp_path):
+    run = str(tmp_path / "run")
+    _, evals, _ = make_run(run, labelled=False)
+    (result,) = analyze.main([run])
+    text, _ = report_of(os.path.join(run, "report"))
+    assert "carry no gold labels" in text and result["evaluations"] == []
+    c = result["comparisons"]["last"]
+    assert "acc_norm" not in c
+    assert c["changed_choices"] == sum(p["pred_norm"] != q["pred_norm"] for p, q in zip(evals[0], evals[20]))
+    assert f"{c['changed_choices']} of 60 choices changed" in text
+    with pytest.raises(UserError, match="label"):  # --compare still needs labels
+        hellaswag.read_predictions(train_ppo.eval_predictions_path(run, 0))
+    assert_figures_readable(os.path.join(run, "report"), text)
+
+
+def test_an_interrupted_run(tmp_path):
+    run = str(tmp_path / "run")
+    _, evals, metrics = make_run(run)
+    os.remove(os.path.join(run, "train_config.json"))
+    os.remove(train_ppo.eval_predictions_path(run, 20))  # killed while evaluating
+    with open(train_ppo.eval_predictions_path(run, 10), "w") as f:
+        f.write('{"index": 0, "label": 1}\n')  # not a prediction file any more
+    with open(os.path.join(run, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 21, "reward": 0.4, "kl"')  # the last line cut off
+    (result,) = analyze.main([run])
+    text, _ = report_of(os.path.join(run, "report"))
+    assert "train_config.json: missing" in text and "skipped 1 unreadable line(s), first line 22" in text
+    assert "only one evaluation (step 0)" in text and "not a prediction line" in text
+    assert "validation text not found" in text
+    assert result["training"]["steps"] == metrics[-1]["step"]  # the torn line is not a step
+    # the evaluations whose files are lost come from metrics.jsonl
+    assert [(r["step"], r["acc_norm"]) for r in result["evaluations"]] == [
+        (m["step"], m["eval/acc_norm"]) for m in metrics if "eval/acc_norm" in m]
+    assert_figures_readable(os.path.join(run, "report"), text)
+
+
+def test_a_run_without_any_files(tmp_path):
+    (result,) = analyze.main([str(tmp_path)])
+    text, _ = report_of(str(tmp_path / "report"))
+    assert "no training curves" in text and "no per-example predictions" in text
+    assert result["evaluations"] == [] and result["comparisons"] == {}
+
+
+def test_a_generate_run(tmp_path):
+    run = str(tmp_path)
+    with open(os.path.join(run, "train_config.json"), "w") as f:
+        json.dump({"rollout": "generate", "reward_kind": "likelihood", "max_new_tokens": 6}, f)
+    write_jsonl(os.path.join(run, "metrics.jsonl"),
+                [{"step": s, "reward": -s / 10, "kl": s / 5} for s in range(1, 5)])
+    texts = [" the dog ran away.", " and then she walked and walked and", " he stops", " yes!"]
+    write_jsonl(os.path.join(run, "samples.jsonl"),
+                [{"step": s, "ctx": "A man walks a dog.", "continuation": t, "reward": 0.1}
+                 for s in (2, 4) for t in texts])
+    (result,) = analyze.main([run])
+    encode = gpt2_encoding().encode_ordinary
+    stopped = [len(encode(t)) < 6 or t.endswith((".", "!")) for t in texts]
+    rows = result["generate"]["samples"]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert rows[0]["stop_rate"] == pytest.approx(sum(stopped) / 4) and 0 < rows[0]["stop_rate"] < 1
+    assert rows[0]["response_tokens"] == pytest.approx(sum(len(encode(t)) for t in texts) / 4)
+    text, _ = report_of(os.path.join(run, "report"))
+    assert "## Generate rollouts" in text and "the dog ran away." in text
+    assert_figures_readable(os.path.join(run, "report"), text)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the command line
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "analyze.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_two_prediction_files(tmp_path):
+    examples = val_examples()
+    data = str(tmp_path / "val.jsonl")
+    write_jsonl(data, examples)
+    a, b = predictions(examples, 0.0, seed=1), predictions(examples, 0.9, seed=2)
+    write_jsonl(str(tmp_path / "a.jsonl"), a)
+    write_jsonl(str(tmp_path / "b.jsonl"), b)
+    out = str(tmp_path / "report")
+    result = run_cli("--before", str(tmp_path / "a.jsonl"), "--after", str(tmp_path / "b.jsonl"), "--data", data,
+                     "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "report.md" in result.stdout
+    text, (report,) = report_of(out)
+    expected = hellaswag.compare_predictions(a, b)["acc_norm"]
+    assert report["comparisons"]["last"]["acc_norm"] == as_json(expected)
+    assert f"{expected['diff']:+.3f}" in text
+    assert_figures_readable(out, text)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--before", "a.jsonl"], "give both --before"),
+    (["--before", "nothing.jsonl", "--after", "nothing.jsonl", "--out", "x"], "nothing.jsonl: no such file"),
+    (["no/such/run"], "no/such/run: no such run directory"),
+    ([], "give run directories"),
+    (["--before", "a.jsonl", "--after", "b.jsonl", "--data", "no.jsonl", "--out", "x"],
+     "--data no.jsonl: no such file"),
+])
+def test_cli_errors_are_one_line(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a real tiny run
+
+
+@pytest.mark.slow
+def test_report_of_a_tiny_training_run(tmp_path):
+    task = str(tmp_path / "task")
+    synthetic.prepare(task, n_train=200, n_val=40, seed=0, teacher_steps=5, policy_steps=5, log=lambda *a: None)
+    run = str(tmp_path / "run")
+    settings = dict(out_dir=run, init_from="synthetic", synthetic=True, synthetic_dir=task, device="cpu",
+                    batch_size=8, minibatch_size=8, micro_batch_size=8, ppo_epochs=1, learning_rate=3e-3,
+                    max_steps=2, eval_interval=1, checkpoint_interval=100, sample_interval=1, export_hf=False)
+    train_ppo.train(train_ppo.load_config([f"--{k}={v}" for k, v in settings.items()]))
+    (result,) = analyze.main([run])
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        logged = [m for m in map(json.loads, f) if "eval/acc_norm" in m]
+    assert [r["step"] for r in result["evaluations"]] == [m["step"] for m in logged] == [0, 1, 2]
+    for row, m in zip(result["evaluations"], logged):
+        assert row["acc_norm"] == pytest.approx(m["eval/acc_norm"]) and row["n"] == m["eval/n"] == 40
+    read = [hellaswag.read_predictions(train_ppo.eval_predictions_path(run, s)) for s in (0, 2)]
+    assert result["comparisons"]["last"]["acc_norm"] == hellaswag.compare_predictions(*read)["acc_norm"]
+    assert result["training"]["steps"] == 2 and math.isfinite(result["training"]["reward_last5"])
+    text, _ = report_of(os.path.join(run, "report"))
+    assert "teacher cache holds the teacher's scores of training examples" in text
+    assert_figures_readable(os.path.join(run, "report"), text)
