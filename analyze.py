@@ -413,23 +413,28 @@ def stopped(text, max_new_tokens, n_tokens, stop_at_sentence_end=True):
 
 
 def generate_stats(run, encode):
-    """Response length (tokens) and stop rate per sample step, from samples.jsonl (metrics.jsonl does not log them),
-    and reward against KL per step from metrics.jsonl."""
+    """Response length (tokens) and stop rate per step, and reward against KL. train_ppo.py logs the first two for
+    every rollout of a step in metrics.jsonl; for a run without them, they come from the few samples that
+    samples.jsonl keeps (noisy)."""
     config = run["config"]
-    max_new = config.get("max_new_tokens", 24)
-    per_step = {}
-    for s in run["samples"]:
-        if isinstance(s.get("continuation"), str) and isinstance(s.get("step"), int):
-            per_step.setdefault(s["step"], []).append(s)
-    rows = []
-    for step, samples in sorted(per_step.items()):
-        lengths = [len(encode(s["continuation"])) for s in samples]
-        stops = [stopped(s["continuation"], max_new, n, config.get("stop_at_sentence_end", True))
-                 for s, n in zip(samples, lengths)]
-        rows.append({"step": step, "n": len(samples), "response_tokens": mean(lengths), "stop_rate": mean(stops)})
-    logged = [m for m in run["metrics"] if "stop_rate" in m]  # should training log them, they are used instead
-    return {"samples": rows, "logged": [{k: m.get(k) for k in ("step", "response_length", "stop_rate")}
-                                        for m in logged],
+    logged = [m for m in run["metrics"] if "train/stop_rate" in m and "train/response_length" in m]
+    if logged:
+        rows = [{"step": m["step"], "response_tokens": m["train/response_length"], "stop_rate": m["train/stop_rate"]}
+                for m in logged]
+        source = "metrics.jsonl: every rollout of each step (the master rank's batch)"
+    else:
+        per_step = {}
+        for s in run["samples"]:
+            if isinstance(s.get("continuation"), str) and isinstance(s.get("step"), int):
+                per_step.setdefault(s["step"], []).append(s)
+        rows = []
+        for step, samples in sorted(per_step.items()):
+            lengths = [len(encode(s["continuation"])) for s in samples]
+            stops = [stopped(s["continuation"], config.get("max_new_tokens", 24), n,
+                             config.get("stop_at_sentence_end", True)) for s, n in zip(samples, lengths)]
+            rows.append({"step": step, "response_tokens": mean(lengths), "stop_rate": mean(stops)})
+        source = "samples.jsonl: the few samples kept per sample_interval, so noisy"
+    return {"samples": rows, "source": source,
             "reward_kl": [(m["step"], m["kl"], m["reward"]) for m in run["metrics"] if "kl" in m and "reward" in m]}
 
 
@@ -585,9 +590,9 @@ def plot_generate(stats, path):
     length, stop, reward_kl = fig.subplots(1, 3)
     rows = stats["samples"]
     length.plot([r["step"] for r in rows], [r["response_tokens"] for r in rows], "o-")
-    length.set(xlabel="step", ylabel="tokens", title="response length (saved samples)")
+    length.set(xlabel="step", ylabel="tokens", title="response length")
     stop.plot([r["step"] for r in rows], [r["stop_rate"] for r in rows], "o-")
-    stop.set(xlabel="step", ylabel="fraction", ylim=(-0.05, 1.05), title="stop rate (saved samples)")
+    stop.set(xlabel="step", ylabel="fraction", ylim=(-0.05, 1.05), title="stop rate")
     if stats["reward_kl"]:
         steps, kl, reward = zip(*stats["reward_kl"])
         points = reward_kl.scatter(kl, reward, c=steps, cmap="viridis", s=12)
@@ -741,8 +746,7 @@ def choices_lines(result, figures):
 
 def generate_lines(stats, figure):
     lines = ["## Generate rollouts", "", f"![generate rollouts]({figure})", "",
-             "Response length (tokens) and stop rate come from the samples saved in samples.jsonl (a few per "
-             "`sample_interval`; metrics.jsonl does not log them), so they are noisy.", ""]
+             f"Response length (tokens) and stop rate come from {stats['source']}.", ""]
     if stats["samples"]:
         first, last = stats["samples"][0], stats["samples"][-1]
         lines += [f"Response length {first['response_tokens']:.1f} → {last['response_tokens']:.1f} tokens and stop "

@@ -686,7 +686,8 @@ def prepare_out_dir(cfg, run, log):
 
 
 def eval_predictions_path(out_dir, step):
-    return os.path.join(out_dir, "eval", f"step_{step:06d}.jsonl")
+    """eval/step_NNNNNN.jsonl for the policy at a step, eval/teacher.jsonl for the teacher."""
+    return os.path.join(out_dir, "eval", "teacher.jsonl" if step == "teacher" else f"step_{step:06d}.jsonl")
 
 
 def drop_evaluations_after(out_dir, step):
@@ -948,9 +949,9 @@ class RunLog:
             self.wandb_run.finish()
 
 
-def run_eval(policy, val_examples, step, cfg, device, dtype, master_process):
-    """HellaSwag on the val examples; the per-example predictions go to out_dir/eval/step_NNNNNN.jsonl."""
-    result = evaluate(policy, val_examples, style=cfg.style, batch_size=cfg.eval_batch_size, device=device,
+def run_eval(model, val_examples, step, cfg, device, dtype, master_process):
+    """HellaSwag on the val examples; the per-example predictions go to eval_predictions_path(out_dir, step)."""
+    result = evaluate(model, val_examples, style=cfg.style, batch_size=cfg.eval_batch_size, device=device,
                       dtype=dtype, return_predictions=True)
     if master_process:
         os.makedirs(os.path.join(cfg.out_dir, "eval"), exist_ok=True)
@@ -1075,6 +1076,10 @@ def train(cfg):
         last_eval = run_eval(raw_model, val_examples, 0, cfg, run.device, dtype, run.master_process)
         run_log.eval_line(0, last_eval)
         run_log.metrics({"step": 0, **last_eval})
+        if cfg.reward_kind == "teacher":  # the teacher's own picks, for analyze.py's teacher agreement
+            teacher = run_eval(reward_fn.reward_model, val_examples, "teacher", cfg, run.device, dtype,
+                               run.master_process)
+            log(f"teacher | eval acc {teacher['eval/acc']:.4f} | acc_norm {teacher['eval/acc_norm']:.4f}")
     while step < cfg.max_steps:
         t0 = time.time()
         lr = learning_rate_at(step, cfg)
@@ -1153,6 +1158,7 @@ def train(cfg):
         raw_model.save_pretrained(os.path.join(cfg.out_dir, "hf"))
         log(f"exported the policy to {os.path.join(cfg.out_dir, 'hf')}")
     run_log.close()
+    log(f"report: python analyze.py {cfg.out_dir}")
     if run.ddp:
         dist.barrier()  # every rank done with every collective first: tearing gloo down mid-way can abort a rank
         dist.destroy_process_group()

@@ -190,13 +190,6 @@ def test_cli_bad_config_is_one_line_and_exit_2():
 # training runs on the synthetic task (tiny models, CPU)
 
 
-@pytest.fixture(scope="session")
-def synthetic_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("synthetic")
-    synthetic.prepare(str(path), n_train=1000, n_val=100, seed=0, teacher_steps=200)
-    return str(path)
-
-
 def tiny_run(out_dir, synthetic_dir, **overrides):
     settings = dict(out_dir=str(out_dir), init_from="synthetic", synthetic=True, synthetic_dir=synthetic_dir,
                     device="cpu", batch_size=16, minibatch_size=8,
