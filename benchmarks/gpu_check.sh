@@ -33,7 +33,7 @@ python benchmarks/hellaswag_speed.py --data "$DATA" --limit "$LIMIT" --device "$
 
 echo "== 2. the demo under torchrun ($DEVICE)"
 torchrun --standalone --nproc_per_node=1 train_ppo.py configs/demo.py --device="$DEVICE" \
-    --out_dir="$OUT_DIR/demo" --max_steps="$DEMO_STEPS" > "$OUT_DIR/demo.log" 2>&1 || {
+    --out_dir="$OUT_DIR/demo" --max_steps="$DEMO_STEPS" --start_over=True > "$OUT_DIR/demo.log" 2>&1 || {
     tail -20 "$OUT_DIR/demo.log"; exit 1; }
 grep -E "^step .*eval|^policy" "$OUT_DIR/demo.log" | tail -4
 
