@@ -7,6 +7,8 @@ import contextlib
 import errno
 import json
 import os
+import re
+import shutil
 import sys
 import tempfile
 
@@ -85,6 +87,44 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_directory(path):
+    """Yield a temporary directory next to `path`; when the block finishes without error it replaces `path` (the
+    old directory is renamed aside first, then removed), so a crash leaves the old directory or the new one, never
+    half of one. Everything in it gets the permissions of the user's umask."""
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(path) + ".")
+    try:
+        with full_disk_is_one_line(path):  # before the finally below frees the space
+            yield tmp
+        for root, dirs, files in os.walk(tmp):  # mkdtemp and some writers (transformers) make theirs private
+            give_normal_mode(root, directory=True)
+            for name in files:
+                give_normal_mode(os.path.join(root, name))
+        old = None
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(path) + ".old.")
+            os.replace(path, os.path.join(old, "x"))
+        os.replace(tmp, path)
+        if old:
+            shutil.rmtree(old)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+
+
+CHECKPOINT_PATTERN = re.compile(r"ckpt_(\d+)\.pt")  # train_ppo.py's step checkpoints: ckpt_<step>.pt
+
+
+def step_checkpoints(run_dir):
+    """[(step, path)] of the step checkpoints in run_dir, oldest first ([] if run_dir is not a directory)."""
+    names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+    return sorted((int(m.group(1)), os.path.join(run_dir, name)) for name in names
+                  if (m := CHECKPOINT_PATTERN.fullmatch(name)))
 
 
 def _nearest_existing(path):

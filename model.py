@@ -15,17 +15,18 @@ import math
 import os
 import pickle
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
 
-from common import UserError, first_line, full_disk_is_one_line, give_normal_mode, read_json
-from tokenizer import EOT_TOKEN
+from common import UserError, atomic_directory, first_line, looks_like_a_path, read_json, step_checkpoints
+from tokenizer import EOT_TOKEN, gpt2_hf_tokenizer
 
 CHECKPOINT_FORMAT = "gpt-ppo-checkpoint/1"  # marks this project's checkpoints (written by train_ppo.py)
 HUB_GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -275,14 +276,12 @@ class GPT(nn.Module):
             return cls._from_torch_file(ckpt)
         if os.path.isfile(source):
             return cls._from_torch_file(source)
-        if source.endswith((".pt", ".pth", ".bin")) or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        if looks_like_a_path(source):
             raise UserError(f"{source}: no such file or directory")
         return cls._from_transformers(source)
 
     @classmethod
     def _from_transformers(cls, name_or_dir):
-        from transformers import AutoConfig, GPT2LMHeadModel
-
         local = os.path.isdir(name_or_dir)
         config_where = os.path.join(name_or_dir, "config.json") if local else name_or_dir
         if local:  # files transformers would fail on with a traceback, checked here so that the error names them
@@ -319,7 +318,6 @@ class GPT(nn.Module):
                 sd[k] = sd[k].t()
         value_head = os.path.join(name_or_dir, "value_head.safetensors")
         if os.path.isfile(value_head):
-            from safetensors.torch import load_file
             sd.update({"value_head." + k: v for k, v in load_file(value_head).items()})
         model._load_state_dict(sd, name_or_dir)
         return model
@@ -391,11 +389,6 @@ class GPT(nn.Module):
     def save_pretrained(self, out_dir):
         """Write a transformers GPT-2 directory (config, safetensors, tokenizer) plus value_head.safetensors.
         The directory is replaced atomically: a crash leaves the old export or the new one, never half of one."""
-        from safetensors.torch import save_file
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        from tokenizer import gpt2_hf_tokenizer
-
         c = self.config
         hf_config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
                                n_head=c.n_head, layer_norm_epsilon=c.layer_norm_epsilon, activation_function="gelu_new",
@@ -408,32 +401,14 @@ class GPT(nn.Module):
                 sd[k] = sd[k].t().contiguous()
         missing, unexpected = hf.load_state_dict(sd, strict=False)
         assert not unexpected and all(k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing), missing
-        out_dir = os.path.abspath(out_dir)
-        parent = os.path.dirname(out_dir)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(out_dir) + ".")
-        give_normal_mode(tmp, directory=True)  # mkdtemp makes it private
-        try:
-            with full_disk_is_one_line(out_dir):  # before the finally below frees the space
-                hf.save_pretrained(tmp)
-                gpt2_hf_tokenizer().save_pretrained(tmp)
-                vh = {k.removeprefix("value_head."): v.detach().float().cpu().contiguous()
-                      for k, v in self.state_dict().items() if k.startswith("value_head.")}
-                save_file(vh, os.path.join(tmp, "value_head.safetensors"))
-                with open(os.path.join(tmp, "gpt_config.json"), "w") as f:
-                    json.dump(dataclasses.asdict(c), f, indent=2)
-            for name in os.listdir(tmp):  # transformers writes its weights through a private temporary file
-                give_normal_mode(os.path.join(tmp, name), directory=os.path.isdir(os.path.join(tmp, name)))
-            old = None
-            if os.path.exists(out_dir):
-                old = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(out_dir) + ".old.")
-                os.replace(out_dir, os.path.join(old, "x"))
-            os.replace(tmp, out_dir)
-            if old:
-                shutil.rmtree(old)
-        finally:
-            if os.path.exists(tmp):
-                shutil.rmtree(tmp)
+        with atomic_directory(out_dir) as tmp:
+            hf.save_pretrained(tmp)
+            gpt2_hf_tokenizer().save_pretrained(tmp)
+            vh = {k.removeprefix("value_head."): v.detach().float().cpu().contiguous()
+                  for k, v in self.state_dict().items() if k.startswith("value_head.")}
+            save_file(vh, os.path.join(tmp, "value_head.safetensors"))
+            with open(os.path.join(tmp, "gpt_config.json"), "w") as f:
+                json.dump(dataclasses.asdict(c), f, indent=2)
 
 
 _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -441,8 +416,8 @@ _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight"
 
 def latest_checkpoint(run_dir):
     """Path of the newest ckpt_<step>.pt in run_dir (written by train_ppo.py), or None."""
-    steps = [int(m.group(1)) for f in os.listdir(run_dir) if (m := re.fullmatch(r"ckpt_(\d+)\.pt", f))]
-    return os.path.join(run_dir, f"ckpt_{max(steps):06d}.pt") if steps else None
+    checkpoints = step_checkpoints(run_dir)
+    return checkpoints[-1][1] if checkpoints else None
 
 
 def _config_from(fields, where, strict=False):
@@ -490,8 +465,6 @@ def check_finite_weights(model, source):
 
 def _check_safetensors(path):
     """Read the header, which is enough to find a truncated file: it must cover the file exactly."""
-    from safetensors import safe_open
-
     try:
         with safe_open(path, framework="pt"):
             pass

@@ -10,14 +10,12 @@ the teacher through reward.py and the policy through GPT.from_pretrained exactly
 import json
 import os
 import random
-import shutil
 import sys
-import tempfile
 
 import torch
 from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
-from common import atomic_write_text
+from common import atomic_directory, atomic_write_text
 from model import GPT, GPTConfig
 from tokenizer import EOT_TOKEN, gpt2_encoding, gpt2_hf_tokenizer
 
@@ -90,21 +88,6 @@ def ending_rows(examples, pick):
     return rows
 
 
-def save_dir_atomically(save, out_dir):
-    """save(tmp_dir) into a temp dir, then rename it to out_dir: an interrupted run leaves no half-written model."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".synthetic.")
-    try:
-        save(tmp)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-
-
 def train_teacher(examples, out_dir, steps=300, seed=0):
     """A tiny GPT-Neo (GPT-2 vocabulary) trained on the right endings, saved as a transformers directory."""
     torch.manual_seed(seed)
@@ -115,11 +98,9 @@ def train_teacher(examples, out_dir, steps=300, seed=0):
     loss = fit_endings(lambda idx: model.transformer(input_ids=idx).last_hidden_state, model.lm_head,
                        model.parameters(), ending_rows(examples, lambda ex: ex["label"]), steps, seed=seed)
 
-    def save(path):
-        model.eval().save_pretrained(path)
-        gpt2_hf_tokenizer().save_pretrained(path)
-
-    save_dir_atomically(save, out_dir)
+    with atomic_directory(out_dir) as tmp:  # an interrupted run leaves no half-written model
+        model.eval().save_pretrained(tmp)
+        gpt2_hf_tokenizer().save_pretrained(tmp)
     return loss
 
 
@@ -132,7 +113,7 @@ def pretrain_policy(examples, out_dir, steps=150, seed=0):
     rng = random.Random(seed)
     loss = fit_endings(model.hidden_states, model.lm_head, model.parameters(),
                        ending_rows(examples, lambda ex: rng.randrange(4)), steps, seed=seed)
-    save_dir_atomically(model.eval().save_pretrained, out_dir)
+    model.eval().save_pretrained(out_dir)  # atomic: a whole directory or none
     return loss
 
 

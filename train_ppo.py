@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import synthetic
 from causal_lm import CausalLM
 from common import (UserError, atomic_torch_save, atomic_write_text, autocast, check_output_path, first_line,
-                    resolve_device, run_cli)
+                    resolve_device, run_cli, step_checkpoints)
 from hellaswag import (choice_logprobs, encode_for_model, evaluate, load_examples, pad_choices,
                        write_predictions)
 from model import CHECKPOINT_FORMAT, GPT, GPTConfig, check_finite_weights
@@ -621,13 +621,6 @@ def drop_lines_after(path, step, log=print):
 
 
 RUN_FILES = ("metrics.jsonl", "samples.jsonl", "train_config.json", "best.pt", "eval", "hf")  # and ckpt_*.pt
-
-
-def step_checkpoints(out_dir):
-    """[(step, path)] of the ckpt_<step>.pt files in out_dir, oldest first."""
-    names = os.listdir(out_dir) if os.path.isdir(out_dir) else []
-    return sorted((int(m.group(1)), os.path.join(out_dir, name)) for name in names
-                  if (m := re.fullmatch(r"ckpt_(\d+)\.pt", name)))
 
 
 def remove_torn_writes(out_dir):

@@ -166,7 +166,7 @@ def test_bad_output_paths_are_refused_before_the_work(tmp_path, capsys, monkeypa
             "same as the input": data}[fault]
     monkeypatch.setattr(hellaswag, "load_examples", no_work)
     monkeypatch.setattr(reward, "read_pairs", no_work)
-    monkeypatch.setattr(reward, "RewardModel", no_work)
+    monkeypatch.setattr(reward.CausalLM, "load", no_work)
     if flag.startswith("reward"):
         line = cli_error(capsys, reward.main, ["--model", "any", "--input", data, "--output", path])
     else:
