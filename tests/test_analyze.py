@@ -366,5 +366,8 @@ def test_report_of_a_tiny_training_run(tmp_path):
     assert result["comparisons"]["last"]["acc_norm"] == hellaswag.compare_predictions(*read)["acc_norm"]
     assert result["training"]["steps"] == 2 and math.isfinite(result["training"]["reward_last5"])
     text, _ = report_of(os.path.join(run, "report"))
-    assert "teacher cache holds the teacher's scores of training examples" in text
+    # a teacher run writes its teacher's picks at step 0, so agreement is computed from them
+    teacher = hellaswag.read_predictions(train_ppo.eval_predictions_path(run, "teacher"))
+    agree = [t["pred_norm"] == p["pred_norm"] for t, p in zip(teacher, read[1])]
+    assert result["teacher"]["agreement"]["acc_b"] == pytest.approx(sum(agree) / len(agree))
     assert_figures_readable(os.path.join(run, "report"), text)
