@@ -22,11 +22,12 @@ import tempfile
 import time
 
 import torch
+from torch.nn import functional as F
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPT, GPTConfig, sample_next_token  # noqa: E402
 
 # the last commit before the preallocated KV cache and the exponential-race sampler
 BEFORE = "43b3ad9"
@@ -63,6 +64,27 @@ def timed(fn):
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def multinomial_next_token(logits, generator):
+    """GPT.generate's sampling step before the exponential race (temperature 1, no top-k / top-p)."""
+    logp = F.log_softmax(logits, dim=-1)
+    next_token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+    return next_token, logp.gather(-1, next_token[:, None]).squeeze(-1)
+
+
+def sampler_times(batch_size, vocab_size, seed, repeats=50):
+    """Print the median time of one sampling step, (B, V) logits -> tokens and log-probs, by each sampler."""
+    logits = torch.randn(batch_size, vocab_size, generator=torch.Generator().manual_seed(seed)) * 3
+    generator = torch.Generator().manual_seed(seed)
+    samplers = {"torch.multinomial": lambda: multinomial_next_token(logits, generator),
+                "exponential race (sample_next_token)": lambda: sample_next_token(logits, generator=generator)}
+    times = {name: [] for name in samplers}
+    for _ in range(repeats):
+        for name, sampler in samplers.items():
+            times[name].append(timed(sampler)[0])
+    print(f"one sampling step, ({batch_size}, {vocab_size}) logits: " + ", ".join(
+        f"{name} {statistics.median(t) * 1e3:.1f} ms" for name, t in times.items()))
 
 
 def main():
@@ -103,6 +125,7 @@ def main():
         out = hf.generate(input_ids=idx, attention_mask=mask, max_new_tokens=n, pad_token_id=0, **sampling)
         return out[:, P:]
 
+    sampler_times(args.batch_size, model.config.vocab_size, args.seed)
     same = torch.equal(ours(model, 8, temperature=0), theirs(8, sample=False))
     print(f"greedy check, 8 tokens: GPT.generate and transformers {'agree' if same else 'DISAGREE'}")
     methods = {"GPT.generate": lambda: ours(model), "transformers generate": theirs}

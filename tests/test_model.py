@@ -8,8 +8,9 @@ import torch
 from torch.nn import functional as F
 
 from common import UserError
+from hellaswag import choice_logprobs, pad_choices
 from model import (CHECKPOINT_FORMAT, GPT, GPTConfig, KVCache, filter_logits, logprobs_from_logits,
-                   sample_from_probs, sample_next_token)
+                   pad_shared_choices, sample_from_probs, sample_next_token)
 
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)
 
@@ -252,6 +253,50 @@ def test_generate_logprobs_equal_full_forward_with_stops(top_k, top_p):
     # every sampled token survives top-k / top-p at its position
     allowed = torch.isfinite(filter_logits(logits[:, T - 1:-1].flatten(0, 1) / temperature, top_k, top_p))
     assert allowed.gather(1, tokens.flatten()[:, None]).all()
+
+
+def four_row_choice_forward(model, encoded):
+    """The computation choice_forward replaces: a full forward of the 4 rows context + ending of every example."""
+    idx, attention_mask, target_mask = pad_choices(encoded)
+    logits, values = model(idx, attention_mask, logits_at=target_mask.bool())
+    sum_logprobs, _ = choice_logprobs(logits, idx, target_mask)
+    last_context = torch.tensor([len(context) - 1 for context, _ in encoded])
+    return sum_logprobs, values.view(-1, 4, values.size(1))[:, 0].gather(1, last_context[:, None]).squeeze(1)
+
+
+def random_choices(seed):
+    """Contexts of different lengths, and endings of different lengths within and across examples (one of 1 token)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = lambda n: torch.randint(0, 50257, (n,), generator=g).tolist()  # noqa: E731
+    return [(tokens(5), [tokens(3), tokens(1), tokens(6), tokens(2)]),
+            (tokens(11), [tokens(4), tokens(4), tokens(2), tokens(7)]),
+            (tokens(2), [tokens(9), tokens(3), tokens(5), tokens(1)])]
+
+
+def test_shared_context_choice_forward_equals_four_rows_with_gradients():
+    model = tiny_gpt(seed=12)
+    encoded = random_choices(seed=13)
+    g = torch.Generator().manual_seed(14)
+    weights, value_weights = torch.randn(3, 4, generator=g), torch.randn(3, generator=g)
+
+    def loss_and_grads(forward):
+        model.zero_grad()
+        sum_logprobs, values = forward()
+        ((sum_logprobs * weights).mean() + (values * value_weights).mean()).backward()  # as a PPO loss averages
+        return sum_logprobs.detach(), values.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    ref_logprobs, ref_values, ref_grads = loss_and_grads(lambda: four_row_choice_forward(model, encoded))
+    ctx_idx, ctx_mask, end_idx, end_mask = pad_shared_choices(encoded)
+    assert ctx_idx.shape == (3, 11) and end_idx.shape == (3, 4, 9)
+    # through forward, as a DDP-wrapped model is called
+    logprobs, values, grads = loss_and_grads(lambda: model(ctx_idx, ctx_mask, endings=end_idx, endings_mask=end_mask))
+    assert logprobs.dtype == values.dtype == torch.float32 and logprobs.shape == (3, 4) and values.shape == (3,)
+    assert (logprobs - ref_logprobs).abs().max().item() <= 1e-5
+    assert (values - ref_values).abs().max().item() <= 1e-5
+    assert ref_values.abs().min() > 0.1  # the value head is not zero, so the values test something
+    for name, ref in ref_grads.items():
+        assert ref.abs().max() > 0, name  # every parameter gets a gradient, through both paths
+        assert (grads[name] - ref).abs().max().item() <= 1e-4, name
 
 
 def test_filter_logits_top_k_and_top_p():
