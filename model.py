@@ -31,10 +31,6 @@ HUB_GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # cuDNN's attention kernel builds a plan for every new shape (about 3 ms of CPU each, measured on an H100 under bf16)
 # and padded PPO and HellaSwag batches rarely repeat a shape, so attention uses the other kernels
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-# GPT.choice_forward runs the ending rows sorted by length in this many groups, each padded to its longest. Counted
-# on 40 random batches of 16 HellaSwag validation examples: 3,512 token positions a batch, against 5,083 with every
-# ending padded to the longest and 7,614 for 4 full rows per example; 2,555 of them are real tokens
-ENDING_GROUPS = 4
 
 
 @dataclass
@@ -215,6 +211,11 @@ class GPT(nn.Module):
             attn_mask = (k_pos <= q_pos) & keep[:, None, None, :]  # (B, 1, T, T_past + T) causal and not padding
             # a padding query may have no key at all (left padding); let it see itself so softmax stays finite
             attn_mask = attn_mask | (k_pos == q_pos)
+        return self.transformer_pass(idx, pos, attn_mask, past_kv, use_cache, cache)
+
+    def transformer_pass(self, idx, pos, attn_mask=None, past_kv=None, use_cache=False, cache=None):
+        """hidden_states once positions pos (B or 1, T) and attn_mask (B, 1, T, T_past + T) bool are known (None:
+        causal). For layouts that hidden_states does not build, such as choice_forward's."""
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         present = []
         with sdpa_kernel(ATTENTION_BACKENDS):
@@ -226,59 +227,53 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         return (x, present) if use_cache else x
 
-    def forward(self, idx, attention_mask=None, logits_at=None, endings=None, endings_mask=None):
+    def forward(self, idx, attention_mask=None, logits_at=None, segments=None):
         """
         -> logits (B, T, vocab_size), values (B, T) in float32.
         logits_at (B, T) bool: apply the LM head only there (it is a third of GPT-2's FLOPs); logits are then
         (K, vocab_size) for the K selected positions in row-major order.
-        endings (B, n, Te) and endings_mask: score n endings of each left-padded context idx instead, returning
-        choice_forward's (B, n) summed log-probs and (B,) values. This goes through forward because a
-        DistributedDataParallel wrapper syncs gradients only of what ran inside its forward.
+        segments (B, T): idx holds packed multiple-choice rows (pack_choices); returns choice_forward(idx, segments)
+        instead. This goes through forward because a DistributedDataParallel wrapper syncs the gradients only of
+        what ran inside its forward.
         """
-        if endings is not None:
-            return self.choice_forward(idx, attention_mask, endings, endings_mask)
+        if segments is not None:
+            return self.choice_forward(idx, segments)
         x = self.hidden_states(idx, attention_mask)
         values = self.value_head(x).squeeze(-1).float()
         if logits_at is not None:
             x = x[logits_at]
         return self.lm_head(x), values
 
-    def choice_forward(self, ctx_idx, ctx_mask, end_idx, end_mask):
+    def choice_forward(self, idx, segments):
         """
-        Multiple choice with a shared context: each context runs once and its n endings attend to its keys and
-        values, so gradients reach the context through all n endings. The same numbers as n full rows context +
-        ending (hellaswag.pad_choices), for less than half of their token positions on HellaSwag (README).
-        ctx_idx, ctx_mask (B, Tc): contexts, left-padded, so the last column holds every context's last token.
-        end_idx, end_mask (B, n, Te): endings, right-padded, at least one token each (pad_shared_choices).
+        Multiple choice with each context computed once. A row holds one context followed by its n endings, packed
+        (pack_choices); each ending attends to the context and to its own earlier tokens only, and takes the
+        positions it would have right after the context. So the numbers are those of n full rows context + ending
+        (hellaswag.pad_choices), gradients reach the context through all n endings, and one pass runs half the
+        token positions on HellaSwag (README).
+        idx (B, T): context, ending 1, ..., ending n, right-padded. segments (B, T): 0 context, j ending j, -1 pad.
         -> sum_logprobs (B, n): each ending's summed token log-probs given its context, float32
            values (B,): the value head at each context's last token, float32
-        Reads the endings' lengths on the host (one sync).
         """
-        B, n, Te = end_idx.size()
-        hidden, kv = self.hidden_states(ctx_idx, ctx_mask, use_cache=True)  # (B, Tc, C), per layer (B, nh, Tc, hs)
-        values = self.value_head(hidden[:, -1]).squeeze(-1).float()  # (B,)
-        kv = [(k.contiguous(), v.contiguous()) for k, v in kv]  # row gathers from strided views are much slower
-        end_idx, end_mask = end_idx.flatten(0, 1), end_mask.flatten(0, 1)  # (B * n, Te), row r = n * b + j
-        # an example's endings differ a lot in length: run them in groups of similar length, each padded to its own
-        # longest, instead of all padded to the batch's longest
-        lengths = end_mask.sum(1)
-        order = lengths.argsort()
-        groups = order.tensor_split(min(ENDING_GROUPS, B * n))
-        longest = torch.stack([lengths[rows[-1]] for rows in groups]).tolist()
-        group_logprobs = []
-        for rows, T in zip(groups, longest):
-            example = rows // n  # (R,) the context of each ending row
-            group_kv = [(k.index_select(0, example), v.index_select(0, example)) for k, v in kv]  # (R, nh, Tc, hs)
-            tokens, real = end_idx[rows, :T], end_mask[rows, :T]  # (R, T)
-            mask = torch.cat([ctx_mask.index_select(0, example), real], dim=1)  # (R, Tc + T)
-            end_hidden = self.hidden_states(tokens, mask, past_kv=group_kv)  # (R, T, C)
-            # ending token t is predicted by the state before it: its context's last token for t = 0
-            before = torch.cat([hidden[example, -1:], end_hidden[:, :-1]], dim=1)  # (R, T, C)
-            real = real.bool()
-            token_logprobs = torch.zeros(real.shape, device=tokens.device).masked_scatter(
-                real, logprobs_from_logits(self.lm_head(before[real]), tokens[real]))  # LM head at real tokens only
-            group_logprobs.append(token_logprobs.sum(1))
-        return torch.cat(group_logprobs)[order.argsort()].view(B, n), values
+        B, T = idx.size()
+        n = int(segments.max())
+        col = torch.arange(T, device=idx.device)
+        ctx_len = (segments == 0).sum(1, keepdim=True)  # (B, 1)
+        starts = segments != segments.roll(1, dims=1)  # (B, T) first token of a segment (column 0: the context)
+        start = torch.where(starts, col, 0).cummax(dim=1).values  # (B, T) first column of each token's segment
+        pos = torch.where(segments > 0, ctx_len + col - start, col).masked_fill(segments < 0, 0)  # (B, T)
+        seg_q, seg_k = segments[:, None, :, None], segments[:, None, None, :]  # (B, 1, T, 1), (B, 1, 1, T)
+        causal = col[None, :] <= col[:, None]  # (T, T) key column <= query column
+        attn_mask = causal & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))  # (B, 1, T, T)
+        attn_mask = attn_mask | torch.eye(T, dtype=torch.bool, device=idx.device)  # padding sees itself: finite
+        x = self.transformer_pass(idx, pos, attn_mask)  # (B, T, C)
+        values = self.value_head(x[torch.arange(B, device=idx.device), ctx_len[:, 0] - 1]).squeeze(-1).float()
+        # an ending token is predicted by the state before it: its context's last token for the ending's first
+        predictor = torch.where(starts, ctx_len - 1, col - 1)  # (B, T)
+        b, c = (segments > 0).nonzero(as_tuple=True)  # (K,), (K,) every ending token
+        token_logprobs = logprobs_from_logits(self.lm_head(x[b, predictor[b, c]]), idx[b, c])  # LM head at K only
+        sum_logprobs = torch.zeros(B * n, device=idx.device).index_add(0, b * n + segments[b, c] - 1, token_logprobs)
+        return sum_logprobs.view(B, n), values
 
     # ------------------------------------------------------------------------------------------------------------
     # sampling
@@ -507,25 +502,20 @@ def filter_logits(logits, top_k=None, top_p=None):
     return logits
 
 
-def pad_shared_choices(encoded, pad_token=EOT_TOKEN):
+def pack_choices(encoded, pad_token=EOT_TOKEN):
     """
-    N encoded examples (context tokens, n ending token lists) -> GPT.choice_forward's inputs: ctx_idx, ctx_mask
-    (N, Tc) left-padded and end_idx, end_mask (N, n, Te) right-padded, all long.
+    N encoded examples (context tokens, n ending token lists) -> GPT.choice_forward's idx (N, T) and segments
+    (N, T), long: each row is the context, then ending 1 ... ending n, right-padded to the longest row; segments
+    marks the context 0, ending j j and padding -1.
     """
-    Tc = max(len(context) for context, _ in encoded)
-    Te = max(len(ending) for _, endings in encoded for ending in endings)
-    n = len(encoded[0][1])
-    ctx_idx = torch.full((len(encoded), Tc), pad_token, dtype=torch.long)
-    ctx_mask = torch.zeros(len(encoded), Tc, dtype=torch.long)
-    end_idx = torch.full((len(encoded), n, Te), pad_token, dtype=torch.long)
-    end_mask = torch.zeros(len(encoded), n, Te, dtype=torch.long)
-    for i, (context, endings) in enumerate(encoded):
-        ctx_idx[i, Tc - len(context):] = torch.tensor(context)
-        ctx_mask[i, Tc - len(context):] = 1
-        for j, ending in enumerate(endings):
-            end_idx[i, j, :len(ending)] = torch.tensor(ending)
-            end_mask[i, j, :len(ending)] = 1
-    return ctx_idx, ctx_mask, end_idx, end_mask
+    rows = [context + [t for ending in endings for t in ending] for context, endings in encoded]
+    T = max(len(row) for row in rows)
+    idx = torch.full((len(rows), T), pad_token, dtype=torch.long)
+    segments = torch.full((len(rows), T), -1, dtype=torch.long)
+    for i, (row, (context, endings)) in enumerate(zip(rows, encoded)):
+        idx[i, :len(row)] = torch.tensor(row)
+        segments[i, :len(row)] = torch.tensor([0] * len(context) + [j + 1 for j, e in enumerate(endings) for _ in e])
+    return idx, segments
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

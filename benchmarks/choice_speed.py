@@ -1,7 +1,8 @@
 """
 Training-time multiple choice, forward + backward: the 4 rows context + ending per example that PPO's choice
-rollouts run today (hellaswag.pad_choices, one forward) against GPT.choice_forward (each context once, its 4
-endings on its keys and values), on a GPT-2-124M-sized model with random weights and real validation text.
+rollouts run today (hellaswag.pad_choices, one forward) against GPT.choice_forward (one packed row per example:
+the context once, its 4 endings attending to it), on a GPT-2-124M-sized model with random weights and real
+validation text.
 
     python benchmarks/choice_speed.py                        # CPU, batches of 16, a few minutes on 2 cores
     python benchmarks/choice_speed.py --rounds 2 --threads 1   # steadier on a machine shared with other jobs
@@ -22,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hellaswag import choice_logprobs, encode_for_model, load_examples, pad_choices  # noqa: E402
-from model import ENDING_GROUPS, GPT, GPTConfig, pad_shared_choices  # noqa: E402
+from model import GPT, GPTConfig, pack_choices  # noqa: E402
 from tokenizer import gpt2_encoding  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
@@ -46,11 +47,8 @@ def four_rows(model, encoded):
 
 
 def shared_context(model, encoded):
-    ctx_idx, ctx_mask, end_idx, end_mask = pad_shared_choices(encoded)
-    # the ending rows run sorted by length in ENDING_GROUPS groups, each padded to its longest
-    groups = torch.sort(end_mask.sum(-1).flatten()).values.tensor_split(min(ENDING_GROUPS, end_mask[..., 0].numel()))
-    positions = ctx_idx.numel() + sum(len(lengths) * lengths[-1].item() for lengths in groups)
-    return model(ctx_idx, ctx_mask, endings=end_idx, endings_mask=end_mask), positions
+    idx, segments = pack_choices(encoded)
+    return model(idx, segments=segments), idx.numel()
 
 
 def forward_backward(model, path, encoded):

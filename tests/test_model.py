@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from common import UserError
 from hellaswag import choice_logprobs, pad_choices
 from model import (CHECKPOINT_FORMAT, GPT, GPTConfig, KVCache, filter_logits, logprobs_from_logits,
-                   pad_shared_choices, sample_from_probs, sample_next_token)
+                   pack_choices, sample_from_probs, sample_next_token)
 
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)
 
@@ -286,10 +286,10 @@ def test_shared_context_choice_forward_equals_four_rows_with_gradients():
         return sum_logprobs.detach(), values.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
 
     ref_logprobs, ref_values, ref_grads = loss_and_grads(lambda: four_row_choice_forward(model, encoded))
-    ctx_idx, ctx_mask, end_idx, end_mask = pad_shared_choices(encoded)
-    assert ctx_idx.shape == (3, 11) and end_idx.shape == (3, 4, 9)
+    idx, segments = pack_choices(encoded)
+    assert idx.shape == (3, 28) and segments[2].tolist() == [0] * 2 + [1] * 9 + [2] * 3 + [3] * 5 + [4] + [-1] * 8
     # through forward, as a DDP-wrapped model is called
-    logprobs, values, grads = loss_and_grads(lambda: model(ctx_idx, ctx_mask, endings=end_idx, endings_mask=end_mask))
+    logprobs, values, grads = loss_and_grads(lambda: model(idx, segments=segments))
     assert logprobs.dtype == values.dtype == torch.float32 and logprobs.shape == (3, 4) and values.shape == (3,)
     assert (logprobs - ref_logprobs).abs().max().item() <= 1e-5
     assert (values - ref_values).abs().max().item() <= 1e-5
