@@ -64,7 +64,12 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x, attn_mask=None, past_kv=None):
+    def forward(self, x, attn_mask=None, past_kv=None, cache=None):
+        """
+        past_kv (k, v), each (B, nh, T_past, hs): keys and values of earlier tokens to attend to, concatenated in
+        front (differentiable: a shared context's). cache: this layer's KVCache, which the new keys and values are
+        written into (generate). Returns the output and the (k, v) it attended over.
+        """
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -73,6 +78,8 @@ class CausalSelfAttention(nn.Module):
         if past_kv is not None:
             k = torch.cat([past_kv[0], k], dim=2)  # (B, nh, T_past + T, hs)
             v = torch.cat([past_kv[1], v], dim=2)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, nh, T_cached + T, hs), views into the cache
         dropout_p = self.dropout if self.training else 0.0
         if attn_mask is None:  # no padding, no cache: the fast causal kernel
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
@@ -80,6 +87,33 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y)), (k, v)
+
+
+class KVCache:
+    """
+    One layer's keys and values for up to max_len positions, allocated at the first write. A decode step writes its
+    one new position in place, where growing the cache by torch.cat would copy all of it at every step.
+    k, v: (B, nh, max_len, hs); positions [0, length) are filled, and attention only ever sees those.
+    """
+
+    def __init__(self, max_len):
+        self.max_len = max_len
+        self.length = 0
+        self.k = self.v = None
+
+    def append(self, k, v):
+        """Write k, v (B, nh, T, hs) at positions [length, length + T) -> the filled (B, nh, length, hs), as views."""
+        start, end = self.length, self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions cannot take {end}")
+        if self.k is None:  # allocate here, where the activations' batch size, dtype and device are known
+            B, n_head, _, head_size = k.shape
+            self.k = k.new_empty(B, n_head, self.max_len, head_size)
+            self.v = v.new_empty(B, n_head, self.max_len, head_size)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class MLP(nn.Module):
@@ -104,8 +138,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, past_kv=None):
-        a, present_kv = self.attn(self.ln_1(x), attn_mask, past_kv)
+    def forward(self, x, attn_mask=None, past_kv=None, cache=None):
+        a, present_kv = self.attn(self.ln_1(x), attn_mask, past_kv, cache)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, present_kv
@@ -148,17 +182,20 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------------------------------------------------
     # forward
 
-    def hidden_states(self, idx, attention_mask=None, past_kv=None, use_cache=False):
+    def hidden_states(self, idx, attention_mask=None, past_kv=None, use_cache=False, cache=None):
         """
-        Final hidden states (after ln_f) of idx (B, T) -> (B, T, C), and the KV cache if use_cache.
-        attention_mask (B, T_past + T): 1 = token, 0 = padding, covering the cached tokens too. Position ids
+        Final hidden states (after ln_f) of idx (B, T) -> (B, T, C), and the keys and values (a list of (k, v) per
+        layer, each (B, nh, T_past + T, hs)) if use_cache. Earlier tokens come either as past_kv, such a list
+        (concatenated in front, differentiable), or as cache, one KVCache per layer (written in place: generate).
+        attention_mask (B, T_past + T): 1 = token, 0 = padding, covering the earlier tokens too. Position ids
         come from the mask, so a left-padded row gets the same positions as the row alone.
         """
         B, T = idx.size()
-        past_len = 0 if past_kv is None else past_kv[0][0].size(2)
+        assert past_kv is None or cache is None, "earlier tokens come as past_kv or as cache, not both"
+        past_len = past_kv[0][0].size(2) if past_kv is not None else cache[0].length if cache is not None else 0
         if attention_mask is None and past_len + T > self.config.block_size:
             raise ValueError(f"sequence of {past_len + T} tokens is longer than block_size {self.config.block_size}")
-        if attention_mask is None and past_kv is None:
+        if attention_mask is None and past_len == 0:
             attn_mask = None  # plain causal attention
             pos = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T)
         else:
@@ -176,27 +213,69 @@ class GPT(nn.Module):
             attn_mask = (k_pos <= q_pos) & keep[:, None, None, :]  # (B, 1, T, T_past + T) causal and not padding
             # a padding query may have no key at all (left padding); let it see itself so softmax stays finite
             attn_mask = attn_mask | (k_pos == q_pos)
+        return self.transformer_pass(idx, pos, attn_mask, past_kv, use_cache, cache)
+
+    def transformer_pass(self, idx, pos, attn_mask=None, past_kv=None, use_cache=False, cache=None):
+        """hidden_states once positions pos (B or 1, T) and attn_mask (B, 1, T, T_past + T) bool are known (None:
+        causal). For layouts that hidden_states does not build, such as choice_forward's."""
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         present = []
         with sdpa_kernel(ATTENTION_BACKENDS):
             for i, block in enumerate(self.transformer.h):
-                x, kv = block(x, attn_mask, None if past_kv is None else past_kv[i])
+                x, kv = block(x, attn_mask, None if past_kv is None else past_kv[i],
+                              None if cache is None else cache[i])
                 if use_cache:
                     present.append(kv)
         x = self.transformer.ln_f(x)
         return (x, present) if use_cache else x
 
-    def forward(self, idx, attention_mask=None, logits_at=None):
+    def forward(self, idx, attention_mask=None, logits_at=None, segments=None):
         """
         -> logits (B, T, vocab_size), values (B, T) in float32.
         logits_at (B, T) bool: apply the LM head only there (it is a third of GPT-2's FLOPs); logits are then
         (K, vocab_size) for the K selected positions in row-major order.
+        segments (B, T): idx holds packed multiple-choice rows (pack_choices); returns choice_forward(idx, segments)
+        instead. This goes through forward because a DistributedDataParallel wrapper syncs the gradients only of
+        what ran inside its forward.
         """
+        if segments is not None:
+            return self.choice_forward(idx, segments)
         x = self.hidden_states(idx, attention_mask)
         values = self.value_head(x).squeeze(-1).float()
         if logits_at is not None:
             x = x[logits_at]
         return self.lm_head(x), values
+
+    def choice_forward(self, idx, segments):
+        """
+        Multiple choice with each context computed once. A row holds one context followed by its n endings, packed
+        (pack_choices); each ending attends to the context and to its own earlier tokens only, and takes the
+        positions it would have right after the context. So the numbers are those of n full rows context + ending
+        (hellaswag.pad_choices), gradients reach the context through all n endings, and one pass runs half the
+        token positions on HellaSwag (README).
+        idx (B, T): context, ending 1, ..., ending n, right-padded. segments (B, T): 0 context, j ending j, -1 pad.
+        -> sum_logprobs (B, n): each ending's summed token log-probs given its context, float32
+           values (B,): the value head at each context's last token, float32
+        """
+        B, T = idx.size()
+        n = int(segments.max())
+        col = torch.arange(T, device=idx.device)
+        ctx_len = (segments == 0).sum(1, keepdim=True)  # (B, 1)
+        starts = segments != segments.roll(1, dims=1)  # (B, T) first token of a segment (column 0: the context)
+        start = torch.where(starts, col, 0).cummax(dim=1).values  # (B, T) first column of each token's segment
+        pos = torch.where(segments > 0, ctx_len + col - start, col).masked_fill(segments < 0, 0)  # (B, T)
+        seg_q, seg_k = segments[:, None, :, None], segments[:, None, None, :]  # (B, 1, T, 1), (B, 1, 1, T)
+        causal = col[None, :] <= col[:, None]  # (T, T) key column <= query column
+        attn_mask = causal & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))  # (B, 1, T, T)
+        attn_mask = attn_mask | torch.eye(T, dtype=torch.bool, device=idx.device)  # padding sees itself: finite
+        x = self.transformer_pass(idx, pos, attn_mask)  # (B, T, C)
+        values = self.value_head(x[torch.arange(B, device=idx.device), ctx_len[:, 0] - 1]).squeeze(-1).float()
+        # an ending token is predicted by the state before it: its context's last token for the ending's first
+        predictor = torch.where(starts, ctx_len - 1, col - 1)  # (B, T)
+        b, c = (segments > 0).nonzero(as_tuple=True)  # (K,), (K,) every ending token
+        token_logprobs = logprobs_from_logits(self.lm_head(x[b, predictor[b, c]]), idx[b, c])  # LM head at K only
+        sum_logprobs = torch.zeros(B * n, device=idx.device).index_add(0, b * n + segments[b, c] - 1, token_logprobs)
+        return sum_logprobs.view(B, n), values
 
     # ------------------------------------------------------------------------------------------------------------
     # sampling
@@ -209,37 +288,32 @@ class GPT(nn.Module):
         Returns tokens (B, N), mask (B, N) (1 up to and including the first stop token) and the log-probs of the
         sampled tokens under the temperature-scaled distribution (before top-k / top-p), float32, 0 where masked.
         temperature=0 is greedy decoding (log-probs then under temperature 1). N <= max_new_tokens: sampling
-        stops early once every row has stopped.
+        stops early once every row has stopped. Sampling draws only from generator (or torch's default one).
         """
-        B = idx.size(0)
+        B, T = idx.size()
         if attention_mask is None:
             attention_mask = torch.ones_like(idx)
-        if idx.size(1) + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt of {idx.size(1)} + {max_new_tokens} new tokens exceeds block_size "
+        if T + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt of {T} + {max_new_tokens} new tokens exceeds block_size "
                              f"{self.config.block_size}")
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
-        hidden, kv = self.hidden_states(idx, attention_mask, use_cache=True)
+        # the mask of the prompt and of every token to come, so that each step's mask is a slice of it
+        full_mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=1)  # (B, T + N)
+        cache = [KVCache(T + max_new_tokens) for _ in self.transformer.h]
+        hidden = self.hidden_states(idx, attention_mask, cache=cache)
         logits = self.lm_head(hidden[:, -1, :]).float()  # left padding: the last column is every row's last token
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         tokens, masks, logprobs = [], [], []
         for step in range(max_new_tokens):
-            if temperature == 0:
-                next_token = logits.argmax(dim=-1)
-                logp = F.log_softmax(logits, dim=-1)
-            else:
-                logits = logits / temperature
-                logp = F.log_softmax(logits, dim=-1)
-                probs = F.softmax(filter_logits(logits, top_k, top_p), dim=-1)
-                next_token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            next_token, logp = sample_next_token(logits, temperature, top_k, top_p, generator)
             alive = ~done
             tokens.append(next_token)
             masks.append(alive)
-            logprobs.append(logp.gather(-1, next_token[:, None]).squeeze(-1) * alive)
+            logprobs.append(logp * alive)
             done = done | torch.isin(next_token, stop)
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-            hidden, kv = self.hidden_states(next_token[:, None], attention_mask, past_kv=kv, use_cache=True)
+            hidden = self.hidden_states(next_token[:, None], full_mask[:, :T + step + 1], cache=cache)
             logits = self.lm_head(hidden[:, -1, :]).float()
         return torch.stack(tokens, 1), torch.stack(masks, 1).long(), torch.stack(logprobs, 1)
 
@@ -485,3 +559,47 @@ def filter_logits(logits, top_k=None, top_p=None):
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def pack_choices(encoded, pad_token=EOT_TOKEN):
+    """
+    N encoded examples (context tokens, n ending token lists) -> GPT.choice_forward's idx (N, T) and segments
+    (N, T), long: each row is the context, then ending 1 ... ending n, right-padded to the longest row; segments
+    marks the context 0, ending j j and padding -1.
+    """
+    rows = [context + [t for ending in endings for t in ending] for context, endings in encoded]
+    T = max(len(row) for row in rows)
+    idx = torch.full((len(rows), T), pad_token, dtype=torch.long)
+    segments = torch.full((len(rows), T), -1, dtype=torch.long)
+    for i, (row, (context, endings)) in enumerate(zip(rows, encoded)):
+        idx[i, :len(row)] = torch.tensor(row)
+        segments[i, :len(row)] = torch.tensor([0] * len(context) + [j + 1 for j, e in enumerate(endings) for _ in e])
+    return idx, segments
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """
+    Next tokens (B,) from logits (B, V) float32, and their log-probs (B,) under the temperature-scaled distribution
+    (before top-k / top-p). temperature=0 is greedy, with log-probs under temperature 1.
+    """
+    if temperature != 0:
+        logits = logits / temperature
+    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, 1): log-probs are logits - log_norm
+    if temperature == 0:
+        next_token = logits.argmax(dim=-1)
+    else:
+        # softmax's numerators over the kept tokens; the race needs no normalization (-inf logits give 0)
+        next_token = sample_from_probs(torch.exp(filter_logits(logits, top_k, top_p) - log_norm), generator)
+    return next_token, (logits.gather(-1, next_token[:, None]) - log_norm).squeeze(-1)
+
+
+def sample_from_probs(probs, generator=None):
+    """
+    One index per row of probs (B, V), drawn with probability p_i / sum(p) (probs need not sum to 1): the
+    exponential race argmax_i p_i / E_i with E_i ~ Exp(1) independent, which is Gumbel-max with one log per entry
+    instead of two. On a CPU with 1 thread it took a third of torch.multinomial's time (README). The draw depends
+    only on generator's state.
+    """
+    race = torch.empty_like(probs).uniform_(generator=generator)  # u in [0, 1)
+    race.log_().neg_()  # E = -log u ~ Exp(1); u = 0 gives E = inf, a sure loss rather than a 0 / 0
+    return torch.div(probs, race, out=race).argmax(dim=-1)

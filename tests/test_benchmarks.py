@@ -50,3 +50,8 @@ def test_recipe_cost_errors_are_one_line(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "no stand-in shape known" in proc.stderr
     proc = run_script("benchmarks/recipe_cost.py", "configs/gpt2_hellaswag_teacher.py", "--data", "missing.jsonl")
     assert proc.returncode == 0 and proc.stdout.startswith("skipped: no data file")
+
+
+def test_choice_speed_skips_without_the_data(tmp_path):
+    proc = run_script("benchmarks/choice_speed.py", "--data", str(tmp_path / "missing.jsonl"))
+    assert proc.returncode == 0 and proc.stdout.startswith("skipping:") and "missing.jsonl" in proc.stdout

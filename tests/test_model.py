@@ -5,9 +5,12 @@ import textwrap
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from common import UserError
-from model import CHECKPOINT_FORMAT, GPT, GPTConfig, filter_logits, logprobs_from_logits
+from hellaswag import choice_logprobs, pad_choices
+from model import (CHECKPOINT_FORMAT, GPT, GPTConfig, KVCache, filter_logits, logprobs_from_logits,
+                   pack_choices, sample_from_probs, sample_next_token)
 
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)
 
@@ -153,6 +156,147 @@ def test_generate_stops_early_when_every_row_stopped():
     free, _, _ = model.generate(idx, mask, max_new_tokens=4, temperature=0, stop_tokens=())
     tokens, out_mask, _ = model.generate(idx, mask, max_new_tokens=20, temperature=0, stop_tokens=free[:, 0].tolist())
     assert tokens.shape == (3, 1) and out_mask.all()
+
+
+def chi_square(counts, probs):
+    """Pearson's statistic of observed counts against probs (categories with probability 0 must have no count)."""
+    expected = probs / probs.sum() * counts.sum()
+    assert (counts[expected == 0] == 0).all(), "a token of probability 0 was drawn"
+    kept = expected > 0
+    return (((counts[kept] - expected[kept]) ** 2) / expected[kept]).sum().item()
+
+
+# 8 free categories: P(chi-square > 40) is about 3e-6, so the bound holds with margin for a correct sampler, while
+# the test's 200,000 draws see a bias of a fraction of a percent in the small categories
+CHI_SQUARE_BOUND = 40.0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_exponential_race_draws_from_the_probabilities(seed):
+    # unnormalized on purpose (the race needs no normalization), with a zero and a small category
+    probs = torch.tensor([3.0, 0.0, 1.5, 0.6, 0.03, 0.9, 0.3, 1.2, 0.15, 2.4])
+    draws = sample_from_probs(probs.expand(200_000, -1).contiguous(), torch.Generator().manual_seed(seed))
+    counts = torch.bincount(draws, minlength=probs.numel()).double()
+    assert chi_square(counts, probs.double()) < CHI_SQUARE_BOUND
+
+
+@pytest.mark.parametrize("top_k, top_p", [(None, None), (4, None), (None, 0.7), (5, 0.8)])
+def test_sample_next_token_keeps_temperature_top_k_top_p(top_k, top_p):
+    logits = torch.tensor([2.0, -1.0, 0.5, 1.5, -0.3, 0.9, -2.0, 1.1, 0.0, 0.4]).expand(100_000, -1)
+    temperature = 0.8
+    tokens, logp = sample_next_token(logits, temperature, top_k, top_p, torch.Generator().manual_seed(1))
+    kept = F.softmax(filter_logits(logits[:1] / temperature, top_k, top_p), dim=-1)[0].double()
+    assert chi_square(torch.bincount(tokens, minlength=10).double(), kept) < CHI_SQUARE_BOUND
+    # log-probs under the temperature-scaled distribution before top-k / top-p, as the PPO ratio needs
+    assert (logp - F.log_softmax(logits / temperature, dim=-1).gather(1, tokens[:, None])[:, 0]).abs().max() <= 1e-6
+
+
+def test_greedy_next_token_and_its_logprob_at_temperature_one():
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(2))
+    tokens, logp = sample_next_token(logits, temperature=0, top_k=3, top_p=0.5)
+    assert torch.equal(tokens, logits.argmax(-1))
+    assert (logp - F.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]).abs().max() <= 1e-6
+
+
+def test_sampler_draws_only_from_the_generator():
+    probs = torch.rand(8, 1000, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    a = sample_from_probs(probs, torch.Generator().manual_seed(5))
+    torch.manual_seed(1)  # the global generator's state does not matter
+    b = sample_from_probs(probs, torch.Generator().manual_seed(5))
+    c = sample_from_probs(probs, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    model = tiny_gpt(seed=11)
+    idx, mask = left_padded_prompts()
+    new = torch.randint(0, 50257, (3, 6), generator=torch.Generator().manual_seed(4))
+    full_idx, full_mask = torch.cat([idx, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
+    full, _ = model(full_idx, full_mask)  # (B, T, V) with no cache at all
+    T = idx.size(1)
+    cache = [KVCache(T + new.size(1)) for _ in model.transformer.h]
+    with torch.no_grad():
+        steps = [model.hidden_states(idx, mask, cache=cache)]  # the prompt, then one token at a time
+        for t in range(new.size(1)):
+            steps.append(model.hidden_states(new[:, t:t + 1], full_mask[:, :T + t + 1], cache=cache))
+        cached = model.lm_head(torch.cat(steps, 1))
+    real = full_mask.bool()
+    assert (cached[real] - full[real]).abs().max().item() <= 1e-5
+    assert cache[0].length == T + new.size(1)
+    with pytest.raises(ValueError, match="KV cache of 15 positions"):
+        model.hidden_states(new[:, :1], torch.cat([full_mask, full_mask[:, :1]], 1), cache=cache)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(None, None), (20, None), (None, 0.9)])
+def test_generate_logprobs_equal_full_forward_with_stops(top_k, top_p):
+    model = tiny_gpt(seed=5)
+    idx, mask = left_padded_prompts()
+    temperature = 0.7
+
+    def sample(stop_tokens):
+        return model.generate(idx, mask, max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p,
+                              stop_tokens=stop_tokens, generator=torch.Generator().manual_seed(0))
+
+    free = sample(())[0]
+    stop = int(free[0, 2])  # row 0 stops at its third token (or earlier), the others later or never
+    tokens, out_mask, logprobs = sample((stop,))
+    assert torch.equal(tokens, free[:, :tokens.size(1)])  # stopping changes the mask, not the draws
+    first_stop = (free[0] == stop).nonzero()[0].item()
+    assert out_mask[0].tolist() == [1] * (first_stop + 1) + [0] * (tokens.size(1) - first_stop - 1)
+    assert not out_mask.all()
+    # generate goes on feeding a stopped row its samples (masked out afterwards): the full forward sees them too
+    logits, _ = model(torch.cat([idx, tokens], 1), torch.cat([mask, torch.ones_like(tokens)], 1))
+    T = idx.size(1)
+    ref = logprobs_from_logits(logits[:, T - 1:-1] / temperature, tokens) * out_mask
+    assert (ref - logprobs).abs().max().item() <= 1e-5
+    # every sampled token survives top-k / top-p at its position
+    allowed = torch.isfinite(filter_logits(logits[:, T - 1:-1].flatten(0, 1) / temperature, top_k, top_p))
+    assert allowed.gather(1, tokens.flatten()[:, None]).all()
+
+
+def four_row_choice_forward(model, encoded):
+    """The computation choice_forward replaces: a full forward of the 4 rows context + ending of every example."""
+    idx, attention_mask, target_mask = pad_choices(encoded)
+    logits, values = model(idx, attention_mask, logits_at=target_mask.bool())
+    sum_logprobs, _ = choice_logprobs(logits, idx, target_mask)
+    last_context = torch.tensor([len(context) - 1 for context, _ in encoded])
+    return sum_logprobs, values.view(-1, 4, values.size(1))[:, 0].gather(1, last_context[:, None]).squeeze(1)
+
+
+def random_choices(seed):
+    """Contexts of different lengths, and endings of different lengths within and across examples (one of 1 token)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = lambda n: torch.randint(0, 50257, (n,), generator=g).tolist()  # noqa: E731
+    return [(tokens(5), [tokens(3), tokens(1), tokens(6), tokens(2)]),
+            (tokens(11), [tokens(4), tokens(4), tokens(2), tokens(7)]),
+            (tokens(2), [tokens(9), tokens(3), tokens(5), tokens(1)])]
+
+
+def test_shared_context_choice_forward_equals_four_rows_with_gradients():
+    model = tiny_gpt(seed=12)
+    encoded = random_choices(seed=13)
+    g = torch.Generator().manual_seed(14)
+    weights, value_weights = torch.randn(3, 4, generator=g), torch.randn(3, generator=g)
+
+    def loss_and_grads(forward):
+        model.zero_grad()
+        sum_logprobs, values = forward()
+        ((sum_logprobs * weights).mean() + (values * value_weights).mean()).backward()  # as a PPO loss averages
+        return sum_logprobs.detach(), values.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    ref_logprobs, ref_values, ref_grads = loss_and_grads(lambda: four_row_choice_forward(model, encoded))
+    idx, segments = pack_choices(encoded)
+    assert idx.shape == (3, 28) and segments[2].tolist() == [0] * 2 + [1] * 9 + [2] * 3 + [3] * 5 + [4] + [-1] * 8
+    # through forward, as a DDP-wrapped model is called
+    logprobs, values, grads = loss_and_grads(lambda: model(idx, segments=segments))
+    assert logprobs.dtype == values.dtype == torch.float32 and logprobs.shape == (3, 4) and values.shape == (3,)
+    assert (logprobs - ref_logprobs).abs().max().item() <= 1e-5
+    assert (values - ref_values).abs().max().item() <= 1e-5
+    assert ref_values.abs().min() > 0.1  # the value head is not zero, so the values test something
+    for name, ref in ref_grads.items():
+        assert ref.abs().max() > 0, name  # every parameter gets a gradient, through both paths
+        assert (grads[name] - ref).abs().max().item() <= 1e-4, name
 
 
 def test_filter_logits_top_k_and_top_p():
