@@ -274,8 +274,10 @@ class GPT(nn.Module):
         predictor = torch.where(starts, ctx_len - 1, col - 1)  # (B, T)
         b, c = (segments > 0).nonzero(as_tuple=True)  # (K,), (K,) every ending token
         token_logprobs = logprobs_from_logits(self.lm_head(x[b, predictor[b, c]]), idx[b, c])  # LM head at K only
-        sum_logprobs = torch.zeros(B * n, device=idx.device).index_add(0, b * n + segments[b, c] - 1, token_logprobs)
-        return sum_logprobs.view(B, n), values
+        # put back in their (row, column) slots and summed per ending: deterministic, unlike an atomic index_add on CUDA
+        slots = torch.zeros(B, T, device=idx.device).index_put((b, c), token_logprobs)  # (B, T)
+        endings = torch.arange(1, n + 1, device=idx.device)[None, :, None] == segments[:, None, :]  # (B, n, T)
+        return (slots[:, None, :] * endings).sum(-1), values
 
     # ------------------------------------------------------------------------------------------------------------
     # sampling

@@ -42,9 +42,8 @@ import synthetic
 from causal_lm import CausalLM
 from common import (UserError, atomic_torch_save, atomic_write_text, autocast, check_output_path, first_line,
                     resolve_device, run_cli, step_checkpoints)
-from hellaswag import (choice_logprobs, encode_for_model, evaluate, load_examples, pad_choices,
-                       write_predictions)
-from model import CHECKPOINT_FORMAT, GPT, GPTConfig, check_finite_weights
+from hellaswag import encode_for_model, evaluate, load_examples, write_predictions
+from model import CHECKPOINT_FORMAT, GPT, GPTConfig, check_finite_weights, pack_choices
 from reward import DEFAULT_REWARD_MODEL, LabelReward, LikelihoodReward, TeacherReward
 from tokenizer import EOT_TOKEN, gpt2_encoding
 
@@ -401,16 +400,14 @@ class Rollouts:
 def choice_forward(model, encoded, choice_temperature, device):
     """
     Score the 4 endings of each encoded example as the HellaSwag scorer does (mean log-prob per ending token) and
-    turn them into the policy over endings. -> log-probs (N, 4), values (N,), all float32.
+    turn them into the policy over endings. Each context runs once, its endings packed after it (model.pack_choices),
+    with gradients through the shared context. -> log-probs (N, 4), values (N,), all float32.
     """
-    idx, attention_mask, target_mask = (t.to(device) for t in pad_choices(encoded))
-    logits, values = model(idx, attention_mask, logits_at=target_mask.bool())  # logits (K, V) at ending positions
-    sum_logprobs, n_tokens = choice_logprobs(logits, idx, target_mask)
+    idx, segments = (t.to(device) for t in pack_choices(encoded))
+    sum_logprobs, values = model(idx, segments=segments)  # through forward(), so that DDP syncs the gradients
+    n_tokens = torch.tensor([[len(e) for e in endings] for _, endings in encoded], dtype=torch.float32, device=device)
     scores = sum_logprobs / n_tokens  # (N, 4) mean log-prob per ending token
-    policy_logprobs = F.log_softmax(scores / choice_temperature, dim=-1)
-    last_context = torch.tensor([len(context) - 1 for context, _ in encoded], device=device)
-    context_values = values.view(-1, 4, values.size(1))[:, 0].gather(1, last_context[:, None]).squeeze(1)
-    return policy_logprobs, context_values
+    return F.log_softmax(scores / choice_temperature, dim=-1), values
 
 
 class ChoiceRollouts:
@@ -421,17 +418,32 @@ class ChoiceRollouts:
         self.encoded = encoded  # every training example, encoded once at setup as the evaluator encodes it
         self.reward_fn, self.temperature = reward_fn, choice_temperature
         self.micro_batch_size, self.device = micro_batch_size, device
+        # the frozen reference's distribution over each example's endings depends on the example alone: computed
+        # the first time the example is met, then kept (4 floats an example, saved with the checkpoint)
+        self.reference_logprobs = torch.full((len(encoded), 4), float("nan"))
+
+    def reference(self, reference, indices):
+        missing = sorted({i for i in indices if torch.isnan(self.reference_logprobs[i, 0])})
+        for s in chunked(len(missing), self.micro_batch_size):
+            lp = choice_forward(reference, [self.encoded[i] for i in missing[s]], self.temperature, self.device)[0]
+            self.reference_logprobs[missing[s]] = lp.float().cpu()
+        return self.reference_logprobs[indices].to(self.device)
+
+    def state_dict(self):
+        return {"reference_logprobs": self.reference_logprobs}
+
+    def load_state_dict(self, state):
+        self.reference_logprobs = state["reference_logprobs"].clone()
 
     @torch.no_grad()
     def collect(self, policy, reference, examples, indices, generator):
         encoded = [self.encoded[i] for i in indices]
-        policy_lp, ref_lp, values = [], [], []
+        policy_lp, values = [], []
         for s in chunked(len(encoded), self.micro_batch_size):
             lp, v = choice_forward(policy, encoded[s], self.temperature, self.device)
             policy_lp.append(lp)
             values.append(v)
-            ref_lp.append(choice_forward(reference, encoded[s], self.temperature, self.device)[0])
-        policy_lp, ref_lp = torch.cat(policy_lp), torch.cat(ref_lp)
+        policy_lp, ref_lp = torch.cat(policy_lp), self.reference(reference, indices)
         if not torch.isfinite(policy_lp).all():  # before sampling, which would fail on them with a traceback
             raise UserError("the policy's scores of the endings are not finite; its weights are broken")
         choices = torch.multinomial(policy_lp.exp(), 1, generator=generator)  # (B, 1)
@@ -835,9 +847,11 @@ def build_rollouts(cfg, policy, train_examples, reward_fn, device):
     return GenerateRollouts(reward_fn, cfg, prompt_budget, stop_tokens, device)
 
 
-def restore(ckpt, optimizer, scaler, kl_controller, reward_fn, generators, cfg, run, log):
-    """Load the optimizer, scaler, KL controller, reward statistics and RNG states of a checkpoint.
-    -> (step, data position, best acc_norm)."""
+def restore(ckpt, optimizer, scaler, kl_controller, reward_fn, rollout_kind, generators, cfg, run, log):
+    """Load the optimizer, scaler, KL controller, reward statistics, the rollouts' cached reference scores and
+    the RNG states of a checkpoint. -> (step, data position, best acc_norm)."""
+    if hasattr(rollout_kind, "load_state_dict") and ckpt.get("rollouts") is not None:
+        rollout_kind.load_state_dict(ckpt["rollouts"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     kl_controller.load_state_dict(ckpt["kl_controller"])
@@ -1052,7 +1066,7 @@ def train(cfg):
     kl_controller = controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     step, data_position, best_acc_norm = 0, 0, -1.0
     if ckpt:
-        step, data_position, best_acc_norm = restore(ckpt, optimizer, scaler, kl_controller, reward_fn,
+        step, data_position, best_acc_norm = restore(ckpt, optimizer, scaler, kl_controller, reward_fn, rollout_kind,
                                                      (sample_generator, shuffle_generator), cfg, run, log)
         log(f"resumed from {resume_path} at step {step}")
         if run.master_process:  # what was logged after that checkpoint is about to be redone
@@ -1137,6 +1151,7 @@ def train(cfg):
             state = {"data_position": data_position, "best_acc_norm": best_acc_norm,
                      "kl_controller": kl_controller.state_dict(), "reference_from": reference_from,
                      "reward": reward_fn.state_dict() if hasattr(reward_fn, "state_dict") else None,
+                     "rollouts": rollout_kind.state_dict() if hasattr(rollout_kind, "state_dict") else None,
                      "rng": gather_rng_states(sample_generator, shuffle_generator, run.world_size)}
             if run.master_process:
                 path = save_checkpoint(cfg.out_dir, step, raw_model, optimizer, scaler, state, cfg, cfg.keep_last,

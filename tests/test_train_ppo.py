@@ -415,3 +415,30 @@ def test_choice_policy_scores_endings_like_the_evaluator(tmp_path):
     with torch.no_grad():
         alone = model(torch.tensor([context]))[1][0, -1]  # the value at the context's last token
     assert values[5].item() == pytest.approx(alone.item(), abs=1e-5)
+
+
+def test_choice_rollouts_compute_the_reference_once_per_example(tmp_path, monkeypatch):
+    from hellaswag import encode_for_model, load_examples
+    from model import GPT, GPTConfig
+    from tokenizer import gpt2_encoding
+
+    synthetic.write_jsonl(tmp_path / "val.jsonl", synthetic.make_examples(6, seed=3, split="val"))
+    examples = load_examples(data_file=str(tmp_path / "val.jsonl"))
+    encoded = [encode_for_model(ex, gpt2_encoding().encode_ordinary, 64) for ex in examples]
+    torch.manual_seed(0)
+    reference = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)).eval()
+    rollouts = train_ppo.ChoiceRollouts(encoded, None, 0.5, micro_batch_size=2, device="cpu")
+    scored = []
+    real = train_ppo.choice_forward
+    monkeypatch.setattr(train_ppo, "choice_forward", lambda model, enc, *a: scored.extend(enc) or real(model, enc, *a))
+    with torch.no_grad():
+        first = rollouts.reference(reference, [4, 1, 4])
+        again = rollouts.reference(reference, [1, 2])
+        expected = real(reference, encoded, 0.5, "cpu")[0]
+    assert scored == [encoded[1], encoded[4], encoded[2]]  # each example once, however often it is met
+    torch.testing.assert_close(first, expected[[4, 1, 4]])
+    torch.testing.assert_close(again, expected[[1, 2]])
+    restored = train_ppo.ChoiceRollouts(encoded, None, 0.5, micro_batch_size=2, device="cpu")
+    restored.load_state_dict(rollouts.state_dict())  # the checkpoint keeps them: a resumed run does not recompute
+    torch.testing.assert_close(restored.reference(reference, [1, 2, 4]), expected[[1, 2, 4]])
+    assert len(scored) == 3
