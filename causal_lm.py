@@ -8,6 +8,8 @@ the endings of other architectures through it, and reward.py's judges and teache
     s = lm.score_tokens(context_ids, continuation_ids)                 # the same from GPT-2 token ids
 """
 
+import bisect
+import codecs
 import inspect
 import json
 import os
@@ -71,6 +73,25 @@ def fit_window(head, context_ids, continuation_ids, window):
     return head + context_ids + continuation_ids
 
 
+def char_ends(pieces):
+    """Where each token's text ends, in characters of the whole text decoded from pieces (the tokens' bytes) with
+    errors="replace". A character split across tokens belongs to the token that completes it."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    ends, n = [], 0
+    for k, piece in enumerate(pieces):
+        n += len(decoder.decode(piece, final=k == len(pieces) - 1))
+        ends.append(n)
+    return ends
+
+
+def align_by_chars(judge_ends, policy_ends):
+    """For each judge token, the policy token whose text holds its last character (where the judge token is
+    complete). judge_ends: each judge token's end, in characters from the start of the policy's text (a judge
+    token that ends before it, in the context, goes to the first policy token); policy_ends: as char_ends."""
+    last = len(policy_ends) - 1
+    return [min(bisect.bisect_right(policy_ends, end - 1), last) for end in judge_ends]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # tokens -> log-probs
 
@@ -81,16 +102,17 @@ def keeps_logits(model):
 
 
 @torch.no_grad()
-def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu"):
+def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu", per_token=False):
     """
     Log-probabilities of the last n tokens of each row under a transformers causal LM.
     rows: list of (ids, n) with ids a list of token ids and n >= 1 the number of tokens at its end to score.
-    -> (len(rows), ) float32 sums, in input order. Rows run longest first (an out-of-memory batch fails at once),
+    -> (len(rows), ) float32 sums, in input order; per_token: also a list of each row's (n,) float32 CPU log-probs,
+    whose sums are the sums. Rows run longest first (an out-of-memory batch fails at once),
     right-padded: padding after the real tokens never changes a causal LM's outputs at them, and positions stay
     0, 1, 2, ... without position ids, whatever padding side the tokenizer prefers.
     """
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-    in_order = []
+    in_order, per_row = [], [None] * len(rows)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         T = len(rows[batch[0]][0]) - 1  # the longest input in the batch: every token but the last
@@ -124,10 +146,15 @@ def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu"):
                                     for f, t in zip(flat.split(SCORE_CHUNK), targets.split(SCORE_CHUNK))])
         slots = torch.zeros(len(batch) * span, device=logits.device).index_put_((flat,), token_logprobs)
         in_order.append(slots.view(len(batch), span).sum(1))
+        if per_token:
+            slots = slots.view(len(batch), span).cpu()
+            for r, i in enumerate(batch):
+                ids, n = rows[i]
+                per_row[i] = slots[r, len(ids) - 1 - n - offset:len(ids) - 1 - offset].clone()
     sums = torch.zeros(len(rows), dtype=torch.float32)
     if in_order:
         sums[torch.tensor(order, dtype=torch.long)] = torch.cat(in_order).cpu()
-    return sums
+    return (sums, per_row) if per_token else sums
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -286,28 +313,63 @@ class CausalLM:
         rows = self.encode_pairs(contexts, continuations)
         return self.score_rows(rows, [len(c) for c in continuations], batch_size)
 
-    def score_tokens(self, context_tokens, continuation_tokens, batch_size=32):
+    def score_tokens(self, context_tokens, continuation_tokens, batch_size=32, per_token=False):
         """
         score() for pairs given as GPT-2 token ids (lists of ints), e.g. a policy's prompt and sample.
         When the model shares GPT-2's vocabulary the ids are scored as they are: this equals
         score(decode(context), decode(continuation)) whenever the ids are what GPT-2's tokenizer gives for that
         text, and scores the policy's own tokens where a sample is not canonically tokenized. Otherwise the ids
         are decoded to text and re-tokenized by score().
+        per_token: the dict also holds "token_logprobs", one (len(continuation),) float32 tensor per pair: the
+        log-prob of each given token, or, for another vocabulary, the sum of the log-probs of the model's tokens
+        that end inside its text (align_by_chars). Each sums to the pair's sum_logprob.
         """
         if len(context_tokens) != len(continuation_tokens):
             raise ValueError(f"{len(context_tokens)} contexts but {len(continuation_tokens)} continuations")
         enc = gpt2_encoding()
         continuations = [enc.decode(list(t), errors="replace") for t in continuation_tokens]
-        if not self.shares_gpt2_vocab:
-            contexts = [enc.decode(list(t), errors="replace") for t in context_tokens]
+        n_chars = [len(c) for c in continuations]
+        if self.shares_gpt2_vocab:
+            rows = [self.row(i, list(ctx), list(cont))
+                    for i, (ctx, cont) in enumerate(zip(context_tokens, continuation_tokens))]
+            return self.score_rows(rows, n_chars, batch_size, per_token)
+        contexts = [enc.decode(list(t), errors="replace") for t in context_tokens]
+        if not per_token:
             return self.score(contexts, continuations, batch_size)
-        rows = [self.row(i, list(ctx), list(cont)) for i, (ctx, cont) in enumerate(zip(context_tokens,
-                                                                                         continuation_tokens))]
-        return self.score_rows(rows, [len(c) for c in continuations], batch_size)
+        rows, owners = [], []
+        for i, (context, tokens) in enumerate(zip(contexts, continuation_tokens)):
+            row, judge_ends = self.row_with_char_ends(i, context, continuations[i])
+            rows.append(row)
+            policy_ends = char_ends([enc.decode_single_token_bytes(t) for t in tokens])
+            owners.append(align_by_chars([e - len(context) for e in judge_ends], policy_ends))
+        scores = self.score_rows(rows, n_chars, batch_size, per_token)
+        scores["token_logprobs"] = [torch.zeros(len(tokens)).index_add_(0, torch.tensor(owner), logprobs)
+                                    for tokens, owner, logprobs in zip(continuation_tokens, owners,
+                                                                        scores["token_logprobs"])]
+        return scores
 
-    def score_rows(self, rows, n_chars, batch_size=32):
-        sum_logprob = sequence_logprobs(self.model, rows, self.pad_id, batch_size, self.device)
+    def row_with_char_ends(self, index, context, continuation):
+        """row() for a text pair, split as encode_pairs splits it, and where each scored token ends in
+        context + continuation, in characters (from the fast tokenizer's offsets)."""
+        if not continuation:
+            raise PairError(index, "the continuation is empty; there is nothing to score")
+        if not self.tokenizer.is_fast:
+            raise UserError(f"{self.source}: per-token scores of another vocabulary need a fast tokenizer (its "
+                            "character offsets); this model has a slow one")
+        context, continuation = split_boundary_whitespace(context, continuation)
+        encoded = self.tokenizer(context + continuation, add_special_tokens=False, return_offsets_mapping=True)
+        whole, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        start = continuation_start(self.encode(context), whole)
+        return self.row(index, whole[:start], whole[start:]), [end for _, end in offsets[start:]]
+
+    def score_rows(self, rows, n_chars, batch_size=32, per_token=False):
+        sum_logprob = sequence_logprobs(self.model, rows, self.pad_id, batch_size, self.device, per_token)
+        if per_token:
+            sum_logprob, token_logprobs = sum_logprob
         n_tokens = torch.tensor([n for _, n in rows], dtype=torch.float32)
         n_chars = torch.tensor(n_chars, dtype=torch.float32)
-        return {"sum_logprob": sum_logprob, "n_tokens": n_tokens, "mean_logprob": sum_logprob / n_tokens,
-                "n_chars": n_chars, "per_char_logprob": sum_logprob / n_chars}
+        scores = {"sum_logprob": sum_logprob, "n_tokens": n_tokens, "mean_logprob": sum_logprob / n_tokens,
+                  "n_chars": n_chars, "per_char_logprob": sum_logprob / n_chars}
+        if per_token:
+            scores["token_logprobs"] = token_logprobs
+        return scores

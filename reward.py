@@ -5,6 +5,7 @@ they need not share GPT-2's vocabulary (gpt-neo does, Llama and Pythia do not).
 
     judge = CausalLM.load("EleutherAI/gpt-neo-2.7B", device="cuda")
     LikelihoodReward(judge)(contexts, continuations)    # free text: the judge's mean log-prob, running-normalised
+    LikelihoodReward(judge).dense(contexts, tokens)     # the same, and each GPT-2 token's share of it
     TeacherReward(judge, examples)(indices, choices)    # multiple choice: the judge's probability of the chosen ending
     LabelReward(examples)(indices, choices)             # multiple choice: 1 if the choice is the gold label, else 0
 
@@ -67,13 +68,37 @@ class LikelihoodReward:
         return scores["mean_logprob" if self.per == "token" else "per_char_logprob"]
 
     def __call__(self, contexts, continuations):
-        rewards = self.raw(contexts, continuations)
+        return self.finish(self.raw(contexts, continuations))
+
+    def finish(self, rewards):
+        """Raw scores -> rewards: fold them into the running statistics, normalise, clip."""
         if self.normalize:
             self.update(rewards)
             rewards = (rewards - self.mean) / max(self.std, self.eps)
         if self.clip is not None:
             rewards = rewards.clamp(-self.clip, self.clip)
         return rewards.float()
+
+    def dense(self, contexts, continuations):
+        """
+        The rewards of __call__ for GPT-2 token ids, and each token's share of them: -> (N,) rewards and a list of
+        (len(continuations[i]),) float32 shares that sum to rewards[i]. A token's share is the judge's log-prob of
+        it (CausalLM.score_tokens(per_token=True)) under the same affine map as the reward: divided by the length
+        (tokens or chars) and by the running std. The map's constant part (-mean / std) and whatever the clip cut
+        off are spread evenly over the sample's tokens: they say nothing about any one token, and so the sum over
+        a sample stays the sparse reward, whatever the statistics and the clip do.
+        """
+        if not continuations:
+            return torch.zeros(0), []
+        scores = self.reward_model.score_tokens(contexts, continuations, self.batch_size, per_token=True)
+        length = scores["n_tokens" if self.per == "token" else "n_chars"]
+        rewards = self.finish(scores["sum_logprob"] / length)
+        scale = (1.0 / (length.double() * max(self.std, self.eps))) if self.normalize else 1.0 / length.double()
+        shares = []
+        for logprobs, reward, s in zip(scores["token_logprobs"], rewards.double(), scale):
+            share = logprobs.double() * s
+            shares.append((share + (reward - share.sum()) / len(share)).float())
+        return rewards, shares
 
     @property
     def std(self):

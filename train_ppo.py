@@ -119,6 +119,9 @@ class Config:
     # likelihood: clip the normalised score to [-clip, clip]; 0 = off
     reward_clip: float = setting(0.0, low=0.0, high=1000.0)
     reward_normalize: bool = True  # likelihood: running mean/std normalisation
+    # likelihood: each sampled token gets its share of the score (the judge's log-prob of it, normalised like the
+    # score; the shares sum to it) instead of the whole score at the last token
+    likelihood_dense: bool = False
     # KL to the frozen reference
     kl_coef: float = setting(0.05, low=0.0, high=100.0)  # initial coefficient of the KL penalty in the reward
     adaptive_kl: bool = False  # Ziegler et al. 2019 controller: steer the KL towards kl_target
@@ -395,6 +398,7 @@ class Rollouts:
     scores: torch.Tensor  # (B,) the task's reward for the whole rollout
     n_tokens: int  # tokens through the policy, for tok/s
     samples: list  # one dict per rollout for samples.jsonl
+    score_shares: torch.Tensor = None  # (B, L) the score split over the actions (sums to scores), or None: at the last
 
 
 def choice_forward(model, encoded, choice_temperature, device):
@@ -517,30 +521,45 @@ class GenerateRollouts:
             logprobs.append(lp)
             values.append(v)
             ref_logprobs.append(sequence_forward(reference, *args)[0])
-        scores, samples = self.score(examples, contexts, responses, response_mask)
+        scores, shares, samples = self.score(examples, contexts, responses, response_mask)
         return Rollouts(examples=examples,
                         actions={"prompts": prompts, "prompt_mask": prompt_mask, "responses": responses},
                         logprobs=torch.cat(logprobs), ref_logprobs=torch.cat(ref_logprobs), values=torch.cat(values),
                         mask=response_mask.float(), scores=scores,
-                        n_tokens=int(prompt_mask.sum() + response_mask.sum()), samples=samples)
+                        n_tokens=int(prompt_mask.sum() + response_mask.sum()), samples=samples,
+                        score_shares=shares)
 
     def score(self, examples, contexts, responses, response_mask):
-        """-> (B,) scores and the samples' texts. The judge scores the sampled token ids themselves when it shares
-        GPT-2's vocabulary, and their text otherwise."""
+        """-> (B,) scores, (B, L) their shares per token (None unless likelihood_dense) and the samples' texts.
+        The judge scores the sampled token ids themselves when it shares GPT-2's vocabulary, and their text
+        otherwise. With dense shares, the penalties (an empty or unstopped sample) go to the last token."""
         lengths = response_mask.sum(1)
-        last_tokens = responses.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
-        stopped = torch.isin(last_tokens, self.stop_tokens)
+        last = (lengths - 1).clamp(min=0)
+        stopped = torch.isin(responses.gather(1, last[:, None]).squeeze(1), self.stop_tokens)
         samples = [[t for t in row[:n] if t != EOT_TOKEN] for row, n in zip(responses.tolist(), lengths.tolist())]
         texts = [self.decode(tokens) for tokens in samples]
         nonempty = [i for i, text in enumerate(texts) if text.strip()]
         scores = torch.full((len(examples),), -self.cfg.no_stop_penalty, device=self.device)
         # every rank calls the reward, even with nothing to score: it may all-reduce its running statistics
-        judged = self.reward_fn([contexts[i] for i in nonempty], [samples[i] for i in nonempty])
+        judge_args = ([contexts[i] for i in nonempty], [samples[i] for i in nonempty])
+        shares = None
+        if self.cfg.likelihood_dense:
+            judged, judged_shares = self.reward_fn.dense(*judge_args)
+            shares = torch.zeros(responses.shape, device=self.device)
+            for i, share in zip(nonempty, judged_shares):
+                # the judge scored the sample without its <|endoftext|>, so the shares go to the other tokens
+                at = (responses[i, :lengths[i]] != EOT_TOKEN).nonzero().squeeze(1)
+                shares[i, at] = share.to(self.device)
+        else:
+            judged = self.reward_fn(*judge_args)
         scores[nonempty] = judged.to(self.device).float()
         scores = scores - self.cfg.no_stop_penalty * (~stopped).float()
+        if shares is not None:
+            rows = torch.arange(len(examples), device=self.device)
+            shares[rows, last] += scores - shares.sum(1)
         samples = [{"ctx": ex["ctx"], "continuation": text, "stopped": stop}
                    for ex, text, stop in zip(examples, texts, stopped.tolist())]
-        return scores, samples
+        return scores, shares, samples
 
     def forward(self, model, rollouts, micro):
         actions = rollouts.actions
@@ -970,9 +989,12 @@ def run_eval(model, val_examples, step, cfg, device, dtype, master_process):
 # the PPO update
 
 
-def shaped_rewards(scores, kl, kl_coef, mask):
-    """Per-action rewards (B, L): the KL penalty on every action, plus the task's score at the last one."""
+def shaped_rewards(scores, kl, kl_coef, mask, score_shares=None):
+    """Per-action rewards (B, L): the KL penalty on every action, plus the task's score at the last one, or, given
+    score_shares (B, L), each action's share of it."""
     rewards = -kl_coef * kl
+    if score_shares is not None:
+        return rewards + score_shares * mask
     last = (mask.sum(1).long() - 1).clamp(min=0)
     rewards[torch.arange(len(scores), device=scores.device), last] += scores
     return rewards
@@ -1101,7 +1123,7 @@ def train(cfg):
 
         # ---- advantages: the KL penalty on every action, the score at the last, GAE, whitening
         kl = kl_penalty(batch.logprobs, batch.ref_logprobs) * batch.mask
-        rewards = shaped_rewards(batch.scores, kl, kl_controller.value, batch.mask)
+        rewards = shaped_rewards(batch.scores, kl, kl_controller.value, batch.mask, batch.score_shares)
         advantages, returns = compute_gae(rewards, batch.values, batch.mask, cfg.gamma, cfg.gae_lambda)
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, batch.mask, across_ranks=run.ddp)

@@ -11,6 +11,7 @@ reward_model = "EleutherAI/gpt-neo-2.7B"
 likelihood_per = "token"
 reward_normalize = True
 reward_clip = 5.0
+likelihood_dense = True  # each token gets its share of the score (it sums to the sparse one)
 max_prompt_tokens = 128
 max_new_tokens = 32
 temperature = 1.0

@@ -129,11 +129,15 @@ def reference_score(model, encode, context, continuation, start_id=None, window=
 
 
 def reference_token_score(model, context_ids, continuation_ids):
+    return reference_token_logprobs(model, context_ids, continuation_ids).sum().item()
+
+
+def reference_token_logprobs(model, context_ids, continuation_ids):
     ids = torch.tensor([context_ids + continuation_ids])
     with torch.no_grad():
         logits = model(ids[:, :-1]).logits[0].float()
     logp = torch.log_softmax(logits, dim=-1)[len(context_ids) - 1:]  # the predictions of the continuation tokens
-    return logp.gather(1, torch.tensor(continuation_ids)[:, None]).sum().item()
+    return logp.gather(1, torch.tensor(continuation_ids)[:, None]).squeeze(1)
 
 
 def tiktoken_encode(text):
@@ -307,6 +311,65 @@ def test_score_tokens_scores_the_given_tokens(neo, llama):
     got = llama.score_tokens([ctx], [sample])
     want = llama.score(["A man on the"], [" roof"])
     assert torch.equal(got["sum_logprob"], want["sum_logprob"]) and got["n_chars"].item() == 5
+
+
+# --------------------------------------------------------------------------------------------------------------
+# per-token log-probs of GPT-2 tokens (dense rewards)
+
+def test_char_ends_give_a_split_character_to_the_token_that_completes_it():
+    pieces = [b" \xc3", b"\xbc", b"n", b" \xe2\x98", b"\x83", b"!"]  # " ü" "n" " ☃" "!" cut inside characters
+    assert b"".join(pieces).decode() == " ün ☃!"
+    assert causal_lm.char_ends(pieces) == [1, 2, 3, 4, 5, 6]
+    assert causal_lm.char_ends([b"ab", b"\xff", b"c"]) == [2, 3, 4]  # invalid bytes: one replacement character
+
+
+def test_align_by_chars_gives_each_judge_token_to_the_policy_token_holding_its_last_character():
+    policy_ends = [3, 5, 9]  # policy tokens over chars [0, 3), [3, 5), [5, 9)
+    assert causal_lm.align_by_chars([3, 4, 5, 9], policy_ends) == [0, 1, 1, 2]
+    assert causal_lm.align_by_chars([-2, 0, 1], policy_ends) == [0, 0, 0]  # ending in the context: the first
+    assert causal_lm.align_by_chars([12], policy_ends) == [2]  # past the end (cannot happen): the last
+
+
+def test_per_token_logprobs_of_a_gpt2_vocab_judge_are_its_logprobs_of_the_same_tokens(neo):
+    enc = gpt2_encoding()
+    contexts = [enc.encode("A man on the"), enc.encode("He said"), []]
+    samples = [enc.encode(" ro") + enc.encode("of"), enc.encode(' "no," and left.'), enc.encode(" Yes!")]
+    scores = neo.score_tokens(contexts, samples, batch_size=2, per_token=True)
+    for i, (ctx, sample) in enumerate(zip(contexts, samples)):
+        expected = reference_token_logprobs(neo.model, ctx or [EOT_TOKEN], sample)
+        torch.testing.assert_close(scores["token_logprobs"][i], expected, atol=1e-4, rtol=0)
+        assert scores["token_logprobs"][i].sum().item() == pytest.approx(scores["sum_logprob"][i].item(), abs=1e-5)
+    plain = neo.score_tokens(contexts, samples, batch_size=2)
+    assert torch.equal(plain["sum_logprob"], scores["sum_logprob"])  # the sums do not change
+
+
+def judge_logprobs(rm, text, n):
+    """The reference log-probs of the last n of the judge's own tokens of text (BOS first), one forward."""
+    ids = rm.tokenizer(text)["input_ids"]
+    return reference_token_logprobs(rm.model, ids[:-n], ids[-n:])
+
+
+def test_per_token_logprobs_of_another_vocabulary_align_by_characters(llama):
+    enc = gpt2_encoding()
+    cases = [  # (context, the GPT-2 tokens' bytes, the judge's continuation tokens, where each goes)
+        # the judge's "▁roofing" spans GPT-2's " roof" "ing": it goes to "ing", where it is complete
+        ("He starts pulling up", [b" roof", b"ing", b"."], 2, lambda lp: [0.0, lp[0], lp[1]]),
+        # the judge's "▁one\nLine" spans the context/continuation boundary: it goes to "Line"; "▁t" "w" "o" to " two"
+        ("Line one", [b"\n", b"Line", b" two"], 4, lambda lp: [0.0, lp[0], lp[1] + lp[2] + lp[3]]),
+        # GPT-2 tokens that cut characters in two, one judge token per word
+        ("Héllo wörld:", [b" \xc3", b"\xbc", b"n", b"\xc3\xaf", b"code", b" \xe2\x98", b"\x83", b" snow"], 3,
+         lambda lp: [0.0, 0.0, 0.0, 0.0, lp[0], 0.0, lp[1], lp[2]]),
+    ]
+    contexts = [enc.encode(context) for context, _, _, _ in cases]
+    samples = [[enc.encode_single_token(piece) for piece in pieces] for _, pieces, _, _ in cases]
+    scores = llama.score_tokens(contexts, samples, batch_size=2, per_token=True)
+    for i, (context, pieces, n_judge, expected) in enumerate(cases):
+        text = context + b"".join(pieces).decode()
+        want = torch.tensor(expected(judge_logprobs(llama, text, n_judge).tolist()), dtype=torch.float32)
+        torch.testing.assert_close(scores["token_logprobs"][i], want, atol=1e-4, rtol=0)
+        assert scores["token_logprobs"][i].sum().item() == pytest.approx(scores["sum_logprob"][i].item(), abs=1e-5)
+    text_scores = llama.score([enc.decode(c) for c in contexts], [enc.decode(s) for s in samples], batch_size=2)
+    torch.testing.assert_close(scores["sum_logprob"], text_scores["sum_logprob"], atol=1e-6, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import hellaswag
 from common import UserError
 from causal_lm import CausalLM, PairError, continuation_start
 from reward import LabelReward, LikelihoodReward, TeacherReward
-from test_causal_lm import build_gpt_neo, reference_score, tiktoken_encode
+from test_causal_lm import build_gpt_neo, build_llama, reference_score, tiktoken_encode
 from tokenizer import EOT_TOKEN, gpt2_encoding
 
 EXAMPLES = [
@@ -36,6 +36,11 @@ CONTINUATIONS = [" He starts pulling up roofing.", " jumps over the lazy dog.", 
 @pytest.fixture(scope="module")
 def neo(tmp_path_factory):
     return CausalLM.load(build_gpt_neo(tmp_path_factory.mktemp("neo")))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return CausalLM.load(build_llama(tmp_path_factory.mktemp("llama")))
 
 
 @pytest.fixture
@@ -151,6 +156,49 @@ def test_likelihood_statistics_agree_across_ranks(neo):
 def test_likelihood_empty_sample(neo):
     with pytest.raises(PairError, match="empty"):
         LikelihoodReward(neo, normalize=False)(["A man"], [""])
+
+
+# dense: each sampled GPT-2 token's share of the reward
+
+def dense_batches():
+    """Two batches of GPT-2 token pairs: a non-canonical " ro" "of", a judge token across the boundary ("Line one" +
+    "\\n" "Line" " two" for the metaspace tokenizer), characters cut between tokens, a long-tailed mix of lengths."""
+    enc = gpt2_encoding()
+    first = [("A man on the", [enc.encode(" ro")[0], enc.encode("of")[0], enc.encode(".")[0]]),
+             ("Line one", enc.encode("\nLine two")), ("He starts pulling up", enc.encode(" roofing."))]
+    second = [(context, enc.encode(continuation)) for context, continuation in zip(CONTEXTS, CONTINUATIONS)]
+    return [([enc.encode(c) for c, _ in batch], [tokens for _, tokens in batch]) for batch in (first, second)]
+
+
+@pytest.mark.parametrize("judge", ["neo", "llama"])
+@pytest.mark.parametrize("settings", [dict(normalize=False), dict(), dict(per="char", clip=0.8)])
+def test_dense_shares_sum_to_the_sparse_reward(judge, settings, request):
+    rm = request.getfixturevalue(judge)
+    sparse, dense = LikelihoodReward(rm, **settings), LikelihoodReward(rm, **settings)
+    for contexts, tokens in dense_batches():  # the running statistics move between the batches
+        want = sparse(contexts, tokens)
+        rewards, shares = dense.dense(contexts, tokens)
+        torch.testing.assert_close(rewards, want, atol=1e-6, rtol=0)
+        assert [len(s) for s in shares] == [len(t) for t in tokens]
+        torch.testing.assert_close(torch.stack([s.sum() for s in shares]), want, atol=1e-5, rtol=0)
+    assert dense.state_dict() == sparse.state_dict()
+    if settings.get("clip"):
+        assert want.abs().max() == pytest.approx(0.8)  # the clip cut something, and the shares still add up
+
+
+def test_dense_shares_follow_the_judges_token_logprobs(neo):
+    contexts, tokens = dense_batches()[1]
+    scores = neo.score_tokens(contexts, tokens, per_token=True)
+    _, shares = LikelihoodReward(neo, normalize=False).dense(contexts, tokens)
+    for share, logprobs, n in zip(shares, scores["token_logprobs"], scores["n_tokens"]):
+        # without normalisation the shares are the mean's terms: the constant part is 0
+        torch.testing.assert_close(share, logprobs / n, atol=1e-6, rtol=0)
+    reward = LikelihoodReward(neo)
+    reward.dense(*dense_batches()[0])  # statistics from another batch
+    rewards, shares = reward.dense(contexts, tokens)
+    for share, logprobs, n in zip(shares, scores["token_logprobs"], scores["n_tokens"]):
+        # differences between a sample's shares are those of its log-probs, scaled by 1 / (length * std)
+        torch.testing.assert_close(share - share[0], (logprobs - logprobs[0]) / (n * reward.std), atol=1e-5, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -115,6 +115,55 @@ def test_adaptive_kl_controller_moves_towards_the_target():
     assert restored.value == controller.value
 
 
+def test_shaped_rewards_put_the_score_at_the_last_action_or_spread_it():
+    kl = torch.tensor([[0.5, -0.2, 0.3], [1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    scores = torch.tensor([2.0, -1.0])
+    sparse = train_ppo.shaped_rewards(scores, kl.clone(), 0.1, mask)
+    assert torch.allclose(sparse, torch.tensor([[-0.05, 0.02, 1.97], [-1.1, 0.0, 0.0]]))
+    shares = torch.tensor([[0.5, 1.0, 0.5], [-1.0, 7.0, 7.0]])  # padding's shares are ignored
+    dense = train_ppo.shaped_rewards(scores, kl.clone(), 0.1, mask, shares)
+    assert torch.allclose(dense, torch.tensor([[0.45, 1.02, 0.47], [-1.1, 0.0, 0.0]]))
+    assert torch.allclose(dense.sum(1), sparse.sum(1))  # the same return from the first action
+
+
+class FixedJudge:
+    """A stand-in likelihood reward: sample i (in the order asked) scores 10 * (i + 1), split evenly."""
+
+    def __init__(self):
+        self.asked = []
+
+    def __call__(self, contexts, continuations):
+        self.asked.append(continuations)
+        return torch.tensor([10.0 * (i + 1) for i in range(len(continuations))])
+
+    def dense(self, contexts, continuations):
+        rewards = self(contexts, continuations)
+        return rewards, [torch.full((len(c),), r.item() / len(c)) for c, r in zip(continuations, rewards)]
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_generate_scores_and_their_shares_per_token(dense):
+    eot, stop, a, b = 50256, 13, 100, 200  # <|endoftext|>, ".", two other tokens
+    cfg = train_ppo.Config(rollout="generate", reward_kind="likelihood", likelihood_dense=dense, no_stop_penalty=1.5)
+    judge = FixedJudge()
+    rollouts = train_ppo.GenerateRollouts(judge, cfg, prompt_budget=8, stop_tokens=[eot, stop], device="cpu")
+    responses = torch.tensor([[a, b, eot, 0], [a, stop, 0, 0], [eot, 0, 0, 0], [a, b, a, b]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    examples = [{"ctx": "x"}] * 4
+    scores, shares, samples = rollouts.score(examples, [[1]] * 4, responses, mask)
+    # the judge sees the samples without <|endoftext|>; the empty one is not asked; the unstopped one pays
+    assert judge.asked == [[[a, b], [a, stop], [a, b, a, b]]]
+    assert torch.allclose(scores, torch.tensor([10.0, 20.0, -1.5, 30.0 - 1.5]))
+    assert [s["stopped"] for s in samples] == [True, True, True, False]
+    if not dense:
+        assert shares is None
+        return
+    assert torch.allclose(shares, torch.tensor([[5.0, 5.0, 0.0, 0.0], [10.0, 10.0, 0.0, 0.0],
+                                                [-1.5, 0.0, 0.0, 0.0], [7.5, 7.5, 7.5, 6.0]]))
+    assert torch.allclose(shares.sum(1), scores) and (shares[mask == 0] == 0).all()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # config
 
