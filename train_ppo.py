@@ -256,6 +256,8 @@ def load_config(argv):
     if cfg.batch_size % cfg.minibatch_size or cfg.minibatch_size % cfg.micro_batch_size:
         raise UserError(f"config: batch_size ({cfg.batch_size}) must be a multiple of minibatch_size "
                         f"({cfg.minibatch_size}), and that of micro_batch_size ({cfg.micro_batch_size})")
+    if cfg.likelihood_dense and cfg.reward_kind != "likelihood":
+        raise UserError(f"config: likelihood_dense is for reward_kind='likelihood', not {cfg.reward_kind!r}")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"config: n_embd ({cfg.n_embd}) must be a multiple of n_head ({cfg.n_head})")
     if cfg.init_from == "synthetic" and not cfg.synthetic:
