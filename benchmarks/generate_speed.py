@@ -14,7 +14,6 @@ timing, the script checks that greedy decoding gives the same tokens with both m
 import argparse
 import importlib.util
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,16 +28,10 @@ sys.path.insert(0, REPO)
 
 from model import GPT, GPTConfig, sample_next_token  # noqa: E402
 
+from hellaswag_speed import cpu_name  # noqa: E402  (this folder is on the path of a script)
+
 # the last commit before the preallocated KV cache and the exponential-race sampler
 BEFORE = "43b3ad9"
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def model_at_commit(rev, state_dict, config):

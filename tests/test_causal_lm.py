@@ -1,7 +1,7 @@
 """
 causal_lm.py's CausalLM and reward.py's CLI against tiny models built here (2 layers, 64 dims), saved with
-save_pretrained and loaded back by path: a GPT-Neo with GPT-2's vocabulary, a Llama whose own BPE adds a BOS token, and a Pythia-style
-GPT-NeoX with a byte-level BPE that pads on the left. Every score is checked against a plain reference: the model's
+save_pretrained and loaded back by path: a GPT-Neo with GPT-2's vocabulary, a Llama whose own BPE adds a BOS token,
+and a Pythia-style GPT-NeoX with a byte-level BPE that pads on the left. Every score is checked against a plain reference: the model's
 own tokenizer, lm-evaluation-harness's boundary rule, one unbatched forward per pair.
 """
 

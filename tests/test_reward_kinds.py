@@ -11,7 +11,8 @@ import hellaswag
 from common import UserError
 from causal_lm import CausalLM, PairError, continuation_start
 from reward import LabelReward, LikelihoodReward, TeacherReward
-from test_causal_lm import build_gpt_neo, build_llama, reference_score, tiktoken_encode
+# llama and neo are fixtures, shared with test_causal_lm
+from test_causal_lm import llama, neo, reference_score, tiktoken_encode  # noqa: F401
 from tokenizer import EOT_TOKEN, gpt2_encoding
 
 EXAMPLES = [
@@ -31,16 +32,6 @@ for i, ex in enumerate(EXAMPLES):
 CONTEXTS = ["A man is sitting on a roof.", "The quick brown fox", "Héllo wörld:", "", "The weather is"]
 CONTINUATIONS = [" He starts pulling up roofing.", " jumps over the lazy dog.", " ☃ snow", " Once upon a time",
                  " nice."]
-
-
-@pytest.fixture(scope="module")
-def neo(tmp_path_factory):
-    return CausalLM.load(build_gpt_neo(tmp_path_factory.mktemp("neo")))
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return CausalLM.load(build_llama(tmp_path_factory.mktemp("llama")))
 
 
 @pytest.fixture
