@@ -26,14 +26,7 @@ from hellaswag import choice_logprobs, encode_for_model, load_examples, pad_choi
 from model import GPT, GPTConfig, pack_choices  # noqa: E402
 from tokenizer import gpt2_encoding  # noqa: E402
 
-DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
-                            "hellaswag_val_preprocessed.jsonl")
-
-
-def cpu_name():
-    with open("/proc/cpuinfo") as f:
-        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
-
+from hellaswag_speed import DEFAULT_DATA, cpu_name, ready  # noqa: E402  (this folder is on the path of a script)
 
 def four_rows(model, encoded):
     """Today's path: (N, 4) summed ending log-probs and (N,) values at the last context token from 4N full rows.
@@ -70,12 +63,8 @@ def main():
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if not os.path.isfile(args.data):
-        print(f"skipping: {args.data} not found (the real HellaSwag text lives outside the project)")
+    if not ready(args):
         return
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = GPT(GPTConfig()).eval()  # GPT-2 124M shape, random weights; eval mode, as PPO trains without dropout
     encode = gpt2_encoding().encode_ordinary

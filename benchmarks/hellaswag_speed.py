@@ -57,6 +57,16 @@ def timed(fn):
     return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
+def ready(args):
+    """False (and a line saying why) where the data file is absent; else set torch's CPU threads from --threads."""
+    if not os.path.isfile(args.data):
+        print(f"skipping: {args.data} not found (the real HellaSwag text lives outside the project)")
+        return False
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return True
+
+
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
@@ -76,12 +86,8 @@ def main():
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip-naive", action="store_true", help="only time evaluate (e.g. the full set on a GPU)")
     args = parser.parse_args()
-    if not os.path.isfile(args.data):
-        print(f"skipping: {args.data} not found (the real HellaSwag text lives outside the project)")
+    if not ready(args):
         return
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     examples = load_examples(data_file=args.data, limit=args.limit)
     torch.manual_seed(args.seed)
