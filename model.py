@@ -556,8 +556,8 @@ def filter_logits(logits, top_k=None, top_p=None):
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cum = F.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop_sorted = cum - F.softmax(sorted_logits, dim=-1) > top_p  # keep the smallest set whose mass reaches top_p
+        probs = F.softmax(sorted_logits, dim=-1)
+        drop_sorted = probs.cumsum(-1) - probs > top_p  # keep the smallest set whose mass reaches top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

@@ -13,6 +13,9 @@ import importlib.util
 import json
 import os
 
+import tiktoken
+from transformers import GPT2Tokenizer
+
 EOT_TOKEN = 50256  # <|endoftext|>, GPT-2's only special token
 VOCAB_SIZE = 50257
 
@@ -48,8 +51,6 @@ def _merges(vocab_bpe):
 @functools.lru_cache(maxsize=None)
 def gpt2_encoding():
     """tiktoken's "gpt2" encoding, built from local files (never downloads)."""
-    import tiktoken
-
     encoder_json, vocab_bpe = bpe_files()
     with open(encoder_json, encoding="utf-8") as f:
         encoder = json.load(f)
@@ -69,7 +70,8 @@ def gpt2_encoding():
 
 def _bytes_to_unicode():
     # GPT-2's reversible byte -> printable-character table (from the original encoder.py)
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -82,8 +84,6 @@ def _bytes_to_unicode():
 
 def gpt2_hf_tokenizer():
     """A transformers GPT-2 tokenizer with the same vocabulary (for export and cross-checks)."""
-    from transformers import GPT2Tokenizer
-
     encoder_json, vocab_bpe = bpe_files()
     with open(encoder_json, encoding="utf-8") as f:
         vocab = json.load(f)
