@@ -20,17 +20,20 @@ import os
 import re
 
 import torch
-from matplotlib.figure import Figure  # the object API: no pyplot, no display, no global backend state
+# the object API: no pyplot, no display, no global backend state
+from matplotlib.figure import Figure
 
 import hellaswag
 from common import UserError, atomic_path, atomic_write_text, run_cli
 from tokenizer import gpt2_encoding
 
-SMALL_GROUP = 30  # groups with fewer examples get intervals too wide (or too narrow, at n < 5) to trust
+# groups with fewer examples get intervals too wide (or too narrow, at n < 5) to trust
+SMALL_GROUP = 30
 MAX_GROUPS = 25  # largest groups per field shown in the group figure
 MAX_FLIPS = 5  # flipped examples quoted per direction
 CALIBRATION_BINS = 10
-STOP_ENDINGS = (".", "!", "?", "\n", '."', '!"', '?"')  # the text ends of train_ppo.sentence_stop_tokens
+# the text ends of train_ppo.sentence_stop_tokens
+STOP_ENDINGS = (".", "!", "?", "\n", '."', '!"', '?"')
 # keys that name where a run lives rather than what it did: never used to tell runs apart
 PLACE_KEYS = ("out_dir", "synthetic_dir", "teacher_cache", "data_cache", "wandb_run_name", "wandb_project", "device")
 CURVES = [("reward", "reward"), ("kl", "KL to the reference"), ("eval", "eval acc / acc_norm (95% CI)"),
@@ -212,7 +215,8 @@ def teacher_cache_note(run_dir, config):
             cache = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
             scored = cache["sum_logprob"][:, 0]
             counts.append(f"{name}: {int((~torch.isnan(scored)).sum())} of {scored.numel()} training examples scored")
-        except Exception as e:  # any unreadable cache is only reported: it is not needed for the report
+        # any unreadable cache is only reported: it is not needed for the report
+        except Exception as e:
             counts.append(f"{name}: unreadable ({type(e).__name__})")
     return ("the teacher cache holds the teacher's scores of training examples, not of the validation examples "
             "the evaluations predict, so it cannot give agreement on them (" + "; ".join(counts) + ")")
@@ -240,7 +244,8 @@ def load_pair(before, after, data=None, teacher=None):
     notes = []
     evaluations = []
     for name, path in (("before", before), ("after", after)):
-        predictions = hellaswag.read_predictions(path, require_labels=False)  # here a bad file is the user's error
+        # here a bad file is the user's error
+        predictions = hellaswag.read_predictions(path, require_labels=False)
         evaluations.append({"name": f"{name} ({os.path.basename(path)})", "step": None, "predictions": predictions})
     examples = read_examples(data, evaluations[0]["predictions"], notes) if data else None
     if data is None:
@@ -281,7 +286,8 @@ def evaluation_table(run):
                          "acc_ci": wilson_interval(correct, len(preds)), "acc_norm": correct_norm / len(preds),
                          "acc_norm_ci": wilson_interval(correct_norm, len(preds))})
     have = {row["step"] for row in rows}
-    if all(is_labelled(e["predictions"]) for e in run["evaluations"]):  # steps whose file is lost: the logged value
+    # steps whose file is lost: the logged value
+    if all(is_labelled(e["predictions"]) for e in run["evaluations"]):
         rows += [row for m in run["metrics"] if m["step"] not in have and (row := metrics_evaluation(m))]
     return sorted(rows, key=lambda row: -1 if row["step"] is None else row["step"])
 
@@ -306,7 +312,8 @@ def pick_comparisons(run, table):
     acc_norm = {row["name"]: row["acc_norm"] for row in table}
     scored = [e for e in evaluations if e["name"] in acc_norm]
     if scored:
-        best = max(scored, key=lambda e: acc_norm[e["name"]])  # max keeps the first of equals: the earliest
+        # max keeps the first of equals: the earliest
+        best = max(scored, key=lambda e: acc_norm[e["name"]])
         if best is not first and best is not last:
             pairs.append(("best", first, best))
     return pairs
@@ -816,7 +823,8 @@ def write_report(runs, results, out_dir, differ, title):
         lines.append("")
         result["cannot_compute"] = run["notes"]
     atomic_write_text(os.path.join(out_dir, "report.md"), "\n".join(lines))
-    for result in results:  # the per-example lists stay out of the JSON: they are in the prediction files
+    # the per-example lists stay out of the JSON: they are in the prediction files
+    for result in results:
         for c in (result.get("calibration") or {}).values():
             if c:
                 c.pop("margins", None)

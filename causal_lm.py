@@ -21,7 +21,8 @@ from common import UserError, first_line, looks_like_a_path, resolve_device
 from model import logprobs_from_logits
 from tokenizer import bpe_files, gpt2_encoding
 
-SCORE_CHUNK = 1024  # scored positions per log-softmax: bounds the float32 (positions, vocab) copy in memory
+# scored positions per log-softmax: bounds the float32 (positions, vocab) copy in memory
+SCORE_CHUNK = 1024
 
 
 class PairError(UserError, ValueError):
@@ -67,7 +68,8 @@ def fit_window(head, context_ids, continuation_ids, window):
     but the last) fits in `window` positions. head (BOS, or a start token) is always kept. -> ids, or None if even
     the continuation alone does not fit."""
     room = window + 1 - len(head) - len(continuation_ids)  # context tokens that fit
-    if room < (0 if head else 1):  # the first continuation token needs something to be predicted from
+    # the first continuation token needs something to be predicted from
+    if room < (0 if head else 1):
         return None
     context_ids = context_ids[max(0, len(context_ids) - room):]
     return head + context_ids + continuation_ids
@@ -185,7 +187,8 @@ def load_causal_lm(source, device, dtype):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except Exception as e:  # transformers raises many kinds (OSError, ValueError, safetensors errors, ...)
+    # transformers raises many kinds (OSError, ValueError, safetensors errors, ...)
+    except Exception as e:
         if not local and isinstance(e, OSError):
             raise UserError(f"could not load '{source}' from the Hugging Face hub (offline, or no such repo?); "
                             f"download it where there is internet (hf download {source} --local-dir DIR) and pass "
@@ -202,7 +205,8 @@ def model_window(config, tokenizer, source):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
             return value
-    if 0 < getattr(tokenizer, "model_max_length", 0) < 1_000_000:  # tokenizers without a limit say 1e30
+    # tokenizers without a limit say 1e30
+    if 0 < getattr(tokenizer, "model_max_length", 0) < 1_000_000:
         return tokenizer.model_max_length
     raise UserError(f"{source}: cannot tell the model's context window from its config; pass max_length")
 

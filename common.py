@@ -49,7 +49,8 @@ def give_normal_mode(path, directory=False):
 def _disk_is_full(error, directory):
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    if isinstance(error, RuntimeError):  # torch.save's zip writer reports a failed write without an errno
+    # torch.save's zip writer reports a failed write without an errno
+    if isinstance(error, RuntimeError):
         try:
             stat = os.statvfs(directory)
         except OSError:
@@ -101,7 +102,8 @@ def atomic_directory(path):
     try:
         with full_disk_is_one_line(path):  # before the finally below frees the space
             yield tmp
-        for root, dirs, files in os.walk(tmp):  # mkdtemp and some writers (transformers) make theirs private
+        # mkdtemp and some writers (transformers) make theirs private
+        for root, dirs, files in os.walk(tmp):
             give_normal_mode(root, directory=True)
             for name in files:
                 give_normal_mode(os.path.join(root, name))
@@ -117,7 +119,8 @@ def atomic_directory(path):
             shutil.rmtree(tmp)
 
 
-CHECKPOINT_PATTERN = re.compile(r"ckpt_(\d+)\.pt")  # train_ppo.py's step checkpoints: ckpt_<step>.pt
+# train_ppo.py's step checkpoints: ckpt_<step>.pt
+CHECKPOINT_PATTERN = re.compile(r"ckpt_(\d+)\.pt")
 
 
 def step_checkpoints(run_dir):

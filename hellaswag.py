@@ -37,7 +37,8 @@ from tokenizer import EOT_TOKEN, gpt2_encoding
 
 STYLES = ("completion", "lm-eval")
 SPLITS = ("train", "val", "test")
-SPLIT_LINES = {"train": 39905, "val": 10042, "test": 10003}  # the official files, one example a line
+# the official files, one example a line
+SPLIT_LINES = {"train": 39905, "val": 10042, "test": 10003}
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 HUB_DATASET = "Rowan/hellaswag"
 OPTIONAL_FIELDS = {"ind": int, "activity_label": str, "ctx_a": str, "ctx_b": str, "split": str, "split_type": str,
@@ -96,7 +97,8 @@ def download_split(split, cache_dir=None, url=None, retries=3, retry_wait=2.0, t
                     raise UserError(f"{url}: downloaded {n_lines} examples, expected {SPLIT_LINES[split]} "
                                     f"for the {split} split; nothing was saved, run again")
             return path
-        except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts, cut connections
+        # URLError, HTTPError, timeouts, cut connections
+        except (OSError, http.client.HTTPException) as e:
             if attempt == retries:
                 reason = getattr(e, "reason", None) or e
                 raise UserError(f"could not download {url} after {retries} tries ({reason}); without internet, "
@@ -144,7 +146,8 @@ def validate_record(obj, where, index):
             raise bad(field, f"expected {kind.__name__}, found {type(value).__name__}")
         example[field] = value
     ctx = obj.get("ctx")
-    if ctx is None and "ctx_a" in example:  # the official files have both; ctx = ctx_a + " " + ctx_b
+    # the official files have both; ctx = ctx_a + " " + ctx_b
+    if ctx is None and "ctx_a" in example:
         ctx = " ".join(part for part in (example["ctx_a"], example.get("ctx_b", "")) if part)
     if not isinstance(ctx, str) or not ctx.strip():
         raise bad("ctx", "missing or empty (need ctx, or ctx_a and ctx_b)")
@@ -192,7 +195,8 @@ def lm_eval_preprocess(text):
     """lm-evaluation-harness's hellaswag `preprocess`, kept exactly (one pass of the double-space replace included),
     so that the two styles' predictions can match the harness's."""
     text = text.strip()
-    text = text.replace(" [title]", ". ")  # bracket tags are artifacts of the WikiHow part of HellaSwag
+    # bracket tags are artifacts of the WikiHow part of HellaSwag
+    text = text.replace(" [title]", ". ")
     text = re.sub(r"\[.*?\]", "", text)
     return text.replace("  ", " ")
 
@@ -318,7 +322,8 @@ def _shared_context_batch(encoded, pad_token):
     ctx_mask = _as_long([[0] * (Tc - len(c)) + [1] * len(c) for c, _ in encoded])
     first_tokens = _as_long([[ending[0] for ending in endings] for _, endings in encoded])  # (B, 4)
     endings = {4 * b + j: ending for b, (_, es) in enumerate(encoded) for j, ending in enumerate(es)}
-    order = sorted((r for r in endings if len(endings[r]) > 1), key=lambda r: len(endings[r]))  # 1 token: done
+    # 1 token: done
+    order = sorted((r for r in endings if len(endings[r]) > 1), key=lambda r: len(endings[r]))
     chunks = []
     for chunk in _length_chunks(order, key=lambda r: len(endings[r])):
         Te = max(len(endings[r]) for r in chunk) - 1
@@ -327,7 +332,8 @@ def _shared_context_batch(encoded, pad_token):
             ending, n = endings[r], len(endings[r]) - 1
             end_rows.append(ending[:-1] + [pad_token] * (Te - n))
             end_mask.append([1] * n + [0] * (Te - n))
-            positions.extend(range(i * Te, i * Te + n))  # hidden state i * Te + t predicts token t + 1
+            # hidden state i * Te + t predicts token t + 1
+            positions.extend(range(i * Te, i * Te + n))
             rows.extend([r] * n)
             targets.extend(ending[1:])
         chunks.append((_as_long([r // 4 for r in chunk]), _as_long(end_rows), _as_long(end_mask),
@@ -341,16 +347,20 @@ def _score_gpt_batch(model, encoded, pad_token, device):
     ctx_idx, ctx_mask, first_tokens = (t.to(device, non_blocking=True) for t in (ctx_idx, ctx_mask, first_tokens))
     B = ctx_idx.size(0)
     hidden, kv = model.hidden_states(ctx_idx, ctx_mask, use_cache=True)  # (B, Tc, C)
-    kv = [(k.contiguous(), v.contiguous()) for k, v in kv]  # row gathers from strided views are ~10x slower
-    first_logp = F.log_softmax(model.lm_head(hidden[:, -1]).float(), dim=-1)  # (B, V), once for the 4 endings
+    # row gathers from strided views are ~10x slower
+    kv = [(k.contiguous(), v.contiguous()) for k, v in kv]
+    # (B, V), once for the 4 endings
+    first_logp = F.log_softmax(model.lm_head(hidden[:, -1]).float(), dim=-1)
     scores = first_logp.gather(1, first_tokens).reshape(4 * B)
     for chunk in chunks:
         example_of_row, end_idx, end_mask, positions, rows, targets = (t.to(device, non_blocking=True)
                                                                         for t in chunk)
         chunk_kv = [(k.index_select(0, example_of_row), v.index_select(0, example_of_row)) for k, v in kv]
-        mask = torch.cat([ctx_mask.index_select(0, example_of_row), end_mask], dim=1)  # (R, Tc + Te)
+        # (R, Tc + Te)
+        mask = torch.cat([ctx_mask.index_select(0, example_of_row), end_mask], dim=1)
         hidden = model.hidden_states(end_idx, mask, past_kv=chunk_kv)  # (R, Te, C)
-        picked = hidden.flatten(0, 1).index_select(0, positions)  # (M, C): the positions that predict a token
+        # (M, C): the positions that predict a token
+        picked = hidden.flatten(0, 1).index_select(0, positions)
         token_logp = torch.cat([logprobs_from_logits(model.lm_head(h), t)
                                 for h, t in zip(picked.split(HEAD_CHUNK), targets.split(HEAD_CHUNK))])
         scores = scores.index_add(0, rows, token_logp)
@@ -472,7 +482,8 @@ def evaluate(model, examples, *, tokenizer=None, style="completion", batch_size=
                                dtype=torch.float32)
     norm_scores = sum_logprobs / lengths.view(-1, 4)
     labels = torch.tensor([ex["label"] for ex in mine], dtype=torch.long)
-    pred, pred_norm = sum_logprobs.argmax(1), norm_scores.argmax(1)  # ties go to the first ending, as np.argmax
+    # ties go to the first ending, as np.argmax
+    pred, pred_norm = sum_logprobs.argmax(1), norm_scores.argmax(1)
     counts = torch.tensor([len(mine), (pred == labels).sum(), (pred_norm == labels).sum()], device=device)
     if distributed:
         torch.distributed.all_reduce(counts)
@@ -516,7 +527,8 @@ def mcnemar_exact_p(a_only, b_only):
     n, k = a_only + b_only, min(a_only, b_only)
     if n == 0:
         return 1.0
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)  # exact integers, one rounding
+    # exact integers, one rounding
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
 def paired_difference(correct_a, correct_b):
@@ -550,7 +562,8 @@ def read_predictions(path, require_labels=True):
             missing = ["label"]
         if missing:
             raise UserError(f"{where}: not a prediction line of hellaswag.py (missing or non-integer {missing})")
-        for key in ("label", "pred", "pred_norm"):  # an ending number: anything else would compare as wrong
+        # an ending number: anything else would compare as wrong
+        for key in ("label", "pred", "pred_norm"):
             if obj.get(key) is not None and not 0 <= obj[key] <= 3:
                 raise UserError(f"{where}: '{key}' is {obj[key]}, but an ending number is 0-3")
         records.append(obj)

@@ -28,7 +28,8 @@ from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
 from common import UserError, atomic_directory, first_line, looks_like_a_path, read_json, step_checkpoints
 from tokenizer import EOT_TOKEN, gpt2_hf_tokenizer
 
-CHECKPOINT_FORMAT = "gpt-ppo-checkpoint/1"  # marks this project's checkpoints (written by train_ppo.py)
+# marks this project's checkpoints (written by train_ppo.py)
+CHECKPOINT_FORMAT = "gpt-ppo-checkpoint/1"
 HUB_GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # cuDNN's attention kernel builds a plan for every new shape (about 3 ms of CPU each, measured on an H100 under bf16)
 # and padded PPO and HellaSwag batches rarely repeat a shape, so attention uses the other kernels
@@ -58,7 +59,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        # q, k, v for all heads
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
@@ -106,7 +108,8 @@ class KVCache:
         start, end = self.length, self.length + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache of {self.max_len} positions cannot take {end}")
-        if self.k is None:  # allocate here, where the activations' batch size, dtype and device are known
+        # allocate here, where the activations' batch size, dtype and device are known
+        if self.k is None:
             B, n_head, _, head_size = k.shape
             self.k = k.new_empty(B, n_head, self.max_len, head_size)
             self.v = v.new_empty(B, n_head, self.max_len, head_size)
@@ -210,7 +213,8 @@ class GPT(nn.Module):
                                  f"{self.config.block_size}")
             q_pos = torch.arange(past_len, past_len + T, device=idx.device).view(T, 1)
             k_pos = torch.arange(past_len + T, device=idx.device).view(1, past_len + T)
-            attn_mask = (k_pos <= q_pos) & keep[:, None, None, :]  # (B, 1, T, T_past + T) causal and not padding
+            # (B, 1, T, T_past + T) causal and not padding
+            attn_mask = (k_pos <= q_pos) & keep[:, None, None, :]
             # a padding query may have no key at all (left padding); let it see itself so softmax stays finite
             attn_mask = attn_mask | (k_pos == q_pos)
         return self.transformer_pass(idx, pos, attn_mask, past_kv, use_cache, cache)
@@ -261,22 +265,29 @@ class GPT(nn.Module):
         n = int(segments.max())
         col = torch.arange(T, device=idx.device)
         ctx_len = (segments == 0).sum(1, keepdim=True)  # (B, 1)
-        starts = segments != segments.roll(1, dims=1)  # (B, T) first token of a segment (column 0: the context)
-        start = torch.where(starts, col, 0).cummax(dim=1).values  # (B, T) first column of each token's segment
-        pos = torch.where(segments > 0, ctx_len + col - start, col).masked_fill(segments < 0, 0)  # (B, T)
-        seg_q, seg_k = segments[:, None, :, None], segments[:, None, None, :]  # (B, 1, T, 1), (B, 1, 1, T)
+        # (B, T) first token of a segment (column 0: the context)
+        starts = segments != segments.roll(1, dims=1)
+        # (B, T) first column of each token's segment
+        start = torch.where(starts, col, 0).cummax(dim=1).values
+        # (B, T)
+        pos = torch.where(segments > 0, ctx_len + col - start, col).masked_fill(segments < 0, 0)
+        # (B, 1, T, 1), (B, 1, 1, T)
+        seg_q, seg_k = segments[:, None, :, None], segments[:, None, None, :]
         causal = col[None, :] <= col[:, None]  # (T, T) key column <= query column
         attn_mask = causal & (seg_k >= 0) & ((seg_k == 0) | (seg_k == seg_q))  # (B, 1, T, T)
-        attn_mask = attn_mask | torch.eye(T, dtype=torch.bool, device=idx.device)  # padding sees itself: finite
+        # padding sees itself: finite
+        attn_mask = attn_mask | torch.eye(T, dtype=torch.bool, device=idx.device)
         x = self.transformer_pass(idx, pos, attn_mask)  # (B, T, C)
         values = self.value_head(x[torch.arange(B, device=idx.device), ctx_len[:, 0] - 1]).squeeze(-1).float()
         # an ending token is predicted by the state before it: its context's last token for the ending's first
         predictor = torch.where(starts, ctx_len - 1, col - 1)  # (B, T)
         b, c = (segments > 0).nonzero(as_tuple=True)  # (K,), (K,) every ending token
-        token_logprobs = logprobs_from_logits(self.lm_head(x[b, predictor[b, c]]), idx[b, c])  # LM head at K only
+        # LM head at K only
+        token_logprobs = logprobs_from_logits(self.lm_head(x[b, predictor[b, c]]), idx[b, c])
         # put back in their (row, column) slots and summed per ending: deterministic, unlike an atomic index_add on CUDA
         slots = torch.zeros(B, T, device=idx.device).index_put((b, c), token_logprobs)  # (B, T)
-        endings = torch.arange(1, n + 1, device=idx.device)[None, :, None] == segments[:, None, :]  # (B, n, T)
+        # (B, n, T)
+        endings = torch.arange(1, n + 1, device=idx.device)[None, :, None] == segments[:, None, :]
         return (slots[:, None, :] * endings).sum(-1), values
 
     # ------------------------------------------------------------------------------------------------------------
@@ -300,10 +311,12 @@ class GPT(nn.Module):
                              f"{self.config.block_size}")
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
         # the mask of the prompt and of every token to come, so that each step's mask is a slice of it
-        full_mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=1)  # (B, T + N)
+        # (B, T + N)
+        full_mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=1)
         cache = [KVCache(T + max_new_tokens) for _ in self.transformer.h]
         hidden = self.hidden_states(idx, attention_mask, cache=cache)
-        logits = self.lm_head(hidden[:, -1, :]).float()  # left padding: the last column is every row's last token
+        # left padding: the last column is every row's last token
+        logits = self.lm_head(hidden[:, -1, :]).float()
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         tokens, masks, logprobs = [], [], []
         for step in range(max_new_tokens):
@@ -360,7 +373,8 @@ class GPT(nn.Module):
     def _from_transformers(cls, name_or_dir):
         local = os.path.isdir(name_or_dir)
         config_where = os.path.join(name_or_dir, "config.json") if local else name_or_dir
-        if local:  # files transformers would fail on with a traceback, checked here so that the error names them
+        # files transformers would fail on with a traceback, checked here so that the error names them
+        if local:
             read_json(config_where)
             for name in sorted(os.listdir(name_or_dir)):
                 if name.endswith(".safetensors"):
@@ -383,14 +397,16 @@ class GPT(nn.Module):
             raise UserError(f"could not load '{name_or_dir}' from the Hugging Face hub (offline, or no such repo?); "
                             f"download it where there is internet (hf download {name_or_dir} --local-dir DIR) "
                             "and pass that directory instead") from None
-        except Exception as e:  # transformers raises many kinds for a config or weights it cannot use
+        # transformers raises many kinds for a config or weights it cannot use
+        except Exception as e:
             raise UserError(f"{name_or_dir}: not a loadable transformers GPT-2 ({first_line(e)})") from None
         if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
             raise UserError(f"{name_or_dir}: activation {c.activation_function!r} is not GPT-2's tanh GELU")
         model = cls(config)
         sd = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
         for k in sd:
-            if k.endswith(_CONV1D_WEIGHTS):  # transformers' Conv1D stores (in, out); nn.Linear wants (out, in)
+            # transformers' Conv1D stores (in, out); nn.Linear wants (out, in)
+            if k.endswith(_CONV1D_WEIGHTS):
                 sd[k] = sd[k].t()
         value_head = os.path.join(name_or_dir, "value_head.safetensors")
         if os.path.isfile(value_head):
@@ -406,7 +422,8 @@ class GPT(nn.Module):
         try:
             with torch.serialization.safe_globals(stand_ins):
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:  # torch's own advice here is to turn the safety off: never repeat it
+        # torch's own advice here is to turn the safety off: never repeat it
+        except pickle.UnpicklingError as e:
             found = re.search(r"GLOBAL ([\w.]+)", str(e))
             what = f"Python code ({found.group(1)})" if found else "Python objects, not just tensors and data"
             raise UserError(f"{path}: refused: loading it would run {what}; only tensors and plain data are read, "
@@ -418,7 +435,8 @@ class GPT(nn.Module):
             raise UserError(f"{path}: expected a checkpoint dict, found {type(ckpt).__name__}")
         if ckpt.get("format") == CHECKPOINT_FORMAT:  # ours
             config_key, fields, strict = "model_config", ckpt.get("model_config"), True
-        elif "model" in ckpt and "config" in ckpt and not isinstance(ckpt["config"], dict):  # build-nanogpt
+        # build-nanogpt
+        elif "model" in ckpt and "config" in ckpt and not isinstance(ckpt["config"], dict):
             config_key, fields, strict = "config", getattr(ckpt["config"], "__dict__", None), False
         elif "model" in ckpt and "model_args" in ckpt:  # nanoGPT's ckpt.pt
             config_key, fields, strict = "model_args", ckpt["model_args"], False
@@ -443,7 +461,8 @@ class GPT(nn.Module):
             if k.endswith((".attn.bias", ".attn.masked_bias")):  # old nanoGPT causal-mask buffers
                 continue
             clean[k] = v
-        if "lm_head.weight" not in clean and "transformer.wte.weight" in clean:  # tied: some store only one
+        # tied: some store only one
+        if "lm_head.weight" not in clean and "transformer.wte.weight" in clean:
             clean["lm_head.weight"] = clean["transformer.wte.weight"]
         not_tensors = [k for k, v in clean.items() if not isinstance(v, torch.Tensor)]
         if not_tensors:
@@ -457,7 +476,8 @@ class GPT(nn.Module):
                                 f"vocab_size={c.vocab_size}, block_size={c.block_size} make it "
                                 f"{tuple(expected[k].shape)}")
         missing, unexpected = self.load_state_dict(clean, strict=False)
-        missing = [k for k in missing if not k.startswith("value_head.")]  # a fresh value head is fine
+        # a fresh value head is fine
+        missing = [k for k in missing if not k.startswith("value_head.")]
         if missing or unexpected:
             raise UserError(f"{where}: weights do not fit a GPT-2 of this config "
                             f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
@@ -557,7 +577,8 @@ def filter_logits(logits, top_k=None, top_p=None):
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = F.softmax(sorted_logits, dim=-1)
-        drop_sorted = probs.cumsum(-1) - probs > top_p  # keep the smallest set whose mass reaches top_p
+        # keep the smallest set whose mass reaches top_p
+        drop_sorted = probs.cumsum(-1) - probs > top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -586,7 +607,8 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     """
     if temperature != 0:
         logits = logits / temperature
-    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # (B, 1): log-probs are logits - log_norm
+    # (B, 1): log-probs are logits - log_norm
+    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
     if temperature == 0:
         next_token = logits.argmax(dim=-1)
     else:

@@ -29,7 +29,8 @@ import hellaswag
 from causal_lm import CausalLM, PairError
 from common import UserError, atomic_torch_save, atomic_write_text, check_output_path, read_jsonl, run_cli
 
-DEFAULT_REWARD_MODEL = "EleutherAI/gpt-neo-2.7B"  # the seed project's judge: GPT-2's vocabulary, ~5.4 GB in bf16
+# the seed project's judge: GPT-2's vocabulary, ~5.4 GB in bf16
+DEFAULT_REWARD_MODEL = "EleutherAI/gpt-neo-2.7B"
 TEACHER_CACHE_FORMAT = "reward-teacher-cache/1"
 
 
@@ -56,7 +57,8 @@ class LikelihoodReward:
             raise UserError(f"likelihood reward: clip must be positive (or None), not {clip}")
         self.reward_model, self.per, self.clip, self.normalize = reward_model, per, clip, normalize
         self.batch_size, self.all_reduce, self.eps = batch_size, all_reduce, eps
-        self.count, self.mean, self.m2 = 0, 0.0, 0.0  # running moments (Chan et al.'s parallel update)
+        # running moments (Chan et al.'s parallel update)
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
 
     def raw(self, contexts, continuations):
         """The reward model's per-token (or per-char) mean log-prob, before normalisation and clipping."""
@@ -205,7 +207,8 @@ class TeacherReward:
         self.sum_logprob[missing] = scores["sum_logprob"].view(-1, 4)
         self.n_tokens[missing] = scores["n_tokens"].view(-1, 4)
         if self.cache_path is not None:
-            self._merge_cache()  # pick up what other ranks wrote meanwhile, so the file keeps everyone's work
+            # pick up what other ranks wrote meanwhile, so the file keeps everyone's work
+            self._merge_cache()
             atomic_torch_save({"format": TEACHER_CACHE_FORMAT, "key": self.key, "sum_logprob": self.sum_logprob,
                                "n_tokens": self.n_tokens}, self.cache_path)
 
@@ -285,7 +288,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {args.batch_size}")
-    check_output_path(args.output, inputs=[args.input, args.model])  # before the model loads, not after scoring
+    # before the model loads, not after scoring
+    check_output_path(args.output, inputs=[args.input, args.model])
 
     contexts, continuations, wheres = read_pairs(args.input)
     t0 = time.time()

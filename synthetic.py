@@ -66,7 +66,8 @@ def fit_endings(hidden_fn, lm_head, parameters, rows, steps, batch_size=32, lr=3
         batch = rng.sample(rows, batch_size)
         T = max(len(tokens) for tokens, _ in batch)
         idx = torch.full((batch_size, T), EOT_TOKEN)
-        target = torch.zeros(batch_size, T, dtype=torch.bool)  # positions whose next token is an ending token
+        # positions whose next token is an ending token
+        target = torch.zeros(batch_size, T, dtype=torch.bool)
         for i, (tokens, n_context) in enumerate(batch):
             idx[i, :len(tokens)] = torch.tensor(tokens)
             target[i, n_context - 1:len(tokens) - 1] = True

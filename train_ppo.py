@@ -61,7 +61,8 @@ def setting(default, *, choices=None, low=None, high=None, above=None):
 @dataclass
 class Config:
     # run
-    out_dir: str = "out/ppo"  # checkpoints, train_config.json, metrics.jsonl, samples.jsonl, eval/, the export (hf/)
+    # checkpoints, train_config.json, metrics.jsonl, samples.jsonl, eval/, the export (hf/)
+    out_dir: str = "out/ppo"
     # a fresh run refuses an out_dir that holds another run; start_over moves that run's files to out_dir/previous/
     start_over: bool = False
     # hub name, transformers dir, build-nanogpt/nanoGPT .pt, project checkpoint or run dir, "resume" (this out_dir),
@@ -72,17 +73,20 @@ class Config:
     # autocast dtype on CUDA (float16 adds a GradScaler); always float32 on CPU
     dtype: str = setting("bfloat16", choices=("bfloat16", "float16", "float32"))
     compile: bool = False  # torch.compile the training forward (rollouts and eval stay eager)
-    ddp_timeout_s: float = setting(600.0, low=10.0)  # a rank that waits this long on a dead one stops the run
+    # a rank that waits this long on a dead one stops the run
+    ddp_timeout_s: float = setting(600.0, low=10.0)
     # policy built from scratch (init_from = "scratch"); n_embd must be a multiple of n_head
     n_layer: int = setting(2, low=1, high=1000)
     n_head: int = setting(2, low=1, high=1000)
     n_embd: int = setting(64, low=1, high=100_000)
     block_size: int = setting(256, low=2, high=1_000_000)
     # data
-    train_data: str = "hellaswag:train"  # "hellaswag:<split>" (downloaded) or a jsonl file in HellaSwag's schema
+    # "hellaswag:<split>" (downloaded) or a jsonl file in HellaSwag's schema
+    train_data: str = "hellaswag:train"
     val_data: str = "hellaswag:val"
     data_cache: str = ""  # download folder for the HellaSwag splits ("" = hellaswag.py's default)
-    synthetic: bool = False  # the offline demo task (synthetic.py): its train/val data and its tiny teacher
+    # the offline demo task (synthetic.py): its train/val data and its tiny teacher
+    synthetic: bool = False
     synthetic_dir: str = ""  # where the demo task is written ("" = out_dir/synthetic)
     # HellaSwag rendering for choice rollouts, the teacher and eval
     style: str = setting("completion", choices=("completion", "lm-eval"))
@@ -101,12 +105,15 @@ class Config:
     # off-policy); leave them off unless samples degenerate
     top_k: int = setting(0, low=0)  # 0 = off
     top_p: float = setting(1.0, above=0.0, high=1.0)  # 1.0 = off
-    stop_at_sentence_end: bool = True  # generate: stop at ".", "!", "?" or a newline as well as <|endoftext|>
-    no_stop_penalty: float = setting(1.0, low=0.0, high=1000.0)  # generate: taken from a sample that never stopped
+    # generate: stop at ".", "!", "?" or a newline as well as <|endoftext|>
+    stop_at_sentence_end: bool = True
+    # generate: taken from a sample that never stopped
+    no_stop_penalty: float = setting(1.0, low=0.0, high=1000.0)
     # reward
     # teacher | label (choice rollouts), likelihood (generate rollouts)
     reward_kind: str = setting("teacher", choices=("teacher", "label", "likelihood"))
-    reward_model: str = DEFAULT_REWARD_MODEL  # any transformers causal LM: hub name or local directory
+    # any transformers causal LM: hub name or local directory
+    reward_model: str = DEFAULT_REWARD_MODEL
     # auto = bfloat16 on CUDA, float32 on CPU
     reward_dtype: str = setting("auto", choices=("auto", "bfloat16", "float16", "float32"))
     reward_batch_size: int = setting(32, low=1)
@@ -114,8 +121,10 @@ class Config:
     teacher_mode: str = setting("prob", choices=("prob", "agree"))
     # teacher: softmax temperature over its normalised ending scores
     teacher_temperature: float = setting(1.0, low=0.01, high=100.0)
-    teacher_cache: str = ""  # teacher: folder for cached teacher scores ("" = out_dir/teacher_cache)
-    likelihood_per: str = setting("token", choices=("token", "char"))  # likelihood: mean log-prob per token | char
+    # teacher: folder for cached teacher scores ("" = out_dir/teacher_cache)
+    teacher_cache: str = ""
+    # likelihood: mean log-prob per token | char
+    likelihood_per: str = setting("token", choices=("token", "char"))
     # likelihood: clip the normalised score to [-clip, clip]; 0 = off
     reward_clip: float = setting(0.0, low=0.0, high=1000.0)
     reward_normalize: bool = True  # likelihood: running mean/std normalisation
@@ -123,7 +132,8 @@ class Config:
     # score; the shares sum to it) instead of the whole score at the last token
     likelihood_dense: bool = False
     # KL to the frozen reference
-    kl_coef: float = setting(0.05, low=0.0, high=100.0)  # initial coefficient of the KL penalty in the reward
+    # initial coefficient of the KL penalty in the reward
+    kl_coef: float = setting(0.05, low=0.0, high=100.0)
     adaptive_kl: bool = False  # Ziegler et al. 2019 controller: steer the KL towards kl_target
     kl_target: float = setting(6.0, above=0.0, high=10_000.0)
     kl_horizon: int = setting(10000, low=1)
@@ -133,7 +143,8 @@ class Config:
     micro_batch_size: int = setting(8, low=1)  # per rank; gradient accumulation inside a minibatch
     learning_rate: float = setting(1e-5, low=0.0, high=1.0)
     warmup_steps: int = setting(0, low=0)
-    lr_decay_steps: int = setting(0, low=0)  # cosine decay to min_lr over this many steps after warmup; 0 = constant
+    # cosine decay to min_lr over this many steps after warmup; 0 = constant
+    lr_decay_steps: int = setting(0, low=0)
     min_lr: float = setting(0.0, low=0.0, high=1.0)
     weight_decay: float = setting(0.0, low=0.0, high=10.0)
     beta1: float = setting(0.9, low=0.0, high=1.0)
@@ -141,7 +152,8 @@ class Config:
     grad_clip: float = setting(1.0, low=0.0, high=1e6)  # 0 = off
     clip_coef: float = setting(0.2, above=0.0, high=10.0)  # policy ratio clipping
     vf_coef: float = setting(0.1, low=0.0, high=1000.0)  # weight of the value loss
-    vf_clip_coef: float = setting(0.2, low=0.0, high=1000.0)  # value clipping around the rollout's values; 0 = off
+    # value clipping around the rollout's values; 0 = off
+    vf_clip_coef: float = setting(0.2, low=0.0, high=1000.0)
     ent_coef: float = setting(0.0, low=0.0, high=10.0)  # entropy bonus
     gamma: float = setting(1.0, low=0.0, high=1.0)
     gae_lambda: float = setting(0.95, low=0.0, high=1.0)
@@ -153,7 +165,8 @@ class Config:
     max_bad_steps: int = setting(3, low=1)
     # logging, evaluation, checkpoints
     log_interval: int = setting(1, low=1)
-    sample_interval: int = setting(10, low=0)  # write a few rollouts to samples.jsonl every this many steps
+    # write a few rollouts to samples.jsonl every this many steps
+    sample_interval: int = setting(10, low=0)
     # HellaSwag at step 0, every eval_interval steps and at the end; 0 = only start and end
     eval_interval: int = setting(50, low=0)
     eval_limit: int = setting(0, low=0)  # evaluate the first N examples only; 0 = all
@@ -392,7 +405,8 @@ def learning_rate_at(step, cfg):
 @dataclass
 class Rollouts:
     examples: list  # the training examples acted on
-    actions: dict  # what was done, as forward() needs it: {"choices"} or {"prompts", "prompt_mask", "responses"}
+    # what was done, as forward() needs it: {"choices"} or {"prompts", "prompt_mask", "responses"}
+    actions: dict
     logprobs: torch.Tensor  # (B, L) under the acting policy
     ref_logprobs: torch.Tensor  # (B, L) under the frozen reference
     values: torch.Tensor  # (B, L) the value head's estimate in the state each action was taken in
@@ -400,7 +414,8 @@ class Rollouts:
     scores: torch.Tensor  # (B,) the task's reward for the whole rollout
     n_tokens: int  # tokens through the policy, for tok/s
     samples: list  # one dict per rollout for samples.jsonl
-    score_shares: torch.Tensor = None  # (B, L) the score split over the actions (sums to scores), or None: at the last
+    # (B, L) the score split over the actions (sums to scores), or None: at the last
+    score_shares: torch.Tensor = None
 
 
 def choice_forward(model, encoded, choice_temperature, device):
@@ -410,7 +425,8 @@ def choice_forward(model, encoded, choice_temperature, device):
     with gradients through the shared context. -> log-probs (N, 4), values (N,), all float32.
     """
     idx, segments = (t.to(device) for t in pack_choices(encoded))
-    sum_logprobs, values = model(idx, segments=segments)  # through forward(), so that DDP syncs the gradients
+    # through forward(), so that DDP syncs the gradients
+    sum_logprobs, values = model(idx, segments=segments)
     n_tokens = torch.tensor([[len(e) for e in endings] for _, endings in encoded], dtype=torch.float32, device=device)
     scores = sum_logprobs / n_tokens  # (N, 4) mean log-prob per ending token
     return F.log_softmax(scores / choice_temperature, dim=-1), values
@@ -421,7 +437,8 @@ class ChoiceRollouts:
     the reward (teacher or label) is for that choice. The value head is read at the context's last token."""
 
     def __init__(self, encoded, reward_fn, choice_temperature, micro_batch_size, device):
-        self.encoded = encoded  # every training example, encoded once at setup as the evaluator encodes it
+        # every training example, encoded once at setup as the evaluator encodes it
+        self.encoded = encoded
         self.reward_fn, self.temperature = reward_fn, choice_temperature
         self.micro_batch_size, self.device = micro_batch_size, device
         # the frozen reference's distribution over each example's endings depends on the example alone: computed
@@ -450,7 +467,8 @@ class ChoiceRollouts:
             policy_lp.append(lp)
             values.append(v)
         policy_lp, ref_lp = torch.cat(policy_lp), self.reference(reference, indices)
-        if not torch.isfinite(policy_lp).all():  # before sampling, which would fail on them with a traceback
+        # before sampling, which would fail on them with a traceback
+        if not torch.isfinite(policy_lp).all():
             raise UserError("the policy's scores of the endings are not finite; its weights are broken")
         choices = torch.multinomial(policy_lp.exp(), 1, generator=generator)  # (B, 1)
         scores = self.reward_fn(indices, choices.squeeze(1).cpu()).to(self.device).float()
@@ -487,8 +505,10 @@ def sequence_forward(model, prompts, prompt_mask, responses, response_mask, temp
     attention_mask = torch.cat([prompt_mask, response_mask], 1)
     at = torch.zeros_like(idx, dtype=torch.bool)
     at[:, P - 1:-1] = response_mask.bool()
-    logits, values = model(idx, attention_mask, logits_at=at)  # logits (K, V) at the response positions
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)  # (K, V), once for the log-probs and the entropy
+    # logits (K, V) at the response positions
+    logits, values = model(idx, attention_mask, logits_at=at)
+    # (K, V), once for the log-probs and the entropy
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
     selected = response_mask.bool()
     logprobs = torch.zeros(responses.shape, device=idx.device).masked_scatter(
         selected, logp.gather(1, responses[selected][:, None]).squeeze(1))
@@ -653,7 +673,8 @@ def drop_lines_after(path, step, log=print):
     atomic_write_text(path, "".join(kept))
 
 
-RUN_FILES = ("metrics.jsonl", "samples.jsonl", "train_config.json", "best.pt", "eval", "hf")  # and ckpt_*.pt
+# and ckpt_*.pt
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "train_config.json", "best.pt", "eval", "hf")
 
 
 def remove_torn_writes(out_dir):
@@ -749,7 +770,8 @@ class Distributed:
         return self.rank == 0
 
     @property
-    def local_master(self):  # prepares this node's data, which another node's filesystem may not share
+    # prepares this node's data, which another node's filesystem may not share
+    def local_master(self):
         return self.local_rank == 0
 
     def barrier(self):
@@ -758,7 +780,8 @@ class Distributed:
 
 
 def setup_distributed(cfg):
-    requested = resolve_device(cfg.device)  # a device this machine lacks is an error here, on every rank
+    # a device this machine lacks is an error here, on every rank
+    requested = resolve_device(cfg.device)
     if int(os.environ.get("RANK", -1)) == -1:
         device = requested
         if device == "cuda":
@@ -802,7 +825,8 @@ def load_data(cfg, run, log):
         if run.local_master:
             synthetic.prepare(synthetic_dir, seed=cfg.seed, log=log)
         run.barrier()
-        paths = synthetic.prepare(synthetic_dir, seed=cfg.seed)  # already there: only returns the paths
+        # already there: only returns the paths
+        paths = synthetic.prepare(synthetic_dir, seed=cfg.seed)
         train_data, val_data = paths["train"], paths["val"]
         sources.update(reward_source=paths["teacher"], train_data=train_data)
         if cfg.init_from == "synthetic":
@@ -818,7 +842,8 @@ def load_data(cfg, run, log):
 
 def build_policy(source, cfg):
     if source == "scratch":
-        torch.manual_seed(cfg.seed)  # the same weights on every rank, and again when the reference is rebuilt
+        # the same weights on every rank, and again when the reference is rebuilt
+        torch.manual_seed(cfg.seed)
         return GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size))
     return GPT.from_pretrained(source)
 
@@ -860,7 +885,8 @@ def build_rollouts(cfg, policy, train_examples, reward_fn, device):
         encode = gpt2_encoding().encode_ordinary
         encoded = [encode_for_model(ex, encode, policy.config.block_size, cfg.style) for ex in train_examples]
         return ChoiceRollouts(encoded, reward_fn, cfg.choice_temperature, cfg.micro_batch_size, device)
-    prompt_budget = min(cfg.max_prompt_tokens, policy.config.block_size - cfg.max_new_tokens)  # fit the window
+    # fit the window
+    prompt_budget = min(cfg.max_prompt_tokens, policy.config.block_size - cfg.max_new_tokens)
     if prompt_budget < 1:
         raise UserError(f"config: max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the policy's "
                         f"block_size {policy.config.block_size}")
@@ -1035,12 +1061,14 @@ def ppo_update(model, raw_model, optimizer, scaler, rollout_kind, batch, advanta
             finite = bool(torch.isfinite(grad_norm))
             fp16_overflow = not finite and scaler.is_enabled() and scaler.get_scale() > 1.0
             if finite or fp16_overflow:
-                scaler.step(optimizer)  # after a float16 overflow the scaler skips the step and lowers its scale
+                # after a float16 overflow the scaler skips the step and lowers its scale
+                scaler.step(optimizer)
                 scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if not (finite or fp16_overflow):
                 return summary(), epoch + 1, False
-            if cfg.target_kl > 0:  # every rank sees the same mean, so every rank stops at the same point
+            # every rank sees the same mean, so every rank stops at the same point
+            if cfg.target_kl > 0:
                 approx_kl = all_reduce_sum(torch.tensor(stats["approx_kl"][-len(micro_batches):]).mean())[0]
                 if approx_kl / run.world_size > cfg.target_kl:
                     return summary(), epoch + 1, True
@@ -1107,7 +1135,8 @@ def train(cfg):
         last_eval = run_eval(raw_model, val_examples, 0, cfg, run.device, dtype, run.master_process)
         run_log.eval_line(0, last_eval)
         run_log.metrics({"step": 0, **last_eval})
-        if cfg.reward_kind == "teacher":  # the teacher's own picks, for analyze.py's teacher agreement
+        # the teacher's own picks, for analyze.py's teacher agreement
+        if cfg.reward_kind == "teacher":
             teacher = run_eval(reward_fn.reward_model, val_examples, "teacher", cfg, run.device, dtype,
                                run.master_process)
             log(f"teacher | eval acc {teacher['eval/acc']:.4f} | acc_norm {teacher['eval/acc_norm']:.4f}")
@@ -1192,7 +1221,8 @@ def train(cfg):
     run_log.close()
     log(f"report: python analyze.py {cfg.out_dir}")
     if run.ddp:
-        dist.barrier()  # every rank done with every collective first: tearing gloo down mid-way can abort a rank
+        # every rank done with every collective first: tearing gloo down mid-way can abort a rank
+        dist.barrier()
         dist.destroy_process_group()
     return {"step": step, "eval": last_eval, "metrics": metrics, "model": raw_model}
 
