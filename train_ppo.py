@@ -1075,10 +1075,6 @@ def ppo_update(model, raw_model, optimizer, scaler, rollout_kind, batch, advanta
     return summary(), cfg.ppo_epochs, True
 
 
-def weights_are_finite(model):
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # training
 
@@ -1172,9 +1168,8 @@ def train(cfg):
         if bad_steps >= cfg.max_bad_steps:
             raise UserError(f"{bad_steps} steps in a row with non-finite losses or gradients at step {step + 1}; "
                             "stopping (the last checkpoint is kept; try a lower learning_rate)")
-        if not weights_are_finite(raw_model):  # the same on every rank
-            raise UserError(f"step {step + 1}: the policy's weights are no longer finite; stopping (the last "
-                            "checkpoint is kept; try a lower learning_rate)")
+        # before the weights are sampled from or saved; the same on every rank
+        check_finite_weights(raw_model, f"step {step + 1}: the policy (try a lower learning_rate)")
 
         # ---- log / eval / checkpoint
         step += 1

@@ -99,6 +99,24 @@ def test_a_run_resumes_from_another_working_directory(tmp_path, synthetic_dir, m
     assert result["step"] == 2
 
 
+def test_weights_that_turn_non_finite_stop_the_run_before_the_next_checkpoint(tmp_path, synthetic_dir, monkeypatch):
+    real = train_ppo.ppo_update
+    calls = []
+
+    def diverging(model, raw_model, *args, **kwargs):  # finite gradients, then a weight blows up at step 2
+        out = real(model, raw_model, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                raw_model.transformer.wte.weight[0, 0] = float("inf")
+        return out
+
+    monkeypatch.setattr(train_ppo, "ppo_update", diverging)
+    with pytest.raises(UserError, match=r"step 2: the policy .*non-finite weights \(NaN or inf\) in transformer.wte.weight"):
+        train_ppo.train(label_run(tmp_path, synthetic_dir, max_steps=4))
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("ckpt_")) == ["ckpt_000001.pt"]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # beyond one process
 
