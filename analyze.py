@@ -24,7 +24,7 @@ import torch
 from matplotlib.figure import Figure
 
 import hellaswag
-from common import UserError, atomic_path, atomic_write_text, run_cli
+from common import UserError, atomic_path, atomic_write_text, read_json_objects, run_cli
 from tokenizer import gpt2_encoding
 
 # groups with fewer examples get intervals too wide (or too narrow, at n < 5) to trust
@@ -95,20 +95,8 @@ def read_records(path, notes):
     an interrupted run) are skipped with a note instead of stopping the report."""
     if not os.path.isfile(path):
         return None
-    records, bad = [], []
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    obj = None
-                if isinstance(obj, dict):
-                    records.append(obj)
-                else:
-                    bad.append(n)
+        records, bad = read_json_objects(path)
     except OSError as e:
         notes.append(f"{path}: cannot read ({e.strerror})")
         return None

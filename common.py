@@ -261,6 +261,25 @@ def read_jsonl(path):
         raise UserError(f"{path}: not UTF-8 text") from None
 
 
+def read_json_objects(path):
+    """Leniently, the JSON objects of a JSON-lines file whose last line a killed writer may have torn (a run's logs):
+    -> (objects, numbers of the non-blank lines that are not a JSON object). Blank lines are skipped."""
+    objects, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except (ValueError, RecursionError):
+                obj = None
+            if isinstance(obj, dict):
+                objects.append(obj)
+            else:
+                bad.append(n)
+    return objects, bad
+
+
 def read_json(path):
     """The object in a JSON file (a config, a model's config.json). A missing, unreadable, malformed or absurdly
     nested file is a UserError that names the file."""

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import synthetic
 from causal_lm import CausalLM
 from common import (UserError, atomic_torch_save, atomic_write_text, autocast, check_output_path, first_line,
-                    resolve_device, run_cli, step_checkpoints)
+                    read_json_objects, resolve_device, run_cli, step_checkpoints)
 from hellaswag import encode_for_model, evaluate, load_examples, write_predictions
 from model import CHECKPOINT_FORMAT, GPT, GPTConfig, check_finite_weights, pack_choices
 from reward import DEFAULT_REWARD_MODEL, LabelReward, LikelihoodReward, TeacherReward
@@ -660,17 +660,10 @@ def drop_lines_after(path, step, log=print):
     (a kill mid-write tears the last one) is dropped with a warning."""
     if not os.path.exists(path):
         return
-    kept = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                record = json.loads(line)
-            except (ValueError, RecursionError):
-                log(f"warning: {path}, line {n}: not a JSON line (torn by a kill?), dropped")
-                continue
-            if isinstance(record, dict) and record.get("step", 0) <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-    atomic_write_text(path, "".join(kept))
+    records, bad = read_json_objects(path)
+    for n in bad:
+        log(f"warning: {path}, line {n}: not a JSON line (torn by a kill?), dropped")
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step))
 
 
 # and ckpt_*.pt
