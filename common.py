@@ -1,6 +1,6 @@
 """
-Small pieces shared by the top-level scripts that belong to none of them: user-facing errors, atomic file
-writes, checks of output paths, reading JSON, and picking a device / autocast dtype.
+Small pieces shared by the top-level scripts that belong to none of them: user-facing errors, atomic
+file writes, checks of output paths, reading JSON, and picking a device / autocast dtype.
 """
 
 import contextlib
@@ -16,7 +16,8 @@ import torch
 
 
 class UserError(Exception):
-    """A mistake the user can fix (bad path, bad config, bad file). Printed as one line, no stack trace."""
+    """A mistake the user can fix (bad path, bad config, bad file).
+    Printed as one line, no stack trace."""
 
 
 def run_cli(main, argv=None):
@@ -29,7 +30,8 @@ def run_cli(main, argv=None):
 
 
 def first_line(error):
-    """The first line of an exception's message, or its type name: enough to say why inside one line."""
+    """The first line of an exception's message, or its type name:
+    enough to say why inside one line."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
@@ -41,8 +43,9 @@ def current_umask():
 
 
 def give_normal_mode(path, directory=False):
-    """Give `path` the permissions a file (or directory) created with open() / mkdir() would get under the user's
-    umask: mkstemp and mkdtemp create theirs private (0600 / 0700), which would make every file we write private."""
+    """Give `path` the permissions a file (or directory) created with open() / mkdir() would get
+    under the user's umask: mkstemp and mkdtemp create theirs private (0600 / 0700), which would
+    make every file we write private."""
     os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
@@ -61,8 +64,9 @@ def _disk_is_full(error, directory):
 
 @contextlib.contextmanager
 def full_disk_is_one_line(path):
-    """A write in the block that fails because the disk is full becomes UserError("no space left on device: PATH").
-    Enter it before removing any partial file, so that the free space still shows the disk was full."""
+    """A write in the block that fails because the disk is full becomes
+    UserError("no space left on device: PATH"). Enter it before removing any partial file, so that
+    the free space still shows the disk was full."""
     try:
         yield
     except (OSError, RuntimeError) as e:
@@ -73,12 +77,14 @@ def full_disk_is_one_line(path):
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path next to `path`; it replaces `path` only if the block finishes without error,
-    so an interrupted write (a kill, a full disk) never leaves a file that looks complete, and the old file stays."""
+    """Yield a temporary path next to `path`; it replaces `path` only if the block finishes without
+    error, so an interrupted write (a kill, a full disk) never leaves a file that looks complete,
+    and the old file stays."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
+                               suffix=".tmp")
     os.close(fd)
     try:
         give_normal_mode(tmp)
@@ -92,9 +98,10 @@ def atomic_path(path):
 
 @contextlib.contextmanager
 def atomic_directory(path):
-    """Yield a temporary directory next to `path`; when the block finishes without error it replaces `path` (the
-    old directory is renamed aside first, then removed), so a crash leaves the old directory or the new one, never
-    half of one. Everything in it gets the permissions of the user's umask."""
+    """Yield a temporary directory next to `path`; when the block finishes without error it replaces
+    `path` (the old directory is renamed aside first, then removed), so a crash leaves the old
+    directory or the new one, never half of one. Everything in it gets the permissions of the user's
+    umask."""
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -124,7 +131,8 @@ CHECKPOINT_PATTERN = re.compile(r"ckpt_(\d+)\.pt")
 
 
 def step_checkpoints(run_dir):
-    """[(step, path)] of the step checkpoints in run_dir, oldest first ([] if run_dir is not a directory)."""
+    """[(step, path)] of the step checkpoints in run_dir, oldest first
+    ([] if run_dir is not a directory)."""
     names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
     return sorted((int(m.group(1)), os.path.join(run_dir, name)) for name in names
                   if (m := CHECKPOINT_PATTERN.fullmatch(name)))
@@ -137,9 +145,10 @@ def _nearest_existing(path):
 
 
 def check_output_path(path, inputs=(), directory=False):
-    """Refuse, before any work, an output path that could not be written at the end: an existing directory (or,
-    with directory=True, an existing file), a path under a file, a place we cannot create files in, or the same
-    file as one of `inputs` (the data or model it is computed from). None and missing inputs are skipped."""
+    """Refuse, before any work, an output path that could not be written at the end: an existing
+    directory (or, with directory=True, an existing file), a path under a file, a place we cannot
+    create files in, or the same file as one of `inputs` (the data or model it is computed from).
+    None and missing inputs are skipped."""
     if path is None:
         return
     path = os.fspath(path)
@@ -151,9 +160,10 @@ def check_output_path(path, inputs=(), directory=False):
     if directory and os.path.exists(full) and not os.path.isdir(full):
         raise UserError(f"{path}: an existing file, not a directory")
     for source in inputs:
-        if source is not None and os.path.exists(source) and os.path.realpath(source) == os.path.realpath(full):
-            raise UserError(f"{path}: the same file as {source}, which this command reads or writes; "
-                            "give another output path")
+        if (source is not None and os.path.exists(source)
+                and os.path.realpath(source) == os.path.realpath(full)):
+            raise UserError(f"{path}: the same file as {source}, which this command reads or "
+                            "writes; give another output path")
     where = full if directory and os.path.isdir(full) else _nearest_existing(os.path.dirname(full))
     if not os.path.isdir(where):
         raise UserError(f"{path}: {where} is a file, so nothing can be written under it")
@@ -167,9 +177,10 @@ def check_output_path(path, inputs=(), directory=False):
 
 @contextlib.contextmanager
 def same_error_on_every_rank():
-    """Under torch.distributed, a UserError raised in the block on any rank is raised on every rank when the block
-    ends, so that an error on one rank never leaves the others waiting in a collective. Every rank must enter the
-    block. Under NCCL, torch.cuda.set_device must have been called (all_gather_object works on the current GPU)."""
+    """Under torch.distributed, a UserError raised in the block on any rank is raised on every rank
+    when the block ends, so that an error on one rank never leaves the others waiting in a
+    collective. Every rank must enter the block. Under NCCL, torch.cuda.set_device must have been
+    called (all_gather_object works on the current GPU)."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     error = None
     try:
@@ -187,8 +198,10 @@ def same_error_on_every_rank():
 
 
 def looks_like_a_path(source):
-    """Whether a model source that is not on disk was meant as a local path rather than a hub name ("org/name")."""
-    return source.startswith((".", "/", "~")) or source.count("/") > 1 or source.endswith((".pt", ".pth", ".bin"))
+    """Whether a model source that is not on disk was meant as a local path rather than a hub
+    name ("org/name")."""
+    return (source.startswith((".", "/", "~")) or source.count("/") > 1
+            or source.endswith((".pt", ".pth", ".bin")))
 
 
 def atomic_torch_save(obj, path):
@@ -203,8 +216,8 @@ def atomic_write_text(path, text):
 
 
 def resolve_device(device="auto"):
-    """"auto" -> cuda, mps or cpu, whichever this machine has; anything else is checked, so that asking for a
-    device the machine lacks is one clear error before any model loads."""
+    """"auto" -> cuda, mps or cpu, whichever this machine has; anything else is checked, so that
+    asking for a device the machine lacks is one clear error before any model loads."""
     if device == "auto":
         if torch.cuda.is_available():
             return "cuda"
@@ -212,13 +225,15 @@ def resolve_device(device="auto"):
     try:
         kind = torch.device(device)
     except (RuntimeError, TypeError):
-        raise UserError(f"device {device!r}: not a device name; use auto, cpu, cuda, cuda:N or mps") from None
+        raise UserError(f"device {device!r}: not a device name; use auto, cpu, cuda, cuda:N "
+                        "or mps") from None
     if kind.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"device {device!r}: CUDA is not available on this machine; use cpu or auto")
+            raise UserError(f"device {device!r}: CUDA is not available on this machine; "
+                            "use cpu or auto")
         if kind.index is not None and kind.index >= torch.cuda.device_count():
-            raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                            f"numbered from 0")
+            raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} "
+                            "CUDA device(s), numbered from 0")
     elif kind.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"device {device!r}: MPS is not available on this machine; use cpu or auto")
     elif kind.type not in ("cpu", "cuda", "mps"):
@@ -244,8 +259,8 @@ def _parse_json(text, where):
 
 
 def read_jsonl(path):
-    """Yield (where, object) for each non-blank line of a JSON-lines file, where = "PATH, line N". A missing,
-    unreadable or malformed file is a UserError that names the file and line."""
+    """Yield (where, object) for each non-blank line of a JSON-lines file, where = "PATH, line N".
+    A missing, unreadable or malformed file is a UserError that names the file and line."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
@@ -262,8 +277,9 @@ def read_jsonl(path):
 
 
 def read_json_objects(path):
-    """Leniently, the JSON objects of a JSON-lines file whose last line a killed writer may have torn (a run's logs):
-    -> (objects, numbers of the non-blank lines that are not a JSON object). Blank lines are skipped."""
+    """Leniently, the JSON objects of a JSON-lines file whose last line a killed writer may have
+    torn (a run's logs): -> (objects, numbers of the non-blank lines that are not a JSON object).
+    Blank lines are skipped."""
     objects, bad = [], []
     with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, start=1):
@@ -281,8 +297,8 @@ def read_json_objects(path):
 
 
 def read_json(path):
-    """The object in a JSON file (a config, a model's config.json). A missing, unreadable, malformed or absurdly
-    nested file is a UserError that names the file."""
+    """The object in a JSON file (a config, a model's config.json). A missing, unreadable, malformed
+    or absurdly nested file is a UserError that names the file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")

@@ -1,11 +1,14 @@
 """
-GPT-2 as a PPO policy: the network of nanoGPT / build-nanogpt plus a scalar value head, padded batches, KV-cache
-sampling, loading from every GPT-2 source we care about, and export back to transformers format.
+GPT-2 as a PPO policy: the network of nanoGPT / build-nanogpt plus a scalar value head, padded
+batches, KV-cache sampling, loading from every GPT-2 source we care about, and export back to
+transformers format.
 
-    model = GPT.from_pretrained("gpt2")             # or a transformers dir, a build-nanogpt .pt, a run's checkpoint
+    # or a transformers dir, a build-nanogpt .pt, a run's checkpoint
+    model = GPT.from_pretrained("gpt2")
     logits, values = model(idx, attention_mask)     # (B, T, vocab), (B, T)
     tokens, mask, logprobs = model.generate(idx, attention_mask, max_new_tokens=32, temperature=1.0)
-    model.save_pretrained("out/hf")                 # AutoModelForCausalLM / AutoTokenizer load it offline
+    # AutoModelForCausalLM / AutoTokenizer load it offline
+    model.save_pretrained("out/hf")
 """
 
 import dataclasses
@@ -25,14 +28,16 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
 
-from common import UserError, atomic_directory, first_line, looks_like_a_path, read_json, step_checkpoints
+from common import (UserError, atomic_directory, first_line, looks_like_a_path, read_json,
+                    step_checkpoints)
 from tokenizer import EOT_TOKEN, gpt2_hf_tokenizer
 
 # marks this project's checkpoints (written by train_ppo.py)
 CHECKPOINT_FORMAT = "gpt-ppo-checkpoint/1"
 HUB_GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-# cuDNN's attention kernel builds a plan for every new shape (about 3 ms of CPU each, measured on an H100 under bf16)
-# and padded PPO and HellaSwag batches rarely repeat a shape, so attention uses the other kernels
+# cuDNN's attention kernel builds a plan for every new shape (about 3 ms of CPU each, measured on an
+# H100 under bf16) and padded PPO and HellaSwag batches rarely repeat a shape, so attention uses the
+# other kernels
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -49,7 +54,8 @@ class GPTConfig:
 
 
 def logprobs_from_logits(logits, tokens):
-    """log p(tokens) under logits, in float32: (..., V), (...) -> (...). The project's one log-prob helper."""
+    """log p(tokens) under logits, in float32: (..., V), (...) -> (...).
+    The project's one log-prob helper."""
     logp = F.log_softmax(logits.float(), dim=-1)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
@@ -68,9 +74,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, attn_mask=None, past_kv=None, cache=None):
         """
-        past_kv (k, v), each (B, nh, T_past, hs): keys and values of earlier tokens to attend to, concatenated in
-        front (differentiable: a shared context's). cache: this layer's KVCache, which the new keys and values are
-        written into (generate). Returns the output and the (k, v) it attended over.
+        past_kv (k, v), each (B, nh, T_past, hs): keys and values of earlier tokens to attend to,
+        concatenated in front (differentiable: a shared context's). cache: this layer's KVCache,
+        which the new keys and values are written into (generate). Returns the output and the (k, v)
+        it attended over.
         """
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -93,9 +100,11 @@ class CausalSelfAttention(nn.Module):
 
 class KVCache:
     """
-    One layer's keys and values for up to max_len positions, allocated at the first write. A decode step writes its
-    one new position in place, where growing the cache by torch.cat would copy all of it at every step.
-    k, v: (B, nh, max_len, hs); positions [0, length) are filled, and attention only ever sees those.
+    One layer's keys and values for up to max_len positions, allocated at the first write. A decode
+    step writes its one new position in place, where growing the cache by torch.cat would copy all
+    of it at every step.
+    k, v: (B, nh, max_len, hs); positions [0, length) are filled, and attention only ever sees
+    those.
     """
 
     def __init__(self, max_len):
@@ -104,7 +113,8 @@ class KVCache:
         self.k = self.v = None
 
     def append(self, k, v):
-        """Write k, v (B, nh, T, hs) at positions [length, length + T) -> the filled (B, nh, length, hs), as views."""
+        """Write k, v (B, nh, T, hs) at positions [length, length + T) -> the filled
+        (B, nh, length, hs), as views."""
         start, end = self.length, self.length + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache of {self.max_len} positions cannot take {end}")
@@ -162,7 +172,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
-        # the value head starts at zero so that a fresh policy's values do not disturb early PPO updates
+        # the value head starts at zero so a fresh policy's values do not disturb early PPO updates
         self.value_head = nn.Linear(config.n_embd, 1)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
@@ -182,46 +192,55 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    # ------------------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     # forward
 
     def hidden_states(self, idx, attention_mask=None, past_kv=None, use_cache=False, cache=None):
         """
-        Final hidden states (after ln_f) of idx (B, T) -> (B, T, C), and the keys and values (a list of (k, v) per
-        layer, each (B, nh, T_past + T, hs)) if use_cache. Earlier tokens come either as past_kv, such a list
-        (concatenated in front, differentiable), or as cache, one KVCache per layer (written in place: generate).
-        attention_mask (B, T_past + T): 1 = token, 0 = padding, covering the earlier tokens too. Position ids
-        come from the mask, so a left-padded row gets the same positions as the row alone.
+        Final hidden states (after ln_f) of idx (B, T) -> (B, T, C), and the keys and values (a list
+        of (k, v) per layer, each (B, nh, T_past + T, hs)) if use_cache. Earlier tokens come either
+        as past_kv, such a list (concatenated in front, differentiable), or as cache, one KVCache
+        per layer (written in place: generate).
+        attention_mask (B, T_past + T): 1 = token, 0 = padding, covering the earlier tokens too.
+        Position ids come from the mask, so a left-padded row gets the same positions as the row
+        alone.
         """
         B, T = idx.size()
-        assert past_kv is None or cache is None, "earlier tokens come as past_kv or as cache, not both"
-        past_len = past_kv[0][0].size(2) if past_kv is not None else cache[0].length if cache is not None else 0
+        assert past_kv is None or cache is None, (
+            "earlier tokens come as past_kv or as cache, not both")
+        past_len = (past_kv[0][0].size(2) if past_kv is not None
+                    else cache[0].length if cache is not None else 0)
         if attention_mask is None and past_len + T > self.config.block_size:
-            raise ValueError(f"sequence of {past_len + T} tokens is longer than block_size {self.config.block_size}")
+            raise ValueError(f"sequence of {past_len + T} tokens is longer than block_size "
+                             f"{self.config.block_size}")
         if attention_mask is None and past_len == 0:
             attn_mask = None  # plain causal attention
             pos = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T)
         else:
             if attention_mask is None:
                 attention_mask = torch.ones(B, past_len + T, dtype=torch.long, device=idx.device)
-            assert attention_mask.shape == (B, past_len + T), "attention_mask must cover past and current tokens"
+            assert attention_mask.shape == (B, past_len + T), (
+                "attention_mask must cover past and current tokens")
             keep = attention_mask.bool()
             pos = (keep.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]  # (B, T)
-            # padding takes no position, so only a padded batch longer than the window needs the (syncing) check
+            # padding takes no position, so only a padded batch longer than the window needs the
+            # (syncing) check
             if past_len + T > self.config.block_size and pos.max().item() >= self.config.block_size:
-                raise ValueError(f"a row of {pos.max().item() + 1} tokens is longer than block_size "
-                                 f"{self.config.block_size}")
+                raise ValueError(f"a row of {pos.max().item() + 1} tokens is longer than "
+                                 f"block_size {self.config.block_size}")
             q_pos = torch.arange(past_len, past_len + T, device=idx.device).view(T, 1)
             k_pos = torch.arange(past_len + T, device=idx.device).view(1, past_len + T)
             # (B, 1, T, T_past + T) causal and not padding
             attn_mask = (k_pos <= q_pos) & keep[:, None, None, :]
-            # a padding query may have no key at all (left padding); let it see itself so softmax stays finite
+            # a padding query may have no key at all (left padding); let it see itself so softmax
+            # stays finite
             attn_mask = attn_mask | (k_pos == q_pos)
         return self.transformer_pass(idx, pos, attn_mask, past_kv, use_cache, cache)
 
     def transformer_pass(self, idx, pos, attn_mask=None, past_kv=None, use_cache=False, cache=None):
-        """hidden_states once positions pos (B or 1, T) and attn_mask (B, 1, T, T_past + T) bool are known (None:
-        causal). For layouts that hidden_states does not build, such as choice_forward's."""
+        """hidden_states once positions pos (B or 1, T) and attn_mask (B, 1, T, T_past + T) bool are
+        known (None: causal). For layouts that hidden_states does not build, such as
+        choice_forward's."""
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         present = []
         with sdpa_kernel(ATTENTION_BACKENDS):
@@ -236,11 +255,11 @@ class GPT(nn.Module):
     def forward(self, idx, attention_mask=None, logits_at=None, segments=None):
         """
         -> logits (B, T, vocab_size), values (B, T) in float32.
-        logits_at (B, T) bool: apply the LM head only there (it is a third of GPT-2's FLOPs); logits are then
-        (K, vocab_size) for the K selected positions in row-major order.
-        segments (B, T): idx holds packed multiple-choice rows (pack_choices); returns choice_forward(idx, segments)
-        instead. This goes through forward because a DistributedDataParallel wrapper syncs the gradients only of
-        what ran inside its forward.
+        logits_at (B, T) bool: apply the LM head only there (it is a third of GPT-2's FLOPs); logits
+        are then (K, vocab_size) for the K selected positions in row-major order.
+        segments (B, T): idx holds packed multiple-choice rows (pack_choices); returns
+        choice_forward(idx, segments) instead. This goes through forward because a
+        DistributedDataParallel wrapper syncs the gradients only of what ran inside its forward.
         """
         if segments is not None:
             return self.choice_forward(idx, segments)
@@ -252,12 +271,14 @@ class GPT(nn.Module):
 
     def choice_forward(self, idx, segments):
         """
-        Multiple choice with each context computed once. A row holds one context followed by its n endings, packed
-        (pack_choices); each ending attends to the context and to its own earlier tokens only, and takes the
-        positions it would have right after the context. So the numbers are those of n full rows context + ending
-        (hellaswag.pad_choices), gradients reach the context through all n endings, and one pass runs half the
-        token positions on HellaSwag (README).
-        idx (B, T): context, ending 1, ..., ending n, right-padded. segments (B, T): 0 context, j ending j, -1 pad.
+        Multiple choice with each context computed once. A row holds one context followed by its n
+        endings, packed (pack_choices); each ending attends to the context and to its own earlier
+        tokens only, and takes the positions it would have right after the context. So the numbers
+        are those of n full rows context + ending (hellaswag.pad_choices), gradients reach the
+        context through all n endings, and one pass runs half the token positions on HellaSwag
+        (README).
+        idx (B, T): context, ending 1, ..., ending n, right-padded.
+        segments (B, T): 0 context, j ending j, -1 pad.
         -> sum_logprobs (B, n): each ending's summed token log-probs given its context, float32
            values (B,): the value head at each context's last token, float32
         """
@@ -278,30 +299,35 @@ class GPT(nn.Module):
         # padding sees itself: finite
         attn_mask = attn_mask | torch.eye(T, dtype=torch.bool, device=idx.device)
         x = self.transformer_pass(idx, pos, attn_mask)  # (B, T, C)
-        values = self.value_head(x[torch.arange(B, device=idx.device), ctx_len[:, 0] - 1]).squeeze(-1).float()
-        # an ending token is predicted by the state before it: its context's last token for the ending's first
+        last_context = x[torch.arange(B, device=idx.device), ctx_len[:, 0] - 1]
+        values = self.value_head(last_context).squeeze(-1).float()
+        # an ending token is predicted by the state before it: its context's last token for the
+        # ending's first
         predictor = torch.where(starts, ctx_len - 1, col - 1)  # (B, T)
         b, c = (segments > 0).nonzero(as_tuple=True)  # (K,), (K,) every ending token
         # LM head at K only
         token_logprobs = logprobs_from_logits(self.lm_head(x[b, predictor[b, c]]), idx[b, c])
-        # put back in their (row, column) slots and summed per ending: deterministic, unlike an atomic index_add on CUDA
+        # put back in their (row, column) slots and summed per ending:
+        # deterministic, unlike an atomic index_add on CUDA
         slots = torch.zeros(B, T, device=idx.device).index_put((b, c), token_logprobs)  # (B, T)
         # (B, n, T)
         endings = torch.arange(1, n + 1, device=idx.device)[None, :, None] == segments[:, None, :]
         return (slots[:, None, :] * endings).sum(-1), values
 
-    # ------------------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     # sampling
 
     @torch.no_grad()
-    def generate(self, idx, attention_mask=None, max_new_tokens=32, temperature=1.0, top_k=None, top_p=None,
-                 stop_tokens=(EOT_TOKEN,), generator=None):
+    def generate(self, idx, attention_mask=None, max_new_tokens=32, temperature=1.0, top_k=None,
+                 top_p=None, stop_tokens=(EOT_TOKEN,), generator=None):
         """
         Sample continuations of left-padded prompts idx (B, T) with a KV cache.
-        Returns tokens (B, N), mask (B, N) (1 up to and including the first stop token) and the log-probs of the
-        sampled tokens under the temperature-scaled distribution (before top-k / top-p), float32, 0 where masked.
-        temperature=0 is greedy decoding (log-probs then under temperature 1). N <= max_new_tokens: sampling
-        stops early once every row has stopped. Sampling draws only from generator (or torch's default one).
+        Returns tokens (B, N), mask (B, N) (1 up to and including the first stop token) and the
+        log-probs of the sampled tokens under the temperature-scaled distribution (before top-k /
+        top-p), float32, 0 where masked.
+        temperature=0 is greedy decoding (log-probs then under temperature 1). N <= max_new_tokens:
+        sampling stops early once every row has stopped. Sampling draws only from generator (or
+        torch's default one).
         """
         B, T = idx.size()
         if attention_mask is None:
@@ -310,7 +336,7 @@ class GPT(nn.Module):
             raise ValueError(f"prompt of {T} + {max_new_tokens} new tokens exceeds block_size "
                              f"{self.config.block_size}")
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
-        # the mask of the prompt and of every token to come, so that each step's mask is a slice of it
+        # the mask of the prompt and of every token to come, so each step's mask is a slice of it
         # (B, T + N)
         full_mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=1)
         cache = [KVCache(T + max_new_tokens) for _ in self.transformer.h]
@@ -328,11 +354,12 @@ class GPT(nn.Module):
             done = done | torch.isin(next_token, stop)
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
-            hidden = self.hidden_states(next_token[:, None], full_mask[:, :T + step + 1], cache=cache)
+            step_mask = full_mask[:, :T + step + 1]
+            hidden = self.hidden_states(next_token[:, None], step_mask, cache=cache)
             logits = self.lm_head(hidden[:, -1, :]).float()
         return torch.stack(tokens, 1), torch.stack(masks, 1).long(), torch.stack(logprobs, 1)
 
-    # ------------------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     # optimizer
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -340,19 +367,21 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
-    # ------------------------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
     # loading and export
 
     @classmethod
     def from_pretrained(cls, source):
         """
-        source: a hub name ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", or another GPT-2 repo), a local
-        transformers GPT-2 directory (ours from save_pretrained included), a build-nanogpt or nanoGPT checkpoint
-        (.pt), or this project's checkpoint (.pt, or a run directory: its newest ckpt_<step>.pt).
+        source: a hub name ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", or another GPT-2 repo),
+        a local transformers GPT-2 directory (ours from save_pretrained included), a build-nanogpt
+        or nanoGPT checkpoint (.pt), or this project's checkpoint (.pt, or a run directory: its
+        newest ckpt_<step>.pt).
         """
         source = os.fspath(source)
         if os.path.isdir(source):
@@ -360,8 +389,8 @@ class GPT(nn.Module):
                 return cls._from_transformers(source)
             ckpt = latest_checkpoint(source)
             if ckpt is None:
-                raise UserError(f"{source}: directory holds neither a transformers model (config.json) nor a "
-                                "checkpoint (ckpt_*.pt)")
+                raise UserError(f"{source}: directory holds neither a transformers model "
+                                "(config.json) nor a checkpoint (ckpt_*.pt)")
             return cls._from_torch_file(ckpt)
         if os.path.isfile(source):
             return cls._from_torch_file(source)
@@ -373,7 +402,7 @@ class GPT(nn.Module):
     def _from_transformers(cls, name_or_dir):
         local = os.path.isdir(name_or_dir)
         config_where = os.path.join(name_or_dir, "config.json") if local else name_or_dir
-        # files transformers would fail on with a traceback, checked here so that the error names them
+        # files transformers would fail on with a traceback, checked here so the error names them
         if local:
             read_json(config_where)
             for name in sorted(os.listdir(name_or_dir)):
@@ -382,28 +411,34 @@ class GPT(nn.Module):
         try:
             hf_config = AutoConfig.from_pretrained(name_or_dir)
             if hf_config.model_type != "gpt2":
-                raise UserError(f"{name_or_dir}: a '{hf_config.model_type}' model, but GPT.from_pretrained loads "
-                                "GPT-2 only (hellaswag.py and reward.py take other architectures)")
+                raise UserError(f"{name_or_dir}: a '{hf_config.model_type}' model, but "
+                                "GPT.from_pretrained loads GPT-2 only (hellaswag.py and reward.py "
+                                "take other architectures)")
             c = hf_config
-            config = _config_from(dict(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
-                                       n_head=c.n_head, n_embd=c.n_embd, layer_norm_epsilon=c.layer_norm_epsilon),
-                                  config_where)
+            fields = dict(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                          n_head=c.n_head, n_embd=c.n_embd, layer_norm_epsilon=c.layer_norm_epsilon)
+            config = _config_from(fields, config_where)
             hf = GPT2LMHeadModel.from_pretrained(name_or_dir, dtype=torch.float32)
         except UserError:
             raise
         except OSError as e:
             if local:
-                raise UserError(f"{name_or_dir}: not a loadable transformers GPT-2 directory ({e})") from None
-            raise UserError(f"could not load '{name_or_dir}' from the Hugging Face hub (offline, or no such repo?); "
-                            f"download it where there is internet (hf download {name_or_dir} --local-dir DIR) "
-                            "and pass that directory instead") from None
+                raise UserError(f"{name_or_dir}: not a loadable transformers GPT-2 directory "
+                                f"({e})") from None
+            raise UserError(
+                f"could not load '{name_or_dir}' from the Hugging Face hub (offline, or no such "
+                f"repo?); download it where there is internet (hf download {name_or_dir} "
+                "--local-dir DIR) and pass that directory instead") from None
         # transformers raises many kinds for a config or weights it cannot use
         except Exception as e:
-            raise UserError(f"{name_or_dir}: not a loadable transformers GPT-2 ({first_line(e)})") from None
+            raise UserError(f"{name_or_dir}: not a loadable transformers GPT-2 "
+                            f"({first_line(e)})") from None
         if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise UserError(f"{name_or_dir}: activation {c.activation_function!r} is not GPT-2's tanh GELU")
+            raise UserError(f"{name_or_dir}: activation {c.activation_function!r} is not GPT-2's "
+                            "tanh GELU")
         model = cls(config)
-        sd = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        sd = {k: v for k, v in hf.state_dict().items()
+              if not k.endswith((".attn.bias", ".attn.masked_bias"))}
         for k in sd:
             # transformers' Conv1D stores (in, out); nn.Linear wants (out, in)
             if k.endswith(_CONV1D_WEIGHTS):
@@ -416,7 +451,8 @@ class GPT(nn.Module):
 
     @classmethod
     def _from_torch_file(cls, path):
-        # build-nanogpt pickles its GPTConfig dataclass from __main__; read it as a plain object, nothing executed
+        # build-nanogpt pickles its GPTConfig dataclass from __main__;
+        # read it as a plain object, nothing executed
         stand_ins = [(type("GPTConfig", (), {}), f"{module}.GPTConfig")
                      for module in ("__main__", "train_gpt2", "model")]
         try:
@@ -425,9 +461,11 @@ class GPT(nn.Module):
         # torch's own advice here is to turn the safety off: never repeat it
         except pickle.UnpicklingError as e:
             found = re.search(r"GLOBAL ([\w.]+)", str(e))
-            what = f"Python code ({found.group(1)})" if found else "Python objects, not just tensors and data"
-            raise UserError(f"{path}: refused: loading it would run {what}; only tensors and plain data are read, "
-                            "so save the weights alone (a state dict of tensors) and load that") from None
+            what = (f"Python code ({found.group(1)})" if found
+                    else "Python objects, not just tensors and data")
+            raise UserError(f"{path}: refused: loading it would run {what}; only tensors and plain "
+                            "data are read, so save the weights alone (a state dict of tensors) "
+                            "and load that") from None
         except Exception as e:
             raise UserError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt "
                             f"({first_line(e)})") from None
@@ -441,11 +479,12 @@ class GPT(nn.Module):
         elif "model" in ckpt and "model_args" in ckpt:  # nanoGPT's ckpt.pt
             config_key, fields, strict = "model_args", ckpt["model_args"], False
         else:
-            raise UserError(f"{path}: unknown checkpoint layout (keys: {sorted(ckpt)[:8]}); expected this project's, "
-                            "build-nanogpt's or nanoGPT's")
+            raise UserError(f"{path}: unknown checkpoint layout (keys: {sorted(ckpt)[:8]}); "
+                            "expected this project's, build-nanogpt's or nanoGPT's")
         for key, value in ((config_key, fields), ("model", ckpt.get("model"))):
             if not isinstance(value, dict):
-                problem = "missing" if key not in ckpt else f"a {type(ckpt[key]).__name__}, not a dict"
+                problem = ("missing" if key not in ckpt
+                           else f"a {type(ckpt[key]).__name__}, not a dict")
                 raise UserError(f"{path}: the checkpoint's '{key}' is {problem}")
         config = _config_from(fields, path, strict)
         sd = ckpt["model"]
@@ -466,15 +505,16 @@ class GPT(nn.Module):
             clean["lm_head.weight"] = clean["transformer.wte.weight"]
         not_tensors = [k for k, v in clean.items() if not isinstance(v, torch.Tensor)]
         if not_tensors:
-            raise UserError(f"{where}: the weights hold things that are not tensors ({not_tensors[:4]})")
+            raise UserError(f"{where}: the weights hold things that are not tensors "
+                            f"({not_tensors[:4]})")
         expected = self.state_dict()
         for k, v in clean.items():  # load_state_dict would raise a page-long RuntimeError
             if k in expected and v.shape != expected[k].shape:
                 c = self.config
-                raise UserError(f"{where}: the weights and the model config disagree: {k} is {tuple(v.shape)}, "
-                                f"but n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, "
-                                f"vocab_size={c.vocab_size}, block_size={c.block_size} make it "
-                                f"{tuple(expected[k].shape)}")
+                raise UserError(f"{where}: the weights and the model config disagree: {k} is "
+                                f"{tuple(v.shape)}, but n_layer={c.n_layer}, n_head={c.n_head}, "
+                                f"n_embd={c.n_embd}, vocab_size={c.vocab_size}, "
+                                f"block_size={c.block_size} make it {tuple(expected[k].shape)}")
         missing, unexpected = self.load_state_dict(clean, strict=False)
         # a fresh value head is fine
         missing = [k for k in missing if not k.startswith("value_head.")]
@@ -483,20 +523,24 @@ class GPT(nn.Module):
                             f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
 
     def save_pretrained(self, out_dir):
-        """Write a transformers GPT-2 directory (config, safetensors, tokenizer) plus value_head.safetensors.
-        The directory is replaced atomically: a crash leaves the old export or the new one, never half of one."""
+        """Write a transformers GPT-2 directory (config, safetensors, tokenizer) plus
+        value_head.safetensors. The directory is replaced atomically: a crash leaves the old export
+        or the new one, never half of one."""
         c = self.config
-        hf_config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                               n_head=c.n_head, layer_norm_epsilon=c.layer_norm_epsilon, activation_function="gelu_new",
-                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                               bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN, tie_word_embeddings=True)
+        hf_config = GPT2Config(
+            vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+            n_head=c.n_head, layer_norm_epsilon=c.layer_norm_epsilon,
+            activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN, tie_word_embeddings=True)
         hf = GPT2LMHeadModel(hf_config)
-        sd = {k: v.detach().float().cpu() for k, v in self.state_dict().items() if not k.startswith("value_head.")}
+        sd = {k: v.detach().float().cpu() for k, v in self.state_dict().items()
+              if not k.startswith("value_head.")}
         for k in sd:
             if k.endswith(_CONV1D_WEIGHTS):
                 sd[k] = sd[k].t().contiguous()
         missing, unexpected = hf.load_state_dict(sd, strict=False)
-        assert not unexpected and all(k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing), missing
+        assert not unexpected and all(k.endswith((".attn.bias", ".attn.masked_bias"))
+                                      for k in missing), missing
         with atomic_directory(out_dir) as tmp:
             hf.save_pretrained(tmp)
             gpt2_hf_tokenizer().save_pretrained(tmp)
@@ -507,7 +551,8 @@ class GPT(nn.Module):
                 json.dump(dataclasses.asdict(c), f, indent=2)
 
 
-_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight",
+                   "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def latest_checkpoint(run_dir):
@@ -517,12 +562,14 @@ def latest_checkpoint(run_dir):
 
 
 def _config_from(fields, where, strict=False):
-    """A checked GPTConfig from a checkpoint's or config.json's fields. strict: an unknown field is an error (this
-    project's checkpoints hold exactly GPTConfig's fields); otherwise other fields are ignored (nanoGPT's)."""
+    """A checked GPTConfig from a checkpoint's or config.json's fields. strict: an unknown field is
+    an error (this project's checkpoints hold exactly GPTConfig's fields); otherwise other fields
+    are ignored (nanoGPT's)."""
     known = {f.name for f in dataclasses.fields(GPTConfig)}
     unknown = sorted(set(fields) - known)
     if strict and unknown:
-        raise UserError(f"{where}: unknown model config field(s) {unknown[:4]}; not a checkpoint of this version")
+        raise UserError(f"{where}: unknown model config field(s) {unknown[:4]}; not a checkpoint "
+                        "of this version")
     config = GPTConfig(**{k: v for k, v in fields.items() if k in known})
     check_model_config(config, where)
     return config
@@ -533,14 +580,16 @@ def _is_number(value):
 
 
 def check_model_config(config, where):
-    """One line naming `where` if a GPTConfig cannot build a GPT: a size that is not a positive integer, n_embd not
-    a multiple of n_head, a dropout outside [0, 1), a non-positive layer_norm_epsilon."""
+    """One line naming `where` if a GPTConfig cannot build a GPT: a size that is not a positive
+    integer, n_embd not a multiple of n_head, a dropout outside [0, 1), a non-positive
+    layer_norm_epsilon."""
     for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise UserError(f"{where}: {name} must be a positive integer, not {value!r}")
     if config.n_embd % config.n_head:
-        raise UserError(f"{where}: n_embd={config.n_embd} is not a multiple of n_head={config.n_head}")
+        raise UserError(f"{where}: n_embd={config.n_embd} is not a multiple of "
+                        f"n_head={config.n_head}")
     if not _is_number(config.dropout) or not 0 <= config.dropout < 1:
         raise UserError(f"{where}: dropout must be a number in [0, 1), not {config.dropout!r}")
     if not isinstance(config.bias, bool):
@@ -551,12 +600,13 @@ def check_model_config(config, where):
 
 
 def check_finite_weights(model, source):
-    """One line naming `source` and the first parameter that holds NaN or inf. A diverged run's weights do not fail
-    on their own: they score as chance, so evaluation and training check before they start."""
+    """One line naming `source` and the first parameter that holds NaN or inf. A diverged run's
+    weights do not fail on their own: they score as chance, so evaluation and training check before
+    they start."""
     for name, p in model.named_parameters():
         if p.is_floating_point() and not torch.isfinite(p).all():
-            raise UserError(f"{source}: non-finite weights (NaN or inf) in {name}; a diverged or damaged model, "
-                            "use an earlier checkpoint")
+            raise UserError(f"{source}: non-finite weights (NaN or inf) in {name}; a diverged or "
+                            "damaged model, use an earlier checkpoint")
 
 
 def _check_safetensors(path):
@@ -586,9 +636,9 @@ def filter_logits(logits, top_k=None, top_p=None):
 
 def pack_choices(encoded, pad_token=EOT_TOKEN):
     """
-    N encoded examples (context tokens, n ending token lists) -> GPT.choice_forward's idx (N, T) and segments
-    (N, T), long: each row is the context, then ending 1 ... ending n, right-padded to the longest row; segments
-    marks the context 0, ending j j and padding -1.
+    N encoded examples (context tokens, n ending token lists) -> GPT.choice_forward's idx (N, T) and
+    segments (N, T), long: each row is the context, then ending 1 ... ending n, right-padded to the
+    longest row; segments marks the context 0, ending j j and padding -1.
     """
     rows = [context + [t for ending in endings for t in ending] for context, endings in encoded]
     T = max(len(row) for row in rows)
@@ -596,14 +646,16 @@ def pack_choices(encoded, pad_token=EOT_TOKEN):
     segments = torch.full((len(rows), T), -1, dtype=torch.long)
     for i, (row, (context, endings)) in enumerate(zip(rows, encoded)):
         idx[i, :len(row)] = torch.tensor(row)
-        segments[i, :len(row)] = torch.tensor([0] * len(context) + [j + 1 for j, e in enumerate(endings) for _ in e])
+        row_segments = [0] * len(context) + [j + 1 for j, e in enumerate(endings) for _ in e]
+        segments[i, :len(row)] = torch.tensor(row_segments)
     return idx, segments
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """
-    Next tokens (B,) from logits (B, V) float32, and their log-probs (B,) under the temperature-scaled distribution
-    (before top-k / top-p). temperature=0 is greedy, with log-probs under temperature 1.
+    Next tokens (B,) from logits (B, V) float32, and their log-probs (B,) under the
+    temperature-scaled distribution (before top-k / top-p). temperature=0 is greedy, with log-probs
+    under temperature 1.
     """
     if temperature != 0:
         logits = logits / temperature
@@ -612,17 +664,19 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     if temperature == 0:
         next_token = logits.argmax(dim=-1)
     else:
-        # softmax's numerators over the kept tokens; the race needs no normalization (-inf logits give 0)
-        next_token = sample_from_probs(torch.exp(filter_logits(logits, top_k, top_p) - log_norm), generator)
+        # softmax's numerators over the kept tokens; the race needs no normalization
+        # (-inf logits give 0)
+        numerators = torch.exp(filter_logits(logits, top_k, top_p) - log_norm)
+        next_token = sample_from_probs(numerators, generator)
     return next_token, (logits.gather(-1, next_token[:, None]) - log_norm).squeeze(-1)
 
 
 def sample_from_probs(probs, generator=None):
     """
-    One index per row of probs (B, V), drawn with probability p_i / sum(p) (probs need not sum to 1): the
-    exponential race argmax_i p_i / E_i with E_i ~ Exp(1) independent, which is Gumbel-max with one log per entry
-    instead of two. On a CPU with 1 thread it took a third of torch.multinomial's time (README). The draw depends
-    only on generator's state.
+    One index per row of probs (B, V), drawn with probability p_i / sum(p) (probs need not sum to
+    1): the exponential race argmax_i p_i / E_i with E_i ~ Exp(1) independent, which is Gumbel-max
+    with one log per entry instead of two. On a CPU with 1 thread it took a third of
+    torch.multinomial's time (README). The draw depends only on generator's state.
     """
     race = torch.empty_like(probs).uniform_(generator=generator)  # u in [0, 1)
     race.log_().neg_()  # E = -log u ~ Exp(1); u = 0 gives E = inf, a sure loss rather than a 0 / 0

