@@ -1,16 +1,20 @@
 """
-What did PPO do to the model's commonsense reasoning? A report (report.md, report.json and PNG figures) that reads
-a training run's out_dir as it is, or two prediction files.
+What did PPO do to the model's commonsense reasoning? A report (report.md, report.json and PNG
+figures) that reads a training run's out_dir as it is, or two prediction files.
 
-    python analyze.py out/demo                                   # -> out/demo/report/report.md
-    python analyze.py out/lr1e-5 out/lr3e-5 --out out/sweep      # several runs, curves on the same axes
-    python analyze.py --before A.jsonl --after B.jsonl --data val.jsonl --out report   # models trained elsewhere
+    # -> out/demo/report/report.md
+    python analyze.py out/demo
+    # several runs, curves on the same axes
+    python analyze.py out/lr1e-5 out/lr3e-5 --out out/sweep
+    # models trained elsewhere
+    python analyze.py --before A.jsonl --after B.jsonl --data val.jsonl --out report
 
-A run is read from what train_ppo.py writes: train_config.json, metrics.jsonl, samples.jsonl and eval/step_*.jsonl
-(hellaswag.py's --predictions schema). eval/teacher.jsonl (or --teacher), the teacher's own predictions on the
-validation data, adds agreement with the teacher. Anything missing, cut off or unlabelled is skipped, and the
-report says what could not be computed and why. The paired statistics are hellaswag.py's (the ones --compare
-prints); this file adds only intervals for one accuracy and the calibration error.
+A run is read from what train_ppo.py writes: train_config.json, metrics.jsonl, samples.jsonl and
+eval/step_*.jsonl (hellaswag.py's --predictions schema). eval/teacher.jsonl (or --teacher), the
+teacher's own predictions on the validation data, adds agreement with the teacher. Anything missing,
+cut off or unlabelled is skipped, and the report says what could not be computed and why. The paired
+statistics are hellaswag.py's (the ones --compare prints); this file adds only intervals for one
+accuracy and the calibration error.
 """
 
 import argparse
@@ -35,18 +39,20 @@ CALIBRATION_BINS = 10
 # the text ends of train_ppo.sentence_stop_tokens
 STOP_ENDINGS = (".", "!", "?", "\n", '."', '!"', '?"')
 # keys that name where a run lives rather than what it did: never used to tell runs apart
-PLACE_KEYS = ("out_dir", "synthetic_dir", "teacher_cache", "data_cache", "wandb_run_name", "wandb_project", "device")
-CURVES = [("reward", "reward"), ("kl", "KL to the reference"), ("eval", "eval acc / acc_norm (95% CI)"),
-          ("approx_kl", "approx_kl"), ("clipfrac", "clipfrac"), ("entropy", "entropy"),
-          ("explained_var", "explained variance"), ("lr", "learning rate"), ("kl_coef", "KL coefficient")]
+PLACE_KEYS = ("out_dir", "synthetic_dir", "teacher_cache", "data_cache", "wandb_run_name",
+              "wandb_project", "device")
+CURVES = [("reward", "reward"), ("kl", "KL to the reference"),
+          ("eval", "eval acc / acc_norm (95% CI)"), ("approx_kl", "approx_kl"),
+          ("clipfrac", "clipfrac"), ("entropy", "entropy"), ("explained_var", "explained variance"),
+          ("lr", "learning rate"), ("kl_coef", "KL coefficient")]
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # statistics this report adds to hellaswag.py's paired ones
 
 
 def wilson_interval(correct, n, z=1.96):
-    """95% Wilson score interval of an accuracy of correct / n (sensible at 0, 1 and small n, unlike the normal
-    interval)."""
+    """95% Wilson score interval of an accuracy of correct / n (sensible at 0, 1 and small n, unlike
+    the normal interval)."""
     if n == 0:
         return [0.0, 1.0]
     p = correct / n
@@ -56,15 +62,17 @@ def wilson_interval(correct, n, z=1.96):
 
 
 def choice_probabilities(scores, temperature=1.0):
-    """softmax(scores / temperature): for completion-style norm_scores, the choice rollouts' policy over endings."""
+    """softmax(scores / temperature): for completion-style norm_scores, the choice rollouts' policy
+    over endings."""
     top = max(scores)
     weights = [math.exp((s - top) / temperature) for s in scores]
     return [w / sum(weights) for w in weights]
 
 
 def calibration(confidences, correct, n_bins=CALIBRATION_BINS):
-    """Equal-width confidence bins -> {"bins": [{lo, hi, n, confidence, accuracy}], "ece"}; the expected calibration
-    error is the bins' |accuracy - mean confidence| weighted by their share of the examples."""
+    """Equal-width confidence bins -> {"bins": [{lo, hi, n, confidence, accuracy}], "ece"}; the
+    expected calibration error is the bins' |accuracy - mean confidence| weighted by their share of
+    the examples."""
     bins = [{"lo": b / n_bins, "hi": (b + 1) / n_bins, "n": 0, "confidence": 0.0, "accuracy": 0.0}
             for b in range(n_bins)]
     for confidence, right in zip(confidences, correct):
@@ -77,7 +85,8 @@ def calibration(confidences, correct, n_bins=CALIBRATION_BINS):
             b["confidence"] /= b["n"]
             b["accuracy"] /= b["n"]
     total = sum(b["n"] for b in bins)
-    ece = sum(b["n"] * abs(b["accuracy"] - b["confidence"]) for b in bins) / total if total else float("nan")
+    ece = (sum(b["n"] * abs(b["accuracy"] - b["confidence"]) for b in bins) / total
+           if total else float("nan"))
     return {"bins": bins, "ece": ece}
 
 
@@ -86,13 +95,13 @@ def mean(values):
     return sum(values) / len(values) if values else float("nan")
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # reading a run as it is: every file may be missing, cut off or from an older version
 
 
 def read_records(path, notes):
-    """The JSON objects of a JSON-lines file; a missing file is None, and unreadable lines (the last one cut off by
-    an interrupted run) are skipped with a note instead of stopping the report."""
+    """The JSON objects of a JSON-lines file; a missing file is None, and unreadable lines (the last
+    one cut off by an interrupted run) are skipped with a note instead of stopping the report."""
     if not os.path.isfile(path):
         return None
     try:
@@ -101,16 +110,16 @@ def read_records(path, notes):
         notes.append(f"{path}: cannot read ({e.strerror})")
         return None
     if bad:
-        notes.append(f"{path}: skipped {len(bad)} unreadable line(s), first line {bad[0]} (cut off by an interrupted "
-                     "run?)")
+        notes.append(f"{path}: skipped {len(bad)} unreadable line(s), first line {bad[0]} "
+                     "(cut off by an interrupted run?)")
     return records
 
 
 def read_config(run_dir, notes):
     path = os.path.join(run_dir, "train_config.json")
     if not os.path.isfile(path):
-        notes.append(f"{path}: missing, so runs cannot be labelled by their settings and the validation text is not "
-                     "found unless --data is given")
+        notes.append(f"{path}: missing, so runs cannot be labelled by their settings and the "
+                     "validation text is not found unless --data is given")
         return {}
     try:
         with open(path, encoding="utf-8") as f:
@@ -141,10 +150,12 @@ def read_evaluations(run_dir, notes):
             predictions = read_prediction_file(os.path.join(eval_dir, name), notes)
             if predictions is not None:
                 step = int(match.group(1))
-                evaluations.append({"name": f"step {step}", "step": step, "predictions": predictions})
+                evaluations.append({"name": f"step {step}", "step": step,
+                                    "predictions": predictions})
     if not evaluations:
-        notes.append(f"{eval_dir}: no per-example predictions (older runs have none), so the before/after "
-                     "comparison, flips, groups, lengths and calibration cannot be computed")
+        notes.append(f"{eval_dir}: no per-example predictions (older runs have none), so the "
+                     "before/after comparison, flips, groups, lengths and calibration cannot be "
+                     "computed")
     return evaluations
 
 
@@ -157,7 +168,8 @@ def read_prediction_file(path, notes):
 
 
 def val_data_path(config, run_dir):
-    """Where the run's validation text is on this machine, or None: the files are never downloaded here."""
+    """Where the run's validation text is on this machine, or None: the files are never downloaded
+    here."""
     if config.get("synthetic"):
         folder = config.get("synthetic_dir") or os.path.join(run_dir, "synthetic")
         return os.path.join(folder, "val.jsonl")
@@ -171,11 +183,12 @@ def val_data_path(config, run_dir):
 
 
 def read_examples(path, predictions, notes):
-    """The validation examples the predictions index, or None (with a note) when the text is not here or is other
-    data."""
+    """The validation examples the predictions index, or None (with a note) when the text is not
+    here or is other data."""
     if path is None or not os.path.isfile(path):
-        notes.append(f"validation text not found ({path or 'no val_data in the config'}; pass --data FILE): flipped "
-                     "examples are shown by index only, and ending lengths cannot be computed")
+        notes.append(f"validation text not found ({path or 'no val_data in the config'}; "
+                     "pass --data FILE): flipped examples are shown by index only, and ending "
+                     "lengths cannot be computed")
         return None
     try:
         examples = hellaswag.load_examples(data_file=path)
@@ -183,18 +196,21 @@ def read_examples(path, predictions, notes):
         notes.append(f"validation text unreadable ({e}); ending lengths cannot be computed")
         return None
     for p in predictions:
-        if p["index"] >= len(examples) or p.get("label") not in (None, examples[p["index"]]["label"]):
-            notes.append(f"{path} is not the data these predictions were made on (example {p['index']} differs); "
-                         "ending lengths cannot be computed")
+        if (p["index"] >= len(examples)
+                or p.get("label") not in (None, examples[p["index"]]["label"])):
+            notes.append(f"{path} is not the data these predictions were made on "
+                         f"(example {p['index']} differs); ending lengths cannot be computed")
             return None
     return examples
 
 
 def teacher_cache_note(run_dir, config):
-    """What the teacher cache holds. It scores the *training* examples (reward.TeacherReward, keyed by the teacher,
-    style and training text), so it says nothing about the validation examples the evaluations predict."""
+    """What the teacher cache holds. It scores the *training* examples (reward.TeacherReward, keyed
+    by the teacher, style and training text), so it says nothing about the validation examples the
+    evaluations predict."""
     folder = config.get("teacher_cache") or os.path.join(run_dir, "teacher_cache")
-    files = sorted(f for f in os.listdir(folder) if f.endswith(".pt")) if os.path.isdir(folder) else []
+    files = (sorted(f for f in os.listdir(folder) if f.endswith(".pt"))
+             if os.path.isdir(folder) else [])
     if not files:
         return None
     counts = []
@@ -202,12 +218,14 @@ def teacher_cache_note(run_dir, config):
         try:
             cache = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
             scored = cache["sum_logprob"][:, 0]
-            counts.append(f"{name}: {int((~torch.isnan(scored)).sum())} of {scored.numel()} training examples scored")
+            counts.append(f"{name}: {int((~torch.isnan(scored)).sum())} of {scored.numel()} "
+                          "training examples scored")
         # any unreadable cache is only reported: it is not needed for the report
         except Exception as e:
             counts.append(f"{name}: unreadable ({type(e).__name__})")
-    return ("the teacher cache holds the teacher's scores of training examples, not of the validation examples "
-            "the evaluations predict, so it cannot give agreement on them (" + "; ".join(counts) + ")")
+    return ("the teacher cache holds the teacher's scores of training examples, not of the "
+            "validation examples the evaluations predict, so it cannot give agreement on them ("
+            + "; ".join(counts) + ")")
 
 
 def load_run(run_dir, data=None, teacher=None):
@@ -215,16 +233,20 @@ def load_run(run_dir, data=None, teacher=None):
     config = read_config(run_dir, notes)
     metrics = by_step(read_records(os.path.join(run_dir, "metrics.jsonl"), notes))
     if not metrics:
-        notes.append(f"{os.path.join(run_dir, 'metrics.jsonl')}: missing or empty, so there are no training curves")
+        notes.append(f"{os.path.join(run_dir, 'metrics.jsonl')}: missing or empty, so there are no "
+                     "training curves")
     samples = read_records(os.path.join(run_dir, "samples.jsonl"), notes) or []
     evaluations = read_evaluations(run_dir, notes)
     first = evaluations[0]["predictions"] if evaluations else []
-    examples = read_examples(data or val_data_path(config, run_dir), first, notes) if evaluations else None
+    examples = (read_examples(data or val_data_path(config, run_dir), first, notes)
+                if evaluations else None)
     teacher_path = teacher or os.path.join(run_dir, "eval", "teacher.jsonl")
-    teacher_predictions = read_prediction_file(teacher_path, notes) if os.path.isfile(teacher_path) else None
+    teacher_predictions = (read_prediction_file(teacher_path, notes)
+                           if os.path.isfile(teacher_path) else None)
     return {"dir": run_dir, "label": os.path.basename(os.path.normpath(run_dir)), "config": config,
-            "metrics": metrics, "samples": samples, "evaluations": evaluations, "examples": examples,
-            "teacher": teacher_predictions, "teacher_cache": teacher_cache_note(run_dir, config), "notes": notes}
+            "metrics": metrics, "samples": samples, "evaluations": evaluations,
+            "examples": examples, "teacher": teacher_predictions,
+            "teacher_cache": teacher_cache_note(run_dir, config), "notes": notes}
 
 
 def load_pair(before, after, data=None, teacher=None):
@@ -234,18 +256,22 @@ def load_pair(before, after, data=None, teacher=None):
     for name, path in (("before", before), ("after", after)):
         # here a bad file is the user's error
         predictions = hellaswag.read_predictions(path, require_labels=False)
-        evaluations.append({"name": f"{name} ({os.path.basename(path)})", "step": None, "predictions": predictions})
+        evaluations.append({"name": f"{name} ({os.path.basename(path)})", "step": None,
+                            "predictions": predictions})
     examples = read_examples(data, evaluations[0]["predictions"], notes) if data else None
     if data is None:
-        notes.append("no --data: flipped examples are shown by index only, and ending lengths cannot be computed")
+        notes.append("no --data: flipped examples are shown by index only, and ending lengths "
+                     "cannot be computed")
     teacher_predictions = read_prediction_file(teacher, notes) if teacher else None
-    return {"dir": None, "label": f"{os.path.basename(before)} -> {os.path.basename(after)}", "config": {},
-            "metrics": [], "samples": [], "evaluations": evaluations, "examples": examples,
-            "teacher": teacher_predictions, "teacher_cache": None, "notes": notes}
+    return {"dir": None, "label": f"{os.path.basename(before)} -> {os.path.basename(after)}",
+            "config": {}, "metrics": [], "samples": [], "evaluations": evaluations,
+            "examples": examples, "teacher": teacher_predictions, "teacher_cache": None,
+            "notes": notes}
 
 
 def label_runs(runs):
-    """Name each run by the settings that differ between the runs (a sweep reads at a glance), else its folder."""
+    """Name each run by the settings that differ between the runs (a sweep reads at a glance), else
+    its folder."""
     keys = sorted({k for r in runs for k in r["config"]} - set(PLACE_KEYS))
     differ = [k for k in keys if len({json.dumps(r["config"].get(k)) for r in runs}) > 1]
     if len(runs) > 1 and differ:
@@ -254,7 +280,7 @@ def label_runs(runs):
     return differ
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # analysis of one run: plain dicts of numbers, which the report prints and report.json keeps
 
 
@@ -263,20 +289,24 @@ def is_labelled(predictions):
 
 
 def evaluation_table(run):
-    """Accuracy with its interval at every evaluation: from the prediction files, else from metrics.jsonl."""
+    """Accuracy with its interval at every evaluation: from the prediction files, else from
+    metrics.jsonl."""
     rows = []
     for e in run["evaluations"]:
         preds = e["predictions"]
         if is_labelled(preds):
             correct = sum(p["pred"] == p["label"] for p in preds)
             correct_norm = sum(p["pred_norm"] == p["label"] for p in preds)
-            rows.append({"name": e["name"], "step": e["step"], "n": len(preds), "acc": correct / len(preds),
-                         "acc_ci": wilson_interval(correct, len(preds)), "acc_norm": correct_norm / len(preds),
+            rows.append({"name": e["name"], "step": e["step"], "n": len(preds),
+                         "acc": correct / len(preds),
+                         "acc_ci": wilson_interval(correct, len(preds)),
+                         "acc_norm": correct_norm / len(preds),
                          "acc_norm_ci": wilson_interval(correct_norm, len(preds))})
     have = {row["step"] for row in rows}
     # steps whose file is lost: the logged value
     if all(is_labelled(e["predictions"]) for e in run["evaluations"]):
-        rows += [row for m in run["metrics"] if m["step"] not in have and (row := metrics_evaluation(m))]
+        rows += [row for m in run["metrics"]
+                 if m["step"] not in have and (row := metrics_evaluation(m))]
     return sorted(rows, key=lambda row: -1 if row["step"] is None else row["step"])
 
 
@@ -290,8 +320,8 @@ def metrics_evaluation(m):
 
 
 def pick_comparisons(run, table):
-    """(label, before, after) pairs: the first evaluation against the last and against the best (by acc_norm, as
-    best.pt is chosen; ties go to the earliest)."""
+    """(label, before, after) pairs: the first evaluation against the last and against the best (by
+    acc_norm, as best.pt is chosen; ties go to the earliest)."""
     evaluations = run["evaluations"]
     if len(evaluations) < 2:
         return []
@@ -308,7 +338,8 @@ def pick_comparisons(run, table):
 
 
 def confidences(predictions, temperature):
-    return [choice_probabilities(p["norm_scores"], temperature) if "norm_scores" in p else None for p in predictions]
+    return [choice_probabilities(p["norm_scores"], temperature) if "norm_scores" in p else None
+            for p in predictions]
 
 
 def compare(run, before, after, temperature):
@@ -324,7 +355,8 @@ def compare(run, before, after, temperature):
     result["changed_choices"] = sum(p["pred_norm"] != q["pred_norm"] for p, q in zip(a, b))
     if not (is_labelled(a) and is_labelled(b)):
         return result
-    result.update(acc=comparison["acc"], acc_norm=comparison["acc_norm"], groups=comparison["groups"])
+    result.update(acc=comparison["acc"], acc_norm=comparison["acc_norm"],
+                  groups=comparison["groups"])
     probs_a, probs_b = confidences(a, temperature), confidences(b, temperature)
     flips = {"right_to_wrong": [], "wrong_to_right": []}
     for p, q, pa, pb in zip(a, b, probs_a, probs_b):
@@ -342,14 +374,16 @@ def compare(run, before, after, temperature):
 
 
 def calibration_of(predictions, temperature):
-    """Calibration of the norm-score choice, the mean probability margin between the top two endings."""
+    """Calibration of the norm-score choice, the mean probability margin between the top two
+    endings."""
     probs = confidences(predictions, temperature)
     if any(p is None for p in probs):
         return None
     top = [sorted(p, reverse=True) for p in probs]
     result = {"margin": mean(t[0] - t[1] for t in top), "margins": [t[0] - t[1] for t in top]}
     if is_labelled(predictions):
-        result.update(calibration([t[0] for t in top], [p["pred_norm"] == p["label"] for p in predictions]))
+        result.update(calibration([t[0] for t in top],
+                                  [p["pred_norm"] == p["label"] for p in predictions]))
     return result
 
 
@@ -358,8 +392,9 @@ def ending_length(ending):
 
 
 def length_bias(evaluations, examples):
-    """Per evaluation: mean characters of the chosen ending and of the gold one, and how often each is the longest
-    of the four. A policy that learns "pick the longest" instead of the task shows here."""
+    """Per evaluation: mean characters of the chosen ending and of the gold one, and how often each
+    is the longest of the four. A policy that learns "pick the longest" instead of the task shows
+    here."""
     rows = []
     for e in evaluations:
         chosen_lengths, gold_lengths, chosen_longest, gold_longest = [], [], 0, 0
@@ -381,12 +416,14 @@ def length_bias(evaluations, examples):
 
 
 def teacher_agreement(before, after, teacher, notes):
-    """How often the policy picks what the teacher picks, before and after, with hellaswag.paired_difference on
-    the agreement indicators; and, where the teacher is wrong, how often the policy makes the same mistake."""
+    """How often the policy picks what the teacher picks, before and after, with
+    hellaswag.paired_difference on the agreement indicators; and, where the teacher is wrong, how
+    often the policy makes the same mistake."""
     a, b = before["predictions"], after["predictions"]
     same = len(teacher) == len(a) and all(t["index"] == p["index"] for t, p in zip(teacher, a))
     if not same:
-        notes.append("the teacher's predictions are not on the same examples as the evaluations; agreement skipped")
+        notes.append("the teacher's predictions are not on the same examples as the evaluations; "
+                     "agreement skipped")
         return None
     agree_a = [p["pred_norm"] == t["pred_norm"] for p, t in zip(a, teacher)]
     agree_b = [p["pred_norm"] == t["pred_norm"] for p, t in zip(b, teacher)]
@@ -402,19 +439,21 @@ def teacher_agreement(before, after, teacher, notes):
 
 
 def stopped(text, max_new_tokens, n_tokens, stop_at_sentence_end=True):
-    """Whether a saved generate sample stopped by itself: <|endoftext|> is dropped from the saved text, so a
-    sample shorter than max_new_tokens stopped; one that ends like a sentence stop token stopped there."""
+    """Whether a saved generate sample stopped by itself: <|endoftext|> is dropped from the saved
+    text, so a sample shorter than max_new_tokens stopped; one that ends like a sentence stop token
+    stopped there."""
     return n_tokens < max_new_tokens or (stop_at_sentence_end and text.endswith(STOP_ENDINGS))
 
 
 def generate_stats(run, encode):
-    """Response length (tokens) and stop rate per step, and reward against KL. train_ppo.py logs the first two for
-    every rollout of a step in metrics.jsonl; for a run without them, they come from the few samples that
-    samples.jsonl keeps (noisy)."""
+    """Response length (tokens) and stop rate per step, and reward against KL. train_ppo.py logs the
+    first two for every rollout of a step in metrics.jsonl; for a run without them, they come from
+    the few samples that samples.jsonl keeps (noisy)."""
     config = run["config"]
     logged = [m for m in run["metrics"] if "train/stop_rate" in m and "train/response_length" in m]
     if logged:
-        rows = [{"step": m["step"], "response_tokens": m["train/response_length"], "stop_rate": m["train/stop_rate"]}
+        rows = [{"step": m["step"], "response_tokens": m["train/response_length"],
+                 "stop_rate": m["train/stop_rate"]}
                 for m in logged]
         source = "metrics.jsonl: every rollout of each step (the master rank's batch)"
     else:
@@ -426,11 +465,13 @@ def generate_stats(run, encode):
         for step, samples in sorted(per_step.items()):
             lengths = [len(encode(s["continuation"])) for s in samples]
             stops = [stopped(s["continuation"], config.get("max_new_tokens", 24), n,
-                             config.get("stop_at_sentence_end", True)) for s, n in zip(samples, lengths)]
+                             config.get("stop_at_sentence_end", True))
+                     for s, n in zip(samples, lengths)]
             rows.append({"step": step, "response_tokens": mean(lengths), "stop_rate": mean(stops)})
         source = "samples.jsonl: the few samples kept per sample_interval, so noisy"
     return {"samples": rows, "source": source,
-            "reward_kl": [(m["step"], m["kl"], m["reward"]) for m in run["metrics"] if "kl" in m and "reward" in m]}
+            "reward_kl": [(m["step"], m["kl"], m["reward"]) for m in run["metrics"]
+                          if "kl" in m and "reward" in m]}
 
 
 def analyze_run(run, encode=None):
@@ -441,10 +482,12 @@ def analyze_run(run, encode=None):
     result = {"label": run["label"], "dir": run["dir"], "evaluations": table, "comparisons": {}}
     evaluations = run["evaluations"]
     if evaluations and not is_labelled(evaluations[-1]["predictions"]):
-        notes.append("the predictions carry no gold labels: accuracies, their intervals, the paired tests, flips, "
-                     "groups and calibration cannot be computed; only how the choices changed is shown")
+        notes.append("the predictions carry no gold labels: accuracies, their intervals, the "
+                     "paired tests, flips, groups and calibration cannot be computed; only how the "
+                     "choices changed is shown")
     if len(evaluations) == 1:
-        notes.append(f"only one evaluation ({evaluations[0]['name']}): there is no before and after to compare")
+        notes.append(f"only one evaluation ({evaluations[0]['name']}): there is no before and "
+                     "after to compare")
     for name, before, after in pick_comparisons(run, table):
         comparison = compare(run, before, after, temperature)
         if "error" in comparison:
@@ -452,28 +495,33 @@ def analyze_run(run, encode=None):
         result["comparisons"][name] = comparison
     if evaluations:
         ends = [evaluations[0], evaluations[-1]] if len(evaluations) > 1 else evaluations
-        result["calibration"] = {e["name"]: calibration_of(e["predictions"], temperature) for e in ends}
+        result["calibration"] = {e["name"]: calibration_of(e["predictions"], temperature)
+                                 for e in ends}
         if run["examples"] is not None:
             result["lengths"] = length_bias(evaluations, run["examples"])
     if run["teacher"] is not None and len(evaluations) >= 2:
-        result["teacher"] = teacher_agreement(evaluations[0], evaluations[-1], run["teacher"], notes)
+        result["teacher"] = teacher_agreement(evaluations[0], evaluations[-1], run["teacher"],
+                                              notes)
     elif run["teacher"] is None and run["config"].get("reward_kind") == "teacher":
-        notes.append("teacher agreement needs the teacher's predictions on the validation data: python hellaswag.py "
-                     "--model TEACHER --data VAL.jsonl --predictions RUN/eval/teacher.jsonl (same --style)")
+        notes.append("teacher agreement needs the teacher's predictions on the validation data: "
+                     "python hellaswag.py --model TEACHER --data VAL.jsonl "
+                     "--predictions RUN/eval/teacher.jsonl (same --style)")
     if run["teacher_cache"] and run["teacher"] is None:
         notes.append(run["teacher_cache"])
-    if run["config"].get("rollout") == "generate" or any("continuation" in s for s in run["samples"]):
+    if (run["config"].get("rollout") == "generate"
+            or any("continuation" in s for s in run["samples"])):
         result["generate"] = generate_stats(run, encode)
     metrics = [m for m in run["metrics"] if "reward" in m]
     if metrics:
         head, tail = metrics[:5], metrics[-5:]
-        result["training"] = {"steps": metrics[-1]["step"], "reward_first5": mean(m["reward"] for m in head),
+        result["training"] = {"steps": metrics[-1]["step"],
+                              "reward_first5": mean(m["reward"] for m in head),
                               "reward_last5": mean(m["reward"] for m in tail),
                               "kl_last5": mean(m.get("kl", float("nan")) for m in tail)}
     return result
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # figures: matplotlib's object API, one PNG each
 
 
@@ -496,25 +544,28 @@ def plot_curves(runs, results, path):
                 rows = [r for r in result["evaluations"] if r["step"] is not None]
                 for metric, style in (("acc", "--"), ("acc_norm", "-")):
                     steps = [r["step"] for r in rows]
-                    ax.plot(steps, [r[metric] for r in rows], style, color=color, marker="o", markersize=3,
-                            label=f"{run['label']} {metric}")
-                    ax.fill_between(steps, [r[f"{metric}_ci"][0] for r in rows], [r[f"{metric}_ci"][1] for r in rows],
-                                    color=color, alpha=0.12)
+                    ax.plot(steps, [r[metric] for r in rows], style, color=color, marker="o",
+                            markersize=3, label=f"{run['label']} {metric}")
+                    ax.fill_between(steps, [r[f"{metric}_ci"][0] for r in rows],
+                                    [r[f"{metric}_ci"][1] for r in rows], color=color, alpha=0.12)
             else:
-                points = [(m["step"], m[key]) for m in run["metrics"] if isinstance(m.get(key), (int, float))
-                          and math.isfinite(m[key]) and not (key == "reward" and m["step"] == 0)]
+                points = [(m["step"], m[key]) for m in run["metrics"]
+                          if isinstance(m.get(key), (int, float)) and math.isfinite(m[key])
+                          and not (key == "reward" and m["step"] == 0)]
                 if points:
                     ax.plot(*zip(*points), color=color, linewidth=1.2, label=run["label"])
         if ax.has_data():
             ax.legend(fontsize=7)
         else:
-            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes,
+                    color="grey")
     fig.tight_layout()
     return save_figure(fig, path)
 
 
 def plot_groups(comparison, path):
-    """acc_norm change by group with its interval, sorted, one panel per group field; small groups hollow."""
+    """acc_norm change by group with its interval, sorted, one panel per group field; small groups
+    hollow."""
     fields = [(f, g) for f, g in comparison["groups"].items() if g]
     heights = [min(len(g), MAX_GROUPS) for _, g in fields]
     fig = Figure(figsize=(8, 1.2 + 0.28 * sum(heights) + 0.6 * len(fields)))
@@ -524,8 +575,9 @@ def plot_groups(comparison, path):
         rows = sorted(largest, key=lambda kv: kv[1]["diff"])
         for y, (value, c) in enumerate(rows):
             small = c["n"] < SMALL_GROUP
-            ax.errorbar(c["diff"], y, xerr=[[c["diff"] - c["ci95"][0]], [c["ci95"][1] - c["diff"]]], fmt="o",
-                        color="grey" if small else "C0", mfc="white" if small else "C0", capsize=2)
+            ax.errorbar(c["diff"], y, xerr=[[c["diff"] - c["ci95"][0]], [c["ci95"][1] - c["diff"]]],
+                        fmt="o", color="grey" if small else "C0", mfc="white" if small else "C0",
+                        capsize=2)
         ax.set_yticks(range(len(rows)))
         ax.set_yticklabels([f"{str(v)[:30]} (n={c['n']}{', small' if c['n'] < SMALL_GROUP else ''})"
                             for v, c in rows], fontsize=7)
@@ -538,7 +590,8 @@ def plot_groups(comparison, path):
 
 
 def plot_calibration(calibrations, path):
-    """Reliability diagram and the distribution of the top-two probability margin, before and after."""
+    """Reliability diagram and the distribution of the top-two probability margin, before and
+    after."""
     fig = Figure(figsize=(10, 4))
     reliability, margins = fig.subplots(1, 2)
     reliability.plot([0, 1], [0, 1], ":", color="grey", label="calibrated")
@@ -547,12 +600,13 @@ def plot_calibration(calibrations, path):
     for i, (name, c) in enumerate(calibrations.items()):
         if "bins" in c:
             bins = [b for b in c["bins"] if b["n"]]
-            reliability.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", color=f"C{i}",
-                             label=f"{name} (ECE {c['ece']:.3f})")
+            reliability.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-",
+                             color=f"C{i}", label=f"{name} (ECE {c['ece']:.3f})")
         margins.hist(c["margins"], bins=20, range=(0, 1), alpha=0.5, color=f"C{i}", label=name)
-    reliability.set(xlabel="confidence of the chosen ending", ylabel="accuracy", title="calibration (acc_norm)",
-                    xlim=(0, 1), ylim=(-0.02, 1.02))
-    margins.set(xlabel="probability margin between the top two endings", ylabel="examples", title="confidence margin")
+    reliability.set(xlabel="confidence of the chosen ending", ylabel="accuracy",
+                    title="calibration (acc_norm)", xlim=(0, 1), ylim=(-0.02, 1.02))
+    margins.set(xlabel="probability margin between the top two endings", ylabel="examples",
+                title="confidence margin")
     reliability.legend(fontsize=8)
     margins.legend(fontsize=8)
     fig.tight_layout()
@@ -560,20 +614,23 @@ def plot_calibration(calibrations, path):
 
 
 def plot_lengths(rows, path):
-    """Chosen against gold ending length over the evaluations, and the chosen-minus-gold distribution at the ends."""
+    """Chosen against gold ending length over the evaluations, and the chosen-minus-gold
+    distribution at the ends."""
     fig = Figure(figsize=(10, 4))
     over_steps, spread = fig.subplots(1, 2)
     x = [r["step"] if r["step"] is not None else i for i, r in enumerate(rows)]
     over_steps.plot(x, [r["chosen_chars"] for r in rows], "o-", label="chosen ending")
     if rows[0]["gold_chars"] is not None:
-        over_steps.plot(x, [r["gold_chars"] for r in rows], "s--", color="black", label="gold ending")
-    over_steps.set(xlabel="step" if rows[0]["step"] is not None else "evaluation", ylabel="mean characters",
-                   title="length of the chosen ending")
+        over_steps.plot(x, [r["gold_chars"] for r in rows], "s--", color="black",
+                        label="gold ending")
+    over_steps.set(xlabel="step" if rows[0]["step"] is not None else "evaluation",
+                   ylabel="mean characters", title="length of the chosen ending")
     over_steps.legend(fontsize=8)
     for i, r in enumerate((rows[0], rows[-1]) if len(rows) > 1 else rows):
         if r["chosen_minus_gold"] is not None:
             spread.hist(r["chosen_minus_gold"], bins=30, alpha=0.5, color=f"C{i}", label=r["name"])
-    spread.set(xlabel="chosen minus gold (characters)", ylabel="examples", title="length of chosen vs gold")
+    spread.set(xlabel="chosen minus gold (characters)", ylabel="examples",
+               title="length of chosen vs gold")
     if spread.has_data():
         spread.legend(fontsize=8)
     fig.tight_layout()
@@ -597,7 +654,7 @@ def plot_generate(stats, path):
     return save_figure(fig, path)
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the report
 
 
@@ -611,7 +668,8 @@ def ci(interval, signed=False):
 
 
 def verdict(c):
-    return "significant at the 5% level" if c["p_value"] < 0.05 else "not significant at the 5% level"
+    return ("significant at the 5% level" if c["p_value"] < 0.05
+            else "not significant at the 5% level")
 
 
 def example_text(examples, index, ending=None, width=110):
@@ -623,31 +681,33 @@ def example_text(examples, index, ending=None, width=110):
 
 
 def quote(examples, index, ending):
-    return f"{ending}" if examples is None else f"{ending} “{example_text(examples, index, ending)}”"
+    return (f"{ending}" if examples is None
+            else f"{ending} “{example_text(examples, index, ending)}”")
 
 
 def summary_lines(result):
     lines = [f"**{result['label']}**" + (f" (`{result['dir']}`)" if result["dir"] else "")]
     training = result.get("training")
     if training:
-        lines.append(f"- {training['steps']} steps; mean reward {training['reward_first5']:.3f} over the first 5 "
-                     f"steps, {training['reward_last5']:.3f} over the last 5; KL to the reference "
-                     f"{training['kl_last5']:.3f} over the last 5.")
+        lines.append(f"- {training['steps']} steps; mean reward {training['reward_first5']:.3f} "
+                     f"over the first 5 steps, {training['reward_last5']:.3f} over the last 5; "
+                     f"KL to the reference {training['kl_last5']:.3f} over the last 5.")
     for name, c in result["comparisons"].items():
         if "acc_norm" in c:
             d = c["acc_norm"]
-            lines.append(f"- acc_norm {pct(d['acc_a'])} at {c['before']} → {pct(d['acc_b'])} at {c['after']} "
-                         f"({name}): {d['diff']:+.3f} {ci(d['ci95'], True)}, McNemar exact p = {d['p_value']:.3g}, "
-                         f"{verdict(d)} (n = {d['n']}).")
+            lines.append(f"- acc_norm {pct(d['acc_a'])} at {c['before']} → {pct(d['acc_b'])} "
+                         f"at {c['after']} ({name}): {d['diff']:+.3f} {ci(d['ci95'], True)}, "
+                         f"McNemar exact p = {d['p_value']:.3g}, {verdict(d)} (n = {d['n']}).")
         elif "changed_choices" in c:
-            lines.append(f"- {c['changed_choices']} of {c['n']} choices changed from {c['before']} to "
-                         f"{c['after']} (no labels: no accuracy).")
+            lines.append(f"- {c['changed_choices']} of {c['n']} choices changed from "
+                         f"{c['before']} to {c['after']} (no labels: no accuracy).")
     if not result["comparisons"] and result["evaluations"]:
         e = result["evaluations"][-1]
-        lines.append(f"- acc_norm {pct(e['acc_norm'])} {ci(e['acc_norm_ci'])} at {e['name']} (n = {e['n']}).")
+        lines.append(f"- acc_norm {pct(e['acc_norm'])} {ci(e['acc_norm_ci'])} at {e['name']} "
+                     f"(n = {e['n']}).")
     if "best" in result["comparisons"]:
-        lines.append("- The best evaluation is picked on the same examples it is tested on: its p-value is "
-                     "optimistic; the last evaluation's is not.")
+        lines.append("- The best evaluation is picked on the same examples it is tested on: its "
+                     "p-value is optimistic; the last evaluation's is not.")
     return lines
 
 
@@ -665,24 +725,31 @@ def comparison_lines(name, c, examples, figure):
     lines = [f"### {c['before']} → {c['after']} ({name} evaluation)", ""]
     if "acc_norm" not in c:
         if "changed_choices" in c:
-            lines.append(f"{c['changed_choices']} of {c['n']} choices changed; without labels nothing more.")
+            lines.append(f"{c['changed_choices']} of {c['n']} choices changed; "
+                         "without labels nothing more.")
         return lines + [""]
-    lines += ["| metric | before | after | after − before [95% CI] | right → wrong | wrong → right | McNemar p |",
+    lines += ["| metric | before | after | after − before [95% CI] | right → wrong | "
+              "wrong → right | McNemar p |",
               "|---|---|---|---|---|---|---|"]
     for metric in ("acc", "acc_norm"):
         d = c[metric]
-        lines.append(f"| {metric} | {pct(d['acc_a'])} | {pct(d['acc_b'])} | {d['diff']:+.3f} {ci(d['ci95'], True)} | "
+        lines.append(f"| {metric} | {pct(d['acc_a'])} | {pct(d['acc_b'])} | "
+                     f"{d['diff']:+.3f} {ci(d['ci95'], True)} | "
                      f"{d['a_only']} | {d['b_only']} | {d['p_value']:.3g} |")
-    lines += ["", "The interval is the paired difference's normal interval and the p-value McNemar's exact test on "
-              "the examples that changed (hellaswag.py --compare computes the same numbers).", ""]
+    lines += ["", "The interval is the paired difference's normal interval and the p-value "
+              "McNemar's exact test on the examples that changed (hellaswag.py --compare computes "
+              "the same numbers).", ""]
     if figure:
         lines += [f"![acc_norm change by group]({figure})", "",
-                  f"Each point is one group's acc_norm change with its 95% interval; hollow grey points are groups "
-                  f"of fewer than {SMALL_GROUP} examples, whose intervals should not be trusted.", ""]
-    for direction, title in (("right_to_wrong", "Right → wrong"), ("wrong_to_right", "Wrong → right")):
+                  f"Each point is one group's acc_norm change with its 95% interval; hollow grey "
+                  f"points are groups of fewer than {SMALL_GROUP} examples, whose intervals should "
+                  "not be trusted.", ""]
+    for direction, title in (("right_to_wrong", "Right → wrong"),
+                             ("wrong_to_right", "Wrong → right")):
         flips = c["flips"][direction]
-        lines.append(f"**{title}: {len(flips)} examples**" + (f" (the {MAX_FLIPS} with the largest change in the "
-                                                               "gold ending's probability)" if flips else ""))
+        shown = (f" (the {MAX_FLIPS} with the largest change in the gold ending's probability)"
+                 if flips else "")
+        lines.append(f"**{title}: {len(flips)} examples**" + shown)
         lines.append("")
         for f in flips[:MAX_FLIPS]:
             change = (f"; p(gold) {f['p_gold_before']:.2f} → {f['p_gold_after']:.2f}"
@@ -701,40 +768,41 @@ def choices_lines(result, figures):
     if lengths:
         first, last = lengths[0], lengths[-1]
         lines += [f"![ending lengths]({figures['lengths']})", "",
-                  "| evaluation | chosen ending (chars) | gold ending (chars) | chosen is the longest | "
-                  "gold is the longest |", "|---|---|---|---|---|"]
+                  "| evaluation | chosen ending (chars) | gold ending (chars) | "
+                  "chosen is the longest | gold is the longest |", "|---|---|---|---|---|"]
         for r in (first, last) if len(lengths) > 1 else (first,):
             gold = "–" if r["gold_chars"] is None else f"{r['gold_chars']:.1f}"
             gold_longest = "–" if r["gold_is_longest"] is None else pct(r["gold_is_longest"])
-            lines.append(f"| {r['name']} | {r['chosen_chars']:.1f} | {gold} | {pct(r['chosen_is_longest'])} | "
-                         f"{gold_longest} |")
-        lines += ["", "A policy that learns a length bias instead of the task picks the longest ending more often "
-                  "than the gold ending is the longest.", ""]
+            lines.append(f"| {r['name']} | {r['chosen_chars']:.1f} | {gold} | "
+                         f"{pct(r['chosen_is_longest'])} | {gold_longest} |")
+        lines += ["", "A policy that learns a length bias instead of the task picks the longest "
+                  "ending more often than the gold ending is the longest.", ""]
     else:
         lines += ["Ending lengths: cannot be computed (see below).", ""]
     calibrations = {k: v for k, v in (result.get("calibration") or {}).items() if v}
     if calibrations:
-        lines += [f"![calibration]({figures['calibration']})", "", "| evaluation | ECE | mean top-two margin |",
-                  "|---|---|---|"]
+        lines += [f"![calibration]({figures['calibration']})", "",
+                  "| evaluation | ECE | mean top-two margin |", "|---|---|---|"]
         for name, c in calibrations.items():
             lines.append(f"| {name} | {c['ece']:.3f} |" if "ece" in c else f"| {name} | – |")
             lines[-1] += f" {c['margin']:.3f} |"
-        lines += ["", "Confidence is softmax(norm_scores / choice_temperature) of the chosen ending: for the "
-                  "completion style exactly the choice rollouts' policy. ECE is the expected calibration error over "
-                  f"{CALIBRATION_BINS} equal-width bins; the margin is the probability gap between the top two "
-                  "endings.", ""]
+        lines += ["", "Confidence is softmax(norm_scores / choice_temperature) of the chosen "
+                  "ending: for the completion style exactly the choice rollouts' policy. ECE is "
+                  f"the expected calibration error over {CALIBRATION_BINS} equal-width bins; the "
+                  "margin is the probability gap between the top two endings.", ""]
     teacher = result.get("teacher")
     if teacher:
         a = teacher["agreement"]
-        lines += [f"Agreement with the teacher's pick: {pct(a['acc_a'])} → {pct(a['acc_b'])} ({a['diff']:+.3f} "
-                  f"{ci(a['ci95'], True)}, McNemar p = {a['p_value']:.3g})."]
+        lines += [f"Agreement with the teacher's pick: {pct(a['acc_a'])} → {pct(a['acc_b'])} "
+                  f"({a['diff']:+.3f} {ci(a['ci95'], True)}, McNemar p = {a['p_value']:.3g})."]
         if "teacher_acc_norm" in teacher:
             lines[-1] += f" The teacher's own acc_norm: {pct(teacher['teacher_acc_norm'])}."
         if "copies_mistakes" in teacher:
             m = teacher["copies_mistakes"]
-            lines[-1] += (f" On the {teacher['teacher_wrong']} examples the teacher gets wrong, the policy picks the "
-                          f"teacher's wrong ending {pct(m['acc_a'])} → {pct(m['acc_b'])} of the time (p = "
-                          f"{m['p_value']:.3g}): rising means copying the judge, mistakes included.")
+            lines[-1] += (f" On the {teacher['teacher_wrong']} examples the teacher gets wrong, "
+                          f"the policy picks the teacher's wrong ending {pct(m['acc_a'])} → "
+                          f"{pct(m['acc_b'])} of the time (p = {m['p_value']:.3g}): rising means "
+                          "copying the judge, mistakes included.")
         lines.append("")
     return lines
 
@@ -744,9 +812,10 @@ def generate_lines(stats, figure):
              f"Response length (tokens) and stop rate come from {stats['source']}.", ""]
     if stats["samples"]:
         first, last = stats["samples"][0], stats["samples"][-1]
-        lines += [f"Response length {first['response_tokens']:.1f} → {last['response_tokens']:.1f} tokens and stop "
-                  f"rate {first['stop_rate']:.2f} → {last['stop_rate']:.2f} from step {first['step']} to step "
-                  f"{last['step']}.", ""]
+        lines += [f"Response length {first['response_tokens']:.1f} → "
+                  f"{last['response_tokens']:.1f} tokens and stop rate "
+                  f"{first['stop_rate']:.2f} → {last['stop_rate']:.2f} "
+                  f"from step {first['step']} to step {last['step']}.", ""]
     return lines
 
 
@@ -758,14 +827,16 @@ def sample_lines(samples, per_interval=2, intervals=6):
     steps = sorted(k for k in by_step if isinstance(k, int))
     if not steps:
         return []
-    picked = sorted({steps[round(i * (len(steps) - 1) / max(1, intervals - 1))] for i in range(intervals)})
+    picked = sorted({steps[round(i * (len(steps) - 1) / max(1, intervals - 1))]
+                     for i in range(intervals)})
     lines = ["| step | context (end) | continuation | reward |", "|---|---|---|---|"]
     for step in picked:
         for s in by_step[step][:per_interval]:
             context = " ".join(str(s.get("ctx", "")).split())[-60:].replace("|", "\\|")
             text = " ".join(s["continuation"].split()).replace("|", "\\|")
             reward = s.get("reward")
-            lines.append(f"| {step} | …{context} | {text} | {reward:.3f} |" if isinstance(reward, (int, float))
+            lines.append(f"| {step} | …{context} | {text} | {reward:.3f} |"
+                         if isinstance(reward, (int, float))
                          else f"| {step} | …{context} | {text} | – |")
     return lines + [""]
 
@@ -780,9 +851,10 @@ def write_report(runs, results, out_dir, differ, title):
     if any(run["metrics"] for run in runs):
         figure = plot_curves(runs, results, os.path.join(out_dir, "curves.png"))
         lines += ["## Training curves", "", f"![training curves]({figure})", "",
-                  "reward: the task's reward before the KL penalty; KL: to the frozen reference, per sample; "
-                  "eval: HellaSwag-style acc (dashed) and acc_norm (solid) with 95% Wilson intervals; approx_kl, "
-                  "clipfrac: how far each update moved the policy; explained variance: of the value head.", ""]
+                  "reward: the task's reward before the KL penalty; KL: to the frozen reference, "
+                  "per sample; eval: HellaSwag-style acc (dashed) and acc_norm (solid) with 95% "
+                  "Wilson intervals; approx_kl, clipfrac: how far each update moved the policy; "
+                  "explained variance: of the value head.", ""]
     for i, (run, result) in enumerate(zip(runs, results)):
         prefix = f"run{i + 1}_" if len(runs) > 1 else ""
         if len(runs) > 1:
@@ -797,17 +869,21 @@ def write_report(runs, results, out_dir, differ, title):
             lines += comparison_lines(name, c, run["examples"], figure)
         figures = {}
         if result.get("lengths"):
-            figures["lengths"] = plot_lengths(result["lengths"], os.path.join(out_dir, f"{prefix}lengths.png"))
+            figures["lengths"] = plot_lengths(
+                result["lengths"], os.path.join(out_dir, f"{prefix}lengths.png"))
         if any((result.get("calibration") or {}).values()):
-            figures["calibration"] = plot_calibration({k: v for k, v in result["calibration"].items() if v},
-                                                      os.path.join(out_dir, f"{prefix}calibration.png"))
+            figures["calibration"] = plot_calibration(
+                {k: v for k, v in result["calibration"].items() if v},
+                os.path.join(out_dir, f"{prefix}calibration.png"))
         if run["evaluations"]:
             lines += choices_lines(result, figures)
         if result.get("generate"):
-            figure = plot_generate(result["generate"], os.path.join(out_dir, f"{prefix}generate.png"))
+            figure = plot_generate(result["generate"],
+                                   os.path.join(out_dir, f"{prefix}generate.png"))
             lines += generate_lines(result["generate"], figure) + sample_lines(run["samples"])
         lines += ["## What could not be computed", ""]
-        lines += [f"- {note}" for note in run["notes"]] or ["Nothing: every part of the report was computed."]
+        lines += ([f"- {note}" for note in run["notes"]]
+                  or ["Nothing: every part of the report was computed."])
         lines.append("")
         result["cannot_compute"] = run["notes"]
     atomic_write_text(os.path.join(out_dir, "report.md"), "\n".join(lines))
@@ -818,21 +894,25 @@ def write_report(runs, results, out_dir, differ, title):
                 c.pop("margins", None)
         for r in result.get("lengths") or []:
             r.pop("chosen_minus_gold", None)
-    atomic_write_text(os.path.join(out_dir, "report.json"), json.dumps(results, indent=1, allow_nan=True) + "\n")
+    atomic_write_text(os.path.join(out_dir, "report.json"),
+                      json.dumps(results, indent=1, allow_nan=True) + "\n")
     return os.path.join(out_dir, "report.md")
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # command line
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="A report (markdown + PNG figures) on what PPO did to a model.")
+    parser = argparse.ArgumentParser(
+        description="A report (markdown + PNG figures) on what PPO did to a model.")
     parser.add_argument("runs", nargs="*", metavar="RUN_DIR", help="train_ppo.py out_dir(s)")
-    parser.add_argument("--out", help="report folder (default RUN_DIR/report for one run; needed otherwise)")
+    parser.add_argument("--out",
+                        help="report folder (default RUN_DIR/report for one run; needed otherwise)")
     parser.add_argument("--before", help="a --predictions file: the model before")
     parser.add_argument("--after", help="a --predictions file of the same data: the model after")
-    parser.add_argument("--data", help="the validation jsonl the predictions index (default: from train_config.json)")
+    parser.add_argument("--data", help="the validation jsonl the predictions index "
+                                       "(default: from train_config.json)")
     parser.add_argument("--teacher", help="the teacher's --predictions file on the same data "
                                           "(default: RUN_DIR/eval/teacher.jsonl)")
     args = parser.parse_args(argv)
@@ -849,7 +929,8 @@ def parse_args(argv=None):
             raise UserError(f"{option} {path}: no such file")
     if args.out is None:
         if len(args.runs) != 1:
-            raise UserError("several runs or two prediction files: say where the report goes with --out DIR")
+            raise UserError("several runs or two prediction files: say where the report goes "
+                            "with --out DIR")
         args.out = os.path.join(args.runs[0], "report")
     return args
 
@@ -864,7 +945,9 @@ def main(argv=None):
         title = f"Report: {args.before} → {args.after}"
     differ = label_runs(runs)
     encode = None
-    if any(r["config"].get("rollout") == "generate" or any("continuation" in s for s in r["samples"]) for r in runs):
+    if any(r["config"].get("rollout") == "generate"
+           or any("continuation" in s for s in r["samples"])
+           for r in runs):
         encode = gpt2_encoding().encode_ordinary  # only generate runs count tokens
     results = [analyze_run(run, encode) for run in runs]
     path = write_report(runs, results, args.out, differ, title)

@@ -1,14 +1,17 @@
 """
-Sampling speed: GPT.generate against transformers' GPT2LMHeadModel.generate on the same weights (exported with
-GPT.save_pretrained), and against GPT.generate as it was at an earlier commit (model.py read from git), on a
-GPT-2-124M-sized model with random weights.
+Sampling speed: GPT.generate against transformers' GPT2LMHeadModel.generate on the same weights
+(exported with GPT.save_pretrained), and against GPT.generate as it was at an earlier commit
+(model.py read from git), on a GPT-2-124M-sized model with random weights.
 
-    python benchmarks/generate_speed.py                       # CPU, B=16, 48 prompt + 48 new tokens, ~5 minutes
-    python benchmarks/generate_speed.py --rounds 3 --threads 1   # steadier on a machine shared with other jobs
+    # CPU, B=16, 48 prompt + 48 new tokens, ~5 minutes
+    python benchmarks/generate_speed.py
+    # steadier on a machine shared with other jobs
+    python benchmarks/generate_speed.py --rounds 3 --threads 1
 
-Every method samples (temperature 1, no top-k / top-p) exactly new-tokens tokens per row (no stop token), and the
-methods take turns, round after round, so that a load change on a shared machine hits them all alike. Before
-timing, the script checks that greedy decoding gives the same tokens with both models (same weights, same math).
+Every method samples (temperature 1, no top-k / top-p) exactly new-tokens tokens per row (no stop
+token), and the methods take turns, round after round, so that a load change on a shared machine
+hits them all alike. Before timing, the script checks that greedy decoding gives the same tokens
+with both models (same weights, same math).
 """
 
 import argparse
@@ -35,10 +38,11 @@ BEFORE = "43b3ad9"
 
 
 def model_at_commit(rev, state_dict, config):
-    """GPT from model.py as it was at git revision rev, with the given weights; None where git cannot show it."""
+    """GPT from model.py as it was at git revision rev, with the given weights; None where git
+    cannot show it."""
     try:
-        source = subprocess.run(["git", "show", f"{rev}:model.py"], cwd=REPO, capture_output=True, text=True,
-                                check=True).stdout
+        source = subprocess.run(["git", "show", f"{rev}:model.py"], cwd=REPO, capture_output=True,
+                                text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     path = os.path.join(tempfile.mkdtemp(), f"model_{rev}.py")
@@ -60,18 +64,21 @@ def timed(fn):
 
 
 def multinomial_next_token(logits, generator):
-    """GPT.generate's sampling step before the exponential race (temperature 1, no top-k / top-p)."""
+    """GPT.generate's sampling step before the exponential race (temperature 1, no top-k /
+    top-p)."""
     logp = F.log_softmax(logits, dim=-1)
     next_token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
     return next_token, logp.gather(-1, next_token[:, None]).squeeze(-1)
 
 
 def sampler_times(batch_size, vocab_size, seed, repeats=50):
-    """Print the median time of one sampling step, (B, V) logits -> tokens and log-probs, by each sampler."""
+    """Print the median time of one sampling step, (B, V) logits -> tokens and log-probs, by each
+    sampler."""
     logits = torch.randn(batch_size, vocab_size, generator=torch.Generator().manual_seed(seed)) * 3
     generator = torch.Generator().manual_seed(seed)
     samplers = {"torch.multinomial": lambda: multinomial_next_token(logits, generator),
-                "exponential race (sample_next_token)": lambda: sample_next_token(logits, generator=generator)}
+                "exponential race (sample_next_token)":
+                    lambda: sample_next_token(logits, generator=generator)}
     times = {name: [] for name in samplers}
     for _ in range(repeats):
         for name, sampler in samplers.items():
@@ -86,7 +93,8 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=48)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--before", default=BEFORE, help="git revision whose GPT.generate is also timed ('' = skip)")
+    parser.add_argument("--before", default=BEFORE,
+                        help="git revision whose GPT.generate is also timed ('' = skip)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -100,13 +108,16 @@ def main():
     with tempfile.TemporaryDirectory() as export:
         model.save_pretrained(export)
         hf = GPT2LMHeadModel.from_pretrained(export).eval()
-    hf.generation_config.eos_token_id = None  # every row samples all new tokens, as GPT.generate with no stop tokens
+    # every row samples all new tokens, as GPT.generate with no stop tokens
+    hf.generation_config.eos_token_id = None
     old = model_at_commit(args.before, model.state_dict(), model.config) if args.before else None
     B, P, N = args.batch_size, args.prompt_len, args.new_tokens
-    idx = torch.randint(0, model.config.vocab_size, (B, P), generator=torch.Generator().manual_seed(args.seed))
+    idx = torch.randint(0, model.config.vocab_size, (B, P),
+                        generator=torch.Generator().manual_seed(args.seed))
     mask = torch.ones_like(idx)
-    print(f"GPT-2 124M shape, random weights | B={B}, {P} prompt + {N} new tokens, temperature 1 | cpu: "
-          f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads | torch {torch.__version__}")
+    print(f"GPT-2 124M shape, random weights | B={B}, {P} prompt + {N} new tokens, temperature 1 | "
+          f"cpu: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads | "
+          f"torch {torch.__version__}")
 
     def ours(gpt, n=N, temperature=1.0):
         return gpt.generate(idx, mask, max_new_tokens=n, temperature=temperature, stop_tokens=(),
@@ -114,13 +125,16 @@ def main():
 
     @torch.no_grad()
     def theirs(n=N, sample=True):
-        sampling = dict(do_sample=True, top_k=0, temperature=1.0) if sample else dict(do_sample=False)
-        out = hf.generate(input_ids=idx, attention_mask=mask, max_new_tokens=n, pad_token_id=0, **sampling)
+        sampling = (dict(do_sample=True, top_k=0, temperature=1.0) if sample
+                    else dict(do_sample=False))
+        out = hf.generate(input_ids=idx, attention_mask=mask, max_new_tokens=n, pad_token_id=0,
+                          **sampling)
         return out[:, P:]
 
     sampler_times(args.batch_size, model.config.vocab_size, args.seed)
     same = torch.equal(ours(model, 8, temperature=0), theirs(8, sample=False))
-    print(f"greedy check, 8 tokens: GPT.generate and transformers {'agree' if same else 'DISAGREE'}")
+    print("greedy check, 8 tokens: GPT.generate and transformers "
+          f"{'agree' if same else 'DISAGREE'}")
     methods = {"GPT.generate": lambda: ours(model), "transformers generate": theirs}
     if old is not None:
         methods[f"GPT.generate at {args.before}"] = lambda: ours(old)
@@ -139,10 +153,10 @@ def main():
     print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
     for name, runs in times.items():
         wall, cpu = statistics.median(w for w, _ in runs), statistics.median(c for _, c in runs)
-        print(f"| {name:<30} | {wall:>8.2f} | {B * N / wall:>8.1f} | {base / wall:>14.2f}x | {cpu:>6.2f} | "
-              f"{base_cpu / cpu:>21.2f}x |")
-    print(f"(median of {args.rounds} alternating rounds; CPU s is this process's CPU time, which time spent waiting "
-          "for other jobs' threads does not count)")
+        print(f"| {name:<30} | {wall:>8.2f} | {B * N / wall:>8.1f} | {base / wall:>14.2f}x | "
+              f"{cpu:>6.2f} | {base_cpu / cpu:>21.2f}x |")
+    print(f"(median of {args.rounds} alternating rounds; CPU s is this process's CPU time, "
+          "which time spent waiting for other jobs' threads does not count)")
 
 
 if __name__ == "__main__":

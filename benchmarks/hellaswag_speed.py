@@ -1,14 +1,17 @@
 """
-HellaSwag scoring speed: the one-forward-per-example loop of build-nanogpt (4 rows padded to the longest, LM head
-at every position) against hellaswag.evaluate (shared context with a KV cache, LM head only where an ending token
-is predicted, many examples per forward), on a GPT-2-124M-sized model with random weights and real validation text.
+HellaSwag scoring speed: the one-forward-per-example loop of build-nanogpt (4 rows padded to the
+longest, LM head at every position) against hellaswag.evaluate (shared context with a KV cache, LM
+head only where an ending token is predicted, many examples per forward), on a GPT-2-124M-sized
+model with random weights and real validation text.
 
-    python benchmarks/hellaswag_speed.py --limit 200          # CPU, a few minutes on 2 cores
-    python benchmarks/hellaswag_speed.py --limit 200 --threads 1   # steadier on a machine shared with other jobs
+    # CPU, a few minutes on 2 cores
+    python benchmarks/hellaswag_speed.py --limit 200
+    # steadier on a machine shared with other jobs
+    python benchmarks/hellaswag_speed.py --limit 200 --threads 1
     python benchmarks/hellaswag_speed.py --limit 10042 --device cuda --batch-size 128
 
-Random weights are fine for speed; the predictions of the two float32 paths must be identical. Skips (exit 0)
-when the data file is absent.
+Random weights are fine for speed; the predictions of the two float32 paths must be identical. Skips
+(exit 0) when the data file is absent.
 """
 
 import argparse
@@ -22,17 +25,19 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import resolve_device  # noqa: E402
-from hellaswag import choice_logprobs, encode_example, evaluate, load_examples, pad_choices  # noqa: E402
+from hellaswag import (choice_logprobs, encode_example, evaluate, load_examples,  # noqa: E402
+                       pad_choices)
 from model import GPT, GPTConfig  # noqa: E402
 from tokenizer import gpt2_encoding  # noqa: E402
 
-DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
-                            "hellaswag_val_preprocessed.jsonl")
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
+                            "data", "hellaswag_val_preprocessed.jsonl")
 
 
 @torch.no_grad()
 def naive_predictions(model, examples, device):
-    """build-nanogpt's loop: per example, the 4 rows padded to the longest, one full forward, full LM head."""
+    """build-nanogpt's loop: per example, the 4 rows padded to the longest, one full forward, full
+    LM head."""
     encode = gpt2_encoding().encode_ordinary
     preds, preds_norm = [], []
     for example in examples:
@@ -46,8 +51,8 @@ def naive_predictions(model, examples, device):
 
 
 def timed(fn):
-    """-> (result, wall seconds, CPU seconds of this process). CPU time is the steadier of the two on a shared
-    machine: time spent waiting for another job's threads is not counted."""
+    """-> (result, wall seconds, CPU seconds of this process). CPU time is the steadier of the two
+    on a shared machine: time spent waiting for another job's threads is not counted."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter(), time.process_time()
@@ -58,9 +63,11 @@ def timed(fn):
 
 
 def ready(args):
-    """False (and a line saying why) where the data file is absent; else set torch's CPU threads from --threads."""
+    """False (and a line saying why) where the data file is absent; else set torch's CPU threads
+    from --threads."""
     if not os.path.isfile(args.data):
-        print(f"skipping: {args.data} not found (the real HellaSwag text lives outside the project)")
+        print(f"skipping: {args.data} not found "
+              "(the real HellaSwag text lives outside the project)")
         return False
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -70,7 +77,8 @@ def ready(args):
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or "unknown CPU"
 
@@ -84,7 +92,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--slice", type=int, default=100, help="examples per turn of each method")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--skip-naive", action="store_true", help="only time evaluate (e.g. the full set on a GPU)")
+    parser.add_argument("--skip-naive", action="store_true",
+                        help="only time evaluate (e.g. the full set on a GPU)")
     args = parser.parse_args()
     if not ready(args):
         return
@@ -92,25 +101,29 @@ def main():
     examples = load_examples(data_file=args.data, limit=args.limit)
     torch.manual_seed(args.seed)
     model = GPT(GPTConfig()).to(device).eval()  # GPT-2 124M shape, random weights
-    on = torch.cuda.get_device_name() if device == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
-    print(f"{len(examples)} examples | GPT-2 124M shape, random weights | {device}: {on} | torch {torch.__version__}")
+    on = (torch.cuda.get_device_name() if device == "cuda"
+          else f"{cpu_name()}, {torch.get_num_threads()} threads")
+    print(f"{len(examples)} examples | GPT-2 124M shape, random weights | {device}: {on} | "
+          f"torch {torch.__version__}")
 
     warmup = examples[:4]  # first calls allocate and pick kernels
     evaluate(model, warmup, batch_size=args.batch_size)
     evaluate(model, warmup, batch_size=args.batch_size, dtype="bfloat16")
 
-    # methods take turns on slices of the data, so that a load change on a shared machine hits them all alike
-    methods = {} if args.skip_naive else {"one forward per example, float32": lambda exs: naive_predictions(
-        model, exs, device)}
+    # methods take turns on slices of the data, so that a load change on a shared machine hits them
+    # all alike
+    methods = {} if args.skip_naive else {
+        "one forward per example, float32": lambda exs: naive_predictions(model, exs, device)}
     for dtype in ("float32", "bfloat16"):
-        methods[f"evaluate, batch {args.batch_size}, {dtype}"] = lambda exs, dtype=dtype: _evaluate_predictions(
-            model, exs, args.batch_size, dtype)
+        methods[f"evaluate, batch {args.batch_size}, {dtype}"] = (
+            lambda exs, dtype=dtype: _evaluate_predictions(model, exs, args.batch_size, dtype))
     if not args.skip_naive:
         naive_predictions(model, warmup, device)
     totals = {name: [0.0, 0.0, [], []] for name in methods}  # wall, cpu, preds, preds_norm
     for start in range(0, len(examples), args.slice):
         for name, method in methods.items():
-            (preds, preds_norm), wall, cpu = timed(lambda: method(examples[start:start + args.slice]))
+            (preds, preds_norm), wall, cpu = timed(
+                lambda: method(examples[start:start + args.slice]))
             total = totals[name]
             total[0] += wall
             total[1] += cpu
@@ -120,8 +133,9 @@ def main():
     labels = [ex["label"] for ex in examples]
     base_name = next(iter(totals))
     base_wall, base_cpu, base_preds, base_norm = totals[base_name]
-    header = (f"| {'method':<34} | {'examples/s':>10} | {'speedup':>7} | {'per CPU-s':>9} | {'speedup':>7} | "
-              f"{'acc':>6} | {'acc_norm':>8} | {'predictions changed (acc, acc_norm)':<36} |")
+    header = (f"| {'method':<34} | {'examples/s':>10} | {'speedup':>7} | {'per CPU-s':>9} | "
+              f"{'speedup':>7} | {'acc':>6} | {'acc_norm':>8} | "
+              f"{'predictions changed (acc, acc_norm)':<36} |")
     print("\n" + header)
     print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
     for name, (wall, cpu, preds, preds_norm) in totals.items():
@@ -129,14 +143,16 @@ def main():
         acc_norm = sum(p == y for p, y in zip(preds_norm, labels)) / len(labels)
         changed = sum(a != b for a, b in zip(preds, base_preds))
         changed_norm = sum(a != b for a, b in zip(preds_norm, base_norm))
-        print(f"| {name:<34} | {len(labels) / wall:>10.2f} | {base_wall / wall:>6.2f}x | {len(labels) / cpu:>9.2f} | "
-              f"{base_cpu / cpu:>6.2f}x | {acc:>6.4f} | {acc_norm:>8.4f} | {f'{changed}, {changed_norm}':<36} |")
-    print(f"(changes counted against '{base_name}'; examples/s is wall-clock, per CPU-s is per second of this "
-          "process's CPU time)")
+        print(f"| {name:<34} | {len(labels) / wall:>10.2f} | {base_wall / wall:>6.2f}x | "
+              f"{len(labels) / cpu:>9.2f} | {base_cpu / cpu:>6.2f}x | {acc:>6.4f} | "
+              f"{acc_norm:>8.4f} | {f'{changed}, {changed_norm}':<36} |")
+    print(f"(changes counted against '{base_name}'; examples/s is wall-clock, per CPU-s is per "
+          "second of this process's CPU time)")
 
 
 def _evaluate_predictions(model, examples, batch_size, dtype):
-    predictions = evaluate(model, examples, batch_size=batch_size, dtype=dtype, return_predictions=True)["predictions"]
+    predictions = evaluate(model, examples, batch_size=batch_size, dtype=dtype,
+                           return_predictions=True)["predictions"]
     return [p["pred"] for p in predictions], [p["pred_norm"] for p in predictions]
 
 
