@@ -1,17 +1,20 @@
-"""
+r"""
 PPO fine-tuning of a GPT-2 policy, measured on HellaSwag.
 
-    python train_ppo.py configs/demo.py                                        # offline, CPU, a few minutes
-    torchrun --standalone --nproc_per_node=8 train_ppo.py configs/gpt2_hellaswag_teacher.py --learning_rate=5e-6
+    python train_ppo.py configs/demo.py  # offline, CPU, a few minutes
+    torchrun --standalone --nproc_per_node=8 train_ppo.py configs/gpt2_hellaswag_teacher.py \
+        --learning_rate=5e-6
 
-Every step: rollout -> reward -> advantages -> PPO epochs -> log / eval / checkpoint. Two rollout kinds share the
-update:
-- choice:   the policy scores the 4 endings of a training example exactly as the HellaSwag scorer does (mean log-prob
-            per ending token) and samples one from softmax(scores / choice_temperature). One action per example; the
-            reward is the teacher's or the label's, minus the KL penalty to the reference; the value head, read at the
-            context's last token, predicts it.
-- generate: the policy samples a continuation of the context; the reward model's likelihood of it is the score at
-            the last token, a per-token KL penalty to the reference is added everywhere, advantages come from GAE.
+Every step: rollout -> reward -> advantages -> PPO epochs -> log / eval / checkpoint. Two rollout
+kinds share the update:
+- choice:   the policy scores the 4 endings of a training example exactly as the HellaSwag scorer
+            does (mean log-prob per ending token) and samples one from
+            softmax(scores / choice_temperature). One action per example; the reward is the
+            teacher's or the label's, minus the KL penalty to the reference; the value head, read
+            at the context's last token, predicts it.
+- generate: the policy samples a continuation of the context; the reward model's likelihood of it
+            is the score at the last token, a per-token KL penalty to the reference is added
+            everywhere, advantages come from GAE.
 """
 
 import ast
@@ -40,20 +43,21 @@ import torch.nn.functional as F
 
 import synthetic
 from causal_lm import CausalLM
-from common import (UserError, atomic_torch_save, atomic_write_text, autocast, check_output_path, first_line,
-                    read_json_objects, resolve_device, run_cli, step_checkpoints)
+from common import (UserError, atomic_torch_save, atomic_write_text, autocast, check_output_path,
+                    first_line, read_json_objects, resolve_device, run_cli, step_checkpoints)
 from hellaswag import encode_for_model, evaluate, load_examples, write_predictions
 from model import CHECKPOINT_FORMAT, GPT, GPTConfig, check_finite_weights, pack_choices
 from reward import DEFAULT_REWARD_MODEL, LabelReward, LikelihoodReward, TeacherReward
 from tokenizer import EOT_TOKEN, gpt2_encoding
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # config
 
 
 def setting(default, *, choices=None, low=None, high=None, above=None):
-    """A config field with its limits beside it: one of choices, or low <= value <= high, value > above."""
+    """A config field with its limits beside it: one of choices, or low <= value <= high,
+    value > above."""
     limits = {"choices": choices, "low": low, "high": high, "above": above}
     return field(default=default, metadata={k: v for k, v in limits.items() if v is not None})
 
@@ -63,10 +67,12 @@ class Config:
     # run
     # checkpoints, train_config.json, metrics.jsonl, samples.jsonl, eval/, the export (hf/)
     out_dir: str = "out/ppo"
-    # a fresh run refuses an out_dir that holds another run; start_over moves that run's files to out_dir/previous/
+    # a fresh run refuses an out_dir that holds another run; start_over moves that run's files to
+    # out_dir/previous/
     start_over: bool = False
-    # hub name, transformers dir, build-nanogpt/nanoGPT .pt, project checkpoint or run dir, "resume" (this out_dir),
-    # "scratch" (random weights of the size below), "synthetic" (the demo task's starting policy)
+    # hub name, transformers dir, build-nanogpt/nanoGPT .pt, project checkpoint or run dir, "resume"
+    # (this out_dir), "scratch" (random weights of the size below), "synthetic" (the demo task's
+    # starting policy)
     init_from: str = "gpt2"
     seed: int = setting(1337, low=0, high=2**31 - 1)  # numpy takes seeds below 2**32
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (under torchrun: cuda:LOCAL_RANK)
@@ -95,14 +101,14 @@ class Config:
     batch_size: int = setting(64, low=1)  # rollouts per rank per step
     # choice: softmax temperature over the 4 endings' scores
     choice_temperature: float = setting(1.0, low=0.01, high=100.0)
-    # generate: the prompt is the context's last tokens (fewer if the window needs it; the judge sees the whole
-    # context)
+    # generate: the prompt is the context's last tokens (fewer if the window needs it; the judge
+    # sees the whole context)
     max_prompt_tokens: int = setting(128, low=1)
     max_new_tokens: int = setting(24, low=1)
     # generate: sampling temperature, also applied to the log-probs PPO optimises
     temperature: float = setting(1.0, low=0.01, high=100.0)
-    # generate: top-k / top-p sample from a truncated distribution while PPO and the KL use the full one (slightly
-    # off-policy); leave them off unless samples degenerate
+    # generate: top-k / top-p sample from a truncated distribution while PPO and the KL use the full
+    # one (slightly off-policy); leave them off unless samples degenerate
     top_k: int = setting(0, low=0)  # 0 = off
     top_p: float = setting(1.0, above=0.0, high=1.0)  # 1.0 = off
     # generate: stop at ".", "!", "?" or a newline as well as <|endoftext|>
@@ -128,8 +134,8 @@ class Config:
     # likelihood: clip the normalised score to [-clip, clip]; 0 = off
     reward_clip: float = setting(0.0, low=0.0, high=1000.0)
     reward_normalize: bool = True  # likelihood: running mean/std normalisation
-    # likelihood: each sampled token gets its share of the score (the judge's log-prob of it, normalised like the
-    # score; the shares sum to it) instead of the whole score at the last token
+    # likelihood: each sampled token gets its share of the score (the judge's log-prob of it,
+    # normalised like the score; the shares sum to it) instead of the whole score at the last token
     likelihood_dense: bool = False
     # KL to the frozen reference
     # initial coefficient of the KL penalty in the reward
@@ -161,7 +167,8 @@ class Config:
     target_kl: float = setting(0.0, low=0.0, high=1000.0)
     whiten_advantages: bool = True
     max_steps: int = setting(1000, low=0)
-    # stop after this many steps in a row whose losses or gradients are not finite (each one skipped whole)
+    # stop after this many steps in a row whose losses or gradients are not finite (each one
+    # skipped whole)
     max_bad_steps: int = setting(3, low=1)
     # logging, evaluation, checkpoints
     log_interval: int = setting(1, low=1)
@@ -180,7 +187,8 @@ class Config:
 
 
 def read_config_file(path):
-    """A config file is plain `name = literal` assignments (comments and docstrings allowed); nothing is executed."""
+    """A config file is plain `name = literal` assignments (comments and docstrings allowed);
+    nothing is executed."""
     try:
         with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read(), filename=path)
@@ -191,15 +199,17 @@ def read_config_file(path):
     except SyntaxError as e:
         raise UserError(f"{path}:{e.lineno}: syntax error in config file") from None
     for node in tree.body:
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+        if (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)):
             continue  # a docstring
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)):
             raise UserError(f"{path}:{node.lineno}: config files hold only `name = value` lines")
         try:
             value = ast.literal_eval(node.value)
         except (ValueError, TypeError, MemoryError, RecursionError):
-            raise UserError(f"{path}:{node.lineno}: the value of {node.targets[0].id} must be a literal "
-                            "(number, string, True/False/None)") from None
+            raise UserError(f"{path}:{node.lineno}: the value of {node.targets[0].id} must be a "
+                            "literal (number, string, True/False/None)") from None
         yield node.targets[0].id, value, f"{path}:{node.lineno}"
 
 
@@ -222,8 +232,8 @@ def parse_override(arg):
 
 
 def check_value(key, value, where):
-    """Check a value against its Config field: the type (int -> float allowed, nothing else converted), then the
-    limits written beside the field."""
+    """Check a value against its Config field: the type (int -> float allowed, nothing else
+    converted), then the limits written beside the field."""
     expected = typing.get_type_hints(Config)[key]
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -233,24 +243,28 @@ def check_value(key, value, where):
         raise UserError(f"{where}: {key} must be a finite number, got {value!r}")
     limits = next(f for f in dataclasses.fields(Config) if f.name == key).metadata
     if "choices" in limits and value not in limits["choices"]:
-        raise UserError(f"{where}: {key} must be one of {', '.join(limits['choices'])}, got {value!r}")
+        raise UserError(f"{where}: {key} must be one of {', '.join(limits['choices'])}, "
+                        f"got {value!r}")
     low, high, above = limits.get("low"), limits.get("high"), limits.get("above")
     bounds = [f">= {low:g}" if low is not None else "", f"> {above:g}" if above is not None else "",
               f"<= {high:g}" if high is not None else ""]
-    if (low is not None and value < low) or (above is not None and value <= above) or (high is not None
-                                                                                       and value > high):
-        raise UserError(f"{where}: {key} must be {' and '.join(b for b in bounds if b)}, got {value!r}")
+    if ((low is not None and value < low) or (above is not None and value <= above)
+            or (high is not None and value > high)):
+        raise UserError(f"{where}: {key} must be {' and '.join(b for b in bounds if b)}, "
+                        f"got {value!r}")
     return value
 
 
-PATH_FIELDS = ("init_from", "train_data", "val_data", "data_cache", "synthetic_dir", "teacher_cache", "reward_model")
+PATH_FIELDS = ("init_from", "train_data", "val_data", "data_cache", "synthetic_dir",
+               "teacher_cache", "reward_model")
 
 
 def absolute_paths(cfg):
-    """The config with every path that exists made absolute: what a run saves (train_config.json, the config and
-    reference source in each checkpoint) then works from any working directory."""
-    return dataclasses.replace(cfg, **{key: os.path.abspath(getattr(cfg, key)) for key in PATH_FIELDS
-                                       if getattr(cfg, key) and os.path.exists(getattr(cfg, key))})
+    """The config with every path that exists made absolute: what a run saves (train_config.json,
+    the config and reference source in each checkpoint) then works from any working directory."""
+    absolute = {key: os.path.abspath(getattr(cfg, key)) for key in PATH_FIELDS
+                if getattr(cfg, key) and os.path.exists(getattr(cfg, key))}
+    return dataclasses.replace(cfg, **absolute)
 
 
 def load_config(argv):
@@ -267,14 +281,18 @@ def load_config(argv):
             values[key] = check_value(key, value, where)
     cfg = Config(**values)
     if cfg.batch_size % cfg.minibatch_size or cfg.minibatch_size % cfg.micro_batch_size:
-        raise UserError(f"config: batch_size ({cfg.batch_size}) must be a multiple of minibatch_size "
-                        f"({cfg.minibatch_size}), and that of micro_batch_size ({cfg.micro_batch_size})")
+        raise UserError(f"config: batch_size ({cfg.batch_size}) must be a multiple of "
+                        f"minibatch_size ({cfg.minibatch_size}), and that of micro_batch_size "
+                        f"({cfg.micro_batch_size})")
     if cfg.likelihood_dense and cfg.reward_kind != "likelihood":
-        raise UserError(f"config: likelihood_dense is for reward_kind='likelihood', not {cfg.reward_kind!r}")
+        raise UserError("config: likelihood_dense is for reward_kind='likelihood', "
+                        f"not {cfg.reward_kind!r}")
     if cfg.n_embd % cfg.n_head:
-        raise UserError(f"config: n_embd ({cfg.n_embd}) must be a multiple of n_head ({cfg.n_head})")
+        raise UserError(f"config: n_embd ({cfg.n_embd}) must be a multiple of n_head "
+                        f"({cfg.n_head})")
     if cfg.init_from == "synthetic" and not cfg.synthetic:
-        raise UserError("config: init_from='synthetic' is the demo task's policy and needs synthetic=True")
+        raise UserError("config: init_from='synthetic' is the demo task's policy and needs "
+                        "synthetic=True")
     wanted = {"choice": ("teacher", "label"), "generate": ("likelihood",)}[cfg.rollout]
     if cfg.reward_kind not in wanted:
         raise UserError(f"config: rollout {cfg.rollout!r} takes reward_kind {' or '.join(wanted)}, "
@@ -282,7 +300,7 @@ def load_config(argv):
     return cfg
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # PPO math: small pure functions, float32
 
 
@@ -304,7 +322,8 @@ def masked_mean(x, mask, across_ranks=False):
 
 
 def masked_whiten(x, mask, shift_mean=True, across_ranks=False):
-    """Whiten x over the entries where mask is 1 (mean and unbiased variance over all ranks if across_ranks)."""
+    """Whiten x over the entries where mask is 1 (mean and unbiased variance over all ranks if
+    across_ranks)."""
     x, mask = x.float(), mask.float()
     mean = masked_mean(x, mask, across_ranks)
     total_sq, count = (((x - mean) ** 2) * mask).sum(), mask.sum()
@@ -318,8 +337,9 @@ def masked_whiten(x, mask, shift_mean=True, across_ranks=False):
 
 
 def compute_gae(rewards, values, mask, gamma, gae_lambda):
-    """Generalised advantage estimation over (B, T) sequences whose valid steps are a prefix (mask 1).
-    The step after the last valid one is terminal. -> advantages, returns (both 0 where mask is 0)."""
+    """Generalised advantage estimation over (B, T) sequences whose valid steps are a prefix
+    (mask 1). The step after the last valid one is terminal. -> advantages, returns (both 0 where
+    mask is 0)."""
     rewards, values, mask = rewards.float(), values.float(), mask.float()
     next_mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1)
     next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], 1) * next_mask
@@ -334,17 +354,20 @@ def compute_gae(rewards, values, mask, gamma, gae_lambda):
 
 
 def kl_penalty(logprobs, ref_logprobs):
-    """Per-action estimate of KL(policy || reference) from log-probs of actions sampled from the policy: the log
-    ratio (unbiased; negative for some samples)."""
+    """Per-action estimate of KL(policy || reference) from log-probs of actions sampled from the
+    policy: the log ratio (unbiased; negative for some samples)."""
     return logprobs.float() - ref_logprobs.float()
 
 
-def ppo_losses(new_logprobs, old_logprobs, advantages, new_values, old_values, returns, mask, clip_coef, vf_clip_coef):
-    """Clipped PPO policy and value losses, averaged over mask; plus approx_kl and clipfrac (as in cleanrl)."""
+def ppo_losses(new_logprobs, old_logprobs, advantages, new_values, old_values, returns, mask,
+               clip_coef, vf_clip_coef):
+    """Clipped PPO policy and value losses, averaged over mask; plus approx_kl and clipfrac (as in
+    cleanrl)."""
     new_logprobs, new_values = new_logprobs.float(), new_values.float()
     log_ratio = new_logprobs - old_logprobs
     ratio = log_ratio.exp()
-    pg_losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef))
+    pg_losses = torch.max(-advantages * ratio,
+                          -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef))
     pg_loss = masked_mean(pg_losses, mask)
     vf_losses = (new_values - returns) ** 2
     if vf_clip_coef > 0:
@@ -396,10 +419,11 @@ def learning_rate_at(step, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# rollouts: two kinds behind one interface. collect() acts on a batch of examples and scores it; forward()
-# recomputes, with gradients, the log-probs, values and entropies of the actions of a minibatch. Tensors are
-# (B, L): one column per action, L = 1 for a choice and up to max_new_tokens for a generated continuation.
+# --------------------------------------------------------------------------------------------------
+# rollouts: two kinds behind one interface. collect() acts on a batch of examples and scores it;
+# forward() recomputes, with gradients, the log-probs, values and entropies of the actions of a
+# minibatch. Tensors are (B, L): one column per action, L = 1 for a choice and up to max_new_tokens
+# for a generated continuation.
 
 
 @dataclass
@@ -420,35 +444,40 @@ class Rollouts:
 
 def choice_forward(model, encoded, choice_temperature, device):
     """
-    Score the 4 endings of each encoded example as the HellaSwag scorer does (mean log-prob per ending token) and
-    turn them into the policy over endings. Each context runs once, its endings packed after it (model.pack_choices),
-    with gradients through the shared context. -> log-probs (N, 4), values (N,), all float32.
+    Score the 4 endings of each encoded example as the HellaSwag scorer does (mean log-prob per
+    ending token) and turn them into the policy over endings. Each context runs once, its endings
+    packed after it (model.pack_choices), with gradients through the shared context. -> log-probs
+    (N, 4), values (N,), all float32.
     """
     idx, segments = (t.to(device) for t in pack_choices(encoded))
     # through forward(), so that DDP syncs the gradients
     sum_logprobs, values = model(idx, segments=segments)
-    n_tokens = torch.tensor([[len(e) for e in endings] for _, endings in encoded], dtype=torch.float32, device=device)
+    n_tokens = torch.tensor([[len(e) for e in endings] for _, endings in encoded],
+                            dtype=torch.float32, device=device)
     scores = sum_logprobs / n_tokens  # (N, 4) mean log-prob per ending token
     return F.log_softmax(scores / choice_temperature, dim=-1), values
 
 
 class ChoiceRollouts:
-    """The policy picks one of an example's 4 endings, sampled from softmax(its HellaSwag scores / temperature);
-    the reward (teacher or label) is for that choice. The value head is read at the context's last token."""
+    """The policy picks one of an example's 4 endings, sampled from softmax(its HellaSwag scores /
+    temperature); the reward (teacher or label) is for that choice. The value head is read at the
+    context's last token."""
 
     def __init__(self, encoded, reward_fn, choice_temperature, micro_batch_size, device):
         # every training example, encoded once at setup as the evaluator encodes it
         self.encoded = encoded
         self.reward_fn, self.temperature = reward_fn, choice_temperature
         self.micro_batch_size, self.device = micro_batch_size, device
-        # the frozen reference's distribution over each example's endings depends on the example alone: computed
-        # the first time the example is met, then kept (4 floats an example, saved with the checkpoint)
+        # the frozen reference's distribution over each example's endings depends on the example
+        # alone: computed the first time the example is met, then kept (4 floats an example, saved
+        # with the checkpoint)
         self.reference_logprobs = torch.full((len(encoded), 4), float("nan"))
 
     def reference(self, reference, indices):
         missing = sorted({i for i in indices if torch.isnan(self.reference_logprobs[i, 0])})
         for s in chunked(len(missing), self.micro_batch_size):
-            lp = choice_forward(reference, [self.encoded[i] for i in missing[s]], self.temperature, self.device)[0]
+            encoded = [self.encoded[i] for i in missing[s]]
+            lp = choice_forward(reference, encoded, self.temperature, self.device)[0]
             self.reference_logprobs[missing[s]] = lp.float().cpu()
         return self.reference_logprobs[indices].to(self.device)
 
@@ -469,20 +498,23 @@ class ChoiceRollouts:
         policy_lp, ref_lp = torch.cat(policy_lp), self.reference(reference, indices)
         # before sampling, which would fail on them with a traceback
         if not torch.isfinite(policy_lp).all():
-            raise UserError("the policy's scores of the endings are not finite; its weights are broken")
+            raise UserError("the policy's scores of the endings are not finite; its weights are "
+                            "broken")
         choices = torch.multinomial(policy_lp.exp(), 1, generator=generator)  # (B, 1)
         scores = self.reward_fn(indices, choices.squeeze(1).cpu()).to(self.device).float()
         samples = [{"ctx": ex["ctx"], "chosen": ex["endings"][c], "label": ex.get("label")}
                    for ex, c in zip(examples, choices.squeeze(1).tolist())]
         return Rollouts(examples=examples, actions={"choices": choices, "encoded": encoded},
-                        logprobs=policy_lp.gather(1, choices), ref_logprobs=ref_lp.gather(1, choices),
-                        values=torch.cat(values)[:, None], mask=torch.ones(choices.shape, device=self.device),
-                        scores=scores, n_tokens=sum(4 * len(c) + sum(map(len, es)) for c, es in encoded),
+                        logprobs=policy_lp.gather(1, choices),
+                        ref_logprobs=ref_lp.gather(1, choices),
+                        values=torch.cat(values)[:, None],
+                        mask=torch.ones(choices.shape, device=self.device), scores=scores,
+                        n_tokens=sum(4 * len(c) + sum(map(len, es)) for c, es in encoded),
                         samples=samples)
 
     def forward(self, model, rollouts, micro):
-        lp, v = choice_forward(model, [rollouts.actions["encoded"][j] for j in micro.tolist()], self.temperature,
-                               self.device)
+        encoded = [rollouts.actions["encoded"][j] for j in micro.tolist()]
+        lp, v = choice_forward(model, encoded, self.temperature, self.device)
         entropy = -(lp.exp() * lp).sum(1, keepdim=True)
         return lp.gather(1, rollouts.actions["choices"][micro]), v[:, None], entropy
 
@@ -492,13 +524,14 @@ class ChoiceRollouts:
         if any(label is None for label in labels):
             return {}
         labels = torch.tensor(labels, device=self.device)
-        return {"train/chosen_acc": (rollouts.actions["choices"].squeeze(1) == labels).float().mean().item()}
+        chosen = rollouts.actions["choices"].squeeze(1)
+        return {"train/chosen_acc": (chosen == labels).float().mean().item()}
 
 
 def sequence_forward(model, prompts, prompt_mask, responses, response_mask, temperature):
     """
-    Log-probs (temperature applied), values and entropies of the response tokens: (B, N) each, float32.
-    The value of token t is read at the position before it (the state it was chosen in).
+    Log-probs (temperature applied), values and entropies of the response tokens: (B, N) each,
+    float32. The value of token t is read at the position before it (the state it was chosen in).
     """
     P = prompts.size(1)
     idx = torch.cat([prompts, responses], 1)
@@ -512,17 +545,19 @@ def sequence_forward(model, prompts, prompt_mask, responses, response_mask, temp
     selected = response_mask.bool()
     logprobs = torch.zeros(responses.shape, device=idx.device).masked_scatter(
         selected, logp.gather(1, responses[selected][:, None]).squeeze(1))
-    entropy = torch.zeros(responses.shape, device=idx.device).masked_scatter(selected, -(logp.exp() * logp).sum(-1))
+    entropy = torch.zeros(responses.shape, device=idx.device).masked_scatter(
+        selected, -(logp.exp() * logp).sum(-1))
     return logprobs, values[:, P - 1:-1] * response_mask, entropy
 
 
 class GenerateRollouts:
-    """The policy writes a continuation of the context (its last prompt_budget tokens); the judge's likelihood of
-    it, given the whole context, is the score. A sample that never stopped loses no_stop_penalty, and an empty
-    one gets -no_stop_penalty without asking the judge."""
+    """The policy writes a continuation of the context (its last prompt_budget tokens); the judge's
+    likelihood of it, given the whole context, is the score. A sample that never stopped loses
+    no_stop_penalty, and an empty one gets -no_stop_penalty without asking the judge."""
 
     def __init__(self, reward_fn, cfg, prompt_budget, stop_tokens, device):
-        self.reward_fn, self.cfg, self.prompt_budget, self.device = reward_fn, cfg, prompt_budget, device
+        self.reward_fn, self.cfg = reward_fn, cfg
+        self.prompt_budget, self.device = prompt_budget, device
         self.stop_tokens = torch.tensor(stop_tokens, device=device)
         self.encode = gpt2_encoding().encode_ordinary
         self.decode = gpt2_encoding().decode
@@ -531,11 +566,12 @@ class GenerateRollouts:
     def collect(self, policy, reference, examples, indices, generator):
         cfg = self.cfg
         contexts = [self.encode(ex["ctx"]) for ex in examples]
-        prompts, prompt_mask = (t.to(self.device) for t in left_pad([c[-self.prompt_budget:] for c in contexts],
-                                                                     EOT_TOKEN))
+        prompt_tokens = [c[-self.prompt_budget:] for c in contexts]
+        prompts, prompt_mask = (t.to(self.device) for t in left_pad(prompt_tokens, EOT_TOKEN))
         responses, response_mask, _ = policy.generate(
             prompts, prompt_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            top_k=cfg.top_k or None, top_p=cfg.top_p, stop_tokens=self.stop_tokens.tolist(), generator=generator)
+            top_k=cfg.top_k or None, top_p=cfg.top_p, stop_tokens=self.stop_tokens.tolist(),
+            generator=generator)
         logprobs, values, ref_logprobs = [], [], []
         for s in chunked(len(examples), cfg.micro_batch_size):
             args = (prompts[s], prompt_mask[s], responses[s], response_mask[s], cfg.temperature)
@@ -544,32 +580,36 @@ class GenerateRollouts:
             values.append(v)
             ref_logprobs.append(sequence_forward(reference, *args)[0])
         scores, shares, samples = self.score(examples, contexts, responses, response_mask)
-        return Rollouts(examples=examples,
-                        actions={"prompts": prompts, "prompt_mask": prompt_mask, "responses": responses},
-                        logprobs=torch.cat(logprobs), ref_logprobs=torch.cat(ref_logprobs), values=torch.cat(values),
-                        mask=response_mask.float(), scores=scores,
+        actions = {"prompts": prompts, "prompt_mask": prompt_mask, "responses": responses}
+        return Rollouts(examples=examples, actions=actions,
+                        logprobs=torch.cat(logprobs), ref_logprobs=torch.cat(ref_logprobs),
+                        values=torch.cat(values), mask=response_mask.float(), scores=scores,
                         n_tokens=int(prompt_mask.sum() + response_mask.sum()), samples=samples,
                         score_shares=shares)
 
     def score(self, examples, contexts, responses, response_mask):
-        """-> (B,) scores, (B, L) their shares per token (None unless likelihood_dense) and the samples' texts.
-        The judge scores the sampled token ids themselves when it shares GPT-2's vocabulary, and their text
-        otherwise. With dense shares, the penalties (an empty or unstopped sample) go to the last token."""
+        """-> (B,) scores, (B, L) their shares per token (None unless likelihood_dense) and the
+        samples' texts. The judge scores the sampled token ids themselves when it shares GPT-2's
+        vocabulary, and their text otherwise. With dense shares, the penalties (an empty or
+        unstopped sample) go to the last token."""
         lengths = response_mask.sum(1)
         last = (lengths - 1).clamp(min=0)
         stopped = torch.isin(responses.gather(1, last[:, None]).squeeze(1), self.stop_tokens)
-        samples = [[t for t in row[:n] if t != EOT_TOKEN] for row, n in zip(responses.tolist(), lengths.tolist())]
+        samples = [[t for t in row[:n] if t != EOT_TOKEN]
+                   for row, n in zip(responses.tolist(), lengths.tolist())]
         texts = [self.decode(tokens) for tokens in samples]
         nonempty = [i for i, text in enumerate(texts) if text.strip()]
         scores = torch.full((len(examples),), -self.cfg.no_stop_penalty, device=self.device)
-        # every rank calls the reward, even with nothing to score: it may all-reduce its running statistics
+        # every rank calls the reward, even with nothing to score: it may all-reduce its running
+        # statistics
         judge_args = ([contexts[i] for i in nonempty], [samples[i] for i in nonempty])
         shares = None
         if self.cfg.likelihood_dense:
             judged, judged_shares = self.reward_fn.dense(*judge_args)
             shares = torch.zeros(responses.shape, device=self.device)
             for i, share in zip(nonempty, judged_shares):
-                # the judge scored the sample without its <|endoftext|>, so the shares go to the other tokens
+                # the judge scored the sample without its <|endoftext|>, so the shares go to the
+                # other tokens
                 at = (responses[i, :lengths[i]] != EOT_TOKEN).nonzero().squeeze(1)
                 shares[i, at] = share.to(self.device)
         else:
@@ -586,10 +626,12 @@ class GenerateRollouts:
     def forward(self, model, rollouts, micro):
         actions = rollouts.actions
         return sequence_forward(model, actions["prompts"][micro], actions["prompt_mask"][micro],
-                                actions["responses"][micro], rollouts.mask[micro].long(), self.cfg.temperature)
+                                actions["responses"][micro], rollouts.mask[micro].long(),
+                                self.cfg.temperature)
 
     def metrics(self, rollouts):
-        """This rank's mean response length in tokens and the share of responses that stopped by themselves."""
+        """This rank's mean response length in tokens and the share of responses that stopped by
+        themselves."""
         stopped = [sample["stopped"] for sample in rollouts.samples]
         return {"train/response_length": rollouts.mask.sum(1).mean().item(),
                 "train/stop_rate": sum(stopped) / max(len(stopped), 1)}
@@ -619,12 +661,13 @@ def chunked(n, size):
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # checkpoints
 
 
 def gather_rng_states(sample_generator, shuffle_generator, world_size):
-    """Every rank's RNG states (rank order), so that a resumed run samples exactly what an uninterrupted one would."""
+    """Every rank's RNG states (rank order), so that a resumed run samples exactly what an
+    uninterrupted one would."""
     state = {"sample": sample_generator.get_state(), "shuffle": shuffle_generator.get_state(),
              "torch": torch.get_rng_state(), "device_type": sample_generator.device.type}
     if world_size == 1:
@@ -635,10 +678,11 @@ def gather_rng_states(sample_generator, shuffle_generator, world_size):
 
 
 def save_checkpoint(out_dir, step, raw_model, optimizer, scaler, state, cfg, keep_last, best):
-    """ckpt_<step>.pt written atomically; older step checkpoints beyond keep_last removed; best.pt linked."""
+    """ckpt_<step>.pt written atomically; older step checkpoints beyond keep_last removed; best.pt
+    linked."""
     ckpt = {"format": CHECKPOINT_FORMAT, "model_config": dataclasses.asdict(raw_model.config),
-            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "step": step, "config": dataclasses.asdict(cfg), **state}
+            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "step": step, "config": dataclasses.asdict(cfg), **state}
     path = os.path.join(out_dir, f"ckpt_{step:06d}.pt")
     atomic_torch_save(ckpt, path)
     for _, old in step_checkpoints(out_dir)[:-keep_last]:
@@ -656,14 +700,15 @@ def save_checkpoint(out_dir, step, raw_model, optimizer, scaler, state, cfg, kee
 
 
 def drop_lines_after(path, step, log=print):
-    """Keep the JSON lines of path whose "step" is at most step (rewritten atomically). A line that does not parse
-    (a kill mid-write tears the last one) is dropped with a warning."""
+    """Keep the JSON lines of path whose "step" is at most step (rewritten atomically). A line that
+    does not parse (a kill mid-write tears the last one) is dropped with a warning."""
     if not os.path.exists(path):
         return
     records, bad = read_json_objects(path)
     for n in bad:
         log(f"warning: {path}, line {n}: not a JSON line (torn by a kill?), dropped")
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step))
+    kept = "".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step)
+    atomic_write_text(path, kept)
 
 
 # and ckpt_*.pt
@@ -671,16 +716,18 @@ RUN_FILES = ("metrics.jsonl", "samples.jsonl", "train_config.json", "best.pt", "
 
 
 def remove_torn_writes(out_dir):
-    """Temporary files that a killed atomic write left behind (.NAME.XXXX.tmp); they never replaced anything."""
+    """Temporary files that a killed atomic write left behind (.NAME.XXXX.tmp); they never replaced
+    anything."""
     for folder in (out_dir, os.path.join(out_dir, "eval")):
         for name in os.listdir(folder) if os.path.isdir(folder) else []:
-            if name.startswith(".") and name.endswith(".tmp") and os.path.isfile(os.path.join(folder, name)):
+            if (name.startswith(".") and name.endswith(".tmp")
+                    and os.path.isfile(os.path.join(folder, name))):
                 os.remove(os.path.join(folder, name))
 
 
 def load_resume_checkpoint(out_dir, log):
-    """The newest checkpoint in out_dir that loads, -> (path, checkpoint). A damaged one (truncated, empty, not
-    a checkpoint) is named in a warning and the next older one is tried."""
+    """The newest checkpoint in out_dir that loads, -> (path, checkpoint). A damaged one (truncated,
+    empty, not a checkpoint) is named in a warning and the next older one is tried."""
     candidates = step_checkpoints(out_dir)
     if not candidates:
         raise UserError(f"init_from=resume: no checkpoint (ckpt_*.pt) in {out_dir}")
@@ -691,14 +738,16 @@ def load_resume_checkpoint(out_dir, log):
                 raise ValueError("not a checkpoint of this project")
             return path, ckpt
         except Exception as e:  # torch raises many kinds for a damaged file
-            log(f"warning: {path}: cannot resume from it ({first_line(e)}); trying an older checkpoint")
-    raise UserError(f"init_from=resume: none of the {len(candidates)} checkpoint(s) in {out_dir} loads; see the "
-                    "warnings above")
+            log(f"warning: {path}: cannot resume from it ({first_line(e)}); trying an older "
+                "checkpoint")
+    raise UserError(f"init_from=resume: none of the {len(candidates)} checkpoint(s) in {out_dir} "
+                    "loads; see the warnings above")
 
 
 def prepare_out_dir(cfg, run, log):
-    """Everything about out_dir that can fail, checked before any model or data work. A fresh run refuses a
-    directory that holds another run, unless start_over, which moves that run's files to out_dir/previous/TIME/.
+    """Everything about out_dir that can fail, checked before any model or data work. A fresh run
+    refuses a directory that holds another run, unless start_over, which moves that run's files to
+    out_dir/previous/TIME/.
     -> (resume path, checkpoint) for init_from=resume, else (None, None)."""
     check_output_path(cfg.out_dir, directory=True)
     if cfg.reward_kind == "teacher" and cfg.teacher_cache:
@@ -710,9 +759,10 @@ def prepare_out_dir(cfg, run, log):
     existing = [name for name in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, name))]
     existing += [os.path.basename(path) for _, path in step_checkpoints(cfg.out_dir)]
     if existing and not cfg.start_over:
-        raise UserError(f"out_dir {cfg.out_dir} holds another run ({', '.join(sorted(existing)[:4])}); continue "
-                        "it with --init_from=resume, choose a new out_dir, or pass --start_over=True to move its "
-                        f"files to {os.path.join(cfg.out_dir, 'previous')}/")
+        raise UserError(f"out_dir {cfg.out_dir} holds another run "
+                        f"({', '.join(sorted(existing)[:4])}); continue it with "
+                        "--init_from=resume, choose a new out_dir, or pass --start_over=True to "
+                        f"move its files to {os.path.join(cfg.out_dir, 'previous')}/")
     run.barrier()  # every rank has looked before the master moves anything
     if existing and run.master_process:
         previous = os.path.join(cfg.out_dir, "previous", time.strftime("%Y%m%d-%H%M%S"))
@@ -727,7 +777,8 @@ def prepare_out_dir(cfg, run, log):
 
 def eval_predictions_path(out_dir, step):
     """eval/step_NNNNNN.jsonl for the policy at a step, eval/teacher.jsonl for the teacher."""
-    return os.path.join(out_dir, "eval", "teacher.jsonl" if step == "teacher" else f"step_{step:06d}.jsonl")
+    name = "teacher.jsonl" if step == "teacher" else f"step_{step:06d}.jsonl"
+    return os.path.join(out_dir, "eval", name)
 
 
 def drop_evaluations_after(out_dir, step):
@@ -745,13 +796,14 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # setup: named steps, in the order train() takes them
 
 
 @dataclass
 class Distributed:
-    """Where this process sits in the run: torchrun's RANK / LOCAL_RANK / WORLD_SIZE, or one process."""
+    """Where this process sits in the run: torchrun's RANK / LOCAL_RANK / WORLD_SIZE, or one
+    process."""
     ddp: bool
     rank: int
     local_rank: int
@@ -782,18 +834,22 @@ def setup_distributed(cfg):
         if device.startswith("cuda"):
             torch.cuda.set_device(device)  # memory stats and synchronize follow the chosen GPU
         return Distributed(ddp=False, rank=0, local_rank=0, world_size=1, device=device)
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    rank, local_rank, world_size = (int(os.environ[k])
+                                    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     nccl = requested.startswith("cuda")
     device = resolve_device(f"cuda:{local_rank}") if nccl else "cpu"  # one GPU per process
     # a collective waiting on a rank that died fails after ddp_timeout_s instead of hanging
-    dist.init_process_group(backend="nccl" if nccl else "gloo", timeout=datetime.timedelta(seconds=cfg.ddp_timeout_s))
+    timeout = datetime.timedelta(seconds=cfg.ddp_timeout_s)
+    dist.init_process_group(backend="nccl" if nccl else "gloo", timeout=timeout)
     if nccl:
         torch.cuda.set_device(device)
-    return Distributed(ddp=True, rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+    return Distributed(ddp=True, rank=rank, local_rank=local_rank, world_size=world_size,
+                       device=device)
 
 
 def seed_everything(seed, run):
-    """Seed the global RNGs per rank. -> (generator for sampling actions, generator for minibatch order)."""
+    """Seed the global RNGs per rank. -> (generator for sampling actions, generator for minibatch
+    order)."""
     torch.manual_seed(seed + run.rank)
     np.random.seed(seed + run.rank)
     random.seed(seed + run.rank)
@@ -809,9 +865,11 @@ def load_examples_from(spec, cache_dir):
 
 
 def load_data(cfg, run, log):
-    """-> train examples, val examples, and where the run's models come from: {"init_from", "reward_source",
-    "train_data"} (the demo's synthetic task brings its own data, policy and teacher)."""
-    sources = {"init_from": cfg.init_from, "reward_source": cfg.reward_model, "train_data": cfg.train_data}
+    """-> train examples, val examples, and where the run's models come from: {"init_from",
+    "reward_source", "train_data"} (the demo's synthetic task brings its own data, policy and
+    teacher)."""
+    sources = {"init_from": cfg.init_from, "reward_source": cfg.reward_model,
+               "train_data": cfg.train_data}
     train_data, val_data = cfg.train_data, cfg.val_data
     if cfg.synthetic:
         synthetic_dir = os.path.abspath(cfg.synthetic_dir or os.path.join(cfg.out_dir, "synthetic"))
@@ -837,13 +895,15 @@ def build_policy(source, cfg):
     if source == "scratch":
         # the same weights on every rank, and again when the reference is rebuilt
         torch.manual_seed(cfg.seed)
-        return GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size))
+        return GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                             block_size=cfg.block_size))
     return GPT.from_pretrained(source)
 
 
 def load_models(cfg, init_from, ckpt, resume_path, device):
-    """-> (policy with its value head, frozen reference, where the reference came from). A resumed run rebuilds
-    the reference from the source its checkpoint names and the policy from the checkpoint."""
+    """-> (policy with its value head, frozen reference, where the reference came from). A resumed
+    run rebuilds the reference from the source its checkpoint names and the policy from the
+    checkpoint."""
     reference_from = ckpt["reference_from"] if ckpt else init_from
     reference = build_policy(reference_from, cfg).to(device).eval().requires_grad_(False)
     if ckpt:
@@ -861,10 +921,10 @@ def build_reward(cfg, train_examples, sources, run):
     judge = CausalLM.load(sources["reward_source"], device=run.device,
                           dtype=None if cfg.reward_dtype == "auto" else cfg.reward_dtype)
     if cfg.reward_kind == "teacher":
+        cache_dir = cfg.teacher_cache or os.path.join(cfg.out_dir, "teacher_cache")
         return TeacherReward(judge, train_examples, style=cfg.style, mode=cfg.teacher_mode,
                              temperature=cfg.teacher_temperature, batch_size=cfg.reward_batch_size,
-                             cache_dir=cfg.teacher_cache or os.path.join(cfg.out_dir, "teacher_cache"),
-                             data_id=os.path.basename(sources["train_data"]))
+                             cache_dir=cache_dir, data_id=os.path.basename(sources["train_data"]))
     # every rank keeps the same running statistics
     return LikelihoodReward(judge, per=cfg.likelihood_per, clip=cfg.reward_clip or None,
                             normalize=cfg.reward_normalize, batch_size=cfg.reward_batch_size,
@@ -873,48 +933,56 @@ def build_reward(cfg, train_examples, sources, run):
 
 def build_rollouts(cfg, policy, train_examples, reward_fn, device):
     if cfg.rollout == "choice":
-        # choice rollouts score the endings as the evaluator does, contexts cut to the window; encoding every
-        # training example once here makes a bad one an error at setup, the same on every rank
+        # choice rollouts score the endings as the evaluator does, contexts cut to the window;
+        # encoding every training example once here makes a bad one an error at setup, the same on
+        # every rank
         encode = gpt2_encoding().encode_ordinary
-        encoded = [encode_for_model(ex, encode, policy.config.block_size, cfg.style) for ex in train_examples]
-        return ChoiceRollouts(encoded, reward_fn, cfg.choice_temperature, cfg.micro_batch_size, device)
+        encoded = [encode_for_model(ex, encode, policy.config.block_size, cfg.style)
+                   for ex in train_examples]
+        return ChoiceRollouts(encoded, reward_fn, cfg.choice_temperature, cfg.micro_batch_size,
+                              device)
     # fit the window
     prompt_budget = min(cfg.max_prompt_tokens, policy.config.block_size - cfg.max_new_tokens)
     if prompt_budget < 1:
-        raise UserError(f"config: max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt in the policy's "
-                        f"block_size {policy.config.block_size}")
+        raise UserError(f"config: max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt "
+                        f"in the policy's block_size {policy.config.block_size}")
     stop_tokens = sentence_stop_tokens(gpt2_encoding()) if cfg.stop_at_sentence_end else [EOT_TOKEN]
     return GenerateRollouts(reward_fn, cfg, prompt_budget, stop_tokens, device)
 
 
-def restore(ckpt, optimizer, scaler, kl_controller, reward_fn, rollout_kind, generators, cfg, run, log):
-    """Load the optimizer, scaler, KL controller, reward statistics, the rollouts' cached reference scores and
-    the RNG states of a checkpoint. -> (step, data position, best acc_norm)."""
+def restore(ckpt, optimizer, scaler, kl_controller, reward_fn, rollout_kind, generators, cfg, run,
+            log):
+    """Load the optimizer, scaler, KL controller, reward statistics, the rollouts' cached reference
+    scores and the RNG states of a checkpoint. -> (step, data position, best acc_norm)."""
     if hasattr(rollout_kind, "load_state_dict") and ckpt.get("rollouts") is not None:
         rollout_kind.load_state_dict(ckpt["rollouts"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     kl_controller.load_state_dict(ckpt["kl_controller"])
     if kl_controller.value != cfg.kl_coef:
-        log(f"KL coefficient {kl_controller.value:.4g} restored from the checkpoint (config kl_coef {cfg.kl_coef})")
+        log(f"KL coefficient {kl_controller.value:.4g} restored from the checkpoint "
+            f"(config kl_coef {cfg.kl_coef})")
     if hasattr(reward_fn, "load_state_dict") and ckpt.get("reward") is not None:
         reward_fn.load_state_dict(ckpt["reward"])
     sample_generator, shuffle_generator = generators
     rng = ckpt["rng"]
-    if len(rng) == run.world_size and rng[run.rank].get("device_type") == sample_generator.device.type:
+    if (len(rng) == run.world_size
+            and rng[run.rank].get("device_type") == sample_generator.device.type):
         mine = rng[run.rank]
         sample_generator.set_state(mine["sample"])
         shuffle_generator.set_state(mine["shuffle"])
         torch.set_rng_state(mine["torch"])
     else:
-        log(f"warning: checkpoint has RNG states of {len(rng)} rank(s) on {rng[0].get('device_type')}, this run "
-            f"has {run.world_size} on {sample_generator.device.type}; sampling is reseeded, not continued")
+        log(f"warning: checkpoint has RNG states of {len(rng)} rank(s) on "
+            f"{rng[0].get('device_type')}, this run has {run.world_size} on "
+            f"{sample_generator.device.type}; sampling is reseeded, not continued")
     return ckpt["step"], ckpt["data_position"], ckpt["best_acc_norm"]
 
 
 class Batches:
-    """Each rank's slice of each global batch, from a permutation of the training set per epoch seeded by
-    seed + epoch: a resumed run needs only the position to go on exactly where it stopped."""
+    """Each rank's slice of each global batch, from a permutation of the training set per epoch
+    seeded by seed + epoch: a resumed run needs only the position to go on exactly where it
+    stopped."""
 
     def __init__(self, n_examples, batch_size, seed, run):
         self.n_examples, self.batch_size, self.seed, self.run = n_examples, batch_size, seed, run
@@ -928,13 +996,15 @@ class Batches:
             epoch, offset = divmod(i, self.n_examples)
             if epoch != self.epoch:
                 self.epoch = epoch
-                self.permutation = np.random.RandomState(self.seed + epoch).permutation(self.n_examples)
+                rng = np.random.RandomState(self.seed + epoch)
+                self.permutation = rng.permutation(self.n_examples)
             indices.append(int(self.permutation[offset]))
         return indices, position + self.batch_size * self.run.world_size
 
 
 class StopSignal:
-    """SIGTERM / SIGINT: finish the step, write a checkpoint, exit 0. A second signal stops at once."""
+    """SIGTERM / SIGINT: finish the step, write a checkpoint, exit 0. A second signal stops at
+    once."""
 
     def __init__(self, log):
         self.received, self.log = None, log
@@ -945,14 +1015,16 @@ class StopSignal:
         if self.received is not None:
             raise KeyboardInterrupt
         self.received = signum
-        self.log(f"signal {signum}: finishing this step, then writing a checkpoint (signal again to stop at once)")
+        self.log(f"signal {signum}: finishing this step, then writing a checkpoint (signal again "
+                 "to stop at once)")
 
     def on_any_rank(self):
         return all_reduce_sum(torch.tensor(float(self.received is not None)))[0].item() > 0
 
 
 class RunLog:
-    """metrics.jsonl (and wandb), samples.jsonl and the console line; the master process alone writes."""
+    """metrics.jsonl (and wandb), samples.jsonl and the console line; the master process alone
+    writes."""
 
     def __init__(self, cfg, master_process):
         self.cfg, self.master_process, self.wandb_run = cfg, master_process, None
@@ -960,11 +1032,14 @@ class RunLog:
         if cfg.wandb_log and master_process:
             try:
                 import wandb  # optional
-                self.wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None,
+                self.wandb_run = wandb.init(project=cfg.wandb_project,
+                                            name=cfg.wandb_run_name or None,
                                             config=dataclasses.asdict(cfg))
             except ImportError:
-                self.log("warning: wandb_log=True but wandb is not installed; logging to metrics.jsonl only")
-        self.metrics_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master_process else None
+                self.log("warning: wandb_log=True but wandb is not installed; logging to "
+                         "metrics.jsonl only")
+        metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        self.metrics_file = open(metrics_path, "a") if master_process else None
 
     def metrics(self, metrics):
         if self.master_process:
@@ -975,16 +1050,20 @@ class RunLog:
 
     def step_line(self, metrics):
         m = collections.defaultdict(lambda: float("nan"), metrics)  # a skipped step has no losses
-        self.log(f"step {m['step']} | reward {m['reward']:.4f} | kl {m['kl']:.4f} | pg {m['pg_loss']:.4f} | "
-                 f"vf {m['vf_loss']:.4f} | clipfrac {m['clipfrac']:.3f} | approx_kl {m['approx_kl']:.4f} | "
-                 f"ent {m['entropy']:.3f} | ev {m['explained_var']:.3f} | {m['samples_per_s']:.1f} samples/s | "
-                 f"{m['tokens_per_s']:.0f} tok/s | dt {m['dt'] * 1000:.0f}ms | mem {m['peak_mem_gb']:.2f}GB")
+        self.log(f"step {m['step']} | reward {m['reward']:.4f} | kl {m['kl']:.4f} | "
+                 f"pg {m['pg_loss']:.4f} | vf {m['vf_loss']:.4f} | clipfrac {m['clipfrac']:.3f} | "
+                 f"approx_kl {m['approx_kl']:.4f} | ent {m['entropy']:.3f} | "
+                 f"ev {m['explained_var']:.3f} | {m['samples_per_s']:.1f} samples/s | "
+                 f"{m['tokens_per_s']:.0f} tok/s | dt {m['dt'] * 1000:.0f}ms | "
+                 f"mem {m['peak_mem_gb']:.2f}GB")
 
     def eval_line(self, step, result):
-        self.log(f"step {step} | eval acc {result['eval/acc']:.4f} | acc_norm {result['eval/acc_norm']:.4f}")
+        self.log(f"step {step} | eval acc {result['eval/acc']:.4f} | "
+                 f"acc_norm {result['eval/acc_norm']:.4f}")
 
     def samples(self, step, rollouts):
-        if self.master_process and self.cfg.sample_interval and step % self.cfg.sample_interval == 0:
+        if (self.master_process and self.cfg.sample_interval
+                and step % self.cfg.sample_interval == 0):
             with open(os.path.join(self.cfg.out_dir, "samples.jsonl"), "a") as f:
                 for sample, score in list(zip(rollouts.samples, rollouts.scores.tolist()))[:4]:
                     f.write(json.dumps({"step": step, **sample, "reward": score}) + "\n")
@@ -997,22 +1076,23 @@ class RunLog:
 
 
 def run_eval(model, val_examples, step, cfg, device, dtype, master_process):
-    """HellaSwag on the val examples; the per-example predictions go to eval_predictions_path(out_dir, step)."""
-    result = evaluate(model, val_examples, style=cfg.style, batch_size=cfg.eval_batch_size, device=device,
-                      dtype=dtype, return_predictions=True)
+    """HellaSwag on the val examples; the per-example predictions go to
+    eval_predictions_path(out_dir, step)."""
+    result = evaluate(model, val_examples, style=cfg.style, batch_size=cfg.eval_batch_size,
+                      device=device, dtype=dtype, return_predictions=True)
     if master_process:
         os.makedirs(os.path.join(cfg.out_dir, "eval"), exist_ok=True)
         write_predictions(eval_predictions_path(cfg.out_dir, step), result["predictions"])
     return {"eval/acc": result["acc"], "eval/acc_norm": result["acc_norm"], "eval/n": result["n"]}
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the PPO update
 
 
 def shaped_rewards(scores, kl, kl_coef, mask, score_shares=None):
-    """Per-action rewards (B, L): the KL penalty on every action, plus the task's score at the last one, or, given
-    score_shares (B, L), each action's share of it."""
+    """Per-action rewards (B, L): the KL penalty on every action, plus the task's score at the last
+    one, or, given score_shares (B, L), each action's share of it."""
     rewards = -kl_coef * kl
     if score_shares is not None:
         return rewards + score_shares * mask
@@ -1021,34 +1101,40 @@ def shaped_rewards(scores, kl, kl_coef, mask, score_shares=None):
     return rewards
 
 
-def ppo_update(model, raw_model, optimizer, scaler, rollout_kind, batch, advantages, returns, cfg, generator, run,
-               dtype):
-    """ppo_epochs passes over the batch in shuffled minibatches: one optimizer step per minibatch, gradients
-    accumulated over its micro-batches, clipped losses. Stops early once approx_kl passes target_kl, and at the
-    first non-finite gradient, whose update is not applied (the optimizer's state is not touched).
+def ppo_update(model, raw_model, optimizer, scaler, rollout_kind, batch, advantages, returns, cfg,
+               generator, run, dtype):
+    """ppo_epochs passes over the batch in shuffled minibatches: one optimizer step per minibatch,
+    gradients accumulated over its micro-batches, clipped losses. Stops early once approx_kl passes
+    target_kl, and at the first non-finite gradient, whose update is not applied (the optimizer's
+    state is not touched).
     -> (mean statistics, epochs done, whether every gradient was finite)."""
     stats = {k: [] for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "entropy", "grad_norm")}
     summary = lambda: {k: float(np.mean(v)) for k, v in stats.items() if v}  # noqa: E731
     for epoch in range(cfg.ppo_epochs):
-        for minibatch in torch.randperm(len(batch.scores), generator=generator).split(cfg.minibatch_size):
+        permutation = torch.randperm(len(batch.scores), generator=generator)
+        for minibatch in permutation.split(cfg.minibatch_size):
             micro_batches = minibatch.split(cfg.micro_batch_size)
             for i, micro in enumerate(micro_batches):
                 micro = micro.to(run.device)
                 # DDP all-reduces the gradients of the minibatch's last micro-batch only
-                no_sync = model.no_sync() if run.ddp and i < len(micro_batches) - 1 else contextlib.nullcontext()
+                no_sync = (model.no_sync() if run.ddp and i < len(micro_batches) - 1
+                           else contextlib.nullcontext())
                 with no_sync, autocast(run.device, dtype):
                     new_logprobs, new_values, entropy = rollout_kind.forward(model, batch, micro)
                     mask = batch.mask[micro]
-                    losses = ppo_losses(new_logprobs, batch.logprobs[micro], advantages[micro], new_values,
-                                        batch.values[micro], returns[micro], mask, cfg.clip_coef, cfg.vf_clip_coef)
+                    losses = ppo_losses(new_logprobs, batch.logprobs[micro], advantages[micro],
+                                        new_values, batch.values[micro], returns[micro], mask,
+                                        cfg.clip_coef, cfg.vf_clip_coef)
                     entropy = masked_mean(entropy, mask)
-                    loss = losses["pg_loss"] + cfg.vf_coef * losses["vf_loss"] - cfg.ent_coef * entropy
+                    loss = (losses["pg_loss"] + cfg.vf_coef * losses["vf_loss"]
+                            - cfg.ent_coef * entropy)
                 scaler.scale(loss * len(micro) / len(minibatch)).backward()
                 for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac"):
                     stats[k].append(losses[k].item())
                 stats["entropy"].append(entropy.item())
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+            max_norm = cfg.grad_clip or float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
             stats["grad_norm"].append(grad_norm.item())
             # the same on every rank: the gradients were all-reduced
             finite = bool(torch.isfinite(grad_norm))
@@ -1062,18 +1148,20 @@ def ppo_update(model, raw_model, optimizer, scaler, rollout_kind, batch, advanta
                 return summary(), epoch + 1, False
             # every rank sees the same mean, so every rank stops at the same point
             if cfg.target_kl > 0:
-                approx_kl = all_reduce_sum(torch.tensor(stats["approx_kl"][-len(micro_batches):]).mean())[0]
+                minibatch_kl = torch.tensor(stats["approx_kl"][-len(micro_batches):]).mean()
+                approx_kl = all_reduce_sum(minibatch_kl)[0]
                 if approx_kl / run.world_size > cfg.target_kl:
                     return summary(), epoch + 1, True
     return summary(), cfg.ppo_epochs, True
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # training
 
 
 def train(cfg):
-    """Run PPO as configured. Returns a summary: final step, last eval, last metrics and the policy."""
+    """Run PPO as configured. Returns a summary: final step, last eval, last metrics and the
+    policy."""
     # ---- setup: distributed, seeds, data, models, reward, optimizer, resume
     cfg = absolute_paths(cfg)
     run = setup_distributed(cfg)
@@ -1086,12 +1174,14 @@ def train(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
     if run.master_process:
         log(json.dumps(dataclasses.asdict(cfg), indent=2))
-        atomic_write_text(os.path.join(cfg.out_dir, "train_config.json"), json.dumps(dataclasses.asdict(cfg), indent=2))
+        config_path = os.path.join(cfg.out_dir, "train_config.json")
+        atomic_write_text(config_path, json.dumps(dataclasses.asdict(cfg), indent=2))
     train_examples, val_examples, sources = load_data(cfg, run, log)
-    raw_model, reference, reference_from = load_models(cfg, sources["init_from"], ckpt, resume_path, run.device)
+    raw_model, reference, reference_from = load_models(
+        cfg, sources["init_from"], ckpt, resume_path, run.device)
     check_finite_weights(raw_model, resume_path or reference_from)
-    log(f"policy: {raw_model.num_params() / 1e6:.2f}M parameters from {reference_from}; device {run.device}, "
-        f"{run.world_size} process(es), autocast {dtype}")
+    log(f"policy: {raw_model.num_params() / 1e6:.2f}M parameters from {reference_from}; "
+        f"device {run.device}, {run.world_size} process(es), autocast {dtype}")
     reward_fn = build_reward(cfg, train_examples, sources, run)
     rollout_kind = build_rollouts(cfg, raw_model, train_examples, reward_fn, run.device)
     device_type = torch.device(run.device).type
@@ -1100,15 +1190,16 @@ def train(cfg):
         model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[run.local_rank]
                                                           if device_type == "cuda" else None)
     train_model = torch.compile(model) if cfg.compile else model
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                               device_type)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
+                                               (cfg.beta1, cfg.beta2), device_type)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     controller = AdaptiveKLController if cfg.adaptive_kl else FixedKLController
     kl_controller = controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     step, data_position, best_acc_norm = 0, 0, -1.0
     if ckpt:
-        step, data_position, best_acc_norm = restore(ckpt, optimizer, scaler, kl_controller, reward_fn, rollout_kind,
-                                                     (sample_generator, shuffle_generator), cfg, run, log)
+        step, data_position, best_acc_norm = restore(
+            ckpt, optimizer, scaler, kl_controller, reward_fn, rollout_kind,
+            (sample_generator, shuffle_generator), cfg, run, log)
         log(f"resumed from {resume_path} at step {step}")
         if run.master_process:  # what was logged after that checkpoint is about to be redone
             for name in ("metrics.jsonl", "samples.jsonl"):
@@ -1126,9 +1217,10 @@ def train(cfg):
         run_log.metrics({"step": 0, **last_eval})
         # the teacher's own picks, for analyze.py's teacher agreement
         if cfg.reward_kind == "teacher":
-            teacher = run_eval(reward_fn.reward_model, val_examples, "teacher", cfg, run.device, dtype,
-                               run.master_process)
-            log(f"teacher | eval acc {teacher['eval/acc']:.4f} | acc_norm {teacher['eval/acc_norm']:.4f}")
+            teacher = run_eval(reward_fn.reward_model, val_examples, "teacher", cfg, run.device,
+                               dtype, run.master_process)
+            log(f"teacher | eval acc {teacher['eval/acc']:.4f} | "
+                f"acc_norm {teacher['eval/acc_norm']:.4f}")
     while step < cfg.max_steps:
         t0 = time.time()
         lr = learning_rate_at(step, cfg)
@@ -1138,42 +1230,52 @@ def train(cfg):
 
         # ---- rollout and reward: act, score, and record log-probs, values and reference log-probs
         with autocast(run.device, dtype):
-            batch = rollout_kind.collect(raw_model, reference, [train_examples[i] for i in indices], indices,
-                                         sample_generator)
+            examples = [train_examples[i] for i in indices]
+            batch = rollout_kind.collect(raw_model, reference, examples, indices, sample_generator)
 
         # ---- advantages: the KL penalty on every action, the score at the last, GAE, whitening
         kl = kl_penalty(batch.logprobs, batch.ref_logprobs) * batch.mask
-        rewards = shaped_rewards(batch.scores, kl, kl_controller.value, batch.mask, batch.score_shares)
-        advantages, returns = compute_gae(rewards, batch.values, batch.mask, cfg.gamma, cfg.gae_lambda)
+        rewards = shaped_rewards(batch.scores, kl, kl_controller.value, batch.mask,
+                                 batch.score_shares)
+        advantages, returns = compute_gae(rewards, batch.values, batch.mask, cfg.gamma,
+                                          cfg.gae_lambda)
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, batch.mask, across_ranks=run.ddp)
 
-        # ---- PPO epochs; a step with a non-finite rollout or gradient is skipped, too many in a row stop the run
-        finite_rollout = all_reduce_sum(torch.isfinite(advantages).all().float())[0].item() == run.world_size
+        # ---- PPO epochs; a step with a non-finite rollout or gradient is skipped, too many in a
+        # row stop the run
+        finite_ranks = all_reduce_sum(torch.isfinite(advantages).all().float())[0].item()
+        finite_rollout = finite_ranks == run.world_size
         stats, epochs_done, finite = {}, 0, False
         if finite_rollout:
-            stats, epochs_done, finite = ppo_update(train_model, raw_model, optimizer, scaler, rollout_kind, batch,
-                                                    advantages, returns, cfg, shuffle_generator, run, dtype)
+            stats, epochs_done, finite = ppo_update(
+                train_model, raw_model, optimizer, scaler, rollout_kind, batch, advantages, returns,
+                cfg, shuffle_generator, run, dtype)
         bad_steps = 0 if finite else bad_steps + 1
         if bad_steps:
-            log(f"warning: step {step + 1}: non-finite {'gradient' if finite_rollout else 'rollout'} "
-                f"({bad_steps} step(s) in a row); the rest of the step's update is skipped")
+            log(f"warning: step {step + 1}: non-finite "
+                f"{'gradient' if finite_rollout else 'rollout'} ({bad_steps} step(s) in a row); "
+                "the rest of the step's update is skipped")
         if bad_steps >= cfg.max_bad_steps:
-            raise UserError(f"{bad_steps} steps in a row with non-finite losses or gradients at step {step + 1}; "
-                            "stopping (the last checkpoint is kept; try a lower learning_rate)")
+            raise UserError(f"{bad_steps} steps in a row with non-finite losses or gradients at "
+                            f"step {step + 1}; stopping (the last checkpoint is kept; try a lower "
+                            "learning_rate)")
         # before the weights are sampled from or saved; the same on every rank
         check_finite_weights(raw_model, f"step {step + 1}: the policy (try a lower learning_rate)")
 
         # ---- log / eval / checkpoint
         step += 1
-        score_mean, kl_mean = (x / run.world_size for x in all_reduce_sum(batch.scores.mean(), kl.sum(1).mean()))
+        totals = all_reduce_sum(batch.scores.mean(), kl.sum(1).mean())
+        score_mean, kl_mean = (x / run.world_size for x in totals)
         kl_controller.update(kl_mean.item(), cfg.batch_size * run.world_size)
         if device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
-        metrics = {"step": step, "reward": score_mean.item(), "kl": kl_mean.item(), "kl_coef": kl_controller.value,
-                   "lr": lr, **stats, "explained_var": explained_variance(batch.values, returns, batch.mask),
-                   "ppo_epochs_done": epochs_done, "samples_per_s": len(indices) * run.world_size / dt,
+        metrics = {"step": step, "reward": score_mean.item(), "kl": kl_mean.item(),
+                   "kl_coef": kl_controller.value, "lr": lr, **stats,
+                   "explained_var": explained_variance(batch.values, returns, batch.mask),
+                   "ppo_epochs_done": epochs_done,
+                   "samples_per_s": len(indices) * run.world_size / dt,
                    "tokens_per_s": batch.n_tokens * run.world_size / dt, "dt": dt,
                    "peak_mem_gb": peak_memory_gb(run.device), **rollout_kind.metrics(batch)}
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
@@ -1181,7 +1283,8 @@ def train(cfg):
         run_log.samples(step, batch)
         stop_now = stop_signal.on_any_rank()
         if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps:
-            last_eval = run_eval(raw_model, val_examples, step, cfg, run.device, dtype, run.master_process)
+            last_eval = run_eval(raw_model, val_examples, step, cfg, run.device, dtype,
+                                 run.master_process)
             metrics.update(last_eval)
             run_log.eval_line(step, last_eval)
         run_log.metrics(metrics)
@@ -1192,15 +1295,17 @@ def train(cfg):
             state = {"data_position": data_position, "best_acc_norm": best_acc_norm,
                      "kl_controller": kl_controller.state_dict(), "reference_from": reference_from,
                      "reward": reward_fn.state_dict() if hasattr(reward_fn, "state_dict") else None,
-                     "rollouts": rollout_kind.state_dict() if hasattr(rollout_kind, "state_dict") else None,
+                     "rollouts": (rollout_kind.state_dict()
+                                  if hasattr(rollout_kind, "state_dict") else None),
                      "rng": gather_rng_states(sample_generator, shuffle_generator, run.world_size)}
             if run.master_process:
-                path = save_checkpoint(cfg.out_dir, step, raw_model, optimizer, scaler, state, cfg, cfg.keep_last,
-                                       is_best)
+                path = save_checkpoint(cfg.out_dir, step, raw_model, optimizer, scaler, state, cfg,
+                                       cfg.keep_last, is_best)
                 log(f"saved {path}")
             run.barrier()
         if stop_now:
-            log(f"received signal {stop_signal.received}: checkpoint written at step {step}, stopping")
+            log(f"received signal {stop_signal.received}: checkpoint written at step {step}, "
+                "stopping")
             break
 
     if run.master_process and cfg.export_hf and step == cfg.max_steps:
