@@ -488,20 +488,24 @@ class ChoiceRollouts:
         self.reference_logprobs = state["reference_logprobs"].clone()
 
     @torch.no_grad()
-    def collect(self, policy, reference, examples, indices, generator):
+    def collect(self, policy, reference, examples, indices, generator, timer):
         encoded = [self.encoded[i] for i in indices]
         policy_lp, values = [], []
-        for s in chunked(len(encoded), self.micro_batch_size):
-            lp, v = choice_forward(policy, encoded[s], self.temperature, self.device)
-            policy_lp.append(lp)
-            values.append(v)
-        policy_lp, ref_lp = torch.cat(policy_lp), self.reference(reference, indices)
+        with timer("rollout"):
+            for s in chunked(len(encoded), self.micro_batch_size):
+                lp, v = choice_forward(policy, encoded[s], self.temperature, self.device)
+                policy_lp.append(lp)
+                values.append(v)
+            policy_lp = torch.cat(policy_lp)
+        with timer("reference"):
+            ref_lp = self.reference(reference, indices)
         # before sampling, which would fail on them with a traceback
         if not torch.isfinite(policy_lp).all():
             raise UserError("the policy's scores of the endings are not finite; its weights are "
                             "broken")
         choices = torch.multinomial(policy_lp.exp(), 1, generator=generator)  # (B, 1)
-        scores = self.reward_fn(indices, choices.squeeze(1).cpu()).to(self.device).float()
+        with timer("reward"):
+            scores = self.reward_fn(indices, choices.squeeze(1).cpu()).to(self.device).float()
         samples = [{"ctx": ex["ctx"], "chosen": ex["endings"][c], "label": ex.get("label")}
                    for ex, c in zip(examples, choices.squeeze(1).tolist())]
         return Rollouts(examples=examples, actions={"choices": choices, "encoded": encoded},
@@ -563,23 +567,28 @@ class GenerateRollouts:
         self.decode = gpt2_encoding().decode
 
     @torch.no_grad()
-    def collect(self, policy, reference, examples, indices, generator):
+    def collect(self, policy, reference, examples, indices, generator, timer):
         cfg = self.cfg
         contexts = [self.encode(ex["ctx"]) for ex in examples]
         prompt_tokens = [c[-self.prompt_budget:] for c in contexts]
         prompts, prompt_mask = (t.to(self.device) for t in left_pad(prompt_tokens, EOT_TOKEN))
-        responses, response_mask, _ = policy.generate(
-            prompts, prompt_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            top_k=cfg.top_k or None, top_p=cfg.top_p, stop_tokens=self.stop_tokens.tolist(),
-            generator=generator)
         logprobs, values, ref_logprobs = [], [], []
-        for s in chunked(len(examples), cfg.micro_batch_size):
-            args = (prompts[s], prompt_mask[s], responses[s], response_mask[s], cfg.temperature)
-            lp, v, _ = sequence_forward(policy, *args)
-            logprobs.append(lp)
-            values.append(v)
-            ref_logprobs.append(sequence_forward(reference, *args)[0])
-        scores, shares, samples = self.score(examples, contexts, responses, response_mask)
+        with timer("rollout"):
+            responses, response_mask, _ = policy.generate(
+                prompts, prompt_mask, max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
+                stop_tokens=self.stop_tokens.tolist(), generator=generator)
+            for s in chunked(len(examples), cfg.micro_batch_size):
+                args = (prompts[s], prompt_mask[s], responses[s], response_mask[s])
+                lp, v, _ = sequence_forward(policy, *args, cfg.temperature)
+                logprobs.append(lp)
+                values.append(v)
+        with timer("reference"):
+            for s in chunked(len(examples), cfg.micro_batch_size):
+                args = (prompts[s], prompt_mask[s], responses[s], response_mask[s])
+                ref_logprobs.append(sequence_forward(reference, *args, cfg.temperature)[0])
+        with timer("reward"):
+            scores, shares, samples = self.score(examples, contexts, responses, response_mask)
         actions = {"prompts": prompts, "prompt_mask": prompt_mask, "responses": responses}
         return Rollouts(examples=examples, actions=actions,
                         logprobs=torch.cat(logprobs), ref_logprobs=torch.cat(ref_logprobs),
@@ -635,6 +644,35 @@ class GenerateRollouts:
         stopped = [sample["stopped"] for sample in rollouts.samples]
         return {"train/response_length": rollouts.mask.sum(1).mean().item(),
                 "train/stop_rate": sum(stopped) / max(len(stopped), 1)}
+
+
+class PhaseTimer:
+    """Wall-clock seconds a step spends in each phase (rollout, reference, reward, update), logged
+    as time/<phase>. On CUDA a phase waits for its kernels before and after, so each figure is the
+    phase's own: a few synchronisations a step."""
+
+    def __init__(self, device):
+        self.cuda = str(device).startswith("cuda")
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase):
+        self.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.synchronize()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def synchronize(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def take(self):
+        """-> {"time/<phase>": seconds} since the last take, and starts over."""
+        seconds, self.seconds = self.seconds, {}
+        return {f"time/{phase}": s for phase, s in seconds.items()}
 
 
 def left_pad(rows, pad_token):
@@ -1208,6 +1246,7 @@ def train(cfg):
         del ckpt
     batches = Batches(len(train_examples), cfg.batch_size, cfg.seed, run)
     stop_signal = StopSignal(log)
+    timer = PhaseTimer(run.device)
     run_log = RunLog(cfg, run.master_process)
 
     last_eval, metrics, bad_steps = None, {}, 0
@@ -1231,7 +1270,8 @@ def train(cfg):
         # ---- rollout and reward: act, score, and record log-probs, values and reference log-probs
         with autocast(run.device, dtype):
             examples = [train_examples[i] for i in indices]
-            batch = rollout_kind.collect(raw_model, reference, examples, indices, sample_generator)
+            batch = rollout_kind.collect(raw_model, reference, examples, indices, sample_generator,
+                                         timer)
 
         # ---- advantages: the KL penalty on every action, the score at the last, GAE, whitening
         kl = kl_penalty(batch.logprobs, batch.ref_logprobs) * batch.mask
@@ -1248,9 +1288,10 @@ def train(cfg):
         finite_rollout = finite_ranks == run.world_size
         stats, epochs_done, finite = {}, 0, False
         if finite_rollout:
-            stats, epochs_done, finite = ppo_update(
-                train_model, raw_model, optimizer, scaler, rollout_kind, batch, advantages, returns,
-                cfg, shuffle_generator, run, dtype)
+            with timer("update"):
+                stats, epochs_done, finite = ppo_update(
+                    train_model, raw_model, optimizer, scaler, rollout_kind, batch, advantages,
+                    returns, cfg, shuffle_generator, run, dtype)
         bad_steps = 0 if finite else bad_steps + 1
         if bad_steps:
             log(f"warning: step {step + 1}: non-finite "
@@ -1277,7 +1318,8 @@ def train(cfg):
                    "ppo_epochs_done": epochs_done,
                    "samples_per_s": len(indices) * run.world_size / dt,
                    "tokens_per_s": batch.n_tokens * run.world_size / dt, "dt": dt,
-                   "peak_mem_gb": peak_memory_gb(run.device), **rollout_kind.metrics(batch)}
+                   "peak_mem_gb": peak_memory_gb(run.device), **timer.take(),
+                   **rollout_kind.metrics(batch)}
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
             run_log.step_line(metrics)
         run_log.samples(step, batch)

@@ -105,8 +105,12 @@ def summarize(metrics_path):
     if not steps:
         raise UserError(f"{metrics_path}: the run logged no step")
     later = steps[1:] or steps
+    # where a later step's time goes: rollout, reference, reward, update (train_ppo's time/<phase>)
+    phases = [k.split("/", 1)[1] for k in later[0] if k.startswith("time/")]
     return {"steps": len(steps), "first_step_s": steps[0]["dt"],
             "step_s": statistics.median(m["dt"] for m in later),
+            "phase_s": {p: statistics.median(m.get(f"time/{p}", 0.0) for m in later)
+                        for p in phases},
             "samples_per_s": statistics.median(m["samples_per_s"] for m in later),
             "tokens_per_s": statistics.median(m["tokens_per_s"] for m in later),
             "peak_mem_gb": max(m["peak_mem_gb"] for m in steps)}
@@ -166,6 +170,8 @@ def main(argv=None):
     print(f"first step {result['first_step_s']:.2f}s | later steps {result['step_s']:.2f}s "
           f"({result['samples_per_s']:.1f} samples/s, {result['tokens_per_s']:.0f} tok/s) | "
           f"peak memory {result['peak_mem_gb']:.2f} GB")
+    print("later steps by phase: " + " | ".join(f"{phase} {seconds:.2f}s"
+                                                 for phase, seconds in result["phase_s"].items()))
     if built and not device.startswith("cuda"):
         result["note"] = ("peak memory (process RSS) includes building the stand-ins; rerun for "
                           "the run's own figure")

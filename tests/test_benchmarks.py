@@ -31,6 +31,10 @@ def test_recipe_cost_runs_a_recipe_on_stand_ins(tmp_path, recipe, reward_dir):
     result = json.loads(out.read_text())
     assert result["steps"] == 2 and result["batch_size"] == 8 and result["device"] == "cpu"
     assert result["step_s"] > 0 and result["samples_per_s"] > 0 and result["peak_mem_gb"] > 0
+    # the phases are parts of the step: each timed, together no more than the step
+    assert set(result["phase_s"]) == {"rollout", "reference", "reward", "update"}
+    assert all(s > 0 for s in result["phase_s"].values())
+    assert sum(result["phase_s"].values()) <= result["step_s"]
     with open(tmp_path / "work" / "policy-gpt2-tiny" / "config.json") as f:
         assert json.load(f)["n_layer"] == 2  # the stand-in, not the hub model, was trained
     with open(tmp_path / "work" / f"run-{recipe}" / "train_config.json") as f:

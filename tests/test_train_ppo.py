@@ -287,6 +287,8 @@ def test_one_generate_step(tmp_path, synthetic_dir):
                              max_new_tokens=6))
     step = read_metrics(tmp_path)[1]
     assert step["step"] == 1 and step["entropy"] > 0 and abs(step["kl"]) < 1e-4  # policy == reference at step 0
+    phases = [step[f"time/{p}"] for p in ("rollout", "reference", "reward", "update")]
+    assert all(s > 0 for s in phases) and sum(phases) <= step["dt"]
     samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
     assert samples and "continuation" in samples[0]
 
@@ -299,10 +301,12 @@ def test_choice_rollouts_learn_the_synthetic_task(tmp_path, synthetic_dir):
     metrics = read_metrics(tmp_path)
     start = metrics[0]["eval/acc_norm"]
     assert start < 0.45  # chance is 0.25
-    assert summary["eval"]["eval/acc_norm"] > start + 0.2
+    # seen on seeds 0, 1, 2 (2-core Xeon): accuracy +0.55, +0.24, +0.35 and reward +0.30, +0.19,
+    # +0.15 over 20 steps; the bounds leave 2x and 3x room for another CPU's numerics
+    assert summary["eval"]["eval/acc_norm"] > start + 0.12
     early = sum(m["reward"] for m in metrics[1:5]) / 4
     late = sum(m["reward"] for m in metrics[-4:]) / 4
-    assert late > early + 0.1
+    assert late > early + 0.05
 
 
 @pytest.mark.slow
