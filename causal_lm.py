@@ -1,11 +1,13 @@
 """
-A transformers causal LM as a scorer of text: loading it (one-line errors offline), its window, the special tokens
-before a text, where a continuation starts, and the float32 log-probs of the scored tokens. hellaswag.py scores
-the endings of other architectures through it, and reward.py's judges and teachers are CausalLMs.
+A transformers causal LM as a scorer of text: loading it (one-line errors offline), its window, the
+special tokens before a text, where a continuation starts, and the float32 log-probs of the scored
+tokens. hellaswag.py scores the endings of other architectures through it, and reward.py's judges
+and teachers are CausalLMs.
 
-    lm = CausalLM.load("EleutherAI/gpt-neo-2.7B", device="cuda")     # or a local transformers directory
-    s = lm.score(contexts, continuations)                             # dict of (N,) float32 tensors
-    s = lm.score_tokens(context_ids, continuation_ids)                 # the same from GPT-2 token ids
+    # or a local transformers directory
+    lm = CausalLM.load("EleutherAI/gpt-neo-2.7B", device="cuda")
+    s = lm.score(contexts, continuations)               # dict of (N,) float32 tensors
+    s = lm.score_tokens(context_ids, continuation_ids)  # the same from GPT-2 token ids
 """
 
 import bisect
@@ -33,21 +35,23 @@ class PairError(UserError, ValueError):
         self.index, self.problem = index, message
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # text -> tokens: the one rule for the context/continuation boundary
 
 
 def split_boundary_whitespace(context, continuation):
-    """Trailing whitespace of the context belongs to the continuation ("A man " + "sits" -> "A man" + " sits"):
-    BPE tokenizers attach a space to the word after it, so this keeps the boundary between tokens."""
+    """Trailing whitespace of the context belongs to the continuation ("A man " + "sits" ->
+    "A man" + " sits"): BPE tokenizers attach a space to the word after it, so this keeps the
+    boundary between tokens."""
     stripped = context.rstrip()
     return stripped, context[len(stripped):] + continuation
 
 
 def continuation_start(context_ids, whole_ids):
-    """Where the continuation starts in whole_ids = encode(context + continuation): len(context_ids) when the whole
-    encoding begins with the context's own (lm-evaluation-harness's split), else the first token that differs, so a
-    token spanning the boundary ("Wait." + ".." -> "Wait" "...") counts as continuation and is never cut in two."""
+    """Where the continuation starts in whole_ids = encode(context + continuation): len(context_ids)
+    when the whole encoding begins with the context's own (lm-evaluation-harness's split), else the
+    first token that differs, so a token spanning the boundary ("Wait." + ".." -> "Wait" "...")
+    counts as continuation and is never cut in two."""
     n = 0
     while n < len(context_ids) and n < len(whole_ids) and context_ids[n] == whole_ids[n]:
         n += 1
@@ -55,8 +59,8 @@ def continuation_start(context_ids, whole_ids):
 
 
 def split_encode(encode, context, continuation):
-    """-> (context ids, continuation ids) of the whole text encoded once, split by the rules above. encode: str ->
-    list[int]. Joined, the two are always the encoding of context + continuation."""
+    """-> (context ids, continuation ids) of the whole text encoded once, split by the rules above.
+    encode: str -> list[int]. Joined, the two are always the encoding of context + continuation."""
     context, continuation = split_boundary_whitespace(context, continuation)
     whole = encode(context + continuation)
     start = continuation_start(encode(context), whole)
@@ -64,9 +68,9 @@ def split_encode(encode, context, continuation):
 
 
 def fit_window(head, context_ids, continuation_ids, window):
-    """head + context + continuation, dropping context tokens from the left so that the model input (all tokens
-    but the last) fits in `window` positions. head (BOS, or a start token) is always kept. -> ids, or None if even
-    the continuation alone does not fit."""
+    """head + context + continuation, dropping context tokens from the left so that the model input
+    (all tokens but the last) fits in `window` positions. head (BOS, or a start token) is always
+    kept. -> ids, or None if even the continuation alone does not fit."""
     room = window + 1 - len(head) - len(continuation_ids)  # context tokens that fit
     # the first continuation token needs something to be predicted from
     if room < (0 if head else 1):
@@ -76,8 +80,9 @@ def fit_window(head, context_ids, continuation_ids, window):
 
 
 def char_ends(pieces):
-    """Where each token's text ends, in characters of the whole text decoded from pieces (the tokens' bytes) with
-    errors="replace". A character split across tokens belongs to the token that completes it."""
+    """Where each token's text ends, in characters of the whole text decoded from pieces (the
+    tokens' bytes) with errors="replace". A character split across tokens belongs to the token that
+    completes it."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     ends, n = [], 0
     for k, piece in enumerate(pieces):
@@ -87,19 +92,21 @@ def char_ends(pieces):
 
 
 def align_by_chars(judge_ends, policy_ends):
-    """For each judge token, the policy token whose text holds its last character (where the judge token is
-    complete). judge_ends: each judge token's end, in characters from the start of the policy's text (a judge
-    token that ends before it, in the context, goes to the first policy token); policy_ends: as char_ends."""
+    """For each judge token, the policy token whose text holds its last character (where the judge
+    token is complete). judge_ends: each judge token's end, in characters from the start of the
+    policy's text (a judge token that ends before it, in the context, goes to the first policy
+    token); policy_ends: as char_ends."""
     last = len(policy_ends) - 1
     return [min(bisect.bisect_right(policy_ends, end - 1), last) for end in judge_ends]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # tokens -> log-probs
 
 
 def keeps_logits(model):
-    """Whether a transformers model's forward can apply its LM head to chosen positions only (logits_to_keep)."""
+    """Whether a transformers model's forward can apply its LM head to chosen positions only
+    (logits_to_keep)."""
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
@@ -107,11 +114,13 @@ def keeps_logits(model):
 def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu", per_token=False):
     """
     Log-probabilities of the last n tokens of each row under a transformers causal LM.
-    rows: list of (ids, n) with ids a list of token ids and n >= 1 the number of tokens at its end to score.
-    -> (len(rows), ) float32 sums, in input order; per_token: also a list of each row's (n,) float32 CPU log-probs,
-    whose sums are the sums. Rows run longest first (an out-of-memory batch fails at once),
-    right-padded: padding after the real tokens never changes a causal LM's outputs at them, and positions stay
-    0, 1, 2, ... without position ids, whatever padding side the tokenizer prefers.
+    rows: list of (ids, n) with ids a list of token ids and n >= 1 the number of tokens at its end
+    to score.
+    -> (len(rows), ) float32 sums, in input order; per_token: also a list of each row's (n,) float32
+    CPU log-probs, whose sums are the sums. Rows run longest first (an out-of-memory batch fails at
+    once), right-padded: padding after the real tokens never changes a causal LM's outputs at them,
+    and positions stay 0, 1, 2, ... without position ids, whatever padding side the tokenizer
+    prefers.
     """
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     in_order, per_row = [], [None] * len(rows)
@@ -124,13 +133,14 @@ def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu", per_toke
             ids = rows[i][0]
             input_ids[r, :len(ids) - 1] = torch.tensor(ids[:-1])
             attention_mask[r, :len(ids) - 1] = 1
-        # the LM head only over the span of positions that predict scored tokens (sorted rows: a short span)
+        # the LM head only over the span of positions that predict scored tokens
+        # (sorted rows: a short span)
         first = min(len(rows[i][0]) - 1 - rows[i][1] for i in batch)
         keep = keeps_logits(model)
         kwargs = {"logits_to_keep": torch.arange(first, T, device=device)} if keep else {}
         offset = first if keep else 0
-        # which logits score which tokens, built on the host and moved once: logits at position t predict token
-        # t + 1, and row r's scored tokens are its last n
+        # which logits score which tokens, built on the host and moved once: logits at position t
+        # predict token t + 1, and row r's scored tokens are its last n
         span = T - offset
         flat, targets = [], []
         for r, i in enumerate(batch):
@@ -139,14 +149,17 @@ def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu", per_toke
             targets.extend(ids[-n:])
         flat, targets = (torch.tensor(x).to(device, non_blocking=True) for x in (flat, targets))
         # (B, T - first, V), or (B, T, V) for a model that cannot skip positions
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False,
-                       **kwargs).logits
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                       use_cache=False, **kwargs).logits
         logits = logits.reshape(-1, logits.size(-1))
-        # float32 log-probs of the scored tokens, a chunk of positions at a time to bound memory, put back in their
-        # (row, position) slots and summed per row: deterministic, unlike an atomic index_add on CUDA
-        token_logprobs = torch.cat([logprobs_from_logits(logits.index_select(0, f), t)
-                                    for f, t in zip(flat.split(SCORE_CHUNK), targets.split(SCORE_CHUNK))])
-        slots = torch.zeros(len(batch) * span, device=logits.device).index_put_((flat,), token_logprobs)
+        # float32 log-probs of the scored tokens, a chunk of positions at a time to bound memory,
+        # put back in their (row, position) slots and summed per row: deterministic, unlike an
+        # atomic index_add on CUDA
+        token_logprobs = torch.cat([
+            logprobs_from_logits(logits.index_select(0, f), t)
+            for f, t in zip(flat.split(SCORE_CHUNK), targets.split(SCORE_CHUNK))])
+        slots = torch.zeros(len(batch) * span, device=logits.device).index_put_(
+            (flat,), token_logprobs)
         in_order.append(slots.view(len(batch), span).sum(1))
         if per_token:
             slots = slots.view(len(batch), span).cpu()
@@ -159,7 +172,7 @@ def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu", per_toke
     return (sums, per_row) if per_token else sums
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # loading
 
 
@@ -175,10 +188,12 @@ def resolve_dtype(dtype, device):
 
 
 def load_causal_lm(source, device, dtype):
-    """(model, tokenizer) from a hub name or a local directory, frozen, on device. Failures are UserErrors."""
+    """(model, tokenizer) from a hub name or a local directory, frozen, on device. Failures are
+    UserErrors."""
     if os.path.isfile(source):
-        raise UserError(f"{source}: a file, but transformers models load from a directory or a hub name "
-                        "(export a checkpoint of this project with GPT.save_pretrained(DIR) and pass DIR)")
+        raise UserError(
+            f"{source}: a file, but transformers models load from a directory or a hub name "
+            "(export a checkpoint of this project with GPT.save_pretrained(DIR) and pass DIR)")
     local = os.path.isdir(source)
     if not local and looks_like_a_path(source):
         raise UserError(f"{source}: no such directory")
@@ -190,11 +205,11 @@ def load_causal_lm(source, device, dtype):
     # transformers raises many kinds (OSError, ValueError, safetensors errors, ...)
     except Exception as e:
         if not local and isinstance(e, OSError):
-            raise UserError(f"could not load '{source}' from the Hugging Face hub (offline, or no such repo?); "
-                            f"download it where there is internet (hf download {source} --local-dir DIR) and pass "
-                            "DIR instead") from None
-        raise UserError(f"{source}: not a loadable transformers causal LM with its tokenizer ({first_line(e)})") \
-            from None
+            raise UserError(f"could not load '{source}' from the Hugging Face hub (offline, or no "
+                            f"such repo?); download it where there is internet (hf download "
+                            f"{source} --local-dir DIR) and pass DIR instead") from None
+        raise UserError(f"{source}: not a loadable transformers causal LM with its tokenizer "
+                        f"({first_line(e)})") from None
     model.to(device).eval().requires_grad_(False)
     return model, tokenizer
 
@@ -208,12 +223,13 @@ def model_window(config, tokenizer, source):
     # tokenizers without a limit say 1e30
     if 0 < getattr(tokenizer, "model_max_length", 0) < 1_000_000:
         return tokenizer.model_max_length
-    raise UserError(f"{source}: cannot tell the model's context window from its config; pass max_length")
+    raise UserError(f"{source}: cannot tell the model's context window from its config; "
+                    "pass max_length")
 
 
 def special_prefix(tokenizer):
-    """The special tokens the tokenizer puts before a text (e.g. [BOS]); ones it appends (EOS) are not wanted
-    after a context and are left out."""
+    """The special tokens the tokenizer puts before a text (e.g. [BOS]); ones it appends (EOS) are
+    not wanted after a context and are left out."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a")["input_ids"]
     for i in range(len(full) - len(plain) + 1):
@@ -222,15 +238,16 @@ def special_prefix(tokenizer):
     return []
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the scorer
 
 
 class CausalLM:
     """
-    A transformers causal LM and its tokenizer as a scorer of (context, continuation) text pairs, re-tokenized with
-    its own tokenizer, so it need not share GPT-2's vocabulary (gpt-neo does, Llama and Pythia do not). Frozen:
-    eval mode, no gradients. Never wrap it in DDP; each rank loads its own copy.
+    A transformers causal LM and its tokenizer as a scorer of (context, continuation) text pairs,
+    re-tokenized with its own tokenizer, so it need not share GPT-2's vocabulary (gpt-neo does,
+    Llama and Pythia do not). Frozen: eval mode, no gradients. Never wrap it in DDP; each rank loads
+    its own copy.
     max_length: the model's window in tokens (default: from the model's config).
     """
 
@@ -240,32 +257,36 @@ class CausalLM:
         self.dtype = next(model.parameters()).dtype
         self.max_length = max_length or model_window(model.config, tokenizer, self.source)
         self.prefix_ids = special_prefix(tokenizer)  # e.g. [BOS] for Llama, [] for GPT-2
-        self.start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        self.pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None))
+        self.start_id = (tokenizer.bos_token_id if tokenizer.bos_token_id is not None
+                         else tokenizer.eos_token_id)
+        pad_candidates = (tokenizer.pad_token_id, tokenizer.eos_token_id, 0)
+        self.pad_id = next((t for t in pad_candidates if t is not None))
         self._shares_gpt2_vocab = None
 
     @classmethod
     def load(cls, source, device="cpu", dtype=None, max_length=None):
-        """From a hub name or a local directory holding config.json, the weights and the tokenizer files; dtype
-        None: bfloat16 on CUDA, float32 elsewhere."""
+        """From a hub name or a local directory holding config.json, the weights and the tokenizer
+        files; dtype None: bfloat16 on CUDA, float32 elsewhere."""
         device = resolve_device(device)
         model, tokenizer = load_causal_lm(os.fspath(source), device, resolve_dtype(dtype, device))
         return cls(model, tokenizer, source, max_length)
 
     def __repr__(self):
-        return f"CausalLM({self.source!r}, device={self.device!r}, dtype={self.dtype}, max_length={self.max_length})"
+        return (f"CausalLM({self.source!r}, device={self.device!r}, dtype={self.dtype}, "
+                f"max_length={self.max_length})")
 
     @property
     def shares_gpt2_vocab(self):
-        """True when the tokenizer maps every GPT-2 token to GPT-2's id (gpt2, gpt-neo; not OPT, not Pythia)."""
+        """True when the tokenizer maps every GPT-2 token to GPT-2's id (gpt2, gpt-neo; not OPT, not
+        Pythia)."""
         if self._shares_gpt2_vocab is None:
             with open(bpe_files()[0], encoding="utf-8") as f:
                 self._shares_gpt2_vocab = self.tokenizer.get_vocab() == json.load(f)
         return self._shares_gpt2_vocab
 
     def fingerprint(self):
-        """What the scores depend on, for cache keys: the model (for a local directory, its files' sizes and
-        modification times), the dtype and the window."""
+        """What the scores depend on, for cache keys: the model (for a local directory, its files'
+        sizes and modification times), the dtype and the window."""
         parts = {"source": self.source, "dtype": str(self.dtype), "max_length": self.max_length,
                  "prefix_ids": self.prefix_ids}
         if os.path.isdir(self.source):
@@ -281,24 +302,28 @@ class CausalLM:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _head(self, context_ids):
-        """The tokens before the context: BOS where the tokenizer adds one; a start token (BOS or EOS, as
-        lm-evaluation-harness does) when the context is empty, so the first continuation token has a prediction."""
+        """The tokens before the context: BOS where the tokenizer adds one; a start token (BOS or
+        EOS, as lm-evaluation-harness does) when the context is empty, so the first continuation
+        token has a prediction."""
         if self.prefix_ids or context_ids:
             return list(self.prefix_ids)
         return [self.start_id] if self.start_id is not None else []
 
     def row(self, index, context_ids, continuation_ids):
-        """(ids, n_continuation_tokens) for the model: head + context + continuation, fit to the window."""
+        """(ids, n_continuation_tokens) for the model: head + context + continuation, fit to the
+        window."""
         if not continuation_ids:
-            raise PairError(index, "the continuation is empty after tokenization; there is nothing to score")
+            raise PairError(index, "the continuation is empty after tokenization; "
+                                   "there is nothing to score")
         ids = fit_window(self._head(context_ids), context_ids, continuation_ids, self.max_length)
         if ids is None:
-            raise PairError(index, f"the continuation alone ({len(continuation_ids)} tokens) does not fit the "
-                                   f"model's window of {self.max_length} tokens")
+            raise PairError(index, f"the continuation alone ({len(continuation_ids)} tokens) "
+                                   f"does not fit the model's window of {self.max_length} tokens")
         return ids, len(continuation_ids)
 
     def encode_pairs(self, contexts, continuations):
-        """Token rows (ids, n_continuation_tokens) for text pairs, with the model's own tokenizer."""
+        """Token rows (ids, n_continuation_tokens) for text pairs, with the model's own
+        tokenizer."""
         if len(contexts) != len(continuations):
             raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
         rows = []
@@ -310,8 +335,9 @@ class CausalLM:
 
     def score(self, contexts, continuations, batch_size=32):
         """
-        log p(continuation | context) for each text pair. -> dict of (N,) float32 CPU tensors in input order:
-        sum_logprob, n_tokens, mean_logprob (per token), n_chars (len(continuation) as given), per_char_logprob.
+        log p(continuation | context) for each text pair. -> dict of (N,) float32 CPU tensors in
+        input order: sum_logprob, n_tokens, mean_logprob (per token), n_chars (len(continuation) as
+        given), per_char_logprob.
         An empty continuation, or one that alone does not fit the window, is a PairError.
         """
         rows = self.encode_pairs(contexts, continuations)
@@ -319,17 +345,19 @@ class CausalLM:
 
     def score_tokens(self, context_tokens, continuation_tokens, batch_size=32, per_token=False):
         """
-        score() for pairs given as GPT-2 token ids (lists of ints), e.g. a policy's prompt and sample.
-        When the model shares GPT-2's vocabulary the ids are scored as they are: this equals
-        score(decode(context), decode(continuation)) whenever the ids are what GPT-2's tokenizer gives for that
-        text, and scores the policy's own tokens where a sample is not canonically tokenized. Otherwise the ids
-        are decoded to text and re-tokenized by score().
-        per_token: the dict also holds "token_logprobs", one (len(continuation),) float32 tensor per pair: the
-        log-prob of each given token, or, for another vocabulary, the sum of the log-probs of the model's tokens
-        that end inside its text (align_by_chars). Each sums to the pair's sum_logprob.
+        score() for pairs given as GPT-2 token ids (lists of ints), e.g. a policy's prompt and
+        sample. When the model shares GPT-2's vocabulary the ids are scored as they are: this equals
+        score(decode(context), decode(continuation)) whenever the ids are what GPT-2's tokenizer
+        gives for that text, and scores the policy's own tokens where a sample is not canonically
+        tokenized. Otherwise the ids are decoded to text and re-tokenized by score().
+        per_token: the dict also holds "token_logprobs", one (len(continuation),) float32 tensor per
+        pair: the log-prob of each given token, or, for another vocabulary, the sum of the log-probs
+        of the model's tokens that end inside its text (align_by_chars). Each sums to the pair's
+        sum_logprob.
         """
         if len(context_tokens) != len(continuation_tokens):
-            raise ValueError(f"{len(context_tokens)} contexts but {len(continuation_tokens)} continuations")
+            raise ValueError(f"{len(context_tokens)} contexts but "
+                             f"{len(continuation_tokens)} continuations")
         enc = gpt2_encoding()
         continuations = [enc.decode(list(t), errors="replace") for t in continuation_tokens]
         n_chars = [len(c) for c in continuations]
@@ -347,33 +375,37 @@ class CausalLM:
             policy_ends = char_ends([enc.decode_single_token_bytes(t) for t in tokens])
             owners.append(align_by_chars([e - len(context) for e in judge_ends], policy_ends))
         scores = self.score_rows(rows, n_chars, batch_size, per_token)
-        scores["token_logprobs"] = [torch.zeros(len(tokens)).index_add_(0, torch.tensor(owner), logprobs)
-                                    for tokens, owner, logprobs in zip(continuation_tokens, owners,
-                                                                        scores["token_logprobs"])]
+        per_pair = zip(continuation_tokens, owners, scores["token_logprobs"])
+        scores["token_logprobs"] = [
+            torch.zeros(len(tokens)).index_add_(0, torch.tensor(owner), logprobs)
+            for tokens, owner, logprobs in per_pair]
         return scores
 
     def row_with_char_ends(self, index, context, continuation):
-        """row() for a text pair, split as encode_pairs splits it, and where each scored token ends in
-        context + continuation, in characters (from the fast tokenizer's offsets)."""
+        """row() for a text pair, split as encode_pairs splits it, and where each scored token ends
+        in context + continuation, in characters (from the fast tokenizer's offsets)."""
         if not continuation:
             raise PairError(index, "the continuation is empty; there is nothing to score")
         if not self.tokenizer.is_fast:
-            raise UserError(f"{self.source}: per-token scores of another vocabulary need a fast tokenizer (its "
-                            "character offsets); this model has a slow one")
+            raise UserError(f"{self.source}: per-token scores of another vocabulary need a fast "
+                            "tokenizer (its character offsets); this model has a slow one")
         context, continuation = split_boundary_whitespace(context, continuation)
-        encoded = self.tokenizer(context + continuation, add_special_tokens=False, return_offsets_mapping=True)
+        encoded = self.tokenizer(context + continuation, add_special_tokens=False,
+                                 return_offsets_mapping=True)
         whole, offsets = encoded["input_ids"], encoded["offset_mapping"]
         start = continuation_start(self.encode(context), whole)
         return self.row(index, whole[:start], whole[start:]), [end for _, end in offsets[start:]]
 
     def score_rows(self, rows, n_chars, batch_size=32, per_token=False):
-        sum_logprob = sequence_logprobs(self.model, rows, self.pad_id, batch_size, self.device, per_token)
+        sum_logprob = sequence_logprobs(self.model, rows, self.pad_id, batch_size, self.device,
+                                        per_token)
         if per_token:
             sum_logprob, token_logprobs = sum_logprob
         n_tokens = torch.tensor([n for _, n in rows], dtype=torch.float32)
         n_chars = torch.tensor(n_chars, dtype=torch.float32)
-        scores = {"sum_logprob": sum_logprob, "n_tokens": n_tokens, "mean_logprob": sum_logprob / n_tokens,
-                  "n_chars": n_chars, "per_char_logprob": sum_logprob / n_chars}
+        scores = {"sum_logprob": sum_logprob, "n_tokens": n_tokens,
+                  "mean_logprob": sum_logprob / n_tokens, "n_chars": n_chars,
+                  "per_char_logprob": sum_logprob / n_chars}
         if per_token:
             scores["token_logprobs"] = token_logprobs
         return scores

@@ -1,17 +1,20 @@
-"""
+r"""
 HellaSwag: the data, one fast batched scorer, and the evaluation CLI.
 
-    examples = load_examples("val")                              # downloads once into $HELLASWAG_CACHE
-    result = evaluate(model, examples, style="completion")       # {"n": ..., "acc": ..., "acc_norm": ...}
+    # downloads once into $HELLASWAG_CACHE
+    examples = load_examples("val")
+    # {"n": ..., "acc": ..., "acc_norm": ...}
+    result = evaluate(model, examples, style="completion")
 
-    python hellaswag.py --model gpt2 --split val --style completion --output results.json --predictions preds.jsonl
+    python hellaswag.py --model gpt2 --split val --style completion --output results.json \
+        --predictions preds.jsonl
     python hellaswag.py --compare before.jsonl after.jsonl
 
 Two scoring styles, both documented in the README:
-- "completion" (build-nanogpt): context = ctx, continuations = " " + ending; acc_norm divides the summed
-  log-prob of an ending by its number of tokens.
-- "lm-eval" (EleutherAI lm-evaluation-harness): context = activity label + ": " + ctx_a + " " + ctx_b capitalised,
-  bracket tags cleaned; acc_norm divides by the ending's number of characters.
+- "completion" (build-nanogpt): context = ctx, continuations = " " + ending; acc_norm divides the
+  summed log-prob of an ending by its number of tokens.
+- "lm-eval" (EleutherAI lm-evaluation-harness): context = activity label + ": " + ctx_a + " " +
+  ctx_b capitalised, bracket tags cleaned; acc_norm divides by the ending's number of characters.
 """
 
 import argparse
@@ -30,8 +33,9 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from causal_lm import CausalLM, PairError, load_causal_lm, sequence_logprobs, split_encode
-from common import (UserError, atomic_path, atomic_write_text, autocast, check_output_path, first_line,
-                    looks_like_a_path, read_json, read_jsonl, resolve_device, run_cli, same_error_on_every_rank)
+from common import (UserError, atomic_path, atomic_write_text, autocast, check_output_path,
+                    first_line, looks_like_a_path, read_json, read_jsonl, resolve_device, run_cli,
+                    same_error_on_every_rank)
 from model import GPT, check_finite_weights, logprobs_from_logits
 from tokenizer import EOT_TOKEN, gpt2_encoding
 
@@ -41,15 +45,16 @@ SPLITS = ("train", "val", "test")
 SPLIT_LINES = {"train": 39905, "val": 10042, "test": 10003}
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 HUB_DATASET = "Rowan/hellaswag"
-OPTIONAL_FIELDS = {"ind": int, "activity_label": str, "ctx_a": str, "ctx_b": str, "split": str, "split_type": str,
-                   "source_id": str}
+OPTIONAL_FIELDS = {"ind": int, "activity_label": str, "ctx_a": str, "ctx_b": str, "split": str,
+                   "split_type": str, "source_id": str}
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # data: download, read, validate
 
 
 def default_cache_dir():
-    return os.environ.get("HELLASWAG_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hellaswag")
+    return (os.environ.get("HELLASWAG_CACHE")
+            or os.path.join(os.path.expanduser("~"), ".cache", "hellaswag"))
 
 
 def _fetch(url, out_path, desc, timeout):
@@ -75,17 +80,19 @@ def split_path(split, cache_dir=None):
 
 
 def download_split(split, cache_dir=None, url=None, retries=3, retry_wait=2.0, timeout=60):
-    """Download the official jsonl of `split` into cache_dir (once) and return its path. The file appears only
-    complete: it is written to a temporary name, its line count checked, then renamed. A cached file is checked
-    too (one put there by hand may be cut short), so a split is never scored in part."""
+    """Download the official jsonl of `split` into cache_dir (once) and return its path. The file
+    appears only complete: it is written to a temporary name, its line count checked, then renamed.
+    A cached file is checked too (one put there by hand may be cut short), so a split is never
+    scored in part."""
     if split not in SPLITS:
         raise UserError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
     path = split_path(split, cache_dir)
     if os.path.exists(path):
         n_lines = _count_lines(path)
         if n_lines != SPLIT_LINES[split]:
-            raise UserError(f"{path}: {n_lines} examples, but the official {split} split has {SPLIT_LINES[split]}; "
-                            "delete the file to download it again, or pass --data FILE to score a part on purpose")
+            raise UserError(f"{path}: {n_lines} examples, but the official {split} split has "
+                            f"{SPLIT_LINES[split]}; delete the file to download it again, or pass "
+                            "--data FILE to score a part on purpose")
         return path
     url = url or DATA_URL.format(split=split)
     for attempt in range(1, retries + 1):
@@ -94,16 +101,20 @@ def download_split(split, cache_dir=None, url=None, retries=3, retry_wait=2.0, t
                 _fetch(url, tmp, desc=os.path.basename(path), timeout=timeout)
                 n_lines = _count_lines(tmp)
                 if n_lines != SPLIT_LINES[split]:
-                    raise UserError(f"{url}: downloaded {n_lines} examples, expected {SPLIT_LINES[split]} "
-                                    f"for the {split} split; nothing was saved, run again")
+                    raise UserError(
+                        f"{url}: downloaded {n_lines} examples, expected {SPLIT_LINES[split]} "
+                        f"for the {split} split; nothing was saved, run again")
             return path
         # URLError, HTTPError, timeouts, cut connections
         except (OSError, http.client.HTTPException) as e:
             if attempt == retries:
                 reason = getattr(e, "reason", None) or e
-                raise UserError(f"could not download {url} after {retries} tries ({reason}); without internet, "
-                                f"put hellaswag_{split}.jsonl in {os.path.dirname(path)} or pass --data FILE") from None
-            print(f"download failed ({e}), retrying in {retry_wait * attempt:.0f}s", file=sys.stderr)
+                raise UserError(
+                    f"could not download {url} after {retries} tries ({reason}); without "
+                    f"internet, put hellaswag_{split}.jsonl in {os.path.dirname(path)} or pass "
+                    "--data FILE") from None
+            print(f"download failed ({e}), retrying in {retry_wait * attempt:.0f}s",
+                  file=sys.stderr)
             time.sleep(retry_wait * attempt)
 
 
@@ -114,8 +125,9 @@ def _read_hub(split):
     try:
         data = datasets.load_dataset(HUB_DATASET, split=hub_split)
     except Exception as e:  # datasets raises many types for offline / missing
-        raise UserError(f"could not load {HUB_DATASET} split '{hub_split}' through datasets ({type(e).__name__}: "
-                        f"{first_line(e)}); use the official files instead") from None
+        raise UserError(f"could not load {HUB_DATASET} split '{hub_split}' through datasets "
+                        f"({type(e).__name__}: {first_line(e)}); use the official files "
+                        "instead") from None
     for n, obj in enumerate(data):
         yield f"{HUB_DATASET} {hub_split}, row {n}", obj
 
@@ -131,7 +143,8 @@ def _parse_label(label, bad):
 
 
 def validate_record(obj, where, index):
-    """One record of the official schema -> an example dict, or a UserError naming `where` and the field."""
+    """One record of the official schema -> an example dict, or a UserError naming `where` and the
+    field."""
     def bad(field, problem):
         return UserError(f"{where}: field '{field}': {problem}")
 
@@ -166,9 +179,10 @@ def validate_record(obj, where, index):
 
 def load_examples(split="val", data_file=None, cache_dir=None, limit=None, hub=False):
     """
-    Validated examples, in file order: dicts with ctx, endings (4 str), label (0-3, None when unlabeled), index
-    (0-based position) and the optional fields the data has. data_file reads any jsonl in the official schema;
-    hub=True reads the Hugging Face copy (Rowan/hellaswag) through `datasets` instead of the official files.
+    Validated examples, in file order: dicts with ctx, endings (4 str), label (0-3, None when
+    unlabeled), index (0-based position) and the optional fields the data has. data_file reads any
+    jsonl in the official schema; hub=True reads the Hugging Face copy (Rowan/hellaswag) through
+    `datasets` instead of the official files.
     """
     if data_file is not None:
         records = read_jsonl(data_file)
@@ -187,13 +201,13 @@ def load_examples(split="val", data_file=None, cache_dir=None, limit=None, hub=F
     return examples
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # rendering: the exact strings and tokens that are scored
 
 
 def lm_eval_preprocess(text):
-    """lm-evaluation-harness's hellaswag `preprocess`, kept exactly (one pass of the double-space replace included),
-    so that the two styles' predictions can match the harness's."""
+    """lm-evaluation-harness's hellaswag `preprocess`, kept exactly (one pass of the double-space
+    replace included), so that the two styles' predictions can match the harness's."""
     text = text.strip()
     # bracket tags are artifacts of the WikiHow part of HellaSwag
     text = text.replace(" [title]", ". ")
@@ -202,26 +216,28 @@ def lm_eval_preprocess(text):
 
 
 def example_texts(example, style="completion"):
-    """-> (context, 4 continuations): the strings scored, each continuation with its leading space."""
+    """-> (context, 4 continuations): the strings scored, each continuation with its leading
+    space."""
     if style == "completion":
         return example["ctx"], [" " + ending for ending in example["endings"]]
     if style == "lm-eval":
-        # data without ctx_a/ctx_b (e.g. a preprocessed copy) uses ctx uncapitalised; without an activity label
-        # there is no prefix
+        # data without ctx_a/ctx_b (e.g. a preprocessed copy) uses ctx uncapitalised; without an
+        # activity label there is no prefix
         ctx_a, ctx_b = example.get("ctx_a", example["ctx"]), example.get("ctx_b", "")
         query = ctx_a + " " + ctx_b.capitalize()
         if "activity_label" in example:
             query = example["activity_label"] + ": " + query
-        return lm_eval_preprocess(query), [" " + lm_eval_preprocess(ending) for ending in example["endings"]]
+        continuations = [" " + lm_eval_preprocess(ending) for ending in example["endings"]]
+        return lm_eval_preprocess(query), continuations
     raise UserError(f"unknown style '{style}'; choose one of {', '.join(STYLES)}")
 
 
 def encode_example(example, encode, style="completion"):
     """
     -> (context tokens, 4 ending token lists) for this project's GPT. encode: str -> list[int].
-    Completion style encodes the context and each continuation separately (build-nanogpt). lm-eval style encodes
-    context + continuation whole and splits it by causal_lm's boundary rule (lm-evaluation-harness's split, with a
-    token that spans the boundary counted as the ending's).
+    Completion style encodes the context and each continuation separately (build-nanogpt). lm-eval
+    style encodes context + continuation whole and splits it by causal_lm's boundary rule
+    (lm-evaluation-harness's split, with a token that spans the boundary counted as the ending's).
     """
     context, continuations = example_texts(example, style)
     if style == "completion":
@@ -232,31 +248,36 @@ def encode_example(example, encode, style="completion"):
         for pair_context, ending in pairs:  # a spanning token moves context tokens into that ending
             endings.append(pair_context[len(context_tokens):] + ending)
     if not context_tokens:  # nothing would predict the first ending token
-        raise UserError(f"example {example['index']}: the context is empty once {style}-style cleaning is done")
+        raise UserError(f"example {example['index']}: the context is empty once {style}-style "
+                        "cleaning is done")
     if not all(endings):
-        raise UserError(f"example {example['index']}: an ending encodes to no tokens after the context")
+        raise UserError(f"example {example['index']}: an ending encodes to no tokens after the "
+                        "context")
     return context_tokens, endings
 
 
 def fit_to_length(context_tokens, ending_tokens, max_len, where="an example"):
-    """Drop context tokens from the left so that context + the longest ending fit in max_len tokens."""
+    """Drop context tokens from the left so that context + the longest ending fit in max_len
+    tokens."""
     room = max_len - max(len(e) for e in ending_tokens)
     if room < 1:
-        raise UserError(f"{where}: an ending of {max_len - room} tokens does not fit the model's {max_len}-token "
-                        "window")
+        raise UserError(f"{where}: an ending of {max_len - room} tokens does not fit the model's "
+                        f"{max_len}-token window")
     return context_tokens[-room:], ending_tokens
 
 
 def encode_for_model(example, encode, max_len, style="completion"):
-    """encode_example, cut to fit a max_len-token window: what the scorer and PPO's choice rollouts score."""
-    return fit_to_length(*encode_example(example, encode, style), max_len, where=f"example {example['index']}")
+    """encode_example, cut to fit a max_len-token window: what the scorer and PPO's choice rollouts
+    score."""
+    return fit_to_length(*encode_example(example, encode, style), max_len,
+                         where=f"example {example['index']}")
 
 
 def pad_choices(encoded, pad_token=EOT_TOKEN):
     """
-    N encoded examples -> idx, attention_mask, target_mask, each (4N, T) long, right-padded; row 4*i+j holds
-    context_i + ending_j. target_mask[r, t] = 1 where idx[r, t+1] is an ending token: the positions whose logits
-    predict the ending (the last column is always 0).
+    N encoded examples -> idx, attention_mask, target_mask, each (4N, T) long, right-padded; row
+    4*i+j holds context_i + ending_j. target_mask[r, t] = 1 where idx[r, t+1] is an ending token:
+    the positions whose logits predict the ending (the last column is always 0).
     """
     rows = [(context, ending) for context, endings in encoded for ending in endings]
     T = max(len(c) + len(e) for c, e in rows)
@@ -273,9 +294,10 @@ def pad_choices(encoded, pad_token=EOT_TOKEN):
 
 def choice_logprobs(logits, idx, target_mask):
     """
-    Logits of the rows of pad_choices -> sum of the ending tokens' log-probs (N, 4) and their number (N, 4), float32
-    and differentiable. The acc_norm score of completion style is sum / n. logits are (4N, T, V), or (K, V) at just
-    the K positions where target_mask is 1 (GPT's logits_at=target_mask.bool(), which skips most of the LM head).
+    Logits of the rows of pad_choices -> sum of the ending tokens' log-probs (N, 4) and their number
+    (N, 4), float32 and differentiable. The acc_norm score of completion style is sum / n. logits
+    are (4N, T, V), or (K, V) at just the K positions where target_mask is 1 (GPT's
+    logits_at=target_mask.bool(), which skips most of the LM head).
     """
     mask = target_mask.bool()
     if logits.dim() == 3:
@@ -286,7 +308,7 @@ def choice_logprobs(logits, idx, target_mask):
     return token_logprobs.sum(1).view(-1, 4), mask.sum(1).float().view(-1, 4)
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the scorer
 
 HEAD_CHUNK = 1024  # positions per LM-head call: bounds the (positions, vocab) logits in memory
@@ -310,18 +332,20 @@ def _length_chunks(items, key, slack=ENDING_SLACK):
 
 def _shared_context_batch(encoded, pad_token):
     """
-    Host-side tensors to score B examples with one pass over their contexts, then passes over their 4B endings
-    that reuse each context's KV cache. Contexts are left-padded (B, Tc), so every context's last token, which
-    predicts the first token of its 4 endings, sits in the last column. The ending rows (r = 4b + j), minus their
-    last token, are sorted by length and cut into chunks whose longest row is at most ENDING_SLACK times their
-    shortest, each right-padded to its own longest: an example's 4 endings differ a lot in length, and padding
-    them all to the batch's longest would waste most of the ending pass.
+    Host-side tensors to score B examples with one pass over their contexts, then passes over their
+    4B endings that reuse each context's KV cache. Contexts are left-padded (B, Tc), so every
+    context's last token, which predicts the first token of its 4 endings, sits in the last column.
+    The ending rows (r = 4b + j), minus their last token, are sorted by length and cut into chunks
+    whose longest row is at most ENDING_SLACK times their shortest, each right-padded to its own
+    longest: an example's 4 endings differ a lot in length, and padding them all to the batch's
+    longest would waste most of the ending pass.
     """
     Tc = max(len(context) for context, _ in encoded)
     ctx_idx = _as_long([[pad_token] * (Tc - len(c)) + c for c, _ in encoded])  # (B, Tc)
     ctx_mask = _as_long([[0] * (Tc - len(c)) + [1] * len(c) for c, _ in encoded])
     first_tokens = _as_long([[ending[0] for ending in endings] for _, endings in encoded])  # (B, 4)
-    endings = {4 * b + j: ending for b, (_, es) in enumerate(encoded) for j, ending in enumerate(es)}
+    endings = {4 * b + j: ending
+               for b, (_, es) in enumerate(encoded) for j, ending in enumerate(es)}
     # 1 token: done
     order = sorted((r for r in endings if len(endings[r]) > 1), key=lambda r: len(endings[r]))
     chunks = []
@@ -342,9 +366,11 @@ def _shared_context_batch(encoded, pad_token):
 
 
 def _score_gpt_batch(model, encoded, pad_token, device):
-    """Summed ending log-probs (B, 4) for this project's GPT: shared context pass, LM head only where needed."""
+    """Summed ending log-probs (B, 4) for this project's GPT: shared context pass, LM head only
+    where needed."""
     ctx_idx, ctx_mask, first_tokens, chunks = _shared_context_batch(encoded, pad_token)
-    ctx_idx, ctx_mask, first_tokens = (t.to(device, non_blocking=True) for t in (ctx_idx, ctx_mask, first_tokens))
+    ctx_idx, ctx_mask, first_tokens = (t.to(device, non_blocking=True)
+                                       for t in (ctx_idx, ctx_mask, first_tokens))
     B = ctx_idx.size(0)
     hidden, kv = model.hidden_states(ctx_idx, ctx_mask, use_cache=True)  # (B, Tc, C)
     # row gathers from strided views are ~10x slower
@@ -353,33 +379,38 @@ def _score_gpt_batch(model, encoded, pad_token, device):
     first_logp = F.log_softmax(model.lm_head(hidden[:, -1]).float(), dim=-1)
     scores = first_logp.gather(1, first_tokens).reshape(4 * B)
     for chunk in chunks:
-        example_of_row, end_idx, end_mask, positions, rows, targets = (t.to(device, non_blocking=True)
-                                                                        for t in chunk)
-        chunk_kv = [(k.index_select(0, example_of_row), v.index_select(0, example_of_row)) for k, v in kv]
+        example_of_row, end_idx, end_mask, positions, rows, targets = (
+            t.to(device, non_blocking=True) for t in chunk)
+        chunk_kv = [(k.index_select(0, example_of_row), v.index_select(0, example_of_row))
+                    for k, v in kv]
         # (R, Tc + Te)
         mask = torch.cat([ctx_mask.index_select(0, example_of_row), end_mask], dim=1)
         hidden = model.hidden_states(end_idx, mask, past_kv=chunk_kv)  # (R, Te, C)
         # (M, C): the positions that predict a token
         picked = hidden.flatten(0, 1).index_select(0, positions)
-        token_logp = torch.cat([logprobs_from_logits(model.lm_head(h), t)
-                                for h, t in zip(picked.split(HEAD_CHUNK), targets.split(HEAD_CHUNK))])
+        token_logp = torch.cat([
+            logprobs_from_logits(model.lm_head(h), t)
+            for h, t in zip(picked.split(HEAD_CHUNK), targets.split(HEAD_CHUNK))])
         scores = scores.index_add(0, rows, token_logp)
     return scores.view(B, 4)
 
 
 @torch.no_grad()
-def score_choices(model, encoded, batch_size=32, device="cpu", dtype="float32", pad_token=EOT_TOKEN):
+def score_choices(model, encoded, batch_size=32, device="cpu", dtype="float32",
+                  pad_token=EOT_TOKEN):
     """
-    The one HellaSwag scorer of this project's GPT: summed log-probs of the 4 endings of each encoded example,
-    (N, 4) float32 on the host. Examples are scored batch_size at a time in order of context length (less padding);
-    results stay on the device until the end, so there is no host sync per batch. The model must be in eval mode.
+    The one HellaSwag scorer of this project's GPT: summed log-probs of the 4 endings of each
+    encoded example, (N, 4) float32 on the host. Examples are scored batch_size at a time in order
+    of context length (less padding); results stay on the device until the end, so there is no host
+    sync per batch. The model must be in eval mode.
     """
-    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]), max(map(len, encoded[i][1]))))
+    order = sorted(range(len(encoded)),
+                   key=lambda i: (len(encoded[i][0]), max(map(len, encoded[i][1]))))
     in_order = []
     for start in range(0, len(order), batch_size):
         with autocast(device, dtype):
-            in_order.append(_score_gpt_batch(model, [encoded[i] for i in order[start:start + batch_size]],
-                                             pad_token, device).float())
+            batch = [encoded[i] for i in order[start:start + batch_size]]
+            in_order.append(_score_gpt_batch(model, batch, pad_token, device).float())
     scores = torch.zeros(len(encoded), 4)
     if in_order:
         scores[torch.tensor(order)] = torch.cat(in_order).cpu()
@@ -399,7 +430,8 @@ def source_name(source_id):
 
 
 def _prediction(example, pred, pred_norm, sum_logprobs, norm_scores):
-    record = {"index": example["index"], "label": example["label"], "pred": int(pred), "pred_norm": int(pred_norm),
+    record = {"index": example["index"], "label": example["label"], "pred": int(pred),
+              "pred_norm": int(pred_norm),
               "sum_logprobs": [round(x, 6) for x in sum_logprobs.tolist()],
               "norm_scores": [round(x, 6) for x in norm_scores.tolist()]}
     for field in ("ind", "split_type", "activity_label"):
@@ -411,7 +443,8 @@ def _prediction(example, pred, pred_norm, sum_logprobs, norm_scores):
 
 
 def _score_with_gpt(model, examples, style, batch_size, device, dtype):
-    """-> summed ending log-probs and ending lengths in tokens, (N, 4) each, with the shared-context scorer."""
+    """-> summed ending log-probs and ending lengths in tokens, (N, 4) each, with the shared-context
+    scorer."""
     with same_error_on_every_rank():
         encode = gpt2_encoding().encode_ordinary
         encoded = [encode_for_model(ex, encode, model.config.block_size, style) for ex in examples]
@@ -421,13 +454,14 @@ def _score_with_gpt(model, examples, style, batch_size, device, dtype):
         sum_logprobs = score_choices(model, encoded, batch_size, device, dtype)
     finally:
         model.train(was_training)
-    n_tokens = torch.tensor([[len(e) for e in endings] for _, endings in encoded], dtype=torch.float32)
+    n_tokens = torch.tensor([[len(e) for e in endings] for _, endings in encoded],
+                            dtype=torch.float32)
     return sum_logprobs, n_tokens.view(-1, 4)
 
 
 def _score_with_causal_lm(lm, examples, style, batch_size, device, dtype):
-    """-> summed ending log-probs and ending lengths in tokens, (N, 4) each: each ending a row of its own, scored
-    by causal_lm exactly as a teacher scores it in reward.py."""
+    """-> summed ending log-probs and ending lengths in tokens, (N, 4) each: each ending a row of
+    its own, scored by causal_lm exactly as a teacher scores it in reward.py."""
     contexts, continuations = [], []
     for ex in examples:
         context, endings = example_texts(ex, style)
@@ -444,47 +478,51 @@ def _score_with_causal_lm(lm, examples, style, batch_size, device, dtype):
     return sum_logprobs.view(-1, 4), n_tokens.view(-1, 4)
 
 
-def evaluate(model, examples, *, tokenizer=None, style="completion", batch_size=32, device=None, dtype="float32",
-             return_predictions=False):
+def evaluate(model, examples, *, tokenizer=None, style="completion", batch_size=32, device=None,
+             dtype="float32", return_predictions=False):
     """
-    HellaSwag accuracy of `model` on `examples` (from load_examples) -> {"n", "acc", "acc_norm", "seconds"} and
-    "predictions" (one dict per example, in data order) if asked. model: this project's GPT (raw, DDP-wrapped or
-    compiled), a causal_lm.CausalLM, or any transformers causal LM with its `tokenizer`. device defaults to the
-    model's. Under
-    torch.distributed each rank scores examples i % world_size == rank and every rank returns the same totals.
+    HellaSwag accuracy of `model` on `examples` (from load_examples) -> {"n", "acc", "acc_norm",
+    "seconds"} and "predictions" (one dict per example, in data order) if asked. model: this
+    project's GPT (raw, DDP-wrapped or compiled), a causal_lm.CausalLM, or any transformers causal
+    LM with its `tokenizer`. device defaults to the model's. Under torch.distributed each rank
+    scores examples i % world_size == rank and every rank returns the same totals.
     """
     t0 = time.time()
     if style not in STYLES:
         raise UserError(f"unknown style '{style}'; choose one of {', '.join(STYLES)}")
     unlabeled = [ex["index"] for ex in examples if ex["label"] is None]
     if unlabeled:
-        raise UserError(f"{len(unlabeled)} examples have no label (first: index {unlabeled[0]}); the HellaSwag test "
-                        "split is unlabeled, evaluate on val (or train)")
+        raise UserError(f"{len(unlabeled)} examples have no label (first: index {unlabeled[0]}); "
+                        "the HellaSwag test split is unlabeled, evaluate on val (or train)")
     model = _unwrap(model)
     if not isinstance(model, (GPT, CausalLM)):
         if tokenizer is None:
-            raise ValueError("a transformers model needs its tokenizer: evaluate(model, examples, tokenizer=...)")
+            raise ValueError("a transformers model needs its tokenizer: "
+                             "evaluate(model, examples, tokenizer=...)")
         model = CausalLM(model, tokenizer)
     parameters = model.parameters() if isinstance(model, GPT) else model.model.parameters()
     device = torch.device(device) if device is not None else next(parameters).device
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    rank, world_size = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
+                        if distributed else (0, 1))
     mine = examples[rank::world_size]
 
     if isinstance(model, GPT):
         sum_logprobs, n_tokens = _score_with_gpt(model, mine, style, batch_size, device, dtype)
     else:
-        sum_logprobs, n_tokens = _score_with_causal_lm(model, mine, style, batch_size, device, dtype)
+        sum_logprobs, n_tokens = _score_with_causal_lm(
+            model, mine, style, batch_size, device, dtype)
     if style == "completion":  # mean log-prob per token
         lengths = n_tokens
     else:  # per character of the ending, without the space before it (lm-evaluation-harness)
-        lengths = torch.tensor([[max(1, len(c) - 1) for c in example_texts(ex, style)[1]] for ex in mine],
-                               dtype=torch.float32)
+        n_chars = [[max(1, len(c) - 1) for c in example_texts(ex, style)[1]] for ex in mine]
+        lengths = torch.tensor(n_chars, dtype=torch.float32)
     norm_scores = sum_logprobs / lengths.view(-1, 4)
     labels = torch.tensor([ex["label"] for ex in mine], dtype=torch.long)
     # ties go to the first ending, as np.argmax
     pred, pred_norm = sum_logprobs.argmax(1), norm_scores.argmax(1)
-    counts = torch.tensor([len(mine), (pred == labels).sum(), (pred_norm == labels).sum()], device=device)
+    counts = torch.tensor([len(mine), (pred == labels).sum(), (pred_norm == labels).sum()],
+                          device=device)
     if distributed:
         torch.distributed.all_reduce(counts)
     n, correct, correct_norm = counts.tolist()
@@ -501,7 +539,7 @@ def evaluate(model, examples, *, tokenizer=None, style="completion", batch_size=
     return result
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # analysis: accuracy by group, paired comparison of two prediction files
 
 GROUP_FIELDS = ("split_type", "source", "activity_label")
@@ -516,14 +554,16 @@ def group_accuracy(predictions, fields=GROUP_FIELDS):
             if field in p:
                 by_value.setdefault(p[field], []).append(p)
         if by_value:
-            groups[field] = {value: {"n": len(ps), "acc": sum(p["pred"] == p["label"] for p in ps) / len(ps),
-                                     "acc_norm": sum(p["pred_norm"] == p["label"] for p in ps) / len(ps)}
-                             for value, ps in sorted(by_value.items())}
+            groups[field] = {
+                value: {"n": len(ps), "acc": sum(p["pred"] == p["label"] for p in ps) / len(ps),
+                        "acc_norm": sum(p["pred_norm"] == p["label"] for p in ps) / len(ps)}
+                for value, ps in sorted(by_value.items())}
     return groups
 
 
 def mcnemar_exact_p(a_only, b_only):
-    """Two-sided exact McNemar p-value: the discordant pairs against Binomial(a_only + b_only, 1/2)."""
+    """Two-sided exact McNemar p-value: the discordant pairs against
+    Binomial(a_only + b_only, 1/2)."""
     n, k = a_only + b_only, min(a_only, b_only)
     if n == 0:
         return 1.0
@@ -532,17 +572,17 @@ def mcnemar_exact_p(a_only, b_only):
 
 
 def paired_difference(correct_a, correct_b):
-    """Accuracy of B minus A on the same examples, with a 95% normal interval of the paired difference and
-    McNemar's exact p-value."""
+    """Accuracy of B minus A on the same examples, with a 95% normal interval of the paired
+    difference and McNemar's exact p-value."""
     n = len(correct_a)
     diffs = [int(b) - int(a) for a, b in zip(correct_a, correct_b)]
     mean = sum(diffs) / n
     variance = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
     half_width = 1.96 * math.sqrt(variance / n)
     a_only, b_only = diffs.count(-1), diffs.count(1)
-    return {"n": n, "acc_a": sum(map(bool, correct_a)) / n, "acc_b": sum(map(bool, correct_b)) / n, "diff": mean,
-            "ci95": [mean - half_width, mean + half_width], "a_only": a_only, "b_only": b_only,
-            "p_value": mcnemar_exact_p(a_only, b_only)}
+    return {"n": n, "acc_a": sum(map(bool, correct_a)) / n, "acc_b": sum(map(bool, correct_b)) / n,
+            "diff": mean, "ci95": [mean - half_width, mean + half_width], "a_only": a_only,
+            "b_only": b_only, "p_value": mcnemar_exact_p(a_only, b_only)}
 
 
 def write_predictions(path, predictions):
@@ -551,17 +591,21 @@ def write_predictions(path, predictions):
 
 
 def read_predictions(path, require_labels=True):
-    """The lines of a --predictions file. require_labels=False also takes lines whose label is null (predictions of
-    unlabelled data, which analyze.py can still describe but not score)."""
+    """The lines of a --predictions file. require_labels=False also takes lines whose label is null
+    (predictions of unlabelled data, which analyze.py can still describe but not score)."""
     records = []
     for where, obj in read_jsonl(path):
-        required = ("index", "label", "pred", "pred_norm") if require_labels else ("index", "pred", "pred_norm")
+        required = (("index", "label", "pred", "pred_norm") if require_labels
+                    else ("index", "pred", "pred_norm"))
         missing = [k for k in required
-                   if not isinstance(obj, dict) or not isinstance(obj.get(k), int) or isinstance(obj[k], bool)]
-        if not require_labels and not missing and not isinstance(obj.get("label", None), (int, type(None))):
+                   if not isinstance(obj, dict) or not isinstance(obj.get(k), int)
+                   or isinstance(obj[k], bool)]
+        if (not require_labels and not missing
+                and not isinstance(obj.get("label", None), (int, type(None)))):
             missing = ["label"]
         if missing:
-            raise UserError(f"{where}: not a prediction line of hellaswag.py (missing or non-integer {missing})")
+            raise UserError(f"{where}: not a prediction line of hellaswag.py (missing or "
+                            f"non-integer {missing})")
         # an ending number: anything else would compare as wrong
         for key in ("label", "pred", "pred_norm"):
             if obj.get(key) is not None and not 0 <= obj[key] <= 3:
@@ -573,20 +617,24 @@ def read_predictions(path, require_labels=True):
 
 
 def compare_predictions(a, b, names=("A", "B")):
-    """Paired comparison of two prediction lists of the same data, overall (acc, acc_norm) and by group."""
+    """Paired comparison of two prediction lists of the same data, overall (acc, acc_norm) and by
+    group."""
     if len(a) != len(b):
-        raise UserError(f"{names[0]} has {len(a)} predictions and {names[1]} {len(b)}: not the same data")
+        raise UserError(f"{names[0]} has {len(a)} predictions and {names[1]} {len(b)}: "
+                        "not the same data")
     for i, (pa, pb) in enumerate(zip(a, b)):
         if (pa["index"], pa["label"], pa.get("ind")) != (pb["index"], pb["label"], pb.get("ind")):
-            raise UserError(f"line {i + 1} differs in index/label/ind between {names[0]} and {names[1]}: "
-                            "prediction files of different data")
-    result = {metric: paired_difference([p[key] == p["label"] for p in a], [p[key] == p["label"] for p in b])
+            raise UserError(f"line {i + 1} differs in index/label/ind between {names[0]} and "
+                            f"{names[1]}: prediction files of different data")
+    result = {metric: paired_difference([p[key] == p["label"] for p in a],
+                                        [p[key] == p["label"] for p in b])
               for metric, key in (("acc", "pred"), ("acc_norm", "pred_norm"))}
     result["groups"] = {}
     for field in GROUP_FIELDS:
         values = sorted({p[field] for p in a if field in p})
         result["groups"][field] = {
-            value: paired_difference(*[[p["pred_norm"] == p["label"] for p in preds if p.get(field) == value]
+            value: paired_difference(*[[p["pred_norm"] == p["label"]
+                                        for p in preds if p.get(field) == value]
                                        for preds in (a, b)])
             for value in values}
     return result
@@ -594,24 +642,24 @@ def compare_predictions(a, b, names=("A", "B")):
 
 def format_comparison(comparison, name_a, name_b, max_groups=12):
     lines = [f"A = {name_a}", f"B = {name_b}",
-             f"{'metric':<10} {'A':>7} {'B':>7} {'B-A':>8}  {'95% CI':<18} {'A only':>7} {'B only':>7} "
-             f"{'McNemar p':>10}"]
+             f"{'metric':<10} {'A':>7} {'B':>7} {'B-A':>8}  {'95% CI':<18} {'A only':>7} "
+             f"{'B only':>7} {'McNemar p':>10}"]
     for metric in ("acc", "acc_norm"):
         c = comparison[metric]
         lines.append(f"{metric:<10} {c['acc_a']:>7.4f} {c['acc_b']:>7.4f} {c['diff']:>+8.4f}  "
-                     f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] {c['a_only']:>7} {c['b_only']:>7} "
-                     f"{c['p_value']:>10.3g}")
+                     f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] {c['a_only']:>7} "
+                     f"{c['b_only']:>7} {c['p_value']:>10.3g}")
     for field, by_value in comparison["groups"].items():
-        lines.append(f"acc_norm by {field}" + (f" (the {max_groups} largest groups)" if len(by_value) > max_groups
-                                                 else ""))
+        note = f" (the {max_groups} largest groups)" if len(by_value) > max_groups else ""
+        lines.append(f"acc_norm by {field}" + note)
         largest = sorted(by_value.items(), key=lambda kv: -kv[1]["n"])[:max_groups]
         for value, c in sorted(largest):
-            lines.append(f"  {str(value)[:28]:<28} n={c['n']:<5} {c['acc_a']:.4f} -> {c['acc_b']:.4f} "
-                         f"({c['diff']:+.4f}, p={c['p_value']:.3g})")
+            lines.append(f"  {str(value)[:28]:<28} n={c['n']:<5} {c['acc_a']:.4f} -> "
+                         f"{c['acc_b']:.4f} ({c['diff']:+.4f}, p={c['p_value']:.3g})")
     return "\n".join(lines)
 
 
-# -----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # command line
 
 
@@ -632,8 +680,9 @@ def _transformers_model_type(source):
 
 
 def load_model(source):
-    """-> (model, tokenizer): this project's GPT for anything GPT.from_pretrained takes (tokenizer None), else a
-    transformers causal LM with its tokenizer, in float32 on the CPU (--dtype sets the autocast, not the weights)."""
+    """-> (model, tokenizer): this project's GPT for anything GPT.from_pretrained takes (tokenizer
+    None), else a transformers causal LM with its tokenizer, in float32 on the CPU (--dtype sets the
+    autocast, not the weights)."""
     model_type = _transformers_model_type(source)
     if model_type in (None, "gpt2"):
         return GPT.from_pretrained(source), None
@@ -641,17 +690,22 @@ def load_model(source):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="HellaSwag accuracy of a model, or a comparison of two runs.")
-    parser.add_argument("--model", help="GPT-2 hub name, transformers directory or hub name, or a .pt checkpoint")
+    parser = argparse.ArgumentParser(
+        description="HellaSwag accuracy of a model, or a comparison of two runs.")
+    parser.add_argument(
+        "--model", help="GPT-2 hub name, transformers directory or hub name, or a .pt checkpoint")
     parser.add_argument("--split", default="val", choices=SPLITS)
-    parser.add_argument("--data", help="a local jsonl in the official schema (instead of the downloaded split)")
-    parser.add_argument("--hub", action="store_true", help=f"read the split from the {HUB_DATASET} dataset")
+    parser.add_argument(
+        "--data", help="a local jsonl in the official schema (instead of the downloaded split)")
+    parser.add_argument("--hub", action="store_true",
+                        help=f"read the split from the {HUB_DATASET} dataset")
     parser.add_argument("--limit", type=int, help="score only the first N examples")
     parser.add_argument("--style", default="completion", choices=STYLES)
     parser.add_argument("--batch-size", type=int, default=32, help="examples per forward")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--output", help="write the results (accuracies, by group, speed) to this JSON file")
+    parser.add_argument("--output",
+                        help="write the results (accuracies, by group, speed) to this JSON file")
     parser.add_argument("--predictions", help="write one JSON line per example to this file")
     parser.add_argument("--compare", nargs=2, metavar=("A.jsonl", "B.jsonl"),
                         help="compare two --predictions files of the same data")
@@ -661,12 +715,14 @@ def parse_args(argv=None):
     if args.limit is not None and args.limit < 1 or args.batch_size < 1:
         raise UserError("--limit and --batch-size must be positive")
     if args.split == "test" and args.data is None:
-        raise UserError("the HellaSwag test split has no labels, so it cannot be scored; use --split val")
+        raise UserError("the HellaSwag test split has no labels, so it cannot be scored; "
+                        "use --split val")
     return args
 
 
 def check_outputs(args):
-    """Refuse --output / --predictions paths that could not be written, before any data or model loads."""
+    """Refuse --output / --predictions paths that could not be written, before any data or model
+    loads."""
     data = args.data or (None if args.hub else split_path(args.split))
     check_output_path(args.output, inputs=[data, args.model])
     check_output_path(args.predictions, inputs=[data, args.model, args.output])
@@ -685,20 +741,24 @@ def main(argv=None):
     model, tokenizer = load_model(args.model)
     check_finite_weights(model, args.model)  # NaN weights would score as chance, not fail
     model.to(device)
-    result = evaluate(model, examples, tokenizer=tokenizer, style=args.style, batch_size=args.batch_size,
-                      device=device, dtype=args.dtype, return_predictions=True)
+    result = evaluate(model, examples, tokenizer=tokenizer, style=args.style,
+                      batch_size=args.batch_size, device=device, dtype=args.dtype,
+                      return_predictions=True)
     predictions = result.pop("predictions")
-    summary = {"model": args.model, "split": args.split, "data": args.data or ("hub" if args.hub else "official"),
+    summary = {"model": args.model, "split": args.split,
+               "data": args.data or ("hub" if args.hub else "official"),
                "style": args.style, "dtype": args.dtype, "n": result["n"], "acc": result["acc"],
                "acc_norm": result["acc_norm"], "seconds": result["seconds"],
-               "examples_per_s": result["n"] / result["seconds"], "groups": group_accuracy(predictions)}
+               "examples_per_s": result["n"] / result["seconds"],
+               "groups": group_accuracy(predictions)}
 
     print(f"hellaswag {args.split} | {args.style} style | {args.model} | {summary['n']} examples | "
           f"{summary['seconds']:.1f}s | {summary['examples_per_s']:.1f} examples/s")
     print(f"acc       {summary['acc']:.4f}\nacc_norm  {summary['acc_norm']:.4f}")
     for field in ("split_type", "source"):
         for value, g in summary["groups"].get(field, {}).items():
-            print(f"  {field}={value:<12} n={g['n']:<6} acc {g['acc']:.4f}  acc_norm {g['acc_norm']:.4f}")
+            print(f"  {field}={value:<12} n={g['n']:<6} acc {g['acc']:.4f}  "
+                  f"acc_norm {g['acc_norm']:.4f}")
     if args.output:
         atomic_write_text(args.output, json.dumps(summary, indent=2) + "\n")
     if args.predictions:

@@ -1,13 +1,18 @@
 """
-Reward kinds: what train_ppo.py rewards a rollout with (reward_kind = "likelihood" | "teacher" | "label"). The judges
-and teachers are transformers causal LMs (causal_lm.CausalLM), re-tokenizing text with their own tokenizers, so
-they need not share GPT-2's vocabulary (gpt-neo does, Llama and Pythia do not).
+Reward kinds: what train_ppo.py rewards a rollout with (reward_kind = "likelihood" | "teacher" |
+"label"). The judges and teachers are transformers causal LMs (causal_lm.CausalLM), re-tokenizing
+text with their own tokenizers, so they need not share GPT-2's vocabulary (gpt-neo does, Llama and
+Pythia do not).
 
     judge = CausalLM.load("EleutherAI/gpt-neo-2.7B", device="cuda")
-    LikelihoodReward(judge)(contexts, continuations)    # free text: the judge's mean log-prob, running-normalised
-    LikelihoodReward(judge).dense(contexts, tokens)     # the same, and each GPT-2 token's share of it
-    TeacherReward(judge, examples)(indices, choices)    # multiple choice: the judge's probability of the chosen ending
-    LabelReward(examples)(indices, choices)             # multiple choice: 1 if the choice is the gold label, else 0
+    # free text: the judge's mean log-prob, running-normalised
+    LikelihoodReward(judge)(contexts, continuations)
+    # the same, and each GPT-2 token's share of it
+    LikelihoodReward(judge).dense(contexts, tokens)
+    # multiple choice: the judge's probability of the chosen ending
+    TeacherReward(judge, examples)(indices, choices)
+    # multiple choice: 1 if the choice is the gold label, else 0
+    LabelReward(examples)(indices, choices)
 
 CLI, to see what a judge thinks of some text:
 
@@ -27,30 +32,32 @@ import torch
 
 import hellaswag
 from causal_lm import CausalLM, PairError
-from common import UserError, atomic_torch_save, atomic_write_text, check_output_path, read_jsonl, run_cli
+from common import (UserError, atomic_torch_save, atomic_write_text, check_output_path, read_jsonl,
+                    run_cli)
 
 # the seed project's judge: GPT-2's vocabulary, ~5.4 GB in bf16
 DEFAULT_REWARD_MODEL = "EleutherAI/gpt-neo-2.7B"
 TEACHER_CACHE_FORMAT = "reward-teacher-cache/1"
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # reward kinds
 
 class LikelihoodReward:
     """
-    For free-text samples: the reward model's mean log-prob of the continuation given the context, per token
-    (per="token") or per character (per="char"; fairer across tokenizers and lengths). With normalize, rewards
-    are whitened with a running mean / std over every batch seen so far, updated before each batch is
-    normalised. Under DDP pass all_reduce (e.g. torch.distributed.all_reduce: sums a tensor in place across
-    ranks; the tensor lives on the reward model's device) so every rank keeps the same statistics. clip bounds
-    the final reward to [-clip, clip]. An empty continuation is a PairError.
-    __call__ takes lists of strings, or lists of GPT-2 token ids (CausalLM.score_tokens: the ids themselves when the
-    judge shares GPT-2's vocabulary). -> (N,) float32 CPU tensor.
+    For free-text samples: the reward model's mean log-prob of the continuation given the context,
+    per token (per="token") or per character (per="char"; fairer across tokenizers and lengths).
+    With normalize, rewards are whitened with a running mean / std over every batch seen so far,
+    updated before each batch is normalised. Under DDP pass all_reduce (e.g.
+    torch.distributed.all_reduce: sums a tensor in place across ranks; the tensor lives on the
+    reward model's device) so every rank keeps the same statistics. clip bounds the final reward to
+    [-clip, clip]. An empty continuation is a PairError.
+    __call__ takes lists of strings, or lists of GPT-2 token ids (CausalLM.score_tokens: the ids
+    themselves when the judge shares GPT-2's vocabulary). -> (N,) float32 CPU tensor.
     """
 
-    def __init__(self, reward_model, per="token", clip=None, normalize=True, batch_size=32, all_reduce=None,
-                 eps=1e-8):
+    def __init__(self, reward_model, per="token", clip=None, normalize=True, batch_size=32,
+                 all_reduce=None, eps=1e-8):
         if per not in ("token", "char"):
             raise UserError(f"likelihood reward: per must be 'token' or 'char', not '{per}'")
         if clip is not None and clip <= 0:
@@ -61,7 +68,8 @@ class LikelihoodReward:
         self.count, self.mean, self.m2 = 0, 0.0, 0.0
 
     def raw(self, contexts, continuations):
-        """The reward model's per-token (or per-char) mean log-prob, before normalisation and clipping."""
+        """The reward model's per-token (or per-char) mean log-prob, before normalisation and
+        clipping."""
         if not continuations:
             return torch.zeros(0)
         tokens = not isinstance(continuations[0], str)
@@ -83,19 +91,22 @@ class LikelihoodReward:
 
     def dense(self, contexts, continuations):
         """
-        The rewards of __call__ for GPT-2 token ids, and each token's share of them: -> (N,) rewards and a list of
-        (len(continuations[i]),) float32 shares that sum to rewards[i]. A token's share is the judge's log-prob of
-        it (CausalLM.score_tokens(per_token=True)) under the same affine map as the reward: divided by the length
-        (tokens or chars) and by the running std. The map's constant part (-mean / std) and whatever the clip cut
-        off are spread evenly over the sample's tokens: they say nothing about any one token, and so the sum over
-        a sample stays the sparse reward, whatever the statistics and the clip do.
+        The rewards of __call__ for GPT-2 token ids, and each token's share of them: -> (N,) rewards
+        and a list of (len(continuations[i]),) float32 shares that sum to rewards[i]. A token's
+        share is the judge's log-prob of it (CausalLM.score_tokens(per_token=True)) under the same
+        affine map as the reward: divided by the length (tokens or chars) and by the running std.
+        The map's constant part (-mean / std) and whatever the clip cut off are spread evenly over
+        the sample's tokens: they say nothing about any one token, and so the sum over a sample
+        stays the sparse reward, whatever the statistics and the clip do.
         """
         if not continuations:
             return torch.zeros(0), []
-        scores = self.reward_model.score_tokens(contexts, continuations, self.batch_size, per_token=True)
+        scores = self.reward_model.score_tokens(contexts, continuations, self.batch_size,
+                                                per_token=True)
         length = scores["n_tokens" if self.per == "token" else "n_chars"]
         rewards = self.finish(scores["sum_logprob"] / length)
-        scale = (1.0 / (length.double() * max(self.std, self.eps))) if self.normalize else 1.0 / length.double()
+        scale = ((1.0 / (length.double() * max(self.std, self.eps))) if self.normalize
+                 else 1.0 / length.double())
         shares = []
         for logprobs, reward, s in zip(scores["token_logprobs"], rewards.double(), scale):
             share = logprobs.double() * s
@@ -109,7 +120,8 @@ class LikelihoodReward:
     def update(self, rewards):
         """Fold a batch (gathered across ranks by all_reduce) into the running mean / std."""
         x = rewards.double()
-        stats = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64), x.sum(), (x * x).sum()])
+        n_values = torch.tensor(float(x.numel()), dtype=torch.float64)
+        stats = torch.stack([n_values, x.sum(), (x * x).sum()])
         if self.all_reduce is not None:
             stats = stats.to(self.reward_model.device)
             self.all_reduce(stats)
@@ -127,20 +139,24 @@ class LikelihoodReward:
         return {"count": self.count, "mean": self.mean, "m2": self.m2}
 
     def load_state_dict(self, state):
-        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+        self.count = int(state["count"])
+        self.mean = float(state["mean"])
+        self.m2 = float(state["m2"])
 
 
 class TeacherReward:
     """
-    For the multiple-choice rollout: the reward model, as teacher, scores the 4 endings of each example as
-    hellaswag.py's acc_norm does: the ending's log-prob given hellaswag.example_texts(example, style), per token
-    for style="completion" (build-nanogpt), per character of the ending for style="lm-eval" (lm-evaluation-harness).
-    The reward for choosing ending c is softmax(scores / temperature)[c] (mode="prob") or 1 / 0 for agreeing with
-    the teacher's pick (mode="agree"); ties go to the first ending.
-    Scores depend only on the example, so they are computed once, lazily, kept in memory and in cache_dir (one
-    file keyed by the model, the scored texts and the style; data_id only names the file), so a rerun on the same
-    data does no forwards. Under DDP each rank scores the examples it meets and merges the file's contents into
-    its own before each (atomic) save; the rare entry lost to two simultaneous saves is only scored again.
+    For the multiple-choice rollout: the reward model, as teacher, scores the 4 endings of each
+    example as hellaswag.py's acc_norm does: the ending's log-prob given
+    hellaswag.example_texts(example, style), per token for style="completion" (build-nanogpt), per
+    character of the ending for style="lm-eval" (lm-evaluation-harness).
+    The reward for choosing ending c is softmax(scores / temperature)[c] (mode="prob") or 1 / 0 for
+    agreeing with the teacher's pick (mode="agree"); ties go to the first ending.
+    Scores depend only on the example, so they are computed once, lazily, kept in memory and in
+    cache_dir (one file keyed by the model, the scored texts and the style; data_id only names the
+    file), so a rerun on the same data does no forwards. Under DDP each rank scores the examples it
+    meets and merges the file's contents into its own before each (atomic) save; the rare entry lost
+    to two simultaneous saves is only scored again.
     examples: dicts as from hellaswag.load_examples; indices are positions in this list.
     """
 
@@ -150,16 +166,21 @@ class TeacherReward:
             raise UserError(f"teacher reward: mode must be 'prob' or 'agree', not '{mode}'")
         if not temperature > 0:
             raise UserError(f"teacher reward: temperature must be positive, not {temperature}")
-        self.reward_model, self.style, self.temperature, self.mode = reward_model, style, temperature, mode
+        self.reward_model = reward_model
+        self.style = style
+        self.temperature = temperature
+        self.mode = mode
         self.batch_size = batch_size
         self.texts = [hellaswag.example_texts(ex, style) for ex in examples]
-        # characters of each ending without the space before it: lm-evaluation-harness's acc_norm length
-        self.n_chars = torch.tensor([[max(1, len(c) - 1) for c in endings] for _, endings in self.texts],
-                                    dtype=torch.float32).view(-1, 4)
+        # characters of each ending without the space before it:
+        # lm-evaluation-harness's acc_norm length
+        n_chars = [[max(1, len(c) - 1) for c in endings] for _, endings in self.texts]
+        self.n_chars = torch.tensor(n_chars, dtype=torch.float32).view(-1, 4)
         self.sum_logprob = torch.full((len(examples), 4), float("nan"))
         self.n_tokens = torch.full((len(examples), 4), float("nan"))
         data_hash = hashlib.sha256(json.dumps(self.texts).encode("utf-8")).hexdigest()
-        key = {"format": TEACHER_CACHE_FORMAT, "model": reward_model.fingerprint(), "style": style, "data": data_hash}
+        key = {"format": TEACHER_CACHE_FORMAT, "model": reward_model.fingerprint(), "style": style,
+               "data": data_hash}
         self.key = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()
         self.cache_path = None
         if cache_dir is not None:
@@ -180,10 +201,12 @@ class TeacherReward:
         return self.sum_logprob[indices] / lengths
 
     def __call__(self, example_indices, choices):
-        """-> (N,) float32 CPU rewards for choosing ending choices[k] (0..3) of examples[example_indices[k]]."""
+        """-> (N,) float32 CPU rewards for choosing ending choices[k] (0..3) of
+        examples[example_indices[k]]."""
         choices = torch.as_tensor(choices).long().cpu()
         if choices.shape != (len(example_indices),):
-            raise ValueError(f"choices of shape {tuple(choices.shape)} for {len(example_indices)} examples")
+            raise ValueError(f"choices of shape {tuple(choices.shape)} for "
+                             f"{len(example_indices)} examples")
         scores = self.teacher_scores(example_indices)
         if self.mode == "agree":
             return (scores.argmax(dim=-1) == choices).float()
@@ -194,7 +217,8 @@ class TeacherReward:
         indices = [int(i) for i in indices]
         bad = [i for i in indices if not 0 <= i < len(self)]
         if bad:
-            raise IndexError(f"teacher reward: example index {bad[0]} out of range (have {len(self)} examples)")
+            raise IndexError(f"teacher reward: example index {bad[0]} out of range "
+                             f"(have {len(self)} examples)")
         return indices
 
     def _score(self, missing):
@@ -209,12 +233,13 @@ class TeacherReward:
         if self.cache_path is not None:
             # pick up what other ranks wrote meanwhile, so the file keeps everyone's work
             self._merge_cache()
-            atomic_torch_save({"format": TEACHER_CACHE_FORMAT, "key": self.key, "sum_logprob": self.sum_logprob,
-                               "n_tokens": self.n_tokens}, self.cache_path)
+            cache = {"format": TEACHER_CACHE_FORMAT, "key": self.key,
+                     "sum_logprob": self.sum_logprob, "n_tokens": self.n_tokens}
+            atomic_torch_save(cache, self.cache_path)
 
     def _merge_cache(self):
-        """Fill unscored examples from the cache file. A cache that cannot be read is ignored (and replaced on
-        the next save): it only costs time."""
+        """Fill unscored examples from the cache file. A cache that cannot be read is ignored (and
+        replaced on the next save): it only costs time."""
         if not os.path.exists(self.cache_path):
             return
         try:
@@ -222,12 +247,12 @@ class TeacherReward:
             ok = (cache.get("format") == TEACHER_CACHE_FORMAT and cache.get("key") == self.key
                   and cache["sum_logprob"].shape == self.sum_logprob.shape)
         except Exception as e:
-            print(f"warning: {self.cache_path}: unreadable teacher cache, rescoring ({type(e).__name__})",
-                  file=sys.stderr)
+            print(f"warning: {self.cache_path}: unreadable teacher cache, rescoring "
+                  f"({type(e).__name__})", file=sys.stderr)
             return
         if not ok:
-            print(f"warning: {self.cache_path}: teacher cache for other data or another model, ignored",
-                  file=sys.stderr)
+            print(f"warning: {self.cache_path}: teacher cache for other data or another model, "
+                  "ignored", file=sys.stderr)
             return
         fill = torch.isnan(self.sum_logprob[:, 0]) & ~torch.isnan(cache["sum_logprob"][:, 0])
         self.sum_logprob[fill] = cache["sum_logprob"][fill]
@@ -235,24 +260,27 @@ class TeacherReward:
 
 
 class LabelReward:
-    """For the multiple-choice rollout on labelled data: 1.0 if the chosen ending is the gold label, else 0.0."""
+    """For the multiple-choice rollout on labelled data: 1.0 if the chosen ending is the gold label,
+    else 0.0."""
 
     def __init__(self, examples):
         self.labels = [ex.get("label") for ex in examples]
         unlabelled = [i for i, label in enumerate(self.labels) if label is None]
         if unlabelled:
-            raise UserError(f"label reward needs gold labels, but {len(unlabelled)} of {len(self.labels)} examples "
-                            f"have none (first: example {unlabelled[0]}); the test split is unlabelled, train on "
-                            "train or val, or use reward_kind='teacher'")
+            raise UserError(
+                f"label reward needs gold labels, but {len(unlabelled)} of {len(self.labels)} "
+                f"examples have none (first: example {unlabelled[0]}); the test split is "
+                "unlabelled, train on train or val, or use reward_kind='teacher'")
         self.labels = torch.tensor(self.labels, dtype=torch.long)
 
     def __call__(self, example_indices, choices):
         """-> (N,) float32 CPU: 1.0 where choices[k] == label of examples[example_indices[k]]."""
         choices = torch.as_tensor(choices).long().cpu()
-        return (self.labels[torch.as_tensor(list(example_indices), dtype=torch.long)] == choices).float()
+        indices = torch.as_tensor(list(example_indices), dtype=torch.long)
+        return (self.labels[indices] == choices).float()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI
 
 def read_pairs(path):
@@ -264,7 +292,8 @@ def read_pairs(path):
             raise UserError(f'{where}: expected an object {{"context": ..., "continuation": ...}}')
         for key in ("context", "continuation"):
             if not isinstance(obj.get(key), str):
-                problem = "missing" if key not in obj else f"not a string ({type(obj[key]).__name__})"
+                problem = ("missing" if key not in obj
+                           else f"not a string ({type(obj[key]).__name__})")
                 raise UserError(f"{where}: '{key}' {problem}")
         if not obj["continuation"]:
             raise UserError(f"{where}: empty continuation; there is nothing to score")
@@ -277,9 +306,12 @@ def read_pairs(path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Score (context, continuation) pairs with a reward model.")
-    parser.add_argument("--model", default=DEFAULT_REWARD_MODEL, help="hub name or local transformers directory")
-    parser.add_argument("--input", required=True, help='jsonl file of {"context": ..., "continuation": ...}')
+    parser = argparse.ArgumentParser(
+        description="Score (context, continuation) pairs with a reward model.")
+    parser.add_argument("--model", default=DEFAULT_REWARD_MODEL,
+                        help="hub name or local transformers directory")
+    parser.add_argument("--input", required=True,
+                        help='jsonl file of {"context": ..., "continuation": ...}')
     parser.add_argument("--output", default=None, help="jsonl file of scores (default: stdout)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -310,7 +342,8 @@ def main(argv=None):
         sys.stdout.write(text)
     else:
         atomic_write_text(args.output, text)
-    print(f"scored {len(contexts)} pairs with {reward_model} in {time.time() - t0:.1f}s", file=sys.stderr)
+    print(f"scored {len(contexts)} pairs with {reward_model} in {time.time() - t0:.1f}s",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":
