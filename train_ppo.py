@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import gc
 import json
 import math
 import os
@@ -1358,6 +1359,11 @@ def train(cfg):
     if run.ddp:
         # every rank done with every collective first: tearing gloo down mid-way can abort a rank
         dist.barrier()
+        # the DDP wrapper goes first: were its reducer the last owner of the process group, the
+        # group's destructor would run holding the GIL and could wait forever on a gloo thread that
+        # needs the GIL to free a tensor (seen as a rare hang at exit on a loaded CPU)
+        del model, train_model
+        gc.collect()
         dist.destroy_process_group()
     return {"step": step, "eval": last_eval, "metrics": metrics, "model": raw_model}
 

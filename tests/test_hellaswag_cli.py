@@ -253,6 +253,8 @@ def _ddp_worker(rank, world_size, store_path, out_dir):
         result = evaluate(model, examples, batch_size=2, return_predictions=True)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
+        # DDP's reducer must not be the process group's last owner at teardown (train_ppo.train)
+        del model
         torch.distributed.barrier()  # both ranks past every collective before the teardown
     finally:
         torch.distributed.destroy_process_group()
