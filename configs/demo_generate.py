@@ -3,7 +3,7 @@ Offline demo of generate rollouts, CPU, a few minutes on 2 cores: the tiny GPT p
 (synthetic.py) writes continuations of its contexts ("Everyone knows that the snow is" -> " white."), and the tiny
 GPT-Neo teacher, as judge, scores them (mean log-prob per token). The judge's reward should rise and stay up
 while the KL to the reference stays bounded. Sparse rewards (the score at the last token); dense per-token shares
-(--likelihood_dense=True) are available but have not yet been shown to learn better here.
+(--likelihood_dense=True) did worse here on 3 seeds (README, "The generate demo").
     python train_ppo.py configs/demo_generate.py
 """
 out_dir = "out/demo_generate"

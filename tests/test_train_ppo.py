@@ -313,11 +313,14 @@ def test_choice_rollouts_learn_the_synthetic_task(tmp_path, synthetic_dir):
 def test_generate_rollouts_raise_the_reward(tmp_path, synthetic_dir):
     cfg = tiny_run(tmp_path, synthetic_dir, rollout="generate", reward_kind="likelihood", reward_normalize=False,
                    batch_size=32, minibatch_size=8, micro_batch_size=8, ppo_epochs=4, max_new_tokens=4,
-                   learning_rate=2e-3, kl_coef=0.01, max_steps=12, eval_limit=8)
+                   learning_rate=1e-3, target_kl=0.05, kl_coef=0.01, max_steps=16, eval_limit=8)
     train_ppo.train(cfg)
     rewards = [m["reward"] for m in read_metrics(tmp_path)[1:]]
-    # the teacher's mean log-prob of the samples rises as the policy learns to write what the teacher expects
-    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.5
+    # the teacher's mean log-prob of the samples rises as the policy learns to write what the teacher
+    # expects. Seen on seeds 0, 1, 2 (2-core Xeon): +0.61, +0.80, +0.52, against step-to-step noise
+    # of about 0.1 in a 4-step mean; at learning_rate 2e-3 without target_kl, updates were 5-40x the
+    # recommended approx_kl and one seed in three rose only +0.29
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.3
 
 
 @pytest.mark.slow
