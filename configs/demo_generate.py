@@ -1,9 +1,10 @@
 """
 Offline demo of generate rollouts, CPU, a few minutes on 2 cores: the tiny GPT policy of the synthetic colour task
 (synthetic.py) writes continuations of its contexts ("Everyone knows that the snow is" -> " white."), and the tiny
-GPT-Neo teacher, as judge, scores them (mean log-prob per token). The judge's reward should rise and stay up
-while the KL to the reference stays bounded. Sparse rewards (the score at the last token); dense per-token shares
-(--likelihood_dense=True) did worse here on 3 seeds (README, "The generate demo").
+GPT-Neo teacher, as judge, scores them (mean log-prob per token). Each token gets its share of the score (dense
+rewards); scores are whitened with running statistics, so the logged reward is in standard deviations. The policy
+learns the colour rule: eval acc_norm should climb from about 0.28 while the KL to the reference stays bounded.
+Sparse rewards (--likelihood_dense=False) learned less on 3 seeds (README, "The generate demo").
     python train_ppo.py configs/demo_generate.py
 """
 out_dir = "out/demo_generate"
@@ -12,16 +13,17 @@ synthetic = True
 device = "cpu"
 rollout = "generate"
 reward_kind = "likelihood"
-likelihood_dense = False
-reward_normalize = False  # the raw mean log-prob is already of order 1, and its curve reads directly
+likelihood_dense = True
+reward_normalize = True
 max_new_tokens = 4  # a colour and a full stop
-batch_size = 32
-minibatch_size = 8
-micro_batch_size = 8
+batch_size = 64
+minibatch_size = 16
+micro_batch_size = 16
 ppo_epochs = 4
-learning_rate = 5e-4
-target_kl = 0.05  # end a step's PPO epochs once the policy moved this far
-kl_coef = 0.01
+learning_rate = 1e-3
+target_kl = 0.2  # end a step's PPO epochs once the policy moved this far
+kl_coef = 0.1  # weaker (0.01) let the policy drift into padding or a single colour
+vf_coef = 0.5
 max_steps = 40
 eval_interval = 10
 eval_limit = 100
