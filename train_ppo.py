@@ -573,21 +573,21 @@ class GenerateRollouts:
         contexts = [self.encode(ex["ctx"]) for ex in examples]
         prompt_tokens = [c[-self.prompt_budget:] for c in contexts]
         prompts, prompt_mask = (t.to(self.device) for t in left_pad(prompt_tokens, EOT_TOKEN))
-        logprobs, values, ref_logprobs = [], [], []
+        logprobs, values = [], []
         with timer("rollout"):
             responses, response_mask, _ = policy.generate(
                 prompts, prompt_mask, max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
                 stop_tokens=self.stop_tokens.tolist(), generator=generator)
-            for s in chunked(len(examples), cfg.micro_batch_size):
-                args = (prompts[s], prompt_mask[s], responses[s], response_mask[s])
+            micro_batches = [(prompts[s], prompt_mask[s], responses[s], response_mask[s])
+                             for s in chunked(len(examples), cfg.micro_batch_size)]
+            for args in micro_batches:
                 lp, v, _ = sequence_forward(policy, *args, cfg.temperature)
                 logprobs.append(lp)
                 values.append(v)
         with timer("reference"):
-            for s in chunked(len(examples), cfg.micro_batch_size):
-                args = (prompts[s], prompt_mask[s], responses[s], response_mask[s])
-                ref_logprobs.append(sequence_forward(reference, *args, cfg.temperature)[0])
+            ref_logprobs = [sequence_forward(reference, *args, cfg.temperature)[0]
+                            for args in micro_batches]
         with timer("reward"):
             scores, shares, samples = self.score(examples, contexts, responses, response_mask)
         actions = {"prompts": prompts, "prompt_mask": prompt_mask, "responses": responses}
@@ -1310,8 +1310,7 @@ def train(cfg):
         totals = all_reduce_sum(batch.scores.mean(), kl.sum(1).mean())
         score_mean, kl_mean = (x / run.world_size for x in totals)
         kl_controller.update(kl_mean.item(), cfg.batch_size * run.world_size)
-        if device_type == "cuda":
-            torch.cuda.synchronize()
+        timer.synchronize()
         dt = time.time() - t0
         metrics = {"step": step, "reward": score_mean.item(), "kl": kl_mean.item(),
                    "kl_coef": kl_controller.value, "lr": lr, **stats,
