@@ -1,3 +1,4 @@
+import copy
 import os
 import subprocess
 import sys
@@ -425,3 +426,33 @@ def test_optimizer_groups_decay_matrices_only():
     decay, no_decay = opt.param_groups
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
+
+
+def test_optimizer_is_adamw_with_its_decay_groups_in_one_fused_kernel():
+    """configure_optimizers' fused AdamW takes the steps of the per-tensor AdamW over the same
+    groups: decoupled weight decay on the matrices only."""
+    torch.manual_seed(0)
+    model = tiny_gpt()
+    twin = copy.deepcopy(model)
+    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.95), device_type="cpu")
+    assert opt.defaults["fused"]
+    params = list(twin.parameters())
+    plain = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                              lr=1e-2, betas=(0.9, 0.95), foreach=False)
+    idx = torch.randint(0, model.config.vocab_size, (2, 8))
+    for _ in range(3):
+        for m, o in ((model, opt), (twin, plain)):
+            logits, values = m(idx)
+            (logits.logsumexp(-1).mean() + values.pow(2).mean()).backward()
+            o.step()
+            o.zero_grad(set_to_none=True)
+    C = model.config.n_embd
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        if name.endswith("c_attn.bias"):
+            # the key bias has no gradient (softmax is blind to it) beyond rounding noise, which
+            # Adam scales up to whole steps: compare the query and value parts only
+            p, q = torch.cat([p[:C], p[2 * C:]]), torch.cat([q[:C], q[2 * C:]])
+        assert torch.allclose(p, q, atol=2e-6), name
+    # and the step did move them, the LayerNorm gains by Adam alone
+    assert not torch.allclose(model.transformer.ln_f.weight, torch.ones_like(model.transformer.ln_f.weight))
