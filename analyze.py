@@ -471,7 +471,10 @@ def generate_stats(run, encode):
         source = "samples.jsonl: the few samples kept per sample_interval, so noisy"
     return {"samples": rows, "source": source,
             "reward_kl": [(m["step"], m["kl"], m["reward"]) for m in run["metrics"]
-                          if "kl" in m and "reward" in m]}
+                          if "kl" in m and "reward" in m],
+            # the judge's raw mean log-prob, which normalised rewards hide
+            "judge_score": [(m["step"], m["train/judge_score"]) for m in run["metrics"]
+                            if "train/judge_score" in m]}
 
 
 def analyze_run(run, encode=None):
@@ -638,8 +641,9 @@ def plot_lengths(rows, path):
 
 
 def plot_generate(stats, path):
-    fig = Figure(figsize=(13, 4))
-    length, stop, reward_kl = fig.subplots(1, 3)
+    judge_scores = stats.get("judge_score")
+    fig = Figure(figsize=(17 if judge_scores else 13, 4))
+    length, stop, reward_kl, *judge = fig.subplots(1, 4 if judge_scores else 3)
     rows = stats["samples"]
     length.plot([r["step"] for r in rows], [r["response_tokens"] for r in rows], "o-")
     length.set(xlabel="step", ylabel="tokens", title="response length")
@@ -650,6 +654,9 @@ def plot_generate(stats, path):
         points = reward_kl.scatter(kl, reward, c=steps, cmap="viridis", s=12)
         fig.colorbar(points, ax=reward_kl, label="step")
     reward_kl.set(xlabel="KL to the reference", ylabel="reward", title="reward against KL")
+    if judge_scores:
+        judge[0].plot(*zip(*judge_scores), "o-", markersize=3)
+        judge[0].set(xlabel="step", ylabel="mean log-prob", title="judge's raw score")
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -816,6 +823,10 @@ def generate_lines(stats, figure):
                   f"{last['response_tokens']:.1f} tokens and stop rate "
                   f"{first['stop_rate']:.2f} → {last['stop_rate']:.2f} "
                   f"from step {first['step']} to step {last['step']}.", ""]
+    if stats.get("judge_score"):
+        (first_step, first), (last_step, last) = stats["judge_score"][0], stats["judge_score"][-1]
+        lines += [f"The judge's raw score (its mean log-prob, before normalising and penalties) "
+                  f"went {first:.3f} → {last:.3f} from step {first_step} to step {last_step}.", ""]
     return lines
 
 

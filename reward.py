@@ -66,6 +66,9 @@ class LikelihoodReward:
         self.batch_size, self.all_reduce, self.eps = batch_size, all_reduce, eps
         # running moments (Chan et al.'s parallel update)
         self.count, self.mean, self.m2 = 0, 0.0, 0.0
+        # the last call's scores on the judge's own scale, before normalising and clipping: what a
+        # log of normalised rewards cannot show (are samples getting more likely?)
+        self.last_raw = torch.zeros(0)
 
     def raw(self, contexts, continuations):
         """The reward model's per-token (or per-char) mean log-prob, before normalisation and
@@ -82,6 +85,7 @@ class LikelihoodReward:
 
     def finish(self, rewards):
         """Raw scores -> rewards: fold them into the running statistics, normalise, clip."""
+        self.last_raw = rewards.float()
         if self.normalize:
             self.update(rewards)
             rewards = (rewards - self.mean) / max(self.std, self.eps)

@@ -625,12 +625,15 @@ class GenerateRollouts:
         else:
             judged = self.reward_fn(*judge_args)
         scores[nonempty] = judged.to(self.device).float()
+        # the judge's own scale, for the logs: normalised rewards hide whether samples got likelier
+        judge_scores = dict(zip(nonempty, self.reward_fn.last_raw.tolist()))
         scores = scores - self.cfg.no_stop_penalty * (~stopped).float()
         if shares is not None:
             rows = torch.arange(len(examples), device=self.device)
             shares[rows, last] += scores - shares.sum(1)
-        samples = [{"ctx": ex["ctx"], "continuation": text, "stopped": stop}
-                   for ex, text, stop in zip(examples, texts, stopped.tolist())]
+        samples = [{"ctx": ex["ctx"], "continuation": text, "stopped": stop,
+                    "judge_score": judge_scores.get(i)}
+                   for i, (ex, text, stop) in enumerate(zip(examples, texts, stopped.tolist()))]
         return scores, shares, samples
 
     def forward(self, model, rollouts, micro):
@@ -640,11 +643,16 @@ class GenerateRollouts:
                                 self.cfg.temperature)
 
     def metrics(self, rollouts):
-        """This rank's mean response length in tokens and the share of responses that stopped by
-        themselves."""
+        """This rank's mean response length in tokens, the share of responses that stopped by
+        themselves, and the judge's mean raw score (its mean log-prob per token or char, before
+        normalising, clipping and penalties) of the non-empty responses."""
         stopped = [sample["stopped"] for sample in rollouts.samples]
-        return {"train/response_length": rollouts.mask.sum(1).mean().item(),
-                "train/stop_rate": sum(stopped) / max(len(stopped), 1)}
+        judged = [s["judge_score"] for s in rollouts.samples if s["judge_score"] is not None]
+        metrics = {"train/response_length": rollouts.mask.sum(1).mean().item(),
+                   "train/stop_rate": sum(stopped) / max(len(stopped), 1)}
+        if judged:
+            metrics["train/judge_score"] = sum(judged) / len(judged)
+        return metrics
 
 
 class PhaseTimer:

@@ -295,10 +295,14 @@ def test_a_generate_run(tmp_path):
     # a run that logged them (train_ppo.py does) reads response length and stop rate from metrics.jsonl
     write_jsonl(os.path.join(run, "metrics.jsonl"),
                 [{"step": s, "reward": -s / 10, "kl": s / 5, "train/response_length": 6 - s,
-                  "train/stop_rate": s / 4} for s in range(1, 5)])
+                  "train/stop_rate": s / 4, "train/judge_score": -4 + s / 2} for s in range(1, 5)])
     (result,) = analyze.main([run])
     assert result["generate"]["samples"] == [{"step": s, "response_tokens": 6 - s, "stop_rate": s / 4}
                                              for s in range(1, 5)]
+    assert result["generate"]["judge_score"] == [(s, -4 + s / 2) for s in range(1, 5)]
+    text, _ = report_of(os.path.join(run, "report"))
+    assert "judge's raw score (its mean log-prob, before normalising and penalties) went -3.500 → -2.000" in text
+    assert_figures_readable(os.path.join(run, "report"), text)
 
 
 # ----------------------------------------------------------------------------------------------------------------

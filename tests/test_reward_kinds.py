@@ -84,6 +84,8 @@ def test_likelihood_running_normalisation_over_batches(neo):
     everything = torch.cat([raw1, raw2])  # statistics over all rewards seen so far, this batch included
     torch.testing.assert_close(out2.double(), (raw2 - everything.mean()) / everything.std(), atol=1e-5, rtol=0)
     assert reward.count == 5 and reward.mean == pytest.approx(everything.mean().item())
+    # the judge's own scale stays readable for logging
+    torch.testing.assert_close(reward.last_raw.double(), raw2, atol=1e-6, rtol=0)
 
     restored = LikelihoodReward(neo)  # a resumed run continues the same statistics
     restored.load_state_dict(reward.state_dict())
@@ -172,6 +174,7 @@ def test_dense_shares_sum_to_the_sparse_reward(judge, settings, request):
         torch.testing.assert_close(rewards, want, atol=1e-6, rtol=0)
         assert [len(s) for s in shares] == [len(t) for t in tokens]
         torch.testing.assert_close(torch.stack([s.sum() for s in shares]), want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(dense.last_raw, sparse.last_raw, atol=1e-6, rtol=0)
     assert dense.state_dict() == sparse.state_dict()
     if settings.get("clip"):
         assert want.abs().max() == pytest.approx(0.8)  # the clip cut something, and the shares still add up

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -128,13 +129,15 @@ def test_shaped_rewards_put_the_score_at_the_last_action_or_spread_it():
 
 
 class FixedJudge:
-    """A stand-in likelihood reward: sample i (in the order asked) scores 10 * (i + 1), split evenly."""
+    """A stand-in likelihood reward: sample i (in the order asked) scores 10 * (i + 1), split evenly; its raw
+    score (before normalising) was -(i + 1)."""
 
     def __init__(self):
         self.asked = []
 
     def __call__(self, contexts, continuations):
         self.asked.append(continuations)
+        self.last_raw = -torch.arange(1.0, len(continuations) + 1)
         return torch.tensor([10.0 * (i + 1) for i in range(len(continuations))])
 
     def dense(self, contexts, continuations):
@@ -156,6 +159,10 @@ def test_generate_scores_and_their_shares_per_token(dense):
     assert judge.asked == [[[a, b], [a, stop], [a, b, a, b]]]
     assert torch.allclose(scores, torch.tensor([10.0, 20.0, -1.5, 30.0 - 1.5]))
     assert [s["stopped"] for s in samples] == [True, True, True, False]
+    # the judge's raw score of each judged sample, and their mean as this rank's train/judge_score
+    assert [s["judge_score"] for s in samples] == [-1.0, -2.0, None, -3.0]
+    metrics = rollouts.metrics(types.SimpleNamespace(samples=samples, mask=mask.float()))
+    assert metrics == {"train/response_length": 2.5, "train/stop_rate": 0.75, "train/judge_score": -2.0}
     if not dense:
         assert shares is None
         return
