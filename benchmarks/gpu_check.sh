@@ -8,6 +8,8 @@
 #   DATA=path/to/hellaswag_val.jsonl OUT_DIR=results bash benchmarks/gpu_check.sh
 #   DEVICE=cpu LIMIT=40 STEPS=2 RECIPE_ARGS="--tiny --batch_size=8 --minibatch_size=4 --micro_batch_size=2" \
 #       DEMO_STEPS=2 bash benchmarks/gpu_check.sh      # the same commands, small, on a CPU
+#   git worktree add ../before 43b3ad9 && BEFORE=../before bash benchmarks/gpu_check.sh
+#       # 3. also runs each recipe in that older checkout, right after this one: before/after on one machine
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
@@ -17,7 +19,12 @@ LIMIT=${LIMIT:-10042}
 STEPS=${STEPS:-4}
 DEMO_STEPS=${DEMO_STEPS:-10}
 RECIPE_ARGS=${RECIPE_ARGS:-}
+BEFORE=${BEFORE:-}  # another checkout of this project, measured in section 3 too
 mkdir -p "$OUT_DIR"
+if [ -n "$BEFORE" ] && [ ! -f "$BEFORE/benchmarks/recipe_cost.py" ]; then
+    echo "error: BEFORE=$BEFORE is not a checkout of this project with benchmarks/recipe_cost.py" >&2
+    exit 2
+fi
 if [ ! -f "$DATA" ]; then
     echo "error: no HellaSwag data at $DATA; set DATA=FILE (python hellaswag.py --help tells how to download it)" >&2
     exit 2
@@ -37,12 +44,24 @@ torchrun --standalone --nproc_per_node=1 train_ppo.py configs/demo.py --device="
     tail -20 "$OUT_DIR/demo.log"; exit 1; }
 grep -E "^step .*eval|^policy" "$OUT_DIR/demo.log" | tail -4
 
-echo "== 3. cost per recipe"
+echo "== 3. cost per recipe${BEFORE:+ (each also in $BEFORE, right after)}"
+out=$(cd "$OUT_DIR" && pwd)
+data=$(cd "$(dirname "$DATA")" && pwd)/$(basename "$DATA")
 for recipe in label teacher generate; do
-    # shellcheck disable=SC2086  # RECIPE_ARGS is a list of words
-    python benchmarks/recipe_cost.py "configs/gpt2_hellaswag_$recipe.py" --device="$DEVICE" --data "$DATA" \
-        --steps "$STEPS" --work "$OUT_DIR/recipe_cost" --output "$OUT_DIR/cost_$recipe.json" $RECIPE_ARGS \
-        > "$OUT_DIR/cost_$recipe.log" 2>&1 || { tail -20 "$OUT_DIR/cost_$recipe.log"; exit 1; }
-    grep -E "^configs|^first step|^peak" "$OUT_DIR/cost_$recipe.log"
+    for tree in . ${BEFORE:+"$BEFORE"}; do
+        tag=$([ "$tree" = . ] && echo "${BEFORE:+_now}" || echo _before)
+        name=cost_$recipe$tag
+        # shellcheck disable=SC2086  # RECIPE_ARGS is a list of words
+        (cd "$tree" && python benchmarks/recipe_cost.py "configs/gpt2_hellaswag_$recipe.py" \
+            --device="$DEVICE" --data "$data" --steps "$STEPS" --work "$out/recipe_cost$tag" \
+            --output "$out/$name.json" $RECIPE_ARGS > "$out/$name.log" 2>&1) || {
+            tail -20 "$out/$name.log"; exit 1; }
+        grep -E "^configs|^first step|^later|^peak" "$out/$name.log"
+    done
+    if [ -n "$BEFORE" ]; then
+        python -c "import json, sys; now, before = (json.load(open(p))['step_s'] for p in sys.argv[2:]);
+print(f'{sys.argv[1]}: {before:.2f} s -> {now:.2f} s a later step, {before / now:.2f}x')" \
+            "$recipe" "$out/cost_${recipe}_now.json" "$out/cost_${recipe}_before.json"
+    fi
 done
 echo "all results in $OUT_DIR"
