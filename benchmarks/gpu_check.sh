@@ -51,10 +51,14 @@ for recipe in label teacher generate; do
     for tree in . ${BEFORE:+"$BEFORE"}; do
         tag=$([ "$tree" = . ] && echo "${BEFORE:+_now}" || echo _before)
         name=cost_$recipe$tag
-        # shellcheck disable=SC2086  # RECIPE_ARGS is a list of words
+        args=$RECIPE_ARGS
+        if [ -n "$BEFORE" ] && [ "$recipe" = generate ] && grep -q likelihood_dense "$tree/train_ppo.py"; then
+            args="$args --likelihood_dense=False"  # the same rewards as a checkout without dense ones
+        fi
+        # shellcheck disable=SC2086  # args is a list of words
         (cd "$tree" && python benchmarks/recipe_cost.py "configs/gpt2_hellaswag_$recipe.py" \
             --device="$DEVICE" --data "$data" --steps "$STEPS" --work "$out/recipe_cost$tag" \
-            --output "$out/$name.json" $RECIPE_ARGS > "$out/$name.log" 2>&1) || {
+            --output "$out/$name.json" $args > "$out/$name.log" 2>&1) || {
             tail -20 "$out/$name.log"; exit 1; }
         grep -E "^configs|^first step|^later|^peak" "$out/$name.log"
     done

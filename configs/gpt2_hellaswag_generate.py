@@ -11,7 +11,9 @@ reward_model = "EleutherAI/gpt-neo-2.7B"
 likelihood_per = "token"
 reward_normalize = True
 reward_clip = 5.0
-likelihood_dense = False  # True: each token gets its share of the score (sums to the sparse one); not yet validated
+# each token gets its share of the score (they sum to the sparse one): on the generate demo it learned more than
+# sparse rewards on 3 of 3 seeds (README); not yet measured at this size; False = the whole score at the last token
+likelihood_dense = True
 max_prompt_tokens = 128
 max_new_tokens = 32
 temperature = 1.0
