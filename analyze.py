@@ -825,8 +825,9 @@ def generate_lines(stats, figure):
                   f"from step {first['step']} to step {last['step']}.", ""]
     if stats.get("judge_score"):
         (first_step, first), (last_step, last) = stats["judge_score"][0], stats["judge_score"][-1]
-        lines += [f"The judge's raw score (its mean log-prob, before normalising and penalties) "
-                  f"went {first:.3f} → {last:.3f} from step {first_step} to step {last_step}.", ""]
+        lines += [f"The judge's raw score (its mean log-prob of the non-empty samples, before "
+                  f"normalising, clipping and penalties) went {first:.3f} → {last:.3f} "
+                  f"from step {first_step} to step {last_step}.", ""]
     return lines
 
 

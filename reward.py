@@ -104,7 +104,9 @@ class LikelihoodReward:
         stays the sparse reward, whatever the statistics and the clip do.
         """
         if not continuations:
-            return torch.zeros(0), []
+            # still folded into the running statistics: under DDP that is an all-reduce every rank
+            # must join
+            return self.finish(torch.zeros(0)), []
         scores = self.reward_model.score_tokens(contexts, continuations, self.batch_size,
                                                 per_token=True)
         length = scores["n_tokens" if self.per == "token" else "n_chars"]

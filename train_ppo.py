@@ -599,9 +599,10 @@ class GenerateRollouts:
 
     def score(self, examples, contexts, responses, response_mask):
         """-> (B,) scores, (B, L) their shares per token (None unless likelihood_dense) and the
-        samples' texts. The judge scores the sampled token ids themselves when it shares GPT-2's
-        vocabulary, and their text otherwise. With dense shares, the penalties (an empty or
-        unstopped sample) go to the last token."""
+        samples (text, whether it stopped, the judge's raw score or None if not judged). The judge
+        scores the sampled token ids themselves when it shares GPT-2's vocabulary, and their text
+        otherwise. With dense shares, the penalties (an empty or unstopped sample) go to the last
+        token."""
         lengths = response_mask.sum(1)
         last = (lengths - 1).clamp(min=0)
         stopped = torch.isin(responses.gather(1, last[:, None]).squeeze(1), self.stop_tokens)
@@ -1004,6 +1005,10 @@ def restore(ckpt, optimizer, scaler, kl_controller, reward_fn, rollout_kind, gen
     if hasattr(rollout_kind, "load_state_dict") and ckpt.get("rollouts") is not None:
         rollout_kind.load_state_dict(ckpt["rollouts"])
     optimizer.load_state_dict(ckpt["optimizer"])
+    # saved param groups carry their own flags: keep this run's kernel (a checkpoint from before
+    # the fused AdamW on CPUs says fused=None, which would run the slower per-tensor loop)
+    for group in optimizer.param_groups:
+        group["fused"] = optimizer.defaults["fused"]
     scaler.load_state_dict(ckpt["scaler"])
     kl_controller.load_state_dict(ckpt["kl_controller"])
     if kl_controller.value != cfg.kl_coef:

@@ -10,6 +10,8 @@
 #       DEMO_STEPS=2 bash benchmarks/gpu_check.sh      # the same commands, small, on a CPU
 #   git worktree add ../before 43b3ad9 && BEFORE=../before bash benchmarks/gpu_check.sh
 #       # 3. also runs each recipe in that older checkout, right after this one: before/after on one machine
+#       # (the generate recipe with sparse rewards on both sides)
+# DATA, OUT_DIR and BEFORE are paths from the repository's root (the script runs there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
@@ -45,8 +47,8 @@ torchrun --standalone --nproc_per_node=1 train_ppo.py configs/demo.py --device="
 grep -E "^step .*eval|^policy" "$OUT_DIR/demo.log" | tail -4
 
 echo "== 3. cost per recipe${BEFORE:+ (each also in $BEFORE, right after)}"
-out=$(cd "$OUT_DIR" && pwd)
-data=$(cd "$(dirname "$DATA")" && pwd)/$(basename "$DATA")
+out=$(CDPATH="" cd -- "$OUT_DIR" && pwd)
+data=$(CDPATH="" cd -- "$(dirname "$DATA")" && pwd)/$(basename "$DATA")
 for recipe in label teacher generate; do
     for tree in . ${BEFORE:+"$BEFORE"}; do
         tag=$([ "$tree" = . ] && echo "${BEFORE:+_now}" || echo _before)

@@ -301,7 +301,8 @@ def test_a_generate_run(tmp_path):
                                              for s in range(1, 5)]
     assert result["generate"]["judge_score"] == [(s, -4 + s / 2) for s in range(1, 5)]
     text, _ = report_of(os.path.join(run, "report"))
-    assert "judge's raw score (its mean log-prob, before normalising and penalties) went -3.500 → -2.000" in text
+    assert ("judge's raw score (its mean log-prob of the non-empty samples, before normalising, clipping and "
+            "penalties) went -3.500 → -2.000") in text
     assert_figures_readable(os.path.join(run, "report"), text)
 
 

@@ -145,6 +145,18 @@ def test_likelihood_statistics_agree_across_ranks(neo):
     assert outputs[0].shape == (0,) and rewards[0].state_dict() == rewards[1].state_dict()
     assert rewards[0].count == 10 and rewards[0].mean == pytest.approx(raw.mean().item())
 
+    # the same for dense rewards: a rank whose samples were all empty asks for none
+    def run_dense_empty(rank):
+        outputs[rank] = rewards[rank].dense([], [])[0] if rank == 0 else rewards[rank](*batches[rank])
+
+    threads = [threading.Thread(target=run_dense_empty, args=(rank,)) for rank in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outputs[0].shape == (0,) and rewards[0].state_dict() == rewards[1].state_dict()
+    assert rewards[0].count == 15
+
 
 def test_likelihood_empty_sample(neo):
     with pytest.raises(PairError, match="empty"):

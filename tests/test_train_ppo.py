@@ -163,6 +163,8 @@ def test_generate_scores_and_their_shares_per_token(dense):
     assert [s["judge_score"] for s in samples] == [-1.0, -2.0, None, -3.0]
     metrics = rollouts.metrics(types.SimpleNamespace(samples=samples, mask=mask.float()))
     assert metrics == {"train/response_length": 2.5, "train/stop_rate": 0.75, "train/judge_score": -2.0}
+    unjudged = [{**s, "judge_score": None} for s in samples]  # every sample empty: no judge score to log
+    assert "train/judge_score" not in rollouts.metrics(types.SimpleNamespace(samples=unjudged, mask=mask.float()))
     if not dense:
         assert shares is None
         return
@@ -308,8 +310,9 @@ def test_choice_rollouts_learn_the_synthetic_task(tmp_path, synthetic_dir):
     metrics = read_metrics(tmp_path)
     start = metrics[0]["eval/acc_norm"]
     assert start < 0.45  # chance is 0.25
-    # seen on seeds 0, 1, 2 (2-core Xeon): accuracy +0.55, +0.24, +0.35 and reward +0.30, +0.19,
-    # +0.15 over 20 steps; the bounds leave 2x and 3x room for another CPU's numerics
+    # seen on seeds 0, 1, 2 (2-core Xeon, fused AdamW): accuracy +0.58, +0.17, +0.47 and reward
+    # +0.32, +0.19, +0.30 over 20 steps; this test's seed 0 clears both bounds 4x over, and the
+    # weakest seed still clears them
     assert summary["eval"]["eval/acc_norm"] > start + 0.12
     early = sum(m["reward"] for m in metrics[1:5]) / 4
     late = sum(m["reward"] for m in metrics[-4:]) / 4
@@ -361,6 +364,30 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, synthet
     train_ppo.train(tiny_run(tmp_path / "split", synthetic_dir, max_steps=4, init_from="resume", **common))
     assert [m["step"] for m in read_metrics(tmp_path / "split")] == [0, 1, 2, 3, 4]
     assert sorted(os.listdir(tmp_path / "split" / "eval")) == evals  # the redone evaluations replace the old ones
+
+
+def test_resume_from_an_unfused_optimizer_state_keeps_the_fused_adamw(tmp_path, synthetic_dir, monkeypatch):
+    """A checkpoint saved before the CPU's fused AdamW stores fused=None in its param groups; loading it must not
+    switch this run back to the per-tensor loop."""
+    common = dict(reward_kind="label", eval_limit=8, eval_interval=0, checkpoint_interval=1)
+    train_ppo.train(tiny_run(tmp_path, synthetic_dir, max_steps=1, **common))
+    path = tmp_path / "ckpt_000001.pt"
+    ckpt = torch.load(path, weights_only=False)
+    assert all(group["fused"] for group in ckpt["optimizer"]["param_groups"])
+    for group in ckpt["optimizer"]["param_groups"]:
+        group["fused"] = None
+    torch.save(ckpt, path)
+    seen = []
+    restore = train_ppo.restore
+
+    def recording_restore(ckpt, optimizer, *args, **kwargs):
+        result = restore(ckpt, optimizer, *args, **kwargs)
+        seen.extend(group["fused"] for group in optimizer.param_groups)
+        return result
+
+    monkeypatch.setattr(train_ppo, "restore", recording_restore)
+    train_ppo.train(tiny_run(tmp_path, synthetic_dir, max_steps=2, init_from="resume", **common))
+    assert seen == [True, True]
 
 
 def test_choice_rollouts_cut_contexts_to_the_policy_window(tmp_path, synthetic_dir):
