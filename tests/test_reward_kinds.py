@@ -121,14 +121,17 @@ def test_likelihood_statistics_agree_across_ranks(neo):
     batches = [(CONTEXTS[:2], CONTINUATIONS[:2]), (CONTEXTS[2:], CONTINUATIONS[2:])]
     outputs = [None, None]
 
-    def run(rank):
+    def score(rank):
         outputs[rank] = rewards[rank](*batches[rank])
 
-    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    def on_both_ranks(target):
+        threads = [threading.Thread(target=target, args=(rank,)) for rank in range(world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    on_both_ranks(score)
     raw = LikelihoodReward(neo, normalize=False)(CONTEXTS, CONTINUATIONS).double()
     assert rewards[0].state_dict() == rewards[1].state_dict()
     assert rewards[0].count == 5 and rewards[0].mean == pytest.approx(raw.mean().item())
@@ -137,23 +140,15 @@ def test_likelihood_statistics_agree_across_ranks(neo):
 
     # a rank with nothing to score this step still takes part (else the other rank would wait forever)
     batches = [([], []), (CONTEXTS, CONTINUATIONS)]
-    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    on_both_ranks(score)
     assert outputs[0].shape == (0,) and rewards[0].state_dict() == rewards[1].state_dict()
     assert rewards[0].count == 10 and rewards[0].mean == pytest.approx(raw.mean().item())
 
     # the same for dense rewards: a rank whose samples were all empty asks for none
-    def run_dense_empty(rank):
+    def score_dense_empty(rank):
         outputs[rank] = rewards[rank].dense([], [])[0] if rank == 0 else rewards[rank](*batches[rank])
 
-    threads = [threading.Thread(target=run_dense_empty, args=(rank,)) for rank in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    on_both_ranks(score_dense_empty)
     assert outputs[0].shape == (0,) and rewards[0].state_dict() == rewards[1].state_dict()
     assert rewards[0].count == 15
 
