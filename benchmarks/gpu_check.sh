@@ -22,7 +22,6 @@ STEPS=${STEPS:-4}
 DEMO_STEPS=${DEMO_STEPS:-10}
 RECIPE_ARGS=${RECIPE_ARGS:-}
 BEFORE=${BEFORE:-}  # another checkout of this project, measured in section 3 too
-mkdir -p "$OUT_DIR"
 if [ -n "$BEFORE" ] && [ ! -f "$BEFORE/benchmarks/recipe_cost.py" ]; then
     echo "error: BEFORE=$BEFORE is not a checkout of this project with benchmarks/recipe_cost.py" >&2
     exit 2
@@ -31,6 +30,7 @@ if [ ! -f "$DATA" ]; then
     echo "error: no HellaSwag data at $DATA; set DATA=FILE (python hellaswag.py --help tells how to download it)" >&2
     exit 2
 fi
+mkdir -p "$OUT_DIR"
 if [ "$DEVICE" = cuda ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT_DIR/gpu.txt"
 fi

@@ -1,5 +1,5 @@
 """
-Offline demo of generate rollouts, CPU, about 5 minutes on 2 cores: the tiny GPT policy of the synthetic colour task
+Offline demo of generate rollouts, CPU, about 4 minutes on 2 cores: the tiny GPT policy of the synthetic colour task
 (synthetic.py) writes continuations of its contexts ("Everyone knows that the snow is" -> " white."), and the tiny
 GPT-Neo teacher, as judge, scores them (mean log-prob per token). Each token gets its share of the score (dense
 rewards); scores are whitened with running statistics, so the logged reward is in standard deviations and

@@ -59,3 +59,15 @@ def test_recipe_cost_errors_are_one_line(tmp_path):
 def test_choice_speed_skips_without_the_data(tmp_path):
     proc = run_script("benchmarks/choice_speed.py", "--data", str(tmp_path / "missing.jsonl"))
     assert proc.returncode == 0 and proc.stdout.startswith("skipping:") and "missing.jsonl" in proc.stdout
+
+
+@pytest.mark.parametrize("setting, message", [("BEFORE", "is not a checkout of this project"),
+                                              ("DATA", "no HellaSwag data at")])
+def test_gpu_check_refuses_bad_paths_before_any_work(tmp_path, setting, message):
+    env = {**os.environ, "DEVICE": "cpu", "OUT_DIR": str(tmp_path / "out"), "DATA": __file__,
+           setting: str(tmp_path / "missing")}
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=REPO, capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr
+    assert str(tmp_path / "missing") in proc.stderr  # names the path
+    assert not (tmp_path / "out").exists() and proc.stdout == ""  # nothing written, nothing run
