@@ -147,7 +147,9 @@ class Config:
     # PPO
     ppo_epochs: int = setting(4, low=1, high=1000)
     minibatch_size: int = setting(16, low=1)  # per rank; one optimizer step per minibatch
-    micro_batch_size: int = setting(8, low=1)  # per rank; gradient accumulation inside a minibatch
+    # per rank; gradient accumulation inside a minibatch: a memory setting, the update is the same
+    # for any value
+    micro_batch_size: int = setting(8, low=1)
     learning_rate: float = setting(1e-5, low=0.0, high=1.0)
     warmup_steps: int = setting(0, low=0)
     # cosine decay to min_lr over this many steps after warmup; 0 = constant
@@ -439,6 +441,9 @@ class Rollouts:
     scores: torch.Tensor  # (B,) the task's reward for the whole rollout
     n_tokens: int  # tokens through the policy, for tok/s
     samples: list  # one dict per rollout for samples.jsonl
+    # (B,) long, on the CPU: the tokens forward() runs for each rollout, to group rollouts of
+    # similar length into micro-batches (micro_batches)
+    lengths: torch.Tensor
     # (B, L) the score split over the actions (sums to scores), or None: at the last
     score_shares: torch.Tensor = None
 
@@ -475,11 +480,15 @@ class ChoiceRollouts:
         self.reference_logprobs = torch.full((len(encoded), 4), float("nan"))
 
     def reference(self, reference, indices):
-        missing = sorted({i for i in indices if torch.isnan(self.reference_logprobs[i, 0])})
-        for s in chunked(len(missing), self.micro_batch_size):
-            encoded = [self.encoded[i] for i in missing[s]]
-            lp = choice_forward(reference, encoded, self.temperature, self.device)[0]
-            self.reference_logprobs[missing[s]] = lp.float().cpu()
+        missing = torch.tensor(sorted({i for i in indices
+                                       if torch.isnan(self.reference_logprobs[i, 0])}),
+                               dtype=torch.long)
+        encoded = [self.encoded[i] for i in missing.tolist()]
+        for group in micro_batches(torch.arange(len(encoded)), packed_lengths(encoded),
+                                   self.micro_batch_size):
+            lp = choice_forward(reference, [encoded[j] for j in group.tolist()],
+                                self.temperature, self.device)[0]
+            self.reference_logprobs[missing[group]] = lp.float().cpu()
         return self.reference_logprobs[indices].to(self.device)
 
     def state_dict(self):
@@ -491,13 +500,16 @@ class ChoiceRollouts:
     @torch.no_grad()
     def collect(self, policy, reference, examples, indices, generator, timer):
         encoded = [self.encoded[i] for i in indices]
-        policy_lp, values = [], []
+        lengths = packed_lengths(encoded)
+        policy_lp = torch.zeros(len(encoded), 4, device=self.device)
+        values = torch.zeros(len(encoded), device=self.device)
         with timer("rollout"):
-            for s in chunked(len(encoded), self.micro_batch_size):
-                lp, v = choice_forward(policy, encoded[s], self.temperature, self.device)
-                policy_lp.append(lp)
-                values.append(v)
-            policy_lp = torch.cat(policy_lp)
+            for group in micro_batches(torch.arange(len(encoded)), lengths,
+                                       self.micro_batch_size):
+                lp, v = choice_forward(policy, [encoded[j] for j in group.tolist()],
+                                       self.temperature, self.device)
+                group = group.to(self.device)
+                policy_lp[group], values[group] = lp, v
         with timer("reference"):
             ref_lp = self.reference(reference, indices)
         # before sampling, which would fail on them with a traceback
@@ -512,10 +524,10 @@ class ChoiceRollouts:
         return Rollouts(examples=examples, actions={"choices": choices, "encoded": encoded},
                         logprobs=policy_lp.gather(1, choices),
                         ref_logprobs=ref_lp.gather(1, choices),
-                        values=torch.cat(values)[:, None],
+                        values=values[:, None],
                         mask=torch.ones(choices.shape, device=self.device), scores=scores,
                         n_tokens=sum(4 * len(c) + sum(map(len, es)) for c, es in encoded),
-                        samples=samples)
+                        samples=samples, lengths=lengths)
 
     def forward(self, model, rollouts, micro):
         encoded = [rollouts.actions["encoded"][j] for j in micro.tolist()]
@@ -533,11 +545,26 @@ class ChoiceRollouts:
         return {"train/chosen_acc": (chosen == labels).float().mean().item()}
 
 
+def packed_lengths(encoded):
+    """(N,) long: the tokens in each encoded example's packed row (pack_choices)."""
+    return torch.tensor([len(context) + sum(map(len, endings)) for context, endings in encoded],
+                        dtype=torch.long)
+
+
 def sequence_forward(model, prompts, prompt_mask, responses, response_mask, temperature):
     """
     Log-probs (temperature applied), values and entropies of the response tokens: (B, N) each,
     float32. The value of token t is read at the position before it (the state it was chosen in).
+    Columns that are padding in every row (left of the prompts, right of the responses) are
+    dropped first: no row's numbers depend on them, and a micro-batch of similar lengths has few
+    tokens to pad.
     """
+    N = responses.size(1)
+    # the first column with a prompt token (prompts are left-padded), the longest response
+    first, width = torch.stack([prompt_mask.any(0).long().argmax(),
+                                response_mask.sum(1).max().clamp(min=1)]).tolist()
+    prompts, prompt_mask = prompts[:, first:], prompt_mask[:, first:]
+    responses, response_mask = responses[:, :width], response_mask[:, :width]
     P = prompts.size(1)
     idx = torch.cat([prompts, responses], 1)
     attention_mask = torch.cat([prompt_mask, response_mask], 1)
@@ -552,7 +579,8 @@ def sequence_forward(model, prompts, prompt_mask, responses, response_mask, temp
         selected, logp.gather(1, responses[selected][:, None]).squeeze(1))
     entropy = torch.zeros(responses.shape, device=idx.device).masked_scatter(
         selected, -(logp.exp() * logp).sum(-1))
-    return logprobs, values[:, P - 1:-1] * response_mask, entropy
+    values = values[:, P - 1:-1] * response_mask
+    return tuple(F.pad(x, (0, N - width)) for x in (logprobs, values, entropy))
 
 
 class GenerateRollouts:
@@ -573,29 +601,35 @@ class GenerateRollouts:
         contexts = [self.encode(ex["ctx"]) for ex in examples]
         prompt_tokens = [c[-self.prompt_budget:] for c in contexts]
         prompts, prompt_mask = (t.to(self.device) for t in left_pad(prompt_tokens, EOT_TOKEN))
-        logprobs, values = [], []
         with timer("rollout"):
             responses, response_mask, _ = policy.generate(
                 prompts, prompt_mask, max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
                 stop_tokens=self.stop_tokens.tolist(), generator=generator)
-            micro_batches = [(prompts[s], prompt_mask[s], responses[s], response_mask[s])
-                             for s in chunked(len(examples), cfg.micro_batch_size)]
-            for args in micro_batches:
-                lp, v, _ = sequence_forward(policy, *args, cfg.temperature)
-                logprobs.append(lp)
-                values.append(v)
+            lengths = (prompt_mask.sum(1) + response_mask.sum(1)).cpu()
+            groups = micro_batches(torch.arange(len(examples)), lengths, cfg.micro_batch_size)
+            sequences = (prompts, prompt_mask, responses, response_mask)
+            logprobs, values = self.scored_by(policy, groups, *sequences)
         with timer("reference"):
-            ref_logprobs = [sequence_forward(reference, *args, cfg.temperature)[0]
-                            for args in micro_batches]
+            ref_logprobs = self.scored_by(reference, groups, *sequences)[0]
         with timer("reward"):
             scores, shares, samples = self.score(examples, contexts, responses, response_mask)
         actions = {"prompts": prompts, "prompt_mask": prompt_mask, "responses": responses}
-        return Rollouts(examples=examples, actions=actions,
-                        logprobs=torch.cat(logprobs), ref_logprobs=torch.cat(ref_logprobs),
-                        values=torch.cat(values), mask=response_mask.float(), scores=scores,
-                        n_tokens=int(prompt_mask.sum() + response_mask.sum()), samples=samples,
-                        score_shares=shares)
+        return Rollouts(examples=examples, actions=actions, logprobs=logprobs,
+                        ref_logprobs=ref_logprobs, values=values, mask=response_mask.float(),
+                        scores=scores, n_tokens=int(lengths.sum()), samples=samples,
+                        lengths=lengths, score_shares=shares)
+
+    def scored_by(self, model, groups, prompts, prompt_mask, responses, response_mask):
+        """sequence_forward's log-probs and values of every response (B, N), run a group of rows
+        (micro_batches) at a time."""
+        logprobs, values = (torch.zeros(responses.shape, device=self.device) for _ in "lv")
+        for group in groups:
+            group = group.to(self.device)
+            logprobs[group], values[group], _ = sequence_forward(
+                model, prompts[group], prompt_mask[group], responses[group], response_mask[group],
+                self.cfg.temperature)
+        return logprobs, values
 
     def score(self, examples, contexts, responses, response_mask):
         """-> (B,) scores, (B, L) their shares per token (None unless likelihood_dense) and the
@@ -705,8 +739,13 @@ def sentence_stop_tokens(enc):
     return sorted(stops)
 
 
-def chunked(n, size):
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+def micro_batches(indices, lengths, size):
+    """indices (n,) long, split into micro-batches of at most size, longest first by lengths (a
+    long tensor indexed by them). A micro-batch is padded to its longest row, so rows of similar
+    length waste less of a forward on padding; the longest first, so a micro-batch too big for
+    the memory fails at once. -> list of long tensors."""
+    order = lengths[indices].argsort(descending=True, stable=True)
+    return list(indices[order].split(size)) if len(indices) else []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1156,20 +1195,25 @@ def shaped_rewards(scores, kl, kl_coef, mask, score_shares=None):
 def ppo_update(model, raw_model, optimizer, scaler, rollout_kind, batch, advantages, returns, cfg,
                generator, run, dtype):
     """ppo_epochs passes over the batch in shuffled minibatches: one optimizer step per minibatch,
-    gradients accumulated over its micro-batches, clipped losses. Stops early once approx_kl passes
-    target_kl, and at the first non-finite gradient, whose update is not applied (the optimizer's
-    state is not touched).
+    gradients accumulated over its micro-batches, clipped losses. A minibatch's losses are means
+    over its actions, so micro_batch_size (a memory setting) does not change the update; that is
+    also what lets each micro-batch take rollouts of similar length (micro_batches). Stops early
+    once approx_kl passes target_kl, and at the first non-finite gradient, whose update is not
+    applied (the optimizer's state is not touched).
     -> (mean statistics, epochs done, whether every gradient was finite)."""
-    stats = {k: [] for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "entropy", "grad_norm")}
+    names = ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "entropy")
+    stats = {k: [] for k in names + ("grad_norm",)}
     summary = lambda: {k: float(np.mean(v)) for k, v in stats.items() if v}  # noqa: E731
     for epoch in range(cfg.ppo_epochs):
         permutation = torch.randperm(len(batch.scores), generator=generator)
         for minibatch in permutation.split(cfg.minibatch_size):
-            micro_batches = minibatch.split(cfg.micro_batch_size)
-            for i, micro in enumerate(micro_batches):
+            n_actions = batch.mask[minibatch.to(run.device)].sum().clamp(min=1)
+            micros = micro_batches(minibatch, batch.lengths, cfg.micro_batch_size)
+            minibatch_stats = torch.zeros(len(names), device=run.device)
+            for i, micro in enumerate(micros):
                 micro = micro.to(run.device)
                 # DDP all-reduces the gradients of the minibatch's last micro-batch only
-                no_sync = (model.no_sync() if run.ddp and i < len(micro_batches) - 1
+                no_sync = (model.no_sync() if run.ddp and i < len(micros) - 1
                            else contextlib.nullcontext())
                 with no_sync, autocast(run.device, dtype):
                     new_logprobs, new_values, entropy = rollout_kind.forward(model, batch, micro)
@@ -1177,13 +1221,15 @@ def ppo_update(model, raw_model, optimizer, scaler, rollout_kind, batch, advanta
                     losses = ppo_losses(new_logprobs, batch.logprobs[micro], advantages[micro],
                                         new_values, batch.values[micro], returns[micro], mask,
                                         cfg.clip_coef, cfg.vf_clip_coef)
-                    entropy = masked_mean(entropy, mask)
+                    losses["entropy"] = masked_mean(entropy, mask)
                     loss = (losses["pg_loss"] + cfg.vf_coef * losses["vf_loss"]
-                            - cfg.ent_coef * entropy)
-                scaler.scale(loss * len(micro) / len(minibatch)).backward()
-                for k in ("pg_loss", "vf_loss", "approx_kl", "clipfrac"):
-                    stats[k].append(losses[k].item())
-                stats["entropy"].append(entropy.item())
+                            - cfg.ent_coef * losses["entropy"])
+                # this micro-batch's share of the minibatch's actions: its means weigh that much
+                share = mask.sum() / n_actions
+                scaler.scale(loss * share).backward()
+                minibatch_stats += torch.stack([losses[k].detach().float() for k in names]) * share
+            for k, value in zip(names, minibatch_stats.tolist()):
+                stats[k].append(value)
             scaler.unscale_(optimizer)
             max_norm = cfg.grad_clip or float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
@@ -1200,8 +1246,7 @@ def ppo_update(model, raw_model, optimizer, scaler, rollout_kind, batch, advanta
                 return summary(), epoch + 1, False
             # every rank sees the same mean, so every rank stops at the same point
             if cfg.target_kl > 0:
-                minibatch_kl = torch.tensor(stats["approx_kl"][-len(micro_batches):]).mean()
-                approx_kl = all_reduce_sum(minibatch_kl)[0]
+                approx_kl = all_reduce_sum(torch.tensor(stats["approx_kl"][-1]))[0]
                 if approx_kl / run.world_size > cfg.target_kl:
                     return summary(), epoch + 1, True
     return summary(), cfg.ppo_epochs, True

@@ -174,6 +174,133 @@ def test_generate_scores_and_their_shares_per_token(dense):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# micro-batches of similar length
+
+
+def test_micro_batches_group_rollouts_by_length_longest_first():
+    lengths = torch.tensor([5, 9, 2, 9, 7, 1, 4])
+    groups = train_ppo.micro_batches(torch.tensor([6, 0, 3, 2, 1, 4]), lengths, 4)
+    assert [g.tolist() for g in groups] == [[3, 1, 4, 0], [6, 2]]  # ties keep the given order
+    assert train_ppo.micro_batches(torch.tensor([], dtype=torch.long), lengths, 4) == []
+
+
+def tiny_policy(seed=0):
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32))
+    torch.nn.init.normal_(model.value_head.weight)
+    return model
+
+
+def padded_sequences(prompt_lengths, response_lengths, extra_columns=0, seed=0):
+    """Random prompts (left-padded) and responses (right-padded), with extra_columns of padding on both
+    sides beyond the longest row. -> prompts, prompt_mask, responses, response_mask."""
+    g = torch.Generator().manual_seed(seed)
+    P, N = max(prompt_lengths) + extra_columns, max(response_lengths) + extra_columns
+    prompts = torch.full((len(prompt_lengths), P), 50256)
+    prompt_mask = torch.zeros(len(prompt_lengths), P, dtype=torch.long)
+    responses = torch.full((len(response_lengths), N), 50256)
+    response_mask = torch.zeros(len(response_lengths), N, dtype=torch.long)
+    for i, (p, n) in enumerate(zip(prompt_lengths, response_lengths)):
+        prompts[i, P - p:] = torch.randint(0, 1000, (p,), generator=g)
+        prompt_mask[i, P - p:] = 1
+        responses[i, :n] = torch.randint(0, 1000, (n,), generator=g)
+        response_mask[i, :n] = 1
+    return prompts, prompt_mask, responses, response_mask
+
+
+def test_sequence_forward_does_not_depend_on_padding_columns_or_other_rows():
+    model = tiny_policy()
+    prompt_lengths, response_lengths = [3, 6, 2], [4, 1, 3]
+    padded = padded_sequences(prompt_lengths, response_lengths, extra_columns=3)
+    outputs = train_ppo.sequence_forward(model, *padded, temperature=0.7)
+    P, N = padded[0].size(1), padded[2].size(1)
+    for i, (p, n) in enumerate(zip(prompt_lengths, response_lengths)):
+        alone = (padded[0][i:i + 1, P - p:], padded[1][i:i + 1, P - p:], padded[2][i:i + 1, :n],
+                 padded[3][i:i + 1, :n])
+        for got, expected in zip(outputs, train_ppo.sequence_forward(model, *alone, temperature=0.7)):
+            assert got.shape == (3, N)
+            torch.testing.assert_close(got[i, :n], expected[0], atol=1e-5, rtol=1e-5)
+            assert (got[i, n:] == 0).all()  # padding columns, dropped before the forward, come back as zeros
+    # and gradients reach the weights through the kept columns as through the tight batch
+    tight = padded_sequences(prompt_lengths, response_lengths, extra_columns=0)
+    grads = []
+    for sequences in (padded, tight):
+        model.zero_grad()
+        logprobs, values, _ = train_ppo.sequence_forward(model, *sequences, temperature=0.7)
+        (logprobs.sum() + values.sum()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_rollouts_scored_in_micro_batches_of_similar_length_come_back_in_order(tmp_path):
+    from hellaswag import encode_for_model, load_examples
+    from tokenizer import gpt2_encoding
+
+    model = tiny_policy().eval()
+    sequences = padded_sequences([3, 6, 2, 5, 4], [4, 1, 3, 2, 4])
+    cfg = train_ppo.Config(rollout="generate", reward_kind="likelihood", temperature=0.7)
+    kind = train_ppo.GenerateRollouts(None, cfg, prompt_budget=8, stop_tokens=[50256], device="cpu")
+    groups = train_ppo.micro_batches(torch.arange(5), sequences[1].sum(1) + sequences[3].sum(1), 2)
+    assert [g.tolist() for g in groups] == [[4, 0], [1, 3], [2]]  # lengths 8, 7, 7, 7, 5
+    with torch.no_grad():
+        grouped = kind.scored_by(model, groups, *sequences)
+        whole = train_ppo.sequence_forward(model, *sequences, temperature=0.7)[:2]
+    for got, expected in zip(grouped, whole):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # and a choice batch: the policy's distribution over the endings and the values, in the batch's order
+    synthetic.write_jsonl(tmp_path / "val.jsonl", synthetic.make_examples(5, seed=3, split="val"))
+    examples = load_examples(data_file=str(tmp_path / "val.jsonl"))
+    encoded = [encode_for_model(ex, gpt2_encoding().encode_ordinary, 32) for ex in examples]
+    assert len(set(train_ppo.packed_lengths(encoded).tolist())) > 1
+    rollouts = []
+    for micro_batch_size in (2, 5):
+        kind = train_ppo.ChoiceRollouts(encoded, lambda indices, choices: torch.zeros(len(indices)), 0.5,
+                                        micro_batch_size, device="cpu")
+        rollouts.append(kind.collect(model, model, examples, [4, 0, 2, 1, 3], torch.Generator().manual_seed(0),
+                                     train_ppo.PhaseTimer("cpu")))
+    torch.testing.assert_close(rollouts[0].values, rollouts[1].values, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rollouts[0].logprobs, rollouts[1].logprobs, atol=1e-5, rtol=1e-5)
+    assert torch.equal(rollouts[0].actions["choices"], rollouts[1].actions["choices"])
+
+
+def test_ppo_update_does_not_depend_on_micro_batch_size():
+    """A minibatch's losses are means over its actions: with responses of different lengths, micro-batches of 1
+    (in any grouping) give the update of one micro-batch."""
+    prompt_lengths, response_lengths = [3, 6, 2, 5, 4, 1], [4, 1, 3, 2, 4, 1]
+    prompts, prompt_mask, responses, response_mask = padded_sequences(prompt_lengths, response_lengths)
+    with torch.no_grad():
+        logprobs, values, _ = train_ppo.sequence_forward(tiny_policy(), prompts, prompt_mask, responses,
+                                                         response_mask, 1.0)
+    g = torch.Generator().manual_seed(1)
+    mask = response_mask.float()
+    batch = train_ppo.Rollouts(
+        examples=[{}] * 6, actions={"prompts": prompts, "prompt_mask": prompt_mask, "responses": responses},
+        logprobs=(logprobs + 0.1 * torch.randn(logprobs.shape, generator=g)) * mask, ref_logprobs=logprobs,
+        values=values, mask=mask, scores=torch.zeros(6), n_tokens=0, samples=[],
+        lengths=prompt_mask.sum(1) + response_mask.sum(1))
+    advantages = torch.randn(mask.shape, generator=g) * mask
+    returns = torch.randn(mask.shape, generator=g) * mask
+    run = train_ppo.Distributed(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu")
+    weights = []
+    for micro_batch_size in (3, 1):
+        cfg = train_ppo.Config(rollout="generate", reward_kind="likelihood", ppo_epochs=2, minibatch_size=3,
+                               micro_batch_size=micro_batch_size, target_kl=0.0, ent_coef=0.01)
+        model = tiny_policy()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        kind = train_ppo.GenerateRollouts(None, cfg, prompt_budget=8, stop_tokens=[50256], device="cpu")
+        stats, epochs, finite = train_ppo.ppo_update(model, model, optimizer, scaler, kind, batch, advantages,
+                                                     returns, cfg, torch.Generator().manual_seed(0), run, "float32")
+        assert epochs == 2 and finite
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    moved = (weights[0] - torch.cat([p.detach().flatten() for p in tiny_policy().parameters()])).abs().max()
+    assert moved > 1e-3  # the update did something
+    torch.testing.assert_close(weights[1], weights[0], atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # config
 
 
@@ -528,7 +655,8 @@ def test_choice_rollouts_compute_the_reference_once_per_example(tmp_path, monkey
         first = rollouts.reference(reference, [4, 1, 4])
         again = rollouts.reference(reference, [1, 2])
         expected = real(reference, encoded, 0.5, "cpu")[0]
-    assert scored == [encoded[1], encoded[4], encoded[2]]  # each example once, however often it is met
+    # each example once, however often it is met (in micro-batches grouped by length: any order)
+    assert sorted(scored) == sorted([encoded[1], encoded[4], encoded[2]])
     torch.testing.assert_close(first, expected[[4, 1, 4]])
     torch.testing.assert_close(again, expected[[1, 2]])
     restored = train_ppo.ChoiceRollouts(encoded, None, 0.5, micro_batch_size=2, device="cpu")
