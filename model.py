@@ -240,7 +240,14 @@ class GPT(nn.Module):
         """hidden_states once positions pos (B or 1, T) and attn_mask (B, 1, T, T_past + T) bool are
         known (None: causal). For layouts that hidden_states does not build, such as
         choice_forward's."""
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        # On a CPU the token embedding's gradient is left sparse (rows of the looked-up tokens):
+        # the dense one is a fresh (vocab_size, n_embd) tensor zero-filled and added to the tied
+        # lm_head's gradient every backward, ~8% of a PPO micro-batch at GPT-2 size. The lm_head's
+        # dense gradient absorbs it, so the weight's .grad stays dense.
+        sparse = (torch.is_grad_enabled() and idx.device.type == "cpu"
+                  and not torch.compiler.is_compiling())
+        tokens = F.embedding(idx, self.transformer.wte.weight, sparse=sparse)
+        x = self.transformer.drop(tokens + self.transformer.wpe(pos))
         present = []
         with sdpa_kernel(ATTENTION_BACKENDS):
             for i, block in enumerate(self.transformer.h):

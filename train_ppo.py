@@ -551,10 +551,11 @@ def packed_lengths(encoded):
                         dtype=torch.long)
 
 
-def sequence_forward(model, prompts, prompt_mask, responses, response_mask, temperature):
+def sequence_forward(model, prompts, prompt_mask, responses, response_mask, temperature,
+                     entropy_grad=True):
     """
     Log-probs (temperature applied), values and entropies of the response tokens: (B, N) each,
-    float32. The value of token t is read at the position before it (the state it was chosen in).
+    float32; the entropies carry no gradient unless entropy_grad. The value of token t is read at the position before it (the state it was chosen in).
     Columns that are padding in every row (left of the prompts, right of the responses) are
     dropped first: no row's numbers depend on them, and a micro-batch of similar lengths has few
     tokens to pad.
@@ -572,13 +573,18 @@ def sequence_forward(model, prompts, prompt_mask, responses, response_mask, temp
     at[:, P - 1:-1] = response_mask.bool()
     # logits (K, V) at the response positions
     logits, values = model(idx, attention_mask, logits_at=at)
+    logits = logits.float()
+    if temperature != 1:
+        logits = logits / temperature
     # (K, V), once for the log-probs and the entropy
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    logp = F.log_softmax(logits, dim=-1)
     selected = response_mask.bool()
     logprobs = torch.zeros(responses.shape, device=idx.device).masked_scatter(
         selected, logp.gather(1, responses[selected][:, None]).squeeze(1))
-    entropy = torch.zeros(responses.shape, device=idx.device).masked_scatter(
-        selected, -(logp.exp() * logp).sum(-1))
+    # without an entropy bonus its (K, V) backward would be wasted work
+    with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+        entropy = torch.zeros(responses.shape, device=idx.device).masked_scatter(
+            selected, -(logp.exp() * logp).sum(-1))
     values = values[:, P - 1:-1] * response_mask
     return tuple(F.pad(x, (0, N - width)) for x in (logprobs, values, entropy))
 
@@ -675,7 +681,7 @@ class GenerateRollouts:
         actions = rollouts.actions
         return sequence_forward(model, actions["prompts"][micro], actions["prompt_mask"][micro],
                                 actions["responses"][micro], rollouts.mask[micro].long(),
-                                self.cfg.temperature)
+                                self.cfg.temperature, entropy_grad=self.cfg.ent_coef > 0)
 
     def metrics(self, rollouts):
         """This rank's mean response length in tokens, the share of responses that stopped by

@@ -234,6 +234,27 @@ def test_sequence_forward_does_not_depend_on_padding_columns_or_other_rows():
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
+def test_entropy_carries_a_gradient_only_with_an_entropy_bonus():
+    model = tiny_policy()
+    prompts, prompt_mask, responses, response_mask = padded_sequences([3, 6, 2], [4, 1, 3])
+    rollouts = types.SimpleNamespace(actions={"prompts": prompts, "prompt_mask": prompt_mask, "responses": responses},
+                                     mask=response_mask.float())
+    outputs = {}
+    for ent_coef in (0.0, 0.01):
+        cfg = train_ppo.Config(rollout="generate", reward_kind="likelihood", temperature=0.7, ent_coef=ent_coef)
+        kind = train_ppo.GenerateRollouts(None, cfg, prompt_budget=8, stop_tokens=[50256], device="cpu")
+        outputs[ent_coef] = kind.forward(model, rollouts, torch.arange(3))
+        logprobs, values, entropy = outputs[ent_coef]
+        assert logprobs.requires_grad and values.requires_grad and entropy.requires_grad == (ent_coef > 0)
+    for without, with_bonus in zip(outputs[0.0], outputs[0.01]):
+        assert torch.equal(without, with_bonus)
+    # the bonus's gradient: the entropy of the tempered distribution at each response token
+    entropy = outputs[0.01][2]
+    assert (entropy[response_mask == 1] > 0).all()
+    entropy.sum().backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0
+
+
 def test_rollouts_scored_in_micro_batches_of_similar_length_come_back_in_order(tmp_path):
     from hellaswag import encode_for_model, load_examples
     from tokenizer import gpt2_encoding
