@@ -555,7 +555,8 @@ def sequence_forward(model, prompts, prompt_mask, responses, response_mask, temp
                      entropy_grad=True):
     """
     Log-probs (temperature applied), values and entropies of the response tokens: (B, N) each,
-    float32; the entropies carry no gradient unless entropy_grad. The value of token t is read at the position before it (the state it was chosen in).
+    float32; the entropies carry no gradient unless entropy_grad. The value of token t is read at
+    the position before it (the state it was chosen in).
     Columns that are padding in every row (left of the prompts, right of the responses) are
     dropped first: no row's numbers depend on them, and a micro-batch of similar lengths has few
     tokens to pad.

@@ -61,6 +61,19 @@ def test_choice_speed_skips_without_the_data(tmp_path):
     assert proc.returncode == 0 and proc.stdout.startswith("skipping:") and "missing.jsonl" in proc.stdout
 
 
+def test_update_speed_compares_two_checkouts(tmp_path):
+    # this checkout against itself: the same weights and minibatch, so the same gradient norms
+    proc = run_script("benchmarks/update_speed.py", "--tiny", "--before", ".", "--rounds", "1", "--updates", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("one minibatch update") and "tiny shape, 1 updates in each of 1 fresh" in lines[0]
+    assert lines[1].startswith("--before .") and lines[2].startswith("this checkout") and "(1.00x)" in lines[1]
+    assert lines[3] == "largest relative difference in the gradient norms between the checkouts: 0.0e+00"
+    proc = run_script("benchmarks/update_speed.py", "--tiny", "--before", str(tmp_path))
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert proc.stderr.startswith(f"error: --before {tmp_path} is not a checkout of this project")
+
+
 @pytest.mark.parametrize("setting, message", [("BEFORE", "is not a checkout of this project"),
                                               ("DATA", "no HellaSwag data at")])
 def test_gpu_check_refuses_bad_paths_before_any_work(tmp_path, setting, message):
