@@ -61,6 +61,7 @@ def test_choice_speed_skips_without_the_data(tmp_path):
     assert proc.returncode == 0 and proc.stdout.startswith("skipping:") and "missing.jsonl" in proc.stdout
 
 
+@pytest.mark.slow
 def test_update_speed_compares_two_checkouts(tmp_path):
     # this checkout against itself: the same weights and minibatch, so the same gradient norms
     proc = run_script("benchmarks/update_speed.py", "--tiny", "--before", ".", "--rounds", "1", "--updates", "1")
