@@ -58,13 +58,13 @@ def test_gradients_equal_transformers_gpt2(hf_gpt2_dir):
     idx = torch.randint(0, 50, (3, 17), generator=torch.Generator().manual_seed(2))
     targets = torch.randint(0, 50257, (3, 17), generator=torch.Generator().manual_seed(3))
     hf_model = copy.deepcopy(hf)
-    for m, logits in ((model, lambda: model(idx)[0]), (hf_model, lambda: hf_model(idx).logits)):
+    for logits in (lambda: model(idx)[0], lambda: hf_model(idx).logits):
         F.cross_entropy(logits().flatten(0, 1), targets.flatten()).backward()
     grad, ref = model.lm_head.weight.grad, hf_model.transformer.wte.weight.grad
     assert grad.layout == torch.strided and ref[:50].abs().sum(1).min() > 0
     torch.testing.assert_close(grad, ref, atol=1e-6, rtol=1e-4)
-    torch.testing.assert_close(model.transformer.h[0].mlp.c_fc.weight.grad, hf_model.transformer.h[0].mlp.c_fc.weight.grad.T,
-                               atol=1e-6, rtol=1e-4)
+    mlp, hf_mlp = model.transformer.h[0].mlp, hf_model.transformer.h[0].mlp
+    torch.testing.assert_close(mlp.c_fc.weight.grad, hf_mlp.c_fc.weight.grad.T, atol=1e-6, rtol=1e-4)
     before = model.lm_head.weight.detach().clone()
     model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").step()  # the fused AdamW takes the dense gradient
     assert (model.lm_head.weight != before).any()
