@@ -39,8 +39,7 @@ def worker(args):
 
     sys.path.remove(REPO)
     sys.path.insert(0, args.worker)
-    for name in ("common", "tokenizer"):  # imported from this checkout above
-        sys.modules.pop(name, None)
+    sys.modules.pop("common")  # imported from this checkout above
     import train_ppo
     from model import GPT, GPTConfig
 
@@ -110,6 +109,9 @@ def main(argv=None):
                         help="a 2-layer, 64-dim model: checks the script quickly")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for flag in ("rounds", "updates", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1, not {getattr(args, flag)}")
     if args.worker:
         return worker(args)
     checkouts = {"this checkout": REPO}

@@ -70,9 +70,22 @@ def test_update_speed_compares_two_checkouts(tmp_path):
     assert lines[0].startswith("one minibatch update") and "tiny shape, 1 updates in each of 1 fresh" in lines[0]
     assert lines[1].startswith("--before .") and lines[2].startswith("this checkout") and "(1.00x)" in lines[1]
     assert lines[3] == "largest relative difference in the gradient norms between the checkouts: 0.0e+00"
-    proc = run_script("benchmarks/update_speed.py", "--tiny", "--before", str(tmp_path))
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
-    assert proc.stderr.startswith(f"error: --before {tmp_path} is not a checkout of this project")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--before", "{tmp}"], "error: --before {tmp} is not a checkout of this project"),
+    (["--rounds", "0"], "error: --rounds must be at least 1, not 0"),
+    (["--updates", "-1"], "error: --updates must be at least 1, not -1"),
+    (["--threads", "0"], "error: --threads must be at least 1, not 0"),
+    # a checkout whose update cannot run (here: empty modules) is named, in one line
+    (["--before", "{tmp}", "--rounds", "1", "--updates", "1"], "error: the update failed in {tmp}: ")])
+def test_update_speed_bad_input_is_one_line(tmp_path, args, message):
+    if message.startswith("error: the update failed"):
+        (tmp_path / "train_ppo.py").write_text("")
+        (tmp_path / "model.py").write_text("")
+    proc = run_script("benchmarks/update_speed.py", "--tiny", *(a.format(tmp=tmp_path) for a in args))
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert proc.stderr.startswith(message.format(tmp=tmp_path)) and proc.stdout == ""
 
 
 @pytest.mark.parametrize("setting, message", [("BEFORE", "is not a checkout of this project"),
