@@ -1,8 +1,8 @@
 """
-Offline demo, CPU, a few minutes on 2 cores: a tiny GPT that knows the format of the synthetic colour task
-(synthetic.py) but not its rule learns the rule from a tiny GPT-Neo teacher loaded through reward.py.
-Accuracy on the synthetic val split should climb from chance (~0.25) to above 0.8 while the reward rises and the
-KL stays bounded.
+Offline demo, CPU, a few minutes on 2 cores: a tiny GPT that knows the format of the synthetic
+colour task (synthetic.py) but not its rule learns the rule from a tiny GPT-Neo teacher loaded
+through reward.py. Accuracy on the synthetic val split should climb from chance (~0.25) to above 0.8
+while the reward rises and the KL stays bounded.
     python train_ppo.py configs/demo.py
 """
 out_dir = "out/demo"

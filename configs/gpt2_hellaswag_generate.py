@@ -1,6 +1,7 @@
 """
-The seed project's setting: GPT-2 124M writes continuations of HellaSwag contexts, gpt-neo-2.7B scores how likely
-they are (mean log-prob per token, normalised), with a per-token KL penalty to the reference.
+The seed project's setting: GPT-2 124M writes continuations of HellaSwag contexts, gpt-neo-2.7B
+scores how likely they are (mean log-prob per token, normalised), with a per-token KL penalty to the
+reference.
     torchrun --standalone --nproc_per_node=8 train_ppo.py configs/gpt2_hellaswag_generate.py
 """
 out_dir = "out/gpt2_hellaswag_generate"
@@ -11,8 +12,9 @@ reward_model = "EleutherAI/gpt-neo-2.7B"
 likelihood_per = "token"
 reward_normalize = True
 reward_clip = 5.0
-# each token gets its share of the score (they sum to the sparse one): on the generate demo it learned more than
-# sparse rewards on 3 of 3 seeds (README); not yet measured at this size; False = the whole score at the last token
+# each token gets its share of the score (they sum to the sparse one): on the generate demo it
+# learned more than sparse rewards on 3 of 3 seeds (README); not yet measured at this size;
+# False = the whole score at the last token
 likelihood_dense = True
 max_prompt_tokens = 128
 max_new_tokens = 32

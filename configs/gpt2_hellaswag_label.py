@@ -1,6 +1,6 @@
 """
-Choice rollouts rewarded by the gold label (1 for the right ending, 0 otherwise): the simplest RL signal on
-HellaSwag's train split, and no reward model to load.
+Choice rollouts rewarded by the gold label (1 for the right ending, 0 otherwise): the simplest RL
+signal on HellaSwag's train split, and no reward model to load.
     torchrun --standalone --nproc_per_node=8 train_ppo.py configs/gpt2_hellaswag_label.py
 """
 out_dir = "out/gpt2_hellaswag_label"
