@@ -337,8 +337,16 @@ def pick_comparisons(run, table):
     return pairs
 
 
+def finite_scores(prediction):
+    """Whether a prediction has norm_scores that make probabilities: numbers, none NaN or inf (a
+    model that overflowed writes those)."""
+    scores = prediction.get("norm_scores")
+    return (isinstance(scores, list) and len(scores) > 0
+            and all(isinstance(s, (int, float)) and math.isfinite(s) for s in scores))
+
+
 def confidences(predictions, temperature):
-    return [choice_probabilities(p["norm_scores"], temperature) if "norm_scores" in p else None
+    return [choice_probabilities(p["norm_scores"], temperature) if finite_scores(p) else None
             for p in predictions]
 
 
@@ -500,6 +508,11 @@ def analyze_run(run, encode=None):
         ends = [evaluations[0], evaluations[-1]] if len(evaluations) > 1 else evaluations
         result["calibration"] = {e["name"]: calibration_of(e["predictions"], temperature)
                                  for e in ends}
+        for e in ends:
+            bad = sum("norm_scores" in p and not finite_scores(p) for p in e["predictions"])
+            if bad:
+                notes.append(f"{e['name']}: {bad} prediction(s) with norm_scores that are not "
+                             "finite numbers, so its calibration and margins are not computed")
         if run["examples"] is not None:
             result["lengths"] = length_bias(evaluations, run["examples"])
     if run["teacher"] is not None and len(evaluations) >= 2:

@@ -334,6 +334,24 @@ def test_two_prediction_files(tmp_path):
     assert_figures_readable(out, text)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_predictions_with_scores_that_are_not_finite(tmp_path, bad):
+    """A model that overflowed writes NaN or -inf norm_scores: the report still comes, with accuracies and without
+    the calibration of that evaluation, and says why."""
+    examples = val_examples()
+    a, b = predictions(examples, 0.0, seed=1), predictions(examples, 0.9, seed=2)
+    b[3]["norm_scores"] = [bad] * 4
+    write_jsonl(str(tmp_path / "a.jsonl"), a)
+    write_jsonl(str(tmp_path / "b.jsonl"), b)
+    out = str(tmp_path / "report")
+    result = run_cli("--before", str(tmp_path / "a.jsonl"), "--after", str(tmp_path / "b.jsonl"), "--out", out)
+    assert result.returncode == 0, result.stderr
+    text, (report,) = report_of(out)
+    assert report["comparisons"]["last"]["acc_norm"] == as_json(hellaswag.compare_predictions(a, b)["acc_norm"])
+    assert report["calibration"]["after (b.jsonl)"] is None and report["calibration"]["before (a.jsonl)"]["ece"] >= 0
+    assert "1 prediction(s) with norm_scores that are not finite numbers" in text
+
+
 @pytest.mark.parametrize("args, message", [
     (["--before", "a.jsonl"], "give both --before"),
     (["--before", "nothing.jsonl", "--after", "nothing.jsonl", "--out", "x"], "nothing.jsonl: no such file"),
