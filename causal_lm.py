@@ -187,6 +187,13 @@ def resolve_dtype(dtype, device):
     return getattr(torch, dtype)
 
 
+def is_gpt2_vocab(tokenizer):
+    """True when a transformers tokenizer's vocabulary is GPT-2's, token for token and id for id
+    (gpt2, gpt-neo, this project's exports; not OPT, not Pythia)."""
+    with open(bpe_files()[0], encoding="utf-8") as f:
+        return tokenizer.get_vocab() == json.load(f)
+
+
 def load_causal_lm(source, device, dtype):
     """(model, tokenizer) from a hub name or a local directory, frozen, on device. Failures are
     UserErrors."""
@@ -280,8 +287,7 @@ class CausalLM:
         """True when the tokenizer maps every GPT-2 token to GPT-2's id (gpt2, gpt-neo; not OPT, not
         Pythia)."""
         if self._shares_gpt2_vocab is None:
-            with open(bpe_files()[0], encoding="utf-8") as f:
-                self._shares_gpt2_vocab = self.tokenizer.get_vocab() == json.load(f)
+            self._shares_gpt2_vocab = is_gpt2_vocab(self.tokenizer)
         return self._shares_gpt2_vocab
 
     def fingerprint(self):
@@ -315,7 +321,12 @@ class CausalLM:
         if not continuation_ids:
             raise PairError(index, "the continuation is empty after tokenization; "
                                    "there is nothing to score")
-        ids = fit_window(self._head(context_ids), context_ids, continuation_ids, self.max_length)
+        head = self._head(context_ids)
+        if not head and not context_ids:
+            raise PairError(index, "nothing comes before the continuation (an empty context, and "
+                                   "the tokenizer has no BOS or EOS token to start from), so its "
+                                   "first token cannot be scored; give a context")
+        ids = fit_window(head, context_ids, continuation_ids, self.max_length)
         if ids is None:
             raise PairError(index, f"the continuation alone ({len(continuation_ids)} tokens) "
                                    f"does not fit the model's window of {self.max_length} tokens")

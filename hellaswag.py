@@ -30,13 +30,14 @@ import urllib.request
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoTokenizer
 
-from causal_lm import CausalLM, PairError, load_causal_lm, sequence_logprobs, split_encode
+from causal_lm import (CausalLM, PairError, is_gpt2_vocab, load_causal_lm, sequence_logprobs,
+                       split_encode)
 from common import (UserError, atomic_path, atomic_write_text, autocast, check_output_path,
                     first_line, looks_like_a_path, read_json, read_jsonl, resolve_device, run_cli,
                     same_error_on_every_rank)
-from model import GPT, check_finite_weights, logprobs_from_logits
+from model import GPT, check_finite_weights, logprobs_from_logits, unsupported_gpt2_setting
 from tokenizer import EOT_TOKEN, gpt2_encoding
 
 STYLES = ("completion", "lm-eval")
@@ -87,8 +88,15 @@ def download_split(split, cache_dir=None, url=None, retries=3, retry_wait=2.0, t
     if split not in SPLITS:
         raise UserError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
     path = split_path(split, cache_dir)
+    if os.path.isdir(path):
+        raise UserError(f"{path}: a directory where the cached {split} split should be; move it, "
+                        "or point HELLASWAG_CACHE at another folder")
     if os.path.exists(path):
-        n_lines = _count_lines(path)
+        try:
+            n_lines = _count_lines(path)
+        except OSError as e:
+            raise UserError(f"{path}: cannot read the cached {split} split ({e.strerror}); fix its "
+                            "permissions, or point HELLASWAG_CACHE at another folder") from None
         if n_lines != SPLIT_LINES[split]:
             raise UserError(f"{path}: {n_lines} examples, but the official {split} split has "
                             f"{SPLIT_LINES[split]}; delete the file to download it again, or pass "
@@ -135,7 +143,8 @@ def _read_hub(split):
 def _parse_label(label, bad):
     if label is None or label == "":  # the test split has no labels ("" in the hub copy)
         return None
-    if isinstance(label, str) and label.strip().isdigit():  # the hub copy stores "0".."3"
+    # the hub copy stores "0".."3"; isdigit alone would take "²", which int() refuses
+    if isinstance(label, str) and label.strip().isascii() and label.strip().isdigit():
         label = int(label)
     if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label <= 3:
         raise bad("label", f"expected an integer 0-3, found {label!r}")
@@ -663,28 +672,47 @@ def format_comparison(comparison, name_a, name_b, max_groups=12):
 # command line
 
 
-def _transformers_model_type(source):
-    """The model_type of a transformers model directory or hub name, None for anything else."""
+def _transformers_config(source):
+    """The config (a dict) of a transformers model directory or hub name, None for anything
+    else."""
     config_path = os.path.join(source, "config.json")
     if os.path.isfile(config_path):
         config = read_json(config_path)
         if not isinstance(config, dict):
             raise UserError(f"{config_path}: expected a JSON object, found {type(config).__name__}")
-        return config.get("model_type")
+        return config
     if os.path.exists(source) or looks_like_a_path(source):
         return None  # a checkpoint, or a path GPT.from_pretrained will explain
     try:
-        return AutoConfig.from_pretrained(source).model_type
+        return AutoConfig.from_pretrained(source).to_dict()
     except Exception:  # offline or unknown: GPT.from_pretrained gives the clear error
         return None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _gpt2_tokenized(source):
+    """Whether a transformers GPT-2 (directory or hub name) reads GPT-2's tokens: its tokenizer is
+    GPT-2's, or a directory has none. A GPT-2 trained with another vocabulary (another language, a
+    custom BPE) must be scored with its own tokenizer."""
+    if os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, name))
+                                         for name in TOKENIZER_FILES):
+        return True
+    try:
+        return is_gpt2_vocab(AutoTokenizer.from_pretrained(source))
+    except Exception:  # load_causal_lm says what is wrong with it
+        return False
+
+
 def load_model(source):
-    """-> (model, tokenizer): this project's GPT for anything GPT.from_pretrained takes (tokenizer
-    None), else a transformers causal LM with its tokenizer, in float32 on the CPU (--dtype sets the
-    autocast, not the weights)."""
-    model_type = _transformers_model_type(source)
-    if model_type in (None, "gpt2"):
+    """-> (model, tokenizer): this project's GPT (tokenizer None) for anything GPT.from_pretrained
+    takes that is GPT-2 exactly and reads GPT-2's tokens, else a transformers causal LM with its own
+    tokenizer, in float32 on the CPU (--dtype sets the autocast, not the weights)."""
+    config = _transformers_config(source)
+    if config is None or (config.get("model_type") in (None, "gpt2")
+                          and unsupported_gpt2_setting(config) is None
+                          and _gpt2_tokenized(source)):
         return GPT.from_pretrained(source), None
     return load_causal_lm(source, "cpu", torch.float32)
 
@@ -724,6 +752,10 @@ def check_outputs(args):
     """Refuse --output / --predictions paths that could not be written, before any data or model
     loads."""
     data = args.data or (None if args.hub else split_path(args.split))
+    if (args.output and args.predictions
+            and os.path.realpath(args.output) == os.path.realpath(args.predictions)):
+        raise UserError(f"--output and --predictions are the same file ({args.predictions}); "
+                        "give each its own path")
     check_output_path(args.output, inputs=[data, args.model])
     check_output_path(args.predictions, inputs=[data, args.model, args.output])
 

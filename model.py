@@ -26,10 +26,11 @@ from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
+from transformers.utils import logging as hf_logging
 
 from common import (UserError, atomic_directory, first_line, looks_like_a_path, read_json,
                     step_checkpoints)
-from tokenizer import EOT_TOKEN, gpt2_hf_tokenizer
+from tokenizer import EOT_TOKEN, VOCAB_SIZE, gpt2_hf_tokenizer
 
 # marks this project's checkpoints (written by train_ppo.py)
 CHECKPOINT_FORMAT = "gpt-ppo-checkpoint/1"
@@ -338,6 +339,8 @@ class GPT(nn.Module):
         B, T = idx.size()
         if attention_mask is None:
             attention_mask = torch.ones_like(idx)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
         if T + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt of {T} + {max_new_tokens} new tokens exceeds block_size "
                              f"{self.config.block_size}")
@@ -426,7 +429,18 @@ class GPT(nn.Module):
             fields = dict(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
                           n_head=c.n_head, n_embd=c.n_embd, layer_norm_epsilon=c.layer_norm_epsilon)
             config = _config_from(fields, config_where)
-            hf = GPT2LMHeadModel.from_pretrained(name_or_dir, dtype=torch.float32)
+            _check_gpt2_variant(c, name_or_dir)
+            # transformers fills missing or misshapen tensors with random ones and prints a table;
+            # the loading info says which, for one line here instead
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            try:
+                hf, info = GPT2LMHeadModel.from_pretrained(
+                    name_or_dir, dtype=torch.float32, output_loading_info=True,
+                    ignore_mismatched_sizes=True)
+            finally:
+                hf_logging.set_verbosity(verbosity)
+            _check_loading_info(info, name_or_dir)
         except UserError:
             raise
         except OSError as e:
@@ -441,9 +455,6 @@ class GPT(nn.Module):
         except Exception as e:
             raise UserError(f"{name_or_dir}: not a loadable transformers GPT-2 "
                             f"({first_line(e)})") from None
-        if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise UserError(f"{name_or_dir}: activation {c.activation_function!r} is not GPT-2's "
-                            "tanh GELU")
         model = cls(config)
         sd = {k: v for k, v in hf.state_dict().items()
               if not k.endswith((".attn.bias", ".attn.masked_bias"))}
@@ -547,8 +558,14 @@ class GPT(nn.Module):
             if k.endswith(_CONV1D_WEIGHTS):
                 sd[k] = sd[k].t().contiguous()
         missing, unexpected = hf.load_state_dict(sd, strict=False)
-        assert not unexpected and all(k.endswith((".attn.bias", ".attn.masked_bias"))
-                                      for k in missing), missing
+        buffers = (".attn.bias", ".attn.masked_bias")
+        # a GPT without biases (nanoGPT's bias=False) is GPT-2 with zero biases
+        zeroed = [k for k in missing if not c.bias and k.endswith(".bias")
+                  and not k.endswith(buffers)]
+        with torch.no_grad():
+            for k in zeroed:
+                hf.get_parameter(k).zero_()
+        assert not unexpected and all(k.endswith(buffers) or k in zeroed for k in missing), missing
         with atomic_directory(out_dir) as tmp:
             hf.save_pretrained(tmp)
             gpt2_hf_tokenizer().save_pretrained(tmp)
@@ -589,8 +606,8 @@ def _is_number(value):
 
 def check_model_config(config, where):
     """One line naming `where` if a GPTConfig cannot build a GPT: a size that is not a positive
-    integer, n_embd not a multiple of n_head, a dropout outside [0, 1), a non-positive
-    layer_norm_epsilon."""
+    integer, n_embd not a multiple of n_head, fewer token embeddings than GPT-2's tokenizer has, a
+    dropout outside [0, 1), a non-positive layer_norm_epsilon."""
     for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -598,6 +615,11 @@ def check_model_config(config, where):
     if config.n_embd % config.n_head:
         raise UserError(f"{where}: n_embd={config.n_embd} is not a multiple of "
                         f"n_head={config.n_head}")
+    if config.vocab_size < VOCAB_SIZE:
+        raise UserError(f"{where}: vocab_size={config.vocab_size} is smaller than GPT-2's "
+                        f"{VOCAB_SIZE}, whose tokenizer drives this GPT; a model with a tokenizer "
+                        "of its own is scored by hellaswag.py and reward.py from a transformers "
+                        "directory with that tokenizer saved beside it")
     if not _is_number(config.dropout) or not 0 <= config.dropout < 1:
         raise UserError(f"{where}: dropout must be a number in [0, 1), not {config.dropout!r}")
     if not isinstance(config.bias, bool):
@@ -615,6 +637,50 @@ def check_finite_weights(model, source):
         if p.is_floating_point() and not torch.isfinite(p).all():
             raise UserError(f"{source}: non-finite weights (NaN or inf) in {name}; a diverged or "
                             "damaged model, use an earlier checkpoint")
+
+
+# GPT2Config settings this GPT does not compute, each with the value that asks for it
+UNSUPPORTED_GPT2_SETTINGS = {"scale_attn_by_inverse_layer_idx": True, "scale_attn_weights": False,
+                             "tie_word_embeddings": False}
+
+
+def unsupported_gpt2_setting(config):
+    """The first setting of a transformers GPT2Config (or its dict) that this GPT does not compute,
+    as 'name=value', or None. Such a model would load and give other logits than transformers'."""
+    if isinstance(config, dict):
+        get = config.get
+    else:
+        def get(name, default):
+            return getattr(config, name, default)
+    activation = get("activation_function", "gelu_new")
+    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
+        return f"activation_function={activation!r}"
+    for name, value in UNSUPPORTED_GPT2_SETTINGS.items():
+        if get(name, not value) == value:
+            return f"{name}={value}"
+    return None
+
+
+def _check_gpt2_variant(c, where):
+    setting = unsupported_gpt2_setting(c)
+    if setting:
+        raise UserError(f"{where}: config.json sets {setting}, which GPT-2 does not have and this "
+                        "GPT does not compute (hellaswag.py and reward.py score such a model "
+                        "through transformers)")
+
+
+def _check_loading_info(info, where):
+    """One line for weights that transformers could load only by making some up."""
+    buffers = (".attn.bias", ".attn.masked_bias")
+    if info["mismatched_keys"]:
+        key, found, expected = sorted(info["mismatched_keys"])[0]
+        raise UserError(f"{where}: the weights and config.json disagree: {key} is "
+                        f"{tuple(found)}, but the config makes it {tuple(expected)}")
+    missing = sorted(k for k in info["missing_keys"] if not k.endswith(buffers))
+    if missing:
+        raise UserError(f"{where}: the weights lack {len(missing)} tensor(s) of this config "
+                        f"({', '.join(missing[:3])}); the file is incomplete, export or download "
+                        "it again")
 
 
 def _check_safetensors(path):

@@ -273,6 +273,22 @@ def test_unscoreable_pairs_are_errors_not_zeros(neo):
         neo.score_tokens([[1, 2]], [[]])
 
 
+def test_an_empty_context_needs_a_start_token(tmp_path):
+    """With neither BOS nor EOS in the tokenizer, nothing would come before the continuation: its first token
+    would be "predicted" from the row's last position. An error instead."""
+    from transformers import AutoTokenizer
+
+    path = build_pythia(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.eos_token = tokenizer.bos_token = None
+    tokenizer.save_pretrained(path)
+    lm = CausalLM.load(path)
+    assert lm.start_id is None
+    with pytest.raises(PairError, match="pair 0: nothing comes before the continuation"):
+        lm.score([""], [" A man"])
+    assert lm.score(["A man"], [" sits"])["n_tokens"].item() >= 1
+
+
 # --------------------------------------------------------------------------------------------------------------
 # GPT-2 token ids in
 

@@ -80,6 +80,15 @@ def damaged_export(export_dir, tmp_path, fault):
         target = path / fault.removeprefix("truncated ")
         target.write_bytes(target.read_bytes()[:200])
         return path, target
+    if fault.startswith("model.safetensors "):  # transformers would fill the hole with random weights
+        from safetensors.torch import load_file, save_file
+        weights = load_file(path / "model.safetensors")
+        if fault.endswith("without a tensor"):
+            del weights["transformer.h.1.mlp.c_fc.weight"]
+        else:
+            weights["transformer.h.1.mlp.c_fc.weight"] = torch.zeros(64, 100)
+        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+        return path, path
     config = json.loads((path / "config.json").read_text())
     config["n_head"] = {"n_head=3": 3, "n_head=0": 0}[fault]
     (path / "config.json").write_text(json.dumps(config))
@@ -102,6 +111,9 @@ def bad_torch_file(tmp_path, fault, monkeypatch):
         torch.save({"model": model.state_dict(), "config": config_class(n_embd=64.0), "step": 5}, path)
     elif fault == "nanoGPT n_embd not a multiple of n_head":
         torch.save({"model": model.state_dict(), "model_args": args | {"n_head": 3}}, path)
+    elif fault == "nanoGPT vocabulary smaller than GPT-2's":
+        small = GPT(GPTConfig(**TINY, vocab_size=400))
+        torch.save({"model": small.state_dict(), "model_args": args | {"vocab_size": 400}}, path)
     elif fault == "project checkpoint without its weights":
         save_checkpoint(path, policy=model, model=None)
     elif fault == "project checkpoint with an extra config key":
@@ -114,25 +126,43 @@ def bad_torch_file(tmp_path, fault, monkeypatch):
 @pytest.mark.parametrize("fault, message", [
     ("truncated model.safetensors", "truncated or corrupt"),
     ("truncated value_head.safetensors", "truncated or corrupt"),
+    ("model.safetensors without a tensor", "the weights lack 1 tensor(s) of this config"),
+    ("model.safetensors with a tensor of the wrong shape", "the weights and config.json disagree: "
+     "transformer.h.1.mlp.c_fc.weight is (64, 100), but the config makes it (64, 256)"),
     ("n_head=3", "n_embd=64 is not a multiple of n_head=3"),
     ("n_head=0", "n_head must be a positive integer, not 0"),
     ("nanoGPT args disagree with weights", "the weights and the model config disagree"),
     ("nanoGPT field of the wrong type", "n_layer must be a positive integer, not '2'"),
     ("build-nanogpt field of the wrong type", "n_embd must be a positive integer, not 64.0"),
     ("nanoGPT n_embd not a multiple of n_head", "n_embd=64 is not a multiple of n_head=3"),
+    ("nanoGPT vocabulary smaller than GPT-2's", "vocab_size=400 is smaller than GPT-2's 50257"),
     ("project checkpoint without its weights", "the checkpoint's 'model' is missing"),
     ("project checkpoint with an extra config key", "unknown model config field(s) ['n_experts']"),
     ("a pickle that would run code", "refused: loading it would run Python code"),
 ])
 def test_every_bad_model_source_is_one_line_naming_the_file(export_dir, tmp_path, capsys, monkeypatch, fault,
                                                            message):
-    if fault.startswith(("truncated", "n_head=")):
+    if fault.startswith(("truncated", "n_head=", "model.safetensors")):
         source, named = damaged_export(export_dir, tmp_path, fault)
     else:
         source, named = bad_torch_file(tmp_path, fault, monkeypatch)
     line = cli_error(capsys, hellaswag.main, ["--model", source, "--data", FIXTURE])
     assert f"error: {named}:" in line and message in line
     assert "weights_only=False" not in line and "`False`" not in line  # never advise turning the safety off
+
+
+@pytest.mark.parametrize("setting", [{"scale_attn_by_inverse_layer_idx": True}, {"scale_attn_weights": False},
+                                     {"tie_word_embeddings": False}, {"activation_function": "relu"}])
+def test_gpt2_settings_this_gpt_does_not_compute_are_refused(export_dir, tmp_path, setting):
+    """Each would load and give other logits than transformers' GPT-2 (an untied head: whichever of the two matrices
+    loaded last)."""
+    path = tmp_path / "hf"
+    shutil.copytree(export_dir, path)
+    config = json.loads((path / "config.json").read_text()) | setting
+    (path / "config.json").write_text(json.dumps(config))
+    (name, value), = setting.items()
+    with pytest.raises(UserError, match=f"{path}: config.json sets {name}={value!r}, which GPT-2 does not have"):
+        GPT.from_pretrained(str(path))
 
 
 def test_non_finite_weights_are_refused_by_hellaswag(tmp_path, capsys):
@@ -286,3 +316,18 @@ def test_a_cached_split_with_the_wrong_line_count_is_refused(export_dir, tmp_pat
     shutil.copy(FIXTURE, tmp_path / "hellaswag_val.jsonl")  # a truncated val split put there by hand
     line = cli_error(capsys, hellaswag.main, ["--model", export_dir])
     assert f"{tmp_path / 'hellaswag_val.jsonl'}: 6 examples, but the official val split has 10042" in line
+
+
+def test_a_directory_where_the_cached_split_should_be_is_one_line(export_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HELLASWAG_CACHE", str(tmp_path))
+    (tmp_path / "hellaswag_val.jsonl").mkdir()
+    line = cli_error(capsys, hellaswag.main, ["--model", export_dir])
+    assert f"{tmp_path / 'hellaswag_val.jsonl'}: a directory where the cached val split should be" in line
+
+
+def test_results_and_predictions_in_one_file_are_refused_before_the_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(hellaswag, "load_examples", no_work)
+    same = tmp_path / "out.json"
+    line = cli_error(capsys, hellaswag.main, ["--model", "any", "--data", FIXTURE, "--output", same,
+                                              "--predictions", tmp_path / "." / "out.json"])
+    assert "--output and --predictions are the same file" in line

@@ -91,6 +91,7 @@ def test_optional_fields_may_be_missing_and_hub_labels_are_digit_strings(tmp_pat
     (json.dumps(record(label=4)), "'label'"),
     (json.dumps(record(label="two")), "'label'"),
     (json.dumps(record(label=True)), "'label'"),
+    (json.dumps(record(label="²")), "'label'"),  # a digit to str.isdigit, not to int()
     (json.dumps(record(ctx=..., ctx_a=..., ctx_b=...)), "'ctx'"),
     (json.dumps(record(ctx="  ")), "'ctx'"),
     (json.dumps(record(ind="seven")), "'ind'"),

@@ -157,6 +157,77 @@ def test_cli_on_a_transformers_model_of_another_architecture(tmp_path, capsys):
     assert json.loads((tmp_path / "r.json").read_text())["n"] == 6
 
 
+def gpt2_with_its_own_tokenizer(path, vocab_size=400, **config):
+    """A tiny transformers GPT-2 trained on another vocabulary (as GPT-2s for other languages are), its BPE saved
+    beside it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    with open(FIXTURE) as f:
+        corpus = [json.loads(line)["ctx"] for line in f] * 20
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=64, n_layer=2, n_head=2,
+                               eos_token_id=tokenizer.eos_token_id, **config)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("vocab_size", [400, 50257])
+def test_a_gpt2_with_its_own_tokenizer_is_scored_with_it(tmp_path, vocab_size):
+    """GPT-2's architecture does not mean GPT-2's tokens: such a model is scored as a judge is, with its own
+    tokenizer (a smaller vocabulary would crash GPT-2's token ids; one of the same size would score them silently
+    as the wrong text)."""
+    from causal_lm import CausalLM
+
+    path = gpt2_with_its_own_tokenizer(tmp_path / "gpt2", vocab_size=min(vocab_size, 400))
+    if vocab_size > 400:  # GPT-2's size, another tokenizer
+        from transformers import GPT2Config, GPT2LMHeadModel
+        torch.manual_seed(0)
+        GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=256, n_embd=64, n_layer=2,
+                                   n_head=2)).save_pretrained(path)
+    model, tokenizer = load_model(path)
+    assert not isinstance(model, GPT) and tokenizer.get_vocab() == CausalLM.load(path).tokenizer.get_vocab()
+    examples = load_examples("val", FIXTURE)
+    scored = evaluate(model, examples, tokenizer=tokenizer, return_predictions=True)["predictions"]
+    judge = CausalLM.load(path)
+    for ex, p in zip(examples, scored):
+        endings = [" " + e for e in ex["endings"]]
+        expected = judge.score([ex["ctx"]] * 4, endings)
+        torch.testing.assert_close(torch.tensor(p["sum_logprobs"]), expected["sum_logprob"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("setting", [{"scale_attn_by_inverse_layer_idx": True}, {"tie_word_embeddings": False}])
+def test_a_gpt2_variant_this_gpt_does_not_compute_is_scored_by_transformers(tmp_path, setting):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tokenizer import gpt2_hf_tokenizer
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_positions=256, n_embd=64, n_layer=2, n_head=2, **setting)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    gpt2_hf_tokenizer().save_pretrained(tmp_path / "hf")
+    model, tokenizer = load_model(str(tmp_path / "hf"))
+    assert isinstance(model, GPT2LMHeadModel) and tokenizer is not None
+    example = load_examples("val", FIXTURE)[0]
+    scored = evaluate(model, [example], tokenizer=tokenizer, return_predictions=True)["predictions"][0]
+    ids = tokenizer(example["ctx"] + " " + example["endings"][0])["input_ids"]
+    n_ending = len(tokenizer(" " + example["endings"][0])["input_ids"])
+    logprobs = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1].float(), -1)
+    expected = logprobs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])][-n_ending:].sum()
+    assert abs(scored["sum_logprobs"][0] - expected.item()) < 1e-4
+
+
+def test_a_project_export_is_still_scored_by_the_projects_gpt(tmp_path):
+    tiny_gpt().save_pretrained(tmp_path / "hf")  # GPT-2's own tokenizer files beside it
+    model, tokenizer = load_model(str(tmp_path / "hf"))
+    assert isinstance(model, GPT) and tokenizer is None
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--data", FIXTURE], "give --model"),
     (["--model", "MODEL", "--data", "missing.jsonl"], "missing.jsonl: no such file"),

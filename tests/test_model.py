@@ -440,6 +440,34 @@ def test_export_loads_in_transformers_offline(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp dirs left behind
 
 
+def test_a_nanogpt_model_without_biases_exports_as_gpt2_with_zero_biases(tmp_path):
+    """nanoGPT trains with bias=False by default: its checkpoint loads, trains, and exports (GPT-2 has biases, so
+    they are zeros there)."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_gpt(seed=11, bias=False)
+    with torch.no_grad():
+        for block in model.transformer.h:  # LayerNorm gains other than 1, so the export must carry them
+            block.ln_1.weight.uniform_(0.5, 1.5)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "model_args": {**TINY, "vocab_size": 50257, "bias": False}}, path)
+    loaded = GPT.from_pretrained(str(path)).eval()
+    assert not loaded.config.bias
+    loaded.save_pretrained(tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, 50257, (2, 9))
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)[0]).abs().max().item() <= 1e-4
+        assert all(p.abs().max() == 0 for name, p in hf.named_parameters() if name.endswith(".bias"))
+    assert (GPT.from_pretrained(str(tmp_path / "hf")).eval()(idx)[0] - model(idx)[0]).abs().max().item() <= 1e-4
+
+
+def test_generate_wants_at_least_one_new_token():
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1, not 0"):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=0)
+
+
 def test_optimizer_groups_decay_matrices_only():
     model = tiny_gpt()
     opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-4, betas=(0.9, 0.95), device_type="cpu")
