@@ -16,7 +16,7 @@ import sys
 import torch
 from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
-from common import atomic_directory, atomic_write_text
+from common import atomic_directory, atomic_write_text, read_json
 from model import GPT, GPTConfig
 from tokenizer import EOT_TOKEN, gpt2_encoding, gpt2_hf_tokenizer
 
@@ -126,6 +126,14 @@ def pretrain_policy(examples, out_dir, steps=150, seed=0):
     return loss
 
 
+def task_seed(out_dir):
+    """The seed the task in out_dir was built with (each seed has its own task, teacher and policy),
+    None if there is none or it does not say."""
+    info_path = os.path.join(out_dir, "task.json")
+    info = read_json(info_path) if os.path.isfile(info_path) else None
+    return info.get("seed") if isinstance(info, dict) else None
+
+
 def prepare(out_dir, n_train=2000, n_val=200, seed=0, teacher_steps=300, policy_steps=150,
             log=print):
     """Write the demo task into out_dir unless it is already there: train.jsonl, val.jsonl, teacher/
@@ -135,6 +143,8 @@ def prepare(out_dir, n_train=2000, n_val=200, seed=0, teacher_steps=300, policy_
              "val": os.path.join(out_dir, "val.jsonl"),
              "teacher": os.path.join(out_dir, "teacher"),
              "policy": os.path.join(out_dir, "policy")}
+    if not os.path.exists(paths["train"]):
+        atomic_write_text(os.path.join(out_dir, "task.json"), json.dumps({"seed": seed}) + "\n")
     for split, n in (("train", n_train), ("val", n_val)):
         if not os.path.exists(paths[split]):
             write_jsonl(paths[split], make_examples(n, seed, split))

@@ -25,12 +25,14 @@ import dataclasses
 import datetime
 import difflib
 import gc
+import hashlib
 import json
 import math
 import os
 import random
 import re
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -45,7 +47,8 @@ import torch.nn.functional as F
 import synthetic
 from causal_lm import CausalLM
 from common import (UserError, atomic_torch_save, atomic_write_text, autocast, check_output_path,
-                    first_line, read_json_objects, resolve_device, run_cli, step_checkpoints)
+                    first_line, looks_like_a_path, read_json_objects, resolve_device, run_cli,
+                    step_checkpoints)
 from hellaswag import encode_for_model, evaluate, load_examples, write_predictions
 from model import CHECKPOINT_FORMAT, GPT, GPTConfig, check_finite_weights, pack_choices
 from reward import DEFAULT_REWARD_MODEL, LabelReward, LikelihoodReward, TeacherReward
@@ -81,7 +84,7 @@ class Config:
     dtype: str = setting("bfloat16", choices=("bfloat16", "float16", "float32"))
     compile: bool = False  # torch.compile the training forward (rollouts and eval stay eager)
     # a rank that waits this long on a dead one stops the run
-    ddp_timeout_s: float = setting(600.0, low=10.0)
+    ddp_timeout_s: float = setting(600.0, low=10.0, high=1e7)  # torch's own limit is near 1e9
     # policy built from scratch (init_from = "scratch"); n_embd must be a multiple of n_head
     n_layer: int = setting(2, low=1, high=1000)
     n_head: int = setting(2, low=1, high=1000)
@@ -258,16 +261,35 @@ def check_value(key, value, where):
     return value
 
 
-PATH_FIELDS = ("init_from", "train_data", "val_data", "data_cache", "synthetic_dir",
-               "teacher_cache", "reward_model")
+# folders this run writes (or reads) by path; and sources that are a path when one exists, else a
+# hub name, a "hellaswag:<split>" or a keyword
+FOLDER_FIELDS = ("out_dir", "data_cache", "synthetic_dir", "teacher_cache")
+SOURCE_FIELDS = ("init_from", "train_data", "val_data", "reward_model")
 
 
 def absolute_paths(cfg):
-    """The config with every path that exists made absolute: what a run saves (train_config.json,
-    the config and reference source in each checkpoint) then works from any working directory."""
-    absolute = {key: os.path.abspath(getattr(cfg, key)) for key in PATH_FIELDS
-                if getattr(cfg, key) and os.path.exists(getattr(cfg, key))}
+    """The config with its folders and every source that exists made absolute: what a run saves
+    (train_config.json, the config and reference source in each checkpoint) then works from any
+    working directory."""
+    absolute = {key: os.path.abspath(getattr(cfg, key)) for key in FOLDER_FIELDS
+                if getattr(cfg, key)}
+    absolute |= {key: os.path.abspath(getattr(cfg, key)) for key in SOURCE_FIELDS
+                 if getattr(cfg, key) and os.path.exists(getattr(cfg, key))}
     return dataclasses.replace(cfg, **absolute)
+
+
+def check_sources(cfg):
+    """A model or data source meant as a local path that is not there: one line now, not after the
+    data, the demo task or another model has been prepared."""
+    used = {"init_from": cfg.init_from not in ("resume", "scratch", "synthetic"),
+            "train_data": not cfg.synthetic, "val_data": not cfg.synthetic,
+            "reward_model": not cfg.synthetic and cfg.reward_kind != "label"}
+    for key, is_used in used.items():
+        source = getattr(cfg, key)
+        data_spec = key.endswith("_data") and source.startswith("hellaswag:")
+        if (is_used and not data_spec and not os.path.exists(source)
+                and (looks_like_a_path(source) or key.endswith("_data"))):
+            raise UserError(f"config: {key}={source!r}: no such file or directory")
 
 
 def load_config(argv):
@@ -491,11 +513,26 @@ class ChoiceRollouts:
             self.reference_logprobs[missing[group]] = lp.float().cpu()
         return self.reference_logprobs[indices].to(self.device)
 
+    def cache_key(self):
+        """What the cached reference scores depend on besides the reference itself: the encoded
+        training examples (data, style, window) and the temperature."""
+        if not hasattr(self, "_cache_key"):
+            digest = hashlib.sha256(json.dumps(self.encoded).encode()).hexdigest()
+            self._cache_key = f"{digest}/{self.temperature!r}"
+        return self._cache_key
+
     def state_dict(self):
-        return {"reference_logprobs": self.reference_logprobs}
+        return {"reference_logprobs": self.reference_logprobs, "key": self.cache_key()}
 
     def load_state_dict(self, state):
-        self.reference_logprobs = state["reference_logprobs"].clone()
+        """Keep the checkpoint's cached reference scores if they were computed for these examples
+        at this temperature. -> whether they were kept (else they are computed again as met)."""
+        cached = state["reference_logprobs"]
+        if (cached.shape != self.reference_logprobs.shape
+                or state.get("key", self.cache_key()) != self.cache_key()):
+            return False
+        self.reference_logprobs = cached.clone()
+        return True
 
     @torch.no_grad()
     def collect(self, policy, reference, examples, indices, generator, timer):
@@ -810,13 +847,32 @@ RUN_FILES = ("metrics.jsonl", "samples.jsonl", "train_config.json", "best.pt", "
 
 
 def remove_torn_writes(out_dir):
-    """Temporary files that a killed atomic write left behind (.NAME.XXXX.tmp); they never replaced
+    """Temporary files that a killed atomic write left behind (.NAME.XXXX.tmp), and the export's
+    temporary folders (.hf.XXXX, .hf.old.XXXX, as large as the model); they never replaced
     anything."""
     for folder in (out_dir, os.path.join(out_dir, "eval")):
         for name in os.listdir(folder) if os.path.isdir(folder) else []:
-            if (name.startswith(".") and name.endswith(".tmp")
-                    and os.path.isfile(os.path.join(folder, name))):
-                os.remove(os.path.join(folder, name))
+            path = os.path.join(folder, name)
+            if name.startswith(".") and name.endswith(".tmp") and os.path.isfile(path):
+                os.remove(path)
+            elif folder == out_dir and name.startswith(".hf.") and os.path.isdir(path):
+                shutil.rmtree(path)
+
+
+# what may differ between a run and its resumption without a word
+RESUME_SETTINGS_FREE = ("init_from", "start_over")
+
+
+def log_changed_settings(saved, cfg, log):
+    """A resumed run with other settings than its checkpoint's is another experiment from there on:
+    say which (the state that depends on them, such as cached reference scores, is checked where it
+    is restored)."""
+    changed = [f"{key} {saved[key]!r} -> {value!r}"
+               for key, value in dataclasses.asdict(cfg).items()
+               if key in saved and key not in RESUME_SETTINGS_FREE and saved[key] != value]
+    if changed:
+        log(f"warning: resuming with settings that differ from the checkpoint's: "
+            f"{'; '.join(changed)}")
 
 
 def load_resume_checkpoint(out_dir, log):
@@ -846,12 +902,25 @@ def prepare_out_dir(cfg, run, log):
     check_output_path(cfg.out_dir, directory=True)
     if cfg.reward_kind == "teacher" and cfg.teacher_cache:
         check_output_path(cfg.teacher_cache, directory=True)
+    if cfg.synthetic:
+        check_output_path(synthetic_dir(cfg), directory=True)
+    elif cfg.data_cache and "hellaswag:" in cfg.train_data + cfg.val_data:
+        check_output_path(cfg.data_cache, directory=True)
     if cfg.init_from == "resume":
         if run.master_process:
             remove_torn_writes(cfg.out_dir)
         return load_resume_checkpoint(cfg.out_dir, log)
     existing = [name for name in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, name))]
     existing += [os.path.basename(path) for _, path in step_checkpoints(cfg.out_dir)]
+    # the demo task in out_dir belongs to the run that built it, with its seed
+    built_with = synthetic.task_seed(synthetic_dir(cfg)) if cfg.synthetic else None
+    if built_with is not None and built_with != cfg.seed and not cfg.synthetic_dir:
+        if not (existing or cfg.start_over):
+            raise UserError(f"{synthetic_dir(cfg)} holds the demo task built with seed "
+                            f"{built_with}, and this run asks for seed {cfg.seed}; pass "
+                            "--start_over=True to move it aside and build this seed's, or give "
+                            "--synthetic_dir")
+        existing.append("synthetic")
     if existing and not cfg.start_over:
         raise UserError(f"out_dir {cfg.out_dir} holds another run "
                         f"({', '.join(sorted(existing)[:4])}); continue it with "
@@ -958,6 +1027,10 @@ def load_examples_from(spec, cache_dir):
     return load_examples(data_file=spec)
 
 
+def synthetic_dir(cfg):
+    return os.path.abspath(cfg.synthetic_dir or os.path.join(cfg.out_dir, "synthetic"))
+
+
 def load_data(cfg, run, log):
     """-> train examples, val examples, and where the run's models come from: {"init_from",
     "reward_source", "train_data"} (the demo's synthetic task brings its own data, policy and
@@ -966,12 +1039,11 @@ def load_data(cfg, run, log):
                "train_data": cfg.train_data}
     train_data, val_data = cfg.train_data, cfg.val_data
     if cfg.synthetic:
-        synthetic_dir = os.path.abspath(cfg.synthetic_dir or os.path.join(cfg.out_dir, "synthetic"))
         if run.local_master:
-            synthetic.prepare(synthetic_dir, seed=cfg.seed, log=log)
+            synthetic.prepare(synthetic_dir(cfg), seed=cfg.seed, log=log)
         run.barrier()
         # already there: only returns the paths
-        paths = synthetic.prepare(synthetic_dir, seed=cfg.seed)
+        paths = synthetic.prepare(synthetic_dir(cfg), seed=cfg.seed)
         train_data, val_data = paths["train"], paths["val"]
         sources.update(reward_source=paths["teacher"], train_data=train_data)
         if cfg.init_from == "synthetic":
@@ -983,6 +1055,10 @@ def load_data(cfg, run, log):
     train_examples = load_examples_from(train_data, cfg.data_cache)
     val_examples = load_examples_from(val_data, cfg.data_cache)
     return train_examples, val_examples[:cfg.eval_limit or None], sources
+
+
+# what a policy built from scratch is made of
+SCRATCH_SETTINGS = ("seed", "n_layer", "n_head", "n_embd", "block_size")
 
 
 def build_policy(source, cfg):
@@ -999,6 +1075,10 @@ def load_models(cfg, init_from, ckpt, resume_path, device):
     run rebuilds the reference from the source its checkpoint names and the policy from the
     checkpoint."""
     reference_from = ckpt["reference_from"] if ckpt else init_from
+    # a scratch reference: the weights the run started from, whatever the config says today
+    if ckpt and reference_from == "scratch":
+        saved = ckpt.get("config", {})
+        cfg = dataclasses.replace(cfg, **{k: saved[k] for k in SCRATCH_SETTINGS if k in saved})
     reference = build_policy(reference_from, cfg).to(device).eval().requires_grad_(False)
     if ckpt:
         policy = GPT(GPTConfig(**ckpt["model_config"]))
@@ -1049,13 +1129,16 @@ def restore(ckpt, optimizer, scaler, kl_controller, reward_fn, rollout_kind, gen
     """Load the optimizer, scaler, KL controller, reward statistics, the rollouts' cached reference
     scores and the RNG states of a checkpoint. -> (step, data position, best acc_norm)."""
     if hasattr(rollout_kind, "load_state_dict") and ckpt.get("rollouts") is not None:
-        rollout_kind.load_state_dict(ckpt["rollouts"])
+        if not rollout_kind.load_state_dict(ckpt["rollouts"]):
+            log("the checkpoint's cached reference scores are for other training examples or "
+                "another choice_temperature: computing them again as examples are met")
     optimizer.load_state_dict(ckpt["optimizer"])
     # saved param groups carry their own flags: keep this run's kernel (a checkpoint from before
     # the fused AdamW on CPUs says fused=None, which would run the slower per-tensor loop)
     for group in optimizer.param_groups:
         group["fused"] = optimizer.defaults["fused"]
-    scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["scaler"]:  # empty when saved without float16 (bf16, float32, CPU)
+        scaler.load_state_dict(ckpt["scaler"])
     kl_controller.load_state_dict(ckpt["kl_controller"])
     if kl_controller.value != cfg.kl_coef:
         log(f"KL coefficient {kl_controller.value:.4g} restored from the checkpoint "
@@ -1268,6 +1351,7 @@ def train(cfg):
     policy."""
     # ---- setup: distributed, seeds, data, models, reward, optimizer, resume
     cfg = absolute_paths(cfg)
+    check_sources(cfg)
     run = setup_distributed(cfg)
     log = print if run.master_process else (lambda *a, **k: None)
     dtype = cfg.dtype if run.device.startswith("cuda") else "float32"
@@ -1276,10 +1360,9 @@ def train(cfg):
     torch.backends.cudnn.allow_tf32 = True
     resume_path, ckpt = prepare_out_dir(cfg, run, log)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    if run.master_process:
-        log(json.dumps(dataclasses.asdict(cfg), indent=2))
-        config_path = os.path.join(cfg.out_dir, "train_config.json")
-        atomic_write_text(config_path, json.dumps(dataclasses.asdict(cfg), indent=2))
+    log(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if ckpt:
+        log_changed_settings(ckpt.get("config", {}), cfg, log)
     train_examples, val_examples, sources = load_data(cfg, run, log)
     raw_model, reference, reference_from = load_models(
         cfg, sources["init_from"], ckpt, resume_path, run.device)
@@ -1310,6 +1393,9 @@ def train(cfg):
                 drop_lines_after(os.path.join(cfg.out_dir, name), step, log)
             drop_evaluations_after(cfg.out_dir, step)
         del ckpt
+    if run.master_process:  # after the setup: one that failed leaves no run behind to refuse
+        config_path = os.path.join(cfg.out_dir, "train_config.json")
+        atomic_write_text(config_path, json.dumps(dataclasses.asdict(cfg), indent=2))
     batches = Batches(len(train_examples), cfg.batch_size, cfg.seed, run)
     stop_signal = StopSignal(log)
     timer = PhaseTimer(run.device)

@@ -62,12 +62,14 @@ def test_resume_falls_back_from_a_damaged_checkpoint_and_torn_logs(tmp_path, syn
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "rew')
     (run / ".ckpt_000004.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    (run / ".hf.k2j4x9").mkdir()  # an export killed half-way: as large as the model
+    (run / ".hf.k2j4x9" / "model.safetensors").write_bytes(b"half an export")
     capsys.readouterr()
     resumed = train_ppo.train(label_run(run, synthetic_dir, max_steps=4, init_from="resume"))["model"]
     out = capsys.readouterr().out
     assert f"warning: {newest}: cannot resume from it" in out and "resumed from" in out and "ckpt_000002.pt" in out
     assert "line 5: not a JSON line" in out
-    assert not (run / ".ckpt_000004.pt.abc123.tmp").exists()
+    assert not (run / ".ckpt_000004.pt.abc123.tmp").exists() and not (run / ".hf.k2j4x9").exists()
     assert [m["step"] for m in read_metrics(run)] == [0, 1, 2, 3, 4]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
@@ -84,6 +86,121 @@ def test_resume_without_a_checkpoint_fails_before_any_work(tmp_path, synthetic_d
     assert (tmp_path / "train_config.json").read_text() == "the previous run's config\n"
 
 
+def test_a_run_whose_setup_failed_leaves_nothing_to_refuse(tmp_path, synthetic_dir):
+    """train_config.json is written once the setup succeeded: the corrected command then just runs, without
+    --start_over or --init_from=resume."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"ctx": "x", "endings": ["a"], "label": 0}\n')
+    with pytest.raises(UserError, match="field 'endings'"):
+        train_ppo.train(label_run(tmp_path / "run", synthetic_dir, synthetic=False, init_from="scratch",
+                                  train_data=str(bad), val_data=str(bad)))
+    assert not (tmp_path / "run" / "train_config.json").exists()
+    assert train_ppo.train(label_run(tmp_path / "run", synthetic_dir, max_steps=1))["step"] == 1
+
+
+@pytest.mark.parametrize("key, value", [("init_from", "./policy_typo"), ("init_from", "runs/x/ckpt_000100.pt"),
+                                        ("reward_model", "/models/judge_typo"), ("val_data", "val_typo.jsonl")])
+def test_a_source_path_that_is_not_there_is_one_line_before_any_work(tmp_path, synthetic_dir, monkeypatch, key,
+                                                                     value):
+    monkeypatch.setattr(train_ppo, "load_data", lambda *a: pytest.fail("data loaded before the check"))
+    monkeypatch.setattr(train_ppo, "setup_distributed", lambda *a: pytest.fail("set up before the check"))
+    settings = {"synthetic": False, "init_from": str(tmp_path), "train_data": str(tmp_path / "t.jsonl"),
+                "val_data": str(tmp_path / "t.jsonl"), "reward_kind": "teacher", "reward_model": str(tmp_path)}
+    (tmp_path / "t.jsonl").write_text("")
+    with pytest.raises(UserError, match=f"config: {key}='{value}': no such file or directory"):
+        train_ppo.train(label_run(tmp_path / "run", synthetic_dir, **{**settings, key: value}))
+
+
+@pytest.mark.parametrize("key", ["synthetic_dir", "data_cache"])
+def test_a_folder_under_a_file_is_one_line_before_any_work(tmp_path, synthetic_dir, monkeypatch, key):
+    monkeypatch.setattr(train_ppo, "load_data", lambda *a: pytest.fail("data loaded before the check"))
+    (tmp_path / "f").write_text("x")
+    if key == "synthetic_dir":
+        cfg = label_run(tmp_path / "run", str(tmp_path / "f" / "task"))
+    else:
+        cfg = label_run(tmp_path / "run", synthetic_dir, synthetic=False, init_from="scratch",
+                        train_data="hellaswag:train", data_cache=str(tmp_path / "f" / "cache"))
+    with pytest.raises(UserError, match=f"{tmp_path / 'f'} is a file, so nothing can be written"):
+        train_ppo.train(cfg)
+
+
+def test_the_run_s_own_demo_task_is_built_with_the_run_s_seed(tmp_path, synthetic_dir, monkeypatch):
+    """The demo task in out_dir/synthetic belongs to the run that built it: a run with another seed refuses it
+    (each seed has its own task, teacher and policy) unless --start_over moves it aside with the rest."""
+    import shutil
+
+    import synthetic
+
+    task = tmp_path / "run" / "synthetic"
+    shutil.copytree(synthetic_dir, task)
+    (task / "task.json").write_text(json.dumps({"seed": 0}))
+    assert synthetic.task_seed(str(task)) == 0
+    class Checked(Exception):
+        """load_data reached: the checks before it passed"""
+
+    def stop(*args):
+        raise Checked
+
+    monkeypatch.setattr(train_ppo, "load_data", stop)
+    with pytest.raises(UserError, match=f"{task} holds the demo task built with seed 0, and this run asks for seed 5"):
+        train_ppo.train(label_run(tmp_path / "run", "", seed=5))
+    assert synthetic.task_seed(str(task)) == 0
+    with pytest.raises(Checked):
+        train_ppo.train(label_run(tmp_path / "run", "", seed=5, start_over=True))
+    (previous,) = (tmp_path / "run" / "previous").iterdir()
+    assert synthetic.task_seed(str(previous / "synthetic")) == 0 and not task.exists()
+
+
+def test_resuming_with_other_settings_says_so_and_recomputes_what_depends_on_them(tmp_path, synthetic_dir, capsys):
+    train_ppo.train(label_run(tmp_path, synthetic_dir, max_steps=1))
+    capsys.readouterr()
+    train_ppo.train(label_run(tmp_path, synthetic_dir, max_steps=2, init_from="resume", choice_temperature=2.0))
+    out = capsys.readouterr().out
+    assert "warning: resuming with settings that differ from the checkpoint's: choice_temperature 1.0 -> 2.0" in out
+    assert "cached reference scores are for other training examples or another choice_temperature" in out
+
+
+def test_a_scratch_reference_is_rebuilt_as_the_run_began_whatever_the_config_says_now(tmp_path, synthetic_dir):
+    train_ppo.train(label_run(tmp_path, synthetic_dir, init_from="scratch", max_steps=1))
+    ckpt = torch.load(tmp_path / "ckpt_000001.pt", weights_only=True)
+    changed = label_run(tmp_path, synthetic_dir, init_from="resume", seed=3, n_layer=3)
+    _, reference, _ = train_ppo.load_models(changed, "resume", ckpt, str(tmp_path / "ckpt_000001.pt"), "cpu")
+    original = train_ppo.build_policy("scratch", label_run(tmp_path, synthetic_dir))
+    assert reference.state_dict().keys() == original.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), original.state_dict().values()))
+
+
+def test_cached_reference_scores_are_kept_only_for_the_same_examples_and_temperature():
+    encoded = [([1, 2], [[3], [4], [5], [6]]), ([7], [[8], [9], [10], [11]])]
+    saved = train_ppo.ChoiceRollouts(encoded, None, 1.0, 2, "cpu")
+    saved.reference_logprobs = torch.randn(2, 4)
+    state = saved.state_dict()
+    same = train_ppo.ChoiceRollouts(encoded, None, 1.0, 2, "cpu")
+    assert same.load_state_dict(state) and torch.equal(same.reference_logprobs, saved.reference_logprobs)
+    for other in (train_ppo.ChoiceRollouts(encoded, None, 2.0, 2, "cpu"),
+                  train_ppo.ChoiceRollouts(encoded[::-1], None, 1.0, 2, "cpu"),
+                  train_ppo.ChoiceRollouts(encoded[:1], None, 1.0, 2, "cpu")):
+        assert not other.load_state_dict(state) and torch.isnan(other.reference_logprobs).all()
+
+
+def test_a_float16_run_resumes_a_checkpoint_saved_without_a_scaler(tmp_path):
+    """A bf16 (or CPU) checkpoint has an empty GradScaler state; continuing it in float16 (a GPU without bf16)
+    starts a fresh scaler instead of failing."""
+    model = train_ppo.GPT(train_ppo.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8))
+    optimizer = model.configure_optimizers(0.0, 1e-3, (0.9, 0.95), "cpu")
+    cfg = train_ppo.Config()
+    run = train_ppo.Distributed(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu")
+    generators = (torch.Generator(), torch.Generator())
+    kl = train_ppo.FixedKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    ckpt = {"optimizer": optimizer.state_dict(), "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
+            "kl_controller": kl.state_dict(), "step": 7, "data_position": 3, "best_acc_norm": 0.5,
+            "rng": [{"sample": generators[0].get_state(), "shuffle": generators[1].get_state(),
+                     "torch": torch.get_rng_state(), "device_type": "cpu"}]}
+    scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
+    assert train_ppo.restore(ckpt, optimizer, scaler, kl, None, None, generators, cfg, run, print) == (7, 3, 0.5)
+    assert scaler.is_enabled() and scaler.get_scale() == 1024.0
+
+
 def test_a_run_resumes_from_another_working_directory(tmp_path, synthetic_dir, monkeypatch):
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir()
@@ -92,7 +209,10 @@ def test_a_run_resumes_from_another_working_directory(tmp_path, synthetic_dir, m
     monkeypatch.chdir(first)  # every path relative to a/
     train_ppo.train(label_run("run", "task", max_steps=1))
     ckpt = torch.load(first / "run" / "ckpt_000001.pt", weights_only=True)
-    assert os.path.isabs(ckpt["reference_from"]) and os.path.isabs(ckpt["config"]["synthetic_dir"])
+    saved = json.loads((first / "run" / "train_config.json").read_text())
+    for config in (ckpt["config"], saved):  # the folders too, which did not exist when the run began
+        assert all(os.path.isabs(config[key]) for key in ("out_dir", "synthetic_dir"))
+    assert os.path.isabs(ckpt["reference_from"])
     monkeypatch.chdir(second)  # a/ is not there any more as "."; the checkpoint's paths still work
     result = train_ppo.train(label_run(first / "run", ckpt["config"]["synthetic_dir"], max_steps=2,
                                        init_from="resume"))

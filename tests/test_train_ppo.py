@@ -358,6 +358,7 @@ def test_config_files_and_overrides(tmp_path):
     (["--seed=1000000000000000000000000000000"], "seed must be >= 0 and <= 2.14748e"),
     (["--n_head=0"], "n_head must be >= 1"),
     (["--ddp_timeout_s=1"], "ddp_timeout_s must be >= 10"),
+    (["--ddp_timeout_s=1e10"], r"ddp_timeout_s must be >= 10 and <= 1e\+07"),  # past what torch's store takes
     (["--start_over=yes"], "start_over must be bool"),
     (["--likelihood_dense=True"], "likelihood_dense is for reward_kind='likelihood', not 'teacher'"),
     (["--init_from=scratch", "--n_embd=65", "--n_head=2"], r"n_embd \(65\) must be a multiple of n_head \(2\)"),
