@@ -689,20 +689,22 @@ def _transformers_config(source):
         return None
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+# the files that hold a tokenizer's vocabulary (tokenizer_config.json alone does not)
+VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 
 
 def _gpt2_tokenized(source):
     """Whether a transformers GPT-2 (directory or hub name) reads GPT-2's tokens: its tokenizer is
-    GPT-2's, or a directory has none. A GPT-2 trained with another vocabulary (another language, a
-    custom BPE) must be scored with its own tokenizer."""
-    if os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, name))
-                                         for name in TOKENIZER_FILES):
+    GPT-2's, or it has none. A GPT-2 trained with another vocabulary (another language, a custom
+    BPE) must be scored with its own tokenizer."""
+    local = os.path.isdir(source)
+    if local and not any(os.path.isfile(os.path.join(source, name))
+                         for name in VOCABULARY_FILES):
         return True
     try:
         return is_gpt2_vocab(AutoTokenizer.from_pretrained(source))
-    except Exception:  # load_causal_lm says what is wrong with it
-        return False
+    except Exception:  # a local one: load_causal_lm says what is wrong with it
+        return not local
 
 
 def load_model(source):

@@ -670,7 +670,8 @@ def _check_gpt2_variant(c, where):
 
 
 def _check_loading_info(info, where):
-    """One line for weights that transformers could load only by making some up."""
+    """One line for weights that transformers could load only by making some up or leaving some
+    out."""
     buffers = (".attn.bias", ".attn.masked_bias")
     if info["mismatched_keys"]:
         key, found, expected = sorted(info["mismatched_keys"])[0]
@@ -681,6 +682,11 @@ def _check_loading_info(info, where):
         raise UserError(f"{where}: the weights lack {len(missing)} tensor(s) of this config "
                         f"({', '.join(missing[:3])}); the file is incomplete, export or download "
                         "it again")
+    unexpected = sorted(k for k in info["unexpected_keys"] if not k.endswith(buffers))
+    if unexpected:  # e.g. a config.json with fewer layers than the weights
+        raise UserError(f"{where}: the weights hold {len(unexpected)} tensor(s) that config.json "
+                        f"does not describe ({', '.join(unexpected[:3])}); fix config.json to "
+                        "match them")
 
 
 def _check_safetensors(path):

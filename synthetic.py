@@ -126,6 +126,21 @@ def pretrain_policy(examples, out_dir, steps=150, seed=0):
     return loss
 
 
+def task_paths(out_dir):
+    return {"train": os.path.join(out_dir, "train.jsonl"),
+            "val": os.path.join(out_dir, "val.jsonl"),
+            "teacher": os.path.join(out_dir, "teacher"),
+            "policy": os.path.join(out_dir, "policy")}
+
+
+def is_complete(out_dir):
+    """Whether out_dir holds the whole task: prepare() would only read it."""
+    paths = task_paths(out_dir)
+    return (os.path.isfile(paths["train"]) and os.path.isfile(paths["val"])
+            and all(os.path.isfile(os.path.join(paths[m], "config.json"))
+                    for m in ("teacher", "policy")))
+
+
 def task_seed(out_dir):
     """The seed the task in out_dir was built with (each seed has its own task, teacher and policy),
     None if there is none or it does not say."""
@@ -139,10 +154,7 @@ def prepare(out_dir, n_train=2000, n_val=200, seed=0, teacher_steps=300, policy_
     """Write the demo task into out_dir unless it is already there: train.jsonl, val.jsonl, teacher/
     (the reward model) and policy/ (the starting policy), the last two as transformers
     directories."""
-    paths = {"train": os.path.join(out_dir, "train.jsonl"),
-             "val": os.path.join(out_dir, "val.jsonl"),
-             "teacher": os.path.join(out_dir, "teacher"),
-             "policy": os.path.join(out_dir, "policy")}
+    paths = task_paths(out_dir)
     if not os.path.exists(paths["train"]):
         atomic_write_text(os.path.join(out_dir, "task.json"), json.dumps({"seed": seed}) + "\n")
     for split, n in (("train", n_train), ("val", n_val)):

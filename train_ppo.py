@@ -49,7 +49,7 @@ from causal_lm import CausalLM
 from common import (UserError, atomic_torch_save, atomic_write_text, autocast, check_output_path,
                     first_line, looks_like_a_path, read_json_objects, resolve_device, run_cli,
                     step_checkpoints)
-from hellaswag import encode_for_model, evaluate, load_examples, write_predictions
+from hellaswag import encode_for_model, evaluate, load_examples, split_path, write_predictions
 from model import CHECKPOINT_FORMAT, GPT, GPTConfig, check_finite_weights, pack_choices
 from reward import DEFAULT_REWARD_MODEL, LabelReward, LikelihoodReward, TeacherReward
 from tokenizer import EOT_TOKEN, gpt2_encoding
@@ -859,20 +859,29 @@ def remove_torn_writes(out_dir):
                 shutil.rmtree(path)
 
 
-# what may differ between a run and its resumption without a word
-RESUME_SETTINGS_FREE = ("init_from", "start_over")
+# settings a resumed run changes as a matter of course (where and how long it runs, how it logs,
+# evaluates and saves, memory): they leave the training the same
+RUN_SETTINGS = ("out_dir", "start_over", "init_from", "device", "compile", "ddp_timeout_s",
+                "max_steps", "max_bad_steps", "log_interval", "sample_interval", "eval_interval",
+                "eval_limit", "eval_batch_size", "checkpoint_interval", "keep_last", "export_hf",
+                "wandb_log", "wandb_project", "wandb_run_name", "reward_batch_size",
+                "micro_batch_size")
 
 
 def log_changed_settings(saved, cfg, log):
-    """A resumed run with other settings than its checkpoint's is another experiment from there on:
-    say which (the state that depends on them, such as cached reference scores, is checked where it
-    is restored)."""
-    changed = [f"{key} {saved[key]!r} -> {value!r}"
+    """Say which settings of a resumed run differ from its checkpoint's: a note for the run's
+    management, a warning for the rest, which makes another experiment from there on (the state
+    that depends on them, such as cached reference scores, is checked where it is restored)."""
+    changed = {key: f"{key} {saved[key]!r} -> {value!r}"
                for key, value in dataclasses.asdict(cfg).items()
-               if key in saved and key not in RESUME_SETTINGS_FREE and saved[key] != value]
-    if changed:
-        log(f"warning: resuming with settings that differ from the checkpoint's: "
-            f"{'; '.join(changed)}")
+               if key in saved and saved[key] != value and key not in ("init_from", "start_over")}
+    notes = [text for key, text in changed.items() if key in RUN_SETTINGS]
+    warnings = [text for key, text in changed.items() if key not in RUN_SETTINGS]
+    if notes:
+        log(f"resuming with {'; '.join(notes)}")
+    if warnings:
+        log(f"warning: resuming with settings that differ from the checkpoint's, so another "
+            f"experiment from here on: {'; '.join(warnings)}")
 
 
 def load_resume_checkpoint(out_dir, log):
@@ -902,9 +911,13 @@ def prepare_out_dir(cfg, run, log):
     check_output_path(cfg.out_dir, directory=True)
     if cfg.reward_kind == "teacher" and cfg.teacher_cache:
         check_output_path(cfg.teacher_cache, directory=True)
-    if cfg.synthetic:
+    # folders read, and written only where something is missing (a finished one may be read-only)
+    if cfg.synthetic and not synthetic.is_complete(synthetic_dir(cfg)):
         check_output_path(synthetic_dir(cfg), directory=True)
-    elif cfg.data_cache and "hellaswag:" in cfg.train_data + cfg.val_data:
+    splits = [spec.split(":", 1)[1] for spec in (cfg.train_data, cfg.val_data)
+              if spec.startswith("hellaswag:")]
+    if (not cfg.synthetic and cfg.data_cache
+            and not all(os.path.isfile(split_path(s, cfg.data_cache)) for s in splits)):
         check_output_path(cfg.data_cache, directory=True)
     if cfg.init_from == "resume":
         if run.master_process:
@@ -926,12 +939,17 @@ def prepare_out_dir(cfg, run, log):
                         f"({', '.join(sorted(existing)[:4])}); continue it with "
                         "--init_from=resume, choose a new out_dir, or pass --start_over=True to "
                         f"move its files to {os.path.join(cfg.out_dir, 'previous')}/")
-    run.barrier()  # every rank has looked before the master moves anything
-    if existing and run.master_process:
-        previous = os.path.join(cfg.out_dir, "previous", time.strftime("%Y%m%d-%H%M%S"))
-        os.makedirs(previous)
-        for name in existing:
+    previous = os.path.join(cfg.out_dir, "previous", time.strftime("%Y%m%d-%H%M%S"))
+    run.barrier()  # every rank has looked before anything moves
+    # the master moves the run's files; each node's local master its own demo task (nodes need not
+    # share a filesystem)
+    moving = [name for name in existing
+              if (run.local_master if name == "synthetic" else run.master_process)]
+    for name in moving:
+        if os.path.exists(os.path.join(cfg.out_dir, name)):  # else another node's rank moved it
+            os.makedirs(previous, exist_ok=True)
             os.replace(os.path.join(cfg.out_dir, name), os.path.join(previous, name))
+    if moving:
         log(f"start_over: moved the previous run's files to {previous}")
     if run.master_process:
         remove_torn_writes(cfg.out_dir)
@@ -1071,14 +1089,18 @@ def build_policy(source, cfg):
 
 
 def load_models(cfg, init_from, ckpt, resume_path, device):
-    """-> (policy with its value head, frozen reference, where the reference came from). A resumed
-    run rebuilds the reference from the source its checkpoint names and the policy from the
-    checkpoint."""
+    """-> (policy with its value head, frozen reference, where the reference came from, the
+    settings of a scratch reference or None). A resumed run rebuilds the reference from the source
+    its checkpoint names (a scratch one from the settings the run began with, whatever the config
+    says today) and the policy from the checkpoint."""
     reference_from = ckpt["reference_from"] if ckpt else init_from
-    # a scratch reference: the weights the run started from, whatever the config says today
-    if ckpt and reference_from == "scratch":
-        saved = ckpt.get("config", {})
-        cfg = dataclasses.replace(cfg, **{k: saved[k] for k in SCRATCH_SETTINGS if k in saved})
+    scratch = None
+    if reference_from == "scratch":
+        # checkpoints from before reference_settings: their config is the first run's
+        saved = ((ckpt.get("reference_settings") or ckpt.get("config", {})) if ckpt
+                 else dataclasses.asdict(cfg))
+        scratch = {k: saved[k] for k in SCRATCH_SETTINGS if k in saved}
+        cfg = dataclasses.replace(cfg, **scratch)
     reference = build_policy(reference_from, cfg).to(device).eval().requires_grad_(False)
     if ckpt:
         policy = GPT(GPTConfig(**ckpt["model_config"]))
@@ -1086,7 +1108,7 @@ def load_models(cfg, init_from, ckpt, resume_path, device):
     else:
         policy = copy.deepcopy(reference).requires_grad_(True)
     policy.to(device).eval()  # eval mode throughout: PPO wants no dropout in rollouts or updates
-    return policy, reference, reference_from
+    return policy, reference, reference_from, scratch
 
 
 def build_reward(cfg, train_examples, sources, run):
@@ -1364,7 +1386,7 @@ def train(cfg):
     if ckpt:
         log_changed_settings(ckpt.get("config", {}), cfg, log)
     train_examples, val_examples, sources = load_data(cfg, run, log)
-    raw_model, reference, reference_from = load_models(
+    raw_model, reference, reference_from, reference_settings = load_models(
         cfg, sources["init_from"], ckpt, resume_path, run.device)
     check_finite_weights(raw_model, resume_path or reference_from)
     log(f"policy: {raw_model.num_params() / 1e6:.2f}M parameters from {reference_from}; "
@@ -1487,6 +1509,7 @@ def train(cfg):
                 best_acc_norm = metrics["eval/acc_norm"]
             state = {"data_position": data_position, "best_acc_norm": best_acc_norm,
                      "kl_controller": kl_controller.state_dict(), "reference_from": reference_from,
+                     "reference_settings": reference_settings,
                      "reward": reward_fn.state_dict() if hasattr(reward_fn, "state_dict") else None,
                      "rollouts": (rollout_kind.state_dict()
                                   if hasattr(rollout_kind, "state_dict") else None),

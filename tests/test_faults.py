@@ -85,6 +85,9 @@ def damaged_export(export_dir, tmp_path, fault):
         weights = load_file(path / "model.safetensors")
         if fault.endswith("without a tensor"):
             del weights["transformer.h.1.mlp.c_fc.weight"]
+        elif fault.endswith("than config.json says"):
+            config = json.loads((path / "config.json").read_text())
+            (path / "config.json").write_text(json.dumps(config | {"n_layer": 1}))
         else:
             weights["transformer.h.1.mlp.c_fc.weight"] = torch.zeros(64, 100)
         save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
@@ -127,6 +130,8 @@ def bad_torch_file(tmp_path, fault, monkeypatch):
     ("truncated model.safetensors", "truncated or corrupt"),
     ("truncated value_head.safetensors", "truncated or corrupt"),
     ("model.safetensors without a tensor", "the weights lack 1 tensor(s) of this config"),
+    ("model.safetensors with more layers than config.json says", "the weights hold 11 tensor(s) that config.json "
+     "does not describe (transformer.h.1.attn.c_attn.weight"),
     ("model.safetensors with a tensor of the wrong shape", "the weights and config.json disagree: "
      "transformer.h.1.mlp.c_fc.weight is (64, 100), but the config makes it (64, 256)"),
     ("n_head=3", "n_embd=64 is not a multiple of n_head=3"),

@@ -226,6 +226,10 @@ def test_a_project_export_is_still_scored_by_the_projects_gpt(tmp_path):
     tiny_gpt().save_pretrained(tmp_path / "hf")  # GPT-2's own tokenizer files beside it
     model, tokenizer = load_model(str(tmp_path / "hf"))
     assert isinstance(model, GPT) and tokenizer is None
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):  # copied without its vocabulary: GPT-2's as before
+        (tmp_path / "hf" / name).unlink(missing_ok=True)
+    model, tokenizer = load_model(str(tmp_path / "hf"))
+    assert isinstance(model, GPT) and tokenizer is None
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -69,6 +69,7 @@ def test_resume_falls_back_from_a_damaged_checkpoint_and_torn_logs(tmp_path, syn
     out = capsys.readouterr().out
     assert f"warning: {newest}: cannot resume from it" in out and "resumed from" in out and "ckpt_000002.pt" in out
     assert "line 5: not a JSON line" in out
+    assert "resuming with max_steps 3 -> 4" in out and "warning: resuming" not in out  # only the length changed
     assert not (run / ".ckpt_000004.pt.abc123.tmp").exists() and not (run / ".hf.k2j4x9").exists()
     assert [m["step"] for m in read_metrics(run)] == [0, 1, 2, 3, 4]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
@@ -124,6 +125,31 @@ def test_a_folder_under_a_file_is_one_line_before_any_work(tmp_path, synthetic_d
         train_ppo.train(cfg)
 
 
+@pytest.mark.parametrize("key", ["synthetic_dir", "data_cache"])
+def test_a_folder_that_holds_all_it_needs_is_only_read(tmp_path, synthetic_dir, monkeypatch, key):
+    """A finished demo task or a cache holding the splits may sit on a read-only mount: nothing asks to write there
+    (and a folder that lacks something is checked)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for split in ("train", "val"):
+        (cache / f"hellaswag_{split}.jsonl").write_text("")
+    cfg = (label_run(tmp_path / "run", synthetic_dir) if key == "synthetic_dir" else
+           label_run(tmp_path / "run", synthetic_dir, synthetic=False, init_from="scratch", train_data="hellaswag:train",
+                     val_data="hellaswag:val", data_cache=str(cache)))
+    checked = []
+    real = train_ppo.check_output_path
+    monkeypatch.setattr(train_ppo, "check_output_path", lambda path, **kw: checked.append(str(path)) or real(path, **kw))
+    run = train_ppo.Distributed(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu")
+    train_ppo.prepare_out_dir(cfg, run, print)
+    folder = getattr(cfg, key)
+    assert folder not in checked
+    (cache / "hellaswag_val.jsonl").unlink()
+    (tmp_path / "partial").mkdir()
+    cfg = (cfg if key == "data_cache" else label_run(tmp_path / "run", str(tmp_path / "partial")))
+    train_ppo.prepare_out_dir(cfg, run, print)
+    assert getattr(cfg, key) in checked
+
+
 def test_the_run_s_own_demo_task_is_built_with_the_run_s_seed(tmp_path, synthetic_dir, monkeypatch):
     """The demo task in out_dir/synthetic belongs to the run that built it: a run with another seed refuses it
     (each seed has its own task, teacher and policy) unless --start_over moves it aside with the rest."""
@@ -131,10 +157,9 @@ def test_the_run_s_own_demo_task_is_built_with_the_run_s_seed(tmp_path, syntheti
 
     import synthetic
 
+    assert synthetic.task_seed(synthetic_dir) == 0  # prepare() records the seed it built the task with
     task = tmp_path / "run" / "synthetic"
     shutil.copytree(synthetic_dir, task)
-    (task / "task.json").write_text(json.dumps({"seed": 0}))
-    assert synthetic.task_seed(str(task)) == 0
     class Checked(Exception):
         """load_data reached: the checks before it passed"""
 
@@ -151,20 +176,48 @@ def test_the_run_s_own_demo_task_is_built_with_the_run_s_seed(tmp_path, syntheti
     assert synthetic.task_seed(str(previous / "synthetic")) == 0 and not task.exists()
 
 
+def test_start_over_moves_each_node_s_own_stale_demo_task(tmp_path, synthetic_dir):
+    """Nodes that share no filesystem each have their own out_dir/synthetic: the local rank 0 of every node moves
+    its stale task (only global rank 0 moves the run's files)."""
+    import shutil
+
+    import synthetic
+
+    nodes = {}
+    for node, rank in (("node0", 0), ("node1", 8)):
+        task = tmp_path / node / "synthetic"
+        shutil.copytree(synthetic_dir, task)
+        (task / "task.json").write_text(json.dumps({"seed": 0}))
+        (tmp_path / node / "metrics.jsonl").write_text('{"step": 1}\n')
+        run = train_ppo.Distributed(ddp=False, rank=rank, local_rank=0, world_size=16, device="cpu")
+        train_ppo.prepare_out_dir(label_run(tmp_path / node, "", seed=5, start_over=True), run, print)
+        nodes[node] = task
+    for node, task in nodes.items():
+        assert not task.exists()
+        (previous,) = (tmp_path / node / "previous").iterdir()
+        assert synthetic.task_seed(str(previous / "synthetic")) == 0
+    # the run's own files: global rank 0's alone
+    assert not (tmp_path / "node0" / "metrics.jsonl").exists() and (tmp_path / "node1" / "metrics.jsonl").exists()
+
+
 def test_resuming_with_other_settings_says_so_and_recomputes_what_depends_on_them(tmp_path, synthetic_dir, capsys):
     train_ppo.train(label_run(tmp_path, synthetic_dir, max_steps=1))
     capsys.readouterr()
     train_ppo.train(label_run(tmp_path, synthetic_dir, max_steps=2, init_from="resume", choice_temperature=2.0))
     out = capsys.readouterr().out
-    assert "warning: resuming with settings that differ from the checkpoint's: choice_temperature 1.0 -> 2.0" in out
+    assert ("warning: resuming with settings that differ from the checkpoint's, so another experiment from here on: "
+            "choice_temperature 1.0 -> 2.0") in out
+    assert "resuming with max_steps 1 -> 2" in out  # a continuation, not a warning
     assert "cached reference scores are for other training examples or another choice_temperature" in out
 
 
 def test_a_scratch_reference_is_rebuilt_as_the_run_began_whatever_the_config_says_now(tmp_path, synthetic_dir):
     train_ppo.train(label_run(tmp_path, synthetic_dir, init_from="scratch", max_steps=1))
-    ckpt = torch.load(tmp_path / "ckpt_000001.pt", weights_only=True)
-    changed = label_run(tmp_path, synthetic_dir, init_from="resume", seed=3, n_layer=3)
-    _, reference, _ = train_ppo.load_models(changed, "resume", ckpt, str(tmp_path / "ckpt_000001.pt"), "cpu")
+    # resumed once with another seed: its checkpoint must still describe the first run's reference
+    train_ppo.train(label_run(tmp_path, synthetic_dir, init_from="resume", max_steps=2, seed=3))
+    ckpt = torch.load(tmp_path / "ckpt_000002.pt", weights_only=True)
+    changed = label_run(tmp_path, synthetic_dir, init_from="resume", seed=7, n_layer=3)
+    _, reference, _, _ = train_ppo.load_models(changed, "resume", ckpt, str(tmp_path / "ckpt_000002.pt"), "cpu")
     original = train_ppo.build_policy("scratch", label_run(tmp_path, synthetic_dir))
     assert reference.state_dict().keys() == original.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), original.state_dict().values()))
