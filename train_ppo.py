@@ -1497,11 +1497,15 @@ def train(cfg):
             run_log.step_line(metrics)
         run_log.samples(step, batch)
         stop_now = stop_signal.on_any_rank()
-        if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps:
+        # a run told to stop checkpoints first (a scheduler's grace period may be short): an
+        # interval's evaluation is skipped then, the final one is not
+        if ((cfg.eval_interval and step % cfg.eval_interval == 0 and not stop_now)
+                or step == cfg.max_steps):
             last_eval = run_eval(raw_model, val_examples, step, cfg, run.device, dtype,
                                  run.master_process)
             metrics.update(last_eval)
             run_log.eval_line(step, last_eval)
+            stop_now = stop_signal.on_any_rank()  # a signal during the evaluation: stop here too
         run_log.metrics(metrics)
         is_best = "eval/acc_norm" in metrics and metrics["eval/acc_norm"] > best_acc_norm
         if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or stop_now or is_best:

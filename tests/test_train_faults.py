@@ -254,6 +254,38 @@ def test_a_float16_run_resumes_a_checkpoint_saved_without_a_scaler(tmp_path):
     assert scaler.is_enabled() and scaler.get_scale() == 1024.0
 
 
+@pytest.mark.parametrize("when", ["during the step before an evaluation", "during an evaluation"])
+def test_a_signal_near_an_evaluation_checkpoints_without_another_step(tmp_path, synthetic_dir, monkeypatch, when):
+    """A scheduler's grace period may be short: a signal in a step skips that step's interval evaluation, one during
+    an evaluation checkpoints right after it; either way no further step runs."""
+    import signal
+
+    real_update, real_eval = train_ppo.ppo_update, train_ppo.run_eval
+    updates = []
+
+    def update(*args, **kwargs):
+        updates.append(1)
+        if when.startswith("during the step") and len(updates) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_update(*args, **kwargs)
+
+    def evaluate(model, examples, step, *args, **kwargs):
+        result = real_eval(model, examples, step, *args, **kwargs)
+        if when == "during an evaluation" and step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(train_ppo, "ppo_update", update)
+    monkeypatch.setattr(train_ppo, "run_eval", evaluate)
+    result = train_ppo.train(label_run(tmp_path, synthetic_dir, max_steps=6, eval_interval=2, checkpoint_interval=5))
+    assert result["step"] == 2 and len(updates) == 2
+    assert os.path.exists(tmp_path / "ckpt_000002.pt")
+    evaluated = os.path.exists(tmp_path / "eval" / "step_000002.jsonl")
+    assert evaluated == (when == "during an evaluation")
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def test_a_run_resumes_from_another_working_directory(tmp_path, synthetic_dir, monkeypatch):
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir()
