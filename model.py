@@ -32,6 +32,8 @@ from common import (UserError, atomic_directory, first_line, looks_like_a_path, 
                     step_checkpoints)
 from tokenizer import EOT_TOKEN, VOCAB_SIZE, gpt2_hf_tokenizer
 
+# causal-mask buffers that transformers' and old nanoGPT's GPT-2 keep beside their weights
+MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 # marks this project's checkpoints (written by train_ppo.py)
 CHECKPOINT_FORMAT = "gpt-ppo-checkpoint/1"
 HUB_GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -457,7 +459,7 @@ class GPT(nn.Module):
                             f"({first_line(e)})") from None
         model = cls(config)
         sd = {k: v for k, v in hf.state_dict().items()
-              if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+              if not k.endswith(MASK_BUFFERS)}
         for k in sd:
             # transformers' Conv1D stores (in, out); nn.Linear wants (out, in)
             if k.endswith(_CONV1D_WEIGHTS):
@@ -516,7 +518,7 @@ class GPT(nn.Module):
         for k, v in sd.items():
             for prefix in ("_orig_mod.", "module."):  # torch.compile and DDP wrappers
                 k = k.removeprefix(prefix)
-            if k.endswith((".attn.bias", ".attn.masked_bias")):  # old nanoGPT causal-mask buffers
+            if k.endswith(MASK_BUFFERS):
                 continue
             clean[k] = v
         # tied: some store only one
@@ -558,14 +560,14 @@ class GPT(nn.Module):
             if k.endswith(_CONV1D_WEIGHTS):
                 sd[k] = sd[k].t().contiguous()
         missing, unexpected = hf.load_state_dict(sd, strict=False)
-        buffers = (".attn.bias", ".attn.masked_bias")
         # a GPT without biases (nanoGPT's bias=False) is GPT-2 with zero biases
         zeroed = [k for k in missing if not c.bias and k.endswith(".bias")
-                  and not k.endswith(buffers)]
+                  and not k.endswith(MASK_BUFFERS)]
         with torch.no_grad():
             for k in zeroed:
                 hf.get_parameter(k).zero_()
-        assert not unexpected and all(k.endswith(buffers) or k in zeroed for k in missing), missing
+        assert not unexpected and all(k.endswith(MASK_BUFFERS) or k in zeroed
+                                      for k in missing), missing
         with atomic_directory(out_dir) as tmp:
             hf.save_pretrained(tmp)
             gpt2_hf_tokenizer().save_pretrained(tmp)
@@ -672,17 +674,16 @@ def _check_gpt2_variant(c, where):
 def _check_loading_info(info, where):
     """One line for weights that transformers could load only by making some up or leaving some
     out."""
-    buffers = (".attn.bias", ".attn.masked_bias")
     if info["mismatched_keys"]:
         key, found, expected = sorted(info["mismatched_keys"])[0]
         raise UserError(f"{where}: the weights and config.json disagree: {key} is "
                         f"{tuple(found)}, but the config makes it {tuple(expected)}")
-    missing = sorted(k for k in info["missing_keys"] if not k.endswith(buffers))
+    missing = sorted(k for k in info["missing_keys"] if not k.endswith(MASK_BUFFERS))
     if missing:
         raise UserError(f"{where}: the weights lack {len(missing)} tensor(s) of this config "
                         f"({', '.join(missing[:3])}); the file is incomplete, export or download "
                         "it again")
-    unexpected = sorted(k for k in info["unexpected_keys"] if not k.endswith(buffers))
+    unexpected = sorted(k for k in info["unexpected_keys"] if not k.endswith(MASK_BUFFERS))
     if unexpected:  # e.g. a config.json with fewer layers than the weights
         raise UserError(f"{where}: the weights hold {len(unexpected)} tensor(s) that config.json "
                         f"does not describe ({', '.join(unexpected[:3])}); fix config.json to "

@@ -861,11 +861,11 @@ def remove_torn_writes(out_dir):
 
 # settings a resumed run changes as a matter of course (where and how long it runs, how it logs,
 # evaluates and saves, memory): they leave the training the same
-RUN_SETTINGS = ("out_dir", "start_over", "init_from", "device", "compile", "ddp_timeout_s",
-                "max_steps", "max_bad_steps", "log_interval", "sample_interval", "eval_interval",
-                "eval_limit", "eval_batch_size", "checkpoint_interval", "keep_last", "export_hf",
-                "wandb_log", "wandb_project", "wandb_run_name", "reward_batch_size",
-                "micro_batch_size")
+# (init_from and start_over always differ on a resume: not mentioned at all)
+RUN_SETTINGS = ("out_dir", "device", "compile", "ddp_timeout_s", "max_steps", "max_bad_steps",
+                "log_interval", "sample_interval", "eval_interval", "eval_limit", "eval_batch_size",
+                "checkpoint_interval", "keep_last", "export_hf", "wandb_log", "wandb_project",
+                "wandb_run_name", "reward_batch_size", "micro_batch_size")
 
 
 def log_changed_settings(saved, cfg, log):
