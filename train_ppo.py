@@ -593,38 +593,42 @@ def sequence_forward(model, prompts, prompt_mask, responses, response_mask, temp
     """
     Log-probs (temperature applied), values and entropies of the response tokens: (B, N) each,
     float32; the entropies carry no gradient unless entropy_grad. The value of token t is read at
-    the position before it (the state it was chosen in).
-    Columns that are padding in every row (left of the prompts, right of the responses) are
-    dropped first: no row's numbers depend on them, and a micro-batch of similar lengths has few
-    tokens to pad.
+    the position before it (the state it was chosen in). Prompts are left-padded, responses
+    right-padded, and every prompt has a token.
+    Each row runs packed: its prompt's tokens, then its response's, from column 0, with all its
+    padding at the end. So a micro-batch runs as many columns as its longest prompt + response
+    (not its longest prompt plus its longest response), and attention is plain causal (padding at
+    a row's end is never attended to), with the positions the row would have alone.
     """
-    N = responses.size(1)
-    # the first column with a prompt token (prompts are left-padded), the longest response
-    first, width = torch.stack([prompt_mask.any(0).long().argmax(),
-                                response_mask.sum(1).max().clamp(min=1)]).tolist()
-    prompts, prompt_mask = prompts[:, first:], prompt_mask[:, first:]
-    responses, response_mask = responses[:, :width], response_mask[:, :width]
-    P = prompts.size(1)
-    idx = torch.cat([prompts, responses], 1)
-    attention_mask = torch.cat([prompt_mask, response_mask], 1)
-    at = torch.zeros_like(idx, dtype=torch.bool)
-    at[:, P - 1:-1] = response_mask.bool()
-    # logits (K, V) at the response positions
-    logits, values = model(idx, attention_mask, logits_at=at)
+    P, N = prompts.size(1), responses.size(1)
+    prompt_len, response_len = prompt_mask.sum(1), response_mask.sum(1)  # (B,), (B,)
+    T, W = torch.stack([(prompt_len + response_len).max(),
+                        response_len.max().clamp(min=1)]).tolist()
+    col = torch.arange(T, device=prompts.device)
+    # (B, T) packed column j of a row holds column j + (its left padding) of prompt + response
+    source = (col + (P - prompt_len)[:, None]).clamp(max=P + N - 1)
+    idx = torch.cat([prompts, responses], 1).gather(1, source)
+    response_mask = response_mask[:, :W]
+    # (B, W) response token t is predicted at column prompt_len - 1 + t
+    predictor = ((prompt_len - 1)[:, None] + torch.arange(W, device=prompts.device)).clamp(max=T - 1)
+    selected = response_mask.bool()
+    at = torch.zeros_like(idx, dtype=torch.bool).scatter_(1, predictor, selected)
+    # logits (K, V) at the response positions, row by row in order
+    logits, values = model(idx, logits_at=at)
     logits = logits.float()
     if temperature != 1:
         logits = logits / temperature
     # (K, V), once for the log-probs and the entropy
     logp = F.log_softmax(logits, dim=-1)
-    selected = response_mask.bool()
+    responses = responses[:, :W]
     logprobs = torch.zeros(responses.shape, device=idx.device).masked_scatter(
         selected, logp.gather(1, responses[selected][:, None]).squeeze(1))
     # without an entropy bonus its (K, V) backward would be wasted work
     with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
         entropy = torch.zeros(responses.shape, device=idx.device).masked_scatter(
             selected, -(logp.exp() * logp).sum(-1))
-    values = values[:, P - 1:-1] * response_mask
-    return tuple(F.pad(x, (0, N - width)) for x in (logprobs, values, entropy))
+    values = values.gather(1, predictor) * response_mask
+    return tuple(F.pad(x, (0, N - W)) for x in (logprobs, values, entropy))
 
 
 class GenerateRollouts:

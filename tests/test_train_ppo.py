@@ -234,6 +234,23 @@ def test_sequence_forward_does_not_depend_on_padding_columns_or_other_rows():
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
+def test_sequence_forward_runs_each_row_packed_to_its_longest_row():
+    """Prompts are left-padded and responses right-padded; the forward sees each row's prompt and
+    response together from column 0, so it runs the longest prompt + response, not the longest
+    prompt plus the longest response."""
+    model = tiny_policy()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append((args, kwargs)),
+                                    with_kwargs=True)
+    prompts, prompt_mask, responses, response_mask = padded_sequences([6, 2], [1, 4])
+    train_ppo.sequence_forward(model, prompts, prompt_mask, responses, response_mask, 1.0)
+    (idx,), kwargs = seen[0]
+    assert idx.shape == (2, 7)  # max(6 + 1, 2 + 4), not 6 + 4
+    assert kwargs.get("attention_mask") is None  # padding only at a row's end: plain causal
+    assert torch.equal(idx[0], torch.cat([prompts[0], responses[0, :1]]))
+    assert torch.equal(idx[1, :6], torch.cat([prompts[1, 4:], responses[1]]))
+
+
 def test_entropy_carries_a_gradient_only_with_an_entropy_bonus():
     model = tiny_policy()
     prompts, prompt_mask, responses, response_mask = padded_sequences([3, 6, 2], [4, 1, 3])
