@@ -11,7 +11,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory):
-    """The demo task, small: 1000 training and 100 validation examples, a tiny teacher and starting policy."""
+    """The demo task, small: 1000 training and 100 validation examples, a tiny teacher and starting
+    policy."""
     import synthetic  # after the environment above is set
 
     path = tmp_path_factory.mktemp("synthetic")

@@ -1,5 +1,6 @@
-"""analyze.py: the report's numbers are the ones recomputed from the run's files, every figure is a PNG, and
-runs that are short, unlabelled or cut off give a report that says what it cannot compute."""
+"""analyze.py: the report's numbers are the ones recomputed from the run's files, every
+figure is a PNG, and runs that are short, unlabelled or cut off give a report that says
+what it cannot compute."""
 
 import json
 import math
@@ -23,7 +24,7 @@ from tokenizer import gpt2_encoding
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # runs built by hand: val data, metrics.jsonl and eval/step_*.jsonl written by the test
 
 
@@ -43,7 +44,8 @@ def val_examples(n=60):
 
 
 def predictions(examples, skill, seed, labelled=True):
-    """Predictions of a fake model that favours the gold ending on a `skill` share of the examples."""
+    """Predictions of a fake model that favours the gold ending on a `skill`
+    share of the examples."""
     rng = random.Random(seed)
     records = []
     for i, ex in enumerate(examples):
@@ -52,7 +54,8 @@ def predictions(examples, skill, seed, labelled=True):
             norm_scores[ex["label"]] += 2.0
         sum_logprobs = [s * rng.uniform(2, 4) for s in norm_scores]
         records.append({"index": i, "label": ex["label"] if labelled else None,
-                        "pred": int(np.argmax(sum_logprobs)), "pred_norm": int(np.argmax(norm_scores)),
+                        "pred": int(np.argmax(sum_logprobs)),
+                        "pred_norm": int(np.argmax(norm_scores)),
                         "sum_logprobs": sum_logprobs, "norm_scores": norm_scores, "ind": ex["ind"],
                         "split_type": ex["split_type"], "activity_label": ex["activity_label"],
                         "source": "synthetic"})
@@ -67,10 +70,12 @@ def make_run(run_dir, skills=(0.0, 0.8, 0.6), steps_per_eval=10, labelled=True, 
     """A choice run of len(skills) evaluations, with a metrics line for every step."""
     os.makedirs(run_dir, exist_ok=True)
     examples = val_examples()
-    data = os.path.join(os.path.dirname(run_dir), "val.jsonl")  # beside the run: a sweep's runs share it
+    # beside the run: a sweep's runs share it
+    data = os.path.join(os.path.dirname(run_dir), "val.jsonl")
     write_jsonl(data, examples)
-    settings = {"rollout": "choice", "reward_kind": "label", "val_data": data, "learning_rate": 1e-3,
-                "choice_temperature": 1.0, "out_dir": run_dir, **(config or {})}
+    settings = {"rollout": "choice", "reward_kind": "label", "val_data": data,
+                "learning_rate": 1e-3, "choice_temperature": 1.0, "out_dir": run_dir,
+                **(config or {})}
     with open(os.path.join(run_dir, "train_config.json"), "w") as f:
         json.dump(settings, f)
     metrics, evals = [], {}
@@ -80,11 +85,13 @@ def make_run(run_dir, skills=(0.0, 0.8, 0.6), steps_per_eval=10, labelled=True, 
         write_jsonl(train_ppo.eval_predictions_path(run_dir, step), evals[step])
     last = (len(skills) - 1) * steps_per_eval
     for step in range(last + 1):
-        m = {"step": step} if step == 0 else {"step": step, "reward": 0.2 + step / 100, "kl": step / 50,
-                                                "approx_kl": 0.01, "clipfrac": 0.1, "entropy": 1.3,
+        m = {"step": step} if step == 0 else {"step": step, "reward": 0.2 + step / 100,
+                                                "kl": step / 50, "approx_kl": 0.01,
+                                                "clipfrac": 0.1, "entropy": 1.3,
                                                 "explained_var": 0.1, "lr": 1e-3, "kl_coef": 0.01}
         if step in evals and labelled:
-            m.update({"eval/acc": accuracy(evals[step], "pred"), "eval/acc_norm": accuracy(evals[step], "pred_norm"),
+            m.update({"eval/acc": accuracy(evals[step], "pred"),
+                      "eval/acc_norm": accuracy(evals[step], "pred_norm"),
                       "eval/n": len(examples)})
         metrics.append(m)
     write_jsonl(os.path.join(run_dir, "metrics.jsonl"), metrics)
@@ -113,12 +120,13 @@ def assert_figures_readable(out_dir, text):
         assert image.std() > 0, f"{name} is blank"
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the statistics analyze.py adds
 
 
 def test_wilson_interval_matches_the_textbook_values():
-    low, high = analyze.wilson_interval(8, 10)  # the standard example (e.g. Newcombe 1998): [0.490, 0.943]
+    # the standard example (e.g. Newcombe 1998): [0.490, 0.943]
+    low, high = analyze.wilson_interval(8, 10)
     assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
     assert analyze.wilson_interval(0, 20)[0] == 0.0 and 0 < analyze.wilson_interval(0, 20)[1] < 0.2
 
@@ -129,13 +137,14 @@ def test_calibration_error_against_a_plain_computation():
     correct = rng.uniform(size=500) < confidence ** 2  # overconfident on purpose
     result = analyze.calibration(confidence.tolist(), correct.tolist(), n_bins=10)
     bins = np.minimum((confidence * 10).astype(int), 9)
-    expected = sum((bins == b).sum() / 500 * abs(correct[bins == b].mean() - confidence[bins == b].mean())
+    expected = sum((bins == b).sum() / 500
+                   * abs(correct[bins == b].mean() - confidence[bins == b].mean())
                    for b in range(10) if (bins == b).any())
     assert result["ece"] == pytest.approx(expected) and result["ece"] > 0.05
     assert sum(b["n"] for b in result["bins"]) == 500
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # a run's report
 
 
@@ -146,7 +155,8 @@ def test_report_numbers_equal_those_recomputed_from_the_files(tmp_path):
     out = os.path.join(run, "report")
     text, (result,) = report_of(out)
 
-    # every evaluation: accuracy from the prediction files equals what training logged, with its Wilson interval
+    # every evaluation: accuracy from the prediction files equals what training
+    # logged, with its Wilson interval
     logged = {m["step"]: m for m in metrics if "eval/acc" in m}
     assert [r["step"] for r in result["evaluations"]] == sorted(evals)
     for row in result["evaluations"]:
@@ -155,12 +165,14 @@ def test_report_numbers_equal_those_recomputed_from_the_files(tmp_path):
         correct = sum(p["pred_norm"] == p["label"] for p in evals[row["step"]])
         assert row["acc_norm_ci"] == pytest.approx(analyze.wilson_interval(correct, len(examples)))
 
-    # before vs after: hellaswag.py's --compare numbers, for the last and for the best (step 10) evaluation
+    # before vs after: hellaswag.py's --compare numbers, for the last and for the
+    # best (step 10) evaluation
     for name, after in (("last", 20), ("best", 10)):
         c = result["comparisons"][name]
         expected = hellaswag.compare_predictions(evals[0], evals[after])
         assert (c["before_step"], c["after_step"]) == (0, after)
-        assert [c["acc"], c["acc_norm"], c["groups"]] == as_json([expected[k] for k in ("acc", "acc_norm", "groups")])
+        assert [c["acc"], c["acc_norm"], c["groups"]] == as_json(
+            [expected[k] for k in ("acc", "acc_norm", "groups")])
         right_to_wrong = {p["index"] for p, q in zip(evals[0], evals[after])
                           if p["pred_norm"] == p["label"] != q["pred_norm"]}
         assert {f["index"] for f in c["flips"]["right_to_wrong"]} == right_to_wrong
@@ -176,7 +188,8 @@ def test_report_numbers_equal_those_recomputed_from_the_files(tmp_path):
         chosen = [len(examples[p["index"]]["endings"][p["pred_norm"]].strip()) for p in preds]
         assert row["chosen_chars"] == pytest.approx(sum(chosen) / len(chosen))
     probs = [np.exp(p["norm_scores"]) / np.exp(p["norm_scores"]).sum() for p in evals[20]]
-    expected = analyze.calibration([float(pr.max()) for pr in probs], [p["pred_norm"] == p["label"] for p in evals[20]])
+    expected = analyze.calibration([float(pr.max()) for pr in probs],
+                                   [p["pred_norm"] == p["label"] for p in evals[20]])
     assert result["calibration"]["step 20"]["ece"] == pytest.approx(expected["ece"])
     first_flip = result["comparisons"]["last"]["flips"]["wrong_to_right"][0]
     assert examples[first_flip["index"]]["ctx"] in text  # flips quote the context
@@ -215,7 +228,7 @@ def test_a_sweep_is_labelled_by_the_settings_that_differ(tmp_path):
     assert os.path.exists(os.path.join(out, "run2_groups_last.png"))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # runs the report must survive: they say what cannot be computed, and never raise
 
 
@@ -237,7 +250,8 @@ def test_a_run_without_labels(tmp_path):
     assert "carry no gold labels" in text and result["evaluations"] == []
     c = result["comparisons"]["last"]
     assert "acc_norm" not in c
-    assert c["changed_choices"] == sum(p["pred_norm"] != q["pred_norm"] for p, q in zip(evals[0], evals[20]))
+    assert c["changed_choices"] == sum(p["pred_norm"] != q["pred_norm"]
+                                       for p, q in zip(evals[0], evals[20]))
     assert f"{c['changed_choices']} of 60 choices changed" in text
     with pytest.raises(UserError, match="label"):  # --compare still needs labels
         hellaswag.read_predictions(train_ppo.eval_predictions_path(run, 0))
@@ -255,7 +269,8 @@ def test_an_interrupted_run(tmp_path):
         f.write('{"step": 21, "reward": 0.4, "kl"')  # the last line cut off
     (result,) = analyze.main([run])
     text, _ = report_of(os.path.join(run, "report"))
-    assert "train_config.json: missing" in text and "skipped 1 unreadable line(s), first line 22" in text
+    assert ("train_config.json: missing" in text
+            and "skipped 1 unreadable line(s), first line 22" in text)
     assert "only one evaluation (step 0)" in text and "not a prediction line" in text
     assert "validation text not found" in text
     assert result["training"]["steps"] == metrics[-1]["step"]  # the torn line is not a step
@@ -292,27 +307,28 @@ def test_a_generate_run(tmp_path):
     text, _ = report_of(os.path.join(run, "report"))
     assert "## Generate rollouts" in text and "the dog ran away." in text
     assert_figures_readable(os.path.join(run, "report"), text)
-    # a run that logged them (train_ppo.py does) reads response length and stop rate from metrics.jsonl
+    # a run that logged them (train_ppo.py does) reads response length and stop rate from
+    # metrics.jsonl
     write_jsonl(os.path.join(run, "metrics.jsonl"),
                 [{"step": s, "reward": -s / 10, "kl": s / 5, "train/response_length": 6 - s,
                   "train/stop_rate": s / 4, "train/judge_score": -4 + s / 2} for s in range(1, 5)])
     (result,) = analyze.main([run])
-    assert result["generate"]["samples"] == [{"step": s, "response_tokens": 6 - s, "stop_rate": s / 4}
-                                             for s in range(1, 5)]
+    assert result["generate"]["samples"] == [
+        {"step": s, "response_tokens": 6 - s, "stop_rate": s / 4} for s in range(1, 5)]
     assert result["generate"]["judge_score"] == [(s, -4 + s / 2) for s in range(1, 5)]
     text, _ = report_of(os.path.join(run, "report"))
-    assert ("judge's raw score (its mean log-prob of the non-empty samples, before normalising, clipping and "
-            "penalties) went -3.500 → -2.000") in text
+    assert ("judge's raw score (its mean log-prob of the non-empty samples, before normalising, "
+            "clipping and penalties) went -3.500 → -2.000") in text
     assert_figures_readable(os.path.join(run, "report"), text)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the command line
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "analyze.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "analyze.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_two_prediction_files(tmp_path):
@@ -323,8 +339,8 @@ def test_two_prediction_files(tmp_path):
     write_jsonl(str(tmp_path / "a.jsonl"), a)
     write_jsonl(str(tmp_path / "b.jsonl"), b)
     out = str(tmp_path / "report")
-    result = run_cli("--before", str(tmp_path / "a.jsonl"), "--after", str(tmp_path / "b.jsonl"), "--data", data,
-                     "--out", out)
+    result = run_cli("--before", str(tmp_path / "a.jsonl"), "--after", str(tmp_path / "b.jsonl"),
+                     "--data", data, "--out", out)
     assert result.returncode == 0, result.stderr
     assert "report.md" in result.stdout
     text, (report,) = report_of(out)
@@ -336,25 +352,29 @@ def test_two_prediction_files(tmp_path):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
 def test_predictions_with_scores_that_are_not_finite(tmp_path, bad):
-    """A model that overflowed writes NaN or -inf norm_scores: the report still comes, with accuracies and without
-    the calibration of that evaluation, and says why."""
+    """A model that overflowed writes NaN or -inf norm_scores: the report still comes, with
+    accuracies and without the calibration of that evaluation, and says why."""
     examples = val_examples()
     a, b = predictions(examples, 0.0, seed=1), predictions(examples, 0.9, seed=2)
     b[3]["norm_scores"] = [bad] * 4
     write_jsonl(str(tmp_path / "a.jsonl"), a)
     write_jsonl(str(tmp_path / "b.jsonl"), b)
     out = str(tmp_path / "report")
-    result = run_cli("--before", str(tmp_path / "a.jsonl"), "--after", str(tmp_path / "b.jsonl"), "--out", out)
+    result = run_cli("--before", str(tmp_path / "a.jsonl"), "--after", str(tmp_path / "b.jsonl"),
+                     "--out", out)
     assert result.returncode == 0, result.stderr
     text, (report,) = report_of(out)
-    assert report["comparisons"]["last"]["acc_norm"] == as_json(hellaswag.compare_predictions(a, b)["acc_norm"])
-    assert report["calibration"]["after (b.jsonl)"] is None and report["calibration"]["before (a.jsonl)"]["ece"] >= 0
+    assert report["comparisons"]["last"]["acc_norm"] == as_json(
+        hellaswag.compare_predictions(a, b)["acc_norm"])
+    assert (report["calibration"]["after (b.jsonl)"] is None
+            and report["calibration"]["before (a.jsonl)"]["ece"] >= 0)
     assert "1 prediction(s) with norm_scores that are not finite numbers" in text
 
 
 @pytest.mark.parametrize("args, message", [
     (["--before", "a.jsonl"], "give both --before"),
-    (["--before", "nothing.jsonl", "--after", "nothing.jsonl", "--out", "x"], "nothing.jsonl: no such file"),
+    (["--before", "nothing.jsonl", "--after", "nothing.jsonl", "--out", "x"],
+     "nothing.jsonl: no such file"),
     (["no/such/run"], "no/such/run: no such run directory"),
     ([], "give run directories"),
     (["--before", "a.jsonl", "--after", "b.jsonl", "--data", "no.jsonl", "--out", "x"],
@@ -366,27 +386,31 @@ def test_cli_errors_are_one_line(args, message):
     assert result.stderr.strip().count("\n") == 0 and message in result.stderr
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # a real tiny run
 
 
 @pytest.mark.slow
 def test_report_of_a_tiny_training_run(tmp_path):
     task = str(tmp_path / "task")
-    synthetic.prepare(task, n_train=200, n_val=40, seed=0, teacher_steps=5, policy_steps=5, log=lambda *a: None)
+    synthetic.prepare(task, n_train=200, n_val=40, seed=0, teacher_steps=5, policy_steps=5,
+                      log=lambda *a: None)
     run = str(tmp_path / "run")
-    settings = dict(out_dir=run, init_from="synthetic", synthetic=True, synthetic_dir=task, device="cpu",
-                    batch_size=8, minibatch_size=8, micro_batch_size=8, ppo_epochs=1, learning_rate=3e-3,
-                    max_steps=2, eval_interval=1, checkpoint_interval=100, sample_interval=1, export_hf=False)
+    settings = dict(out_dir=run, init_from="synthetic", synthetic=True, synthetic_dir=task,
+                    device="cpu", batch_size=8, minibatch_size=8, micro_batch_size=8, ppo_epochs=1,
+                    learning_rate=3e-3, max_steps=2, eval_interval=1, checkpoint_interval=100,
+                    sample_interval=1, export_hf=False)
     train_ppo.train(train_ppo.load_config([f"--{k}={v}" for k, v in settings.items()]))
     (result,) = analyze.main([run])
     with open(os.path.join(run, "metrics.jsonl")) as f:
         logged = [m for m in map(json.loads, f) if "eval/acc_norm" in m]
     assert [r["step"] for r in result["evaluations"]] == [m["step"] for m in logged] == [0, 1, 2]
     for row, m in zip(result["evaluations"], logged):
-        assert row["acc_norm"] == pytest.approx(m["eval/acc_norm"]) and row["n"] == m["eval/n"] == 40
+        assert (row["acc_norm"] == pytest.approx(m["eval/acc_norm"])
+                and row["n"] == m["eval/n"] == 40)
     read = [hellaswag.read_predictions(train_ppo.eval_predictions_path(run, s)) for s in (0, 2)]
-    assert result["comparisons"]["last"]["acc_norm"] == hellaswag.compare_predictions(*read)["acc_norm"]
+    assert (result["comparisons"]["last"]["acc_norm"]
+            == hellaswag.compare_predictions(*read)["acc_norm"])
     assert result["training"]["steps"] == 2 and math.isfinite(result["training"]["reward_last5"])
     text, _ = report_of(os.path.join(run, "report"))
     # a teacher run writes its teacher's picks at step 0, so agreement is computed from them

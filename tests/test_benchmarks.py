@@ -1,4 +1,5 @@
-"""The benchmark scripts run end to end on tiny stand-ins (their numbers are for the README, not for tests)."""
+"""The benchmark scripts run end to end on tiny stand-ins (their numbers are for the README, not for
+tests)."""
 
 import json
 import os
@@ -14,18 +15,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_script(*args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                          env=env, timeout=600)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe, reward_dir", [("gpt2_hellaswag_teacher", "reward-gpt-neo-2.7B-tiny-float32"),
-                                                ("gpt2_hellaswag_label", None)])
+@pytest.mark.parametrize("recipe, reward_dir", [
+    ("gpt2_hellaswag_teacher", "reward-gpt-neo-2.7B-tiny-float32"),
+    ("gpt2_hellaswag_label", None)])
 def test_recipe_cost_runs_a_recipe_on_stand_ins(tmp_path, recipe, reward_dir):
     data = tmp_path / "train.jsonl"
     synthetic.write_jsonl(data, synthetic.make_examples(40, seed=0, split="train"))
     out = tmp_path / "cost.json"
-    proc = run_script("benchmarks/recipe_cost.py", f"configs/{recipe}.py", "--tiny", "--device=cpu", "--steps", "2",
-                      "--data", str(data), "--work", str(tmp_path / "work"), "--output", str(out),
+    proc = run_script("benchmarks/recipe_cost.py", f"configs/{recipe}.py", "--tiny", "--device=cpu",
+                      "--steps", "2", "--data", str(data), "--work", str(tmp_path / "work"),
+                      "--output", str(out),
                       "--batch_size=8", "--minibatch_size=4", "--micro_batch_size=2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
@@ -42,34 +46,42 @@ def test_recipe_cost_runs_a_recipe_on_stand_ins(tmp_path, recipe, reward_dir):
     assert config["init_from"] == str(tmp_path / "work" / "policy-gpt2-tiny")
     if reward_dir:
         assert config["reward_model"] == str(tmp_path / "work" / reward_dir)
-        assert os.listdir(tmp_path / "work" / f"run-{recipe}" / "teacher_cache")  # the teacher really scored
+        # the teacher really scored
+        assert os.listdir(tmp_path / "work" / f"run-{recipe}" / "teacher_cache")
 
 
 def test_recipe_cost_errors_are_one_line(tmp_path):
     data = tmp_path / "train.jsonl"
     synthetic.write_jsonl(data, synthetic.make_examples(8, seed=0, split="train"))
-    proc = run_script("benchmarks/recipe_cost.py", "configs/gpt2_hellaswag_teacher.py", "--tiny", "--device=cpu",
-                      "--data", str(data), "--work", str(tmp_path), "--reward_model=someone/unknown-model")
+    proc = run_script("benchmarks/recipe_cost.py", "configs/gpt2_hellaswag_teacher.py", "--tiny",
+                      "--device=cpu", "--data", str(data), "--work", str(tmp_path),
+                      "--reward_model=someone/unknown-model")
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "no stand-in shape known" in proc.stderr
-    proc = run_script("benchmarks/recipe_cost.py", "configs/gpt2_hellaswag_teacher.py", "--data", "missing.jsonl")
+    proc = run_script("benchmarks/recipe_cost.py", "configs/gpt2_hellaswag_teacher.py", "--data",
+                      "missing.jsonl")
     assert proc.returncode == 0 and proc.stdout.startswith("skipped: no data file")
 
 
 def test_choice_speed_skips_without_the_data(tmp_path):
     proc = run_script("benchmarks/choice_speed.py", "--data", str(tmp_path / "missing.jsonl"))
-    assert proc.returncode == 0 and proc.stdout.startswith("skipping:") and "missing.jsonl" in proc.stdout
+    assert (proc.returncode == 0 and proc.stdout.startswith("skipping:")
+            and "missing.jsonl" in proc.stdout)
 
 
 @pytest.mark.slow
 def test_update_speed_compares_two_checkouts(tmp_path):
     # this checkout against itself: the same weights and minibatch, so the same gradient norms
-    proc = run_script("benchmarks/update_speed.py", "--tiny", "--before", ".", "--rounds", "1", "--updates", "1")
+    proc = run_script("benchmarks/update_speed.py", "--tiny", "--before", ".", "--rounds", "1",
+                      "--updates", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("one minibatch update") and "tiny shape, 1 updates in each of 1 fresh" in lines[0]
-    assert lines[1].startswith("--before .") and lines[2].startswith("this checkout") and "(1.00x)" in lines[1]
-    assert lines[3] == "largest relative difference in the gradient norms between the checkouts: 0.0e+00"
+    assert (lines[0].startswith("one minibatch update")
+            and "tiny shape, 1 updates in each of 1 fresh" in lines[0])
+    assert (lines[1].startswith("--before .") and lines[2].startswith("this checkout")
+            and "(1.00x)" in lines[1])
+    assert lines[3] == ("largest relative difference in the gradient norms between the checkouts: "
+                        "0.0e+00")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -78,12 +90,14 @@ def test_update_speed_compares_two_checkouts(tmp_path):
     (["--updates", "-1"], "error: --updates must be at least 1, not -1"),
     (["--threads", "0"], "error: --threads must be at least 1, not 0"),
     # a checkout whose update cannot run (here: empty modules) is named, in one line
-    (["--before", "{tmp}", "--rounds", "1", "--updates", "1"], "error: the update failed in {tmp}: ")])
+    (["--before", "{tmp}", "--rounds", "1", "--updates", "1"],
+     "error: the update failed in {tmp}: ")])
 def test_update_speed_bad_input_is_one_line(tmp_path, args, message):
     if message.startswith("error: the update failed"):
         (tmp_path / "train_ppo.py").write_text("")
         (tmp_path / "model.py").write_text("")
-    proc = run_script("benchmarks/update_speed.py", "--tiny", *(a.format(tmp=tmp_path) for a in args))
+    proc = run_script("benchmarks/update_speed.py", "--tiny",
+                      *(a.format(tmp=tmp_path) for a in args))
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith(message.format(tmp=tmp_path)) and proc.stdout == ""
 
@@ -93,8 +107,8 @@ def test_update_speed_bad_input_is_one_line(tmp_path, args, message):
 def test_gpu_check_refuses_bad_paths_before_any_work(tmp_path, setting, message):
     env = {**os.environ, "DEVICE": "cpu", "OUT_DIR": str(tmp_path / "out"), "DATA": __file__,
            setting: str(tmp_path / "missing")}
-    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=REPO, capture_output=True, text=True, env=env,
-                          timeout=60)
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=REPO, capture_output=True,
+                          text=True, env=env, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr
     assert str(tmp_path / "missing") in proc.stderr  # names the path
     assert not (tmp_path / "out").exists() and proc.stdout == ""  # nothing written, nothing run

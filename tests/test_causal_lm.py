@@ -1,8 +1,9 @@
 """
-causal_lm.py's CausalLM and reward.py's CLI against tiny models built here (2 layers, 64 dims), saved with
-save_pretrained and loaded back by path: a GPT-Neo with GPT-2's vocabulary, a Llama whose own BPE adds a BOS token,
-and a Pythia-style GPT-NeoX with a byte-level BPE that pads on the left. Every score is checked against a plain reference: the model's
-own tokenizer, lm-evaluation-harness's boundary rule, one unbatched forward per pair.
+causal_lm.py's CausalLM and reward.py's CLI against tiny models built here (2 layers, 64 dims),
+saved with save_pretrained and loaded back by path: a GPT-Neo with GPT-2's vocabulary, a Llama whose
+own BPE adds a BOS token, and a Pythia-style GPT-NeoX with a byte-level BPE that pads on the left.
+Every score is checked against a plain reference: the model's own tokenizer, lm-evaluation-harness's
+boundary rule, one unbatched forward per pair.
 """
 
 import json
@@ -31,16 +32,18 @@ def build_gpt_neo(path, window=64):
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
     torch.manual_seed(0)
-    config = GPTNeoConfig(vocab_size=50257, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
-                          attention_types=[[["global", "local"], 1]], window_size=16, max_position_embeddings=window,
-                          initializer_range=0.2, bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN)
+    config = GPTNeoConfig(vocab_size=50257, hidden_size=64, num_layers=2, num_heads=4,
+                          intermediate_size=128, attention_types=[[["global", "local"], 1]],
+                          window_size=16, max_position_embeddings=window, initializer_range=0.2,
+                          bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN)
     GPTNeoForCausalLM(config).save_pretrained(path)
     gpt2_hf_tokenizer().save_pretrained(path)
     return str(path)
 
 
 def train_tokenizer(kind):
-    """A small BPE unlike GPT-2's: SentencePiece-style metaspace with a BOS ("llama"), or byte-level ("pythia")."""
+    """A small BPE unlike GPT-2's: SentencePiece-style metaspace with a BOS ("llama"), or
+    byte-level ("pythia")."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -61,9 +64,10 @@ def train_tokenizer(kind):
         bos = tok.token_to_id("<s>")
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                            special_tokens=[("<s>", bos)])
-        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                       pad_token="<pad>")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", padding_side="left")
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                       unk_token="<unk>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>",
+                                   padding_side="left")
 
 
 def build_llama(path, window=48):
@@ -71,9 +75,10 @@ def build_llama(path, window=48):
 
     tokenizer = train_tokenizer("llama")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=window,
-                         initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=window, initializer_range=0.2,
+                         bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -85,8 +90,9 @@ def build_pythia(path, window=64):
 
     tokenizer = train_tokenizer("pythia")
     torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, max_position_embeddings=window, initializer_range=0.2,
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=window, initializer_range=0.2,
                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     GPTNeoXForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -108,12 +114,14 @@ def pythia(tmp_path_factory):
     return CausalLM.load(build_pythia(tmp_path_factory.mktemp("pythia")))
 
 
-# --------------------------------------------------------------------------------------------------------------
-# the reference: lm-evaluation-harness's rule and one plain forward per pair, sharing nothing with causal_lm.py
+# --------------------------------------------------------------------------------------------------
+# the reference: lm-evaluation-harness's rule and one plain forward per pair, sharing
+# nothing with causal_lm.py
 
 def reference_score(model, encode, context, continuation, start_id=None, window=None):
-    """(sum log-prob, n tokens) of continuation given context. encode: the model's own tokenizer, special tokens
-    included. start_id begins an empty context; window left-truncates the context (the head token stays)."""
+    """(sum log-prob, n tokens) of continuation given context. encode: the model's own tokenizer,
+    special tokens included. start_id begins an empty context; window left-truncates the context
+    (the head token stays)."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
@@ -136,7 +144,8 @@ def reference_token_logprobs(model, context_ids, continuation_ids):
     ids = torch.tensor([context_ids + continuation_ids])
     with torch.no_grad():
         logits = model(ids[:, :-1]).logits[0].float()
-    logp = torch.log_softmax(logits, dim=-1)[len(context_ids) - 1:]  # the predictions of the continuation tokens
+    # the predictions of the continuation tokens
+    logp = torch.log_softmax(logits, dim=-1)[len(context_ids) - 1:]
     return logp.gather(1, torch.tensor(continuation_ids)[:, None]).squeeze(1)
 
 
@@ -150,16 +159,21 @@ def hf_encode(rm):
 
 PAIRS = [
     ("A man is sitting on a roof.", " He starts pulling up roofing."),
-    ("A man is sitting on a roof. ", "He starts pulling up roofing."),  # trailing space moves to the continuation
-    ("The quick brown fox", " jumps over the lazy dog, doesn't it? Yes!"),  # punctuation, apostrophe
+    # trailing space moves to the continuation
+    ("A man is sitting on a roof. ", "He starts pulling up roofing."),
+    # punctuation, apostrophe
+    ("The quick brown fox", " jumps over the lazy dog, doesn't it? Yes!"),
     ("Héllo wörld:", " ünïcode ☃ snow and 日本語 text"),  # unicode, multi-byte characters
     ("The weather is", "  nice today."),  # two spaces at the boundary
-    ("", " A man is sitting on a roof."),  # empty context: a start token (GPT-2's) or BOS (Llama) comes first
+    # empty context: a start token (GPT-2's) or BOS (Llama) comes first
+    ("", " A man is sitting on a roof."),
     ("numbers", " 123 456 7.89"),
     ("Yes.", " No!"),
 ]
-# boundaries that fall between GPT-2 tokens but inside a metaspace token (that case has its own test below)
-GPT2_PAIRS = [("Yes", "!"), ("He said", ' "no," and left.\n\nThen'), ("Line one\n", "Line two"), ("x", " y")]
+# boundaries that fall between GPT-2 tokens but inside a metaspace token (that
+# case has its own test below)
+GPT2_PAIRS = [("Yes", "!"), ("He said", ' "no," and left.\n\nThen'), ("Line one\n", "Line two"),
+              ("x", " y")]
 
 
 def check_against_reference(rm, encode, pairs, start_id=None, batch_size=3):
@@ -168,16 +182,18 @@ def check_against_reference(rm, encode, pairs, start_id=None, batch_size=3):
     assert set(scores) == {"sum_logprob", "n_tokens", "mean_logprob", "n_chars", "per_char_logprob"}
     for i, (context, continuation) in enumerate(pairs):
         expected, n_tokens = reference_score(rm.model, encode, context, continuation, start_id)
-        assert scores["sum_logprob"][i].item() == pytest.approx(expected, abs=1e-4), (context, continuation)
+        assert scores["sum_logprob"][i].item() == pytest.approx(expected, abs=1e-4), (
+            context, continuation)
         assert scores["n_tokens"][i].item() == n_tokens
         assert scores["n_chars"][i].item() == len(continuation)
         assert scores["mean_logprob"][i].item() == pytest.approx(expected / n_tokens, abs=1e-4)
-        assert scores["per_char_logprob"][i].item() == pytest.approx(expected / len(continuation), abs=1e-4)
+        assert scores["per_char_logprob"][i].item() == pytest.approx(expected / len(continuation),
+                                                                     abs=1e-4)
     assert all(v.dtype == torch.float32 and v.shape == (len(pairs),) for v in scores.values())
     return scores
 
 
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # scoring text
 
 def test_gpt_neo_scores_match_reference(neo):
@@ -190,12 +206,14 @@ def test_llama_with_bos_scores_match_reference(llama):
     assert llama.prefix_ids == [llama.tokenizer.bos_token_id]
     check_against_reference(llama, hf_encode(llama), PAIRS)
     rows = llama.encode_pairs(["A man", ""], [" sits", " sits"])
-    assert [ids[0] for ids, _ in rows] == [llama.tokenizer.bos_token_id] * 2  # BOS once, also for an empty context
+    # BOS once, also for an empty context
+    assert [ids[0] for ids, _ in rows] == [llama.tokenizer.bos_token_id] * 2
 
 
 def test_pythia_left_padding_tokenizer_scores_match_reference(pythia):
     assert pythia.tokenizer.padding_side == "left" and pythia.prefix_ids == []
-    check_against_reference(pythia, hf_encode(pythia), PAIRS + GPT2_PAIRS, start_id=pythia.tokenizer.eos_token_id)
+    check_against_reference(pythia, hf_encode(pythia), PAIRS + GPT2_PAIRS,
+                            start_id=pythia.tokenizer.eos_token_id)
 
 
 def test_padding_side_and_batch_size_do_not_change_scores(neo):
@@ -212,59 +230,71 @@ def test_padding_side_and_batch_size_do_not_change_scores(neo):
 def test_models_without_logits_to_keep_score_the_same(neo, monkeypatch):
     contexts, continuations = [c for c, _ in PAIRS], [k for _, k in PAIRS]
     span_only = neo.score(contexts, continuations, batch_size=3)["sum_logprob"]
-    monkeypatch.setattr(causal_lm, "keeps_logits", lambda model: False)  # the LM head over every position
-    torch.testing.assert_close(neo.score(contexts, continuations, batch_size=3)["sum_logprob"], span_only,
-                               atol=1e-4, rtol=0)
+    # the LM head over every position
+    monkeypatch.setattr(causal_lm, "keeps_logits", lambda model: False)
+    torch.testing.assert_close(neo.score(contexts, continuations, batch_size=3)["sum_logprob"],
+                               span_only, atol=1e-4, rtol=0)
 
 
 def test_scoring_in_small_chunks_of_positions_gives_the_same_sums(neo, monkeypatch):
     contexts, continuations = [c for c, _ in PAIRS], [k for _, k in PAIRS]
     whole = neo.score(contexts, continuations, batch_size=4)["sum_logprob"]
     monkeypatch.setattr(causal_lm, "SCORE_CHUNK", 3)  # a chunk boundary inside most rows
-    torch.testing.assert_close(neo.score(contexts, continuations, batch_size=4)["sum_logprob"], whole,
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(neo.score(contexts, continuations, batch_size=4)["sum_logprob"],
+                               whole, atol=1e-5, rtol=0)
 
 
 def test_boundary_whitespace_belongs_to_the_continuation(neo):
     a = neo.score(["A man is "], ["sitting"])
     b = neo.score(["A man is"], [" sitting"])
-    assert torch.equal(a["sum_logprob"], b["sum_logprob"]) and a["n_tokens"].item() == 1  # " sitting" is one token
-    assert (a["n_chars"].item(), b["n_chars"].item()) == (7, 8)  # characters of the continuation as given
+    # " sitting" is one token
+    assert torch.equal(a["sum_logprob"], b["sum_logprob"]) and a["n_tokens"].item() == 1
+    # characters of the continuation as given
+    assert (a["n_chars"].item(), b["n_chars"].item()) == (7, 8)
 
 
 def test_token_spanning_the_boundary_counts_as_continuation(neo, llama):
-    # GPT-2 reads "Wait..." as "Wait" "...": the continuation ".." shares a token with the context's "."
+    # GPT-2 reads "Wait..." as "Wait" "...": the continuation ".." shares a
+    # token with the context's "."
     ids, n = neo.encode_pairs(["Wait."], [".."])[0]
     assert ids == tiktoken_encode("Wait...") and n == 1
     expected, _ = reference_score(neo.model, tiktoken_encode, "Wait", "...")
     assert neo.score(["Wait."], [".."])["sum_logprob"].item() == pytest.approx(expected, abs=1e-4)
-    # the metaspace tokenizer merges across a newline: "Line one\n" + "Line two" -> ... "▁one\nLine" "▁two"
+    # the metaspace tokenizer merges across a newline: "Line one\n" + "Line two"
+    # -> ... "▁one\nLine" "▁two"
     ids, n = llama.encode_pairs(["Line one\n"], ["Line two"])[0]
     tokens = llama.tokenizer.convert_ids_to_tokens(ids)
     assert tokens[:3] == ["<s>", "▁Line", "▁one\nLine"] and n == len(tokens) - 2
     expected, _ = reference_score(llama.model, hf_encode(llama), "Line", " one\nLine two")
-    assert llama.score(["Line one\n"], ["Line two"])["sum_logprob"].item() == pytest.approx(expected, abs=1e-4)
+    assert llama.score(["Line one\n"], ["Line two"])["sum_logprob"].item() == pytest.approx(
+        expected, abs=1e-4)
 
 
 def test_long_context_is_truncated_from_the_left(neo, llama):
-    context = " ".join(["A man is sitting on a roof."] * 30)  # ~240 GPT-2 tokens, windows of 64 and 48
+    # ~240 GPT-2 tokens, windows of 64 and 48
+    context = " ".join(["A man is sitting on a roof."] * 30)
     continuation = " He starts pulling up roofing."
-    expected, n = reference_score(neo.model, tiktoken_encode, context, continuation, EOT_TOKEN, window=64)
+    expected, n = reference_score(neo.model, tiktoken_encode, context, continuation, EOT_TOKEN,
+                                  window=64)
     got = neo.score([context, "Short"], [continuation, " one"], batch_size=2)
-    assert got["sum_logprob"][0].item() == pytest.approx(expected, abs=1e-4) and got["n_tokens"][0] == n
+    assert (got["sum_logprob"][0].item() == pytest.approx(expected, abs=1e-4)
+            and got["n_tokens"][0] == n)
     ids, _ = neo.encode_pairs([context], [continuation])[0]
     assert len(ids) == 64 + 1  # the window is full: 64 inputs, the last token only a target
     expected, n = reference_score(llama.model, hf_encode(llama), context, continuation, window=48)
-    assert llama.score([context], [continuation])["sum_logprob"].item() == pytest.approx(expected, abs=1e-4)
+    assert llama.score([context], [continuation])["sum_logprob"].item() == pytest.approx(
+        expected, abs=1e-4)
     ids, _ = llama.encode_pairs([context], [continuation])[0]
-    assert len(ids) == 48 + 1 and ids[0] == llama.tokenizer.bos_token_id  # BOS survives the truncation
+    # BOS survives the truncation
+    assert len(ids) == 48 + 1 and ids[0] == llama.tokenizer.bos_token_id
 
 
 def test_unscoreable_pairs_are_errors_not_zeros(neo):
     with pytest.raises(PairError, match="pair 1: the continuation is empty"):
         neo.score(["A man", "A man "], [" sits", ""])
     too_long = " roof" * 65  # 65 tokens cannot fit a window of 64 even without context
-    with pytest.raises(PairError, match=r"pair 0: the continuation alone \(65 tokens\) does not fit .* 64"):
+    with pytest.raises(PairError,
+                       match=r"pair 0: the continuation alone \(65 tokens\) does not fit .* 64"):
         neo.score(["A man"], [too_long])
     neo.score([""], [" roof" * 64])  # 64 tokens after the start token fit exactly
     with pytest.raises(ValueError, match="2 contexts but 1 continuations"):
@@ -274,8 +304,8 @@ def test_unscoreable_pairs_are_errors_not_zeros(neo):
 
 
 def test_an_empty_context_needs_a_start_token(tmp_path):
-    """With neither BOS nor EOS in the tokenizer, nothing would come before the continuation: its first token
-    would be "predicted" from the row's last position. An error instead."""
+    """With neither BOS nor EOS in the tokenizer, nothing would come before the continuation: its
+    first token would be "predicted" from the row's last position. An error instead."""
     from transformers import AutoTokenizer
 
     path = build_pythia(tmp_path)
@@ -289,7 +319,7 @@ def test_an_empty_context_needs_a_start_token(tmp_path):
     assert lm.score(["A man"], [" sits"])["n_tokens"].item() >= 1
 
 
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # GPT-2 token ids in
 
 TOKEN_TEXTS = PAIRS + GPT2_PAIRS + [("Tabs\tand", " spaces   here"), ("end", ".")]
@@ -310,18 +340,21 @@ def test_score_tokens_equals_the_text_path_for_canonical_tokens(neo):
     from_text = neo.score(contexts, continuations, batch_size=4)
     from_tokens = neo.score_tokens(ctx_ids, cont_ids, batch_size=4)
     for key in from_text:
-        assert torch.equal(from_text[key], from_tokens[key]), key  # the very same forwards, bit for bit
+        # the very same forwards, bit for bit
+        assert torch.equal(from_text[key], from_tokens[key]), key
 
 
 def test_score_tokens_scores_the_given_tokens(neo, llama):
-    # a sampled, non-canonical tokenization (" roof" as " ro" "of") is scored as sampled on a GPT-2-vocab model
+    # a sampled, non-canonical tokenization (" roof" as " ro" "of") is scored as
+    # sampled on a GPT-2-vocab model
     enc = gpt2_encoding()
     ctx, sample = enc.encode("A man on the"), enc.encode(" ro") + enc.encode("of")
     assert sample != enc.encode(" roof")
     direct = neo.score_tokens([ctx], [sample])["sum_logprob"].item()
     assert direct == pytest.approx(reference_token_score(neo.model, ctx, sample), abs=1e-4)
     canonical = neo.score(["A man on the"], [" roof"])["sum_logprob"].item()
-    assert abs(direct - canonical) > 1e-3  # the text path would have scored " roof", a different token
+    # the text path would have scored " roof", a different token
+    assert abs(direct - canonical) > 1e-3
     # another vocabulary: decoded and re-tokenized by the reward model's tokenizer
     assert not llama.shares_gpt2_vocab
     got = llama.score_tokens([ctx], [sample])
@@ -329,51 +362,61 @@ def test_score_tokens_scores_the_given_tokens(neo, llama):
     assert torch.equal(got["sum_logprob"], want["sum_logprob"]) and got["n_chars"].item() == 5
 
 
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # per-token log-probs of GPT-2 tokens (dense rewards)
 
 def test_char_ends_give_a_split_character_to_the_token_that_completes_it():
-    pieces = [b" \xc3", b"\xbc", b"n", b" \xe2\x98", b"\x83", b"!"]  # " ü" "n" " ☃" "!" cut inside characters
+    # " ü" "n" " ☃" "!" cut inside characters
+    pieces = [b" \xc3", b"\xbc", b"n", b" \xe2\x98", b"\x83", b"!"]
     assert b"".join(pieces).decode() == " ün ☃!"
     assert causal_lm.char_ends(pieces) == [1, 2, 3, 4, 5, 6]
-    assert causal_lm.char_ends([b"ab", b"\xff", b"c"]) == [2, 3, 4]  # invalid bytes: one replacement character
+    # invalid bytes: one replacement character
+    assert causal_lm.char_ends([b"ab", b"\xff", b"c"]) == [2, 3, 4]
 
 
 def test_align_by_chars_gives_each_judge_token_to_the_policy_token_holding_its_last_character():
     policy_ends = [3, 5, 9]  # policy tokens over chars [0, 3), [3, 5), [5, 9)
     assert causal_lm.align_by_chars([3, 4, 5, 9], policy_ends) == [0, 1, 1, 2]
-    assert causal_lm.align_by_chars([-2, 0, 1], policy_ends) == [0, 0, 0]  # ending in the context: the first
-    assert causal_lm.align_by_chars([12], policy_ends) == [2]  # past the end (cannot happen): the last
+    # ending in the context: the first
+    assert causal_lm.align_by_chars([-2, 0, 1], policy_ends) == [0, 0, 0]
+    # past the end (cannot happen): the last
+    assert causal_lm.align_by_chars([12], policy_ends) == [2]
 
 
 def test_per_token_logprobs_of_a_gpt2_vocab_judge_are_its_logprobs_of_the_same_tokens(neo):
     enc = gpt2_encoding()
     contexts = [enc.encode("A man on the"), enc.encode("He said"), []]
-    samples = [enc.encode(" ro") + enc.encode("of"), enc.encode(' "no," and left.'), enc.encode(" Yes!")]
+    samples = [enc.encode(" ro") + enc.encode("of"), enc.encode(' "no," and left.'),
+               enc.encode(" Yes!")]
     scores = neo.score_tokens(contexts, samples, batch_size=2, per_token=True)
     for i, (ctx, sample) in enumerate(zip(contexts, samples)):
         expected = reference_token_logprobs(neo.model, ctx or [EOT_TOKEN], sample)
         torch.testing.assert_close(scores["token_logprobs"][i], expected, atol=1e-4, rtol=0)
-        assert scores["token_logprobs"][i].sum().item() == pytest.approx(scores["sum_logprob"][i].item(), abs=1e-5)
+        assert scores["token_logprobs"][i].sum().item() == pytest.approx(
+            scores["sum_logprob"][i].item(), abs=1e-5)
     plain = neo.score_tokens(contexts, samples, batch_size=2)
     assert torch.equal(plain["sum_logprob"], scores["sum_logprob"])  # the sums do not change
 
 
 def judge_logprobs(rm, text, n):
-    """The reference log-probs of the last n of the judge's own tokens of text (BOS first), one forward."""
+    """The reference log-probs of the last n of the judge's own tokens of text
+    (BOS first), one forward."""
     ids = rm.tokenizer(text)["input_ids"]
     return reference_token_logprobs(rm.model, ids[:-n], ids[-n:])
 
 
 def test_per_token_logprobs_of_another_vocabulary_align_by_characters(llama):
     enc = gpt2_encoding()
-    cases = [  # (context, the GPT-2 tokens' bytes, the judge's continuation tokens, where each goes)
+    # (context, the GPT-2 tokens' bytes, the judge's continuation tokens, where each goes)
+    cases = [
         # the judge's "▁roofing" spans GPT-2's " roof" "ing": it goes to "ing", where it is complete
         ("He starts pulling up", [b" roof", b"ing", b"."], 2, lambda lp: [0.0, lp[0], lp[1]]),
-        # the judge's "▁one\nLine" spans the context/continuation boundary: it goes to "Line"; "▁t" "w" "o" to " two"
+        # the judge's "▁one\nLine" spans the context/continuation boundary: it goes to
+        # "Line"; "▁t" "w" "o" to " two"
         ("Line one", [b"\n", b"Line", b" two"], 4, lambda lp: [0.0, lp[0], lp[1] + lp[2] + lp[3]]),
         # GPT-2 tokens that cut characters in two, one judge token per word
-        ("Héllo wörld:", [b" \xc3", b"\xbc", b"n", b"\xc3\xaf", b"code", b" \xe2\x98", b"\x83", b" snow"], 3,
+        ("Héllo wörld:",
+         [b" \xc3", b"\xbc", b"n", b"\xc3\xaf", b"code", b" \xe2\x98", b"\x83", b" snow"], 3,
          lambda lp: [0.0, 0.0, 0.0, 0.0, lp[0], 0.0, lp[1], lp[2]]),
     ]
     contexts = [enc.encode(context) for context, _, _, _ in cases]
@@ -381,14 +424,17 @@ def test_per_token_logprobs_of_another_vocabulary_align_by_characters(llama):
     scores = llama.score_tokens(contexts, samples, batch_size=2, per_token=True)
     for i, (context, pieces, n_judge, expected) in enumerate(cases):
         text = context + b"".join(pieces).decode()
-        want = torch.tensor(expected(judge_logprobs(llama, text, n_judge).tolist()), dtype=torch.float32)
+        want = torch.tensor(expected(judge_logprobs(llama, text, n_judge).tolist()),
+                            dtype=torch.float32)
         torch.testing.assert_close(scores["token_logprobs"][i], want, atol=1e-4, rtol=0)
-        assert scores["token_logprobs"][i].sum().item() == pytest.approx(scores["sum_logprob"][i].item(), abs=1e-5)
-    text_scores = llama.score([enc.decode(c) for c in contexts], [enc.decode(s) for s in samples], batch_size=2)
+        assert scores["token_logprobs"][i].sum().item() == pytest.approx(
+            scores["sum_logprob"][i].item(), abs=1e-5)
+    text_scores = llama.score([enc.decode(c) for c in contexts], [enc.decode(s) for s in samples],
+                              batch_size=2)
     torch.testing.assert_close(scores["sum_logprob"], text_scores["sum_logprob"], atol=1e-6, rtol=0)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # loading
 
 def test_reward_model_is_frozen_float32_on_cpu(neo, tmp_path):
@@ -397,7 +443,8 @@ def test_reward_model_is_frozen_float32_on_cpu(neo, tmp_path):
     bf16 = CausalLM.load(neo.source, dtype="bfloat16")
     assert bf16.model.dtype == torch.bfloat16
     s32, s16 = neo.score(["A man is"], [" sitting"]), bf16.score(["A man is"], [" sitting"])
-    assert s16["sum_logprob"].dtype == torch.float32  # log-probs in float32 whatever the model's dtype
+    # log-probs in float32 whatever the model's dtype
+    assert s16["sum_logprob"].dtype == torch.float32
     assert s16["sum_logprob"].item() == pytest.approx(s32["sum_logprob"].item(), abs=0.5)
 
 
@@ -409,12 +456,14 @@ def test_this_projects_exported_policy_can_judge(tmp_path):
     policy.save_pretrained(tmp_path / "hf")
     judge = CausalLM.load(str(tmp_path / "hf"))
     assert judge.shares_gpt2_vocab and judge.max_length == 64
-    context, continuation = tiktoken_encode("A man is sitting on a roof."), tiktoken_encode(" He starts pulling.")
+    context, continuation = (tiktoken_encode("A man is sitting on a roof."),
+                             tiktoken_encode(" He starts pulling."))
     with torch.no_grad():
         logits, _ = policy(torch.tensor([context + continuation[:-1]]))
     logp = torch.log_softmax(logits[0, len(context) - 1:].float(), dim=-1)
     expected = logp.gather(1, torch.tensor(continuation)[:, None]).sum().item()
-    got = judge.score(["A man is sitting on a roof."], [" He starts pulling."])["sum_logprob"].item()
+    got = judge.score(["A man is sitting on a roof."],
+                      [" He starts pulling."])["sum_logprob"].item()
     assert got == pytest.approx(expected, abs=1e-4)
 
 
@@ -429,13 +478,14 @@ def test_unloadable_sources_are_one_line_errors(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(UserError, match="not a loadable transformers causal LM"):
         CausalLM.load(str(tmp_path))
-    with pytest.raises(UserError, match=r"hf download EleutherAI/gpt-neo-2.7B --local-dir DIR"):  # offline in tests
+    # offline in tests
+    with pytest.raises(UserError, match=r"hf download EleutherAI/gpt-neo-2.7B --local-dir DIR"):
         CausalLM.load("EleutherAI/gpt-neo-2.7B")
     with pytest.raises(UserError, match="unknown dtype"):
         CausalLM.load(str(tmp_path), dtype="int8")
 
 
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI
 
 def write_jsonl(path, rows):
@@ -445,9 +495,11 @@ def write_jsonl(path, rows):
 
 def test_cli_writes_scores_in_input_order(neo, tmp_path, capsys):
     pairs = PAIRS[:4]
-    src = write_jsonl(tmp_path / "pairs.jsonl", [{"context": c, "continuation": k} for c, k in pairs])
+    src = write_jsonl(tmp_path / "pairs.jsonl",
+                      [{"context": c, "continuation": k} for c, k in pairs])
     out = tmp_path / "scores.jsonl"
-    main(["--model", neo.source, "--input", src, "--output", str(out), "--batch-size", "2", "--device", "cpu"])
+    main(["--model", neo.source, "--input", src, "--output", str(out), "--batch-size", "2",
+          "--device", "cpu"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     expected = neo.score([c for c, _ in pairs], [k for _, k in pairs])
     assert [r["n_chars"] for r in rows] == [len(k) for _, k in pairs]
@@ -460,7 +512,8 @@ def test_cli_writes_scores_in_input_order(neo, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("lines, message", [
-    (['{"context": "a", "continuation": " b"}', '{"context": "a", "continuation": " b"'], ", line 2: not valid JSON"),
+    (['{"context": "a", "continuation": " b"}', '{"context": "a", "continuation": " b"'],
+     ", line 2: not valid JSON"),
     (['{"context": "a"}'], ", line 1: 'continuation' missing"),
     (['{"context": 3, "continuation": " b"}'], ", line 1: 'context' not a string"),
     (['', '{"context": "a", "continuation": ""}'], ", line 2: empty continuation"),
@@ -478,7 +531,8 @@ def test_cli_bad_input_names_file_and_line(tmp_path, lines, message):
 def test_cli_pair_that_cannot_fit_names_its_line(neo, tmp_path):
     src = write_jsonl(tmp_path / "pairs.jsonl", [{"context": "a", "continuation": " b"},
                                                  {"context": "a", "continuation": " roof" * 80}])
-    with pytest.raises(UserError, match=r"pairs.jsonl, line 2: the continuation alone \(80 tokens\) does not fit"):
+    with pytest.raises(UserError, match=(r"pairs.jsonl, line 2: the continuation alone "
+                                         r"\(80 tokens\) does not fit")):
         main(["--model", neo.source, "--input", src])
 
 

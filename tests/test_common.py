@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from common import UserError, atomic_path, atomic_write_text, autocast, resolve_device, same_error_on_every_rank
+from common import (UserError, atomic_path, atomic_write_text, autocast, resolve_device,
+                    same_error_on_every_rank)
 
 
 def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
@@ -24,7 +25,8 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
 
 def test_resolve_device_accepts_what_the_machine_has():
     assert resolve_device("cpu") == "cpu"
-    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    expected = ("cuda" if torch.cuda.is_available()
+                else "mps" if torch.backends.mps.is_available() else "cpu")
     assert resolve_device("auto") == expected
 
 

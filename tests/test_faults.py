@@ -1,7 +1,7 @@
 """
-Faults a user meets, one test per kind: each ends in one line that names the file and what is wrong (exit 2 from
-the CLIs), is refused before any work, or leaves what was there before intact. Tiny models (2 layers, 64 dims)
-built here, saved in tmp dirs; no network.
+Faults a user meets, one test per kind: each ends in one line that names the file and what is wrong
+(exit 2 from the CLIs), is refused before any work, or leaves what was there before intact. Tiny
+models (2 layers, 64 dims) built here, saved in tmp dirs; no network.
 """
 
 import dataclasses
@@ -30,7 +30,8 @@ def tiny_gpt(seed=0):
 
 
 def save_checkpoint(path, policy=None, **changes):
-    """This project's checkpoint layout (as train_ppo.py writes it), with `changes` applied on top (None drops)."""
+    """This project's checkpoint layout (as train_ppo.py writes it), with `changes`
+    applied on top (None drops)."""
     policy = policy or tiny_gpt()
     ckpt = {"format": CHECKPOINT_FORMAT, "model_config": dataclasses.asdict(policy.config),
             "model": policy.state_dict()}
@@ -40,7 +41,8 @@ def save_checkpoint(path, policy=None, **changes):
 
 
 def cli_error(capsys, main, argv):
-    """Run a CLI as its entry point does; -> the one line it printed, after checking exit status 2."""
+    """Run a CLI as its entry point does; -> the one line it printed, after
+    checking exit status 2."""
     with pytest.raises(SystemExit) as e:
         run_cli(main, [str(a) for a in argv])
     err = capsys.readouterr().err
@@ -49,7 +51,8 @@ def cli_error(capsys, main, argv):
 
 
 def unwritable_dir(tmp_path):
-    """A directory this process cannot create files in, even as root (whom permission bits do not stop)."""
+    """A directory this process cannot create files in, even as root (whom
+    permission bits do not stop)."""
     if os.geteuid() == 0:
         return "/sys"
     path = tmp_path / "read_only"
@@ -63,7 +66,7 @@ class Evil:
         return (os.system, ("echo this must never run",))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # every model source: load it or say why in one line
 
 @pytest.fixture(scope="module")
@@ -80,7 +83,8 @@ def damaged_export(export_dir, tmp_path, fault):
         target = path / fault.removeprefix("truncated ")
         target.write_bytes(target.read_bytes()[:200])
         return path, target
-    if fault.startswith("model.safetensors "):  # transformers would fill the hole with random weights
+    # transformers would fill the hole with random weights
+    if fault.startswith("model.safetensors "):
         from safetensors.torch import load_file, save_file
         weights = load_file(path / "model.safetensors")
         if fault.endswith("without a tensor"):
@@ -102,16 +106,19 @@ def bad_torch_file(tmp_path, fault, monkeypatch):
     model, path = tiny_gpt(), tmp_path / "ckpt.pt"
     args = dataclasses.asdict(model.config)
     if fault == "nanoGPT args disagree with weights":
-        torch.save({"model": model.state_dict(), "model_args": args | {"n_embd": 32, "n_head": 2}}, path)
+        torch.save({"model": model.state_dict(), "model_args": args | {"n_embd": 32, "n_head": 2}},
+                   path)
     elif fault == "nanoGPT field of the wrong type":
         torch.save({"model": model.state_dict(), "model_args": args | {"n_layer": "2"}}, path)
     elif fault == "build-nanogpt field of the wrong type":
         # build-nanogpt's train_gpt2.py pickles its GPTConfig dataclass from __main__
-        fields = [(name, int, getattr(model.config, name)) for name in ("block_size", "vocab_size", "n_layer",
-                                                                         "n_head", "n_embd")]
-        config_class = dataclasses.make_dataclass("GPTConfig", fields, namespace={"__module__": "__main__"})
+        fields = [(name, int, getattr(model.config, name))
+                  for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")]
+        config_class = dataclasses.make_dataclass("GPTConfig", fields,
+                                                  namespace={"__module__": "__main__"})
         monkeypatch.setattr(sys.modules["__main__"], "GPTConfig", config_class, raising=False)
-        torch.save({"model": model.state_dict(), "config": config_class(n_embd=64.0), "step": 5}, path)
+        torch.save({"model": model.state_dict(), "config": config_class(n_embd=64.0), "step": 5},
+                   path)
     elif fault == "nanoGPT n_embd not a multiple of n_head":
         torch.save({"model": model.state_dict(), "model_args": args | {"n_head": 3}}, path)
     elif fault == "nanoGPT vocabulary smaller than GPT-2's":
@@ -130,7 +137,8 @@ def bad_torch_file(tmp_path, fault, monkeypatch):
     ("truncated model.safetensors", "truncated or corrupt"),
     ("truncated value_head.safetensors", "truncated or corrupt"),
     ("model.safetensors without a tensor", "the weights lack 1 tensor(s) of this config"),
-    ("model.safetensors with more layers than config.json says", "the weights hold 11 tensor(s) that config.json "
+    ("model.safetensors with more layers than config.json says",
+     "the weights hold 11 tensor(s) that config.json "
      "does not describe (transformer.h.1.attn.c_attn.weight"),
     ("model.safetensors with a tensor of the wrong shape", "the weights and config.json disagree: "
      "transformer.h.1.mlp.c_fc.weight is (64, 100), but the config makes it (64, 256)"),
@@ -145,28 +153,32 @@ def bad_torch_file(tmp_path, fault, monkeypatch):
     ("project checkpoint with an extra config key", "unknown model config field(s) ['n_experts']"),
     ("a pickle that would run code", "refused: loading it would run Python code"),
 ])
-def test_every_bad_model_source_is_one_line_naming_the_file(export_dir, tmp_path, capsys, monkeypatch, fault,
-                                                           message):
+def test_every_bad_model_source_is_one_line_naming_the_file(export_dir, tmp_path, capsys,
+                                                            monkeypatch, fault, message):
     if fault.startswith(("truncated", "n_head=", "model.safetensors")):
         source, named = damaged_export(export_dir, tmp_path, fault)
     else:
         source, named = bad_torch_file(tmp_path, fault, monkeypatch)
     line = cli_error(capsys, hellaswag.main, ["--model", source, "--data", FIXTURE])
     assert f"error: {named}:" in line and message in line
-    assert "weights_only=False" not in line and "`False`" not in line  # never advise turning the safety off
+    # never advise turning the safety off
+    assert "weights_only=False" not in line and "`False`" not in line
 
 
-@pytest.mark.parametrize("setting", [{"scale_attn_by_inverse_layer_idx": True}, {"scale_attn_weights": False},
-                                     {"tie_word_embeddings": False}, {"activation_function": "relu"}])
+@pytest.mark.parametrize("setting", [{"scale_attn_by_inverse_layer_idx": True},
+                                     {"scale_attn_weights": False},
+                                     {"tie_word_embeddings": False},
+                                     {"activation_function": "relu"}])
 def test_gpt2_settings_this_gpt_does_not_compute_are_refused(export_dir, tmp_path, setting):
-    """Each would load and give other logits than transformers' GPT-2 (an untied head: whichever of the two matrices
-    loaded last)."""
+    """Each would load and give other logits than transformers' GPT-2 (an untied head: whichever of
+    the two matrices loaded last)."""
     path = tmp_path / "hf"
     shutil.copytree(export_dir, path)
     config = json.loads((path / "config.json").read_text()) | setting
     (path / "config.json").write_text(json.dumps(config))
     (name, value), = setting.items()
-    with pytest.raises(UserError, match=f"{path}: config.json sets {name}={value!r}, which GPT-2 does not have"):
+    with pytest.raises(UserError, match=(f"{path}: config.json sets {name}={value!r}, "
+                                         "which GPT-2 does not have")):
         GPT.from_pretrained(str(path))
 
 
@@ -179,15 +191,17 @@ def test_non_finite_weights_are_refused_by_hellaswag(tmp_path, capsys):
     assert f"{path}: non-finite weights" in line and "transformer.h.1.mlp.c_fc.weight" in line
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # outputs are checked before the work
 
 def no_work(*args, **kwargs):
     raise AssertionError("the work started before the output path was checked")
 
 
-@pytest.mark.parametrize("fault", ["unwritable", "under a file", "existing directory", "same as the input"])
-@pytest.mark.parametrize("flag", ["hellaswag --output", "hellaswag --predictions", "reward --output"])
+@pytest.mark.parametrize("fault", ["unwritable", "under a file", "existing directory",
+                                   "same as the input"])
+@pytest.mark.parametrize("flag", ["hellaswag --output", "hellaswag --predictions",
+                                  "reward --output"])
 def test_bad_output_paths_are_refused_before_the_work(tmp_path, capsys, monkeypatch, fault, flag):
     data = tmp_path / "data.jsonl"
     (tmp_path / "file.txt").write_text("a file\n")
@@ -208,19 +222,23 @@ def test_bad_output_paths_are_refused_before_the_work(tmp_path, capsys, monkeypa
         argv = ["--model", "any", "--data", data, "--" + flag.split("--")[1], path]
         line = cli_error(capsys, hellaswag.main, argv)
     assert line.startswith(f"error: {path}: ")
-    expected = {"unwritable": "cannot write in", "under a file": "is a file, so nothing can be written under it",
-                "existing directory": "an existing directory", "same as the input": f"the same file as {data}"}
+    expected = {"unwritable": "cannot write in",
+                "under a file": "is a file, so nothing can be written under it",
+                "existing directory": "an existing directory",
+                "same as the input": f"the same file as {data}"}
     assert expected[fault] in line
     assert data.exists() and (tmp_path / "file.txt").read_text() == "a file\n"
 
 
 def test_an_output_directory_is_checked_the_same_way(tmp_path):
-    """directory=True, for a run's out_dir: an existing directory is fine, a file or an unwritable place is not."""
+    """directory=True, for a run's out_dir: an existing directory is fine, a file or an
+    unwritable place is not."""
     (tmp_path / "file.txt").write_text("a file\n")
     common.check_output_path(tmp_path, directory=True)
     common.check_output_path(tmp_path / "new" / "run", directory=True)
     for path, message in ((tmp_path / "file.txt", "an existing file, not a directory"),
-                          (tmp_path / "file.txt" / "run", "is a file, so nothing can be written under it"),
+                          (tmp_path / "file.txt" / "run",
+                           "is a file, so nothing can be written under it"),
                           (os.path.join(unwritable_dir(tmp_path), "run"), "cannot write in")):
         with pytest.raises(UserError, match=message):
             common.check_output_path(path, directory=True)
@@ -234,11 +252,12 @@ def test_compare_refuses_predictions_that_are_not_ending_numbers(tmp_path, capsy
     bad[2][key] = value
     for name, records in (("a.jsonl", good), ("b.jsonl", bad)):
         (tmp_path / name).write_text("".join(json.dumps(p) + "\n" for p in records))
-    line = cli_error(capsys, hellaswag.main, ["--compare", tmp_path / "a.jsonl", tmp_path / "b.jsonl"])
+    line = cli_error(capsys, hellaswag.main,
+                     ["--compare", tmp_path / "a.jsonl", tmp_path / "b.jsonl"])
     assert f"b.jsonl, line 3: '{key}' is {value}, but an ending number is 0-3" in line
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # files the project writes: normal permissions, and a full disk keeps the previous file
 
 @pytest.fixture
@@ -278,7 +297,8 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypat
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
 
     monkeypatch.setattr(torch, "save", zip_writer_fails)
-    monkeypatch.setattr(common.os, "statvfs", lambda path: os.statvfs_result((4096,) * 2 + (0,) * 8))
+    monkeypatch.setattr(common.os, "statvfs",
+                        lambda path: os.statvfs_result((4096,) * 2 + (0,) * 8))
     with pytest.raises(UserError) as e:
         atomic_torch_save({"step": 2}, ckpt)
     assert str(e.value) == f"no space left on device: {ckpt}"
@@ -292,11 +312,12 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypat
     assert str(e.value) == f"no space left on device: {export}"
     monkeypatch.undo()
     idx = torch.randint(0, 50257, (1, 8))
-    assert torch.equal(GPT.from_pretrained(export).eval()(idx)[0], tiny_gpt(seed=1)(idx)[0])  # the old export
+    # the old export
+    assert torch.equal(GPT.from_pretrained(export).eval()(idx)[0], tiny_gpt(seed=1)(idx)[0])
     assert sorted(os.listdir(tmp_path)) == ["ckpt_000001.pt", "export"]  # no temporary files left
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # data and config files
 
 def test_deeply_nested_json_is_one_line(export_dir, tmp_path, capsys):
@@ -315,22 +336,29 @@ def test_deeply_nested_json_is_one_line(export_dir, tmp_path, capsys):
         GPT.from_pretrained(model_dir)
 
 
-def test_a_cached_split_with_the_wrong_line_count_is_refused(export_dir, tmp_path, capsys, monkeypatch):
-    assert hellaswag.SPLIT_LINES == {"train": 39905, "val": 10042, "test": 10003}  # the official files
+def test_a_cached_split_with_the_wrong_line_count_is_refused(export_dir, tmp_path, capsys,
+                                                             monkeypatch):
+    # the official files
+    assert hellaswag.SPLIT_LINES == {"train": 39905, "val": 10042, "test": 10003}
     monkeypatch.setenv("HELLASWAG_CACHE", str(tmp_path))
-    shutil.copy(FIXTURE, tmp_path / "hellaswag_val.jsonl")  # a truncated val split put there by hand
+    # a truncated val split put there by hand
+    shutil.copy(FIXTURE, tmp_path / "hellaswag_val.jsonl")
     line = cli_error(capsys, hellaswag.main, ["--model", export_dir])
-    assert f"{tmp_path / 'hellaswag_val.jsonl'}: 6 examples, but the official val split has 10042" in line
+    assert (f"{tmp_path / 'hellaswag_val.jsonl'}: 6 examples, but the official val split has 10042"
+            in line)
 
 
-def test_a_directory_where_the_cached_split_should_be_is_one_line(export_dir, tmp_path, capsys, monkeypatch):
+def test_a_directory_where_the_cached_split_should_be_is_one_line(export_dir, tmp_path, capsys,
+                                                                  monkeypatch):
     monkeypatch.setenv("HELLASWAG_CACHE", str(tmp_path))
     (tmp_path / "hellaswag_val.jsonl").mkdir()
     line = cli_error(capsys, hellaswag.main, ["--model", export_dir])
-    assert f"{tmp_path / 'hellaswag_val.jsonl'}: a directory where the cached val split should be" in line
+    assert (f"{tmp_path / 'hellaswag_val.jsonl'}: a directory where the cached val split should be"
+            in line)
 
 
-def test_results_and_predictions_in_one_file_are_refused_before_the_work(tmp_path, capsys, monkeypatch):
+def test_results_and_predictions_in_one_file_are_refused_before_the_work(tmp_path, capsys,
+                                                                         monkeypatch):
     monkeypatch.setattr(hellaswag, "load_examples", no_work)
     same = tmp_path / "out.json"
     line = cli_error(capsys, hellaswag.main, ["--model", "any", "--data", FIXTURE, "--output", same,

@@ -1,5 +1,6 @@
-"""hellaswag.py: records and validation, the two rendering styles, tokens, and the batched scorer against a
-straightforward per-example implementation. The fixtures are synthetic, written for these tests."""
+"""hellaswag.py: records and validation, the two rendering styles, tokens, and the batched
+scorer against a straightforward per-example implementation. The fixtures are synthetic,
+written for these tests."""
 
 import importlib.util
 import json
@@ -14,8 +15,8 @@ import torch
 import hellaswag
 from common import UserError
 from causal_lm import split_encode
-from hellaswag import (choice_logprobs, encode_example, evaluate, example_texts, load_examples, pad_choices,
-                       score_choices)
+from hellaswag import (choice_logprobs, encode_example, evaluate, example_texts, load_examples,
+                       pad_choices, score_choices)
 from model import GPT, GPTConfig
 from tokenizer import EOT_TOKEN, gpt2_encoding
 
@@ -35,16 +36,19 @@ def write_jsonl(path, records):
 
 def record(**overrides):
     base = {"ind": 1, "activity_label": "Cooking", "ctx_a": "A cook cuts an onion.", "ctx_b": "she",
-            "ctx": "A cook cuts an onion. she", "split": "val", "split_type": "indomain", "label": 1,
+            "ctx": "A cook cuts an onion. she", "split": "val", "split_type": "indomain",
+            "label": 1,
             "endings": ["eats the knife.", "puts the onion in a pan.", "flies away.", "reads."],
             "source_id": "activitynet~v_x"}
     return {k: v for k, v in {**base, **overrides}.items() if v is not ...}
 
 
 def varied_examples(n, seed=0):
-    """Synthetic examples of many lengths, single-token endings included (they skip the ending pass)."""
+    """Synthetic examples of many lengths, single-token endings included (they
+    skip the ending pass)."""
     g = torch.Generator().manual_seed(seed)
-    words = "the a dog cat runs jumps over under quickly slowly red blue house tree river and then".split()
+    words = ("the a dog cat runs jumps over under quickly slowly red blue house tree river and "
+             "then").split()
     def text(k):
         return " ".join(words[i] for i in torch.randint(0, len(words), (k,), generator=g).tolist())
     examples = []
@@ -53,19 +57,21 @@ def varied_examples(n, seed=0):
         lengths = [int(x) for x in torch.randint(1, 12, (4,), generator=g)]
         if i % 5 == 0:
             lengths = [1, 1, 1, 1]
-        examples.append({"index": i, "ctx": text(ctx_len).capitalize(), "endings": [text(k) + "." if k > 1 else
-                         text(1) for k in lengths], "label": i % 4})
+        examples.append({"index": i, "ctx": text(ctx_len).capitalize(),
+                         "endings": [text(k) + "." if k > 1 else text(1) for k in lengths],
+                         "label": i % 4})
     return examples
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # records and validation
 
 def test_load_examples_reads_every_field_and_position():
     examples = load_examples(data_file=FIXTURE)
     assert [ex["index"] for ex in examples] == list(range(6))
     first = examples[0]
-    assert first["ctx"] == "A woman pours flour into a bowl. she" and first["label"] == 2 and first["ind"] == 3
+    assert (first["ctx"] == "A woman pours flour into a bowl. she" and first["label"] == 2
+            and first["ind"] == 3)
     assert first["endings"][2] == "cracks two eggs into the flour and stirs."
     assert (first["split_type"], first["source_id"], first["activity_label"]) == (
         "indomain", "activitynet~v_synthetic001", "Baking cookies")
@@ -74,7 +80,8 @@ def test_load_examples_reads_every_field_and_position():
 
 def test_optional_fields_may_be_missing_and_hub_labels_are_digit_strings(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [
-        {"ctx": "A man sits.", "endings": ["a.", "b.", "c.", "d."], "label": "3"},  # hub copy: label "3"
+        # hub copy: label "3"
+        {"ctx": "A man sits.", "endings": ["a.", "b.", "c.", "d."], "label": "3"},
         {"ctx_a": "A man stands.", "ctx_b": "he", "endings": ["a.", "b.", "c.", "d."], "label": 0},
         {"ctx": "Unlabeled.", "endings": ["a.", "b.", "c.", "d."]},  # the test split
     ])
@@ -116,7 +123,8 @@ def test_hub_copy_through_datasets(monkeypatch):
 
     rows = [dict(record(label="2"), ind=7), dict(record(label="0"), ind=9)]
     calls = []
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: calls.append((name, split)) or rows)
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda name, split: calls.append((name, split)) or rows)
     examples = load_examples("val", hub=True)
     assert calls == [("Rowan/hellaswag", "validation")]
     assert [(ex["label"], ex["ind"], ex["index"]) for ex in examples] == [(2, 7, 0), (0, 9, 1)]
@@ -128,7 +136,7 @@ def test_evaluate_refuses_unlabeled_examples(tmp_path):
         evaluate(tiny_gpt(), load_examples(data_file=path))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # rendering
 
 def test_completion_style_is_raw_ctx_and_space_ending():
@@ -144,9 +152,12 @@ def test_lm_eval_style_prefix_capitalisation_and_cleaning():
     assert context == "Walking the dog: A man clips a leash onto a small dog. The dog"
     assert continuations[0] == " wags its tail and runs to the door."
     context, continuations = example_texts(examples[2], "lm-eval")
-    assert context == "Home and Garden: How to water a cactus. Check the soil. Push a finger into the soil."
-    assert continuations == ["  Pour a litre of milk on it.", " If the soil is dry, water it slowly. Let it drain.",
-                             " Bury the cactus in sand.", "  Paint the pot."]  # the harness's quirks, kept
+    assert context == ("Home and Garden: How to water a cactus. Check the soil. Push a finger into "
+                       "the soil.")
+    # the harness's quirks, kept
+    assert continuations == ["  Pour a litre of milk on it.",
+                             " If the soil is dry, water it slowly. Let it drain.",
+                             " Bury the cactus in sand.", "  Paint the pot."]
     with pytest.raises(UserError, match="unknown style"):
         example_texts(examples[0], "fewshot")
 
@@ -173,11 +184,12 @@ def test_lm_eval_style_equals_the_harness_process_docs():
     for doc, example in zip(docs, load_examples(data_file=FIXTURE)):
         context, continuations = example_texts(example, "lm-eval")
         assert context == doc["query"]
-        assert continuations == [" " + choice for choice in doc["choices"]]  # the harness's target delimiter " "
+        # the harness's target delimiter " "
+        assert continuations == [" " + choice for choice in doc["choices"]]
         assert example["label"] == doc["gold"]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # tokens and the straightforward scorer
 
 def test_encode_example_completion_encodes_parts_separately():
@@ -192,10 +204,13 @@ def test_split_encode_moves_trailing_space_and_keeps_a_spanning_token_whole():
     enc = gpt2_encoding()
     context_tokens, ending_tokens = split_encode(enc.encode_ordinary, "The end is near ", "now.")
     assert context_tokens == enc.encode_ordinary("The end is near")
-    assert context_tokens + ending_tokens == enc.encode_ordinary("The end is near now.")  # the space goes after
-    # "Wait." + ".." encodes whole as "Wait" "...": the token spanning the boundary is the continuation's
+    # the space goes after
+    assert context_tokens + ending_tokens == enc.encode_ordinary("The end is near now.")
+    # "Wait." + ".." encodes whole as "Wait" "...": the token spanning the
+    # boundary is the continuation's
     context_tokens, ending_tokens = split_encode(enc.encode_ordinary, "Wait.", "..")
-    assert context_tokens == enc.encode_ordinary("Wait") and ending_tokens == enc.encode_ordinary("...")
+    assert (context_tokens == enc.encode_ordinary("Wait")
+            and ending_tokens == enc.encode_ordinary("..."))
 
 
 def test_lm_eval_style_gives_a_spanning_token_to_the_ending():
@@ -206,14 +221,16 @@ def test_lm_eval_style_gives_a_spanning_token_to_the_ending():
     context_tokens, ending_tokens = encode_example(example, encode, style="lm-eval")
     context, continuations = example_texts(example, "lm-eval")
     assert context_tokens == encode("Wait") and ending_tokens[0] == [999, ord(".")]
-    for continuation, tokens in zip(continuations, ending_tokens):  # each row is the whole text's encoding
+    # each row is the whole text's encoding
+    for continuation, tokens in zip(continuations, ending_tokens):
         assert context_tokens + tokens == encode(context + continuation)
 
 
 def test_a_context_that_cleaning_empties_is_an_error():
     enc = gpt2_encoding()
     example = {"index": 7, "ctx": "[header]", "endings": ["a.", "b.", "c.", "d."], "label": 0}
-    with pytest.raises(UserError, match="example 7: the context is empty once lm-eval-style cleaning is done"):
+    with pytest.raises(UserError,
+                       match="example 7: the context is empty once lm-eval-style cleaning is done"):
         encode_example(example, enc.encode_ordinary, style="lm-eval")
 
 
@@ -231,17 +248,20 @@ def test_pad_choices_layout():
 def test_choice_logprobs_sums_ending_tokens_and_is_differentiable():
     encoded = [([1, 2, 3], [[4], [5, 6], [7], [8, 9, 10]])]
     idx, _, target_mask = pad_choices(encoded, pad_token=0)
-    logits = torch.randn(4, idx.size(1), 20, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    logits = torch.randn(4, idx.size(1), 20, generator=torch.Generator().manual_seed(0),
+                         requires_grad=True)
     sums, n_tokens = choice_logprobs(logits, idx, target_mask)
     logp = torch.log_softmax(logits.detach(), -1)
-    expected = logp[3, 2, 8] + logp[3, 3, 9] + logp[3, 4, 10]  # ending 3: tokens 8, 9, 10 after context 1, 2, 3
+    # ending 3: tokens 8, 9, 10 after context 1, 2, 3
+    expected = logp[3, 2, 8] + logp[3, 3, 9] + logp[3, 4, 10]
     assert torch.allclose(sums[0, 3], expected) and n_tokens.tolist() == [[1.0, 2.0, 1.0, 3.0]]
     assert sums.dtype == n_tokens.dtype == torch.float32
     sums.sum().backward()
-    assert logits.grad[3, 2].abs().sum() > 0 and logits.grad[3, 5].abs().sum() == 0  # past the ending: no gradient
+    # past the ending: no gradient
+    assert logits.grad[3, 2].abs().sum() > 0 and logits.grad[3, 5].abs().sum() == 0
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the batched scorer against one full forward per example
 
 def reference_scores(model, encoded):
@@ -277,16 +297,19 @@ def test_evaluate_predictions_and_accuracy_from_the_reference():
     enc = gpt2_encoding()
     encoded = [encode_example(ex, enc.encode_ordinary) for ex in examples]
     ref = reference_scores(model, encoded)
-    n_tokens = torch.tensor([[len(e) for e in endings] for _, endings in encoded], dtype=torch.float32)
+    n_tokens = torch.tensor([[len(e) for e in endings] for _, endings in encoded],
+                            dtype=torch.float32)
     labels = torch.tensor([ex["label"] for ex in examples])
     result = evaluate(model, examples, batch_size=4, return_predictions=True)
     assert result["n"] == 17
     assert result["acc"] == pytest.approx((ref.argmax(1) == labels).float().mean().item())
-    assert result["acc_norm"] == pytest.approx(((ref / n_tokens).argmax(1) == labels).float().mean().item())
+    assert result["acc_norm"] == pytest.approx(
+        ((ref / n_tokens).argmax(1) == labels).float().mean().item())
     predictions = result["predictions"]
     assert [p["index"] for p in predictions] == list(range(17))
     assert [p["pred"] for p in predictions] == ref.argmax(1).tolist()
-    assert torch.allclose(torch.tensor([p["norm_scores"] for p in predictions]), ref / n_tokens, atol=1e-4)
+    assert torch.allclose(torch.tensor([p["norm_scores"] for p in predictions]), ref / n_tokens,
+                          atol=1e-4)
 
 
 def test_lm_eval_style_normalises_by_characters():
@@ -305,7 +328,8 @@ def test_bfloat16_autocast_scores_close_to_float32():
     examples = varied_examples(8)
     fp32 = evaluate(model, examples, return_predictions=True)["predictions"]
     bf16 = evaluate(model, examples, dtype="bfloat16", return_predictions=True)["predictions"]
-    diff = torch.tensor([p["sum_logprobs"] for p in fp32]) - torch.tensor([p["sum_logprobs"] for p in bf16])
+    diff = (torch.tensor([p["sum_logprobs"] for p in fp32])
+            - torch.tensor([p["sum_logprobs"] for p in bf16]))
     assert 0 < diff.abs().max() < 1.0  # bf16 really ran, and stayed close
 
 
@@ -319,7 +343,8 @@ def test_evaluate_restores_train_mode(training):
 def test_long_contexts_are_cut_from_the_left():
     torch.manual_seed(0)
     model = GPT(GPTConfig(**{**TINY, "block_size": 16})).eval()
-    example = {"index": 0, "ctx": "word " * 40 + "end", "endings": ["one.", "two.", "three.", "four."], "label": 0}
+    example = {"index": 0, "ctx": "word " * 40 + "end",
+               "endings": ["one.", "two.", "three.", "four."], "label": 0}
     context, endings = encode_example(example, gpt2_encoding().encode_ordinary)
     kept = context[-(16 - max(map(len, endings))):]
     result = evaluate(model, [example], return_predictions=True)
@@ -327,7 +352,7 @@ def test_long_contexts_are_cut_from_the_left():
     assert result["predictions"][0]["sum_logprobs"] == pytest.approx(expected.tolist(), abs=1e-4)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # any transformers causal LM
 
 @pytest.fixture(scope="module")
@@ -362,7 +387,8 @@ def test_transformers_path_equals_fast_path_on_the_same_gpt2(tiny_hf_gpt2, logit
     ours = evaluate(GPT.from_pretrained(tiny_hf_gpt2), examples, return_predictions=True)
     hf = GPT2LMHeadModel.from_pretrained(tiny_hf_gpt2).eval()
     hf = hf if logits_to_keep else AllLogits(hf)
-    theirs = evaluate(hf, examples, tokenizer=gpt2_hf_tokenizer(), batch_size=2, return_predictions=True)
+    theirs = evaluate(hf, examples, tokenizer=gpt2_hf_tokenizer(), batch_size=2,
+                      return_predictions=True)
     for a, b in zip(ours["predictions"], theirs["predictions"]):
         assert a["sum_logprobs"] == pytest.approx(b["sum_logprobs"], abs=1e-4)
         assert (a["pred"], a["pred_norm"]) == (b["pred"], b["pred_norm"])
@@ -374,15 +400,18 @@ def test_transformers_llama_with_bos_scores_like_a_hand_computation(tmp_path):
     from tokenizer import gpt2_hf_tokenizer
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=50257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN)
+    config = LlamaConfig(vocab_size=50257, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=256, bos_token_id=EOT_TOKEN,
+                         eos_token_id=EOT_TOKEN)
     LlamaForCausalLM(config).save_pretrained(tmp_path)
     gpt2_hf_tokenizer().save_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path, add_bos_token=True)  # a tokenizer that adds a BOS
+    # a tokenizer that adds a BOS
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path, add_bos_token=True)
     example = load_examples(data_file=FIXTURE)[1]
-    result = evaluate(model, [example], tokenizer=tokenizer, style="lm-eval", return_predictions=True)
+    result = evaluate(model, [example], tokenizer=tokenizer, style="lm-eval",
+                      return_predictions=True)
     context, continuations = example_texts(example, "lm-eval")
     n_context = len(tokenizer(context)["input_ids"])
     assert tokenizer(context)["input_ids"][0] == EOT_TOKEN
@@ -390,7 +419,8 @@ def test_transformers_llama_with_bos_scores_like_a_hand_computation(tmp_path):
         for continuation, score in zip(continuations, result["predictions"][0]["sum_logprobs"]):
             ids = torch.tensor([tokenizer(context + continuation)["input_ids"]])
             logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
-            expected = logp[torch.arange(n_context - 1, ids.size(1) - 1), ids[0, n_context:]].sum().item()
+            expected = logp[torch.arange(n_context - 1, ids.size(1) - 1),
+                            ids[0, n_context:]].sum().item()
             assert score == pytest.approx(expected, abs=1e-4)
 
 
@@ -427,7 +457,8 @@ def test_no_examples_on_this_rank_gives_zero_counts():
 
 
 def test_lm_eval_style_equals_the_harness_loglikelihoods(tiny_hf_gpt2):
-    """With lm-evaluation-harness installed: its HFLM scores the same continuations to the same log-likelihoods."""
+    """With lm-evaluation-harness installed: its HFLM scores the same continuations to
+    the same log-likelihoods."""
     pytest.importorskip("lm_eval.models.huggingface", exc_type=ImportError)
     import numpy as np
     from lm_eval.api.instance import Instance
@@ -440,14 +471,16 @@ def test_lm_eval_style_equals_the_harness_loglikelihoods(tiny_hf_gpt2):
     import datasets
 
     with open(FIXTURE) as f:
-        docs = list(utils.process_docs(datasets.Dataset.from_list([json.loads(line) for line in f])))
-    requests = [Instance(request_type="loglikelihood", doc=doc, arguments=(doc["query"], " " + choice), idx=j)
+        docs = list(utils.process_docs(
+            datasets.Dataset.from_list([json.loads(line) for line in f])))
+    requests = [Instance(request_type="loglikelihood", doc=doc,
+                         arguments=(doc["query"], " " + choice), idx=j)
                 for doc in docs for j, choice in enumerate(doc["choices"])]
     harness = HFLM(pretrained=tiny_hf_gpt2, batch_size=4, device="cpu", dtype="float32")
     lls = np.array([ll for ll, _ in harness.loglikelihood(requests)]).reshape(-1, 4)
     chars = np.array([[len(choice) for choice in doc["choices"]] for doc in docs], dtype=float)
-    ours = evaluate(GPT.from_pretrained(tiny_hf_gpt2), load_examples(data_file=FIXTURE), style="lm-eval",
-                    return_predictions=True)["predictions"]
+    ours = evaluate(GPT.from_pretrained(tiny_hf_gpt2), load_examples(data_file=FIXTURE),
+                    style="lm-eval", return_predictions=True)["predictions"]
     assert np.abs(np.array([p["sum_logprobs"] for p in ours]) - lls).max() < 1e-4
     assert [p["pred"] for p in ours] == lls.argmax(1).tolist()
     assert [p["pred_norm"] for p in ours] == (lls / chars).argmax(1).tolist()

@@ -1,5 +1,5 @@
-"""hellaswag.py around the scorer: the download (against a local HTTP server), the command line, --compare and its
-statistics, and sharding across 2 gloo processes."""
+"""hellaswag.py around the scorer: the download (against a local HTTP server), the command line,
+--compare and its statistics, and sharding across 2 gloo processes."""
 
 import dataclasses
 import http.server
@@ -14,8 +14,8 @@ import torch
 
 import hellaswag
 from common import UserError, run_cli
-from hellaswag import (compare_predictions, download_split, evaluate, load_examples, load_model, main,
-                       mcnemar_exact_p, paired_difference)
+from hellaswag import (compare_predictions, download_split, evaluate, load_examples, load_model,
+                       main, mcnemar_exact_p, paired_difference)
 from model import CHECKPOINT_FORMAT, GPT, GPTConfig
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hellaswag_synthetic.jsonl")
@@ -37,12 +37,12 @@ def checkpoint(tmp_path_factory):
     return str(path)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # download
 
 class FakeServer:
-    """Serves `body` at any path on 127.0.0.1; the first `failures` requests get a 503; `cut` sends a
-    Content-Length longer than the body (a dropped connection)."""
+    """Serves `body` at any path on 127.0.0.1; the first `failures` requests get a 503; `cut` sends
+    a Content-Length longer than the body (a dropped connection)."""
 
     def __init__(self, body, failures=0, cut=False):
         self.body, self.failures, self.cut, self.requests = body, failures, cut, 0
@@ -55,7 +55,8 @@ class FakeServer:
                     self.send_error(503)
                     return
                 self.send_response(200)
-                self.send_header("Content-Length", str(len(server.body) + (100 if server.cut else 0)))
+                self.send_header("Content-Length",
+                                 str(len(server.body) + (100 if server.cut else 0)))
                 self.end_headers()
                 self.wfile.write(server.body)
 
@@ -107,13 +108,13 @@ def test_a_cut_connection_is_retried_then_reported(tmp_path, monkeypatch, fixtur
     monkeypatch.setitem(hellaswag.SPLIT_LINES, "val", 6)
     with FakeServer(fixture_bytes, cut=True) as server:
         with pytest.raises(UserError, match="after 2 tries.*--data FILE"):
-            download_split("val", cache_dir=str(tmp_path), url=server.url.format(split="val"), retries=2,
-                           retry_wait=0)
+            download_split("val", cache_dir=str(tmp_path), url=server.url.format(split="val"),
+                           retries=2, retry_wait=0)
         assert server.requests == 2
     assert os.listdir(tmp_path) == []
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # command line
 
 def test_cli_writes_results_and_predictions(tmp_path, checkpoint, capsys):
@@ -123,14 +124,19 @@ def test_cli_writes_results_and_predictions(tmp_path, checkpoint, capsys):
     printed = capsys.readouterr().out
     results = json.loads(output.read_text())
     direct = evaluate(GPT.from_pretrained(checkpoint), load_examples(data_file=FIXTURE))
-    assert (results["n"], results["acc"], results["acc_norm"]) == (6, direct["acc"], direct["acc_norm"])
-    assert results["style"] == "completion" and results["model"] == checkpoint and results["split"] == "val"
+    assert (results["n"], results["acc"], results["acc_norm"]) == (
+        6, direct["acc"], direct["acc_norm"])
+    assert (results["style"] == "completion" and results["model"] == checkpoint
+            and results["split"] == "val")
     assert results["seconds"] > 0 and results["examples_per_s"] > 0
-    assert {k: v["n"] for k, v in results["groups"]["split_type"].items()} == {"indomain": 3, "zeroshot": 3}
-    assert {k: v["n"] for k, v in results["groups"]["source"].items()} == {"ActivityNet": 4, "WikiHow": 2}
+    assert {k: v["n"] for k, v in results["groups"]["split_type"].items()} == {"indomain": 3,
+                                                                               "zeroshot": 3}
+    assert {k: v["n"] for k, v in results["groups"]["source"].items()} == {"ActivityNet": 4,
+                                                                           "WikiHow": 2}
     assert len(results["groups"]["activity_label"]) == 6
     lines = [json.loads(line) for line in predictions.read_text().splitlines()]
-    assert [p["index"] for p in lines] == list(range(6)) and [p["ind"] for p in lines] == [3, 8, 15, 21, 34, 55]
+    assert ([p["index"] for p in lines] == list(range(6))
+            and [p["ind"] for p in lines] == [3, 8, 15, 21, 34, 55])
     for p in lines:
         assert {"label", "pred", "pred_norm", "sum_logprobs", "norm_scores"} <= set(p)
         assert len(p["sum_logprobs"]) == len(p["norm_scores"]) == 4
@@ -147,19 +153,21 @@ def test_cli_on_a_transformers_model_of_another_architecture(tmp_path, capsys):
     config = GPTNeoConfig(vocab_size=50257, hidden_size=64, num_layers=2, num_heads=2,
                           attention_types=[[["global"], 2]],
                           max_position_embeddings=256)
-    GPTNeoForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "neo")  # stored in bf16, as many are
+    # stored in bf16, as many are
+    GPTNeoForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "neo")
     gpt2_hf_tokenizer().save_pretrained(tmp_path / "neo")
     model, tokenizer = load_model(str(tmp_path / "neo"))
     assert type(model).__name__ == "GPTNeoForCausalLM" and tokenizer is not None
-    assert all(p.dtype == torch.float32 for p in model.parameters())  # --dtype picks the autocast, not the weights
+    # --dtype picks the autocast, not the weights
+    assert all(p.dtype == torch.float32 for p in model.parameters())
     main(["--model", str(tmp_path / "neo"), "--data", FIXTURE, "--style", "lm-eval", "--output",
           str(tmp_path / "r.json")])
     assert json.loads((tmp_path / "r.json").read_text())["n"] == 6
 
 
 def gpt2_with_its_own_tokenizer(path, vocab_size=400, **config):
-    """A tiny transformers GPT-2 trained on another vocabulary (as GPT-2s for other languages are), its BPE saved
-    beside it."""
+    """A tiny transformers GPT-2 trained on another vocabulary (as GPT-2s for other languages are),
+    its BPE saved beside it."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -167,21 +175,23 @@ def gpt2_with_its_own_tokenizer(path, vocab_size=400, **config):
         corpus = [json.loads(line)["ctx"] for line in f] * 20
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "</s>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", unk_token="<unk>")
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=64, n_layer=2, n_head=2,
-                               eos_token_id=tokenizer.eos_token_id, **config)).save_pretrained(path)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=64, n_layer=2,
+                               n_head=2, eos_token_id=tokenizer.eos_token_id,
+                               **config)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 
 
 @pytest.mark.parametrize("vocab_size", [400, 50257])
 def test_a_gpt2_with_its_own_tokenizer_is_scored_with_it(tmp_path, vocab_size):
-    """GPT-2's architecture does not mean GPT-2's tokens: such a model is scored as a judge is, with its own
-    tokenizer (a smaller vocabulary would crash GPT-2's token ids; one of the same size would score them silently
-    as the wrong text)."""
+    """GPT-2's architecture does not mean GPT-2's tokens: such a model is scored as a judge is, with
+    its own tokenizer (a smaller vocabulary would crash GPT-2's token ids; one of the same size
+    would score them silently as the wrong text)."""
     from causal_lm import CausalLM
 
     path = gpt2_with_its_own_tokenizer(tmp_path / "gpt2", vocab_size=min(vocab_size, 400))
@@ -191,30 +201,35 @@ def test_a_gpt2_with_its_own_tokenizer_is_scored_with_it(tmp_path, vocab_size):
         GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=256, n_embd=64, n_layer=2,
                                    n_head=2)).save_pretrained(path)
     model, tokenizer = load_model(path)
-    assert not isinstance(model, GPT) and tokenizer.get_vocab() == CausalLM.load(path).tokenizer.get_vocab()
+    assert (not isinstance(model, GPT)
+            and tokenizer.get_vocab() == CausalLM.load(path).tokenizer.get_vocab())
     examples = load_examples("val", FIXTURE)
     scored = evaluate(model, examples, tokenizer=tokenizer, return_predictions=True)["predictions"]
     judge = CausalLM.load(path)
     for ex, p in zip(examples, scored):
         endings = [" " + e for e in ex["endings"]]
         expected = judge.score([ex["ctx"]] * 4, endings)
-        torch.testing.assert_close(torch.tensor(p["sum_logprobs"]), expected["sum_logprob"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(p["sum_logprobs"]), expected["sum_logprob"],
+                                   atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("setting", [{"scale_attn_by_inverse_layer_idx": True}, {"tie_word_embeddings": False}])
+@pytest.mark.parametrize("setting", [{"scale_attn_by_inverse_layer_idx": True},
+                                     {"tie_word_embeddings": False}])
 def test_a_gpt2_variant_this_gpt_does_not_compute_is_scored_by_transformers(tmp_path, setting):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from tokenizer import gpt2_hf_tokenizer
 
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_positions=256, n_embd=64, n_layer=2, n_head=2, **setting)).eval()
+    hf = GPT2LMHeadModel(GPT2Config(n_positions=256, n_embd=64, n_layer=2, n_head=2,
+                                    **setting)).eval()
     hf.save_pretrained(tmp_path / "hf")
     gpt2_hf_tokenizer().save_pretrained(tmp_path / "hf")
     model, tokenizer = load_model(str(tmp_path / "hf"))
     assert isinstance(model, GPT2LMHeadModel) and tokenizer is not None
     example = load_examples("val", FIXTURE)[0]
-    scored = evaluate(model, [example], tokenizer=tokenizer, return_predictions=True)["predictions"][0]
+    scored = evaluate(model, [example], tokenizer=tokenizer,
+                      return_predictions=True)["predictions"][0]
     ids = tokenizer(example["ctx"] + " " + example["endings"][0])["input_ids"]
     n_ending = len(tokenizer(" " + example["endings"][0])["input_ids"])
     logprobs = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1].float(), -1)
@@ -226,7 +241,8 @@ def test_a_project_export_is_still_scored_by_the_projects_gpt(tmp_path):
     tiny_gpt().save_pretrained(tmp_path / "hf")  # GPT-2's own tokenizer files beside it
     model, tokenizer = load_model(str(tmp_path / "hf"))
     assert isinstance(model, GPT) and tokenizer is None
-    for name in ("tokenizer.json", "vocab.json", "merges.txt"):  # copied without its vocabulary: GPT-2's as before
+    # copied without its vocabulary: GPT-2's as before
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
         (tmp_path / "hf" / name).unlink(missing_ok=True)
     model, tokenizer = load_model(str(tmp_path / "hf"))
     assert isinstance(model, GPT) and tokenizer is None
@@ -249,25 +265,28 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, checkpoint, capsys, argv
     with pytest.raises(SystemExit) as e:
         run_cli(main, argv)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert (e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+            and message in err)
 
 
 def test_cli_entry_point_in_a_subprocess(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "hellaswag.py", "--model", str(tmp_path / "none.pt"), "--data", FIXTURE],
+    proc = subprocess.run([sys.executable, "hellaswag.py", "--model", str(tmp_path / "none.pt"),
+                           "--data", FIXTURE],
                           cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert proc.stderr.startswith("error: ") and "no such file" in proc.stderr
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # --compare
 
 def test_mcnemar_exact_p_values():
     assert mcnemar_exact_p(0, 0) == 1.0
     assert mcnemar_exact_p(3, 3) == 1.0
     assert mcnemar_exact_p(0, 5) == pytest.approx(2 / 32)
-    assert mcnemar_exact_p(9, 1) == pytest.approx(2 * 11 / 1024)  # P(X <= 1) for X ~ Bin(10, 1/2), two-sided
+    # P(X <= 1) for X ~ Bin(10, 1/2), two-sided
+    assert mcnemar_exact_p(9, 1) == pytest.approx(2 * 11 / 1024)
     assert 0 < mcnemar_exact_p(1400, 1600) < 0.001  # large counts stay exact and finite
 
 
@@ -282,8 +301,9 @@ def test_paired_difference_interval():
 
 
 def write_predictions(path, labels, preds, groups):
-    path.write_text("".join(json.dumps({"index": i, "label": y, "pred": p, "pred_norm": p, "split_type": g,
-                                        "sum_logprobs": [0.0] * 4, "norm_scores": [0.0] * 4}) + "\n"
+    path.write_text("".join(json.dumps({"index": i, "label": y, "pred": p, "pred_norm": p,
+                                        "split_type": g, "sum_logprobs": [0.0] * 4,
+                                        "norm_scores": [0.0] * 4}) + "\n"
                             for i, (y, p, g) in enumerate(zip(labels, preds, groups))))
     return str(path)
 
@@ -291,8 +311,10 @@ def write_predictions(path, labels, preds, groups):
 def test_compare_cli_reports_both_runs_and_groups(tmp_path, capsys):
     labels = [0, 1, 2, 3, 0, 1, 2, 3]
     groups = ["indomain"] * 4 + ["zeroshot"] * 4
-    a = write_predictions(tmp_path / "a.jsonl", labels, [0, 0, 0, 0, 0, 0, 0, 0], groups)  # right on 0 and 4
-    b = write_predictions(tmp_path / "b.jsonl", labels, [0, 1, 2, 3, 1, 1, 1, 1], groups)  # right on 0-3 and 5
+    # right on 0 and 4
+    a = write_predictions(tmp_path / "a.jsonl", labels, [0, 0, 0, 0, 0, 0, 0, 0], groups)
+    # right on 0-3 and 5
+    b = write_predictions(tmp_path / "b.jsonl", labels, [0, 1, 2, 3, 1, 1, 1, 1], groups)
     main(["--compare", a, b])
     out = capsys.readouterr().out
     assert "acc_norm    0.2500  0.6250  +0.3750" in out
@@ -316,7 +338,7 @@ def test_compare_refuses_files_of_different_data(tmp_path, capsys):
         hellaswag.read_predictions(str(tmp_path / "junk.jsonl"))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # distributed: 2 gloo processes on CPU
 
 def _ddp_worker(rank, world_size, store_path, out_dir):
@@ -339,12 +361,15 @@ def _ddp_error_worker(rank, world_size, store_path, out_dir):
     import datetime
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
-                                         world_size=world_size, timeout=datetime.timedelta(seconds=30))
+                                         world_size=world_size,
+                                         timeout=datetime.timedelta(seconds=30))
     try:
         torch.manual_seed(0)
-        model = GPT(GPTConfig(**{**TINY, "block_size": 17}))  # fits the first 4 examples' endings (<= 16 tokens)
+        # fits the first 4 examples' endings (<= 16 tokens)
+        model = GPT(GPTConfig(**{**TINY, "block_size": 17}))
         examples = load_examples(data_file=FIXTURE, limit=4)
-        examples[1]["endings"][2] = "a very long ending with far more tokens than this small model's window " * 2
+        examples[1]["endings"][2] = (
+            "a very long ending with far more tokens than this small model's window " * 2)
         try:  # example 1 is rank 1's: rank 0 alone would wait for it in a collective
             evaluate(model, examples)
             message = "no error"
@@ -358,7 +383,8 @@ def _ddp_error_worker(rank, world_size, store_path, out_dir):
 
 
 def test_ddp_an_error_on_one_rank_is_raised_on_every_rank(tmp_path):
-    torch.multiprocessing.spawn(_ddp_error_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(_ddp_error_worker, args=(2, str(tmp_path / "store"), str(tmp_path)),
+                                nprocs=2)
     messages = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
     assert messages[0] == messages[1]
     assert messages[0].startswith("example 1: an ending of") and "17-token window" in messages[0]
@@ -366,11 +392,14 @@ def test_ddp_an_error_on_one_rank_is_raised_on_every_rank(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_shards_and_every_rank_returns_the_single_process_totals(tmp_path):
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
-    single = evaluate(tiny_gpt(), load_examples(data_file=FIXTURE, limit=5), return_predictions=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)),
+                                nprocs=2)
+    single = evaluate(tiny_gpt(), load_examples(data_file=FIXTURE, limit=5),
+                      return_predictions=True)
     for rank in range(2):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert (result["n"], result["acc"], result["acc_norm"]) == (5, single["acc"], single["acc_norm"])
+        assert (result["n"], result["acc"], result["acc_norm"]) == (
+            5, single["acc"], single["acc_norm"])
         assert [p["index"] for p in result["predictions"]] == list(range(5))
         for p, q in zip(result["predictions"], single["predictions"]):
             assert (p["pred"], p["pred_norm"]) == (q["pred"], q["pred_norm"])

@@ -51,8 +51,9 @@ def test_logits_equal_transformers_gpt2(hf_gpt2_dir):
 
 
 def test_gradients_equal_transformers_gpt2(hf_gpt2_dir):
-    """On a CPU the token embedding's gradient is computed sparse and folded into the tied lm_head's dense one:
-    the weight's gradient must still be dense and equal transformers' (tokens repeat, so rows add up)."""
+    """On a CPU the token embedding's gradient is computed sparse and folded into the tied
+    lm_head's dense one: the weight's gradient must still be dense and equal transformers' (tokens
+    repeat, so rows add up)."""
     path, hf = hf_gpt2_dir
     model = GPT.from_pretrained(str(path))
     idx = torch.randint(0, 50, (3, 17), generator=torch.Generator().manual_seed(2))
@@ -64,9 +65,11 @@ def test_gradients_equal_transformers_gpt2(hf_gpt2_dir):
     assert grad.layout == torch.strided and ref[:50].abs().sum(1).min() > 0
     torch.testing.assert_close(grad, ref, atol=1e-6, rtol=1e-4)
     mlp, hf_mlp = model.transformer.h[0].mlp, hf_model.transformer.h[0].mlp
-    torch.testing.assert_close(mlp.c_fc.weight.grad, hf_mlp.c_fc.weight.grad.T, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(mlp.c_fc.weight.grad, hf_mlp.c_fc.weight.grad.T, atol=1e-6,
+                               rtol=1e-4)
     before = model.lm_head.weight.detach().clone()
-    model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").step()  # the fused AdamW takes the dense gradient
+    # the fused AdamW takes the dense gradient
+    model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").step()
     assert (model.lm_head.weight != before).any()
 
 
@@ -74,7 +77,8 @@ def test_gradients_equal_transformers_gpt2(hf_gpt2_dir):
 def test_padded_row_equals_row_alone(side):
     model = tiny_gpt()
     g = torch.Generator().manual_seed(2)
-    short, long = torch.randint(0, 50257, (1, 7), generator=g), torch.randint(0, 50257, (1, 12), generator=g)
+    short, long = (torch.randint(0, 50257, (1, 7), generator=g),
+                   torch.randint(0, 50257, (1, 12), generator=g))
     pad = torch.zeros(1, 5, dtype=torch.long)
     row = torch.cat([pad, short], 1) if side == "left" else torch.cat([short, pad], 1)
     idx = torch.cat([row, long])
@@ -137,8 +141,9 @@ def test_sampled_logprobs_match_full_forward():
     model = tiny_gpt(seed=5)
     idx, mask = left_padded_prompts()
     temperature = 0.7
-    tokens, out_mask, logprobs = model.generate(idx, mask, max_new_tokens=10, temperature=temperature, top_k=50,
-                                                stop_tokens=(), generator=torch.Generator().manual_seed(0))
+    tokens, out_mask, logprobs = model.generate(idx, mask, max_new_tokens=10,
+                                                temperature=temperature, top_k=50, stop_tokens=(),
+                                                generator=torch.Generator().manual_seed(0))
     full = torch.cat([idx, tokens], 1)
     full_mask = torch.cat([mask, out_mask], 1)
     logits, _ = model(full, full_mask)
@@ -164,7 +169,8 @@ def test_stop_token_mask_includes_the_stop_and_nothing_after():
     idx, mask = left_padded_prompts()
     free, _, _ = model.generate(idx, mask, max_new_tokens=6, temperature=0, stop_tokens=())
     stop = int(free[0, 2])  # row 0 stops at its third token
-    tokens, out_mask, logprobs = model.generate(idx, mask, max_new_tokens=6, temperature=0, stop_tokens=(stop,))
+    tokens, out_mask, logprobs = model.generate(idx, mask, max_new_tokens=6, temperature=0,
+                                                stop_tokens=(stop,))
     first_stop = (free[0] == stop).nonzero()[0].item()
     assert out_mask[0].tolist() == [1] * (first_stop + 1) + [0] * (tokens.size(1) - first_stop - 1)
     assert (logprobs[0, first_stop + 1:] == 0).all() and (logprobs[0, :first_stop + 1] < 0).all()
@@ -175,20 +181,23 @@ def test_generate_stops_early_when_every_row_stopped():
     model = tiny_gpt(seed=4)
     idx, mask = left_padded_prompts()
     free, _, _ = model.generate(idx, mask, max_new_tokens=4, temperature=0, stop_tokens=())
-    tokens, out_mask, _ = model.generate(idx, mask, max_new_tokens=20, temperature=0, stop_tokens=free[:, 0].tolist())
+    tokens, out_mask, _ = model.generate(idx, mask, max_new_tokens=20, temperature=0,
+                                         stop_tokens=free[:, 0].tolist())
     assert tokens.shape == (3, 1) and out_mask.all()
 
 
 def chi_square(counts, probs):
-    """Pearson's statistic of observed counts against probs (categories with probability 0 must have no count)."""
+    """Pearson's statistic of observed counts against probs (categories with probability
+    0 must have no count)."""
     expected = probs / probs.sum() * counts.sum()
     assert (counts[expected == 0] == 0).all(), "a token of probability 0 was drawn"
     kept = expected > 0
     return (((counts[kept] - expected[kept]) ** 2) / expected[kept]).sum().item()
 
 
-# 8 free categories: P(chi-square > 40) is about 3e-6, so the bound holds with margin for a correct sampler, while
-# the test's 200,000 draws see a bias of a fraction of a percent in the small categories
+# 8 free categories: P(chi-square > 40) is about 3e-6, so the bound holds with margin
+# for a correct sampler, while the test's 200,000 draws see a bias of a fraction of a
+# percent in the small categories
 CHI_SQUARE_BOUND = 40.0
 
 
@@ -196,7 +205,8 @@ CHI_SQUARE_BOUND = 40.0
 def test_exponential_race_draws_from_the_probabilities(seed):
     # unnormalized on purpose (the race needs no normalization), with a zero and a small category
     probs = torch.tensor([3.0, 0.0, 1.5, 0.6, 0.03, 0.9, 0.3, 1.2, 0.15, 2.4])
-    draws = sample_from_probs(probs.expand(200_000, -1).contiguous(), torch.Generator().manual_seed(seed))
+    draws = sample_from_probs(probs.expand(200_000, -1).contiguous(),
+                              torch.Generator().manual_seed(seed))
     counts = torch.bincount(draws, minlength=probs.numel()).double()
     assert chi_square(counts, probs.double()) < CHI_SQUARE_BOUND
 
@@ -205,11 +215,14 @@ def test_exponential_race_draws_from_the_probabilities(seed):
 def test_sample_next_token_keeps_temperature_top_k_top_p(top_k, top_p):
     logits = torch.tensor([2.0, -1.0, 0.5, 1.5, -0.3, 0.9, -2.0, 1.1, 0.0, 0.4]).expand(100_000, -1)
     temperature = 0.8
-    tokens, logp = sample_next_token(logits, temperature, top_k, top_p, torch.Generator().manual_seed(1))
+    tokens, logp = sample_next_token(logits, temperature, top_k, top_p,
+                                     torch.Generator().manual_seed(1))
     kept = F.softmax(filter_logits(logits[:1] / temperature, top_k, top_p), dim=-1)[0].double()
     assert chi_square(torch.bincount(tokens, minlength=10).double(), kept) < CHI_SQUARE_BOUND
-    # log-probs under the temperature-scaled distribution before top-k / top-p, as the PPO ratio needs
-    assert (logp - F.log_softmax(logits / temperature, dim=-1).gather(1, tokens[:, None])[:, 0]).abs().max() <= 1e-6
+    # log-probs under the temperature-scaled distribution before top-k / top-p, as the PPO ratio
+    # needs
+    assert (logp - F.log_softmax(logits / temperature, dim=-1).gather(
+        1, tokens[:, None])[:, 0]).abs().max() <= 1e-6
 
 
 def test_greedy_next_token_and_its_logprob_at_temperature_one():
@@ -238,9 +251,11 @@ def test_kv_cache_decoding_equals_full_forward():
     T = idx.size(1)
     cache = [KVCache(T + new.size(1)) for _ in model.transformer.h]
     with torch.no_grad():
-        steps = [model.hidden_states(idx, mask, cache=cache)]  # the prompt, then one token at a time
+        # the prompt, then one token at a time
+        steps = [model.hidden_states(idx, mask, cache=cache)]
         for t in range(new.size(1)):
-            steps.append(model.hidden_states(new[:, t:t + 1], full_mask[:, :T + t + 1], cache=cache))
+            steps.append(model.hidden_states(new[:, t:t + 1], full_mask[:, :T + t + 1],
+                                             cache=cache))
         cached = model.lm_head(torch.cat(steps, 1))
     real = full_mask.bool()
     assert (cached[real] - full[real]).abs().max().item() <= 1e-5
@@ -256,8 +271,9 @@ def test_generate_logprobs_equal_full_forward_with_stops(top_k, top_p):
     temperature = 0.7
 
     def sample(stop_tokens):
-        return model.generate(idx, mask, max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p,
-                              stop_tokens=stop_tokens, generator=torch.Generator().manual_seed(0))
+        return model.generate(idx, mask, max_new_tokens=10, temperature=temperature, top_k=top_k,
+                              top_p=top_p, stop_tokens=stop_tokens,
+                              generator=torch.Generator().manual_seed(0))
 
     free = sample(())[0]
     stop = int(free[0, 2])  # row 0 stops at its third token (or earlier), the others later or never
@@ -266,27 +282,32 @@ def test_generate_logprobs_equal_full_forward_with_stops(top_k, top_p):
     first_stop = (free[0] == stop).nonzero()[0].item()
     assert out_mask[0].tolist() == [1] * (first_stop + 1) + [0] * (tokens.size(1) - first_stop - 1)
     assert not out_mask.all()
-    # generate goes on feeding a stopped row its samples (masked out afterwards): the full forward sees them too
+    # generate goes on feeding a stopped row its samples (masked out afterwards): the
+    # full forward sees them too
     logits, _ = model(torch.cat([idx, tokens], 1), torch.cat([mask, torch.ones_like(tokens)], 1))
     T = idx.size(1)
     ref = logprobs_from_logits(logits[:, T - 1:-1] / temperature, tokens) * out_mask
     assert (ref - logprobs).abs().max().item() <= 1e-5
     # every sampled token survives top-k / top-p at its position
-    allowed = torch.isfinite(filter_logits(logits[:, T - 1:-1].flatten(0, 1) / temperature, top_k, top_p))
+    allowed = torch.isfinite(filter_logits(logits[:, T - 1:-1].flatten(0, 1) / temperature, top_k,
+                                           top_p))
     assert allowed.gather(1, tokens.flatten()[:, None]).all()
 
 
 def four_row_choice_forward(model, encoded):
-    """The computation choice_forward replaces: a full forward of the 4 rows context + ending of every example."""
+    """The computation choice_forward replaces: a full forward of the 4 rows context +
+    ending of every example."""
     idx, attention_mask, target_mask = pad_choices(encoded)
     logits, values = model(idx, attention_mask, logits_at=target_mask.bool())
     sum_logprobs, _ = choice_logprobs(logits, idx, target_mask)
     last_context = torch.tensor([len(context) - 1 for context, _ in encoded])
-    return sum_logprobs, values.view(-1, 4, values.size(1))[:, 0].gather(1, last_context[:, None]).squeeze(1)
+    return sum_logprobs, values.view(-1, 4, values.size(1))[:, 0].gather(
+        1, last_context[:, None]).squeeze(1)
 
 
 def random_choices(seed):
-    """Contexts of different lengths, and endings of different lengths within and across examples (one of 1 token)."""
+    """Contexts of different lengths, and endings of different lengths within and across
+    examples (one of 1 token)."""
     g = torch.Generator().manual_seed(seed)
     tokens = lambda n: torch.randint(0, 50257, (n,), generator=g).tolist()  # noqa: E731
     return [(tokens(5), [tokens(3), tokens(1), tokens(6), tokens(2)]),
@@ -303,15 +324,20 @@ def test_shared_context_choice_forward_equals_four_rows_with_gradients():
     def loss_and_grads(forward):
         model.zero_grad()
         sum_logprobs, values = forward()
-        ((sum_logprobs * weights).mean() + (values * value_weights).mean()).backward()  # as a PPO loss averages
-        return sum_logprobs.detach(), values.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+        # as a PPO loss averages
+        ((sum_logprobs * weights).mean() + (values * value_weights).mean()).backward()
+        return sum_logprobs.detach(), values.detach(), {k: p.grad.clone()
+                                                        for k, p in model.named_parameters()}
 
-    ref_logprobs, ref_values, ref_grads = loss_and_grads(lambda: four_row_choice_forward(model, encoded))
+    ref_logprobs, ref_values, ref_grads = loss_and_grads(
+        lambda: four_row_choice_forward(model, encoded))
     idx, segments = pack_choices(encoded)
-    assert idx.shape == (3, 28) and segments[2].tolist() == [0] * 2 + [1] * 9 + [2] * 3 + [3] * 5 + [4] + [-1] * 8
+    assert idx.shape == (3, 28) and segments[2].tolist() == (
+        [0] * 2 + [1] * 9 + [2] * 3 + [3] * 5 + [4] + [-1] * 8)
     # through forward, as a DDP-wrapped model is called
     logprobs, values, grads = loss_and_grads(lambda: model(idx, segments=segments))
-    assert logprobs.dtype == values.dtype == torch.float32 and logprobs.shape == (3, 4) and values.shape == (3,)
+    assert (logprobs.dtype == values.dtype == torch.float32 and logprobs.shape == (3, 4)
+            and values.shape == (3,))
     assert (logprobs - ref_logprobs).abs().max().item() <= 1e-5
     assert (values - ref_values).abs().max().item() <= 1e-5
     assert ref_values.abs().min() > 0.1  # the value head is not zero, so the values test something
@@ -322,17 +348,21 @@ def test_shared_context_choice_forward_equals_four_rows_with_gradients():
 
 def test_filter_logits_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
-    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True, True]]
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [
+        [False, False, True, True, True]]
     # nucleus 0.8: 0.5 + 0.2 = 0.7 < 0.8, so the 0.15 token is needed too
-    assert torch.isinf(filter_logits(logits, top_p=0.8)).tolist() == [[False, False, False, True, True]]
-    assert torch.isinf(filter_logits(logits, top_p=0.45)).tolist() == [[False, True, True, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.8)).tolist() == [
+        [False, False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.45)).tolist() == [
+        [False, True, True, True, True]]
     shuffled = logits[:, [3, 0, 4, 2, 1]]
-    assert torch.isinf(filter_logits(shuffled, top_p=0.8)).tolist() == [[True, False, True, False, False]]
+    assert torch.isinf(filter_logits(shuffled, top_p=0.8)).tolist() == [
+        [True, False, True, False, False]]
 
 
 def test_build_nanogpt_checkpoint_loads(tmp_path):
-    """A checkpoint written the way build-nanogpt's train_gpt2.py writes it: a GPTConfig dataclass from __main__,
-    a torch.compile'd state dict (_orig_mod. prefixes), step and val_loss."""
+    """A checkpoint written the way build-nanogpt's train_gpt2.py writes it: a GPTConfig dataclass
+    from __main__, a torch.compile'd state dict (_orig_mod. prefixes), step and val_loss."""
     model = tiny_gpt(seed=8)
     sd_path, ckpt_path = tmp_path / "sd.pt", tmp_path / "model_00050.pt"
     torch.save(model.state_dict(), sd_path)
@@ -348,7 +378,8 @@ def test_build_nanogpt_checkpoint_loads(tmp_path):
             n_embd: int = 64
         sd = torch.load({str(sd_path)!r})
         sd = {{"_orig_mod." + k: v for k, v in sd.items() if not k.startswith("value_head.")}}
-        torch.save({{"model": sd, "config": GPTConfig(), "step": 50, "val_loss": 3.2}}, {str(ckpt_path)!r})
+        checkpoint = {{"model": sd, "config": GPTConfig(), "step": 50, "val_loss": 3.2}}
+        torch.save(checkpoint, {str(ckpt_path)!r})
     """)
     subprocess.run([sys.executable, "-c", script], check=True)
     loaded = GPT.from_pretrained(str(ckpt_path)).eval()
@@ -361,9 +392,11 @@ def test_project_checkpoint_and_run_dir_load(tmp_path):
     import dataclasses
 
     model = tiny_gpt(seed=9)
-    ckpt = {"format": CHECKPOINT_FORMAT, "model_config": dataclasses.asdict(model.config), "model": model.state_dict()}
+    ckpt = {"format": CHECKPOINT_FORMAT, "model_config": dataclasses.asdict(model.config),
+            "model": model.state_dict()}
     torch.save(ckpt, tmp_path / "ckpt_000007.pt")
-    torch.save({**ckpt, "model": tiny_gpt(seed=1).state_dict()}, tmp_path / "ckpt_000003.pt")  # older
+    # older
+    torch.save({**ckpt, "model": tiny_gpt(seed=1).state_dict()}, tmp_path / "ckpt_000003.pt")
     idx = torch.randint(0, 50257, (2, 11))
     for source in (tmp_path / "ckpt_000007.pt", tmp_path):
         loaded = GPT.from_pretrained(source).eval()
@@ -394,7 +427,8 @@ def test_mismatched_weights_are_a_clear_error(tmp_path):
 
     model = tiny_gpt()
     config = dataclasses.asdict(model.config) | {"n_layer": 3}
-    torch.save({"format": CHECKPOINT_FORMAT, "model_config": config, "model": model.state_dict()}, tmp_path / "x.pt")
+    torch.save({"format": CHECKPOINT_FORMAT, "model_config": config, "model": model.state_dict()},
+               tmp_path / "x.pt")
     with pytest.raises(UserError, match="x.pt: weights do not fit"):
         GPT.from_pretrained(tmp_path / "x.pt")
 
@@ -411,7 +445,8 @@ def test_non_gpt2_transformers_dir_is_refused(tmp_path):
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
     neo = GPTNeoForCausalLM(GPTNeoConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=2,
-                                         attention_types=[[["global"], 2]], max_position_embeddings=32))
+                                         attention_types=[[["global"], 2]],
+                                         max_position_embeddings=32))
     neo.save_pretrained(tmp_path)
     with pytest.raises(UserError, match="gpt_neo"):
         GPT.from_pretrained(tmp_path)
@@ -441,16 +476,18 @@ def test_export_loads_in_transformers_offline(tmp_path):
 
 
 def test_a_nanogpt_model_without_biases_exports_as_gpt2_with_zero_biases(tmp_path):
-    """nanoGPT trains with bias=False by default: its checkpoint loads, trains, and exports (GPT-2 has biases, so
-    they are zeros there)."""
+    """nanoGPT trains with bias=False by default: its checkpoint loads, trains, and exports (GPT-2
+    has biases, so they are zeros there)."""
     from transformers import AutoModelForCausalLM
 
     model = tiny_gpt(seed=11, bias=False)
     with torch.no_grad():
-        for block in model.transformer.h:  # LayerNorm gains other than 1, so the export must carry them
+        # LayerNorm gains other than 1, so the export must carry them
+        for block in model.transformer.h:
             block.ln_1.weight.uniform_(0.5, 1.5)
     path = tmp_path / "ckpt.pt"
-    torch.save({"model": model.state_dict(), "model_args": {**TINY, "vocab_size": 50257, "bias": False}}, path)
+    torch.save({"model": model.state_dict(),
+                "model_args": {**TINY, "vocab_size": 50257, "bias": False}}, path)
     loaded = GPT.from_pretrained(str(path)).eval()
     assert not loaded.config.bias
     loaded.save_pretrained(tmp_path / "hf")
@@ -458,8 +495,10 @@ def test_a_nanogpt_model_without_biases_exports_as_gpt2_with_zero_biases(tmp_pat
     idx = torch.randint(0, 50257, (2, 9))
     with torch.no_grad():
         assert (hf(idx).logits - model(idx)[0]).abs().max().item() <= 1e-4
-        assert all(p.abs().max() == 0 for name, p in hf.named_parameters() if name.endswith(".bias"))
-    assert (GPT.from_pretrained(str(tmp_path / "hf")).eval()(idx)[0] - model(idx)[0]).abs().max().item() <= 1e-4
+        assert all(p.abs().max() == 0 for name, p in hf.named_parameters()
+                   if name.endswith(".bias"))
+    assert (GPT.from_pretrained(str(tmp_path / "hf")).eval()(idx)[0]
+            - model(idx)[0]).abs().max().item() <= 1e-4
 
 
 def test_generate_wants_at_least_one_new_token():
@@ -470,9 +509,11 @@ def test_generate_wants_at_least_one_new_token():
 
 def test_optimizer_groups_decay_matrices_only():
     model = tiny_gpt()
-    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-4, betas=(0.9, 0.95), device_type="cpu")
+    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-4, betas=(0.9, 0.95),
+                                     device_type="cpu")
     decay, no_decay = opt.param_groups
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert (all(p.dim() >= 2 for p in decay["params"])
+            and all(p.dim() < 2 for p in no_decay["params"]))
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
 
 
@@ -482,7 +523,8 @@ def test_optimizer_is_adamw_with_its_decay_groups_in_one_fused_kernel():
     torch.manual_seed(0)
     model = tiny_gpt()
     twin = copy.deepcopy(model)
-    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.95), device_type="cpu")
+    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-2, betas=(0.9, 0.95),
+                                     device_type="cpu")
     assert opt.defaults["fused"]
     params = list(twin.parameters())
     plain = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
@@ -503,4 +545,5 @@ def test_optimizer_is_adamw_with_its_decay_groups_in_one_fused_kernel():
             p, q = torch.cat([p[:C], p[2 * C:]]), torch.cat([q[:C], q[2 * C:]])
         assert torch.allclose(p, q, atol=2e-6), name
     # and the step did move them, the LayerNorm gains by Adam alone
-    assert not torch.allclose(model.transformer.ln_f.weight, torch.ones_like(model.transformer.ln_f.weight))
+    assert not torch.allclose(model.transformer.ln_f.weight,
+                              torch.ones_like(model.transformer.ln_f.weight))

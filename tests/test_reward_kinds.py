@@ -1,5 +1,6 @@
 """
-The three reward kinds of reward.py (likelihood, teacher, label) on a tiny GPT-Neo built in the test.
+The three reward kinds of reward.py (likelihood, teacher, label) on a tiny
+GPT-Neo built in the test.
 """
 
 import threading
@@ -16,22 +17,26 @@ from test_causal_lm import llama, neo, reference_score, tiktoken_encode  # noqa:
 from tokenizer import EOT_TOKEN, gpt2_encoding
 
 EXAMPLES = [
-    {"ctx": "A man is sitting on a roof. He", "endings": ["starts pulling up roofing.", "is using a phone.",
-                                                           "jumps into a pool.", "eats a sandwich quickly."]},
-    {"ctx": "A woman holds a violin. She", "endings": ["plays a song.", "throws it at a dog, then laughs.",
-                                                        "sings loudly", "puts it down and leaves the room."]},
-    {"ctx": "The kids run to the park and", "endings": ["play on the swings.", "sleep.", "cook dinner for everyone.",
-                                                         "read newspapers."]},
-    {"ctx": "Héllo, the café owner", "endings": ["opens the door.", "smiles ☃.", "closes early today.", "waves."]},
-    {"ctx": "A dog chases a ball across", "endings": ["the yard.", "the moon and the stars.", "a field of grass.",
-                                                       "town."]},
+    {"ctx": "A man is sitting on a roof. He",
+     "endings": ["starts pulling up roofing.", "is using a phone.", "jumps into a pool.",
+                 "eats a sandwich quickly."]},
+    {"ctx": "A woman holds a violin. She",
+     "endings": ["plays a song.", "throws it at a dog, then laughs.", "sings loudly",
+                 "puts it down and leaves the room."]},
+    {"ctx": "The kids run to the park and",
+     "endings": ["play on the swings.", "sleep.", "cook dinner for everyone.", "read newspapers."]},
+    {"ctx": "Héllo, the café owner",
+     "endings": ["opens the door.", "smiles ☃.", "closes early today.", "waves."]},
+    {"ctx": "A dog chases a ball across",
+     "endings": ["the yard.", "the moon and the stars.", "a field of grass.", "town."]},
 ]
 for i, ex in enumerate(EXAMPLES):
     ex.update(index=i, label=i % 4, activity_label="Test", ctx_a=ex["ctx"], ctx_b="")
 
-CONTEXTS = ["A man is sitting on a roof.", "The quick brown fox", "Héllo wörld:", "", "The weather is"]
-CONTINUATIONS = [" He starts pulling up roofing.", " jumps over the lazy dog.", " ☃ snow", " Once upon a time",
-                 " nice."]
+CONTEXTS = ["A man is sitting on a roof.", "The quick brown fox", "Héllo wörld:", "",
+            "The weather is"]
+CONTINUATIONS = [" He starts pulling up roofing.", " jumps over the lazy dog.", " ☃ snow",
+                 " Once upon a time", " nice."]
 
 
 @pytest.fixture
@@ -48,13 +53,14 @@ def reference_teacher_scores(neo, examples):
     for ex in examples:
         row = []
         for ending in ex["endings"]:
-            total, n = reference_score(neo.model, tiktoken_encode, ex["ctx"], " " + ending, EOT_TOKEN)
+            total, n = reference_score(neo.model, tiktoken_encode, ex["ctx"], " " + ending,
+                                       EOT_TOKEN)
             row.append(total / n)
         rows.append(row)
     return torch.tensor(rows)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # likelihood
 
 def test_likelihood_reward_is_the_mean_logprob(neo):
@@ -62,7 +68,8 @@ def test_likelihood_reward_is_the_mean_logprob(neo):
     per_token = LikelihoodReward(neo, normalize=False)(CONTEXTS, CONTINUATIONS)
     per_char = LikelihoodReward(neo, per="char", normalize=False)(CONTEXTS, CONTINUATIONS)
     torch.testing.assert_close(per_token, scores["sum_logprob"] / scores["n_tokens"])
-    torch.testing.assert_close(per_char, scores["sum_logprob"] / torch.tensor([float(len(c)) for c in CONTINUATIONS]))
+    torch.testing.assert_close(per_char, scores["sum_logprob"]
+                               / torch.tensor([float(len(c)) for c in CONTINUATIONS]))
     assert per_token.dtype == torch.float32 and per_token.shape == (5,)
 
 
@@ -70,7 +77,8 @@ def test_likelihood_reward_from_gpt2_tokens_equals_from_text(neo):
     enc = gpt2_encoding()
     from_tokens = LikelihoodReward(neo, normalize=False)([enc.encode(c) for c in CONTEXTS],
                                                          [enc.encode(c) for c in CONTINUATIONS])
-    torch.testing.assert_close(from_tokens, LikelihoodReward(neo, normalize=False)(CONTEXTS, CONTINUATIONS))
+    torch.testing.assert_close(from_tokens,
+                               LikelihoodReward(neo, normalize=False)(CONTEXTS, CONTINUATIONS))
 
 
 def test_likelihood_running_normalisation_over_batches(neo):
@@ -81,8 +89,10 @@ def test_likelihood_running_normalisation_over_batches(neo):
     out1 = reward(*first)
     torch.testing.assert_close(out1.double(), (raw1 - raw1.mean()) / raw1.std(), atol=1e-5, rtol=0)
     out2 = reward(*second)
-    everything = torch.cat([raw1, raw2])  # statistics over all rewards seen so far, this batch included
-    torch.testing.assert_close(out2.double(), (raw2 - everything.mean()) / everything.std(), atol=1e-5, rtol=0)
+    # statistics over all rewards seen so far, this batch included
+    everything = torch.cat([raw1, raw2])
+    torch.testing.assert_close(out2.double(), (raw2 - everything.mean()) / everything.std(),
+                               atol=1e-5, rtol=0)
     assert reward.count == 5 and reward.mean == pytest.approx(everything.mean().item())
     # the judge's own scale stays readable for logging
     torch.testing.assert_close(reward.last_raw.double(), raw2, atol=1e-6, rtol=0)
@@ -95,10 +105,12 @@ def test_likelihood_running_normalisation_over_batches(neo):
 def test_likelihood_clipping(neo):
     raw = LikelihoodReward(neo, normalize=False)(CONTEXTS, CONTINUATIONS)
     assert raw.min() < -3  # a tiny random model: so the clip below changes something
-    torch.testing.assert_close(LikelihoodReward(neo, normalize=False, clip=3.0)(CONTEXTS, CONTINUATIONS),
-                               raw.clamp(-3.0, 3.0))
+    torch.testing.assert_close(
+        LikelihoodReward(neo, normalize=False, clip=3.0)(CONTEXTS, CONTINUATIONS),
+        raw.clamp(-3.0, 3.0))
     normalised = LikelihoodReward(neo, clip=0.5)(CONTEXTS, CONTINUATIONS)
-    assert normalised.abs().max() == 0.5  # whitened values of 5 rewards reach beyond 0.5; clipped after
+    # whitened values of 5 rewards reach beyond 0.5; clipped after
+    assert normalised.abs().max() == 0.5
     with pytest.raises(UserError, match="clip must be positive"):
         LikelihoodReward(neo, clip=0)
     with pytest.raises(UserError, match="per must be"):
@@ -106,11 +118,13 @@ def test_likelihood_clipping(neo):
 
 
 def test_likelihood_statistics_agree_across_ranks(neo):
-    """Two ranks (threads here) with different batches end with the same statistics: those of both batches."""
+    """Two ranks (threads here) with different batches end with the same statistics:
+    those of both batches."""
     world, parts, barrier = 2, [None, None], threading.Barrier(2, timeout=60)
 
     def all_reduce_for(rank):
-        def all_reduce(tensor):  # torch.distributed.all_reduce's contract: sum in place across ranks
+        # torch.distributed.all_reduce's contract: sum in place across ranks
+        def all_reduce(tensor):
             parts[rank] = tensor.clone()
             barrier.wait()
             tensor.copy_(parts[0] + parts[1])
@@ -136,9 +150,11 @@ def test_likelihood_statistics_agree_across_ranks(neo):
     assert rewards[0].state_dict() == rewards[1].state_dict()
     assert rewards[0].count == 5 and rewards[0].mean == pytest.approx(raw.mean().item())
     assert rewards[0].std == pytest.approx(raw.std().item())
-    torch.testing.assert_close(torch.cat(outputs).double(), (raw - raw.mean()) / raw.std(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(outputs).double(), (raw - raw.mean()) / raw.std(),
+                               atol=1e-5, rtol=0)
 
-    # a rank with nothing to score this step still takes part (else the other rank would wait forever)
+    # a rank with nothing to score this step still takes part (else the other rank would wait
+    # forever)
     batches = [([], []), (CONTEXTS, CONTINUATIONS)]
     on_both_ranks(score)
     assert outputs[0].shape == (0,) and rewards[0].state_dict() == rewards[1].state_dict()
@@ -146,7 +162,8 @@ def test_likelihood_statistics_agree_across_ranks(neo):
 
     # the same for dense rewards: a rank whose samples were all empty asks for none
     def score_dense_empty(rank):
-        outputs[rank] = rewards[rank].dense([], [])[0] if rank == 0 else rewards[rank](*batches[rank])
+        outputs[rank] = (rewards[rank].dense([], [])[0] if rank == 0
+                         else rewards[rank](*batches[rank]))
 
     on_both_ranks(score_dense_empty)
     assert outputs[0].shape == (0,) and rewards[0].state_dict() == rewards[1].state_dict()
@@ -161,13 +178,17 @@ def test_likelihood_empty_sample(neo):
 # dense: each sampled GPT-2 token's share of the reward
 
 def dense_batches():
-    """Two batches of GPT-2 token pairs: a non-canonical " ro" "of", a judge token across the boundary ("Line one" +
-    "\\n" "Line" " two" for the metaspace tokenizer), characters cut between tokens, a long-tailed mix of lengths."""
+    """Two batches of GPT-2 token pairs: a non-canonical " ro" "of", a judge token across the
+    boundary ("Line one" + "\\n" "Line" " two" for the metaspace tokenizer), characters cut between
+    tokens, a long-tailed mix of lengths."""
     enc = gpt2_encoding()
     first = [("A man on the", [enc.encode(" ro")[0], enc.encode("of")[0], enc.encode(".")[0]]),
-             ("Line one", enc.encode("\nLine two")), ("He starts pulling up", enc.encode(" roofing."))]
-    second = [(context, enc.encode(continuation)) for context, continuation in zip(CONTEXTS, CONTINUATIONS)]
-    return [([enc.encode(c) for c, _ in batch], [tokens for _, tokens in batch]) for batch in (first, second)]
+             ("Line one", enc.encode("\nLine two")),
+             ("He starts pulling up", enc.encode(" roofing."))]
+    second = [(context, enc.encode(continuation))
+              for context, continuation in zip(CONTEXTS, CONTINUATIONS)]
+    return [([enc.encode(c) for c, _ in batch], [tokens for _, tokens in batch])
+            for batch in (first, second)]
 
 
 @pytest.mark.parametrize("judge", ["neo", "llama"])
@@ -184,7 +205,8 @@ def test_dense_shares_sum_to_the_sparse_reward(judge, settings, request):
         torch.testing.assert_close(dense.last_raw, sparse.last_raw, atol=1e-6, rtol=0)
     assert dense.state_dict() == sparse.state_dict()
     if settings.get("clip"):
-        assert want.abs().max() == pytest.approx(0.8)  # the clip cut something, and the shares still add up
+        # the clip cut something, and the shares still add up
+        assert want.abs().max() == pytest.approx(0.8)
 
 
 def test_dense_shares_follow_the_judges_token_logprobs(neo):
@@ -198,11 +220,13 @@ def test_dense_shares_follow_the_judges_token_logprobs(neo):
     reward.dense(*dense_batches()[0])  # statistics from another batch
     rewards, shares = reward.dense(contexts, tokens)
     for share, logprobs, n in zip(shares, scores["token_logprobs"], scores["n_tokens"]):
-        # differences between a sample's shares are those of its log-probs, scaled by 1 / (length * std)
-        torch.testing.assert_close(share - share[0], (logprobs - logprobs[0]) / (n * reward.std), atol=1e-5, rtol=0)
+        # differences between a sample's shares are those of its log-probs,
+        # scaled by 1 / (length * std)
+        torch.testing.assert_close(share - share[0], (logprobs - logprobs[0]) / (n * reward.std),
+                                   atol=1e-5, rtol=0)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # teacher
 
 def test_teacher_scores_match_reference_and_rewards(neo):
@@ -220,14 +244,16 @@ def test_teacher_scores_match_reference_and_rewards(neo):
 
 
 def spanning_lm(path):
-    """A tiny GPT-2-architecture LM whose BPE has no pre-tokenizer, so merges cross spaces: "Wait." + " .." encodes
-    whole with a token ". ." that spans the context/ending boundary."""
+    """A tiny GPT-2-architecture LM whose BPE has no pre-tokenizer, so merges cross spaces: "Wait."
+    + " .." encodes whole with a token ". ." that spans the context/ending boundary."""
     from tokenizers import Tokenizer, models, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    corpus = ["Wait. .. he said. Wait. .. again", "A man sits. He waves. He stands.", "The dog. The cat. Wait."]
+    corpus = ["Wait. .. he said. Wait. .. again", "A man sits. He waves. He stands.",
+              "The dog. The cat. Wait."]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.train_from_iterator(corpus * 8, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "</s>"]))
+    tok.train_from_iterator(corpus * 8, trainers.BpeTrainer(vocab_size=120,
+                                                            special_tokens=["<unk>", "</s>"]))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
@@ -239,26 +265,29 @@ def spanning_lm(path):
 
 @pytest.mark.parametrize("style", ["completion", "lm-eval"])
 def test_teacher_scores_equal_the_evaluator_norm_scores(tmp_path, style):
-    """The teacher scores endings exactly as hellaswag.evaluate scores them with the same model, also where a
-    token spans the context/ending boundary."""
+    """The teacher scores endings exactly as hellaswag.evaluate scores them with the same model,
+    also where a token spans the context/ending boundary."""
     lm = spanning_lm(tmp_path)
     examples = [dict(ex) for ex in EXAMPLES[:3]]
     examples[0].update(ctx="Wait.", ctx_a="Wait.", endings=["..", "he said.", "again.", "The dog."])
     context, continuations = hellaswag.example_texts(examples[0], style)
     context_ids = lm.encode(context.rstrip())
     whole_ids = lm.encode(context.rstrip() + " " + continuations[0].lstrip())
-    assert continuation_start(context_ids, whole_ids) < len(context_ids)  # the data has a spanning token
+    # the data has a spanning token
+    assert continuation_start(context_ids, whole_ids) < len(context_ids)
     teacher = TeacherReward(lm, examples, style=style).teacher_scores(range(len(examples)))
-    evaluated = hellaswag.evaluate(lm.model, examples, tokenizer=lm.tokenizer, style=style, batch_size=2,
-                                   return_predictions=True)["predictions"]
-    torch.testing.assert_close(teacher, torch.tensor([p["norm_scores"] for p in evaluated]), atol=1e-5, rtol=0)
+    evaluated = hellaswag.evaluate(lm.model, examples, tokenizer=lm.tokenizer, style=style,
+                                   batch_size=2, return_predictions=True)["predictions"]
+    torch.testing.assert_close(teacher, torch.tensor([p["norm_scores"] for p in evaluated]),
+                               atol=1e-5, rtol=0)
 
 
 def test_teacher_lm_eval_style_normalises_per_character(neo):
     teacher = TeacherReward(neo, EXAMPLES, style="lm-eval")
     context, endings = hellaswag.example_texts(EXAMPLES[1], "lm-eval")
     scores = neo.score([context] * 4, endings)
-    expected = scores["sum_logprob"] / torch.tensor([len(e) - 1 for e in endings], dtype=torch.float32)
+    expected = scores["sum_logprob"] / torch.tensor([len(e) - 1 for e in endings],
+                                                    dtype=torch.float32)
     torch.testing.assert_close(teacher.teacher_scores([1])[0], expected)
 
 
@@ -281,8 +310,10 @@ def test_teacher_scores_lazily_and_caches_on_disk(neo, tmp_path, count_forwards)
     third.teacher_scores([0, 1, 2])
     assert len(count_forwards) == 3  # the file holds what both runs scored
 
-    # two ranks that opened the cache at the same time, each scoring its own examples: the file keeps both
-    rank0, rank1 = (TeacherReward(neo, EXAMPLES, cache_dir=tmp_path, data_id="unit/val") for _ in range(2))
+    # two ranks that opened the cache at the same time, each scoring its own
+    # examples: the file keeps both
+    rank0, rank1 = (TeacherReward(neo, EXAMPLES, cache_dir=tmp_path, data_id="unit/val")
+                    for _ in range(2))
     rank0.teacher_scores([3])
     rank1.teacher_scores([4])
     assert len(count_forwards) == 5
@@ -293,7 +324,8 @@ def test_teacher_scores_lazily_and_caches_on_disk(neo, tmp_path, count_forwards)
     changed[0]["endings"] = ["sits still."] + changed[0]["endings"][1:]
     TeacherReward(neo, changed, cache_dir=tmp_path, data_id="unit/val").teacher_scores([2])
     assert len(count_forwards) == 6  # other data -> other key: nothing reused, nothing overwritten
-    TeacherReward(neo, EXAMPLES, cache_dir=tmp_path, data_id="unit/val", style="lm-eval").teacher_scores([2])
+    TeacherReward(neo, EXAMPLES, cache_dir=tmp_path, data_id="unit/val",
+                  style="lm-eval").teacher_scores([2])
     assert len(count_forwards) == 7  # other style, other strings
     assert len(list(tmp_path.iterdir())) == 3
 
@@ -321,7 +353,7 @@ def test_teacher_bad_arguments(neo):
         TeacherReward(neo, EXAMPLES)([5], torch.tensor([0]))
 
 
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # label
 
 def test_label_reward():

@@ -2,7 +2,8 @@ import hashlib
 
 import pytest
 
-from tokenizer import ENCODER_JSON_SHA256, EOT_TOKEN, VOCAB_BPE_SHA256, bpe_files, gpt2_encoding, gpt2_hf_tokenizer
+from tokenizer import (ENCODER_JSON_SHA256, EOT_TOKEN, VOCAB_BPE_SHA256, bpe_files, gpt2_encoding,
+                       gpt2_hf_tokenizer)
 
 STRINGS = [
     "Hello world",

@@ -1,7 +1,7 @@
 """
-Faults of a training run, one test per kind (the loaders' and CLIs' faults are in test_faults.py): a used or
-unwritable out_dir, a damaged run to resume, paths that must work from another directory, a multi-node run, a rank
-that dies. Tiny models on the synthetic task, CPU, gloo.
+Faults of a training run, one test per kind (the loaders' and CLIs' faults are in test_faults.py): a
+used or unwritable out_dir, a damaged run to resume, paths that must work from another directory, a
+multi-node run, a rank that dies. Tiny models on the synthetic task, CPU, gloo.
 """
 
 import json
@@ -26,11 +26,12 @@ def label_run(out_dir, synthetic_dir, **overrides):
 
 def test_a_fresh_run_refuses_an_out_dir_holding_another_run(tmp_path, synthetic_dir, monkeypatch):
     train_ppo.train(label_run(tmp_path, synthetic_dir, max_steps=3, keep_last=1))
-    before = {name: (tmp_path / name).read_bytes() for name in ("ckpt_000003.pt", "best.pt", "metrics.jsonl",
-                                                                 "train_config.json")}
+    before = {name: (tmp_path / name).read_bytes()
+              for name in ("ckpt_000003.pt", "best.pt", "metrics.jsonl", "train_config.json")}
     loads = []
     monkeypatch.setattr(train_ppo, "load_data", lambda *a: loads.append(1))
-    with pytest.raises(UserError, match=r"holds another run .*--init_from=resume.*--start_over=True"):
+    with pytest.raises(UserError,
+                       match=r"holds another run .*--init_from=resume.*--start_over=True"):
         train_ppo.train(label_run(tmp_path, synthetic_dir, seed=5))
     assert not loads  # refused before any data or model work
     assert {name: (tmp_path / name).read_bytes() for name in before} == before  # nothing touched
@@ -48,15 +49,18 @@ def test_a_fresh_run_refuses_an_out_dir_holding_another_run(tmp_path, synthetic_
 def test_an_unusable_out_dir_is_one_line_before_any_work(tmp_path, synthetic_dir, kind):
     (tmp_path / "f").write_text("x")
     out_dir = tmp_path / "f" if kind == "a file" else tmp_path / "f" / "run"
-    with pytest.raises(UserError, match="an existing file, not a directory|is a file, so nothing can be written"):
+    with pytest.raises(UserError, match=("an existing file, not a directory"
+                                         "|is a file, so nothing can be written")):
         train_ppo.train(label_run(out_dir, synthetic_dir))
 
 
 def test_resume_falls_back_from_a_damaged_checkpoint_and_torn_logs(tmp_path, synthetic_dir, capsys):
-    straight = train_ppo.train(label_run(tmp_path / "straight", synthetic_dir, max_steps=4))["model"]
+    straight = train_ppo.train(label_run(tmp_path / "straight", synthetic_dir,
+                                         max_steps=4))["model"]
     run = tmp_path / "run"
     train_ppo.train(label_run(run, synthetic_dir, max_steps=3, keep_last=2))
-    # killed while writing: the newest checkpoint cut short, a torn last log line, a leftover temporary file
+    # killed while writing: the newest checkpoint cut short, a torn last log line,
+    # a leftover temporary file
     newest = run / "ckpt_000003.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
     with open(run / "metrics.jsonl", "a") as f:
@@ -65,11 +69,14 @@ def test_resume_falls_back_from_a_damaged_checkpoint_and_torn_logs(tmp_path, syn
     (run / ".hf.k2j4x9").mkdir()  # an export killed half-way: as large as the model
     (run / ".hf.k2j4x9" / "model.safetensors").write_bytes(b"half an export")
     capsys.readouterr()
-    resumed = train_ppo.train(label_run(run, synthetic_dir, max_steps=4, init_from="resume"))["model"]
+    resumed = train_ppo.train(label_run(run, synthetic_dir, max_steps=4,
+                                        init_from="resume"))["model"]
     out = capsys.readouterr().out
-    assert f"warning: {newest}: cannot resume from it" in out and "resumed from" in out and "ckpt_000002.pt" in out
+    assert (f"warning: {newest}: cannot resume from it" in out and "resumed from" in out
+            and "ckpt_000002.pt" in out)
     assert "line 5: not a JSON line" in out
-    assert "resuming with max_steps 3 -> 4" in out and "warning: resuming" not in out  # only the length changed
+    # only the length changed
+    assert "resuming with max_steps 3 -> 4" in out and "warning: resuming" not in out
     assert not (run / ".ckpt_000004.pt.abc123.tmp").exists() and not (run / ".hf.k2j4x9").exists()
     assert [m["step"] for m in read_metrics(run)] == [0, 1, 2, 3, 4]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
@@ -78,7 +85,8 @@ def test_resume_falls_back_from_a_damaged_checkpoint_and_torn_logs(tmp_path, syn
 
 def test_resume_without_a_checkpoint_fails_before_any_work(tmp_path, synthetic_dir, monkeypatch):
     (tmp_path / "train_config.json").write_text("the previous run's config\n")
-    monkeypatch.setattr(train_ppo, "load_data", lambda *a: pytest.fail("data loaded before the check"))
+    monkeypatch.setattr(train_ppo, "load_data",
+                        lambda *a: pytest.fail("data loaded before the check"))
     with pytest.raises(UserError, match="no checkpoint"):
         train_ppo.train(label_run(tmp_path, synthetic_dir, init_from="resume"))
     (tmp_path / "ckpt_000001.pt").write_bytes(b"")  # empty: a kill before the first byte
@@ -88,33 +96,40 @@ def test_resume_without_a_checkpoint_fails_before_any_work(tmp_path, synthetic_d
 
 
 def test_a_run_whose_setup_failed_leaves_nothing_to_refuse(tmp_path, synthetic_dir):
-    """train_config.json is written once the setup succeeded: the corrected command then just runs, without
-    --start_over or --init_from=resume."""
+    """train_config.json is written once the setup succeeded: the corrected command then just runs,
+    without --start_over or --init_from=resume."""
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"ctx": "x", "endings": ["a"], "label": 0}\n')
     with pytest.raises(UserError, match="field 'endings'"):
-        train_ppo.train(label_run(tmp_path / "run", synthetic_dir, synthetic=False, init_from="scratch",
-                                  train_data=str(bad), val_data=str(bad)))
+        train_ppo.train(label_run(tmp_path / "run", synthetic_dir, synthetic=False,
+                                  init_from="scratch", train_data=str(bad), val_data=str(bad)))
     assert not (tmp_path / "run" / "train_config.json").exists()
     assert train_ppo.train(label_run(tmp_path / "run", synthetic_dir, max_steps=1))["step"] == 1
 
 
-@pytest.mark.parametrize("key, value", [("init_from", "./policy_typo"), ("init_from", "runs/x/ckpt_000100.pt"),
-                                        ("reward_model", "/models/judge_typo"), ("val_data", "val_typo.jsonl")])
-def test_a_source_path_that_is_not_there_is_one_line_before_any_work(tmp_path, synthetic_dir, monkeypatch, key,
-                                                                     value):
-    monkeypatch.setattr(train_ppo, "load_data", lambda *a: pytest.fail("data loaded before the check"))
-    monkeypatch.setattr(train_ppo, "setup_distributed", lambda *a: pytest.fail("set up before the check"))
-    settings = {"synthetic": False, "init_from": str(tmp_path), "train_data": str(tmp_path / "t.jsonl"),
-                "val_data": str(tmp_path / "t.jsonl"), "reward_kind": "teacher", "reward_model": str(tmp_path)}
+@pytest.mark.parametrize("key, value", [("init_from", "./policy_typo"),
+                                        ("init_from", "runs/x/ckpt_000100.pt"),
+                                        ("reward_model", "/models/judge_typo"),
+                                        ("val_data", "val_typo.jsonl")])
+def test_a_source_path_that_is_not_there_is_one_line_before_any_work(tmp_path, synthetic_dir,
+                                                                     monkeypatch, key, value):
+    monkeypatch.setattr(train_ppo, "load_data",
+                        lambda *a: pytest.fail("data loaded before the check"))
+    monkeypatch.setattr(train_ppo, "setup_distributed",
+                        lambda *a: pytest.fail("set up before the check"))
+    settings = {"synthetic": False, "init_from": str(tmp_path),
+                "train_data": str(tmp_path / "t.jsonl"), "val_data": str(tmp_path / "t.jsonl"),
+                "reward_kind": "teacher", "reward_model": str(tmp_path)}
     (tmp_path / "t.jsonl").write_text("")
     with pytest.raises(UserError, match=f"config: {key}='{value}': no such file or directory"):
         train_ppo.train(label_run(tmp_path / "run", synthetic_dir, **{**settings, key: value}))
 
 
 @pytest.mark.parametrize("key", ["synthetic_dir", "data_cache"])
-def test_a_folder_under_a_file_is_one_line_before_any_work(tmp_path, synthetic_dir, monkeypatch, key):
-    monkeypatch.setattr(train_ppo, "load_data", lambda *a: pytest.fail("data loaded before the check"))
+def test_a_folder_under_a_file_is_one_line_before_any_work(tmp_path, synthetic_dir, monkeypatch,
+                                                           key):
+    monkeypatch.setattr(train_ppo, "load_data",
+                        lambda *a: pytest.fail("data loaded before the check"))
     (tmp_path / "f").write_text("x")
     if key == "synthetic_dir":
         cfg = label_run(tmp_path / "run", str(tmp_path / "f" / "task"))
@@ -127,18 +142,20 @@ def test_a_folder_under_a_file_is_one_line_before_any_work(tmp_path, synthetic_d
 
 @pytest.mark.parametrize("key", ["synthetic_dir", "data_cache"])
 def test_a_folder_that_holds_all_it_needs_is_only_read(tmp_path, synthetic_dir, monkeypatch, key):
-    """A finished demo task or a cache holding the splits may sit on a read-only mount: nothing asks to write there
-    (and a folder that lacks something is checked)."""
+    """A finished demo task or a cache holding the splits may sit on a read-only mount: nothing asks
+    to write there (and a folder that lacks something is checked)."""
     cache = tmp_path / "cache"
     cache.mkdir()
     for split in ("train", "val"):
         (cache / f"hellaswag_{split}.jsonl").write_text("")
     cfg = (label_run(tmp_path / "run", synthetic_dir) if key == "synthetic_dir" else
-           label_run(tmp_path / "run", synthetic_dir, synthetic=False, init_from="scratch", train_data="hellaswag:train",
-                     val_data="hellaswag:val", data_cache=str(cache)))
+           label_run(tmp_path / "run", synthetic_dir, synthetic=False, init_from="scratch",
+                     train_data="hellaswag:train", val_data="hellaswag:val",
+                     data_cache=str(cache)))
     checked = []
     real = train_ppo.check_output_path
-    monkeypatch.setattr(train_ppo, "check_output_path", lambda path, **kw: checked.append(str(path)) or real(path, **kw))
+    monkeypatch.setattr(train_ppo, "check_output_path",
+                        lambda path, **kw: checked.append(str(path)) or real(path, **kw))
     run = train_ppo.Distributed(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu")
     train_ppo.prepare_out_dir(cfg, run, print)
     folder = getattr(cfg, key)
@@ -151,13 +168,15 @@ def test_a_folder_that_holds_all_it_needs_is_only_read(tmp_path, synthetic_dir, 
 
 
 def test_the_run_s_own_demo_task_is_built_with_the_run_s_seed(tmp_path, synthetic_dir, monkeypatch):
-    """The demo task in out_dir/synthetic belongs to the run that built it: a run with another seed refuses it
-    (each seed has its own task, teacher and policy) unless --start_over moves it aside with the rest."""
+    """The demo task in out_dir/synthetic belongs to the run that built it: a run with another
+    seed refuses it (each seed has its own task, teacher and policy) unless --start_over moves
+    it aside with the rest."""
     import shutil
 
     import synthetic
 
-    assert synthetic.task_seed(synthetic_dir) == 0  # prepare() records the seed it built the task with
+    # prepare() records the seed it built the task with
+    assert synthetic.task_seed(synthetic_dir) == 0
     task = tmp_path / "run" / "synthetic"
     shutil.copytree(synthetic_dir, task)
     class Checked(Exception):
@@ -167,7 +186,8 @@ def test_the_run_s_own_demo_task_is_built_with_the_run_s_seed(tmp_path, syntheti
         raise Checked
 
     monkeypatch.setattr(train_ppo, "load_data", stop)
-    with pytest.raises(UserError, match=f"{task} holds the demo task built with seed 0, and this run asks for seed 5"):
+    with pytest.raises(UserError, match=(f"{task} holds the demo task built with seed 0, "
+                                         "and this run asks for seed 5")):
         train_ppo.train(label_run(tmp_path / "run", "", seed=5))
     assert synthetic.task_seed(str(task)) == 0
     with pytest.raises(Checked):
@@ -177,8 +197,8 @@ def test_the_run_s_own_demo_task_is_built_with_the_run_s_seed(tmp_path, syntheti
 
 
 def test_start_over_moves_each_node_s_own_stale_demo_task(tmp_path, synthetic_dir):
-    """Nodes that share no filesystem each have their own out_dir/synthetic: the local rank 0 of every node moves
-    its stale task (only global rank 0 moves the run's files)."""
+    """Nodes that share no filesystem each have their own out_dir/synthetic: the local rank 0 of
+    every node moves its stale task (only global rank 0 moves the run's files)."""
     import shutil
 
     import synthetic
@@ -190,37 +210,45 @@ def test_start_over_moves_each_node_s_own_stale_demo_task(tmp_path, synthetic_di
         (task / "task.json").write_text(json.dumps({"seed": 0}))
         (tmp_path / node / "metrics.jsonl").write_text('{"step": 1}\n')
         run = train_ppo.Distributed(ddp=False, rank=rank, local_rank=0, world_size=16, device="cpu")
-        train_ppo.prepare_out_dir(label_run(tmp_path / node, "", seed=5, start_over=True), run, print)
+        train_ppo.prepare_out_dir(label_run(tmp_path / node, "", seed=5, start_over=True), run,
+                                  print)
         nodes[node] = task
     for node, task in nodes.items():
         assert not task.exists()
         (previous,) = (tmp_path / node / "previous").iterdir()
         assert synthetic.task_seed(str(previous / "synthetic")) == 0
     # the run's own files: global rank 0's alone
-    assert not (tmp_path / "node0" / "metrics.jsonl").exists() and (tmp_path / "node1" / "metrics.jsonl").exists()
+    assert (not (tmp_path / "node0" / "metrics.jsonl").exists()
+            and (tmp_path / "node1" / "metrics.jsonl").exists())
 
 
-def test_resuming_with_other_settings_says_so_and_recomputes_what_depends_on_them(tmp_path, synthetic_dir, capsys):
+def test_resuming_with_other_settings_says_so_and_recomputes_what_depends_on_them(
+        tmp_path, synthetic_dir, capsys):
     train_ppo.train(label_run(tmp_path, synthetic_dir, max_steps=1))
     capsys.readouterr()
-    train_ppo.train(label_run(tmp_path, synthetic_dir, max_steps=2, init_from="resume", choice_temperature=2.0))
+    train_ppo.train(label_run(tmp_path, synthetic_dir, max_steps=2, init_from="resume",
+                              choice_temperature=2.0))
     out = capsys.readouterr().out
-    assert ("warning: resuming with settings that differ from the checkpoint's, so another experiment from here on: "
-            "choice_temperature 1.0 -> 2.0") in out
+    assert ("warning: resuming with settings that differ from the checkpoint's, so another "
+            "experiment from here on: choice_temperature 1.0 -> 2.0") in out
     assert "resuming with max_steps 1 -> 2" in out  # a continuation, not a warning
-    assert "cached reference scores are for other training examples or another choice_temperature" in out
+    assert ("cached reference scores are for other training examples or another "
+            "choice_temperature") in out
 
 
-def test_a_scratch_reference_is_rebuilt_as_the_run_began_whatever_the_config_says_now(tmp_path, synthetic_dir):
+def test_a_scratch_reference_is_rebuilt_as_the_run_began_whatever_the_config_says_now(
+        tmp_path, synthetic_dir):
     train_ppo.train(label_run(tmp_path, synthetic_dir, init_from="scratch", max_steps=1))
     # resumed once with another seed: its checkpoint must still describe the first run's reference
     train_ppo.train(label_run(tmp_path, synthetic_dir, init_from="resume", max_steps=2, seed=3))
     ckpt = torch.load(tmp_path / "ckpt_000002.pt", weights_only=True)
     changed = label_run(tmp_path, synthetic_dir, init_from="resume", seed=7, n_layer=3)
-    _, reference, _, _ = train_ppo.load_models(changed, "resume", ckpt, str(tmp_path / "ckpt_000002.pt"), "cpu")
+    _, reference, _, _ = train_ppo.load_models(changed, "resume", ckpt,
+                                               str(tmp_path / "ckpt_000002.pt"), "cpu")
     original = train_ppo.build_policy("scratch", label_run(tmp_path, synthetic_dir))
     assert reference.state_dict().keys() == original.state_dict().keys()
-    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), original.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(),
+                                                 original.state_dict().values()))
 
 
 def test_cached_reference_scores_are_kept_only_for_the_same_examples_and_temperature():
@@ -229,7 +257,8 @@ def test_cached_reference_scores_are_kept_only_for_the_same_examples_and_tempera
     saved.reference_logprobs = torch.randn(2, 4)
     state = saved.state_dict()
     same = train_ppo.ChoiceRollouts(encoded, None, 1.0, 2, "cpu")
-    assert same.load_state_dict(state) and torch.equal(same.reference_logprobs, saved.reference_logprobs)
+    assert (same.load_state_dict(state)
+            and torch.equal(same.reference_logprobs, saved.reference_logprobs))
     for other in (train_ppo.ChoiceRollouts(encoded, None, 2.0, 2, "cpu"),
                   train_ppo.ChoiceRollouts(encoded[::-1], None, 1.0, 2, "cpu"),
                   train_ppo.ChoiceRollouts(encoded[:1], None, 1.0, 2, "cpu")):
@@ -237,27 +266,31 @@ def test_cached_reference_scores_are_kept_only_for_the_same_examples_and_tempera
 
 
 def test_a_float16_run_resumes_a_checkpoint_saved_without_a_scaler(tmp_path):
-    """A bf16 (or CPU) checkpoint has an empty GradScaler state; continuing it in float16 (a GPU without bf16)
-    starts a fresh scaler instead of failing."""
+    """A bf16 (or CPU) checkpoint has an empty GradScaler state; continuing it in float16 (a GPU
+    without bf16) starts a fresh scaler instead of failing."""
     model = train_ppo.GPT(train_ppo.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8))
     optimizer = model.configure_optimizers(0.0, 1e-3, (0.9, 0.95), "cpu")
     cfg = train_ppo.Config()
     run = train_ppo.Distributed(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu")
     generators = (torch.Generator(), torch.Generator())
     kl = train_ppo.FixedKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    ckpt = {"optimizer": optimizer.state_dict(), "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
+    ckpt = {"optimizer": optimizer.state_dict(),
+            "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
             "kl_controller": kl.state_dict(), "step": 7, "data_position": 3, "best_acc_norm": 0.5,
             "rng": [{"sample": generators[0].get_state(), "shuffle": generators[1].get_state(),
                      "torch": torch.get_rng_state(), "device_type": "cpu"}]}
     scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
-    assert train_ppo.restore(ckpt, optimizer, scaler, kl, None, None, generators, cfg, run, print) == (7, 3, 0.5)
+    assert train_ppo.restore(ckpt, optimizer, scaler, kl, None, None, generators, cfg, run,
+                             print) == (7, 3, 0.5)
     assert scaler.is_enabled() and scaler.get_scale() == 1024.0
 
 
 @pytest.mark.parametrize("when", ["during the step before an evaluation", "during an evaluation"])
-def test_a_signal_near_an_evaluation_checkpoints_without_another_step(tmp_path, synthetic_dir, monkeypatch, when):
-    """A scheduler's grace period may be short: a signal in a step skips that step's interval evaluation, one during
-    an evaluation checkpoints right after it; either way no further step runs."""
+def test_a_signal_near_an_evaluation_checkpoints_without_another_step(tmp_path, synthetic_dir,
+                                                                      monkeypatch, when):
+    """A scheduler's grace period may be short: a signal in a step skips that step's
+    interval evaluation, one during an evaluation checkpoints right after it; either
+    way no further step runs."""
     import signal
 
     real_update, real_eval = train_ppo.ppo_update, train_ppo.run_eval
@@ -277,7 +310,8 @@ def test_a_signal_near_an_evaluation_checkpoints_without_another_step(tmp_path, 
 
     monkeypatch.setattr(train_ppo, "ppo_update", update)
     monkeypatch.setattr(train_ppo, "run_eval", evaluate)
-    result = train_ppo.train(label_run(tmp_path, synthetic_dir, max_steps=6, eval_interval=2, checkpoint_interval=5))
+    result = train_ppo.train(label_run(tmp_path, synthetic_dir, max_steps=6, eval_interval=2,
+                                       checkpoint_interval=5))
     assert result["step"] == 2 and len(updates) == 2
     assert os.path.exists(tmp_path / "ckpt_000002.pt")
     evaluated = os.path.exists(tmp_path / "eval" / "step_000002.jsonl")
@@ -295,7 +329,8 @@ def test_a_run_resumes_from_another_working_directory(tmp_path, synthetic_dir, m
     train_ppo.train(label_run("run", "task", max_steps=1))
     ckpt = torch.load(first / "run" / "ckpt_000001.pt", weights_only=True)
     saved = json.loads((first / "run" / "train_config.json").read_text())
-    for config in (ckpt["config"], saved):  # the folders too, which did not exist when the run began
+    # the folders too, which did not exist when the run began
+    for config in (ckpt["config"], saved):
         assert all(os.path.isabs(config[key]) for key in ("out_dir", "synthetic_dir"))
     assert os.path.isabs(ckpt["reference_from"])
     monkeypatch.chdir(second)  # a/ is not there any more as "."; the checkpoint's paths still work
@@ -304,11 +339,13 @@ def test_a_run_resumes_from_another_working_directory(tmp_path, synthetic_dir, m
     assert result["step"] == 2
 
 
-def test_weights_that_turn_non_finite_stop_the_run_before_the_next_checkpoint(tmp_path, synthetic_dir, monkeypatch):
+def test_weights_that_turn_non_finite_stop_the_run_before_the_next_checkpoint(
+        tmp_path, synthetic_dir, monkeypatch):
     real = train_ppo.ppo_update
     calls = []
 
-    def diverging(model, raw_model, *args, **kwargs):  # finite gradients, then a weight blows up at step 2
+    # finite gradients, then a weight blows up at step 2
+    def diverging(model, raw_model, *args, **kwargs):
         out = real(model, raw_model, *args, **kwargs)
         calls.append(1)
         if len(calls) == 2:
@@ -317,12 +354,13 @@ def test_weights_that_turn_non_finite_stop_the_run_before_the_next_checkpoint(tm
         return out
 
     monkeypatch.setattr(train_ppo, "ppo_update", diverging)
-    with pytest.raises(UserError, match=r"step 2: the policy .*non-finite weights \(NaN or inf\) in transformer.wte.weight"):
+    with pytest.raises(UserError, match=(r"step 2: the policy .*non-finite weights \(NaN or inf\) "
+                                         r"in transformer.wte.weight")):
         train_ppo.train(label_run(tmp_path, synthetic_dir, max_steps=4))
     assert sorted(f for f in os.listdir(tmp_path) if f.startswith("ckpt_")) == ["ckpt_000001.pt"]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # beyond one process
 
 
@@ -341,7 +379,8 @@ RUN_SCRIPT = (
     "        return real(*args, **kwargs)\n"
     "    train_ppo.ppo_update = dying\n"
     "summary = train_ppo.train(cfg)\n"
-    "torch.save(summary['model'].state_dict(), os.path.join(os.environ['WEIGHTS_DIR'], f'rank{rank}.pt'))\n")
+    "torch.save(summary['model'].state_dict(), "
+    "os.path.join(os.environ['WEIGHTS_DIR'], f'rank{rank}.pt'))\n")
 
 
 def free_port():
@@ -356,23 +395,25 @@ def launcher_args(cfg, out_dir):
 
 @pytest.mark.slow
 def test_two_nodes_simulated_on_one_machine_train_the_same_weights(tmp_path, synthetic_dir):
-    """Two torchrun launchers (--nnodes=2, c10d rendezvous, gloo), one process each, each node with its own
-    out_dir as if they shared no filesystem: both ranks end with the same weights; only global rank 0 writes
-    checkpoints, metrics and the export; each node keeps its own teacher cache."""
+    """Two torchrun launchers (--nnodes=2, c10d rendezvous, gloo), one process each, each node
+    with its own out_dir as if they shared no filesystem: both ranks end with the same
+    weights; only global rank 0 writes checkpoints, metrics and the export; each node keeps
+    its own teacher cache."""
     script = tmp_path / "run.py"
     script.write_text(RUN_SCRIPT)
-    cfg = tiny_run(tmp_path, synthetic_dir, reward_kind="teacher", max_steps=2, eval_limit=8, batch_size=8,
-                   minibatch_size=4, micro_batch_size=2, export_hf=True)
+    cfg = tiny_run(tmp_path, synthetic_dir, reward_kind="teacher", max_steps=2, eval_limit=8,
+                   batch_size=8, minibatch_size=4, micro_batch_size=2, export_hf=True)
     port = free_port()
     procs = []
     for node in (0, 1):
         out_dir = tmp_path / f"node{node}"
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
-                   "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                   f"--node_rank={node}", "--nproc_per_node=1", "--rdzv-backend=c10d",
+                   f"--rdzv-endpoint=127.0.0.1:{port}",
                    "--rdzv-id=two-nodes", str(script), *launcher_args(cfg, out_dir)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "WEIGHTS_DIR": str(tmp_path)}
-        procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
@@ -380,20 +421,23 @@ def test_two_nodes_simulated_on_one_machine_train_the_same_weights(tmp_path, syn
     node0, node1 = set(os.listdir(tmp_path / "node0")), set(os.listdir(tmp_path / "node1"))
     assert {"ckpt_000002.pt", "metrics.jsonl", "hf", "eval"} <= node0
     assert not node1 & {"ckpt_000002.pt", "best.pt", "metrics.jsonl", "samples.jsonl", "hf", "eval"}
-    assert os.listdir(tmp_path / "node1" / "teacher_cache")  # the second node scored its own examples
+    # the second node scored its own examples
+    assert os.listdir(tmp_path / "node1" / "teacher_cache")
 
 
 @pytest.mark.slow
 def test_a_rank_that_dies_stops_the_run_in_bounded_time(tmp_path, synthetic_dir):
     script = tmp_path / "run.py"
     script.write_text(RUN_SCRIPT)
-    cfg = tiny_run(tmp_path, synthetic_dir, reward_kind="label", max_steps=50, eval_limit=8, batch_size=8,
-                   minibatch_size=4, micro_batch_size=2, ddp_timeout_s=30.0)
+    cfg = tiny_run(tmp_path, synthetic_dir, reward_kind="label", max_steps=50, eval_limit=8,
+                   batch_size=8, minibatch_size=4, micro_batch_size=2, ddp_timeout_s=30.0)
     t0 = time.time()
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), *launcher_args(cfg, tmp_path / "run")], cwd=REPO, capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "DIE_AT_STEP": "2",
-                                                         "WEIGHTS_DIR": str(tmp_path)})
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(script),
+                             *launcher_args(cfg, tmp_path / "run")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "DIE_AT_STEP": "2",
+                                 "WEIGHTS_DIR": str(tmp_path)})
     assert result.returncode != 0 and time.time() - t0 < 240
     assert "exitcode  : 17" in result.stdout + result.stderr  # torchrun names the rank that died
     assert not (tmp_path / "rank0.pt").exists()  # the surviving rank did not carry on to the end

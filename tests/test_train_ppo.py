@@ -14,13 +14,13 @@ import synthetic
 import train_ppo
 from common import UserError
 from hellaswag import read_predictions
-from train_ppo import (AdaptiveKLController, compute_gae, kl_penalty, load_config, masked_whiten, ppo_losses,
-                       read_config_file)
+from train_ppo import (AdaptiveKLController, compute_gae, kl_penalty, load_config, masked_whiten,
+                       ppo_losses, read_config_file)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the math
 
 
@@ -35,7 +35,8 @@ def test_gae_matches_a_plain_loop():
     advantages, returns = compute_gae(rewards, values, mask, gamma, lam)
     for b, n in enumerate(lengths):
         expected, running = [0.0] * T, 0.0
-        for t in reversed(range(n)):  # the textbook recursion, one sequence at a time, terminal after n
+        # the textbook recursion, one sequence at a time, terminal after n
+        for t in reversed(range(n)):
             next_value = values[b, t + 1].item() if t + 1 < n else 0.0
             delta = rewards[b, t].item() + gamma * next_value - values[b, t].item()
             running = delta + gamma * lam * running
@@ -73,7 +74,8 @@ def test_ppo_losses_at_ratio_one():
     out = ppo_losses(logprobs, logprobs, advantages, values, values, returns, mask, 0.2, 0.2)
     assert out["clipfrac"].item() == 0.0 and abs(out["approx_kl"].item()) < 1e-7
     assert torch.allclose(out["pg_loss"], -(advantages * mask).sum() / mask.sum())
-    assert torch.allclose(out["vf_loss"], 0.5 * (((values - returns) ** 2) * mask).sum() / mask.sum())
+    assert torch.allclose(out["vf_loss"],
+                          0.5 * (((values - returns) ** 2) * mask).sum() / mask.sum())
 
 
 def test_ppo_policy_clipping():
@@ -81,19 +83,22 @@ def test_ppo_policy_clipping():
     new = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.9]])).requires_grad_(True)
     advantages = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
     zeros = torch.zeros(1, 4)
-    out = ppo_losses(new, old, advantages, zeros, zeros, zeros, torch.ones(1, 4), clip_coef=0.2, vf_clip_coef=0.0)
-    # ratio 1.5 with A>0 and 0.5 with A<0 are clipped (no gradient); 1.1 and 0.9 are inside the trust region
+    out = ppo_losses(new, old, advantages, zeros, zeros, zeros, torch.ones(1, 4), clip_coef=0.2,
+                     vf_clip_coef=0.0)
+    # ratio 1.5 with A>0 and 0.5 with A<0 are clipped (no gradient); 1.1 and 0.9
+    # are inside the trust region
     assert out["clipfrac"].item() == 0.5
     assert torch.allclose(out["pg_loss"], -torch.tensor([1.2, -0.8, 1.1, -0.9]).mean())
     out["pg_loss"].backward()
-    assert new.grad[0, 0] == 0 and new.grad[0, 1] == 0 and new.grad[0, 2] != 0 and new.grad[0, 3] != 0
+    assert (new.grad[0, 0] == 0 and new.grad[0, 1] == 0 and new.grad[0, 2] != 0
+            and new.grad[0, 3] != 0)
 
 
 def test_value_clipping_takes_the_pessimistic_loss():
     old_values, returns = torch.tensor([[0.0]]), torch.tensor([[1.0]])
     new_values = torch.tensor([[0.9]])  # moved 0.9 towards the return, but the clip allows 0.2
-    out = ppo_losses(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1), new_values, old_values, returns,
-                     torch.ones(1, 1), 0.2, vf_clip_coef=0.2)
+    out = ppo_losses(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1), new_values,
+                     old_values, returns, torch.ones(1, 1), 0.2, vf_clip_coef=0.2)
     assert torch.allclose(out["vf_loss"], torch.tensor(0.5 * 0.8 ** 2))
 
 
@@ -107,7 +112,8 @@ def test_kl_penalty_is_unbiased_in_expectation():
 
 def test_adaptive_kl_controller_moves_towards_the_target():
     controller = AdaptiveKLController(0.1, target=6.0, horizon=1000)
-    controller.update(current_kl=12.0, n_steps=100)  # too much KL: raise the penalty, at most 20% per horizon
+    # too much KL: raise the penalty, at most 20% per horizon
+    controller.update(current_kl=12.0, n_steps=100)
     assert controller.value == pytest.approx(0.1 * (1 + 0.2 * 0.1))
     controller.update(current_kl=3.0, n_steps=100)
     assert controller.value < 0.1 * (1 + 0.2 * 0.1)
@@ -129,8 +135,8 @@ def test_shaped_rewards_put_the_score_at_the_last_action_or_spread_it():
 
 
 class FixedJudge:
-    """A stand-in likelihood reward: sample i (in the order asked) scores 10 * (i + 1), split evenly; its raw
-    score (before normalising) was -(i + 1)."""
+    """A stand-in likelihood reward: sample i (in the order asked) scores 10 * (i + 1), split
+    evenly; its raw score (before normalising) was -(i + 1)."""
 
     def __init__(self):
         self.asked = []
@@ -142,29 +148,36 @@ class FixedJudge:
 
     def dense(self, contexts, continuations):
         rewards = self(contexts, continuations)
-        return rewards, [torch.full((len(c),), r.item() / len(c)) for c, r in zip(continuations, rewards)]
+        return rewards, [torch.full((len(c),), r.item() / len(c))
+                         for c, r in zip(continuations, rewards)]
 
 
 @pytest.mark.parametrize("dense", [False, True])
 def test_generate_scores_and_their_shares_per_token(dense):
     eot, stop, a, b = 50256, 13, 100, 200  # <|endoftext|>, ".", two other tokens
-    cfg = train_ppo.Config(rollout="generate", reward_kind="likelihood", likelihood_dense=dense, no_stop_penalty=1.5)
+    cfg = train_ppo.Config(rollout="generate", reward_kind="likelihood", likelihood_dense=dense,
+                           no_stop_penalty=1.5)
     judge = FixedJudge()
-    rollouts = train_ppo.GenerateRollouts(judge, cfg, prompt_budget=8, stop_tokens=[eot, stop], device="cpu")
+    rollouts = train_ppo.GenerateRollouts(judge, cfg, prompt_budget=8, stop_tokens=[eot, stop],
+                                          device="cpu")
     responses = torch.tensor([[a, b, eot, 0], [a, stop, 0, 0], [eot, 0, 0, 0], [a, b, a, b]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
     examples = [{"ctx": "x"}] * 4
     scores, shares, samples = rollouts.score(examples, [[1]] * 4, responses, mask)
-    # the judge sees the samples without <|endoftext|>; the empty one is not asked; the unstopped one pays
+    # the judge sees the samples without <|endoftext|>; the empty one is not
+    # asked; the unstopped one pays
     assert judge.asked == [[[a, b], [a, stop], [a, b, a, b]]]
     assert torch.allclose(scores, torch.tensor([10.0, 20.0, -1.5, 30.0 - 1.5]))
     assert [s["stopped"] for s in samples] == [True, True, True, False]
     # the judge's raw score of each judged sample, and their mean as this rank's train/judge_score
     assert [s["judge_score"] for s in samples] == [-1.0, -2.0, None, -3.0]
     metrics = rollouts.metrics(types.SimpleNamespace(samples=samples, mask=mask.float()))
-    assert metrics == {"train/response_length": 2.5, "train/stop_rate": 0.75, "train/judge_score": -2.0}
-    unjudged = [{**s, "judge_score": None} for s in samples]  # every sample empty: no judge score to log
-    assert "train/judge_score" not in rollouts.metrics(types.SimpleNamespace(samples=unjudged, mask=mask.float()))
+    assert metrics == {"train/response_length": 2.5, "train/stop_rate": 0.75,
+                       "train/judge_score": -2.0}
+    # every sample empty: no judge score to log
+    unjudged = [{**s, "judge_score": None} for s in samples]
+    assert "train/judge_score" not in rollouts.metrics(
+        types.SimpleNamespace(samples=unjudged, mask=mask.float()))
     if not dense:
         assert shares is None
         return
@@ -173,7 +186,7 @@ def test_generate_scores_and_their_shares_per_token(dense):
     assert torch.allclose(shares.sum(1), scores) and (shares[mask == 0] == 0).all()
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # micro-batches of similar length
 
 
@@ -194,8 +207,8 @@ def tiny_policy(seed=0):
 
 
 def padded_sequences(prompt_lengths, response_lengths, extra_columns=0, seed=0):
-    """Random prompts (left-padded) and responses (right-padded), with extra_columns of padding on both
-    sides beyond the longest row. -> prompts, prompt_mask, responses, response_mask."""
+    """Random prompts (left-padded) and responses (right-padded), with extra_columns of padding on
+    both sides beyond the longest row. -> prompts, prompt_mask, responses, response_mask."""
     g = torch.Generator().manual_seed(seed)
     P, N = max(prompt_lengths) + extra_columns, max(response_lengths) + extra_columns
     prompts = torch.full((len(prompt_lengths), P), 50256)
@@ -219,10 +232,12 @@ def test_sequence_forward_does_not_depend_on_padding_columns_or_other_rows():
     for i, (p, n) in enumerate(zip(prompt_lengths, response_lengths)):
         alone = (padded[0][i:i + 1, P - p:], padded[1][i:i + 1, P - p:], padded[2][i:i + 1, :n],
                  padded[3][i:i + 1, :n])
-        for got, expected in zip(outputs, train_ppo.sequence_forward(model, *alone, temperature=0.7)):
+        for got, expected in zip(outputs,
+                                 train_ppo.sequence_forward(model, *alone, temperature=0.7)):
             assert got.shape == (3, N)
             torch.testing.assert_close(got[i, :n], expected[0], atol=1e-5, rtol=1e-5)
-            assert (got[i, n:] == 0).all()  # padding columns, dropped before the forward, come back as zeros
+            # padding columns, dropped before the forward, come back as zeros
+            assert (got[i, n:] == 0).all()
     # and gradients reach the weights through the kept columns as through the tight batch
     tight = padded_sequences(prompt_lengths, response_lengths, extra_columns=0)
     grads = []
@@ -254,15 +269,19 @@ def test_sequence_forward_runs_each_row_packed_to_its_longest_row():
 def test_entropy_carries_a_gradient_only_with_an_entropy_bonus():
     model = tiny_policy()
     prompts, prompt_mask, responses, response_mask = padded_sequences([3, 6, 2], [4, 1, 3])
-    rollouts = types.SimpleNamespace(actions={"prompts": prompts, "prompt_mask": prompt_mask, "responses": responses},
+    rollouts = types.SimpleNamespace(actions={"prompts": prompts, "prompt_mask": prompt_mask,
+                                              "responses": responses},
                                      mask=response_mask.float())
     outputs = {}
     for ent_coef in (0.0, 0.01):
-        cfg = train_ppo.Config(rollout="generate", reward_kind="likelihood", temperature=0.7, ent_coef=ent_coef)
-        kind = train_ppo.GenerateRollouts(None, cfg, prompt_budget=8, stop_tokens=[50256], device="cpu")
+        cfg = train_ppo.Config(rollout="generate", reward_kind="likelihood", temperature=0.7,
+                               ent_coef=ent_coef)
+        kind = train_ppo.GenerateRollouts(None, cfg, prompt_budget=8, stop_tokens=[50256],
+                                          device="cpu")
         outputs[ent_coef] = kind.forward(model, rollouts, torch.arange(3))
         logprobs, values, entropy = outputs[ent_coef]
-        assert logprobs.requires_grad and values.requires_grad and entropy.requires_grad == (ent_coef > 0)
+        assert (logprobs.requires_grad and values.requires_grad
+                and entropy.requires_grad == (ent_coef > 0))
     for without, with_bonus in zip(outputs[0.0], outputs[0.01]):
         assert torch.equal(without, with_bonus)
     # the bonus's gradient: the entropy of the tempered distribution at each response token
@@ -287,35 +306,39 @@ def test_rollouts_scored_in_micro_batches_of_similar_length_come_back_in_order(t
         whole = train_ppo.sequence_forward(model, *sequences, temperature=0.7)[:2]
     for got, expected in zip(grouped, whole):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    # and a choice batch: the policy's distribution over the endings and the values, in the batch's order
+    # and a choice batch: the policy's distribution over the endings and the
+    # values, in the batch's order
     synthetic.write_jsonl(tmp_path / "val.jsonl", synthetic.make_examples(5, seed=3, split="val"))
     examples = load_examples(data_file=str(tmp_path / "val.jsonl"))
     encoded = [encode_for_model(ex, gpt2_encoding().encode_ordinary, 32) for ex in examples]
     assert len(set(train_ppo.packed_lengths(encoded).tolist())) > 1
     rollouts = []
     for micro_batch_size in (2, 5):
-        kind = train_ppo.ChoiceRollouts(encoded, lambda indices, choices: torch.zeros(len(indices)), 0.5,
-                                        micro_batch_size, device="cpu")
-        rollouts.append(kind.collect(model, model, examples, [4, 0, 2, 1, 3], torch.Generator().manual_seed(0),
-                                     train_ppo.PhaseTimer("cpu")))
+        kind = train_ppo.ChoiceRollouts(encoded, lambda indices, choices: torch.zeros(len(indices)),
+                                        0.5, micro_batch_size, device="cpu")
+        rollouts.append(kind.collect(model, model, examples, [4, 0, 2, 1, 3],
+                                     torch.Generator().manual_seed(0), train_ppo.PhaseTimer("cpu")))
     torch.testing.assert_close(rollouts[0].values, rollouts[1].values, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rollouts[0].logprobs, rollouts[1].logprobs, atol=1e-5, rtol=1e-5)
     assert torch.equal(rollouts[0].actions["choices"], rollouts[1].actions["choices"])
 
 
 def test_ppo_update_does_not_depend_on_micro_batch_size():
-    """A minibatch's losses are means over its actions: with responses of different lengths, micro-batches of 1
-    (in any grouping) give the update of one micro-batch."""
+    """A minibatch's losses are means over its actions: with responses of different lengths,
+    micro-batches of 1 (in any grouping) give the update of one micro-batch."""
     prompt_lengths, response_lengths = [3, 6, 2, 5, 4, 1], [4, 1, 3, 2, 4, 1]
-    prompts, prompt_mask, responses, response_mask = padded_sequences(prompt_lengths, response_lengths)
+    prompts, prompt_mask, responses, response_mask = padded_sequences(prompt_lengths,
+                                                                      response_lengths)
     with torch.no_grad():
-        logprobs, values, _ = train_ppo.sequence_forward(tiny_policy(), prompts, prompt_mask, responses,
-                                                         response_mask, 1.0)
+        logprobs, values, _ = train_ppo.sequence_forward(tiny_policy(), prompts, prompt_mask,
+                                                         responses, response_mask, 1.0)
     g = torch.Generator().manual_seed(1)
     mask = response_mask.float()
     batch = train_ppo.Rollouts(
-        examples=[{}] * 6, actions={"prompts": prompts, "prompt_mask": prompt_mask, "responses": responses},
-        logprobs=(logprobs + 0.1 * torch.randn(logprobs.shape, generator=g)) * mask, ref_logprobs=logprobs,
+        examples=[{}] * 6,
+        actions={"prompts": prompts, "prompt_mask": prompt_mask, "responses": responses},
+        logprobs=(logprobs + 0.1 * torch.randn(logprobs.shape, generator=g)) * mask,
+        ref_logprobs=logprobs,
         values=values, mask=mask, scores=torch.zeros(6), n_tokens=0, samples=[],
         lengths=prompt_mask.sum(1) + response_mask.sum(1))
     advantages = torch.randn(mask.shape, generator=g) * mask
@@ -323,39 +346,48 @@ def test_ppo_update_does_not_depend_on_micro_batch_size():
     run = train_ppo.Distributed(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu")
     weights = []
     for micro_batch_size in (3, 1):
-        cfg = train_ppo.Config(rollout="generate", reward_kind="likelihood", ppo_epochs=2, minibatch_size=3,
-                               micro_batch_size=micro_batch_size, target_kl=0.0, ent_coef=0.01)
+        cfg = train_ppo.Config(rollout="generate", reward_kind="likelihood", ppo_epochs=2,
+                               minibatch_size=3, micro_batch_size=micro_batch_size, target_kl=0.0,
+                               ent_coef=0.01)
         model = tiny_policy()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        kind = train_ppo.GenerateRollouts(None, cfg, prompt_budget=8, stop_tokens=[50256], device="cpu")
-        stats, epochs, finite = train_ppo.ppo_update(model, model, optimizer, scaler, kind, batch, advantages,
-                                                     returns, cfg, torch.Generator().manual_seed(0), run, "float32")
+        kind = train_ppo.GenerateRollouts(None, cfg, prompt_budget=8, stop_tokens=[50256],
+                                          device="cpu")
+        stats, epochs, finite = train_ppo.ppo_update(model, model, optimizer, scaler, kind, batch,
+                                                     advantages, returns, cfg,
+                                                     torch.Generator().manual_seed(0), run,
+                                                     "float32")
         assert epochs == 2 and finite
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    moved = (weights[0] - torch.cat([p.detach().flatten() for p in tiny_policy().parameters()])).abs().max()
+    moved = (weights[0]
+             - torch.cat([p.detach().flatten() for p in tiny_policy().parameters()])).abs().max()
     assert moved > 1e-3  # the update did something
     torch.testing.assert_close(weights[1], weights[0], atol=1e-6, rtol=1e-5)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # config
 
 
 def test_config_files_and_overrides(tmp_path):
     path = tmp_path / "recipe.py"
-    path.write_text('"""a recipe"""\n# a comment\nbatch_size = 32\nlearning_rate = 1\nrollout = "generate"\n'
-                    'reward_kind = "likelihood"\ncompile = True\n')
-    cfg = load_config([str(path), "--batch_size=16", "--top_p=0.9", "--compile=false", "--out_dir=runs/7"])
-    assert cfg.batch_size == 16 and cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
-    assert cfg.rollout == "generate" and cfg.compile is False and cfg.top_p == 0.9 and cfg.out_dir == "runs/7"
+    path.write_text('"""a recipe"""\n# a comment\nbatch_size = 32\nlearning_rate = 1\n'
+                    'rollout = "generate"\nreward_kind = "likelihood"\ncompile = True\n')
+    cfg = load_config([str(path), "--batch_size=16", "--top_p=0.9", "--compile=false",
+                       "--out_dir=runs/7"])
+    assert (cfg.batch_size == 16 and cfg.learning_rate == 1.0
+            and isinstance(cfg.learning_rate, float))
+    assert (cfg.rollout == "generate" and cfg.compile is False and cfg.top_p == 0.9
+            and cfg.out_dir == "runs/7")
     assert load_config(["--out_dir=123"]).out_dir == "123"
     assert load_config(["--out_dir=1e3"]).out_dir == "1e3"
     assert load_config(["--wandb_run_name=0x10"]).wandb_run_name == "0x10"
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--learning_rat=1e-4"], r"unknown config key 'learning_rat' \(did you mean learning_rate\?\)"),
+    (["--learning_rat=1e-4"],
+     r"unknown config key 'learning_rat' \(did you mean learning_rate\?\)"),
     (["--batch_size=1.5"], "batch_size must be int"),
     (["--compile=yes"], "compile must be bool"),
     (["--rollout=beam"], "rollout must be one of choice, generate"),
@@ -363,7 +395,8 @@ def test_config_files_and_overrides(tmp_path):
     (["--rollout=generate"], "takes reward_kind likelihood"),
     (["--batch_size=10", "--minibatch_size=4"], "multiple of minibatch_size"),
     (["missing_config.py"], "missing_config.py: cannot read config file"),
-    (["--rollout=generate", "--reward_kind=likelihood", "--temperature=0"], "temperature must be >= 0.01"),
+    (["--rollout=generate", "--reward_kind=likelihood", "--temperature=0"],
+     "temperature must be >= 0.01"),
     (["--choice_temperature=-1"], "choice_temperature must be >= 0.01 and <= 100"),
     (["--checkpoint_interval=0"], "checkpoint_interval must be >= 1"),
     (["--gae_lambda=1.5"], "gae_lambda must be >= 0 and <= 1"),
@@ -375,10 +408,13 @@ def test_config_files_and_overrides(tmp_path):
     (["--seed=1000000000000000000000000000000"], "seed must be >= 0 and <= 2.14748e"),
     (["--n_head=0"], "n_head must be >= 1"),
     (["--ddp_timeout_s=1"], "ddp_timeout_s must be >= 10"),
-    (["--ddp_timeout_s=1e10"], r"ddp_timeout_s must be >= 10 and <= 1e\+07"),  # past what torch's store takes
+    # past what torch's store takes
+    (["--ddp_timeout_s=1e10"], r"ddp_timeout_s must be >= 10 and <= 1e\+07"),
     (["--start_over=yes"], "start_over must be bool"),
-    (["--likelihood_dense=True"], "likelihood_dense is for reward_kind='likelihood', not 'teacher'"),
-    (["--init_from=scratch", "--n_embd=65", "--n_head=2"], r"n_embd \(65\) must be a multiple of n_head \(2\)"),
+    (["--likelihood_dense=True"],
+     "likelihood_dense is for reward_kind='likelihood', not 'teacher'"),
+    (["--init_from=scratch", "--n_embd=65", "--n_head=2"],
+     r"n_embd \(65\) must be a multiple of n_head \(2\)"),
     (["--kl_coef=1e999"], "kl_coef must be a finite number"),
 ])
 def test_config_errors_name_the_key(args, message):
@@ -395,7 +431,8 @@ def test_config_file_must_be_plain_assignments(tmp_path):
     with pytest.raises(UserError, match="bad.py:1: the value of batch_size must be a literal"):
         list(read_config_file(bad))
     bad.write_text("batch_sise = 8\n")
-    with pytest.raises(UserError, match=r"bad.py:1: unknown config key 'batch_sise' \(did you mean batch_size\?\)"):
+    with pytest.raises(UserError, match=(r"bad.py:1: unknown config key 'batch_sise' "
+                                         r"\(did you mean batch_size\?\)")):
         load_config([str(bad)])
 
 
@@ -407,22 +444,23 @@ def test_shipped_configs_load():
 
 
 def test_cli_bad_config_is_one_line_and_exit_2():
-    result = subprocess.run([sys.executable, "train_ppo.py", "configs/demo.py", "--ppo_epoch=2"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "train_ppo.py", "configs/demo.py", "--ppo_epoch=2"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: --ppo_epoch=2: unknown config key 'ppo_epoch' (did you mean ppo_epochs?)"
+    assert result.stderr.strip() == ("error: --ppo_epoch=2: unknown config key 'ppo_epoch' "
+                                     "(did you mean ppo_epochs?)")
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # training runs on the synthetic task (tiny models, CPU)
 
 
 def tiny_run(out_dir, synthetic_dir, **overrides):
-    settings = dict(out_dir=str(out_dir), init_from="synthetic", synthetic=True, synthetic_dir=synthetic_dir,
-                    device="cpu", batch_size=16, minibatch_size=8,
-                    micro_batch_size=4, ppo_epochs=2, learning_rate=3e-3, max_steps=2, eval_interval=0,
-                    eval_limit=40, checkpoint_interval=100, sample_interval=1, teacher_temperature=0.25,
-                    export_hf=False, seed=0)
+    settings = dict(out_dir=str(out_dir), init_from="synthetic", synthetic=True,
+                    synthetic_dir=synthetic_dir, device="cpu", batch_size=16, minibatch_size=8,
+                    micro_batch_size=4, ppo_epochs=2, learning_rate=3e-3, max_steps=2,
+                    eval_interval=0, eval_limit=40, checkpoint_interval=100, sample_interval=1,
+                    teacher_temperature=0.25, export_hf=False, seed=0)
     settings.update(overrides)
     return load_config([f"--{k}={v}" for k, v in settings.items()])
 
@@ -436,17 +474,21 @@ def read_metrics(out_dir):
 def test_one_choice_step(tmp_path, synthetic_dir):
     summary = train_ppo.train(tiny_run(tmp_path, synthetic_dir, max_steps=1, export_hf=True))
     metrics = read_metrics(tmp_path)
-    assert metrics[0]["step"] == 0 and 0 <= metrics[0]["eval/acc_norm"] <= 1 and metrics[0]["eval/n"] == 40
+    assert (metrics[0]["step"] == 0 and 0 <= metrics[0]["eval/acc_norm"] <= 1
+            and metrics[0]["eval/n"] == 40)
     step = metrics[1]
-    for key in ("reward", "kl", "pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy", "explained_var",
-                "samples_per_s", "tokens_per_s", "dt", "peak_mem_gb", "eval/acc", "eval/acc_norm"):
+    for key in ("reward", "kl", "pg_loss", "vf_loss", "clipfrac", "approx_kl", "entropy",
+                "explained_var", "samples_per_s", "tokens_per_s", "dt", "peak_mem_gb", "eval/acc",
+                "eval/acc_norm"):
         assert key in step, key
-    assert summary["step"] == 1 and 0 < step["entropy"] <= torch.log(torch.tensor(4.0)).item() + 1e-6
+    assert (summary["step"] == 1
+            and 0 < step["entropy"] <= torch.log(torch.tensor(4.0)).item() + 1e-6)
     assert os.path.exists(tmp_path / "ckpt_000001.pt") and os.path.exists(tmp_path / "best.pt")
     assert json.load(open(tmp_path / "train_config.json"))["batch_size"] == 16
     samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
     assert samples and {"ctx", "chosen", "reward"} <= set(samples[0])
-    # the exported policy loads in transformers, and the checkpoint loads back into a GPT with the same weights
+    # the exported policy loads in transformers, and the checkpoint loads back into a
+    # GPT with the same weights
     from transformers import AutoModelForCausalLM
 
     from model import GPT
@@ -458,10 +500,11 @@ def test_one_choice_step(tmp_path, synthetic_dir):
 
 @pytest.mark.slow
 def test_one_generate_step(tmp_path, synthetic_dir):
-    train_ppo.train(tiny_run(tmp_path, synthetic_dir, max_steps=1, rollout="generate", reward_kind="likelihood",
-                             max_new_tokens=6))
+    train_ppo.train(tiny_run(tmp_path, synthetic_dir, max_steps=1, rollout="generate",
+                             reward_kind="likelihood", max_new_tokens=6))
     step = read_metrics(tmp_path)[1]
-    assert step["step"] == 1 and step["entropy"] > 0 and abs(step["kl"]) < 1e-4  # policy == reference at step 0
+    # policy == reference at step 0
+    assert step["step"] == 1 and step["entropy"] > 0 and abs(step["kl"]) < 1e-4
     phases = [step[f"time/{p}"] for p in ("rollout", "reference", "reward", "update")]
     assert all(s > 0 for s in phases) and sum(phases) <= step["dt"]
     samples = [json.loads(line) for line in open(tmp_path / "samples.jsonl")]
@@ -470,8 +513,9 @@ def test_one_generate_step(tmp_path, synthetic_dir):
 
 @pytest.mark.slow
 def test_choice_rollouts_learn_the_synthetic_task(tmp_path, synthetic_dir):
-    cfg = tiny_run(tmp_path, synthetic_dir, batch_size=32, minibatch_size=16, micro_batch_size=16, ppo_epochs=4,
-                   learning_rate=2e-3, max_steps=20, eval_interval=20, eval_limit=100, kl_coef=0.01, vf_coef=0.5)
+    cfg = tiny_run(tmp_path, synthetic_dir, batch_size=32, minibatch_size=16, micro_batch_size=16,
+                   ppo_epochs=4, learning_rate=2e-3, max_steps=20, eval_interval=20, eval_limit=100,
+                   kl_coef=0.01, vf_coef=0.5)
     summary = train_ppo.train(cfg)
     metrics = read_metrics(tmp_path)
     start = metrics[0]["eval/acc_norm"]
@@ -486,25 +530,27 @@ def test_choice_rollouts_learn_the_synthetic_task(tmp_path, synthetic_dir):
 
 @pytest.mark.slow
 def test_generate_rollouts_raise_the_reward(tmp_path, synthetic_dir):
-    cfg = tiny_run(tmp_path, synthetic_dir, rollout="generate", reward_kind="likelihood", reward_normalize=False,
-                   batch_size=32, minibatch_size=8, micro_batch_size=8, ppo_epochs=4, max_new_tokens=4,
-                   learning_rate=1e-3, target_kl=0.05, kl_coef=0.01, max_steps=16, eval_limit=8)
+    cfg = tiny_run(tmp_path, synthetic_dir, rollout="generate", reward_kind="likelihood",
+                   reward_normalize=False, batch_size=32, minibatch_size=8, micro_batch_size=8,
+                   ppo_epochs=4, max_new_tokens=4, learning_rate=1e-3, target_kl=0.05, kl_coef=0.01,
+                   max_steps=16, eval_limit=8)
     train_ppo.train(cfg)
     rewards = [m["reward"] for m in read_metrics(tmp_path)[1:]]
-    # the teacher's mean log-prob of the samples rises as the policy learns to write what the teacher
-    # expects. Seen on seeds 0, 1, 2 (2-core Xeon): +0.61, +0.80, +0.61, against step-to-step noise
-    # of about 0.1 in a 4-step mean; at learning_rate 2e-3 without target_kl, updates were 5-40x the
-    # recommended approx_kl and one seed in three rose only +0.29
+    # the teacher's mean log-prob of the samples rises as the policy learns to write what the
+    # teacher expects. Seen on seeds 0, 1, 2 (2-core Xeon): +0.61, +0.80, +0.61, against
+    # step-to-step noise of about 0.1 in a 4-step mean; at learning_rate 2e-3 without target_kl,
+    # updates were 5-40x the recommended approx_kl and one seed in three rose only +0.29
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.3
 
 
 @pytest.mark.slow
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, synthetic_dir):
     common = dict(reward_kind="label", eval_limit=8, eval_interval=2, checkpoint_interval=2)
-    straight = train_ppo.train(tiny_run(tmp_path / "straight", synthetic_dir, max_steps=4, **common))["model"]
+    straight = train_ppo.train(tiny_run(tmp_path / "straight", synthetic_dir, max_steps=4,
+                                        **common))["model"]
     train_ppo.train(tiny_run(tmp_path / "split", synthetic_dir, max_steps=2, **common))
-    resumed = train_ppo.train(tiny_run(tmp_path / "split", synthetic_dir, max_steps=4, init_from="resume",
-                                       **common))["model"]
+    resumed = train_ppo.train(tiny_run(tmp_path / "split", synthetic_dir, max_steps=4,
+                                       init_from="resume", **common))["model"]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     assert [m["step"] for m in read_metrics(tmp_path / "split")] == [0, 1, 2, 3, 4]
@@ -519,21 +565,25 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, synthet
         assert split_preds == read_predictions(str(tmp_path / "straight" / "eval" / name))
         assert len(split_preds) == 8 and [p["index"] for p in split_preds] == list(range(8))
     step4 = read_predictions(str(tmp_path / "split" / "eval" / "step_000004.jsonl"))
-    assert sum(p["pred_norm"] == p["label"] for p in step4) / 8 == read_metrics(tmp_path / "split")[-1]["eval/acc_norm"]
-    # as if the run had crashed after logging step 4 (and a step 5) without its checkpoint: resuming from step 2
-    # redoes steps 3 and 4, and the log holds each step once
+    assert (sum(p["pred_norm"] == p["label"] for p in step4) / 8
+            == read_metrics(tmp_path / "split")[-1]["eval/acc_norm"])
+    # as if the run had crashed after logging step 4 (and a step 5) without its checkpoint:
+    # resuming from step 2 redoes steps 3 and 4, and the log holds each step once
     with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 5, "reward": 0.0}) + "\n")
     os.remove(tmp_path / "split" / "ckpt_000004.pt")
     (tmp_path / "split" / "eval" / "step_000006.jsonl").write_text("from the crashed run\n")
-    train_ppo.train(tiny_run(tmp_path / "split", synthetic_dir, max_steps=4, init_from="resume", **common))
+    train_ppo.train(tiny_run(tmp_path / "split", synthetic_dir, max_steps=4, init_from="resume",
+                             **common))
     assert [m["step"] for m in read_metrics(tmp_path / "split")] == [0, 1, 2, 3, 4]
-    assert sorted(os.listdir(tmp_path / "split" / "eval")) == evals  # the redone evaluations replace the old ones
+    # the redone evaluations replace the old ones
+    assert sorted(os.listdir(tmp_path / "split" / "eval")) == evals
 
 
-def test_resume_from_an_unfused_optimizer_state_keeps_the_fused_adamw(tmp_path, synthetic_dir, monkeypatch):
-    """A checkpoint saved before the CPU's fused AdamW stores fused=None in its param groups; loading it must not
-    switch this run back to the per-tensor loop."""
+def test_resume_from_an_unfused_optimizer_state_keeps_the_fused_adamw(tmp_path, synthetic_dir,
+                                                                      monkeypatch):
+    """A checkpoint saved before the CPU's fused AdamW stores fused=None in its param groups;
+    loading it must not switch this run back to the per-tensor loop."""
     common = dict(reward_kind="label", eval_limit=8, eval_interval=0, checkpoint_interval=1)
     train_ppo.train(tiny_run(tmp_path, synthetic_dir, max_steps=1, **common))
     path = tmp_path / "ckpt_000001.pt"
@@ -556,9 +606,10 @@ def test_resume_from_an_unfused_optimizer_state_keeps_the_fused_adamw(tmp_path, 
 
 
 def test_choice_rollouts_cut_contexts_to_the_policy_window(tmp_path, synthetic_dir):
-    # the synthetic contexts and endings reach 17 tokens: a 12-token window must cut the contexts, as evaluation does
-    result = train_ppo.train(tiny_run(tmp_path, synthetic_dir, init_from="scratch", block_size=12, reward_kind="label",
-                                      max_steps=1))
+    # the synthetic contexts and endings reach 17 tokens: a 12-token window must cut the
+    # contexts, as evaluation does
+    result = train_ppo.train(tiny_run(tmp_path, synthetic_dir, init_from="scratch", block_size=12,
+                                      reward_kind="label", max_steps=1))
     assert result["step"] == 1 and math.isfinite(result["metrics"]["pg_loss"])
 
 
@@ -583,14 +634,17 @@ def test_non_finite_losses_skip_updates_then_stop(tmp_path, synthetic_dir, monke
         return {**out, "pg_loss": out["pg_loss"] * float("nan")}
 
     monkeypatch.setattr(train_ppo, "ppo_losses", poisoned)
-    cfg = tiny_run(tmp_path, synthetic_dir, reward_kind="label", max_bad_steps=3, checkpoint_interval=1, eval_limit=8,
-                   max_steps=5)
-    with pytest.raises(UserError, match="3 steps in a row with non-finite losses or gradients at step 3"):
+    cfg = tiny_run(tmp_path, synthetic_dir, reward_kind="label", max_bad_steps=3,
+                   checkpoint_interval=1, eval_limit=8, max_steps=5)
+    with pytest.raises(UserError,
+                       match="3 steps in a row with non-finite losses or gradients at step 3"):
         train_ppo.train(cfg)
-    # the bad steps were skipped whole: the checkpoints hold the starting weights and an untouched optimizer
+    # the bad steps were skipped whole: the checkpoints hold the starting weights
+    # and an untouched optimizer
     from model import GPT
     start = GPT.from_pretrained(os.path.join(synthetic_dir, "policy")).state_dict()
-    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("ckpt_")) == ["ckpt_000001.pt", "ckpt_000002.pt"]
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("ckpt_")) == [
+        "ckpt_000001.pt", "ckpt_000002.pt"]
     ckpt = torch.load(tmp_path / "ckpt_000002.pt", weights_only=True)
     assert ckpt["optimizer"]["state"] == {}
     for name, value in ckpt["model"].items():
@@ -601,8 +655,9 @@ def test_non_finite_losses_skip_updates_then_stop(tmp_path, synthetic_dir, monke
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path, synthetic_dir):
     cfg = tiny_run(tmp_path, synthetic_dir, reward_kind="label", max_steps=10000, eval_limit=8)
     args = [f"--{k}={v}" for k, v in vars(cfg).items()]
-    proc = subprocess.Popen([sys.executable, "train_ppo.py", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen([sys.executable, "train_ppo.py", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if os.path.exists(tmp_path / "metrics.jsonl") and len(read_metrics(tmp_path)) >= 3:
@@ -627,21 +682,27 @@ def test_torchrun_two_processes_agree(tmp_path, synthetic_dir):
         "import train_ppo\n"
         "summary = train_ppo.train(train_ppo.load_config(sys.argv[1:]))\n"
         "rank = int(os.environ['RANK'])\n"
-        "torch.save(summary['model'].state_dict(), os.path.join(sys.argv[-1].split('=')[1], f'rank{rank}.pt'))\n"
-        "json.dump(summary['eval'], open(os.path.join(sys.argv[-1].split('=')[1], f'eval{rank}.json'), 'w'))\n")
-    cfg = tiny_run(tmp_path, synthetic_dir, reward_kind="teacher", max_steps=2, eval_limit=21, batch_size=8,
-                   minibatch_size=4, micro_batch_size=2)
-    args = [f"--{k}={v}" for k, v in vars(cfg).items() if k != "out_dir"] + [f"--out_dir={tmp_path}"]
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), *args], cwd=REPO, capture_output=True, text=True, timeout=400,
+        "torch.save(summary['model'].state_dict(), "
+        "os.path.join(sys.argv[-1].split('=')[1], f'rank{rank}.pt'))\n"
+        "json.dump(summary['eval'], "
+        "open(os.path.join(sys.argv[-1].split('=')[1], f'eval{rank}.json'), 'w'))\n")
+    cfg = tiny_run(tmp_path, synthetic_dir, reward_kind="teacher", max_steps=2, eval_limit=21,
+                   batch_size=8, minibatch_size=4, micro_batch_size=2)
+    args = ([f"--{k}={v}" for k, v in vars(cfg).items() if k != "out_dir"]
+            + [f"--out_dir={tmp_path}"])
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(script), *args],
+                            cwd=REPO, capture_output=True, text=True, timeout=400,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
-    eval0, eval1 = json.load(open(tmp_path / "eval0.json")), json.load(open(tmp_path / "eval1.json"))
+    eval0, eval1 = (json.load(open(tmp_path / "eval0.json")),
+                    json.load(open(tmp_path / "eval1.json")))
     assert eval0 == eval1 and eval0["eval/n"] == 21
-    # the sharded eval counts every example once: the same totals as one process scoring the same weights
+    # the sharded eval counts every example once: the same totals as one process scoring the same
+    # weights
     from hellaswag import evaluate, load_examples
     from model import GPT
 
@@ -660,12 +721,14 @@ def test_choice_policy_scores_endings_like_the_evaluator(tmp_path):
     synthetic.write_jsonl(tmp_path / "val.jsonl", synthetic.make_examples(12, seed=3, split="val"))
     examples = load_examples(data_file=str(tmp_path / "val.jsonl"))
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=12)).eval()  # most contexts are cut to fit
+    # most contexts are cut to fit
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=12)).eval()
     torch.nn.init.normal_(model.value_head.weight)
     encoded = [encode_for_model(ex, gpt2_encoding().encode_ordinary, 12) for ex in examples]
     assert max(len(c) + max(map(len, es)) for c, es in encoded) == 12
     with torch.no_grad():
-        policy_logprobs, values = train_ppo.choice_forward(model, encoded, choice_temperature=0.5, device="cpu")
+        policy_logprobs, values = train_ppo.choice_forward(model, encoded, choice_temperature=0.5,
+                                                           device="cpu")
         result = evaluate(model, examples, return_predictions=True)
     norm_scores = torch.tensor([p["norm_scores"] for p in result["predictions"]])
     assert torch.allclose(policy_logprobs, torch.log_softmax(norm_scores / 0.5, -1), atol=1e-4)
@@ -688,7 +751,8 @@ def test_choice_rollouts_compute_the_reference_once_per_example(tmp_path, monkey
     rollouts = train_ppo.ChoiceRollouts(encoded, None, 0.5, micro_batch_size=2, device="cpu")
     scored = []
     real = train_ppo.choice_forward
-    monkeypatch.setattr(train_ppo, "choice_forward", lambda model, enc, *a: scored.extend(enc) or real(model, enc, *a))
+    monkeypatch.setattr(train_ppo, "choice_forward",
+                        lambda model, enc, *a: scored.extend(enc) or real(model, enc, *a))
     with torch.no_grad():
         first = rollouts.reference(reference, [4, 1, 4])
         again = rollouts.reference(reference, [1, 2])
@@ -698,6 +762,7 @@ def test_choice_rollouts_compute_the_reference_once_per_example(tmp_path, monkey
     torch.testing.assert_close(first, expected[[4, 1, 4]])
     torch.testing.assert_close(again, expected[[1, 2]])
     restored = train_ppo.ChoiceRollouts(encoded, None, 0.5, micro_batch_size=2, device="cpu")
-    restored.load_state_dict(rollouts.state_dict())  # the checkpoint keeps them: a resumed run does not recompute
+    # the checkpoint keeps them: a resumed run does not recompute
+    restored.load_state_dict(rollouts.state_dict())
     torch.testing.assert_close(restored.reference(reference, [1, 2, 4]), expected[[1, 2, 4]])
     assert len(scored) == 3
