@@ -738,7 +738,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     temperature-scaled distribution (before top-k / top-p). temperature=0 is greedy, with log-probs
     under temperature 1.
     """
-    if temperature != 0:
+    if temperature not in (0, 1):  # x / 1 == x: the division would only cost a pass over (B, V)
         logits = logits / temperature
     # (B, 1): log-probs are logits - log_norm
     log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
