@@ -609,10 +609,11 @@ def sequence_forward(model, prompts, prompt_mask, responses, response_mask, temp
     source = (col + (P - prompt_len)[:, None]).clamp(max=P + N - 1)
     idx = torch.cat([prompts, responses], 1).gather(1, source)
     response_mask = response_mask[:, :W]
-    # (B, W) response token t is predicted at column prompt_len - 1 + t
-    predictor = ((prompt_len - 1)[:, None] + torch.arange(W, device=prompts.device)).clamp(max=T - 1)
+    # response token t of a row is predicted at column prompt_len - 1 + t
+    first = (prompt_len - 1)[:, None]  # (B, 1)
+    at = (col >= first) & (col < first + response_len[:, None])  # (B, T)
+    predictor = (first + torch.arange(W, device=prompts.device)).clamp(max=T - 1)  # (B, W)
     selected = response_mask.bool()
-    at = torch.zeros_like(idx, dtype=torch.bool).scatter_(1, predictor, selected)
     # logits (K, V) at the response positions, row by row in order
     logits, values = model(idx, logits_at=at)
     logits = logits.float()
