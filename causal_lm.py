@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import UserError, first_line, looks_like_a_path, resolve_device
-from model import logprobs_from_logits
+from model import load_transformers_checked, logprobs_from_logits
 from tokenizer import bpe_files, gpt2_encoding
 
 # scored positions per log-softmax: bounds the float32 (positions, vocab) copy in memory
@@ -208,7 +208,12 @@ def load_causal_lm(source, device, dtype):
         raise UserError(f"{source}: no config.json here; expected a transformers model directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        # a tensor missing from the weights (an incomplete download) would be filled with random
+        # values; tensors the model does not use are left out, as transformers does
+        model = load_transformers_checked(AutoModelForCausalLM, source, allow_unexpected=True,
+                                          dtype=dtype)
+    except UserError:
+        raise
     # transformers raises many kinds (OSError, ValueError, safetensors errors, ...)
     except Exception as e:
         if not local and isinstance(e, OSError):

@@ -432,17 +432,7 @@ class GPT(nn.Module):
                           n_head=c.n_head, n_embd=c.n_embd, layer_norm_epsilon=c.layer_norm_epsilon)
             config = _config_from(fields, config_where)
             _check_gpt2_variant(c, name_or_dir)
-            # transformers fills missing or misshapen tensors with random ones and prints a table;
-            # the loading info says which, for one line here instead
-            verbosity = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()
-            try:
-                hf, info = GPT2LMHeadModel.from_pretrained(
-                    name_or_dir, dtype=torch.float32, output_loading_info=True,
-                    ignore_mismatched_sizes=True)
-            finally:
-                hf_logging.set_verbosity(verbosity)
-            _check_loading_info(info, name_or_dir)
+            hf = load_transformers_checked(GPT2LMHeadModel, name_or_dir, dtype=torch.float32)
         except UserError:
             raise
         except OSError as e:
@@ -671,9 +661,25 @@ def _check_gpt2_variant(c, where):
                         "through transformers)")
 
 
-def _check_loading_info(info, where):
-    """One line for weights that transformers could load only by making some up or leaving some
-    out."""
+def load_transformers_checked(cls, source, allow_unexpected=False, **kwargs):
+    """
+    cls.from_pretrained(source, **kwargs), refused in one line (UserError) where transformers
+    could load the weights only by making some up (missing or misshapen tensors: it would fill
+    them with random values, and print a table where a run goes on) or, unless allow_unexpected,
+    by leaving some out.
+    """
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its table; the line below says it
+    try:
+        model, info = cls.from_pretrained(source, output_loading_info=True,
+                                          ignore_mismatched_sizes=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    _check_loading_info(info, source, allow_unexpected)
+    return model
+
+
+def _check_loading_info(info, where, allow_unexpected=False):
     if info["mismatched_keys"]:
         key, found, expected = sorted(info["mismatched_keys"])[0]
         raise UserError(f"{where}: the weights and config.json disagree: {key} is "
@@ -684,7 +690,7 @@ def _check_loading_info(info, where):
                         f"({', '.join(missing[:3])}); the file is incomplete, export or download "
                         "it again")
     unexpected = sorted(k for k in info["unexpected_keys"] if not k.endswith(MASK_BUFFERS))
-    if unexpected:  # e.g. a config.json with fewer layers than the weights
+    if unexpected and not allow_unexpected:  # e.g. a config.json with fewer layers than the weights
         raise UserError(f"{where}: the weights hold {len(unexpected)} tensor(s) that config.json "
                         f"does not describe ({', '.join(unexpected[:3])}); fix config.json to "
                         "match them")

@@ -485,6 +485,32 @@ def test_unloadable_sources_are_one_line_errors(tmp_path):
         CausalLM.load(str(tmp_path), dtype="int8")
 
 
+@pytest.mark.parametrize("build, fault, message", [
+    (build_gpt_neo, "without", r"the weights lack 1 tensor\(s\) of this config "
+                               r"\(transformer.h.1.mlp.c_fc.weight\)"),
+    (build_llama, "without", r"the weights lack 1 tensor\(s\) of this config "
+                             r"\(model.layers.1.mlp.up_proj.weight\)"),
+    (build_gpt_neo, "misshapen", r"transformer.h.1.mlp.c_fc.weight is \(128, 32\), but the config "
+                                 r"makes it \(128, 64\)"),
+], ids=["gpt-neo without a tensor", "llama without a tensor", "gpt-neo misshapen tensor"])
+def test_weights_transformers_would_fill_at_random_are_refused(tmp_path, build, fault, message):
+    """An incomplete download of the judge: transformers would load it with random tensors in the
+    holes and a run would score against them for hours."""
+    from safetensors.torch import load_file, save_file
+
+    path = build(tmp_path / "judge")
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    key = next(k for k in weights if k.endswith("1.mlp.c_fc.weight")
+               or k.endswith("1.mlp.up_proj.weight"))
+    if fault == "without":
+        del weights[key]
+    else:
+        weights[key] = torch.zeros(128, 32)
+    save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=f"{path}: .*{message}"):
+        CausalLM.load(path)
+
+
 # --------------------------------------------------------------------------------------------------
 # CLI
 
