@@ -428,8 +428,10 @@ def teacher_agreement(before, after, teacher, notes):
     hellaswag.paired_difference on the agreement indicators; and, where the teacher is wrong, how
     often the policy makes the same mistake."""
     a, b = before["predictions"], after["predictions"]
-    same = len(teacher) == len(a) and all(t["index"] == p["index"] for t, p in zip(teacher, a))
-    if not same:
+    same = all(len(teacher) == len(preds)
+               and all(t["index"] == p["index"] for t, p in zip(teacher, preds))
+               for preds in (a, b))
+    if not same:  # e.g. eval_limit changed on a resume
         notes.append("the teacher's predictions are not on the same examples as the evaluations; "
                      "agreement skipped")
         return None

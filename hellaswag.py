@@ -582,7 +582,10 @@ def mcnemar_exact_p(a_only, b_only):
 
 def paired_difference(correct_a, correct_b):
     """Accuracy of B minus A on the same examples, with a 95% normal interval of the paired
-    difference and McNemar's exact p-value."""
+    difference and McNemar's exact p-value. The two lists pair up item by item."""
+    if len(correct_a) != len(correct_b) or not correct_a:
+        raise ValueError(f"paired_difference needs two lists of the same examples, not "
+                         f"{len(correct_a)} and {len(correct_b)} items")
     n = len(correct_a)
     diffs = [int(b) - int(a) for a, b in zip(correct_a, correct_b)]
     mean = sum(diffs) / n
@@ -640,12 +643,13 @@ def compare_predictions(a, b, names=("A", "B")):
               for metric, key in (("acc", "pred"), ("acc_norm", "pred_norm"))}
     result["groups"] = {}
     for field in GROUP_FIELDS:
-        values = sorted({p[field] for p in a if field in p})
+        # lines i of a and b are the same example: its group from whichever file records it
+        group = [pa.get(field, pb.get(field)) for pa, pb in zip(a, b)]
         result["groups"][field] = {
             value: paired_difference(*[[p["pred_norm"] == p["label"]
-                                        for p in preds if p.get(field) == value]
+                                        for p, g in zip(preds, group) if g == value]
                                        for preds in (a, b)])
-            for value in values}
+            for value in sorted({g for g in group if g is not None})}
     return result
 
 

@@ -215,6 +215,20 @@ def test_teacher_agreement_before_and_after(tmp_path):
     assert "Agreement with the teacher's pick" in text
 
 
+def test_teacher_agreement_is_skipped_when_an_evaluation_is_on_other_examples(tmp_path):
+    """eval_limit lowered on a resume: the last evaluation covers fewer examples than the teacher's
+    predictions, which must not be paired by position."""
+    run = str(tmp_path / "run")
+    examples, evals, _ = make_run(run, skills=(0.0, 0.9))
+    write_jsonl(os.path.join(run, "eval", "teacher.jsonl"), predictions(examples, 0.7, seed=99))
+    write_jsonl(train_ppo.eval_predictions_path(run, 10), evals[10][:4])
+    (result,) = analyze.main([run])
+    assert result.get("teacher") is None
+    text, _ = report_of(os.path.join(run, "report"))
+    assert "the teacher's predictions are not on the same examples" in text
+    assert "Agreement with the teacher's pick" not in text
+
+
 def test_a_sweep_is_labelled_by_the_settings_that_differ(tmp_path):
     runs = [str(tmp_path / name) for name in ("a", "b")]
     make_run(runs[0], config={"learning_rate": 1e-3})

@@ -300,6 +300,27 @@ def test_paired_difference_interval():
     assert c["p_value"] == pytest.approx(mcnemar_exact_p(1, 3))
 
 
+def test_paired_difference_refuses_lists_that_do_not_pair():
+    """zip would drop the longer list's tail and divide by the other's length."""
+    for a, b in (([1, 0, 1], [1, 0]), ([1], [1, 1]), ([], [])):
+        with pytest.raises(ValueError, match="the same examples"):
+            paired_difference(a, b)
+
+
+def test_compare_groups_an_example_by_whichever_file_records_its_group():
+    """A file that does not record a group (an older --predictions file) is still paired line by
+    line with one that does."""
+    labels, groups = [0, 1, 2, 3], ["indomain", "indomain", "zeroshot", "zeroshot"]
+    a = [{"index": i, "label": y, "pred": 0, "pred_norm": 0, "split_type": g}
+         for i, (y, g) in enumerate(zip(labels, groups))]  # right on 0
+    b = [{"index": i, "label": y, "pred": y, "pred_norm": y} for i, y in enumerate(labels)]
+    for first, second, diff in ((a, b, 1.0), (b, a, -1.0)):
+        by_group = compare_predictions(first, second)["groups"]["split_type"]
+        assert by_group["indomain"]["n"] == by_group["zeroshot"]["n"] == 2
+        assert by_group["zeroshot"]["diff"] == diff
+        assert by_group["indomain"]["diff"] == diff / 2
+
+
 def write_predictions(path, labels, preds, groups):
     path.write_text("".join(json.dumps({"index": i, "label": y, "pred": p, "pred_norm": p,
                                         "split_type": g, "sum_logprobs": [0.0] * 4,
