@@ -124,8 +124,11 @@ class LikelihoodReward:
         return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 0.0
 
     def update(self, rewards):
-        """Fold a batch (gathered across ranks by all_reduce) into the running mean / std."""
+        """Fold a batch (gathered across ranks by all_reduce) into the running mean / std. A
+        non-finite score is left out: it would stay in the statistics and make every later reward
+        NaN (its own step is skipped as non-finite)."""
         x = rewards.double()
+        x = x[torch.isfinite(x)]
         n_values = torch.tensor(float(x.numel()), dtype=torch.float64)
         stats = torch.stack([n_values, x.sum(), (x * x).sum()])
         if self.all_reduce is not None:

@@ -419,6 +419,8 @@ class AdaptiveKLController:
         self.value, self.target, self.horizon = kl_coef, target, horizon
 
     def update(self, current_kl, n_steps):
+        if not math.isfinite(current_kl):  # a skipped step's: a NaN would stay in the coefficient
+            return
         error = min(max(current_kl / self.target - 1, -0.2), 0.2)
         self.value *= 1 + error * n_steps / self.horizon
 
@@ -815,13 +817,15 @@ def gather_rng_states(sample_generator, shuffle_generator, world_size):
 
 def save_checkpoint(out_dir, step, raw_model, optimizer, scaler, state, cfg, keep_last, best):
     """ckpt_<step>.pt written atomically; older step checkpoints beyond keep_last removed; best.pt
-    linked."""
+    linked. A later step's file (one a resume passed over as damaged) is neither counted nor
+    removed: counting it could remove the checkpoint just written."""
     ckpt = {"format": CHECKPOINT_FORMAT, "model_config": dataclasses.asdict(raw_model.config),
             "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "step": step, "config": dataclasses.asdict(cfg), **state}
     path = os.path.join(out_dir, f"ckpt_{step:06d}.pt")
     atomic_torch_save(ckpt, path)
-    for _, old in step_checkpoints(out_dir)[:-keep_last]:
+    older = [old for old_step, old in step_checkpoints(out_dir) if old_step < step]
+    for old in older[:max(len(older) - (keep_last - 1), 0)]:
         os.remove(old)
     if best:  # a hard link: the step file can be rotated away, best.pt stays
         tmp = os.path.join(out_dir, ".best.pt.tmp")

@@ -102,6 +102,21 @@ def test_likelihood_running_normalisation_over_batches(neo):
     torch.testing.assert_close(restored(*first), reward(*first))
 
 
+def test_a_non_finite_score_stays_out_of_the_running_statistics(neo):
+    """Its own step is skipped as non-finite; in the statistics it would make every later reward
+    NaN, and a resumed run would load the NaN from the checkpoint."""
+    reward, clean = LikelihoodReward(neo), LikelihoodReward(neo)
+    raw = LikelihoodReward(neo, normalize=False)(CONTEXTS, CONTINUATIONS)
+    broken = raw[:3].clone()
+    broken[1] = float("nan")
+    assert torch.isnan(reward.finish(broken)[1])
+    clean.finish(raw[[0, 2]])
+    assert (reward.count, reward.mean, reward.m2) == (clean.count, clean.mean, clean.m2)
+    later = reward.finish(raw[3:])
+    assert torch.isfinite(later).all()
+    torch.testing.assert_close(later, clean.finish(raw[3:]))
+
+
 def test_likelihood_clipping(neo):
     raw = LikelihoodReward(neo, normalize=False)(CONTEXTS, CONTINUATIONS)
     assert raw.min() < -3  # a tiny random model: so the clip below changes something

@@ -83,6 +83,27 @@ def test_resume_falls_back_from_a_damaged_checkpoint_and_torn_logs(tmp_path, syn
         assert torch.equal(a, b), name
 
 
+def test_rotation_keeps_the_checkpoint_it_wrote_when_a_damaged_later_one_is_left(
+        tmp_path, synthetic_dir, capsys):
+    """A resume passed over a damaged later checkpoint (here step 4, say a stop-signal save cut
+    short); counting that file in the rotation would remove the checkpoint just written and leave
+    nothing to resume from."""
+    straight = train_ppo.train(label_run(tmp_path / "straight", synthetic_dir,
+                                         max_steps=4))["model"]
+    run = tmp_path / "run"
+    train_ppo.train(label_run(run, synthetic_dir, max_steps=2, keep_last=1))
+    (run / "ckpt_000004.pt").write_bytes(b"")
+    train_ppo.train(label_run(run, synthetic_dir, max_steps=3, keep_last=1, init_from="resume"))
+    assert sorted(p.name for p in run.glob("ckpt_*.pt")) == ["ckpt_000003.pt", "ckpt_000004.pt"]
+    capsys.readouterr()
+    resumed = train_ppo.train(label_run(run, synthetic_dir, max_steps=4, keep_last=1,
+                                        init_from="resume"))["model"]
+    assert "ckpt_000003.pt at step 3" in capsys.readouterr().out
+    assert [p.name for p in run.glob("ckpt_*.pt")] == ["ckpt_000004.pt"]  # written over
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_resume_without_a_checkpoint_fails_before_any_work(tmp_path, synthetic_dir, monkeypatch):
     (tmp_path / "train_config.json").write_text("the previous run's config\n")
     monkeypatch.setattr(train_ppo, "load_data",

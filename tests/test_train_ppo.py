@@ -120,6 +120,13 @@ def test_adaptive_kl_controller_moves_towards_the_target():
     restored = AdaptiveKLController(1.0, 6.0, 1000)
     restored.load_state_dict(controller.state_dict())
     assert restored.value == controller.value
+    # a skipped step's NaN (or infinite) KL says nothing: it must not stay in the coefficient
+    value = controller.value
+    for kl in (float("nan"), float("inf")):
+        controller.update(current_kl=kl, n_steps=100)
+        assert controller.value == value
+    controller.update(current_kl=12.0, n_steps=100)
+    assert controller.value == pytest.approx(value * (1 + 0.2 * 0.1))
 
 
 def test_shaped_rewards_put_the_score_at_the_last_action_or_spread_it():
