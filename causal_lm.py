@@ -208,6 +208,11 @@ def load_causal_lm(source, device, dtype):
         raise UserError(f"{source}: no config.json here; expected a transformers model directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
+        # without its files, transformers may build a GPT-2 tokenizer of one token
+        if not tokenizer("A man sits.", add_special_tokens=False)["input_ids"]:
+            raise UserError(f"{source}: its tokenizer turns text into no tokens (no tokenizer "
+                            "files beside config.json?); save the model's tokenizer there "
+                            "(tokenizer.save_pretrained(DIR))")
         # a tensor missing from the weights (an incomplete download) would be filled with random
         # values; tensors the model does not use are left out, as transformers does
         model = load_transformers_checked(AutoModelForCausalLM, source, allow_unexpected=True,

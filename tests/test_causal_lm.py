@@ -511,6 +511,19 @@ def test_weights_transformers_would_fill_at_random_are_refused(tmp_path, build, 
         CausalLM.load(path)
 
 
+def test_a_gpt2_directory_without_its_tokenizer_is_refused(tmp_path):
+    """transformers builds a GPT-2 tokenizer of one token for it, which encodes every text to
+    nothing: the first reward call would fail hours in, blaming the continuation."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = str(tmp_path / "gpt2")
+    GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=2)).save_pretrained(path)
+    with pytest.raises(UserError, match=f"{path}: its tokenizer turns text into no tokens"):
+        CausalLM.load(path)
+    gpt2_hf_tokenizer().save_pretrained(path)
+    assert CausalLM.load(path).encode(" He sits.") == gpt2_encoding().encode(" He sits.")
+
+
 # --------------------------------------------------------------------------------------------------
 # CLI
 
