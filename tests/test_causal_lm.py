@@ -517,7 +517,8 @@ def test_a_gpt2_directory_without_its_tokenizer_is_refused(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     path = str(tmp_path / "gpt2")
-    GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=2)).save_pretrained(path)
+    config = GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(path)
     with pytest.raises(UserError, match=f"{path}: its tokenizer turns text into no tokens"):
         CausalLM.load(path)
     gpt2_hf_tokenizer().save_pretrained(path)
