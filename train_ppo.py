@@ -50,7 +50,8 @@ from common import (UserError, atomic_torch_save, atomic_write_text, autocast, c
                     first_line, looks_like_a_path, read_json_objects, resolve_device, run_cli,
                     step_checkpoints)
 from hellaswag import encode_for_model, evaluate, load_examples, split_path, write_predictions
-from model import CHECKPOINT_FORMAT, GPT, GPTConfig, check_finite_weights, pack_choices
+from model import (CHECKPOINT_FORMAT, GPT, GPTConfig, check_finite_weights, latest_checkpoint,
+                   pack_choices)
 from reward import DEFAULT_REWARD_MODEL, LabelReward, LikelihoodReward, TeacherReward
 from tokenizer import EOT_TOKEN, gpt2_encoding
 
@@ -1098,11 +1099,16 @@ def build_policy(source, cfg):
 
 
 def load_models(cfg, init_from, ckpt, resume_path, device):
-    """-> (policy with its value head, frozen reference, where the reference came from, the
-    settings of a scratch reference or None). A resumed run rebuilds the reference from the source
-    its checkpoint names (a scratch one from the settings the run began with, whatever the config
-    says today) and the policy from the checkpoint."""
+    """-> (policy with its value head, frozen reference, what a checkpoint keeps of the reference:
+    where it came from, the settings of a scratch one, a fingerprint of its weights). A resumed run
+    rebuilds the reference from the source its checkpoint names (a scratch one from the settings
+    the run began with, whatever the config says today), refuses one whose weights changed since,
+    and builds the policy from the checkpoint. A run directory as the source is pinned to its
+    newest checkpoint file, which later saves of that run do not change."""
     reference_from = ckpt["reference_from"] if ckpt else init_from
+    if (not ckpt and os.path.isdir(reference_from)
+            and not os.path.exists(os.path.join(reference_from, "config.json"))):
+        reference_from = latest_checkpoint(reference_from) or reference_from
     scratch = None
     if reference_from == "scratch":
         # checkpoints from before reference_settings: their config is the first run's
@@ -1110,14 +1116,31 @@ def load_models(cfg, init_from, ckpt, resume_path, device):
                  else dataclasses.asdict(cfg))
         scratch = {k: saved[k] for k in SCRATCH_SETTINGS if k in saved}
         cfg = dataclasses.replace(cfg, **scratch)
-    reference = build_policy(reference_from, cfg).to(device).eval().requires_grad_(False)
+    reference = build_policy(reference_from, cfg)
+    fingerprint = weights_fingerprint(reference)
+    if ckpt and ckpt.get("reference_fingerprint", fingerprint) != fingerprint:
+        raise UserError(f"{reference_from}: not the weights this run started from as its "
+                        "reference (rewritten since?), so its KL penalty and cached reference "
+                        "scores would change; put the original back, or start a new run from "
+                        f"{resume_path}")
+    reference.to(device).eval().requires_grad_(False)
     if ckpt:
         policy = GPT(GPTConfig(**ckpt["model_config"]))
         policy._load_state_dict(ckpt["model"], resume_path)
     else:
         policy = copy.deepcopy(reference).requires_grad_(True)
     policy.to(device).eval()  # eval mode throughout: PPO wants no dropout in rollouts or updates
-    return policy, reference, reference_from, scratch
+    return policy, reference, {"reference_from": reference_from, "reference_settings": scratch,
+                               "reference_fingerprint": fingerprint}
+
+
+def weights_fingerprint(model):
+    """sha256 of a model's tensors (names, dtypes, shapes and bytes), hex."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def build_reward(cfg, train_examples, sources, run):
@@ -1395,10 +1418,11 @@ def train(cfg):
     if ckpt:
         log_changed_settings(ckpt.get("config", {}), cfg, log)
     train_examples, val_examples, sources = load_data(cfg, run, log)
-    raw_model, reference, reference_from, reference_settings = load_models(
-        cfg, sources["init_from"], ckpt, resume_path, run.device)
-    check_finite_weights(raw_model, resume_path or reference_from)
-    log(f"policy: {raw_model.num_params() / 1e6:.2f}M parameters from {reference_from}; "
+    raw_model, reference, reference_state = load_models(cfg, sources["init_from"], ckpt,
+                                                        resume_path, run.device)
+    check_finite_weights(raw_model, resume_path or reference_state["reference_from"])
+    log(f"policy: {raw_model.num_params() / 1e6:.2f}M parameters from "
+        f"{reference_state['reference_from']}; "
         f"device {run.device}, {run.world_size} process(es), autocast {dtype}")
     reward_fn = build_reward(cfg, train_examples, sources, run)
     rollout_kind = build_rollouts(cfg, raw_model, train_examples, reward_fn, run.device)
@@ -1521,8 +1545,7 @@ def train(cfg):
             if is_best:
                 best_acc_norm = metrics["eval/acc_norm"]
             state = {"data_position": data_position, "best_acc_norm": best_acc_norm,
-                     "kl_controller": kl_controller.state_dict(), "reference_from": reference_from,
-                     "reference_settings": reference_settings,
+                     "kl_controller": kl_controller.state_dict(), **reference_state,
                      "reward": reward_fn.state_dict() if hasattr(reward_fn, "state_dict") else None,
                      "rollouts": (rollout_kind.state_dict()
                                   if hasattr(rollout_kind, "state_dict") else None),

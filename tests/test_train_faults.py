@@ -6,6 +6,7 @@ multi-node run, a rank that dies. Tiny models on the synthetic task, CPU, gloo.
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -264,12 +265,34 @@ def test_a_scratch_reference_is_rebuilt_as_the_run_began_whatever_the_config_say
     train_ppo.train(label_run(tmp_path, synthetic_dir, init_from="resume", max_steps=2, seed=3))
     ckpt = torch.load(tmp_path / "ckpt_000002.pt", weights_only=True)
     changed = label_run(tmp_path, synthetic_dir, init_from="resume", seed=7, n_layer=3)
-    _, reference, _, _ = train_ppo.load_models(changed, "resume", ckpt,
-                                               str(tmp_path / "ckpt_000002.pt"), "cpu")
+    _, reference, _ = train_ppo.load_models(changed, "resume", ckpt,
+                                            str(tmp_path / "ckpt_000002.pt"), "cpu")
     original = train_ppo.build_policy("scratch", label_run(tmp_path, synthetic_dir))
     assert reference.state_dict().keys() == original.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(),
                                                  original.state_dict().values()))
+
+
+def test_a_reference_from_a_run_directory_stays_the_checkpoint_it_started_from(
+        tmp_path, synthetic_dir):
+    """The source run may go on saving: a resume must not take its KL penalty against that run's
+    newer checkpoint, and a reference file rewritten since is refused."""
+    source = tmp_path / "source"
+    train_ppo.train(label_run(source, synthetic_dir, max_steps=1))
+    start = source / "ckpt_000001.pt"
+    straight = train_ppo.train(label_run(tmp_path / "straight", synthetic_dir,
+                                         init_from=str(start), max_steps=2))["model"]
+    run = tmp_path / "run"
+    train_ppo.train(label_run(run, synthetic_dir, init_from=str(source), max_steps=1))
+    assert torch.load(run / "ckpt_000001.pt", weights_only=True)["reference_from"] == str(start)
+    train_ppo.train(label_run(source, synthetic_dir, init_from="resume", max_steps=2))
+    resumed = train_ppo.train(label_run(run, synthetic_dir, init_from="resume",
+                                        max_steps=2))["model"]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    shutil.copy(source / "ckpt_000002.pt", start)
+    with pytest.raises(UserError, match=f"{start}: not the weights this run started from"):
+        train_ppo.train(label_run(run, synthetic_dir, init_from="resume", max_steps=3))
 
 
 def test_cached_reference_scores_are_kept_only_for_the_same_examples_and_temperature():
