@@ -61,10 +61,22 @@ def continuation_start(context_ids, whole_ids):
 def split_encode(encode, context, continuation):
     """-> (context ids, continuation ids) of the whole text encoded once, split by the rules above.
     encode: str -> list[int]. Joined, the two are always the encoding of context + continuation."""
-    context, continuation = split_boundary_whitespace(context, continuation)
-    whole = encode(context + continuation)
-    start = continuation_start(encode(context), whole)
-    return whole[:start], whole[start:]
+    return split_encode_batch(lambda texts: [encode(t) for t in texts], [context],
+                              [continuation])[0]
+
+
+def split_encode_batch(encode_batch, contexts, continuations):
+    """split_encode for many pairs. encode_batch: list[str] -> list[list[int]], such as a
+    tokenizer's call on a list (several times faster than a call per text); a context that several
+    pairs share is encoded once."""
+    pairs = [split_boundary_whitespace(c, k) for c, k in zip(contexts, continuations)]
+    unique = list(dict.fromkeys(context for context, _ in pairs))
+    context_ids = dict(zip(unique, encode_batch(unique)))
+    split = []
+    for (context, _), whole in zip(pairs, encode_batch([c + k for c, k in pairs])):
+        start = continuation_start(context_ids[context], whole)
+        split.append((whole[:start], whole[start:]))
+    return split
 
 
 def fit_window(head, context_ids, continuation_ids, window):
@@ -317,6 +329,9 @@ class CausalLM:
     def encode(self, text):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def encode_batch(self, texts):
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+
     def _head(self, context_ids):
         """The tokens before the context: BOS where the tokenizer adds one; a start token (BOS or
         EOS, as lm-evaluation-harness does) when the context is empty, so the first continuation
@@ -347,12 +362,12 @@ class CausalLM:
         tokenizer."""
         if len(contexts) != len(continuations):
             raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
-        rows = []
-        for i, (context, continuation) in enumerate(zip(contexts, continuations)):
+        for i, continuation in enumerate(continuations):
             if not continuation:
                 raise PairError(i, "the continuation is empty; there is nothing to score")
-            rows.append(self.row(i, *split_encode(self.encode, context, continuation)))
-        return rows
+        split = split_encode_batch(self.encode_batch, contexts, continuations)
+        return [self.row(i, context_ids, continuation_ids)
+                for i, (context_ids, continuation_ids) in enumerate(split)]
 
     def score(self, contexts, continuations, batch_size=32):
         """

@@ -165,7 +165,9 @@ class TeacherReward:
     cache_dir (one file keyed by the model, the scored texts and the style; data_id only names the
     file), so a rerun on the same data does no forwards. Under DDP each rank scores the examples it
     meets and merges the file's contents into its own before each (atomic) save; the rare entry lost
-    to two simultaneous saves is only scored again.
+    to two simultaneous saves is only scored again. Every pair not in the cache is tokenized when
+    the reward is built, so that one the teacher cannot score (an ending longer than its window) is
+    an error then, not when its example is first drawn hours into a run.
     examples: dicts as from hellaswag.load_examples; indices are positions in this list.
     """
 
@@ -196,6 +198,13 @@ class TeacherReward:
             name = re.sub(r"[^A-Za-z0-9_.-]+", "_", data_id or "data")
             self.cache_path = os.path.join(cache_dir, f"teacher-{name}-{style}-{self.key[:16]}.pt")
             self._merge_cache()
+        unscored = [i for i in range(len(examples)) if math.isnan(self.sum_logprob[i, 0])]
+        try:
+            reward_model.encode_pairs(*self._pairs(unscored))
+        except PairError as e:
+            raise UserError(f"teacher reward: {data_id or 'the training data'}, example "
+                            f"{unscored[e.index // 4]}, ending {e.index % 4}: {e.problem}; the "
+                            f"teacher cannot score it") from None
 
     def __len__(self):
         return len(self.texts)
@@ -230,13 +239,18 @@ class TeacherReward:
                              f"(have {len(self)} examples)")
         return indices
 
-    def _score(self, missing):
+    def _pairs(self, indices):
+        """The (context, ending) text pairs of examples[indices], 4 an example: -> (contexts,
+        continuations)."""
         contexts, continuations = [], []
-        for i in missing:
+        for i in indices:
             context, endings = self.texts[i]
             contexts += [context] * 4
             continuations += list(endings)
-        scores = self.reward_model.score(contexts, continuations, self.batch_size)
+        return contexts, continuations
+
+    def _score(self, missing):
+        scores = self.reward_model.score(*self._pairs(missing), self.batch_size)
         self.sum_logprob[missing] = scores["sum_logprob"].view(-1, 4)
         self.n_tokens[missing] = scores["n_tokens"].view(-1, 4)
         if self.cache_path is not None:

@@ -258,6 +258,28 @@ def test_teacher_scores_match_reference_and_rewards(neo):
     assert disagree.tolist() == [0.0]
 
 
+def test_an_ending_the_teacher_cannot_score_is_an_error_when_the_reward_is_built(tmp_path):
+    """Not when its example is first drawn, hours into a run, on one rank. A cached example is
+    already scored and not tokenized again."""
+    from test_causal_lm import build_gpt_neo
+
+    short = CausalLM.load(build_gpt_neo(tmp_path / "neo", window=16))
+    examples = [dict(ex) for ex in EXAMPLES]
+    long = ("waves at every single customer who walks into the café today, one after another, "
+            "all day.")
+    examples[3] = dict(examples[3], endings=["opens the door.", "waves.", long, long])
+    with pytest.raises(UserError, match=r"teacher reward: unit/val, example 3, ending 2: the "
+                                        r"continuation alone \(\d+ tokens\) does not fit the "
+                                        r"model's window of 16 tokens"):
+        TeacherReward(short, examples, data_id="unit/val", cache_dir=tmp_path)
+    TeacherReward(short, EXAMPLES, data_id="unit/val", cache_dir=tmp_path).teacher_scores(
+        range(len(EXAMPLES)))  # all scored and cached
+    calls = []
+    short.encode_pairs = lambda contexts, continuations: calls.append(len(contexts))
+    TeacherReward(short, EXAMPLES, data_id="unit/val", cache_dir=tmp_path)
+    assert calls == [0]
+
+
 def spanning_lm(path):
     """A tiny GPT-2-architecture LM whose BPE has no pre-tokenizer, so merges cross spaces: "Wait."
     + " .." encodes whole with a token ". ." that spans the context/ending boundary."""
