@@ -552,11 +552,12 @@ class ChoiceRollouts:
                 policy_lp[group], values[group] = lp, v
         with timer("reference"):
             ref_lp = self.reference(reference, indices)
-        # before sampling, which would fail on them with a traceback
-        if not torch.isfinite(policy_lp).all():
-            raise UserError("the policy's scores of the endings are not finite; its weights are "
-                            "broken")
-        choices = torch.multinomial(policy_lp.exp(), 1, generator=generator)  # (B, 1)
+        # an example whose scores are not finite (an overflow in a low-precision forward: the
+        # weights are checked after every step) is sampled uniformly; its log-prob keeps the step
+        # non-finite, so the step is skipped as a generate rollout's would be, on every rank
+        probs = torch.where(torch.isfinite(policy_lp).all(dim=1, keepdim=True), policy_lp.exp(),
+                            torch.ones_like(policy_lp))
+        choices = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
         with timer("reward"):
             scores = self.reward_fn(indices, choices.squeeze(1).cpu()).to(self.device).float()
         samples = [{"ctx": ex["ctx"], "chosen": ex["endings"][c], "label": ex.get("label")}

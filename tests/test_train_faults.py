@@ -383,6 +383,32 @@ def test_a_run_resumes_from_another_working_directory(tmp_path, synthetic_dir, m
     assert result["step"] == 2
 
 
+def test_a_non_finite_choice_rollout_is_a_skipped_step(tmp_path, synthetic_dir, monkeypatch,
+                                                       capsys):
+    """Scores that overflow in one step's rollout (a low-precision forward) skip that step, on
+    every rank, as a generate rollout's do; the run goes on."""
+    real_collect, real_forward = train_ppo.ChoiceRollouts.collect, train_ppo.choice_forward
+    calls = []
+
+    def first_row_nan(*args, **kwargs):
+        logprobs, values = real_forward(*args, **kwargs)
+        return logprobs.index_fill(0, torch.tensor([0]), float("nan")), values
+
+    def collect(self, *args):
+        calls.append(1)
+        monkeypatch.setattr(train_ppo, "choice_forward",
+                            first_row_nan if len(calls) == 2 else real_forward)
+        return real_collect(self, *args)
+
+    monkeypatch.setattr(train_ppo.ChoiceRollouts, "collect", collect)
+    train_ppo.train(label_run(tmp_path, synthetic_dir, max_steps=3, keep_last=3))
+    assert "warning: step 2: non-finite rollout (1 step(s) in a row)" in capsys.readouterr().out
+    weights = [torch.load(tmp_path / f"ckpt_00000{step}.pt", weights_only=True)["model"]
+               for step in (1, 2, 3)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # step 2 skipped
+    assert not all(torch.equal(weights[1][k], weights[2][k]) for k in weights[0])
+
+
 def test_weights_that_turn_non_finite_stop_the_run_before_the_next_checkpoint(
         tmp_path, synthetic_dir, monkeypatch):
     real = train_ppo.ppo_update
