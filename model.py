@@ -714,8 +714,9 @@ def filter_logits(logits, top_k=None, top_p=None):
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = F.softmax(sorted_logits, dim=-1)
-        # keep the smallest set whose mass reaches top_p
-        drop_sorted = probs.cumsum(-1) - probs > top_p
+        # keep the smallest set whose mass reaches top_p: a token whose predecessors' mass is
+        # already top_p is dropped
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -766,5 +767,8 @@ def sample_from_probs(probs, generator=None):
     torch.multinomial's time (README). The draw depends only on generator's state.
     """
     race = torch.empty_like(probs).uniform_(generator=generator)  # u in [0, 1)
-    race.log_().neg_()  # E = -log u ~ Exp(1); u = 0 gives E = inf, a sure loss rather than a 0 / 0
+    # E = -log u ~ Exp(1). u = 0 (one draw in 2**24) would make E infinite and a kept token's
+    # ratio 0, as low as a filtered one's: the only kept token could lose to a filtered one.
+    # The smallest normal float instead is below every other draw, so nothing else changes.
+    race.clamp_(min=torch.finfo(race.dtype).tiny).log_().neg_()
     return torch.div(probs, race, out=race).argmax(dim=-1)

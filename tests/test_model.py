@@ -232,6 +232,35 @@ def test_greedy_next_token_and_its_logprob_at_temperature_one():
     assert (logp - F.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]).abs().max() <= 1e-6
 
 
+def test_a_uniform_draw_of_zero_never_picks_a_filtered_token():
+    """The race's u = 0 makes E = -log u infinite: the only token top-k / top-p kept would have the
+    ratio 0 of the filtered tokens, and the argmax would pick the row's first, a filtered one."""
+    generator, drawn = torch.Generator().manual_seed(0), 0
+    while True:  # the generator's first u == 0 (one float draw in 2**24)
+        u = torch.empty(1_000_000).uniform_(generator=generator)
+        zeros = (u == 0).nonzero()
+        if len(zeros):
+            break
+        drawn += u.numel()
+    skip = drawn + int(zeros[0]) - 3
+    generator = torch.Generator().manual_seed(0)
+    for n in [1_000_000] * (skip // 1_000_000) + [skip % 1_000_000]:
+        torch.empty(n).uniform_(generator=generator)
+    state = generator.get_state()
+    assert torch.empty(1, 10).uniform_(generator=generator)[0, 3] == 0  # the draw to come
+    generator.set_state(state)
+    probs = torch.zeros(1, 10)
+    probs[0, 3] = 1.0  # the one kept token, where u == 0 falls
+    assert sample_from_probs(probs, generator).item() == 3
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_it():
+    """Four equal tokens (exact quarters): 0.5 is reached by two; a third, whose predecessors
+    already hold 0.5, is dropped."""
+    for top_p, kept in ((0.5, 2), (0.25, 1), (0.3, 2), (0.75, 3), (0.99, 4)):
+        assert torch.isfinite(filter_logits(torch.zeros(1, 4), top_p=top_p)).sum() == kept
+
+
 def test_sampler_draws_only_from_the_generator():
     probs = torch.rand(8, 1000, generator=torch.Generator().manual_seed(3))
     torch.manual_seed(0)
