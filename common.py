@@ -75,11 +75,32 @@ def full_disk_is_one_line(path):
         raise
 
 
+def flush_to_disk(path):
+    """fsync a file, or a directory's entries: before a rename publishes a new file, so that after
+    a power cut the name holds the old file or the whole new one, never an empty one (which a
+    filesystem may otherwise write its data after the rename). Best effort for directories, which
+    some filesystems cannot sync."""
+    directory = os.path.isdir(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if directory:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path next to `path`; it replaces `path` only if the block finishes without
-    error, so an interrupted write (a kill, a full disk) never leaves a file that looks complete,
-    and the old file stays."""
+    error, so an interrupted write (a kill, a full disk, a power cut) never leaves a file that looks
+    complete, and the old file stays."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -90,7 +111,9 @@ def atomic_path(path):
         give_normal_mode(tmp)
         with full_disk_is_one_line(path):
             yield tmp
+            flush_to_disk(tmp)
             os.replace(tmp, path)
+        flush_to_disk(directory)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -110,15 +133,18 @@ def atomic_directory(path):
         with full_disk_is_one_line(path):  # before the finally below frees the space
             yield tmp
         # mkdtemp and some writers (transformers) make theirs private
-        for root, dirs, files in os.walk(tmp):
-            give_normal_mode(root, directory=True)
+        for root, dirs, files in os.walk(tmp, topdown=False):  # a folder after what it holds
             for name in files:
                 give_normal_mode(os.path.join(root, name))
+                flush_to_disk(os.path.join(root, name))
+            give_normal_mode(root, directory=True)
+            flush_to_disk(root)
         old = None
         if os.path.exists(path):
             old = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(path) + ".old.")
             os.replace(path, os.path.join(old, "x"))
         os.replace(tmp, path)
+        flush_to_disk(parent)
         if old:
             shutil.rmtree(old)
     finally:

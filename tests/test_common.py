@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from common import (UserError, atomic_path, atomic_write_text, autocast, resolve_device,
-                    same_error_on_every_rank)
+from common import (UserError, atomic_directory, atomic_path, atomic_write_text, autocast,
+                    resolve_device, same_error_on_every_rank)
 
 
 def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
@@ -21,6 +21,37 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
     assert os.listdir(tmp_path) == ["results.json"]  # no temp file left behind
     atomic_write_text(path, "new")
     assert path.read_text() == "new"
+
+
+def test_atomic_writes_reach_the_disk_before_the_rename_publishes_them(tmp_path, monkeypatch):
+    """Otherwise a power cut can leave the name holding an empty new file (data written after the
+    rename), after the rotation removed the older checkpoints."""
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def logged_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def logged_replace(src, dst):
+        events.append(("replace", os.fspath(src)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", logged_fsync)
+    monkeypatch.setattr(os, "replace", logged_replace)
+    atomic_write_text(tmp_path / "ckpt.json", "new")
+    (_, tmp), *rest = events
+    assert rest == [("replace", tmp), ("fsync", str(tmp_path))]
+    events.clear()
+    with atomic_directory(tmp_path / "hf") as folder:
+        os.mkdir(os.path.join(folder, "sub"))
+        for name in ("config.json", "sub/model.safetensors"):
+            with open(os.path.join(folder, name), "w") as f:
+                f.write("x")
+    synced = [path for kind, path in events[:-2] if kind == "fsync"]
+    assert sorted(os.path.relpath(p, folder) for p in synced) == [
+        ".", "config.json", "sub", "sub/model.safetensors"]
+    assert events[-2:] == [("replace", folder), ("fsync", str(tmp_path))]
+    assert (tmp_path / "hf" / "sub" / "model.safetensors").read_text() == "x"
 
 
 def test_resolve_device_accepts_what_the_machine_has():
