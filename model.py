@@ -505,15 +505,23 @@ class GPT(nn.Module):
 
     def _load_state_dict(self, sd, where):
         clean = {}
+        wrappers = ("_orig_mod.", "module.")  # torch.compile and DDP, nested in either order
         for k, v in sd.items():
-            for prefix in ("_orig_mod.", "module."):  # torch.compile and DDP wrappers
-                k = k.removeprefix(prefix)
+            while k.startswith(wrappers):
+                k = k.removeprefix("_orig_mod.").removeprefix("module.")
             if k.endswith(MASK_BUFFERS):
                 continue
             clean[k] = v
         # tied: some store only one
         if "lm_head.weight" not in clean and "transformer.wte.weight" in clean:
             clean["lm_head.weight"] = clean["transformer.wte.weight"]
+        head, wte = clean.get("lm_head.weight"), clean.get("transformer.wte.weight")
+        if (isinstance(head, torch.Tensor) and isinstance(wte, torch.Tensor)
+                and head.shape == wte.shape and not torch.equal(head, wte)):
+            # one tensor here: whichever loaded last would silently be both
+            raise UserError(f"{where}: lm_head.weight differs from transformer.wte.weight, but this "
+                            "GPT ties them (GPT-2's embedding is its output layer); hellaswag.py "
+                            "scores an untied model saved in transformers format")
         not_tensors = [k for k, v in clean.items() if not isinstance(v, torch.Tensor)]
         if not_tensors:
             raise UserError(f"{where}: the weights hold things that are not tensors "

@@ -108,6 +108,10 @@ def bad_torch_file(tmp_path, fault, monkeypatch):
     if fault == "nanoGPT args disagree with weights":
         torch.save({"model": model.state_dict(), "model_args": args | {"n_embd": 32, "n_head": 2}},
                    path)
+    elif fault == "nanoGPT weights with an untied lm_head":
+        weights = dict(model.state_dict())
+        weights["lm_head.weight"] = weights["lm_head.weight"] + 1.0
+        torch.save({"model": weights, "model_args": args}, path)
     elif fault == "nanoGPT field of the wrong type":
         torch.save({"model": model.state_dict(), "model_args": args | {"n_layer": "2"}}, path)
     elif fault == "build-nanogpt field of the wrong type":
@@ -145,6 +149,8 @@ def bad_torch_file(tmp_path, fault, monkeypatch):
     ("n_head=3", "n_embd=64 is not a multiple of n_head=3"),
     ("n_head=0", "n_head must be a positive integer, not 0"),
     ("nanoGPT args disagree with weights", "the weights and the model config disagree"),
+    ("nanoGPT weights with an untied lm_head",
+     "lm_head.weight differs from transformer.wte.weight, but this GPT ties them"),
     ("nanoGPT field of the wrong type", "n_layer must be a positive integer, not '2'"),
     ("build-nanogpt field of the wrong type", "n_embd must be a positive integer, not 64.0"),
     ("nanoGPT n_embd not a multiple of n_head", "n_embd=64 is not a multiple of n_head=3"),

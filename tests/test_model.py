@@ -417,6 +417,20 @@ def test_build_nanogpt_checkpoint_loads(tmp_path):
     assert (loaded(idx)[0] - model(idx)[0]).abs().max().item() == 0.0
 
 
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.",
+                                    "_orig_mod.module."])
+def test_a_state_dict_under_any_nesting_of_ddp_and_compile_wrappers_loads(tmp_path, prefix):
+    import dataclasses
+
+    model = tiny_gpt(seed=8)
+    sd = {prefix + k: v for k, v in model.state_dict().items() if not k.startswith("value_head.")}
+    torch.save({"model": sd, "model_args": dataclasses.asdict(model.config)}, tmp_path / "ckpt.pt")
+    loaded = GPT.from_pretrained(str(tmp_path / "ckpt.pt"))
+    for (name, a), b in zip(model.transformer.state_dict().items(),
+                            loaded.transformer.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_project_checkpoint_and_run_dir_load(tmp_path):
     import dataclasses
 
