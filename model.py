@@ -346,6 +346,9 @@ class GPT(nn.Module):
         if T + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt of {T} + {max_new_tokens} new tokens exceeds block_size "
                              f"{self.config.block_size}")
+        if not bool(attention_mask[:, -1].all()):  # the next token follows the last column
+            raise ValueError("generate takes left-padded prompts: every row's last column must be "
+                             "a token (attention_mask 1)")
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
         # the mask of the prompt and of every token to come, so each step's mask is a slice of it
         # (B, T + N)

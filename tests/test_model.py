@@ -550,6 +550,16 @@ def test_generate_wants_at_least_one_new_token():
         model.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=0)
 
 
+def test_generate_refuses_right_padded_prompts():
+    """It would sample the next token from a padding position's state, silently."""
+    model = tiny_gpt()
+    idx = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    with pytest.raises(ValueError, match="left-padded prompts"):
+        model.generate(idx, torch.tensor([[1, 1, 1], [1, 1, 0]]), max_new_tokens=2)
+    tokens, _, _ = model.generate(idx, torch.tensor([[1, 1, 1], [0, 1, 1]]), max_new_tokens=2)
+    assert tokens.shape == (2, 2)
+
+
 def test_optimizer_groups_decay_matrices_only():
     model = tiny_gpt()
     opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-4, betas=(0.9, 0.95),
