@@ -8,15 +8,16 @@ GPT.from_pretrained exactly like the real ones.
     python synthetic.py out/synthetic     # writes train.jsonl, val.jsonl, teacher/ and policy/
 """
 
+import argparse
 import json
 import os
 import random
-import sys
 
 import torch
 from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
-from common import atomic_directory, atomic_write_text, read_json
+from common import (atomic_directory, atomic_write_text, check_output_path, read_json,
+                    run_cli)
 from model import GPT, GPTConfig
 from tokenizer import EOT_TOKEN, gpt2_encoding, gpt2_hf_tokenizer
 
@@ -173,8 +174,16 @@ def prepare(out_dir, n_train=2000, n_val=200, seed=0, teacher_steps=300, policy_
     return paths
 
 
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Write the offline demo task: its data, a tiny "
+                                                 "teacher and a tiny starting policy.")
+    parser.add_argument("out_dir", help="where the task goes (train.jsonl, val.jsonl, teacher/, "
+                                        "policy/); what is there already is kept")
+    parser.add_argument("--seed", type=int, default=0, help="the task's seed (train_ppo.py's seed)")
+    args = parser.parse_args(argv)
+    check_output_path(args.out_dir, directory=True)  # before minutes of training
+    return prepare(args.out_dir, seed=args.seed)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        print("usage: python synthetic.py OUT_DIR", file=sys.stderr)
-        sys.exit(2)
-    prepare(sys.argv[1])
+    run_cli(main)

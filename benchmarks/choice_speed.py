@@ -1,8 +1,8 @@
 """
 Training-time multiple choice, forward + backward: the 4 rows context + ending per example that
-PPO's choice rollouts run today (hellaswag.pad_choices, one forward) against GPT.choice_forward (one
-packed row per example: the context once, its 4 endings attending to it), on a GPT-2-124M-sized
-model with random weights and real validation text.
+PPO's choice rollouts ran before the shared-context forward (hellaswag.pad_choices, one forward)
+against GPT.choice_forward (one packed row per example: the context once, its 4 endings attending to
+it), which they run now, on a GPT-2-124M-sized model with random weights and real validation text.
 
     # CPU, batches of 16, a few minutes on 2 cores
     python benchmarks/choice_speed.py

@@ -105,6 +105,21 @@ def test_rotation_keeps_the_checkpoint_it_wrote_when_a_damaged_later_one_is_left
         assert torch.equal(a, b), name
 
 
+def test_the_synthetic_task_cli_refuses_before_any_training(tmp_path, monkeypatch, capsys):
+    """`python synthetic.py --help` once made a folder named --help and trained into it."""
+    import synthetic
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(synthetic, "prepare", lambda *a, **k: pytest.fail("work began"))
+    with pytest.raises(SystemExit) as exit_:
+        synthetic.main(["--help"])
+    assert exit_.value.code == 0 and "usage: " in capsys.readouterr().out
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match="an existing file, not a directory"):
+        synthetic.main(["a_file"])
+    assert os.listdir(tmp_path) == ["a_file"]
+
+
 def test_resume_without_a_checkpoint_fails_before_any_work(tmp_path, synthetic_dir, monkeypatch):
     (tmp_path / "train_config.json").write_text("the previous run's config\n")
     monkeypatch.setattr(train_ppo, "load_data",
