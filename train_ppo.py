@@ -857,16 +857,22 @@ def drop_lines_after(path, step, log=print):
 RUN_FILES = ("metrics.jsonl", "samples.jsonl", "train_config.json", "best.pt", "eval", "hf")
 
 
-def remove_torn_writes(out_dir):
+def remove_torn_writes(out_dir, restore_export=False):
     """Temporary files that a killed atomic write left behind (.NAME.XXXX.tmp), and the export's
     temporary folders (.hf.XXXX, .hf.old.XXXX, as large as the model); they never replaced
-    anything."""
+    anything. A kill between the export's two renames leaves no hf/ and the previous export in
+    .hf.old.XXXX/x: restore_export (a resume) puts that one back."""
+    export = os.path.join(out_dir, "hf")
     for folder in (out_dir, os.path.join(out_dir, "eval")):
-        for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
             path = os.path.join(folder, name)
             if name.startswith(".") and name.endswith(".tmp") and os.path.isfile(path):
                 os.remove(path)
             elif folder == out_dir and name.startswith(".hf.") and os.path.isdir(path):
+                displaced = os.path.join(path, "x")
+                if (restore_export and name.startswith(".hf.old.") and os.path.isdir(displaced)
+                        and not os.path.exists(export)):
+                    os.replace(displaced, export)
                 shutil.rmtree(path)
 
 
@@ -932,7 +938,7 @@ def prepare_out_dir(cfg, run, log):
         check_output_path(cfg.data_cache, directory=True)
     if cfg.init_from == "resume":
         if run.master_process:
-            remove_torn_writes(cfg.out_dir)
+            remove_torn_writes(cfg.out_dir, restore_export=True)
         return load_resume_checkpoint(cfg.out_dir, log)
     existing = [name for name in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, name))]
     existing += [os.path.basename(path) for _, path in step_checkpoints(cfg.out_dir)]

@@ -120,6 +120,22 @@ def test_the_synthetic_task_cli_refuses_before_any_training(tmp_path, monkeypatc
     assert os.listdir(tmp_path) == ["a_file"]
 
 
+def test_a_kill_between_the_exports_two_renames_gives_the_previous_export_back(tmp_path):
+    """atomic_directory moves hf/ aside, then the new export in: between the two, hf/ is missing and
+    the previous export sits in .hf.old.XXXX/x, which a resume must not delete. (A fresh run in
+    that folder removes it as before: it is the previous run's.)"""
+    (tmp_path / ".hf.old.k2j4x9" / "x").mkdir(parents=True)
+    (tmp_path / ".hf.old.k2j4x9" / "x" / "config.json").write_text("the previous export")
+    (tmp_path / ".hf.a8d0q1").mkdir()  # the new one, complete or not: redone at the run's end
+    train_ppo.remove_torn_writes(str(tmp_path), restore_export=True)  # a resume
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+    assert (tmp_path / "hf" / "config.json").read_text() == "the previous export"
+    (tmp_path / ".hf.old.b7c3z0" / "x").mkdir(parents=True)  # killed after the second rename
+    train_ppo.remove_torn_writes(str(tmp_path), restore_export=True)
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+    assert (tmp_path / "hf" / "config.json").read_text() == "the previous export"
+
+
 def test_resume_without_a_checkpoint_fails_before_any_work(tmp_path, synthetic_dir, monkeypatch):
     (tmp_path / "train_config.json").write_text("the previous run's config\n")
     monkeypatch.setattr(train_ppo, "load_data",
