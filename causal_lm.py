@@ -329,8 +329,13 @@ class CausalLM:
     def encode(self, text):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def encode_batch(self, texts):
-        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+    def encode_batch(self, texts, chunk=1024):
+        """encode() of each text, by the tokenizer's list call, chunk texts at a time: a call's
+        intermediate encodings of 160,000 texts would hold gigabytes."""
+        texts = list(texts)
+        return [ids for start in range(0, len(texts), chunk)
+                for ids in self.tokenizer(texts[start:start + chunk],
+                                          add_special_tokens=False)["input_ids"]]
 
     def _head(self, context_ids):
         """The tokens before the context: BOS where the tokenizer adds one; a start token (BOS or

@@ -199,12 +199,14 @@ class TeacherReward:
             self.cache_path = os.path.join(cache_dir, f"teacher-{name}-{style}-{self.key[:16]}.pt")
             self._merge_cache()
         unscored = [i for i in range(len(examples)) if math.isnan(self.sum_logprob[i, 0])]
-        try:
-            reward_model.encode_pairs(*self._pairs(unscored))
-        except PairError as e:
-            raise UserError(f"teacher reward: {data_id or 'the training data'}, example "
-                            f"{unscored[e.index // 4]}, ending {e.index % 4}: {e.problem}; the "
-                            f"teacher cannot score it") from None
+        for start in range(0, len(unscored), 1024):  # the token rows of a chunk at a time
+            chunk = unscored[start:start + 1024]
+            try:
+                reward_model.encode_pairs(*self._pairs(chunk))
+            except PairError as e:
+                raise UserError(f"teacher reward: {data_id or 'the training data'}, example "
+                                f"{chunk[e.index // 4]}, ending {e.index % 4}: {e.problem}; the "
+                                "teacher cannot score it") from None
 
     def __len__(self):
         return len(self.texts)

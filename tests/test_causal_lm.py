@@ -467,6 +467,13 @@ def test_this_projects_exported_policy_can_judge(tmp_path):
     assert got == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 1024])
+def test_encode_batch_is_encode_of_each_text(neo, llama, chunk):
+    texts = [text for pair in PAIRS for text in pair] + [""]
+    for lm in (neo, llama):
+        assert lm.encode_batch(texts, chunk=chunk) == [lm.encode(t) for t in texts]
+
+
 def test_unloadable_sources_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="no such directory"):
         CausalLM.load(str(tmp_path / "missing"))
