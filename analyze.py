@@ -28,7 +28,8 @@ import torch
 from matplotlib.figure import Figure
 
 import hellaswag
-from common import UserError, atomic_path, atomic_write_text, read_json_objects, run_cli
+from common import (UserError, atomic_path, atomic_write_text, check_output_path,
+                    read_json_objects, run_cli)
 from tokenizer import gpt2_encoding
 
 # groups with fewer examples get intervals too wide (or too narrow, at n < 5) to trust
@@ -40,7 +41,7 @@ CALIBRATION_BINS = 10
 STOP_ENDINGS = (".", "!", "?", "\n", '."', '!"', '?"')
 # keys that name where a run lives rather than what it did: never used to tell runs apart
 PLACE_KEYS = ("out_dir", "synthetic_dir", "teacher_cache", "data_cache", "wandb_run_name",
-              "wandb_project", "device")
+              "wandb_project", "device", "start_over")
 CURVES = [("reward", "reward"), ("kl", "KL to the reference"),
           ("eval", "eval acc / acc_norm (95% CI)"), ("approx_kl", "approx_kl"),
           ("clipfrac", "clipfrac"), ("entropy", "entropy"), ("explained_var", "explained variance"),
@@ -95,6 +96,13 @@ def mean(values):
     return sum(values) / len(values) if values else float("nan")
 
 
+def finite_mean(values):
+    """The mean of the finite numbers among values (a step skipped as non-finite logs NaN), or
+    None."""
+    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
 # --------------------------------------------------------------------------------------------------
 # reading a run as it is: every file may be missing, cut off or from an older version
 
@@ -142,7 +150,7 @@ def by_step(records):
 def read_evaluations(run_dir, notes):
     """[{"name", "step", "predictions"}] from out_dir/eval/step_NNNNNN.jsonl, in step order."""
     eval_dir = os.path.join(run_dir, "eval")
-    names = sorted(os.listdir(eval_dir)) if os.path.isdir(eval_dir) else []
+    names = os.listdir(eval_dir) if os.path.isdir(eval_dir) else []
     evaluations = []
     for name in names:
         match = re.fullmatch(r"step_(\d+)\.jsonl", name)
@@ -152,6 +160,7 @@ def read_evaluations(run_dir, notes):
                 step = int(match.group(1))
                 evaluations.append({"name": f"step {step}", "step": step,
                                     "predictions": predictions})
+    evaluations.sort(key=lambda e: e["step"])  # by number: step_10 after step_9, whatever the padding
     if not evaluations:
         notes.append(f"{eval_dir}: no per-example predictions (older runs have none), so the "
                      "before/after comparison, flips, groups, lengths and calibration cannot be "
@@ -237,8 +246,8 @@ def load_run(run_dir, data=None, teacher=None):
                      "training curves")
     samples = read_records(os.path.join(run_dir, "samples.jsonl"), notes) or []
     evaluations = read_evaluations(run_dir, notes)
-    first = evaluations[0]["predictions"] if evaluations else []
-    examples = (read_examples(data or val_data_path(config, run_dir), first, notes)
+    every = [p for e in evaluations for p in e["predictions"]]
+    examples = (read_examples(data or val_data_path(config, run_dir), every, notes)
                 if evaluations else None)
     teacher_path = teacher or os.path.join(run_dir, "eval", "teacher.jsonl")
     teacher_predictions = (read_prediction_file(teacher_path, notes)
@@ -258,7 +267,8 @@ def load_pair(before, after, data=None, teacher=None):
         predictions = hellaswag.read_predictions(path, require_labels=False)
         evaluations.append({"name": f"{name} ({os.path.basename(path)})", "step": None,
                             "predictions": predictions})
-    examples = read_examples(data, evaluations[0]["predictions"], notes) if data else None
+    every = [p for e in evaluations for p in e["predictions"]]
+    examples = read_examples(data, every, notes) if data else None
     if data is None:
         notes.append("no --data: flipped examples are shown by index only, and ending lengths "
                      "cannot be computed")
@@ -270,13 +280,23 @@ def load_pair(before, after, data=None, teacher=None):
 
 
 def label_runs(runs):
-    """Name each run by the settings that differ between the runs (a sweep reads at a glance), else
-    its folder."""
-    keys = sorted({k for r in runs for k in r["config"]} - set(PLACE_KEYS))
-    differ = [k for k in keys if len({json.dumps(r["config"].get(k)) for r in runs}) > 1]
+    """Name each run by the settings that differ between the runs that have a config (a sweep reads
+    at a glance), else by its folder. A resumed run's init_from ("resume") says nothing of where it
+    began, so it is left out of the comparison."""
+    configs = [{k: v for k, v in r["config"].items()
+                if k not in PLACE_KEYS and not (k == "init_from" and v == "resume")}
+               for r in runs]
+    known = [c for c in configs if c]
+    keys = sorted({k for c in known for k in c})
+    differ = [k for k in keys if len({json.dumps(c[k]) for c in known if k in c}) > 1]
     if len(runs) > 1 and differ:
-        for r in runs:
-            r["label"] = ", ".join(f"{k}={r['config'].get(k)}" for k in differ)
+        for r, c in zip(runs, configs):
+            if c:
+                r["label"] = ", ".join(f"{k}={c.get(k, '?')}" for k in differ)
+    labels = [r["label"] for r in runs]
+    for r in runs:  # two folders of the same name, say: the paths tell them apart
+        if labels.count(r["label"]) > 1 and r["dir"]:
+            r["label"] = f"{r['label']} ({r['dir']})"
     return differ
 
 
@@ -354,7 +374,9 @@ def compare(run, before, after, temperature):
     """Everything "before vs after" says about one pair of evaluations."""
     a, b = before["predictions"], after["predictions"]
     result = {"before": before["name"], "after": after["name"], "before_step": before["step"],
-              "after_step": after["step"], "n": len(a)}
+              "after_step": after["step"]}
+    a, b = shared_examples(a, b, result)
+    result["n"] = len(a)
     try:  # also checks that both are predictions of the same examples
         comparison = hellaswag.compare_predictions(a, b, names=(before["name"], after["name"]))
     except UserError as e:
@@ -381,6 +403,20 @@ def compare(run, before, after, temperature):
     return result
 
 
+def shared_examples(a, b, result):
+    """Two evaluations of different example counts (eval_limit changed on a resume) are compared on
+    the examples both cover, in a's order, with a note in result; -> (a, b)."""
+    if [p["index"] for p in a] == [p["index"] for p in b]:
+        return a, b
+    b_by_index = {p["index"]: p for p in b}
+    shared = [p for p in a if p["index"] in b_by_index]
+    if not shared:
+        return a, b  # nothing in common: compare_predictions says so
+    result["note"] = (f"compared on the {len(shared)} examples both cover ({len(a)} and {len(b)} "
+                      "evaluated)")
+    return shared, [b_by_index[p["index"]] for p in shared]
+
+
 def calibration_of(predictions, temperature):
     """Calibration of the norm-score choice, the mean probability margin between the top two
     endings."""
@@ -405,21 +441,20 @@ def length_bias(evaluations, examples):
     here."""
     rows = []
     for e in evaluations:
-        chosen_lengths, gold_lengths, chosen_longest, gold_longest = [], [], 0, 0
+        chosen_lengths, chosen_longest, pairs, gold_longest = [], 0, [], 0
         for p in e["predictions"]:
             lengths = [ending_length(x) for x in examples[p["index"]]["endings"]]
             chosen_lengths.append(lengths[p["pred_norm"]])
             chosen_longest += lengths[p["pred_norm"]] == max(lengths)
-            if p.get("label") is not None:
-                gold_lengths.append(lengths[p["label"]])
+            if p.get("label") is not None:  # (chosen, gold) of the same example
+                pairs.append((lengths[p["pred_norm"]], lengths[p["label"]]))
                 gold_longest += lengths[p["label"]] == max(lengths)
         n = len(e["predictions"])
         rows.append({"name": e["name"], "step": e["step"], "chosen_chars": mean(chosen_lengths),
-                     "gold_chars": mean(gold_lengths) if gold_lengths else None,
+                     "gold_chars": mean(g for _, g in pairs) if pairs else None,
                      "chosen_is_longest": chosen_longest / n,
-                     "gold_is_longest": gold_longest / n if gold_lengths else None,
-                     "chosen_minus_gold": ([c - g for c, g in zip(chosen_lengths, gold_lengths)]
-                                           if gold_lengths else None)})
+                     "gold_is_longest": gold_longest / len(pairs) if pairs else None,
+                     "chosen_minus_gold": [c - g for c, g in pairs] if pairs else None})
     return rows
 
 
@@ -505,6 +540,8 @@ def analyze_run(run, encode=None):
         comparison = compare(run, before, after, temperature)
         if "error" in comparison:
             notes.append(f"{before['name']} vs {after['name']}: {comparison['error']}")
+        if "note" in comparison:
+            notes.append(f"{before['name']} vs {after['name']}: {comparison['note']}")
         result["comparisons"][name] = comparison
     if evaluations:
         ends = [evaluations[0], evaluations[-1]] if len(evaluations) > 1 else evaluations
@@ -533,9 +570,9 @@ def analyze_run(run, encode=None):
     if metrics:
         head, tail = metrics[:5], metrics[-5:]
         result["training"] = {"steps": metrics[-1]["step"],
-                              "reward_first5": mean(m["reward"] for m in head),
-                              "reward_last5": mean(m["reward"] for m in tail),
-                              "kl_last5": mean(m.get("kl", float("nan")) for m in tail)}
+                              "reward_first5": finite_mean(m["reward"] for m in head),
+                              "reward_last5": finite_mean(m["reward"] for m in tail),
+                              "kl_last5": finite_mean(m.get("kl") for m in tail)}
     return result
 
 
@@ -711,9 +748,12 @@ def summary_lines(result):
     lines = [f"**{result['label']}**" + (f" (`{result['dir']}`)" if result["dir"] else "")]
     training = result.get("training")
     if training:
-        lines.append(f"- {training['steps']} steps; mean reward {training['reward_first5']:.3f} "
-                     f"over the first 5 steps, {training['reward_last5']:.3f} over the last 5; "
-                     f"KL to the reference {training['kl_last5']:.3f} over the last 5.")
+        reward_first, reward_last, kl_last = (
+            "–" if training[k] is None else f"{training[k]:.3f}"
+            for k in ("reward_first5", "reward_last5", "kl_last5"))
+        lines.append(f"- {training['steps']} steps; mean reward {reward_first} over the first 5 "
+                     f"steps, {reward_last} over the last 5; KL to the reference {kl_last} over "
+                     "the last 5 (steps skipped as non-finite left out).")
     for name, c in result["comparisons"].items():
         if "acc_norm" in c:
             d = c["acc_norm"]
@@ -723,11 +763,13 @@ def summary_lines(result):
         elif "changed_choices" in c:
             lines.append(f"- {c['changed_choices']} of {c['n']} choices changed from "
                          f"{c['before']} to {c['after']} (no labels: no accuracy).")
-    if not result["comparisons"] and result["evaluations"]:
+    compared = any("acc_norm" in c or "changed_choices" in c
+                   for c in result["comparisons"].values())
+    if not compared and result["evaluations"]:
         e = result["evaluations"][-1]
         lines.append(f"- acc_norm {pct(e['acc_norm'])} {ci(e['acc_norm_ci'])} at {e['name']} "
                      f"(n = {e['n']}).")
-    if "best" in result["comparisons"]:
+    if "acc_norm" in result["comparisons"].get("best", {}):
         lines.append("- The best evaluation is picked on the same examples it is tested on: its "
                      "p-value is optimistic; the last evaluation's is not.")
     return lines
@@ -959,6 +1001,7 @@ def parse_args(argv=None):
             raise UserError("several runs or two prediction files: say where the report goes "
                             "with --out DIR")
         args.out = os.path.join(args.runs[0], "report")
+    check_output_path(args.out, directory=True)  # before reading and plotting every run
     return args
 
 

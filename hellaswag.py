@@ -622,6 +622,7 @@ def read_predictions(path, require_labels=True):
         for key in ("label", "pred", "pred_norm"):
             if obj.get(key) is not None and not 0 <= obj[key] <= 3:
                 raise UserError(f"{where}: '{key}' is {obj[key]}, but an ending number is 0-3")
+        obj.setdefault("label", None)  # unlabelled, as null says
         records.append(obj)
     if not records:
         raise UserError(f"{path}: no predictions")

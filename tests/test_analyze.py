@@ -246,6 +246,87 @@ def test_a_sweep_is_labelled_by_the_settings_that_differ(tmp_path):
 # runs the report must survive: they say what cannot be computed, and never raise
 
 
+def test_sweep_labels_ignore_a_resume_a_missing_config_and_tell_equal_folders_apart(tmp_path):
+    runs = [str(tmp_path / name) for name in ("a", "b", "c")]
+    make_run(runs[0], config={"learning_rate": 1e-3, "init_from": "gpt2"})
+    make_run(runs[1], config={"learning_rate": 3e-4, "init_from": "resume"})  # resumed
+    make_run(runs[2])
+    os.remove(os.path.join(runs[2], "train_config.json"))
+    results = analyze.main(runs + ["--out", str(tmp_path / "sweep")])
+    assert [r["label"] for r in results] == ["learning_rate=0.001", "learning_rate=0.0003", "c"]
+    same = [str(tmp_path / folder / "run") for folder in ("x", "y")]
+    for run in same:
+        make_run(run, config={"val_data": str(tmp_path / "x" / "val.jsonl")})
+    results = analyze.main(same + ["--out", str(tmp_path / "same")])
+    assert [r["label"] for r in results] == [f"run ({run})" for run in same]
+
+
+def test_evaluations_of_different_example_counts_and_order(tmp_path):
+    """eval_limit raised on a resume: later evaluations cover more examples than the first; and
+    eval files named without the zero padding sort by step, not by name."""
+    run = str(tmp_path / "run")
+    examples, evals, _ = make_run(run, skills=(0.0, 0.9))
+    full = predictions(examples, 0.9, seed=10)
+    os.remove(train_ppo.eval_predictions_path(run, 10))
+    write_jsonl(train_ppo.eval_predictions_path(run, 0), evals[0][:40])
+    write_jsonl(os.path.join(run, "eval", "step_9.jsonl"), evals[0][:40])
+    write_jsonl(os.path.join(run, "eval", "step_10.jsonl"), full)
+    (result,) = analyze.main([run, "--data", write_examples(tmp_path, examples[:40])])
+    last = result["comparisons"]["last"]
+    assert (last["before"], last["after"], last["n"]) == ("step 0", "step 10", 40)
+    expected = hellaswag.paired_difference([p["pred_norm"] == p["label"] for p in evals[0][:40]],
+                                           [p["pred_norm"] == p["label"] for p in full[:40]])
+    assert last["acc_norm"] == expected
+    text, _ = report_of(os.path.join(run, "report"))
+    assert "compared on the 40 examples both cover (40 and 60 evaluated)" in text
+    # the data file holds 40 examples, the last evaluation indexes 60: no lengths, no traceback
+    assert "is not the data these predictions were made on" in text and "lengths" not in result
+
+
+def write_examples(tmp_path, examples):
+    path = str(tmp_path / "val40.jsonl")
+    write_jsonl(path, examples)
+    return path
+
+
+def test_a_skipped_non_finite_step_stays_out_of_the_summary(tmp_path):
+    run = str(tmp_path / "run")
+    _, _, metrics = make_run(run)
+    metrics[-1].update(reward=float("nan"), kl=float("nan"))
+    write_jsonl(os.path.join(run, "metrics.jsonl"), metrics)
+    (result,) = analyze.main([run])
+    finite = [m for m in metrics[1:] if m["reward"] == m["reward"]]
+    assert result["training"]["reward_last5"] == pytest.approx(
+        sum(m["reward"] for m in finite[-4:]) / 4)
+    text, report = report_of(os.path.join(run, "report"))
+    assert "nan" not in text.split("## Evaluations")[0]
+
+
+def test_length_pairs_of_partly_labelled_predictions():
+    examples = [{"endings": ["a", "bb", "ccc", "dddd"], "label": 3},
+                {"endings": ["aaaaaa", "b", "c", "d"], "label": 0}]
+    evaluation = {"name": "step 0", "step": 0, "predictions": [
+        {"index": 0, "label": None, "pred_norm": 0}, {"index": 1, "label": 0, "pred_norm": 0}]}
+    (row,) = analyze.length_bias([evaluation], examples)
+    assert row["chosen_minus_gold"] == [0] and row["gold_is_longest"] == 1.0
+    assert row["gold_chars"] == 6 and row["chosen_chars"] == 3.5
+
+
+def test_prediction_lines_without_a_label_key_are_unlabelled(tmp_path):
+    examples = val_examples(20)
+    paths = []
+    for name, skill in (("a", 0.2), ("b", 0.8)):
+        records = predictions(examples, skill, seed=len(paths))
+        for r in records:
+            del r["label"]
+        write_jsonl(str(tmp_path / f"{name}.jsonl"), records)
+        paths.append(str(tmp_path / f"{name}.jsonl"))
+    (result,) = analyze.main(["--before", paths[0], "--after", paths[1],
+                              "--out", str(tmp_path / "out")])
+    assert "acc_norm" not in result["comparisons"]["last"]
+    assert result["comparisons"]["last"]["changed_choices"] > 0
+
+
 def test_a_run_with_one_evaluation(tmp_path):
     run = str(tmp_path / "run")
     make_run(run, skills=(0.0,))
@@ -390,6 +471,8 @@ def test_predictions_with_scores_that_are_not_finite(tmp_path, bad):
     (["--before", "nothing.jsonl", "--after", "nothing.jsonl", "--out", "x"],
      "nothing.jsonl: no such file"),
     (["no/such/run"], "no/such/run: no such run directory"),
+    (["--before", "a.jsonl", "--after", "a.jsonl", "--out", "README.md"],
+     "README.md: an existing file, not a directory"),
     ([], "give run directories"),
     (["--before", "a.jsonl", "--after", "b.jsonl", "--data", "no.jsonl", "--out", "x"],
      "--data no.jsonl: no such file"),
