@@ -356,8 +356,10 @@ def main(argv=None):
     except PairError as e:
         raise UserError(f"{wheres[e.index]}: {e.problem}") from None
     lines = []
-    for i in range(len(contexts)):
-        lines.append(json.dumps({"sum_logprob": scores["sum_logprob"][i].item(),
+    for i, where in enumerate(wheres):
+        # the input's line number: blank lines are skipped, so output line k need not be input k
+        lines.append(json.dumps({"line": int(where.rsplit(" ", 1)[1]),
+                                 "sum_logprob": scores["sum_logprob"][i].item(),
                                  "n_tokens": int(scores["n_tokens"][i]),
                                  "mean_logprob": scores["mean_logprob"][i].item(),
                                  "n_chars": int(scores["n_chars"][i]),

@@ -544,10 +544,13 @@ def test_cli_writes_scores_in_input_order(neo, tmp_path, capsys):
     pairs = PAIRS[:4]
     src = write_jsonl(tmp_path / "pairs.jsonl",
                       [{"context": c, "continuation": k} for c, k in pairs])
+    lines = (tmp_path / "pairs.jsonl").read_text().splitlines()
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines[:2] + [""] + lines[2:]) + "\n")
     out = tmp_path / "scores.jsonl"
     main(["--model", neo.source, "--input", src, "--output", str(out), "--batch-size", "2",
           "--device", "cpu"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["line"] for r in rows] == [1, 2, 4, 5]  # a blank line in the input is skipped
     expected = neo.score([c for c, _ in pairs], [k for _, k in pairs])
     assert [r["n_chars"] for r in rows] == [len(k) for _, k in pairs]
     for i, r in enumerate(rows):
