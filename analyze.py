@@ -160,7 +160,7 @@ def read_evaluations(run_dir, notes):
                 step = int(match.group(1))
                 evaluations.append({"name": f"step {step}", "step": step,
                                     "predictions": predictions})
-    evaluations.sort(key=lambda e: e["step"])  # by number: step_10 after step_9, whatever the padding
+    evaluations.sort(key=lambda e: e["step"])  # by number: step_10 after step_9, padded or not
     if not evaluations:
         notes.append(f"{eval_dir}: no per-example predictions (older runs have none), so the "
                      "before/after comparison, flips, groups, lengths and calibration cannot be "

@@ -33,6 +33,7 @@ import random
 import re
 import resource
 import shutil
+import shlex
 import signal
 import sys
 import time
@@ -60,10 +61,10 @@ from tokenizer import EOT_TOKEN, gpt2_encoding
 # config
 
 
-def setting(default, *, choices=None, low=None, high=None, above=None):
+def setting(default, *, choices=None, low=None, high=None, above=None, below=None):
     """A config field with its limits beside it: one of choices, or low <= value <= high,
-    value > above."""
-    limits = {"choices": choices, "low": low, "high": high, "above": above}
+    value > above, value < below."""
+    limits = {"choices": choices, "low": low, "high": high, "above": above, "below": below}
     return field(default=default, metadata={k: v for k, v in limits.items() if v is not None})
 
 
@@ -160,8 +161,8 @@ class Config:
     lr_decay_steps: int = setting(0, low=0)
     min_lr: float = setting(0.0, low=0.0, high=1.0)
     weight_decay: float = setting(0.0, low=0.0, high=10.0)
-    beta1: float = setting(0.9, low=0.0, high=1.0)
-    beta2: float = setting(0.95, low=0.0, high=1.0)
+    beta1: float = setting(0.9, low=0.0, below=1.0)  # AdamW's limits
+    beta2: float = setting(0.95, low=0.0, below=1.0)
     grad_clip: float = setting(1.0, low=0.0, high=1e6)  # 0 = off
     clip_coef: float = setting(0.2, above=0.0, high=10.0)  # policy ratio clipping
     vf_coef: float = setting(0.1, low=0.0, high=1000.0)  # weight of the value loss
@@ -243,7 +244,10 @@ def check_value(key, value, where):
     converted), then the limits written beside the field."""
     expected = typing.get_type_hints(Config)[key]
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int of 309 digits or more
+            raise UserError(f"{where}: {key} must be a finite number, got {value!r}") from None
     if type(value) is not expected:
         raise UserError(f"{where}: {key} must be {expected.__name__}, got {value!r}")
     if expected is float and not math.isfinite(value):
@@ -252,11 +256,13 @@ def check_value(key, value, where):
     if "choices" in limits and value not in limits["choices"]:
         raise UserError(f"{where}: {key} must be one of {', '.join(limits['choices'])}, "
                         f"got {value!r}")
-    low, high, above = limits.get("low"), limits.get("high"), limits.get("above")
+    low, high = limits.get("low"), limits.get("high")
+    above, below = limits.get("above"), limits.get("below")
     bounds = [f">= {low:g}" if low is not None else "", f"> {above:g}" if above is not None else "",
-              f"<= {high:g}" if high is not None else ""]
+              f"<= {high:g}" if high is not None else "",
+              f"< {below:g}" if below is not None else ""]
     if ((low is not None and value < low) or (above is not None and value <= above)
-            or (high is not None and value > high)):
+            or (high is not None and value > high) or (below is not None and value >= below)):
         raise UserError(f"{where}: {key} must be {' and '.join(b for b in bounds if b)}, "
                         f"got {value!r}")
     return value
@@ -271,7 +277,11 @@ SOURCE_FIELDS = ("init_from", "train_data", "val_data", "reward_model")
 def absolute_paths(cfg):
     """The config with its folders and every source that exists made absolute: what a run saves
     (train_config.json, the config and reference source in each checkpoint) then works from any
-    working directory."""
+    working directory. A leading ~ is the home folder, which no shell expands in --key=~/x or in a
+    config file."""
+    cfg = dataclasses.replace(cfg, **{key: os.path.expanduser(getattr(cfg, key))
+                                      for key in FOLDER_FIELDS + SOURCE_FIELDS
+                                      if getattr(cfg, key).startswith("~")})
     absolute = {key: os.path.abspath(getattr(cfg, key)) for key in FOLDER_FIELDS
                 if getattr(cfg, key)}
     absolute |= {key: os.path.abspath(getattr(cfg, key)) for key in SOURCE_FIELDS
@@ -319,6 +329,12 @@ def load_config(argv):
     if cfg.init_from == "synthetic" and not cfg.synthetic:
         raise UserError("config: init_from='synthetic' is the demo task's policy and needs "
                         "synthetic=True")
+    if cfg.adaptive_kl and cfg.kl_coef == 0:
+        raise UserError("config: adaptive_kl scales kl_coef, which is 0 and would stay 0; give "
+                        "kl_coef a starting value above 0")
+    if cfg.lr_decay_steps and cfg.min_lr > cfg.learning_rate:
+        raise UserError(f"config: min_lr ({cfg.min_lr:g}) is above learning_rate "
+                        f"({cfg.learning_rate:g}): the decay would raise the rate")
     wanted = {"choice": ("teacher", "label"), "generate": ("likelihood",)}[cfg.rollout]
     if cfg.reward_kind not in wanted:
         raise UserError(f"config: rollout {cfg.rollout!r} takes reward_kind {' or '.join(wanted)}, "
@@ -920,6 +936,13 @@ def load_resume_checkpoint(out_dir, log):
                     "loads; see the warnings above")
 
 
+def holds_something(path):
+    """A file that is not empty, or a folder that is not."""
+    if os.path.isdir(path):
+        return bool(os.listdir(path))
+    return os.path.isfile(path) and os.path.getsize(path) > 0
+
+
 def prepare_out_dir(cfg, run, log):
     """Everything about out_dir that can fail, checked before any model or data work. A fresh run
     refuses a directory that holds another run, unless start_over, which moves that run's files to
@@ -939,9 +962,18 @@ def prepare_out_dir(cfg, run, log):
     if cfg.init_from == "resume":
         if run.master_process:
             remove_torn_writes(cfg.out_dir, restore_export=True)
-        return load_resume_checkpoint(cfg.out_dir, log)
-    existing = [name for name in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, name))]
+        path, ckpt = load_resume_checkpoint(cfg.out_dir, log)
+        if ckpt.get("step", 0) >= cfg.max_steps:
+            raise UserError(f"init_from=resume: {path} is at step {ckpt.get('step')}, and "
+                            f"max_steps={cfg.max_steps} asks for nothing more; raise max_steps")
+        return path, ckpt
+    # a run's work: train_config.json and empty logs alone are a setup that failed after writing
+    # them (wandb's login, the first evaluation), with nothing to lose
+    existing = [name for name in RUN_FILES
+                if name != "train_config.json" and holds_something(os.path.join(cfg.out_dir, name))]
     existing += [os.path.basename(path) for _, path in step_checkpoints(cfg.out_dir)]
+    if existing and os.path.exists(os.path.join(cfg.out_dir, "train_config.json")):
+        existing.append("train_config.json")  # moved aside with the rest
     # the demo task in out_dir belongs to the run that built it, with its seed
     built_with = synthetic.task_seed(synthetic_dir(cfg)) if cfg.synthetic else None
     if built_with is not None and built_with != cfg.seed and not cfg.synthetic_dir:
@@ -1088,8 +1120,12 @@ def load_data(cfg, run, log):
         load_examples_from(val_data, cfg.data_cache)
     run.barrier()
     train_examples = load_examples_from(train_data, cfg.data_cache)
-    val_examples = load_examples_from(val_data, cfg.data_cache)
-    return train_examples, val_examples[:cfg.eval_limit or None], sources
+    val_examples = load_examples_from(val_data, cfg.data_cache)[:cfg.eval_limit or None]
+    unlabelled = sum(ex["label"] is None for ex in val_examples)
+    if unlabelled:  # found now, not by the first evaluation after the models have loaded
+        raise UserError(f"config: val_data={cfg.val_data!r}: {unlabelled} of its examples have no "
+                        "label (HellaSwag's test split is unlabelled); evaluate on val")
+    return train_examples, val_examples, sources
 
 
 # what a policy built from scratch is made of
@@ -1280,6 +1316,10 @@ class RunLog:
             except ImportError:
                 self.log("warning: wandb_log=True but wandb is not installed; logging to "
                          "metrics.jsonl only")
+            except Exception as e:  # no API key in a batch job, no network, ...
+                raise UserError(f"wandb_log=True, but wandb could not start a run "
+                                f"({first_line(e)}); log in (wandb login), or pass "
+                                "--wandb_log=False") from None
         metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
         self.metrics_file = open(metrics_path, "a") if master_process else None
 
@@ -1450,18 +1490,24 @@ def train(cfg):
             ckpt, optimizer, scaler, kl_controller, reward_fn, rollout_kind,
             (sample_generator, shuffle_generator), cfg, run, log)
         log(f"resumed from {resume_path} at step {step}")
+        evaluated_on = ("val_data", "eval_limit", "style")
+        if any(ckpt.get("config", {}).get(k, getattr(cfg, k)) != getattr(cfg, k)
+               for k in evaluated_on):
+            best_acc_norm = -1.0  # a score on other examples is no bar to clear
+            log("the evaluation set changed (val_data, eval_limit or style): best.pt is the best "
+                "evaluation on the new one from here on")
         if run.master_process:  # what was logged after that checkpoint is about to be redone
             for name in ("metrics.jsonl", "samples.jsonl"):
                 drop_lines_after(os.path.join(cfg.out_dir, name), step, log)
             drop_evaluations_after(cfg.out_dir, step)
         del ckpt
+    run_log = RunLog(cfg, run.master_process)  # wandb's login too
     if run.master_process:  # after the setup: one that failed leaves no run behind to refuse
         config_path = os.path.join(cfg.out_dir, "train_config.json")
         atomic_write_text(config_path, json.dumps(dataclasses.asdict(cfg), indent=2))
     batches = Batches(len(train_examples), cfg.batch_size, cfg.seed, run)
     stop_signal = StopSignal(log)
     timer = PhaseTimer(run.device)
-    run_log = RunLog(cfg, run.master_process)
 
     last_eval, metrics, bad_steps = None, {}, 0
     if step == 0:
@@ -1563,15 +1609,16 @@ def train(cfg):
                 log(f"saved {path}")
             run.barrier()
         if stop_now:
-            log(f"received signal {stop_signal.received}: checkpoint written at step {step}, "
-                "stopping")
+            which = (f"signal {stop_signal.received}" if stop_signal.received is not None
+                     else "a stop signal on another rank")
+            log(f"received {which}: checkpoint written at step {step}, stopping")
             break
 
     if run.master_process and cfg.export_hf and step == cfg.max_steps:
         raw_model.save_pretrained(os.path.join(cfg.out_dir, "hf"))
         log(f"exported the policy to {os.path.join(cfg.out_dir, 'hf')}")
     run_log.close()
-    log(f"report: python analyze.py {cfg.out_dir}")
+    log(f"report: python analyze.py {shlex.quote(cfg.out_dir)}")
     if run.ddp:
         # every rank done with every collective first: tearing gloo down mid-way can abort a rank
         dist.barrier()

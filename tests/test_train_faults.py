@@ -160,6 +160,65 @@ def test_a_run_whose_setup_failed_leaves_nothing_to_refuse(tmp_path, synthetic_d
     assert train_ppo.train(label_run(tmp_path / "run", synthetic_dir, max_steps=1))["step"] == 1
 
 
+def test_a_setup_that_failed_after_writing_its_config_leaves_nothing_to_refuse(
+        tmp_path, synthetic_dir, monkeypatch):
+    """wandb's login failing in a batch job, or an out-of-memory first evaluation, after
+    train_config.json (and an empty metrics.jsonl) were written: the corrected command just runs."""
+    import types
+
+    def no_login(**kwargs):
+        raise RuntimeError("api_key not configured (no-tty)")
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=no_login))
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match=r"wandb_log=True, but wandb could not start a run "
+                                        r"\(api_key not configured"):
+        train_ppo.train(label_run(run, synthetic_dir, wandb_log=True))
+    run.mkdir(exist_ok=True)
+    (run / "train_config.json").write_text("{}")  # as a failed first evaluation leaves them
+    (run / "metrics.jsonl").write_text("")
+    assert train_ppo.train(label_run(run, synthetic_dir, max_steps=1))["step"] == 1
+    with pytest.raises(UserError, match="holds another run"):  # that one has done work
+        train_ppo.train(label_run(run, synthetic_dir, max_steps=1))
+
+
+def test_unlabelled_validation_data_is_refused_before_the_models_load(tmp_path, synthetic_dir,
+                                                                      monkeypatch):
+    monkeypatch.setattr(train_ppo, "load_models",
+                        lambda *a: pytest.fail("models loaded before the check"))
+    val = tmp_path / "test.jsonl"
+    examples = [json.loads(line) for line in open(os.path.join(synthetic_dir, "val.jsonl"))]
+    val.write_text("".join(json.dumps(dict(ex, label=None)) + "\n" for ex in examples[:8]))
+    with pytest.raises(UserError, match=r"val_data=.*test.jsonl': 8 of its examples have no "
+                                        r"label"):
+        train_ppo.train(label_run(tmp_path / "run", synthetic_dir, synthetic=False,
+                                  init_from="scratch", val_data=str(val),
+                                  train_data=os.path.join(synthetic_dir, "train.jsonl")))
+
+
+def test_resuming_a_finished_run_or_with_another_evaluation_set(tmp_path, synthetic_dir, capsys,
+                                                                monkeypatch):
+    """max_steps at or below the checkpoint's step asks for nothing: said before any work. An
+    evaluation set changed on a resume makes its scores no bar for best.pt."""
+    real = train_ppo.run_eval
+
+    def low_on_the_new_set(model, examples, *args):
+        result = real(model, examples, *args)
+        return {**result, "eval/acc_norm": 0.01} if len(examples) == 4 else result
+
+    monkeypatch.setattr(train_ppo, "run_eval", low_on_the_new_set)
+    train_ppo.train(label_run(tmp_path, synthetic_dir, max_steps=2, eval_interval=1))
+    with pytest.raises(UserError, match=r"ckpt_000002.pt is at step 2, and max_steps=2 asks for "
+                                        r"nothing more"):
+        train_ppo.train(label_run(tmp_path, synthetic_dir, max_steps=2, init_from="resume"))
+    best = torch.load(tmp_path / "best.pt", weights_only=True)["step"]
+    capsys.readouterr()
+    train_ppo.train(label_run(tmp_path, synthetic_dir, max_steps=3, eval_interval=1,
+                              init_from="resume", eval_limit=4))
+    assert "the evaluation set changed" in capsys.readouterr().out
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["step"] == 3 != best
+
+
 @pytest.mark.parametrize("key, value", [("init_from", "./policy_typo"),
                                         ("init_from", "runs/x/ckpt_000100.pt"),
                                         ("reward_model", "/models/judge_typo"),

@@ -423,10 +423,28 @@ def test_config_files_and_overrides(tmp_path):
     (["--init_from=scratch", "--n_embd=65", "--n_head=2"],
      r"n_embd \(65\) must be a multiple of n_head \(2\)"),
     (["--kl_coef=1e999"], "kl_coef must be a finite number"),
+    (["--kl_coef=1" + "0" * 400], "kl_coef must be a finite number"),  # no float holds it
+    (["--beta2=1.0"], "beta2 must be >= 0 and < 1"),  # AdamW refuses it, after the models loaded
+    (["--beta1=1"], "beta1 must be >= 0 and < 1"),
+    (["--adaptive_kl=True", "--kl_coef=0"], "adaptive_kl scales kl_coef, which is 0"),
+    (["--learning_rate=1e-5", "--min_lr=1e-3", "--lr_decay_steps=10"],
+     r"min_lr \(0.001\) is above learning_rate \(1e-05\)"),
 ])
 def test_config_errors_name_the_key(args, message):
     with pytest.raises(UserError, match=message):
         load_config(args)
+
+
+def test_a_leading_tilde_in_a_path_is_the_home_folder(tmp_path, monkeypatch):
+    """No shell expands it in --out_dir=~/x, nor in a config file: the run would write into a folder
+    named ~ under the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "policy.pt").write_bytes(b"")
+    cfg = train_ppo.absolute_paths(load_config(["--out_dir=~/runs/x", "--init_from=~/policy.pt",
+                                                "--val_data=hellaswag:val"]))
+    assert (cfg.out_dir, cfg.init_from) == (str(tmp_path / "runs" / "x"),
+                                            str(tmp_path / "policy.pt"))
+    assert cfg.val_data == "hellaswag:val"
 
 
 def test_config_file_must_be_plain_assignments(tmp_path):
