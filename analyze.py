@@ -597,7 +597,7 @@ def plot_curves(runs, results, path):
             color = f"C{i}"
             if key == "eval":
                 rows = [r for r in result["evaluations"] if r["step"] is not None]
-                for metric, style in (("acc", "--"), ("acc_norm", "-")):
+                for metric, style in (("acc", "--"), ("acc_norm", "-")) if rows else ():
                     steps = [r["step"] for r in rows]
                     ax.plot(steps, [r[metric] for r in rows], style, color=color, marker="o",
                             markersize=3, label=f"{run['label']} {metric}")

@@ -327,6 +327,23 @@ def test_prediction_lines_without_a_label_key_are_unlabelled(tmp_path):
     assert result["comparisons"]["last"]["changed_choices"] > 0
 
 
+def test_a_curve_panel_without_data_says_not_logged(tmp_path, monkeypatch):
+    """Unlabelled evaluations give no accuracy curve: the panel says so instead of empty axes."""
+    run = str(tmp_path / "run")
+    make_run(run, labelled=False)
+    figures, save = {}, analyze.save_figure
+
+    def keep(fig, path):
+        figures[os.path.basename(path)] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(analyze, "save_figure", keep)
+    analyze.main([run])
+    panels = {ax.get_title(): ax for ax in figures["curves.png"].axes}
+    assert [t.get_text() for t in panels["eval acc / acc_norm (95% CI)"].texts] == ["not logged"]
+    assert not panels["reward"].texts and panels["reward"].has_data()
+
+
 def test_a_run_with_one_evaluation(tmp_path):
     run = str(tmp_path / "run")
     make_run(run, skills=(0.0,))
