@@ -565,7 +565,12 @@ def analyze_run(run, encode=None):
         notes.append(run["teacher_cache"])
     if (run["config"].get("rollout") == "generate"
             or any("continuation" in s for s in run["samples"])):
-        result["generate"] = generate_stats(run, encode)
+        stats = generate_stats(run, encode)
+        if stats["samples"] or stats["reward_kl"] or stats["judge_score"]:
+            result["generate"] = stats
+        else:
+            notes.append("a generate run without metrics or samples: no response lengths, stop "
+                         "rates or reward against KL to show")
     metrics = [m for m in run["metrics"] if "reward" in m]
     if metrics:
         head, tail = metrics[:5], metrics[-5:]

@@ -344,6 +344,16 @@ def test_a_curve_panel_without_data_says_not_logged(tmp_path, monkeypatch):
     assert not panels["reward"].texts and panels["reward"].has_data()
 
 
+def test_a_generate_run_with_nothing_logged_has_no_empty_figure(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_config.json").write_text(json.dumps({"rollout": "generate"}))
+    (result,) = analyze.main([str(run)])
+    text, _ = report_of(str(run / "report"))
+    assert "generate" not in result and not (run / "report" / "generate.png").exists()
+    assert "a generate run without metrics or samples" in text
+
+
 def test_a_run_with_one_evaluation(tmp_path):
     run = str(tmp_path / "run")
     make_run(run, skills=(0.0,))
