@@ -191,9 +191,9 @@ def val_data_path(config, run_dir):
     return spec
 
 
-def read_examples(path, predictions, notes):
-    """The validation examples the predictions index, or None (with a note) when the text is not
-    here or is other data."""
+def read_examples(path, evaluations, notes):
+    """The validation examples every evaluation's predictions index, or None (with a note) when the
+    text is not here or is other data."""
     if path is None or not os.path.isfile(path):
         notes.append(f"validation text not found ({path or 'no val_data in the config'}; "
                      "pass --data FILE): flipped examples are shown by index only, and ending "
@@ -204,12 +204,13 @@ def read_examples(path, predictions, notes):
     except UserError as e:
         notes.append(f"validation text unreadable ({e}); ending lengths cannot be computed")
         return None
-    for p in predictions:
-        if (p["index"] >= len(examples)
-                or p.get("label") not in (None, examples[p["index"]]["label"])):
-            notes.append(f"{path} is not the data these predictions were made on "
-                         f"(example {p['index']} differs); ending lengths cannot be computed")
-            return None
+    for e in evaluations:
+        for p in e["predictions"]:
+            if (p["index"] >= len(examples)
+                    or p.get("label") not in (None, examples[p["index"]]["label"])):
+                notes.append(f"{path} is not the data these predictions were made on (example "
+                             f"{p['index']} differs); ending lengths cannot be computed")
+                return None
     return examples
 
 
@@ -246,8 +247,7 @@ def load_run(run_dir, data=None, teacher=None):
                      "training curves")
     samples = read_records(os.path.join(run_dir, "samples.jsonl"), notes) or []
     evaluations = read_evaluations(run_dir, notes)
-    every = [p for e in evaluations for p in e["predictions"]]
-    examples = (read_examples(data or val_data_path(config, run_dir), every, notes)
+    examples = (read_examples(data or val_data_path(config, run_dir), evaluations, notes)
                 if evaluations else None)
     teacher_path = teacher or os.path.join(run_dir, "eval", "teacher.jsonl")
     teacher_predictions = (read_prediction_file(teacher_path, notes)
@@ -267,8 +267,7 @@ def load_pair(before, after, data=None, teacher=None):
         predictions = hellaswag.read_predictions(path, require_labels=False)
         evaluations.append({"name": f"{name} ({os.path.basename(path)})", "step": None,
                             "predictions": predictions})
-    every = [p for e in evaluations for p in e["predictions"]]
-    examples = read_examples(data, every, notes) if data else None
+    examples = read_examples(data, evaluations, notes) if data else None
     if data is None:
         notes.append("no --data: flipped examples are shown by index only, and ending lengths "
                      "cannot be computed")

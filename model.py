@@ -399,15 +399,12 @@ class GPT(nn.Module):
         or nanoGPT checkpoint (.pt), or this project's checkpoint (.pt, or a run directory: its
         newest ckpt_<step>.pt).
         """
-        source = os.fspath(source)
+        source = checkpoint_source(source)
         if os.path.isdir(source):
             if os.path.exists(os.path.join(source, "config.json")):
                 return cls._from_transformers(source)
-            ckpt = latest_checkpoint(source)
-            if ckpt is None:
-                raise UserError(f"{source}: directory holds neither a transformers model "
-                                "(config.json) nor a checkpoint (ckpt_*.pt)")
-            return cls._from_torch_file(ckpt)
+            raise UserError(f"{source}: directory holds neither a transformers model "
+                            "(config.json) nor a checkpoint (ckpt_*.pt)")
         if os.path.isfile(source):
             return cls._from_torch_file(source)
         if looks_like_a_path(source):
@@ -581,6 +578,15 @@ class GPT(nn.Module):
 
 _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight",
                    "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def checkpoint_source(source):
+    """The source GPT.from_pretrained reads for `source`: a run directory (no config.json) as its
+    newest ckpt_<step>.pt, which the run's later saves do not change; anything else as it is."""
+    source = os.fspath(source)
+    if os.path.isdir(source) and not os.path.exists(os.path.join(source, "config.json")):
+        return latest_checkpoint(source) or source
+    return source
 
 
 def latest_checkpoint(run_dir):

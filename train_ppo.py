@@ -51,7 +51,7 @@ from common import (UserError, atomic_torch_save, atomic_write_text, autocast, c
                     first_line, looks_like_a_path, read_json_objects, resolve_device, run_cli,
                     step_checkpoints)
 from hellaswag import encode_for_model, evaluate, load_examples, split_path, write_predictions
-from model import (CHECKPOINT_FORMAT, GPT, GPTConfig, check_finite_weights, latest_checkpoint,
+from model import (CHECKPOINT_FORMAT, GPT, GPTConfig, check_finite_weights, checkpoint_source,
                    pack_choices)
 from reward import DEFAULT_REWARD_MODEL, LabelReward, LikelihoodReward, TeacherReward
 from tokenizer import EOT_TOKEN, gpt2_encoding
@@ -1148,10 +1148,7 @@ def load_models(cfg, init_from, ckpt, resume_path, device):
     the run began with, whatever the config says today), refuses one whose weights changed since,
     and builds the policy from the checkpoint. A run directory as the source is pinned to its
     newest checkpoint file, which later saves of that run do not change."""
-    reference_from = ckpt["reference_from"] if ckpt else init_from
-    if (not ckpt and os.path.isdir(reference_from)
-            and not os.path.exists(os.path.join(reference_from, "config.json"))):
-        reference_from = latest_checkpoint(reference_from) or reference_from
+    reference_from = ckpt["reference_from"] if ckpt else checkpoint_source(init_from)
     scratch = None
     if reference_from == "scratch":
         # checkpoints from before reference_settings: their config is the first run's
