@@ -520,8 +520,8 @@ class GPT(nn.Module):
                 and head.shape == wte.shape and not torch.equal(head, wte)):
             # one tensor here: whichever loaded last would silently be both
             raise UserError(f"{where}: lm_head.weight differs from transformer.wte.weight, but "
-                            "this GPT ties them (GPT-2's embedding is its output layer); hellaswag.py "
-                            "scores an untied model saved in transformers format")
+                            "this GPT ties them (GPT-2's embedding is its output layer); "
+                            "hellaswag.py scores an untied model saved in transformers format")
         not_tensors = [k for k, v in clean.items() if not isinstance(v, torch.Tensor)]
         if not_tensors:
             raise UserError(f"{where}: the weights hold things that are not tensors "
