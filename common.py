@@ -14,6 +14,17 @@ import tempfile
 
 import torch
 
+# Recent transformers releases use hub kernels by default: loading a model fetches and swaps in
+# layers from the hub (through the `kernels` package), and importing some model classes (GPT-Neo's
+# among them) asks the hub for flash-attention kernels, with three log lines when offline. The
+# project never uses them: unless USE_HUB_KERNELS asks for them, it turns them off with
+# transformers' own switch and hides the package, as if it were not installed. This must run before
+# transformers imports a model class: every module of the project that imports one imports common
+# first (tests/test_common.py checks each entry point).
+if os.environ.get("USE_HUB_KERNELS", "").strip().upper() not in {"1", "ON", "YES", "TRUE"}:
+    os.environ["USE_HUB_KERNELS"] = "0"
+    sys.modules.setdefault("kernels", None)
+
 
 class UserError(Exception):
     """A mistake the user can fix (bad path, bad config, bad file).

@@ -11,6 +11,7 @@ transformers format.
     model.save_pretrained("out/hf")
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -25,11 +26,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
-from transformers.utils import logging as hf_logging
 
+# common before transformers: it keeps transformers from asking the hub for kernels
 from common import (UserError, atomic_directory, first_line, looks_like_a_path, read_json,
                     step_checkpoints)
+from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
+from transformers.utils import logging as hf_logging
 from tokenizer import EOT_TOKEN, VOCAB_SIZE, gpt2_hf_tokenizer
 
 # causal-mask buffers that transformers' and old nanoGPT's GPT-2 keep beside their weights
@@ -566,7 +568,7 @@ class GPT(nn.Module):
                 hf.get_parameter(k).zero_()
         assert not unexpected and all(k.endswith(MASK_BUFFERS) or k in zeroed
                                       for k in missing), missing
-        with atomic_directory(out_dir) as tmp:
+        with atomic_directory(out_dir) as tmp, transformers_quietly():
             hf.save_pretrained(tmp)
             gpt2_hf_tokenizer().save_pretrained(tmp)
             vh = {k.removeprefix("value_head."): v.detach().float().cpu().contiguous()
@@ -685,15 +687,30 @@ def load_transformers_checked(cls, source, allow_unexpected=False, **kwargs):
     them with random values, and print a table where a run goes on) or, unless allow_unexpected,
     by leaving some out.
     """
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its table; the line below says it
-    try:
+    with transformers_quietly():  # its table; _check_loading_info says what matters in one line
         model, info = cls.from_pretrained(source, output_loading_info=True,
                                           ignore_mismatched_sizes=True, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
     _check_loading_info(info, source, allow_unexpected)
     return model
+
+
+@contextlib.contextmanager
+def transformers_quietly():
+    """transformers' warnings and its own progress bars (loading and writing weights) off, for a
+    load or save whose outcome this project checks and reports itself. The hub's download bars
+    are not transformers' own and stay."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    set_tqdm_hook = getattr(hf_logging, "set_tqdm_hook", None)  # in recent releases only
+    if set_tqdm_hook:
+        previous = set_tqdm_hook(lambda make_bar, args, kwargs:
+                                 make_bar(*args, **{**kwargs, "disable": True}))
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if set_tqdm_hook:
+            set_tqdm_hook(previous)
 
 
 def _check_loading_info(info, where, allow_unexpected=False):

@@ -14,11 +14,12 @@ import os
 import random
 
 import torch
-from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
+# common before transformers: it keeps transformers from asking the hub for kernels
 from common import (atomic_directory, atomic_write_text, check_output_path, read_json,
                     run_cli)
-from model import GPT, GPTConfig
+from transformers import GPTNeoConfig, GPTNeoForCausalLM
+from model import GPT, GPTConfig, transformers_quietly
 from tokenizer import EOT_TOKEN, gpt2_encoding, gpt2_hf_tokenizer
 
 # objects and their one colour; every colour is a single GPT-2 token after a space
@@ -108,7 +109,8 @@ def train_teacher(examples, out_dir, steps=300, seed=0):
                        model.lm_head, model.parameters(),
                        ending_rows(examples, lambda ex: ex["label"]), steps, seed=seed)
 
-    with atomic_directory(out_dir) as tmp:  # an interrupted run leaves no half-written model
+    # an interrupted run leaves no half-written model
+    with atomic_directory(out_dir) as tmp, transformers_quietly():
         model.eval().save_pretrained(tmp)
         gpt2_hf_tokenizer().save_pretrained(tmp)
     return loss

@@ -100,3 +100,68 @@ def test_same_error_on_every_rank_without_torch_distributed_raises_the_error_its
     with same_error_on_every_rank():
         done = True
     assert done
+
+
+# --------------------------------------------------------------------------------------------------
+# third-party packages stay quiet and off the hub
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# in a fresh interpreter: import one of the project's modules, then use transformers as a run does
+# (a GPT-Neo and a GPT-2 class imported, a GPT-2 directory loaded and saved); report every import
+# of the `kernels` package (which asks the hub for kernels) and what transformers printed
+HUB_KERNELS_PROBE = """
+import os, sys, tempfile
+imported = []
+sys.addaudithook(lambda event, args: imported.append(args[0])
+                 if event == "import" and args[0].split(".")[0] == "kernels" else None)
+import {module}
+import transformers
+from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoForCausalLM
+from model import transformers_quietly
+directory = tempfile.mkdtemp()
+config = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64)
+GPT2LMHeadModel(config).save_pretrained(directory)
+model = GPT2LMHeadModel.from_pretrained(directory)
+print("quietly:", file=sys.stderr, flush=True)
+with transformers_quietly():
+    GPT2LMHeadModel.from_pretrained(directory).save_pretrained(directory + "/again")
+print(sorted(set(imported)), getattr(model, "use_kernels", False))
+"""
+
+
+def run_probe(module, env):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-c", HUB_KERNELS_PROBE.format(module=module)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("module", ["train_ppo", "hellaswag", "reward", "analyze", "synthetic",
+                                    "causal_lm", "model", "common"])
+def test_no_entry_point_asks_the_hub_for_kernels(module):
+    """Recent transformers releases fetch hub kernels when a model class is imported and when a model
+    is loaded, and print three lines about it offline; whichever module a user starts from, the
+    `kernels` package is never imported and transformers loads the model as it is."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("USE_HUB_KERNELS", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    proc = run_probe(module, env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[] False"
+    # transformers prints nothing about kernels, and its progress bars only outside
+    # transformers_quietly (which loads and saves the project's models)
+    assert "kernels" not in proc.stderr.lower()
+    unasked, quietly = proc.stderr.split("quietly:\n")
+    assert "Loading weights" in unasked and "Writing model shards" in unasked
+    assert quietly == ""
+
+
+def test_hub_kernels_stay_available_to_a_user_who_asks_for_them():
+    import importlib.metadata
+    try:
+        importlib.metadata.version("kernels")  # installed with recent transformers releases
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the kernels package is not installed")
+    proc = run_probe("train_ppo", dict(os.environ, USE_HUB_KERNELS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("['kernels'")  # the probe above would see the import
