@@ -153,7 +153,18 @@ class LikelihoodReward:
         self.m2 = float(state["m2"])
 
 
-class TeacherReward:
+class NothingToSave:
+    """For a reward that a checkpoint need not hold: its scores depend on the example alone (and
+    the teacher keeps its own cache on disk)."""
+
+    def state_dict(self):
+        return None
+
+    def load_state_dict(self, state):
+        pass
+
+
+class TeacherReward(NothingToSave):
     """
     For the multiple-choice rollout: the reward model, as teacher, scores the 4 endings of each
     example as hellaswag.py's acc_norm does: the ending's log-prob given
@@ -284,7 +295,7 @@ class TeacherReward:
         self.n_tokens[fill] = cache["n_tokens"][fill]
 
 
-class LabelReward:
+class LabelReward(NothingToSave):
     """For the multiple-choice rollout on labelled data: 1.0 if the chosen ending is the gold label,
     else 0.0."""
 

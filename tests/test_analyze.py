@@ -17,6 +17,7 @@ import pytest
 import analyze
 import hellaswag
 import synthetic
+import run_management
 import train_ppo
 from common import UserError
 from tokenizer import gpt2_encoding
@@ -82,7 +83,7 @@ def make_run(run_dir, skills=(0.0, 0.8, 0.6), steps_per_eval=10, labelled=True, 
     for k, skill in enumerate(skills):
         step = k * steps_per_eval
         evals[step] = predictions(examples, skill, seed=step, labelled=labelled)
-        write_jsonl(train_ppo.eval_predictions_path(run_dir, step), evals[step])
+        write_jsonl(run_management.eval_predictions_path(run_dir, step), evals[step])
     last = (len(skills) - 1) * steps_per_eval
     for step in range(last + 1):
         m = {"step": step} if step == 0 else {"step": step, "reward": 0.2 + step / 100,
@@ -221,7 +222,7 @@ def test_teacher_agreement_is_skipped_when_an_evaluation_is_on_other_examples(tm
     run = str(tmp_path / "run")
     examples, evals, _ = make_run(run, skills=(0.0, 0.9))
     write_jsonl(os.path.join(run, "eval", "teacher.jsonl"), predictions(examples, 0.7, seed=99))
-    write_jsonl(train_ppo.eval_predictions_path(run, 10), evals[10][:4])
+    write_jsonl(run_management.eval_predictions_path(run, 10), evals[10][:4])
     (result,) = analyze.main([run])
     assert result.get("teacher") is None
     text, _ = report_of(os.path.join(run, "report"))
@@ -267,8 +268,8 @@ def test_evaluations_of_different_example_counts_and_order(tmp_path):
     run = str(tmp_path / "run")
     examples, evals, _ = make_run(run, skills=(0.0, 0.9))
     full = predictions(examples, 0.9, seed=10)
-    os.remove(train_ppo.eval_predictions_path(run, 10))
-    write_jsonl(train_ppo.eval_predictions_path(run, 0), evals[0][:40])
+    os.remove(run_management.eval_predictions_path(run, 10))
+    write_jsonl(run_management.eval_predictions_path(run, 0), evals[0][:40])
     write_jsonl(os.path.join(run, "eval", "step_9.jsonl"), evals[0][:40])
     write_jsonl(os.path.join(run, "eval", "step_10.jsonl"), full)
     (result,) = analyze.main([run, "--data", write_examples(tmp_path, examples[:40])])
@@ -376,7 +377,7 @@ def test_a_run_without_labels(tmp_path):
                                        for p, q in zip(evals[0], evals[20]))
     assert f"{c['changed_choices']} of 60 choices changed" in text
     with pytest.raises(UserError, match="label"):  # --compare still needs labels
-        hellaswag.read_predictions(train_ppo.eval_predictions_path(run, 0))
+        hellaswag.read_predictions(run_management.eval_predictions_path(run, 0))
     assert_figures_readable(os.path.join(run, "report"), text)
 
 
@@ -384,8 +385,8 @@ def test_an_interrupted_run(tmp_path):
     run = str(tmp_path / "run")
     _, evals, metrics = make_run(run)
     os.remove(os.path.join(run, "train_config.json"))
-    os.remove(train_ppo.eval_predictions_path(run, 20))  # killed while evaluating
-    with open(train_ppo.eval_predictions_path(run, 10), "w") as f:
+    os.remove(run_management.eval_predictions_path(run, 20))  # killed while evaluating
+    with open(run_management.eval_predictions_path(run, 10), "w") as f:
         f.write('{"index": 0, "label": 1}\n')  # not a prediction file any more
     with open(os.path.join(run, "metrics.jsonl"), "a") as f:
         f.write('{"step": 21, "reward": 0.4, "kl"')  # the last line cut off
@@ -532,13 +533,13 @@ def test_report_of_a_tiny_training_run(tmp_path):
     for row, m in zip(result["evaluations"], logged):
         assert (row["acc_norm"] == pytest.approx(m["eval/acc_norm"])
                 and row["n"] == m["eval/n"] == 40)
-    read = [hellaswag.read_predictions(train_ppo.eval_predictions_path(run, s)) for s in (0, 2)]
+    read = [hellaswag.read_predictions(run_management.eval_predictions_path(run, s)) for s in (0, 2)]
     assert (result["comparisons"]["last"]["acc_norm"]
             == hellaswag.compare_predictions(*read)["acc_norm"])
     assert result["training"]["steps"] == 2 and math.isfinite(result["training"]["reward_last5"])
     text, _ = report_of(os.path.join(run, "report"))
     # a teacher run writes its teacher's picks at step 0, so agreement is computed from them
-    teacher = hellaswag.read_predictions(train_ppo.eval_predictions_path(run, "teacher"))
+    teacher = hellaswag.read_predictions(run_management.eval_predictions_path(run, "teacher"))
     agree = [t["pred_norm"] == p["pred_norm"] for t, p in zip(teacher, read[1])]
     assert result["teacher"]["agreement"]["acc_b"] == pytest.approx(sum(agree) / len(agree))
     assert_figures_readable(os.path.join(run, "report"), text)

@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 
+import run_management
 import train_ppo
 from common import UserError
 from test_train_ppo import REPO, read_metrics, tiny_run
@@ -127,11 +128,11 @@ def test_a_kill_between_the_exports_two_renames_gives_the_previous_export_back(t
     (tmp_path / ".hf.old.k2j4x9" / "x").mkdir(parents=True)
     (tmp_path / ".hf.old.k2j4x9" / "x" / "config.json").write_text("the previous export")
     (tmp_path / ".hf.a8d0q1").mkdir()  # the new one, complete or not: redone at the run's end
-    train_ppo.remove_torn_writes(str(tmp_path), restore_export=True)  # a resume
+    run_management.remove_torn_writes(str(tmp_path), restore_export=True)  # a resume
     assert sorted(os.listdir(tmp_path)) == ["hf"]
     assert (tmp_path / "hf" / "config.json").read_text() == "the previous export"
     (tmp_path / ".hf.old.b7c3z0" / "x").mkdir(parents=True)  # killed after the second rename
-    train_ppo.remove_torn_writes(str(tmp_path), restore_export=True)
+    run_management.remove_torn_writes(str(tmp_path), restore_export=True)
     assert sorted(os.listdir(tmp_path)) == ["hf"]
     assert (tmp_path / "hf" / "config.json").read_text() == "the previous export"
 
@@ -200,13 +201,13 @@ def test_resuming_a_finished_run_or_with_another_evaluation_set(tmp_path, synthe
                                                                 monkeypatch):
     """max_steps at or below the checkpoint's step asks for nothing: said before any work. An
     evaluation set changed on a resume makes its scores no bar for best.pt."""
-    real = train_ppo.run_eval
+    real = run_management.run_eval
 
     def low_on_the_new_set(model, examples, *args):
         result = real(model, examples, *args)
         return {**result, "eval/acc_norm": 0.01} if len(examples) == 4 else result
 
-    monkeypatch.setattr(train_ppo, "run_eval", low_on_the_new_set)
+    monkeypatch.setattr(run_management, "run_eval", low_on_the_new_set)
     train_ppo.train(label_run(tmp_path, synthetic_dir, max_steps=2, eval_interval=1))
     with pytest.raises(UserError, match=r"ckpt_000002.pt is at step 2, and max_steps=2 asks for "
                                         r"nothing more"):
@@ -265,17 +266,17 @@ def test_a_folder_that_holds_all_it_needs_is_only_read(tmp_path, synthetic_dir, 
                      train_data="hellaswag:train", val_data="hellaswag:val",
                      data_cache=str(cache)))
     checked = []
-    real = train_ppo.check_output_path
-    monkeypatch.setattr(train_ppo, "check_output_path",
+    real = run_management.check_output_path
+    monkeypatch.setattr(run_management, "check_output_path",
                         lambda path, **kw: checked.append(str(path)) or real(path, **kw))
-    run = train_ppo.Distributed(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu")
-    train_ppo.prepare_out_dir(cfg, run, print)
+    run = run_management.Distributed(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu")
+    run_management.prepare_out_dir(cfg, run, print)
     folder = getattr(cfg, key)
     assert folder not in checked
     (cache / "hellaswag_val.jsonl").unlink()
     (tmp_path / "partial").mkdir()
     cfg = (cfg if key == "data_cache" else label_run(tmp_path / "run", str(tmp_path / "partial")))
-    train_ppo.prepare_out_dir(cfg, run, print)
+    run_management.prepare_out_dir(cfg, run, print)
     assert getattr(cfg, key) in checked
 
 
@@ -321,8 +322,8 @@ def test_start_over_moves_each_node_s_own_stale_demo_task(tmp_path, synthetic_di
         shutil.copytree(synthetic_dir, task)
         (task / "task.json").write_text(json.dumps({"seed": 0}))
         (tmp_path / node / "metrics.jsonl").write_text('{"step": 1}\n')
-        run = train_ppo.Distributed(ddp=False, rank=rank, local_rank=0, world_size=16, device="cpu")
-        train_ppo.prepare_out_dir(label_run(tmp_path / node, "", seed=5, start_over=True), run,
+        run = run_management.Distributed(ddp=False, rank=rank, local_rank=0, world_size=16, device="cpu")
+        run_management.prepare_out_dir(label_run(tmp_path / node, "", seed=5, start_over=True), run,
                                   print)
         nodes[node] = task
     for node, task in nodes.items():
@@ -405,7 +406,7 @@ def test_a_float16_run_resumes_a_checkpoint_saved_without_a_scaler(tmp_path):
     model = train_ppo.GPT(train_ppo.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8))
     optimizer = model.configure_optimizers(0.0, 1e-3, (0.9, 0.95), "cpu")
     cfg = train_ppo.Config()
-    run = train_ppo.Distributed(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu")
+    run = run_management.Distributed(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu")
     generators = (torch.Generator(), torch.Generator())
     kl = train_ppo.FixedKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     ckpt = {"optimizer": optimizer.state_dict(),
@@ -414,8 +415,10 @@ def test_a_float16_run_resumes_a_checkpoint_saved_without_a_scaler(tmp_path):
             "rng": [{"sample": generators[0].get_state(), "shuffle": generators[1].get_state(),
                      "torch": torch.get_rng_state(), "device_type": "cpu"}]}
     scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
-    assert train_ppo.restore(ckpt, optimizer, scaler, kl, None, None, generators, cfg, run,
-                             print) == (7, 3, 0.5)
+    state = run_management.TrainingState(optimizer, scaler, kl, None, None, *generators,
+                                         batches=None, reference={})
+    state.load_state_dict(ckpt, cfg, run)
+    assert (state.step, state.data_position, state.best_acc_norm) == (7, 3, 0.5)
     assert scaler.is_enabled() and scaler.get_scale() == 1024.0
 
 
@@ -427,7 +430,7 @@ def test_a_signal_near_an_evaluation_checkpoints_without_another_step(tmp_path, 
     way no further step runs."""
     import signal
 
-    real_update, real_eval = train_ppo.ppo_update, train_ppo.run_eval
+    real_update, real_eval = train_ppo.ppo_update, run_management.run_eval
     updates = []
 
     def update(*args, **kwargs):
@@ -443,7 +446,7 @@ def test_a_signal_near_an_evaluation_checkpoints_without_another_step(tmp_path, 
         return result
 
     monkeypatch.setattr(train_ppo, "ppo_update", update)
-    monkeypatch.setattr(train_ppo, "run_eval", evaluate)
+    monkeypatch.setattr(run_management, "run_eval", evaluate)
     result = train_ppo.train(label_run(tmp_path, synthetic_dir, max_steps=6, eval_interval=2,
                                        checkpoint_interval=5))
     assert result["step"] == 2 and len(updates) == 2

@@ -10,12 +10,14 @@ import types
 import pytest
 import torch
 
+import run_management
 import synthetic
 import train_ppo
 from common import UserError
 from hellaswag import read_predictions
+from run_management import read_config_file
 from train_ppo import (AdaptiveKLController, compute_gae, kl_penalty, load_config, masked_whiten,
-                       ppo_losses, read_config_file)
+                       ppo_losses)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -324,7 +326,7 @@ def test_rollouts_scored_in_micro_batches_of_similar_length_come_back_in_order(t
         kind = train_ppo.ChoiceRollouts(encoded, lambda indices, choices: torch.zeros(len(indices)),
                                         0.5, micro_batch_size, device="cpu")
         rollouts.append(kind.collect(model, model, examples, [4, 0, 2, 1, 3],
-                                     torch.Generator().manual_seed(0), train_ppo.PhaseTimer("cpu")))
+                                     torch.Generator().manual_seed(0), run_management.PhaseTimer("cpu")))
     torch.testing.assert_close(rollouts[0].values, rollouts[1].values, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rollouts[0].logprobs, rollouts[1].logprobs, atol=1e-5, rtol=1e-5)
     assert torch.equal(rollouts[0].actions["choices"], rollouts[1].actions["choices"])
@@ -348,9 +350,9 @@ def test_ppo_update_does_not_depend_on_micro_batch_size():
         ref_logprobs=logprobs,
         values=values, mask=mask, scores=torch.zeros(6), n_tokens=0, samples=[],
         lengths=prompt_mask.sum(1) + response_mask.sum(1))
-    advantages = torch.randn(mask.shape, generator=g) * mask
-    returns = torch.randn(mask.shape, generator=g) * mask
-    run = train_ppo.Distributed(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu")
+    batch.advantages = torch.randn(mask.shape, generator=g) * mask
+    batch.returns = torch.randn(mask.shape, generator=g) * mask
+    run = run_management.Distributed(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu")
     weights = []
     for micro_batch_size in (3, 1):
         cfg = train_ppo.Config(rollout="generate", reward_kind="likelihood", ppo_epochs=2,
@@ -361,10 +363,11 @@ def test_ppo_update_does_not_depend_on_micro_batch_size():
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         kind = train_ppo.GenerateRollouts(None, cfg, prompt_budget=8, stop_tokens=[50256],
                                           device="cpu")
-        stats, epochs, finite = train_ppo.ppo_update(model, model, optimizer, scaler, kind, batch,
-                                                     advantages, returns, cfg,
-                                                     torch.Generator().manual_seed(0), run,
-                                                     "float32")
+        state = run_management.TrainingState(
+            optimizer, scaler, kl_controller=None, reward_fn=None, rollout_kind=kind,
+            sample_generator=None, shuffle_generator=torch.Generator().manual_seed(0),
+            batches=None, reference={})
+        stats, epochs, finite = train_ppo.ppo_update(model, model, state, kind, batch, cfg, run)
         assert epochs == 2 and finite
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     moved = (weights[0]
@@ -440,7 +443,7 @@ def test_a_leading_tilde_in_a_path_is_the_home_folder(tmp_path, monkeypatch):
     named ~ under the working directory."""
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "policy.pt").write_bytes(b"")
-    cfg = train_ppo.absolute_paths(load_config(["--out_dir=~/runs/x", "--init_from=~/policy.pt",
+    cfg = run_management.absolute_paths(load_config(["--out_dir=~/runs/x", "--init_from=~/policy.pt",
                                                 "--val_data=hellaswag:val"]))
     assert (cfg.out_dir, cfg.init_from) == (str(tmp_path / "runs" / "x"),
                                             str(tmp_path / "policy.pt"))
@@ -618,14 +621,14 @@ def test_resume_from_an_unfused_optimizer_state_keeps_the_fused_adamw(tmp_path, 
         group["fused"] = None
     torch.save(ckpt, path)
     seen = []
-    restore = train_ppo.restore
+    restore = run_management.TrainingState.load_state_dict
 
-    def recording_restore(ckpt, optimizer, *args, **kwargs):
-        result = restore(ckpt, optimizer, *args, **kwargs)
-        seen.extend(group["fused"] for group in optimizer.param_groups)
+    def recording_restore(state, *args, **kwargs):
+        result = restore(state, *args, **kwargs)
+        seen.extend(group["fused"] for group in state.optimizer.param_groups)
         return result
 
-    monkeypatch.setattr(train_ppo, "restore", recording_restore)
+    monkeypatch.setattr(run_management.TrainingState, "load_state_dict", recording_restore)
     train_ppo.train(tiny_run(tmp_path, synthetic_dir, max_steps=2, init_from="resume", **common))
     assert seen == [True, True]
 

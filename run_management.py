@@ -1,0 +1,793 @@
+"""
+Run management for train_ppo.py: everything a training run does besides PPO itself.
+
+- config: plain `name = literal` files and --key=value overrides, checked against the fields of a
+  config dataclass (train_ppo.Config: types, limits, "did you mean"); nothing is executed.
+- processes: torchrun's DDP setup, seeding, sums across ranks.
+- out_dir: checked before any work, another run's files refused (or moved aside with start_over),
+  torn writes of a killed run cleaned up.
+- state: TrainingState holds what a checkpoint needs to resume exactly (step, data position,
+  optimizer, KL controller, reward statistics, rollout caches, random generators, best score).
+- the end of each step (RunManager.end_of_step): the console line, metrics.jsonl, samples, the
+  HellaSwag evaluation, checkpoints and best.pt, and stopping on a signal.
+
+It never imports train_ppo.py: the config class and the objects it saves are passed in.
+"""
+
+import ast
+import collections
+import contextlib
+import dataclasses
+import datetime
+import difflib
+import json
+import math
+import os
+import random
+import re
+import resource
+import shlex
+import shutil
+import signal
+import time
+import typing
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import synthetic
+from common import (UserError, atomic_torch_save, atomic_write_text, check_output_path,
+                    first_line, looks_like_a_path, read_json_objects, resolve_device,
+                    step_checkpoints)
+from hellaswag import evaluate, split_path, write_predictions
+from model import CHECKPOINT_FORMAT
+
+
+# --------------------------------------------------------------------------------------------------
+# config
+
+
+def setting(default, *, choices=None, low=None, high=None, above=None, below=None):
+    """A config field with its limits beside it: one of choices, or low <= value <= high,
+    value > above, value < below."""
+    limits = {"choices": choices, "low": low, "high": high, "above": above, "below": below}
+    return field(default=default, metadata={k: v for k, v in limits.items() if v is not None})
+
+
+def read_config_file(path):
+    """A config file is plain `name = literal` assignments (comments and docstrings allowed);
+    nothing is executed."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), filename=path)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read config file ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: config file is not UTF-8 text") from None
+    except SyntaxError as e:
+        raise UserError(f"{path}:{e.lineno}: syntax error in config file") from None
+    for node in tree.body:
+        if (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)):
+            continue  # a docstring
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)):
+            raise UserError(f"{path}:{node.lineno}: config files hold only `name = value` lines")
+        try:
+            value = ast.literal_eval(node.value)
+        except (ValueError, TypeError, MemoryError, RecursionError):
+            raise UserError(f"{path}:{node.lineno}: the value of {node.targets[0].id} must be a "
+                            "literal (number, string, True/False/None)") from None
+        yield node.targets[0].id, value, f"{path}:{node.lineno}"
+
+
+def parse_override(arg, config_class):
+    key, sep, text = arg[2:].partition("=")
+    if not sep or not key:
+        raise UserError(f"{arg}: command-line overrides are written --key=value")
+    if typing.get_type_hints(config_class).get(key) is str:
+        return key, text  # --out_dir=1e3 is the folder "1e3"
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return key, lowered == "true"
+    if lowered == "none":
+        return key, None
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return key, text  # not a literal: check_value reports the type
+    return key, value
+
+
+def check_value(key, value, where, config_class):
+    """Check a value against its field of config_class: the type (int -> float allowed, nothing
+    else converted), then the limits written beside the field (setting())."""
+    expected = typing.get_type_hints(config_class)[key]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        try:
+            value = float(value)
+        except OverflowError:  # an int of 309 digits or more
+            raise UserError(f"{where}: {key} must be a finite number, got {value!r}") from None
+    if type(value) is not expected:
+        raise UserError(f"{where}: {key} must be {expected.__name__}, got {value!r}")
+    if expected is float and not math.isfinite(value):
+        raise UserError(f"{where}: {key} must be a finite number, got {value!r}")
+    limits = next(f for f in dataclasses.fields(config_class) if f.name == key).metadata
+    if "choices" in limits and value not in limits["choices"]:
+        raise UserError(f"{where}: {key} must be one of {', '.join(limits['choices'])}, "
+                        f"got {value!r}")
+    low, high = limits.get("low"), limits.get("high")
+    above, below = limits.get("above"), limits.get("below")
+    bounds = [f">= {low:g}" if low is not None else "", f"> {above:g}" if above is not None else "",
+              f"<= {high:g}" if high is not None else "",
+              f"< {below:g}" if below is not None else ""]
+    if ((low is not None and value < low) or (above is not None and value <= above)
+            or (high is not None and value > high) or (below is not None and value >= below)):
+        raise UserError(f"{where}: {key} must be {' and '.join(b for b in bounds if b)}, "
+                        f"got {value!r}")
+    return value
+
+
+def parse_config(argv, config_class):
+    """config_class from its defaults, then config files and --key=value overrides in the order
+    given, each value checked against its field."""
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    values = {}
+    for arg in argv:
+        items = ([(*parse_override(arg, config_class), arg)] if arg.startswith("--")
+                 else read_config_file(arg))
+        for key, value, where in items:
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise UserError(f"{where}: unknown config key {key!r}{hint}")
+            values[key] = check_value(key, value, where, config_class)
+    return config_class(**values)
+
+
+# folders this run writes (or reads) by path; and sources that are a path when one exists, else a
+# hub name, a "hellaswag:<split>" or a keyword
+FOLDER_FIELDS = ("out_dir", "data_cache", "synthetic_dir", "teacher_cache")
+SOURCE_FIELDS = ("init_from", "train_data", "val_data", "reward_model")
+
+
+def absolute_paths(cfg):
+    """The config with its folders and every source that exists made absolute: what a run saves
+    (train_config.json, the config and reference source in each checkpoint) then works from any
+    working directory. A leading ~ is the home folder, which no shell expands in --key=~/x or in a
+    config file."""
+    cfg = dataclasses.replace(cfg, **{key: os.path.expanduser(getattr(cfg, key))
+                                      for key in FOLDER_FIELDS + SOURCE_FIELDS
+                                      if getattr(cfg, key).startswith("~")})
+    absolute = {key: os.path.abspath(getattr(cfg, key)) for key in FOLDER_FIELDS
+                if getattr(cfg, key)}
+    absolute |= {key: os.path.abspath(getattr(cfg, key)) for key in SOURCE_FIELDS
+                 if getattr(cfg, key) and os.path.exists(getattr(cfg, key))}
+    return dataclasses.replace(cfg, **absolute)
+
+
+def check_sources(cfg):
+    """A model or data source meant as a local path that is not there: one line now, not after the
+    data, the demo task or another model has been prepared."""
+    used = {"init_from": cfg.init_from not in ("resume", "scratch", "synthetic"),
+            "train_data": not cfg.synthetic, "val_data": not cfg.synthetic,
+            "reward_model": not cfg.synthetic and cfg.reward_kind != "label"}
+    for key, is_used in used.items():
+        source = getattr(cfg, key)
+        data_spec = key.endswith("_data") and source.startswith("hellaswag:")
+        if (is_used and not data_spec and not os.path.exists(source)
+                and (looks_like_a_path(source) or key.endswith("_data"))):
+            raise UserError(f"config: {key}={source!r}: no such file or directory")
+
+# --------------------------------------------------------------------------------------------------
+# processes: DDP, seeds, sums across ranks
+
+
+@dataclass
+class Distributed:
+    """Where this process sits in the run: torchrun's RANK / LOCAL_RANK / WORLD_SIZE, or one
+    process."""
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    device: str  # this process's device: cpu, or the one GPU it owns
+    dtype: str = "float32"  # its autocast dtype: the config's on CUDA, float32 elsewhere
+
+    @property
+    def master_process(self):  # writes checkpoints, metrics and exports
+        return self.rank == 0
+
+    @property
+    # prepares this node's data, which another node's filesystem may not share
+    def local_master(self):
+        return self.local_rank == 0
+
+    def barrier(self):
+        if self.ddp:
+            dist.barrier()
+
+    def log(self, *args):
+        """print, on the master process alone."""
+        if self.master_process:
+            print(*args)
+
+
+def setup_distributed(cfg):
+    # a device this machine lacks is an error here, on every rank
+    requested = resolve_device(cfg.device)
+    if int(os.environ.get("RANK", -1)) == -1:
+        device = requested
+        if device == "cuda":
+            device = f"cuda:{torch.cuda.current_device()}"  # set_device needs an index
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)  # memory stats and synchronize follow the chosen GPU
+        return Distributed(ddp=False, rank=0, local_rank=0, world_size=1, device=device,
+                           dtype=autocast_dtype(cfg, device))
+    rank, local_rank, world_size = (int(os.environ[k])
+                                    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    nccl = requested.startswith("cuda")
+    device = resolve_device(f"cuda:{local_rank}") if nccl else "cpu"  # one GPU per process
+    # a collective waiting on a rank that died fails after ddp_timeout_s instead of hanging
+    timeout = datetime.timedelta(seconds=cfg.ddp_timeout_s)
+    dist.init_process_group(backend="nccl" if nccl else "gloo", timeout=timeout)
+    if nccl:
+        torch.cuda.set_device(device)
+    return Distributed(ddp=True, rank=rank, local_rank=local_rank, world_size=world_size,
+                       device=device, dtype=autocast_dtype(cfg, device))
+
+
+def autocast_dtype(cfg, device):
+    return cfg.dtype if device.startswith("cuda") else "float32"
+
+
+def seed_everything(seed, run):
+    """Seed the global RNGs per rank. -> (generator for sampling actions, generator for minibatch
+    order)."""
+    torch.manual_seed(seed + run.rank)
+    np.random.seed(seed + run.rank)
+    random.seed(seed + run.rank)
+    sample_generator = torch.Generator(device=run.device).manual_seed(seed * 1000 + run.rank)
+    shuffle_generator = torch.Generator().manual_seed(seed * 1000 + 500 + run.rank)
+    return sample_generator, shuffle_generator
+
+def all_reduce_sum(*tensors):
+    """Sum float tensors across ranks (no-op without torch.distributed)."""
+    stacked = torch.stack([t.float().reshape(()) for t in tensors])
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+            stacked = stacked.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(stacked)
+    return stacked.unbind(0)
+
+
+def synthetic_dir(cfg):
+    return os.path.abspath(cfg.synthetic_dir or os.path.join(cfg.out_dir, "synthetic"))
+
+
+# --------------------------------------------------------------------------------------------------
+# out_dir and checkpoints
+
+
+def gather_rng_states(sample_generator, shuffle_generator, world_size):
+    """Every rank's RNG states (rank order), so that a resumed run samples exactly what an
+    uninterrupted one would."""
+    state = {"sample": sample_generator.get_state(), "shuffle": shuffle_generator.get_state(),
+             "torch": torch.get_rng_state(), "device_type": sample_generator.device.type}
+    if world_size == 1:
+        return [state]
+    states = [None] * world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def save_checkpoint(out_dir, ckpt, keep_last, best):
+    """ckpt_<step>.pt written atomically; older step checkpoints beyond keep_last removed; best.pt
+    linked. A later step's file (one a resume passed over as damaged) is neither counted nor
+    removed: counting it could remove the checkpoint just written."""
+    step = ckpt["step"]
+    path = os.path.join(out_dir, f"ckpt_{step:06d}.pt")
+    atomic_torch_save(ckpt, path)
+    older = [old for old_step, old in step_checkpoints(out_dir) if old_step < step]
+    for old in older[:max(len(older) - (keep_last - 1), 0)]:
+        os.remove(old)
+    if best:  # a hard link: the step file can be rotated away, best.pt stays
+        tmp = os.path.join(out_dir, ".best.pt.tmp")
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        try:
+            os.link(path, tmp)
+        except OSError:
+            atomic_torch_save(ckpt, tmp)
+        os.replace(tmp, os.path.join(out_dir, "best.pt"))
+    return path
+
+
+def drop_lines_after(path, step, log=print):
+    """Keep the JSON lines of path whose "step" is at most step (rewritten atomically). A line that
+    does not parse (a kill mid-write tears the last one) is dropped with a warning."""
+    if not os.path.exists(path):
+        return
+    records, bad = read_json_objects(path)
+    for n in bad:
+        log(f"warning: {path}, line {n}: not a JSON line (torn by a kill?), dropped")
+    kept = "".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step)
+    atomic_write_text(path, kept)
+
+
+# and ckpt_*.pt
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "train_config.json", "best.pt", "eval", "hf")
+
+
+def remove_torn_writes(out_dir, restore_export=False):
+    """Temporary files that a killed atomic write left behind (.NAME.XXXX.tmp), and the export's
+    temporary folders (.hf.XXXX, .hf.old.XXXX, as large as the model); they never replaced
+    anything. A kill between the export's two renames leaves no hf/ and the previous export in
+    .hf.old.XXXX/x: restore_export (a resume) puts that one back."""
+    export = os.path.join(out_dir, "hf")
+    for folder in (out_dir, os.path.join(out_dir, "eval")):
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            path = os.path.join(folder, name)
+            if name.startswith(".") and name.endswith(".tmp") and os.path.isfile(path):
+                os.remove(path)
+            elif folder == out_dir and name.startswith(".hf.") and os.path.isdir(path):
+                displaced = os.path.join(path, "x")
+                if (restore_export and name.startswith(".hf.old.") and os.path.isdir(displaced)
+                        and not os.path.exists(export)):
+                    os.replace(displaced, export)
+                shutil.rmtree(path)
+
+
+# settings a resumed run changes as a matter of course (where and how long it runs, how it logs,
+# evaluates and saves, memory): they leave the training the same
+# (init_from and start_over always differ on a resume: not mentioned at all)
+RUN_SETTINGS = ("out_dir", "device", "compile", "ddp_timeout_s", "max_steps", "max_bad_steps",
+                "log_interval", "sample_interval", "eval_interval", "eval_limit", "eval_batch_size",
+                "checkpoint_interval", "keep_last", "export_hf", "wandb_log", "wandb_project",
+                "wandb_run_name", "reward_batch_size", "micro_batch_size")
+
+
+def log_changed_settings(saved, cfg, log):
+    """Say which settings of a resumed run differ from its checkpoint's: a note for the run's
+    management, a warning for the rest, which makes another experiment from there on (the state
+    that depends on them, such as cached reference scores, is checked where it is restored)."""
+    changed = {key: f"{key} {saved[key]!r} -> {value!r}"
+               for key, value in dataclasses.asdict(cfg).items()
+               if key in saved and saved[key] != value and key not in ("init_from", "start_over")}
+    notes = [text for key, text in changed.items() if key in RUN_SETTINGS]
+    warnings = [text for key, text in changed.items() if key not in RUN_SETTINGS]
+    if notes:
+        log(f"resuming with {'; '.join(notes)}")
+    if warnings:
+        log(f"warning: resuming with settings that differ from the checkpoint's, so another "
+            f"experiment from here on: {'; '.join(warnings)}")
+
+
+def load_resume_checkpoint(out_dir, log):
+    """The newest checkpoint in out_dir that loads, -> (path, checkpoint). A damaged one (truncated,
+    empty, not a checkpoint) is named in a warning and the next older one is tried."""
+    candidates = step_checkpoints(out_dir)
+    if not candidates:
+        raise UserError(f"init_from=resume: no checkpoint (ckpt_*.pt) in {out_dir}")
+    for _, path in reversed(candidates):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError("not a checkpoint of this project")
+            return path, ckpt
+        except Exception as e:  # torch raises many kinds for a damaged file
+            log(f"warning: {path}: cannot resume from it ({first_line(e)}); trying an older "
+                "checkpoint")
+    raise UserError(f"init_from=resume: none of the {len(candidates)} checkpoint(s) in {out_dir} "
+                    "loads; see the warnings above")
+
+
+def holds_something(path):
+    """A file that is not empty, or a folder that is not."""
+    if os.path.isdir(path):
+        return bool(os.listdir(path))
+    return os.path.isfile(path) and os.path.getsize(path) > 0
+
+
+def prepare_out_dir(cfg, run, log):
+    """Everything about out_dir that can fail, checked before any model or data work. A fresh run
+    refuses a directory that holds another run, unless start_over, which moves that run's files to
+    out_dir/previous/TIME/.
+    -> (resume path, checkpoint) for init_from=resume, else (None, None)."""
+    check_output_path(cfg.out_dir, directory=True)
+    if cfg.reward_kind == "teacher" and cfg.teacher_cache:
+        check_output_path(cfg.teacher_cache, directory=True)
+    # folders read, and written only where something is missing (a finished one may be read-only)
+    if cfg.synthetic and not synthetic.is_complete(synthetic_dir(cfg)):
+        check_output_path(synthetic_dir(cfg), directory=True)
+    splits = [spec.split(":", 1)[1] for spec in (cfg.train_data, cfg.val_data)
+              if spec.startswith("hellaswag:")]
+    if (not cfg.synthetic and cfg.data_cache
+            and not all(os.path.isfile(split_path(s, cfg.data_cache)) for s in splits)):
+        check_output_path(cfg.data_cache, directory=True)
+    if cfg.init_from == "resume":
+        if run.master_process:
+            remove_torn_writes(cfg.out_dir, restore_export=True)
+        path, ckpt = load_resume_checkpoint(cfg.out_dir, log)
+        if ckpt.get("step", 0) >= cfg.max_steps:
+            raise UserError(f"init_from=resume: {path} is at step {ckpt.get('step')}, and "
+                            f"max_steps={cfg.max_steps} asks for nothing more; raise max_steps")
+        return path, ckpt
+    # a run's work: train_config.json and empty logs alone are a setup that failed after writing
+    # them (wandb's login, the first evaluation), with nothing to lose
+    existing = [name for name in RUN_FILES
+                if name != "train_config.json" and holds_something(os.path.join(cfg.out_dir, name))]
+    existing += [os.path.basename(path) for _, path in step_checkpoints(cfg.out_dir)]
+    if existing and os.path.exists(os.path.join(cfg.out_dir, "train_config.json")):
+        existing.append("train_config.json")  # moved aside with the rest
+    # the demo task in out_dir belongs to the run that built it, with its seed
+    built_with = synthetic.task_seed(synthetic_dir(cfg)) if cfg.synthetic else None
+    if built_with is not None and built_with != cfg.seed and not cfg.synthetic_dir:
+        if not (existing or cfg.start_over):
+            raise UserError(f"{synthetic_dir(cfg)} holds the demo task built with seed "
+                            f"{built_with}, and this run asks for seed {cfg.seed}; pass "
+                            "--start_over=True to move it aside and build this seed's, or give "
+                            "--synthetic_dir")
+        existing.append("synthetic")
+    if existing and not cfg.start_over:
+        raise UserError(f"out_dir {cfg.out_dir} holds another run "
+                        f"({', '.join(sorted(existing)[:4])}); continue it with "
+                        "--init_from=resume, choose a new out_dir, or pass --start_over=True to "
+                        f"move its files to {os.path.join(cfg.out_dir, 'previous')}/")
+    previous = os.path.join(cfg.out_dir, "previous", time.strftime("%Y%m%d-%H%M%S"))
+    run.barrier()  # every rank has looked before anything moves
+    # the master moves the run's files; each node's local master its own demo task (nodes need not
+    # share a filesystem)
+    moving = [name for name in existing
+              if (run.local_master if name == "synthetic" else run.master_process)]
+    for name in moving:
+        if os.path.exists(os.path.join(cfg.out_dir, name)):  # else another node's rank moved it
+            os.makedirs(previous, exist_ok=True)
+            os.replace(os.path.join(cfg.out_dir, name), os.path.join(previous, name))
+    if moving:
+        log(f"start_over: moved the previous run's files to {previous}")
+    if run.master_process:
+        remove_torn_writes(cfg.out_dir)
+    return None, None
+
+
+def eval_predictions_path(out_dir, step):
+    """eval/step_NNNNNN.jsonl for the policy at a step, eval/teacher.jsonl for the teacher."""
+    name = "teacher.jsonl" if step == "teacher" else f"step_{step:06d}.jsonl"
+    return os.path.join(out_dir, "eval", name)
+
+
+def drop_evaluations_after(out_dir, step):
+    """Remove the prediction files of evaluations after step (a resumed run redoes those steps)."""
+    eval_dir = os.path.join(out_dir, "eval")
+    for name in os.listdir(eval_dir) if os.path.isdir(eval_dir) else []:
+        match = re.fullmatch(r"step_(\d+)\.jsonl", name)
+        if match and int(match.group(1)) > step:
+            os.remove(os.path.join(eval_dir, name))
+
+
+def peak_memory_gb(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+
+
+# --------------------------------------------------------------------------------------------------
+# the training state, logs and the end of a step
+
+
+@dataclass
+class TrainingState:
+    """Everything besides the weights and the config that a run needs to go on exactly where it
+    stopped; state_dict() is that part of a checkpoint, load_state_dict() puts it back."""
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    kl_controller: object  # .value, the KL coefficient
+    reward_fn: object  # its running statistics (or None)
+    rollout_kind: object  # its caches, such as the reference's scores (or None)
+    sample_generator: torch.Generator  # the actions sampled
+    shuffle_generator: torch.Generator  # the minibatch order
+    batches: "Batches"  # the training examples of each step
+    reference: dict  # where the frozen reference came from, and a fingerprint of its weights
+    step: int = 0  # steps done
+    data_position: int = 0  # where the next batch starts in the training data's epochs
+    best_acc_norm: float = -1.0  # the best evaluation so far, best.pt's
+    bad_steps: int = 0  # non-finite steps in a row (not saved: a resumed run counts afresh)
+
+    def next_batch(self):
+        """-> this rank's example indices for the step, and moves the data position on."""
+        indices, self.data_position = self.batches.at(self.data_position)
+        return indices
+
+    def state_dict(self, run):
+        """Every rank calls this: it gathers every rank's random generators."""
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "step": self.step, "data_position": self.data_position,
+                "best_acc_norm": self.best_acc_norm,
+                "kl_controller": self.kl_controller.state_dict(), **self.reference,
+                "reward": self.reward_fn.state_dict(), "rollouts": self.rollout_kind.state_dict(),
+                "rng": gather_rng_states(self.sample_generator, self.shuffle_generator,
+                                         run.world_size)}
+
+    def load_state_dict(self, ckpt, cfg, run):
+        if ckpt.get("rollouts") is not None and not self.rollout_kind.load_state_dict(
+                ckpt["rollouts"]):
+            run.log("the checkpoint's cached reference scores are for other training examples "
+                    "or another choice_temperature: computing them again as examples are met")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        # saved param groups carry their own flags: keep this run's kernel (a checkpoint from
+        # before the fused AdamW on CPUs says fused=None, which would run the slower loop)
+        for group in self.optimizer.param_groups:
+            group["fused"] = self.optimizer.defaults["fused"]
+        if ckpt["scaler"]:  # empty when saved without float16 (bf16, float32, CPU)
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.kl_controller.load_state_dict(ckpt["kl_controller"])
+        if self.kl_controller.value != cfg.kl_coef:
+            run.log(f"KL coefficient {self.kl_controller.value:.4g} restored from the checkpoint "
+                    f"(config kl_coef {cfg.kl_coef})")
+        if ckpt.get("reward") is not None:
+            self.reward_fn.load_state_dict(ckpt["reward"])
+        self.load_rng_states(ckpt["rng"], run)
+        self.step, self.data_position = ckpt["step"], ckpt["data_position"]
+        self.best_acc_norm = ckpt["best_acc_norm"]
+        evaluated_on = ("val_data", "eval_limit", "style")
+        if any(ckpt.get("config", {}).get(k, getattr(cfg, k)) != getattr(cfg, k)
+               for k in evaluated_on):
+            self.best_acc_norm = -1.0  # a score on other examples is no bar to clear
+            run.log("the evaluation set changed (val_data, eval_limit or style): best.pt is the "
+                    "best evaluation on the new one from here on")
+
+    def load_rng_states(self, rng, run):
+        if (len(rng) == run.world_size
+                and rng[run.rank].get("device_type") == self.sample_generator.device.type):
+            mine = rng[run.rank]
+            self.sample_generator.set_state(mine["sample"])
+            self.shuffle_generator.set_state(mine["shuffle"])
+            torch.set_rng_state(mine["torch"])
+        else:
+            run.log(f"warning: checkpoint has RNG states of {len(rng)} rank(s) on "
+                    f"{rng[0].get('device_type')}, this run has {run.world_size} on "
+                    f"{self.sample_generator.device.type}; sampling is reseeded, not continued")
+
+
+def forget_after(out_dir, step, run):
+    """What a run logged and evaluated after the checkpoint it resumes from is about to be
+    redone: dropped."""
+    if run.master_process:
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            drop_lines_after(os.path.join(out_dir, name), step, run.log)
+        drop_evaluations_after(out_dir, step)
+
+
+class Batches:
+    """Each rank's slice of each global batch, from a permutation of the training set per epoch
+    seeded by seed + epoch: a resumed run needs only the position to go on exactly where it
+    stopped."""
+
+    def __init__(self, n_examples, batch_size, seed, run):
+        self.n_examples, self.batch_size, self.seed, self.run = n_examples, batch_size, seed, run
+        self.epoch, self.permutation = None, None
+
+    def at(self, position):
+        """-> (this rank's example indices, the next batch's position)."""
+        indices = []
+        start = position + self.run.rank * self.batch_size
+        for i in range(start, start + self.batch_size):
+            epoch, offset = divmod(i, self.n_examples)
+            if epoch != self.epoch:
+                self.epoch = epoch
+                rng = np.random.RandomState(self.seed + epoch)
+                self.permutation = rng.permutation(self.n_examples)
+            indices.append(int(self.permutation[offset]))
+        return indices, position + self.batch_size * self.run.world_size
+
+
+class StopSignal:
+    """SIGTERM / SIGINT: finish the step, write a checkpoint, exit 0. A second signal stops at
+    once."""
+
+    def __init__(self, log):
+        self.received, self.log = None, log
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        self.log(f"signal {signum}: finishing this step, then writing a checkpoint (signal again "
+                 "to stop at once)")
+
+    def on_any_rank(self):
+        return all_reduce_sum(torch.tensor(float(self.received is not None)))[0].item() > 0
+
+
+class RunLog:
+    """metrics.jsonl (and wandb), samples.jsonl and the console line; the master process alone
+    writes."""
+
+    def __init__(self, cfg, master_process):
+        self.cfg, self.master_process, self.wandb_run = cfg, master_process, None
+        self.log = print if master_process else (lambda *a, **k: None)
+        if cfg.wandb_log and master_process:
+            try:
+                import wandb  # optional
+                self.wandb_run = wandb.init(project=cfg.wandb_project,
+                                            name=cfg.wandb_run_name or None,
+                                            config=dataclasses.asdict(cfg))
+            except ImportError:
+                self.log("warning: wandb_log=True but wandb is not installed; logging to "
+                         "metrics.jsonl only")
+            except Exception as e:  # no API key in a batch job, no network, ...
+                raise UserError(f"wandb_log=True, but wandb could not start a run "
+                                f"({first_line(e)}); log in (wandb login), or pass "
+                                "--wandb_log=False") from None
+        metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        self.metrics_file = open(metrics_path, "a") if master_process else None
+
+    def metrics(self, metrics):
+        if self.master_process:
+            self.metrics_file.write(json.dumps(metrics) + "\n")
+            self.metrics_file.flush()
+            if self.wandb_run:
+                self.wandb_run.log(metrics, step=metrics["step"])
+
+    def step_line(self, metrics):
+        m = collections.defaultdict(lambda: float("nan"), metrics)  # a skipped step has no losses
+        self.log(f"step {m['step']} | reward {m['reward']:.4f} | kl {m['kl']:.4f} | "
+                 f"pg {m['pg_loss']:.4f} | vf {m['vf_loss']:.4f} | clipfrac {m['clipfrac']:.3f} | "
+                 f"approx_kl {m['approx_kl']:.4f} | ent {m['entropy']:.3f} | "
+                 f"ev {m['explained_var']:.3f} | {m['samples_per_s']:.1f} samples/s | "
+                 f"{m['tokens_per_s']:.0f} tok/s | dt {m['dt'] * 1000:.0f}ms | "
+                 f"mem {m['peak_mem_gb']:.2f}GB")
+
+    def eval_line(self, step, result):
+        self.log(f"step {step} | eval acc {result['eval/acc']:.4f} | "
+                 f"acc_norm {result['eval/acc_norm']:.4f}")
+
+    def samples(self, step, rollouts):
+        if (self.master_process and self.cfg.sample_interval
+                and step % self.cfg.sample_interval == 0):
+            with open(os.path.join(self.cfg.out_dir, "samples.jsonl"), "a") as f:
+                for sample, score in list(zip(rollouts.samples, rollouts.scores.tolist()))[:4]:
+                    f.write(json.dumps({"step": step, **sample, "reward": score}) + "\n")
+
+    def close(self):
+        if self.metrics_file:
+            self.metrics_file.close()
+        if self.wandb_run:
+            self.wandb_run.finish()
+
+
+def run_eval(model, val_examples, step, cfg, device, dtype, master_process):
+    """HellaSwag on the val examples; the per-example predictions go to
+    eval_predictions_path(out_dir, step)."""
+    result = evaluate(model, val_examples, style=cfg.style, batch_size=cfg.eval_batch_size,
+                      device=device, dtype=dtype, return_predictions=True)
+    if master_process:
+        os.makedirs(os.path.join(cfg.out_dir, "eval"), exist_ok=True)
+        write_predictions(eval_predictions_path(cfg.out_dir, step), result["predictions"])
+    return {"eval/acc": result["acc"], "eval/acc_norm": result["acc_norm"], "eval/n": result["n"]}
+
+class PhaseTimer:
+    """Wall-clock seconds a step spends in each phase (rollout, reference, reward, update), logged
+    as time/<phase>. On CUDA a phase waits for its kernels before and after, so each figure is the
+    phase's own: a few synchronisations a step."""
+
+    def __init__(self, device):
+        self.cuda = str(device).startswith("cuda")
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase):
+        self.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.synchronize()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def synchronize(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def take(self):
+        """-> {"time/<phase>": seconds} since the last take, and starts over."""
+        seconds, self.seconds = self.seconds, {}
+        return {f"time/{phase}": s for phase, s in seconds.items()}
+
+
+
+
+class RunManager:
+    """Around the PPO loop: the evaluations, and the end of every step (the console line,
+    metrics.jsonl, samples, the HellaSwag evaluation, checkpoints and best.pt, a stop signal)."""
+
+    def __init__(self, cfg, run, state, raw_model, val_examples):
+        self.cfg, self.run, self.state = cfg, run, state
+        self.raw_model, self.val_examples = raw_model, val_examples
+        self.run_log = RunLog(cfg, run.master_process)  # wandb's login too
+        if run.master_process:  # after the setup: one that failed leaves no run behind to refuse
+            atomic_write_text(os.path.join(cfg.out_dir, "train_config.json"),
+                              json.dumps(dataclasses.asdict(cfg), indent=2))
+        self.stop_signal = StopSignal(run.log)
+        self.timer = PhaseTimer(run.device)
+        self.last_eval, self.metrics = None, {}
+
+    def evaluate(self, model, step):
+        """HellaSwag on the val examples; the predictions go to eval/ (step_N.jsonl, teacher.jsonl)."""
+        return run_eval(model, self.val_examples, step, self.cfg, self.run.device, self.run.dtype,
+                        self.run.master_process)
+
+    def first_evaluation(self, reward_fn):
+        """The starting policy's evaluation, and the teacher's own picks (for analyze.py's teacher
+        agreement); a resumed run has them already."""
+        if self.state.step > 0:
+            return
+        self.last_eval = self.evaluate(self.raw_model, 0)
+        self.run_log.eval_line(0, self.last_eval)
+        self.run_log.metrics({"step": 0, **self.last_eval})
+        if self.cfg.reward_kind == "teacher":
+            teacher = self.evaluate(reward_fn.reward_model, "teacher")
+            self.run.log(f"teacher | eval acc {teacher['eval/acc']:.4f} | "
+                         f"acc_norm {teacher['eval/acc_norm']:.4f}")
+
+    def throughput(self, t0, n_samples, n_tokens):
+        """The step's speed and memory figures, and the seconds of each phase, for its metrics."""
+        self.timer.synchronize()
+        dt = time.time() - t0
+        world_size = self.run.world_size
+        return {"samples_per_s": n_samples * world_size / dt,
+                "tokens_per_s": n_tokens * world_size / dt, "dt": dt,
+                "peak_mem_gb": peak_memory_gb(self.run.device), **self.timer.take()}
+
+    def end_of_step(self, metrics, batch):
+        """Log the step; evaluate at eval_interval and at the end; checkpoint at
+        checkpoint_interval, at the end, at a better evaluation and on a stop signal (first: a
+        scheduler's grace period may be short, so an interval's evaluation is skipped then).
+        -> whether to stop now."""
+        cfg, step = self.cfg, self.state.step
+        if step % cfg.log_interval == 0 or step == cfg.max_steps:
+            self.run_log.step_line(metrics)
+        self.run_log.samples(step, batch)
+        stop_now = self.stop_signal.on_any_rank()
+        if ((cfg.eval_interval and step % cfg.eval_interval == 0 and not stop_now)
+                or step == cfg.max_steps):
+            self.last_eval = self.evaluate(self.raw_model, step)
+            metrics.update(self.last_eval)
+            self.run_log.eval_line(step, self.last_eval)
+            stop_now = self.stop_signal.on_any_rank()  # a signal during the evaluation: stop too
+        self.run_log.metrics(metrics)
+        self.metrics = metrics
+        is_best = "eval/acc_norm" in metrics and metrics["eval/acc_norm"] > self.state.best_acc_norm
+        if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or stop_now or is_best:
+            if is_best:
+                self.state.best_acc_norm = metrics["eval/acc_norm"]
+            self.checkpoint(is_best)
+        if stop_now:
+            received = self.stop_signal.received
+            which = f"signal {received}" if received is not None else "a stop signal on another rank"
+            self.run.log(f"received {which}: checkpoint written at step {step}, stopping")
+        return stop_now
+
+    def checkpoint(self, is_best):
+        ckpt = {"format": CHECKPOINT_FORMAT,
+                "model_config": dataclasses.asdict(self.raw_model.config),
+                "model": self.raw_model.state_dict(), "config": dataclasses.asdict(self.cfg),
+                **self.state.state_dict(self.run)}
+        if self.run.master_process:
+            path = save_checkpoint(self.cfg.out_dir, ckpt, self.cfg.keep_last, is_best)
+            self.run.log(f"saved {path}")
+        self.run.barrier()
+
+    def finish(self):
+        """The export of a finished run (out_dir/hf), and the logs closed."""
+        cfg, run = self.cfg, self.run
+        if run.master_process and cfg.export_hf and self.state.step == cfg.max_steps:
+            self.raw_model.save_pretrained(os.path.join(cfg.out_dir, "hf"))
+            run.log(f"exported the policy to {os.path.join(cfg.out_dir, 'hf')}")
+        self.run_log.close()
+        run.log(f"report: python analyze.py {shlex.quote(cfg.out_dir)}")
