@@ -74,16 +74,18 @@ def _disk_is_full(error, directory):
 
 
 @contextlib.contextmanager
-def full_disk_is_one_line(path):
-    """A write in the block that fails because the disk is full becomes
-    UserError("no space left on device: PATH"). Enter it before removing any partial file, so that
-    the free space still shows the disk was full."""
+def write_errors_are_one_line(path):
+    """A write in the block that fails becomes one line: UserError("no space left on device: PATH")
+    for a full disk or quota, else UserError("cannot write PATH (why)") for any other failure (a
+    file-size limit, a read-only filesystem, an I/O error). Enter it before removing any partial
+    file, so that the free space still shows the disk was full."""
     try:
         yield
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError) as e:  # torch.save's zip writer raises RuntimeError
         if _disk_is_full(e, os.path.dirname(os.path.abspath(path))):
             raise UserError(f"no space left on device: {path}") from None
-        raise
+        why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        raise UserError(f"cannot write {path} ({why})") from None
 
 
 def flush_to_disk(path):
@@ -120,7 +122,7 @@ def atomic_path(path):
     os.close(fd)
     try:
         give_normal_mode(tmp)
-        with full_disk_is_one_line(path):
+        with write_errors_are_one_line(path):
             yield tmp
             flush_to_disk(tmp)
             os.replace(tmp, path)
@@ -141,7 +143,7 @@ def atomic_directory(path):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(path) + ".")
     try:
-        with full_disk_is_one_line(path):  # before the finally below frees the space
+        with write_errors_are_one_line(path):  # before the finally below frees the space
             yield tmp
         # mkdtemp and some writers (transformers) make theirs private
         for root, dirs, files in os.walk(tmp, topdown=False):  # a folder after what it holds

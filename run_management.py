@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import datetime
 import difflib
+import fcntl
 import json
 import math
 import os
@@ -29,6 +30,7 @@ import resource
 import shlex
 import shutil
 import signal
+import socket
 import time
 import typing
 from dataclasses import dataclass, field
@@ -40,7 +42,7 @@ import torch.distributed as dist
 import synthetic
 from common import (UserError, atomic_torch_save, atomic_write_text, check_output_path,
                     first_line, looks_like_a_path, read_json_objects, resolve_device,
-                    step_checkpoints)
+                    same_error_on_every_rank, step_checkpoints, write_errors_are_one_line)
 from hellaswag import evaluate, split_path, write_predictions
 from model import CHECKPOINT_FORMAT
 
@@ -61,13 +63,17 @@ def read_config_file(path):
     nothing is executed."""
     try:
         with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read(), filename=path)
+            text = f.read()
+        tree = ast.parse(text, filename=path)
     except OSError as e:
         raise UserError(f"{path}: cannot read config file ({e.strerror})") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: config file is not UTF-8 text") from None
     except SyntaxError as e:
         raise UserError(f"{path}:{e.lineno}: syntax error in config file") from None
+    except (RecursionError, MemoryError):  # the parser's stack, on deeply nested expressions
+        raise UserError(f"{path}: an expression nested too deeply to read; config values are "
+                        "plain literals") from None
     for node in tree.body:
         if (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
                 and isinstance(node.value.value, str)):
@@ -81,6 +87,11 @@ def read_config_file(path):
             raise UserError(f"{path}:{node.lineno}: the value of {node.targets[0].id} must be a "
                             "literal (number, string, True/False/None)") from None
         yield node.targets[0].id, value, f"{path}:{node.lineno}"
+
+
+def shorten(text, width=80):
+    """text, cut to width characters (a value pasted by mistake can be megabytes long)."""
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def parse_override(arg, config_class):
@@ -109,15 +120,15 @@ def check_value(key, value, where, config_class):
         try:
             value = float(value)
         except OverflowError:  # an int of 309 digits or more
-            raise UserError(f"{where}: {key} must be a finite number, got {value!r}") from None
+            raise UserError(f"{where}: {key} must be a finite number, got {shorten(repr(value))}") from None
     if type(value) is not expected:
-        raise UserError(f"{where}: {key} must be {expected.__name__}, got {value!r}")
+        raise UserError(f"{where}: {key} must be {expected.__name__}, got {shorten(repr(value))}")
     if expected is float and not math.isfinite(value):
-        raise UserError(f"{where}: {key} must be a finite number, got {value!r}")
+        raise UserError(f"{where}: {key} must be a finite number, got {shorten(repr(value))}")
     limits = next(f for f in dataclasses.fields(config_class) if f.name == key).metadata
     if "choices" in limits and value not in limits["choices"]:
         raise UserError(f"{where}: {key} must be one of {', '.join(limits['choices'])}, "
-                        f"got {value!r}")
+                        f"got {shorten(repr(value))}")
     low, high = limits.get("low"), limits.get("high")
     above, below = limits.get("above"), limits.get("below")
     bounds = [f">= {low:g}" if low is not None else "", f"> {above:g}" if above is not None else "",
@@ -126,7 +137,7 @@ def check_value(key, value, where, config_class):
     if ((low is not None and value < low) or (above is not None and value <= above)
             or (high is not None and value > high) or (below is not None and value >= below)):
         raise UserError(f"{where}: {key} must be {' and '.join(b for b in bounds if b)}, "
-                        f"got {value!r}")
+                        f"got {shorten(repr(value))}")
     return value
 
 
@@ -136,7 +147,7 @@ def parse_config(argv, config_class):
     fields = {f.name for f in dataclasses.fields(config_class)}
     values = {}
     for arg in argv:
-        items = ([(*parse_override(arg, config_class), arg)] if arg.startswith("--")
+        items = ([(*parse_override(arg, config_class), shorten(arg))] if arg.startswith("--")
                  else read_config_file(arg))
         for key, value, where in items:
             if key not in fields:
@@ -235,8 +246,50 @@ def setup_distributed(cfg):
     dist.init_process_group(backend="nccl" if nccl else "gloo", timeout=timeout)
     if nccl:
         torch.cuda.set_device(device)
+    # where each rank runs, so that the survivors of a rank that dies can name it (lost_ranks)
+    process_store().set(f"gpt2_ppo/rank{rank}", f"{socket.gethostname()} {os.getpid()}")
     return Distributed(ddp=True, rank=rank, local_rank=local_rank, world_size=world_size,
                        device=device, dtype=autocast_dtype(cfg, device))
+
+
+def process_store():
+    return dist.distributed_c10d._get_default_store()  # the rendezvous' key-value store
+
+
+def lost_rank_error(run, error):
+    """A collective that failed because another rank is gone (killed, crashed, out of memory), as
+    one line naming the lost rank where it ran on this machine; else None."""
+    text = first_line(error)
+    if not (run.ddp and isinstance(error, RuntimeError)
+            and any(s in text for s in ("gloo", "NCCL", "Connection", "Timed out", "timed out"))):
+        return None
+    lost = lost_ranks(run)
+    who = (f"rank {', '.join(map(str, lost))} stopped (its process is gone)" if lost
+           else "another rank stopped answering")
+    return UserError(f"rank {run.rank}: {who}, so the run cannot go on ({text[:200]}); the last "
+                     "checkpoint is kept: resume with --init_from=resume")
+
+
+def lost_ranks(run):
+    """The ranks on this machine whose process has ended (best effort: [] when unknown)."""
+    lost = []
+    try:
+        store = process_store()
+        for rank in range(run.world_size):
+            host, pid = store.get(f"gpt2_ppo/rank{rank}").decode().split()
+            if host == socket.gethostname() and not process_alive(int(pid)):
+                lost.append(rank)
+    except Exception:  # the store went with the lost rank, or is not there
+        return []
+    return lost
+
+
+def process_alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
 
 
 def autocast_dtype(cfg, device):
@@ -305,6 +358,13 @@ def save_checkpoint(out_dir, ckpt, keep_last, best):
     return path
 
 
+def add_to_logged_step(path, step, fields):
+    """Merge fields into the line of path whose "step" is step (rewritten atomically)."""
+    records, _ = read_json_objects(path)
+    lines = [json.dumps({**r, **fields} if r.get("step") == step else r) + "\n" for r in records]
+    atomic_write_text(path, "".join(lines))
+
+
 def drop_lines_after(path, step, log=print):
     """Keep the JSON lines of path whose "step" is at most step (rewritten atomically). A line that
     does not parse (a kill mid-write tears the last one) is dropped with a warning."""
@@ -318,7 +378,8 @@ def drop_lines_after(path, step, log=print):
 
 
 # and ckpt_*.pt
-RUN_FILES = ("metrics.jsonl", "samples.jsonl", "train_config.json", "best.pt", "eval", "hf")
+RUN_FILES = ("metrics.jsonl", "samples.jsonl", "train_config.json", "best.pt", "eval", "hf",
+             "report")
 
 
 def remove_torn_writes(out_dir, restore_export=False):
@@ -371,17 +432,54 @@ def load_resume_checkpoint(out_dir, log):
     candidates = step_checkpoints(out_dir)
     if not candidates:
         raise UserError(f"init_from=resume: no checkpoint (ckpt_*.pt) in {out_dir}")
-    for _, path in reversed(candidates):
+    for step, path in reversed(candidates):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
                 raise ValueError("not a checkpoint of this project")
-            return path, ckpt
         except Exception as e:  # torch raises many kinds for a damaged file
             log(f"warning: {path}: cannot resume from it ({first_line(e)}); trying an older "
                 "checkpoint")
+            continue
+        if ckpt.get("step") != step:  # another run's file, copied in and renamed?
+            raise UserError(f"{path}: holds step {ckpt.get('step')!r}, not the step its name "
+                            "says, so it is not this run's checkpoint; move it out of "
+                            f"{out_dir} and resume again")
+        return path, ckpt
     raise UserError(f"init_from=resume: none of the {len(candidates)} checkpoint(s) in {out_dir} "
                     "loads; see the warnings above")
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir, run):
+    """Hold out_dir for this run's life: a second run into it is refused in one line before it
+    touches anything. The lock is the kernel's (flock on out_dir/.lock), so a run that is killed
+    leaves no lock behind, only the empty file. The master process holds it; every rank learns of
+    a refusal."""
+    fd = None
+    with same_error_on_every_rank():
+        if run.master_process:
+            check_output_path(out_dir, directory=True)
+            try:
+                os.makedirs(out_dir, exist_ok=True)
+                fd = os.open(os.path.join(out_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:  # a name too long, say
+                raise UserError(f"out_dir {shorten(out_dir)}: cannot create it "
+                                f"({e.strerror})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 100).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise UserError(f"out_dir {out_dir} is in use by another run (process {holder}); "
+                                "wait for it to end, or choose another out_dir") from None
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing releases the lock
 
 
 def holds_something(path):
@@ -397,6 +495,7 @@ def prepare_out_dir(cfg, run, log):
     out_dir/previous/TIME/.
     -> (resume path, checkpoint) for init_from=resume, else (None, None)."""
     check_output_path(cfg.out_dir, directory=True)
+    check_output_path(os.path.join(cfg.out_dir, "eval"), directory=True)
     if cfg.reward_kind == "teacher" and cfg.teacher_cache:
         check_output_path(cfg.teacher_cache, directory=True)
     # folders read, and written only where something is missing (a finished one may be read-only)
@@ -584,9 +683,18 @@ class Batches:
         return indices, position + self.batch_size * self.run.world_size
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second stop signal: the run stops where it is (an atomic write under way is dropped)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class StopSignal:
-    """SIGTERM / SIGINT: finish the step, write a checkpoint, exit 0. A second signal stops at
-    once."""
+    """SIGTERM / SIGINT: finish the step, write a checkpoint, then stop (train_ppo.py exits with
+    128 + the signal's number, as a process killed by it would, so that schedulers and `&&` see
+    a run that did not finish). A second signal stops at once (StoppedAtOnce)."""
 
     def __init__(self, log):
         self.received, self.log = None, log
@@ -595,7 +703,7 @@ class StopSignal:
 
     def handle(self, signum, frame):
         if self.received is not None:
-            raise KeyboardInterrupt
+            raise StoppedAtOnce(signum)
         self.received = signum
         self.log(f"signal {signum}: finishing this step, then writing a checkpoint (signal again "
                  "to stop at once)")
@@ -629,8 +737,9 @@ class RunLog:
 
     def metrics(self, metrics):
         if self.master_process:
-            self.metrics_file.write(json.dumps(metrics) + "\n")
-            self.metrics_file.flush()
+            with write_errors_are_one_line(self.metrics_file.name):
+                self.metrics_file.write(json.dumps(metrics) + "\n")
+                self.metrics_file.flush()
             if self.wandb_run:
                 self.wandb_run.log(metrics, step=metrics["step"])
 
@@ -650,7 +759,8 @@ class RunLog:
     def samples(self, step, rollouts):
         if (self.master_process and self.cfg.sample_interval
                 and step % self.cfg.sample_interval == 0):
-            with open(os.path.join(self.cfg.out_dir, "samples.jsonl"), "a") as f:
+            path = os.path.join(self.cfg.out_dir, "samples.jsonl")
+            with write_errors_are_one_line(path), open(path, "a") as f:
                 for sample, score in list(zip(rollouts.samples, rollouts.scores.tolist()))[:4]:
                     f.write(json.dumps({"step": step, **sample, "reward": score}) + "\n")
 
@@ -661,15 +771,14 @@ class RunLog:
             self.wandb_run.finish()
 
 
-def run_eval(model, val_examples, step, cfg, device, dtype, master_process):
-    """HellaSwag on the val examples; the per-example predictions go to
-    eval_predictions_path(out_dir, step)."""
+def run_eval(model, val_examples, step, cfg, device, dtype):
+    """HellaSwag on the val examples (every rank takes part). -> the scores for the metrics, and
+    the per-example predictions."""
     result = evaluate(model, val_examples, style=cfg.style, batch_size=cfg.eval_batch_size,
                       device=device, dtype=dtype, return_predictions=True)
-    if master_process:
-        os.makedirs(os.path.join(cfg.out_dir, "eval"), exist_ok=True)
-        write_predictions(eval_predictions_path(cfg.out_dir, step), result["predictions"])
-    return {"eval/acc": result["acc"], "eval/acc_norm": result["acc_norm"], "eval/n": result["n"]}
+    return {"eval/acc": result["acc"], "eval/acc_norm": result["acc_norm"], "eval/n": result["n"],
+            "predictions": result["predictions"]}
+
 
 class PhaseTimer:
     """Wall-clock seconds a step spends in each phase (rollout, reference, reward, update), logged
@@ -704,7 +813,9 @@ class PhaseTimer:
 
 class RunManager:
     """Around the PPO loop: the evaluations, and the end of every step (the console line,
-    metrics.jsonl, samples, the HellaSwag evaluation, checkpoints and best.pt, a stop signal)."""
+    metrics.jsonl, samples, the HellaSwag evaluation, checkpoints and best.pt, a stop signal).
+    An output that cannot be written (a log, an evaluation's predictions) stops the run in one
+    line, after the step's checkpoint: it never costs the step's weights."""
 
     def __init__(self, cfg, run, state, raw_model, val_examples):
         self.cfg, self.run, self.state = cfg, run, state
@@ -715,25 +826,52 @@ class RunManager:
                               json.dumps(dataclasses.asdict(cfg), indent=2))
         self.stop_signal = StopSignal(run.log)
         self.timer = PhaseTimer(run.device)
-        self.last_eval, self.metrics = None, {}
+        self.last_eval, self.metrics, self.output_error = None, {}, None
+
+    def output(self, write, *args):
+        """write(*args), but a write that fails is kept for later (raised after the checkpoint)."""
+        try:
+            write(*args)
+        except UserError as e:
+            self.output_error = self.output_error or e
 
     def evaluate(self, model, step):
-        """HellaSwag on the val examples; the predictions go to eval/ (step_N.jsonl, teacher.jsonl)."""
-        return run_eval(model, self.val_examples, step, self.cfg, self.run.device, self.run.dtype,
-                        self.run.master_process)
+        """HellaSwag on the val examples; the predictions go to eval/ (step_N.jsonl,
+        teacher.jsonl)."""
+        result = run_eval(model, self.val_examples, step, self.cfg, self.run.device,
+                          self.run.dtype)
+        predictions = result.pop("predictions")
+        if self.run.master_process:
+            self.output(write_predictions, eval_predictions_path(self.cfg.out_dir, step),
+                        predictions)
+        return result
 
-    def first_evaluation(self, reward_fn):
-        """The starting policy's evaluation, and the teacher's own picks (for analyze.py's teacher
-        agreement); a resumed run has them already."""
-        if self.state.step > 0:
-            return
-        self.last_eval = self.evaluate(self.raw_model, 0)
-        self.run_log.eval_line(0, self.last_eval)
-        self.run_log.metrics({"step": 0, **self.last_eval})
-        if self.cfg.reward_kind == "teacher":
-            teacher = self.evaluate(reward_fn.reward_model, "teacher")
-            self.run.log(f"teacher | eval acc {teacher['eval/acc']:.4f} | "
-                         f"acc_norm {teacher['eval/acc_norm']:.4f}")
+    def evaluations_before_the_loop(self, reward_fn):
+        """A new run's: the starting policy's, and the teacher's own picks (for analyze.py's
+        teacher agreement). A resumed run's: the evaluation its stop skipped, if it did."""
+        step = self.state.step
+        if step == 0:
+            self.last_eval = self.evaluate(self.raw_model, 0)
+            self.run_log.eval_line(0, self.last_eval)
+            self.output(self.run_log.metrics, {"step": 0, **self.last_eval})
+            if self.cfg.reward_kind == "teacher":
+                teacher = self.evaluate(reward_fn.reward_model, "teacher")
+                self.run.log(f"teacher | eval acc {teacher['eval/acc']:.4f} | "
+                             f"acc_norm {teacher['eval/acc_norm']:.4f}")
+        elif self.evaluation_due(step) and not os.path.exists(
+                eval_predictions_path(self.cfg.out_dir, step)):
+            self.last_eval = self.evaluate(self.raw_model, step)
+            self.run_log.eval_line(step, self.last_eval)
+            if self.run.master_process:  # into the step's line of metrics.jsonl
+                self.output(add_to_logged_step, os.path.join(self.cfg.out_dir, "metrics.jsonl"),
+                            step, self.last_eval)
+            if self.last_eval["eval/acc_norm"] > self.state.best_acc_norm:
+                self.state.best_acc_norm = self.last_eval["eval/acc_norm"]
+                self.checkpoint(is_best=True)  # the state it was saved with: the same file
+        self.raise_output_error()
+
+    def evaluation_due(self, step):
+        return bool(self.cfg.eval_interval and step % self.cfg.eval_interval == 0)
 
     def throughput(self, t0, n_samples, n_tokens):
         """The step's speed and memory figures, and the seconds of each phase, for its metrics."""
@@ -746,48 +884,62 @@ class RunManager:
 
     def end_of_step(self, metrics, batch):
         """Log the step; evaluate at eval_interval and at the end; checkpoint at
-        checkpoint_interval, at the end, at a better evaluation and on a stop signal (first: a
-        scheduler's grace period may be short, so an interval's evaluation is skipped then).
-        -> whether to stop now."""
+        checkpoint_interval, at the end, at a better evaluation, on a stop signal (first: a
+        scheduler's grace period may be short, so an interval's evaluation is skipped then; the
+        resumed run does it) and when an output failed. -> whether to stop now."""
         cfg, step = self.cfg, self.state.step
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
             self.run_log.step_line(metrics)
-        self.run_log.samples(step, batch)
+        self.output(self.run_log.samples, step, batch)
         stop_now = self.stop_signal.on_any_rank()
-        if ((cfg.eval_interval and step % cfg.eval_interval == 0 and not stop_now)
-                or step == cfg.max_steps):
+        if (self.evaluation_due(step) and not stop_now) or step == cfg.max_steps:
             self.last_eval = self.evaluate(self.raw_model, step)
             metrics.update(self.last_eval)
             self.run_log.eval_line(step, self.last_eval)
             stop_now = self.stop_signal.on_any_rank()  # a signal during the evaluation: stop too
-        self.run_log.metrics(metrics)
+        self.output(self.run_log.metrics, metrics)
         self.metrics = metrics
         is_best = "eval/acc_norm" in metrics and metrics["eval/acc_norm"] > self.state.best_acc_norm
-        if step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or stop_now or is_best:
+        failed = self.output_failed_on_any_rank()
+        if (step % cfg.checkpoint_interval == 0 or step == cfg.max_steps or stop_now or is_best
+                or failed):
             if is_best:
                 self.state.best_acc_norm = metrics["eval/acc_norm"]
             self.checkpoint(is_best)
+        self.raise_output_error()
         if stop_now:
             received = self.stop_signal.received
             which = f"signal {received}" if received is not None else "a stop signal on another rank"
             self.run.log(f"received {which}: checkpoint written at step {step}, stopping")
         return stop_now
 
+    def output_failed_on_any_rank(self):
+        failed = torch.tensor(float(self.output_error is not None))
+        return all_reduce_sum(failed)[0].item() > 0
+
+    def raise_output_error(self):
+        """The first output that failed, as one line on every rank."""
+        with same_error_on_every_rank():
+            if self.output_error is not None:
+                raise self.output_error
+
     def checkpoint(self, is_best):
         ckpt = {"format": CHECKPOINT_FORMAT,
                 "model_config": dataclasses.asdict(self.raw_model.config),
                 "model": self.raw_model.state_dict(), "config": dataclasses.asdict(self.cfg),
                 **self.state.state_dict(self.run)}
-        if self.run.master_process:
-            path = save_checkpoint(self.cfg.out_dir, ckpt, self.cfg.keep_last, is_best)
-            self.run.log(f"saved {path}")
-        self.run.barrier()
+        with same_error_on_every_rank():  # a failed write stops every rank, not the master alone
+            if self.run.master_process:
+                path = save_checkpoint(self.cfg.out_dir, ckpt, self.cfg.keep_last, is_best)
+                self.run.log(f"saved {path}")
 
     def finish(self):
-        """The export of a finished run (out_dir/hf), and the logs closed."""
+        """The export of a finished run (out_dir/hf), and the logs closed. -> the signal that
+        stopped the run early, or None."""
         cfg, run = self.cfg, self.run
         if run.master_process and cfg.export_hf and self.state.step == cfg.max_steps:
             self.raw_model.save_pretrained(os.path.join(cfg.out_dir, "hf"))
             run.log(f"exported the policy to {os.path.join(cfg.out_dir, 'hf')}")
         self.run_log.close()
         run.log(f"report: python analyze.py {shlex.quote(cfg.out_dir)}")
+        return self.stop_signal.received

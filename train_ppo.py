@@ -40,10 +40,10 @@ from common import UserError, autocast, run_cli
 from hellaswag import encode_for_model, load_examples
 from model import GPT, GPTConfig, check_finite_weights, checkpoint_source, pack_choices
 from reward import DEFAULT_REWARD_MODEL, LabelReward, LikelihoodReward, TeacherReward
-from run_management import (Batches, RunManager, TrainingState, absolute_paths, all_reduce_sum,
-                            check_sources, forget_after, log_changed_settings, parse_config,
-                            prepare_out_dir, seed_everything, setting, setup_distributed,
-                            synthetic_dir)
+from run_management import (Batches, RunManager, StoppedAtOnce, TrainingState, absolute_paths,
+                            all_reduce_sum, check_sources, forget_after, log_changed_settings,
+                            lost_rank_error, out_dir_lock, parse_config, prepare_out_dir, seed_everything,
+                            setting, setup_distributed, synthetic_dir)
 from tokenizer import EOT_TOKEN, gpt2_encoding
 
 
@@ -886,12 +886,10 @@ def guarded_update(model, raw_model, state, rollout_kind, batch, cfg, run):
 # training
 
 
-def train(cfg):
-    """Run PPO as configured. -> a summary: final step, last eval, last metrics and the policy."""
-    # ---- setup: processes, out_dir, data, models, reward, optimizer, resume
-    cfg = absolute_paths(cfg)
-    check_sources(cfg)
-    run = setup_distributed(cfg)
+def run_ppo(cfg, run):
+    """PPO as configured, in the process `run` describes, out_dir held. -> a summary: final step,
+    last eval, last metrics, the policy and the signal that stopped the run early (or None)."""
+    # ---- setup: seeds, out_dir, data, models, reward, optimizer, resume
     sample_generator, shuffle_generator = seed_everything(cfg.seed, run)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -929,7 +927,7 @@ def train(cfg):
         forget_after(cfg.out_dir, state.step, run)
         del ckpt
     manager = RunManager(cfg, run, state, raw_model, val_examples)
-    manager.first_evaluation(reward_fn)
+    manager.evaluations_before_the_loop(reward_fn)
     timer = manager.timer
 
     while state.step < cfg.max_steps:
@@ -972,18 +970,31 @@ def train(cfg):
         if manager.end_of_step(metrics, batch):
             break
 
-    manager.finish()
+    stopped_by = manager.finish()
+    return {"step": state.step, "eval": manager.last_eval, "metrics": manager.metrics,
+            "model": raw_model, "stopped_by": stopped_by}
+
+
+def train(cfg):
+    """Run PPO as configured: the processes set up, out_dir held for the run's life (a second run
+    into it is refused), and torn down at the end. -> run_ppo's summary."""
+    cfg = absolute_paths(cfg)
+    check_sources(cfg)
+    run = setup_distributed(cfg)
+    with out_dir_lock(cfg.out_dir, run):
+        try:
+            summary = run_ppo(cfg, run)
+        except RuntimeError as e:  # a collective failed: one line, naming the lost rank
+            raise lost_rank_error(run, e) or e from None
     if run.ddp:
         # every rank done with every collective first: tearing gloo down mid-way can abort a rank
         dist.barrier()
-        # the DDP wrapper goes first: were its reducer the last owner of the process group, the
-        # group's destructor would run holding the GIL and could wait forever on a gloo thread that
-        # needs the GIL to free a tensor (seen as a rare hang at exit on a loaded CPU)
-        del model, train_model
+        # the DDP wrapper went with run_ppo; collected now: were its reducer the last owner of the
+        # process group, the group's destructor would run holding the GIL and could wait forever
+        # on a gloo thread that needs the GIL to free a tensor (a rare hang at exit on a busy CPU)
         gc.collect()
         dist.destroy_process_group()
-    return {"step": state.step, "eval": manager.last_eval, "metrics": manager.metrics,
-            "model": raw_model}
+    return summary
 
 
 def main(argv=None):
@@ -994,7 +1005,15 @@ def main(argv=None):
         for f in dataclasses.fields(Config):
             print(f"  --{f.name}={f.default!r}")
         return None
-    return train(load_config(argv))
+    try:
+        summary = train(load_config(argv))
+    except StoppedAtOnce as e:
+        print(f"error: stopped at once by a second signal ({e.signum}); the last complete "
+              "checkpoint is kept: resume with --init_from=resume", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    if summary["stopped_by"] is not None:  # a stop is not a finished run: 128 + the signal
+        sys.exit(128 + summary["stopped_by"])
+    return summary
 
 
 if __name__ == "__main__":
