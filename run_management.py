@@ -663,10 +663,12 @@ def forget_after(out_dir, step, run):
 class Batches:
     """Each rank's slice of each global batch, from a permutation of the training set per epoch
     seeded by seed + epoch: a resumed run needs only the position to go on exactly where it
-    stopped."""
+    stopped. batch_size counts examples; each comes group_size times in a row (a group of samples
+    of one prompt, kept on one rank)."""
 
-    def __init__(self, n_examples, batch_size, seed, run):
+    def __init__(self, n_examples, batch_size, seed, run, group_size=1):
         self.n_examples, self.batch_size, self.seed, self.run = n_examples, batch_size, seed, run
+        self.group_size = group_size
         self.epoch, self.permutation = None, None
 
     def at(self, position):
@@ -679,7 +681,7 @@ class Batches:
                 self.epoch = epoch
                 rng = np.random.RandomState(self.seed + epoch)
                 self.permutation = rng.permutation(self.n_examples)
-            indices.append(int(self.permutation[offset]))
+            indices += [int(self.permutation[offset])] * self.group_size
         return indices, position + self.batch_size * self.run.world_size
 
 

@@ -127,11 +127,26 @@ class Config:
     # normalised like the score; the shares sum to it) instead of the whole score at the last token
     likelihood_dense: bool = False
     # KL to the frozen reference
-    # initial coefficient of the KL penalty in the reward
+    # initial coefficient of the KL penalty
     kl_coef: float = setting(0.05, low=0.0, high=100.0)
+    # how the KL is estimated, and where it enters: "sampled" (the sampled actions' log-ratio,
+    # subtracted from the reward, per action), "k3" (ratio - 1 - log ratio with the ratio
+    # reference / policy: non-negative, low variance, added to the loss as GRPO does), "exact"
+    # (choice rollouts: sum_i pi(i) log pi(i) / pi_ref(i) over the 4 endings, added to the loss)
+    kl_estimator: str = setting("sampled", choices=("sampled", "k3", "exact"))
     adaptive_kl: bool = False  # Ziegler et al. 2019 controller: steer the KL towards kl_target
     kl_target: float = setting(6.0, above=0.0, high=10_000.0)
     kl_horizon: int = setting(10000, low=1)
+    # advantages
+    # "gae": GAE over the value head's estimates. Without a value head (the head gets no loss and no
+    # backward, and is saved and exported as it was): "expected" (choice rollouts: the chosen
+    # ending's reward minus its expectation under the acting policy, sum_i pi(i) r(i), exact),
+    # "rloo" / "grpo" (generate rollouts, group_size samples per prompt: RLOO the sample's reward
+    # minus the mean of the group's others; GRPO minus the group's mean, over the group's std)
+    adv_estimator: str = setting("gae", choices=("gae", "expected", "rloo", "grpo"))
+    # rloo / grpo: samples per prompt. batch_size counts samples and must be a multiple: each rank
+    # draws batch_size / group_size prompts a step, and keeps each group
+    group_size: int = setting(1, low=1, high=1024)
     # PPO
     ppo_epochs: int = setting(4, low=1, high=1000)
     minibatch_size: int = setting(16, low=1)  # per rank; one optimizer step per minibatch
@@ -156,7 +171,7 @@ class Config:
     gae_lambda: float = setting(0.95, low=0.0, high=1.0)
     # stop the step's PPO epochs once approx_kl exceeds this; 0 = off
     target_kl: float = setting(0.0, low=0.0, high=1000.0)
-    whiten_advantages: bool = True
+    whiten_advantages: bool = True  # across the batch (all ranks); grpo's are per group already
     max_steps: int = setting(1000, low=0)
     # stop after this many steps in a row whose losses or gradients are not finite (each one
     # skipped whole)
@@ -200,6 +215,18 @@ def load_config(argv):
     if cfg.lr_decay_steps and cfg.min_lr > cfg.learning_rate:
         raise UserError(f"config: min_lr ({cfg.min_lr:g}) is above learning_rate "
                         f"({cfg.learning_rate:g}): the decay would raise the rate")
+    fits = {"expected": "choice", "rloo": "generate", "grpo": "generate"}
+    if fits.get(cfg.adv_estimator, cfg.rollout) != cfg.rollout:
+        raise UserError(f"config: adv_estimator {cfg.adv_estimator!r} is for "
+                        f"{fits[cfg.adv_estimator]} rollouts, not {cfg.rollout!r}")
+    if cfg.kl_estimator == "exact" and cfg.rollout != "choice":
+        raise UserError("config: kl_estimator 'exact' needs choice rollouts (the 4 endings); "
+                        "use 'k3' or 'sampled'")
+    grouped = cfg.adv_estimator in ("rloo", "grpo")
+    if grouped != (cfg.group_size > 1) or cfg.batch_size % cfg.group_size:
+        raise UserError(f"config: group_size ({cfg.group_size}) is for adv_estimator rloo or grpo, "
+                        "which need it at 2 or more and dividing batch_size "
+                        f"({cfg.batch_size})")
     wanted = {"choice": ("teacher", "label"), "generate": ("likelihood",)}[cfg.rollout]
     if cfg.reward_kind not in wanted:
         raise UserError(f"config: rollout {cfg.rollout!r} takes reward_kind {' or '.join(wanted)}, "
@@ -254,6 +281,44 @@ def kl_penalty(logprobs, ref_logprobs):
     """Per-action estimate of KL(policy || reference) from log-probs of actions sampled from the
     policy: the log ratio (unbiased; negative for some samples)."""
     return logprobs.float() - ref_logprobs.float()
+
+
+def k3_kl(logprobs, ref_logprobs):
+    """Per-action estimate of KL(policy || reference) that is never negative (k3, as GRPO uses it):
+    r - 1 - log r with r = pi_ref / pi, from actions sampled from the policy; unbiased in the
+    mean, with less variance than the log ratio."""
+    log_ratio = ref_logprobs.float() - logprobs.float()
+    return log_ratio.exp() - 1 - log_ratio
+
+
+def exact_kl(logprobs, ref_logprobs):
+    """KL(policy || reference) over a small set of actions: (..., K) log-probs -> (...)."""
+    logprobs = logprobs.float()
+    return (logprobs.exp() * (logprobs - ref_logprobs.float())).sum(-1)
+
+
+def expected_advantages(rewards, logprobs):
+    """Every action's reward minus the policy's expected reward, the exact baseline when each
+    action's reward is known: (B, K) rewards and log-probs -> (B, K), whose expectation under
+    the policy is 0 in every row."""
+    rewards = rewards.float()
+    return rewards - (logprobs.float().exp() * rewards).sum(-1, keepdim=True)
+
+
+def rloo_advantages(rewards, group_size):
+    """(B,) rewards of consecutive groups of group_size samples of one prompt -> each minus the
+    mean of its group's other samples (REINFORCE leave-one-out)."""
+    rewards = rewards.float().view(-1, group_size)
+    others = (rewards.sum(1, keepdim=True) - rewards) / (group_size - 1)
+    return (rewards - others).view(-1)
+
+
+def grpo_advantages(rewards, group_size, eps=1e-4):
+    """(B,) rewards of consecutive groups of group_size samples of one prompt -> each minus its
+    group's mean, over the group's standard deviation (GRPO)."""
+    rewards = rewards.float().view(-1, group_size)
+    mean, std = rewards.mean(1, keepdim=True), rewards.std(1, keepdim=True)
+    return ((rewards - mean) / (std + eps)).view(-1)
 
 
 def ppo_losses(new_logprobs, old_logprobs, advantages, new_values, old_values, returns, mask,
@@ -342,7 +407,12 @@ class Rollouts:
     lengths: torch.Tensor
     # (B, L) the score split over the actions (sums to scores), or None: at the last
     score_shares: torch.Tensor = None
-    # (B, L) what PPO learns from, set once the rewards are in (GAE)
+    # choice rollouts: (B, 4) every ending's log-prob under the policy and the reference, and
+    # (with adv_estimator "expected") every ending's score
+    choice_logprobs: torch.Tensor = None
+    choice_ref_logprobs: torch.Tensor = None
+    choice_scores: torch.Tensor = None
+    # (B, L) what PPO learns from, set once the rewards are in (advantages_and_returns)
     advantages: torch.Tensor = None
     returns: torch.Tensor = None
 
@@ -368,11 +438,15 @@ class ChoiceRollouts:
     temperature); the reward (teacher or label) is for that choice. The value head is read at the
     context's last token."""
 
-    def __init__(self, encoded, reward_fn, choice_temperature, micro_batch_size, device):
+    def __init__(self, encoded, reward_fn, choice_temperature, micro_batch_size, device,
+                 kl_estimator="sampled", score_every_ending=False):
         # every training example, encoded once at setup as the evaluator encodes it
         self.encoded = encoded
         self.reward_fn, self.temperature = reward_fn, choice_temperature
         self.micro_batch_size, self.device = micro_batch_size, device
+        # the KL in the loss ("k3", "exact"; "sampled" is in the reward), and whether the reward of
+        # every ending is wanted (adv_estimator "expected")
+        self.kl_estimator, self.score_every_ending = kl_estimator, score_every_ending
         # the frozen reference's distribution over each example's endings depends on the example
         # alone: computed the first time the example is met, then kept (4 floats an example, saved
         # with the checkpoint)
@@ -434,6 +508,10 @@ class ChoiceRollouts:
         choices = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
         with timer("reward"):
             scores = self.reward_fn(indices, choices.squeeze(1).cpu()).to(self.device).float()
+            every_score = None
+            if self.score_every_ending:
+                every_score = torch.stack([self.reward_fn(indices, torch.full((len(indices),), i))
+                                           for i in range(4)], 1).to(self.device).float()
         samples = [{"ctx": ex["ctx"], "chosen": ex["endings"][c], "label": ex.get("label")}
                    for ex, c in zip(examples, choices.squeeze(1).tolist())]
         return Rollouts(examples=examples, actions={"choices": choices, "encoded": encoded},
@@ -442,13 +520,20 @@ class ChoiceRollouts:
                         values=values[:, None],
                         mask=torch.ones(choices.shape, device=self.device), scores=scores,
                         n_tokens=sum(4 * len(c) + sum(map(len, es)) for c, es in encoded),
-                        samples=samples, lengths=lengths)
+                        samples=samples, lengths=lengths, choice_logprobs=policy_lp,
+                        choice_ref_logprobs=ref_lp, choice_scores=every_score)
 
     def forward(self, model, rollouts, micro):
         encoded = [rollouts.actions["encoded"][j] for j in micro.tolist()]
         lp, v = choice_forward(model, encoded, self.temperature, self.device)
         entropy = -(lp.exp() * lp).sum(1, keepdim=True)
-        return lp.gather(1, rollouts.actions["choices"][micro]), v[:, None], entropy
+        chosen = lp.gather(1, rollouts.actions["choices"][micro])
+        kl = None  # in the loss: the whole distribution's KL, or k3 at the chosen ending
+        if self.kl_estimator == "exact":
+            kl = exact_kl(lp, rollouts.choice_ref_logprobs[micro])[:, None]
+        elif self.kl_estimator == "k3":
+            kl = k3_kl(chosen, rollouts.ref_logprobs[micro])
+        return chosen, v[:, None], entropy, kl
 
     def metrics(self, rollouts):
         """The share of this rank's choices that were the gold ending (when the data has labels)."""
@@ -606,9 +691,14 @@ class GenerateRollouts:
 
     def forward(self, model, rollouts, micro):
         actions = rollouts.actions
-        return sequence_forward(model, actions["prompts"][micro], actions["prompt_mask"][micro],
-                                actions["responses"][micro], rollouts.mask[micro].long(),
-                                self.cfg.temperature, entropy_grad=self.cfg.ent_coef > 0)
+        logprobs, values, entropy = sequence_forward(
+            model, actions["prompts"][micro], actions["prompt_mask"][micro],
+            actions["responses"][micro], rollouts.mask[micro].long(), self.cfg.temperature,
+            entropy_grad=self.cfg.ent_coef > 0)
+        kl = None  # in the loss with k3 ("sampled" is in the reward)
+        if self.cfg.kl_estimator == "k3":
+            kl = k3_kl(logprobs, rollouts.ref_logprobs[micro]) * rollouts.mask[micro]
+        return logprobs, values, entropy, kl
 
     def metrics(self, rollouts):
         """This rank's mean response length in tokens, the share of responses that stopped by
@@ -771,7 +861,7 @@ def build_rollouts(cfg, policy, train_examples, reward_fn, device):
         encoded = [encode_for_model(ex, encode, policy.config.block_size, cfg.style)
                    for ex in train_examples]
         return ChoiceRollouts(encoded, reward_fn, cfg.choice_temperature, cfg.micro_batch_size,
-                              device)
+                              device, cfg.kl_estimator, cfg.adv_estimator == "expected")
     # fit the window
     prompt_budget = min(cfg.max_prompt_tokens, policy.config.block_size - cfg.max_new_tokens)
     if prompt_budget < 1:
@@ -794,6 +884,35 @@ def shaped_rewards(scores, kl, kl_coef, mask, score_shares=None):
     last = (mask.sum(1).long() - 1).clamp(min=0)
     rewards[torch.arange(len(scores), device=scores.device), last] += scores
     return rewards
+
+
+def kl_estimate(batch, estimator):
+    """(B, L) the KL to the reference of each action as the estimator measures it (0 at padding);
+    "exact" gives the whole distribution's at the example's one action."""
+    if estimator == "exact":
+        return exact_kl(batch.choice_logprobs, batch.choice_ref_logprobs)[:, None] * batch.mask
+    estimate = k3_kl if estimator == "k3" else kl_penalty
+    return estimate(batch.logprobs, batch.ref_logprobs) * batch.mask
+
+
+def advantages_and_returns(batch, rewards, kl_coef, cfg):
+    """The estimator's advantages (B, L) for per-action rewards (B, L), and the returns the value
+    head is fit to (GAE's; elsewhere the rewards, for the logged explained variance only)."""
+    if cfg.adv_estimator == "gae":
+        return compute_gae(rewards, batch.values, batch.mask, cfg.gamma, cfg.gae_lambda)
+    if cfg.adv_estimator == "expected":
+        # every ending's reward, shaped as the chosen one's was
+        choice_rewards = batch.choice_scores
+        if cfg.kl_estimator == "sampled":
+            choice_rewards = choice_rewards - kl_coef * kl_penalty(batch.choice_logprobs,
+                                                                   batch.choice_ref_logprobs)
+        advantages = expected_advantages(choice_rewards, batch.choice_logprobs)
+        return advantages.gather(1, batch.actions["choices"]), rewards
+    # a sample's reward: its score and the KL penalties of its tokens
+    totals = rewards.sum(1)
+    group_advantages = rloo_advantages if cfg.adv_estimator == "rloo" else grpo_advantages
+    return (group_advantages(totals, cfg.group_size)[:, None] * batch.mask,
+            totals[:, None] * batch.mask)
 
 
 def ppo_update(model, raw_model, state, rollout_kind, batch, cfg, run):
@@ -820,15 +939,15 @@ def ppo_update(model, raw_model, state, rollout_kind, batch, cfg, run):
                 no_sync = (model.no_sync() if run.ddp and i < len(micros) - 1
                            else contextlib.nullcontext())
                 with no_sync, autocast(run.device, run.dtype):
-                    new_logprobs, new_values, entropy = rollout_kind.forward(model, batch, micro)
+                    new_logprobs, new_values, entropy, kl = rollout_kind.forward(model, batch,
+                                                                                 micro)
                     mask = batch.mask[micro]
                     losses = ppo_losses(new_logprobs, batch.logprobs[micro],
                                         batch.advantages[micro], new_values, batch.values[micro],
                                         batch.returns[micro], mask, cfg.clip_coef,
                                         cfg.vf_clip_coef)
                     losses["entropy"] = masked_mean(entropy, mask)
-                    loss = (losses["pg_loss"] + cfg.vf_coef * losses["vf_loss"]
-                            - cfg.ent_coef * losses["entropy"])
+                    loss = step_loss(losses, kl, mask, state.kl_controller.value, cfg)
                 # this micro-batch's share of the minibatch's actions: its means weigh that much
                 share = mask.sum() / n_actions
                 scaler.scale(loss * share).backward()
@@ -855,6 +974,18 @@ def ppo_update(model, raw_model, state, rollout_kind, batch, cfg, run):
                 if approx_kl / run.world_size > cfg.target_kl:
                     return summary(), epoch + 1, True
     return summary(), cfg.ppo_epochs, True
+
+
+def step_loss(losses, kl, mask, kl_coef, cfg):
+    """What a minibatch minimises: the clipped policy loss, the value loss when GAE uses the value
+    head, the entropy bonus, and the KL to the reference when its estimator puts it in the loss."""
+    if cfg.adv_estimator == "gae":
+        loss = losses["pg_loss"] + cfg.vf_coef * losses["vf_loss"] - cfg.ent_coef * losses["entropy"]
+    else:  # no loss, so no backward, through the value head
+        loss = losses["pg_loss"] - cfg.ent_coef * losses["entropy"]
+    if kl is not None:
+        loss = loss + kl_coef * masked_mean(kl, mask)
+    return loss
 
 
 def guarded_update(model, raw_model, state, rollout_kind, batch, cfg, run):
@@ -920,7 +1051,8 @@ def run_ppo(cfg, run):
         optimizer, torch.amp.GradScaler(device_type, enabled=(run.dtype == "float16")),
         controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon), reward_fn, rollout_kind,
         sample_generator, shuffle_generator,
-        Batches(len(train_examples), cfg.batch_size, cfg.seed, run), reference_state)
+        Batches(len(train_examples), cfg.batch_size // cfg.group_size, cfg.seed, run,
+                cfg.group_size), reference_state)
     if ckpt:
         state.load_state_dict(ckpt, cfg, run)
         run.log(f"resumed from {resume_path} at step {state.step}")
@@ -942,12 +1074,13 @@ def run_ppo(cfg, run):
             batch = rollout_kind.collect(raw_model, reference, [train_examples[i] for i in indices],
                                          indices, state.sample_generator, timer)
 
-        # ---- advantages: the KL penalty on every action, the score at the last, GAE, whitening
-        kl = kl_penalty(batch.logprobs, batch.ref_logprobs) * batch.mask
-        rewards = shaped_rewards(batch.scores, kl, state.kl_controller.value, batch.mask,
-                                 batch.score_shares)
-        batch.advantages, batch.returns = compute_gae(rewards, batch.values, batch.mask,
-                                                      cfg.gamma, cfg.gae_lambda)
+        # ---- advantages: the KL (in the reward when sampled), the score at the last action, the
+        # estimator's baseline (GAE, expected, RLOO, GRPO), whitening
+        kl = kl_estimate(batch, cfg.kl_estimator)
+        kl_coef = state.kl_controller.value
+        rewards = shaped_rewards(batch.scores, kl, kl_coef if cfg.kl_estimator == "sampled" else 0.0,
+                                 batch.mask, batch.score_shares)
+        batch.advantages, batch.returns = advantages_and_returns(batch, rewards, kl_coef, cfg)
         if cfg.whiten_advantages:
             batch.advantages = masked_whiten(batch.advantages, batch.mask, across_ranks=run.ddp)
 
