@@ -18,7 +18,8 @@ import common
 import hellaswag
 import reward
 from common import UserError, atomic_torch_save, atomic_write_text, run_cli
-from model import CHECKPOINT_FORMAT, GPT, GPTConfig
+from model import GPT, GPTConfig
+from weights import CHECKPOINT_FORMAT
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hellaswag_synthetic.jsonl")
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=256)

@@ -10,8 +10,9 @@ from torch.nn import functional as F
 
 from common import UserError
 from hellaswag import choice_logprobs, pad_choices
-from model import (CHECKPOINT_FORMAT, GPT, GPTConfig, KVCache, filter_logits, logprobs_from_logits,
-                   pack_choices, sample_from_probs, sample_next_token)
+from model import (GPT, GPTConfig, KVCache, filter_logits, logprobs_from_logits, pack_choices,
+                   sample_from_probs, sample_next_token)
+from weights import CHECKPOINT_FORMAT
 
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)
 
