@@ -35,6 +35,10 @@ HUB_GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # transformers' GPT-2 keeps these in Conv1D layers: (in, out) where nn.Linear has (out, in)
 _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight",
                    "mlp.c_fc.weight", "mlp.c_proj.weight")
+# safetensors' names of the dtypes that cannot hold weights, with torch's names for them
+NON_FLOAT_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16",
+                    "I32": "int32", "U32": "uint32", "I64": "int64", "U64": "uint64",
+                    "C64": "complex64"}
 # GPT2Config settings this GPT does not compute, each with the value that asks for it
 UNSUPPORTED_GPT2_SETTINGS = {"scale_attn_by_inverse_layer_idx": True, "scale_attn_weights": False,
                              "tie_word_embeddings": False}
@@ -178,7 +182,8 @@ def _read_torch_file(path, defaults):
 def clean_state_dict(sd, where):
     """A state dict as this project's GPT names it: torch.compile's and DDP's prefixes and the
     causal-mask buffers gone, lm_head.weight tied to transformer.wte.weight. One line naming
-    `where` if it holds something other than tensors or an lm_head that the tie would lose."""
+    `where` if it holds something other than float tensors or an lm_head that the tie would
+    lose."""
     clean = {}
     wrappers = ("_orig_mod.", "module.")  # torch.compile and DDP, nested in either order
     for k, v in sd.items():
@@ -190,6 +195,9 @@ def clean_state_dict(sd, where):
     # tied: some store only one
     if "lm_head.weight" not in clean and "transformer.wte.weight" in clean:
         clean["lm_head.weight"] = clean["transformer.wte.weight"]
+    for k, v in clean.items():  # load_state_dict would cast them to float without a word
+        if isinstance(v, torch.Tensor) and not v.is_floating_point():
+            raise _non_float_weights(where, k, str(v.dtype).removeprefix("torch."))
     head, wte = clean.get("lm_head.weight"), clean.get("transformer.wte.weight")
     if (isinstance(head, torch.Tensor) and isinstance(wte, torch.Tensor)
             and head.shape == wte.shape and not torch.equal(head, wte)):
@@ -290,14 +298,44 @@ def check_finite_weights(model, source):
                             "damaged model, use an earlier checkpoint")
 
 
+def _non_float_weights(where, name, dtype):
+    """The error for a tensor of a non-float dtype where a weight belongs: loading would cast it to
+    float without a word, and an integer or boolean copy of a model would be scored."""
+    return UserError(f"{where}: non-float weights ({dtype}) in {name}; a damaged or wrongly "
+                     "converted model, save its weights as float32, bfloat16 or float16")
+
+
 def _check_safetensors(path):
-    """Read the header, which is enough to find a truncated file: it must cover the file exactly."""
+    """A GPT-2 directory's safetensors file, refused in one line if it is truncated or corrupt or
+    holds a tensor that is not float (the causal-mask buffers aside)."""
+    for name, dtype in sorted(_safetensors_dtypes(path).items()):
+        if dtype in NON_FLOAT_DTYPES and not name.endswith(MASK_BUFFERS):
+            raise _non_float_weights(path, name, NON_FLOAT_DTYPES[dtype])
+
+
+def _safetensors_dtypes(path):
+    """{tensor name: safetensors dtype} from the header, which is enough to find a truncated file:
+    it must cover the file exactly."""
     try:
-        with safe_open(path, framework="pt"):
-            pass
+        with safe_open(path, framework="pt") as f:
+            return {name: f.get_slice(name).get_dtype() for name in f.keys()}
     except Exception as e:  # safetensors raises its own error type, and OSError
         raise UserError(f"{path}: not a readable safetensors file, truncated or corrupt "
                         f"({first_line(e)})") from None
+
+
+def _check_loaded_dtypes(model, directory):
+    """The tensors of a directory's safetensors files that transformers loaded into float weights
+    of model are floats too; tensors it left out (a causal mask some architectures stored as bool)
+    may be anything. A file's names may lack the model's prefix ("transformer.")."""
+    prefix = model.base_model_prefix + "."
+    floats = {k for k, v in model.state_dict().items() if v.is_floating_point()}
+    for name in sorted(n for n in os.listdir(directory) if n.endswith(".safetensors")):
+        path = os.path.join(directory, name)
+        for key, dtype in sorted(_safetensors_dtypes(path).items()):
+            loaded = {key, prefix + key, key.removeprefix(prefix)} & floats
+            if dtype in NON_FLOAT_DTYPES and loaded:
+                raise _non_float_weights(path, key, NON_FLOAT_DTYPES[dtype])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,12 +347,15 @@ def load_transformers_checked(cls, source, allow_unexpected=False, **kwargs):
     cls.from_pretrained(source, **kwargs), refused in one line (UserError) where transformers
     could load the weights only by making some up (missing or misshapen tensors: it would fill
     them with random values, and print a table where a run goes on) or, unless allow_unexpected,
-    by leaving some out.
+    by leaving some out, or, from a local directory, by casting integer or boolean tensors to
+    float weights.
     """
     with transformers_quietly():  # its table; _check_loading_info says what matters in one line
         model, info = cls.from_pretrained(source, output_loading_info=True,
                                           ignore_mismatched_sizes=True, **kwargs)
     _check_loading_info(info, source, allow_unexpected)
+    if os.path.isdir(source):
+        _check_loaded_dtypes(model, source)
     return model
 
 
