@@ -118,7 +118,7 @@ sys.addaudithook(lambda event, args: imported.append(args[0])
 import {module}
 import transformers
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoForCausalLM
-from model import transformers_quietly
+from weights import transformers_quietly
 directory = tempfile.mkdtemp()
 config = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64)
 GPT2LMHeadModel(config).save_pretrained(directory)
