@@ -24,8 +24,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from common import UserError
 from tokenizer import EOT_TOKEN
 from weights import clean_state_dict, read_gpt2, write_gpt2
-# train_ppo.py imports these from here
-from weights import CHECKPOINT_FORMAT, check_finite_weights, checkpoint_source  # noqa: F401
 
 # cuDNN's attention kernel builds a plan for every new shape (about 3 ms of CPU each, measured on an
 # H100 under bf16) and padded PPO and HellaSwag batches rarely repeat a shape, so attention uses the
