@@ -20,8 +20,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import UserError, first_line, looks_like_a_path, resolve_device
-from model import load_transformers_checked, logprobs_from_logits
+from model import logprobs_from_logits
 from tokenizer import bpe_files, gpt2_encoding
+from weights import load_transformers_checked
 
 # scored positions per log-softmax: bounds the float32 (positions, vocab) copy in memory
 SCORE_CHUNK = 1024

@@ -37,8 +37,9 @@ from causal_lm import (CausalLM, PairError, is_gpt2_vocab, load_causal_lm, seque
 from common import (UserError, atomic_path, atomic_write_text, autocast, check_output_path,
                     first_line, looks_like_a_path, read_json, read_jsonl, resolve_device, run_cli,
                     same_error_on_every_rank)
-from model import GPT, check_finite_weights, logprobs_from_logits, unsupported_gpt2_setting
+from model import GPT, logprobs_from_logits
 from tokenizer import EOT_TOKEN, gpt2_encoding
+from weights import check_finite_weights, unsupported_gpt2_setting
 
 STYLES = ("completion", "lm-eval")
 SPLITS = ("train", "val", "test")

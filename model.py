@@ -1,7 +1,8 @@
 """
 GPT-2 as a PPO policy: the network of nanoGPT / build-nanogpt plus a scalar value head, padded
-batches, KV-cache sampling, loading from every GPT-2 source we care about, and export back to
-transformers format.
+batches, KV-cache sampling and the shared-context multiple-choice forward. Reading GPT-2 weights
+from every source and writing them as a transformers directory live in weights.py: from_pretrained
+builds the GPT from what it reads, save_pretrained hands it the GPT's config and weights.
 
     # or a transformers dir, a build-nanogpt .pt, a run's checkpoint
     model = GPT.from_pretrained("gpt2")
@@ -11,34 +12,19 @@ transformers format.
     model.save_pretrained("out/hf")
 """
 
-import contextlib
 import dataclasses
-import json
 import math
-import os
-import pickle
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# common before transformers: it keeps transformers from asking the hub for kernels
-from common import (UserError, atomic_directory, first_line, looks_like_a_path, read_json,
-                    step_checkpoints)
-from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
-from transformers.utils import logging as hf_logging
-from tokenizer import EOT_TOKEN, VOCAB_SIZE, gpt2_hf_tokenizer
+from common import UserError
+from tokenizer import EOT_TOKEN
+from weights import clean_state_dict, read_gpt2, write_gpt2
 
-# causal-mask buffers that transformers' and old nanoGPT's GPT-2 keep beside their weights
-MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
-# marks this project's checkpoints (written by train_ppo.py)
-CHECKPOINT_FORMAT = "gpt-ppo-checkpoint/1"
-HUB_GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # cuDNN's attention kernel builds a plan for every new shape (about 3 ms of CPU each, measured on an
 # H100 under bf16) and padded PPO and HellaSwag batches rarely repeat a shape, so attention uses the
 # other kernels
@@ -399,135 +385,15 @@ class GPT(nn.Module):
         source: a hub name ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", or another GPT-2 repo),
         a local transformers GPT-2 directory (ours from save_pretrained included), a build-nanogpt
         or nanoGPT checkpoint (.pt), or this project's checkpoint (.pt, or a run directory: its
-        newest ckpt_<step>.pt).
+        newest ckpt_<step>.pt). Read by weights.read_gpt2.
         """
-        source = checkpoint_source(source)
-        if os.path.isdir(source):
-            if os.path.exists(os.path.join(source, "config.json")):
-                return cls._from_transformers(source)
-            raise UserError(f"{source}: directory holds neither a transformers model "
-                            "(config.json) nor a checkpoint (ckpt_*.pt)")
-        if os.path.isfile(source):
-            return cls._from_torch_file(source)
-        if looks_like_a_path(source):
-            raise UserError(f"{source}: no such file or directory")
-        return cls._from_transformers(source)
-
-    @classmethod
-    def _from_transformers(cls, name_or_dir):
-        local = os.path.isdir(name_or_dir)
-        config_where = os.path.join(name_or_dir, "config.json") if local else name_or_dir
-        # files transformers would fail on with a traceback, checked here so the error names them
-        if local:
-            read_json(config_where)
-            for name in sorted(os.listdir(name_or_dir)):
-                if name.endswith(".safetensors"):
-                    _check_safetensors(os.path.join(name_or_dir, name))
-        try:
-            hf_config = AutoConfig.from_pretrained(name_or_dir)
-            if hf_config.model_type != "gpt2":
-                raise UserError(f"{name_or_dir}: a '{hf_config.model_type}' model, but "
-                                "GPT.from_pretrained loads GPT-2 only (hellaswag.py and reward.py "
-                                "take other architectures)")
-            c = hf_config
-            fields = dict(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
-                          n_head=c.n_head, n_embd=c.n_embd, layer_norm_epsilon=c.layer_norm_epsilon)
-            config = _config_from(fields, config_where)
-            _check_gpt2_variant(c, name_or_dir)
-            hf = load_transformers_checked(GPT2LMHeadModel, name_or_dir, dtype=torch.float32)
-        except UserError:
-            raise
-        except OSError as e:
-            if local:
-                raise UserError(f"{name_or_dir}: not a loadable transformers GPT-2 directory "
-                                f"({e})") from None
-            raise UserError(
-                f"could not load '{name_or_dir}' from the Hugging Face hub (offline, or no such "
-                f"repo?); download it where there is internet (hf download {name_or_dir} "
-                "--local-dir DIR) and pass that directory instead") from None
-        # transformers raises many kinds for a config or weights it cannot use
-        except Exception as e:
-            raise UserError(f"{name_or_dir}: not a loadable transformers GPT-2 "
-                            f"({first_line(e)})") from None
-        model = cls(config)
-        sd = {k: v for k, v in hf.state_dict().items()
-              if not k.endswith(MASK_BUFFERS)}
-        for k in sd:
-            # transformers' Conv1D stores (in, out); nn.Linear wants (out, in)
-            if k.endswith(_CONV1D_WEIGHTS):
-                sd[k] = sd[k].t()
-        value_head = os.path.join(name_or_dir, "value_head.safetensors")
-        if os.path.isfile(value_head):
-            sd.update({"value_head." + k: v for k, v in load_file(value_head).items()})
-        model._load_state_dict(sd, name_or_dir)
-        return model
-
-    @classmethod
-    def _from_torch_file(cls, path):
-        # build-nanogpt pickles its GPTConfig dataclass from __main__;
-        # read it as a plain object, nothing executed
-        stand_ins = [(type("GPTConfig", (), {}), f"{module}.GPTConfig")
-                     for module in ("__main__", "train_gpt2", "model")]
-        try:
-            with torch.serialization.safe_globals(stand_ins):
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        # torch's own advice here is to turn the safety off: never repeat it
-        except pickle.UnpicklingError as e:
-            found = re.search(r"GLOBAL ([\w.]+)", str(e))
-            what = (f"Python code ({found.group(1)})" if found
-                    else "Python objects, not just tensors and data")
-            raise UserError(f"{path}: refused: loading it would run {what}; only tensors and plain "
-                            "data are read, so save the weights alone (a state dict of tensors) "
-                            "and load that") from None
-        except Exception as e:
-            raise UserError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt "
-                            f"({first_line(e)})") from None
-        if not isinstance(ckpt, dict):
-            raise UserError(f"{path}: expected a checkpoint dict, found {type(ckpt).__name__}")
-        if ckpt.get("format") == CHECKPOINT_FORMAT:  # ours
-            config_key, fields, strict = "model_config", ckpt.get("model_config"), True
-        # build-nanogpt
-        elif "model" in ckpt and "config" in ckpt and not isinstance(ckpt["config"], dict):
-            config_key, fields, strict = "config", getattr(ckpt["config"], "__dict__", None), False
-        elif "model" in ckpt and "model_args" in ckpt:  # nanoGPT's ckpt.pt
-            config_key, fields, strict = "model_args", ckpt["model_args"], False
-        else:
-            raise UserError(f"{path}: unknown checkpoint layout (keys: {sorted(ckpt)[:8]}); "
-                            "expected this project's, build-nanogpt's or nanoGPT's")
-        for key, value in ((config_key, fields), ("model", ckpt.get("model"))):
-            if not isinstance(value, dict):
-                problem = ("missing" if key not in ckpt
-                           else f"a {type(ckpt[key]).__name__}, not a dict")
-                raise UserError(f"{path}: the checkpoint's '{key}' is {problem}")
-        config = _config_from(fields, path, strict)
-        sd = ckpt["model"]
-        model = cls(config)
-        model._load_state_dict(sd, path)
+        fields, sd, where = read_gpt2(source, dataclasses.asdict(GPTConfig()))
+        model = cls(GPTConfig(**fields))
+        model._load_state_dict(sd, where)
         return model
 
     def _load_state_dict(self, sd, where):
-        clean = {}
-        wrappers = ("_orig_mod.", "module.")  # torch.compile and DDP, nested in either order
-        for k, v in sd.items():
-            while k.startswith(wrappers):
-                k = k.removeprefix("_orig_mod.").removeprefix("module.")
-            if k.endswith(MASK_BUFFERS):
-                continue
-            clean[k] = v
-        # tied: some store only one
-        if "lm_head.weight" not in clean and "transformer.wte.weight" in clean:
-            clean["lm_head.weight"] = clean["transformer.wte.weight"]
-        head, wte = clean.get("lm_head.weight"), clean.get("transformer.wte.weight")
-        if (isinstance(head, torch.Tensor) and isinstance(wte, torch.Tensor)
-                and head.shape == wte.shape and not torch.equal(head, wte)):
-            # one tensor here: whichever loaded last would silently be both
-            raise UserError(f"{where}: lm_head.weight differs from transformer.wte.weight, but "
-                            "this GPT ties them (GPT-2's embedding is its output layer); "
-                            "hellaswag.py scores an untied model saved in transformers format")
-        not_tensors = [k for k, v in clean.items() if not isinstance(v, torch.Tensor)]
-        if not_tensors:
-            raise UserError(f"{where}: the weights hold things that are not tensors "
-                            f"({not_tensors[:4]})")
+        clean = clean_state_dict(sd, where)
         expected = self.state_dict()
         for k, v in clean.items():  # load_state_dict would raise a page-long RuntimeError
             if k in expected and v.shape != expected[k].shape:
@@ -547,197 +413,7 @@ class GPT(nn.Module):
         """Write a transformers GPT-2 directory (config, safetensors, tokenizer) plus
         value_head.safetensors. The directory is replaced atomically: a crash leaves the old export
         or the new one, never half of one."""
-        c = self.config
-        hf_config = GPT2Config(
-            vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-            n_head=c.n_head, layer_norm_epsilon=c.layer_norm_epsilon,
-            activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN, tie_word_embeddings=True)
-        hf = GPT2LMHeadModel(hf_config)
-        sd = {k: v.detach().float().cpu() for k, v in self.state_dict().items()
-              if not k.startswith("value_head.")}
-        for k in sd:
-            if k.endswith(_CONV1D_WEIGHTS):
-                sd[k] = sd[k].t().contiguous()
-        missing, unexpected = hf.load_state_dict(sd, strict=False)
-        # a GPT without biases (nanoGPT's bias=False) is GPT-2 with zero biases
-        zeroed = [k for k in missing if not c.bias and k.endswith(".bias")
-                  and not k.endswith(MASK_BUFFERS)]
-        with torch.no_grad():
-            for k in zeroed:
-                hf.get_parameter(k).zero_()
-        assert not unexpected and all(k.endswith(MASK_BUFFERS) or k in zeroed
-                                      for k in missing), missing
-        with atomic_directory(out_dir) as tmp, transformers_quietly():
-            hf.save_pretrained(tmp)
-            gpt2_hf_tokenizer().save_pretrained(tmp)
-            vh = {k.removeprefix("value_head."): v.detach().float().cpu().contiguous()
-                  for k, v in self.state_dict().items() if k.startswith("value_head.")}
-            save_file(vh, os.path.join(tmp, "value_head.safetensors"))
-            with open(os.path.join(tmp, "gpt_config.json"), "w") as f:
-                json.dump(dataclasses.asdict(c), f, indent=2)
-
-
-_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight",
-                   "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-def checkpoint_source(source):
-    """The source GPT.from_pretrained reads for `source`: a run directory (no config.json) as its
-    newest ckpt_<step>.pt, which the run's later saves do not change; anything else as it is."""
-    source = os.fspath(source)
-    if os.path.isdir(source) and not os.path.exists(os.path.join(source, "config.json")):
-        return latest_checkpoint(source) or source
-    return source
-
-
-def latest_checkpoint(run_dir):
-    """Path of the newest ckpt_<step>.pt in run_dir (written by train_ppo.py), or None."""
-    checkpoints = step_checkpoints(run_dir)
-    return checkpoints[-1][1] if checkpoints else None
-
-
-def _config_from(fields, where, strict=False):
-    """A checked GPTConfig from a checkpoint's or config.json's fields. strict: an unknown field is
-    an error (this project's checkpoints hold exactly GPTConfig's fields); otherwise other fields
-    are ignored (nanoGPT's)."""
-    known = {f.name for f in dataclasses.fields(GPTConfig)}
-    unknown = sorted(set(fields) - known)
-    if strict and unknown:
-        raise UserError(f"{where}: unknown model config field(s) {unknown[:4]}; not a checkpoint "
-                        "of this version")
-    config = GPTConfig(**{k: v for k, v in fields.items() if k in known})
-    check_model_config(config, where)
-    return config
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_model_config(config, where):
-    """One line naming `where` if a GPTConfig cannot build a GPT: a size that is not a positive
-    integer, n_embd not a multiple of n_head, fewer token embeddings than GPT-2's tokenizer has, a
-    dropout outside [0, 1), a non-positive layer_norm_epsilon."""
-    for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise UserError(f"{where}: {name} must be a positive integer, not {value!r}")
-    if config.n_embd % config.n_head:
-        raise UserError(f"{where}: n_embd={config.n_embd} is not a multiple of "
-                        f"n_head={config.n_head}")
-    if config.vocab_size < VOCAB_SIZE:
-        raise UserError(f"{where}: vocab_size={config.vocab_size} is smaller than GPT-2's "
-                        f"{VOCAB_SIZE}, whose tokenizer drives this GPT; a model with a tokenizer "
-                        "of its own is scored by hellaswag.py and reward.py from a transformers "
-                        "directory with that tokenizer saved beside it")
-    if not _is_number(config.dropout) or not 0 <= config.dropout < 1:
-        raise UserError(f"{where}: dropout must be a number in [0, 1), not {config.dropout!r}")
-    if not isinstance(config.bias, bool):
-        raise UserError(f"{where}: bias must be true or false, not {config.bias!r}")
-    if not _is_number(config.layer_norm_epsilon) or not 0 < config.layer_norm_epsilon < 1:
-        raise UserError(f"{where}: layer_norm_epsilon must be a small positive number, not "
-                        f"{config.layer_norm_epsilon!r}")
-
-
-def check_finite_weights(model, source):
-    """One line naming `source` and the first parameter that holds NaN or inf. A diverged run's
-    weights do not fail on their own: they score as chance, so evaluation and training check before
-    they start."""
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not torch.isfinite(p).all():
-            raise UserError(f"{source}: non-finite weights (NaN or inf) in {name}; a diverged or "
-                            "damaged model, use an earlier checkpoint")
-
-
-# GPT2Config settings this GPT does not compute, each with the value that asks for it
-UNSUPPORTED_GPT2_SETTINGS = {"scale_attn_by_inverse_layer_idx": True, "scale_attn_weights": False,
-                             "tie_word_embeddings": False}
-
-
-def unsupported_gpt2_setting(config):
-    """The first setting of a transformers GPT2Config (or its dict) that this GPT does not compute,
-    as 'name=value', or None. Such a model would load and give other logits than transformers'."""
-    if isinstance(config, dict):
-        get = config.get
-    else:
-        def get(name, default):
-            return getattr(config, name, default)
-    activation = get("activation_function", "gelu_new")
-    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
-        return f"activation_function={activation!r}"
-    for name, value in UNSUPPORTED_GPT2_SETTINGS.items():
-        if get(name, not value) == value:
-            return f"{name}={value}"
-    return None
-
-
-def _check_gpt2_variant(c, where):
-    setting = unsupported_gpt2_setting(c)
-    if setting:
-        raise UserError(f"{where}: config.json sets {setting}, which GPT-2 does not have and this "
-                        "GPT does not compute (hellaswag.py and reward.py score such a model "
-                        "through transformers)")
-
-
-def load_transformers_checked(cls, source, allow_unexpected=False, **kwargs):
-    """
-    cls.from_pretrained(source, **kwargs), refused in one line (UserError) where transformers
-    could load the weights only by making some up (missing or misshapen tensors: it would fill
-    them with random values, and print a table where a run goes on) or, unless allow_unexpected,
-    by leaving some out.
-    """
-    with transformers_quietly():  # its table; _check_loading_info says what matters in one line
-        model, info = cls.from_pretrained(source, output_loading_info=True,
-                                          ignore_mismatched_sizes=True, **kwargs)
-    _check_loading_info(info, source, allow_unexpected)
-    return model
-
-
-@contextlib.contextmanager
-def transformers_quietly():
-    """transformers' warnings and its own progress bars (loading and writing weights) off, for a
-    load or save whose outcome this project checks and reports itself. The hub's download bars
-    are not transformers' own and stay."""
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    set_tqdm_hook = getattr(hf_logging, "set_tqdm_hook", None)  # in recent releases only
-    if set_tqdm_hook:
-        previous = set_tqdm_hook(lambda make_bar, args, kwargs:
-                                 make_bar(*args, **{**kwargs, "disable": True}))
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if set_tqdm_hook:
-            set_tqdm_hook(previous)
-
-
-def _check_loading_info(info, where, allow_unexpected=False):
-    if info["mismatched_keys"]:
-        key, found, expected = sorted(info["mismatched_keys"])[0]
-        raise UserError(f"{where}: the weights and config.json disagree: {key} is "
-                        f"{tuple(found)}, but the config makes it {tuple(expected)}")
-    missing = sorted(k for k in info["missing_keys"] if not k.endswith(MASK_BUFFERS))
-    if missing:
-        raise UserError(f"{where}: the weights lack {len(missing)} tensor(s) of this config "
-                        f"({', '.join(missing[:3])}); the file is incomplete, export or download "
-                        "it again")
-    unexpected = sorted(k for k in info["unexpected_keys"] if not k.endswith(MASK_BUFFERS))
-    if unexpected and not allow_unexpected:  # e.g. a config.json with fewer layers than the weights
-        raise UserError(f"{where}: the weights hold {len(unexpected)} tensor(s) that config.json "
-                        f"does not describe ({', '.join(unexpected[:3])}); fix config.json to "
-                        "match them")
-
-
-def _check_safetensors(path):
-    """Read the header, which is enough to find a truncated file: it must cover the file exactly."""
-    try:
-        with safe_open(path, framework="pt"):
-            pass
-    except Exception as e:  # safetensors raises its own error type, and OSError
-        raise UserError(f"{path}: not a readable safetensors file, truncated or corrupt "
-                        f"({first_line(e)})") from None
+        write_gpt2(out_dir, dataclasses.asdict(self.config), self.state_dict())
 
 
 def filter_logits(logits, top_k=None, top_p=None):

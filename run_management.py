@@ -44,7 +44,7 @@ from common import (UserError, atomic_torch_save, atomic_write_text, check_outpu
                     first_line, looks_like_a_path, read_json_objects, resolve_device,
                     same_error_on_every_rank, step_checkpoints, write_errors_are_one_line)
 from hellaswag import evaluate, split_path, write_predictions
-from model import CHECKPOINT_FORMAT
+from weights import CHECKPOINT_FORMAT
 
 
 # --------------------------------------------------------------------------------------------------

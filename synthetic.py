@@ -19,8 +19,9 @@ import torch
 from common import (atomic_directory, atomic_write_text, check_output_path, read_json,
                     run_cli)
 from transformers import GPTNeoConfig, GPTNeoForCausalLM
-from model import GPT, GPTConfig, transformers_quietly
+from model import GPT, GPTConfig
 from tokenizer import EOT_TOKEN, gpt2_encoding, gpt2_hf_tokenizer
+from weights import transformers_quietly
 
 # objects and their one colour; every colour is a single GPT-2 token after a space
 OBJECT_COLORS = {

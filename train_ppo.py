@@ -38,13 +38,14 @@ import synthetic
 from causal_lm import CausalLM
 from common import UserError, autocast, run_cli
 from hellaswag import encode_for_model, load_examples
-from model import GPT, GPTConfig, check_finite_weights, checkpoint_source, pack_choices
+from model import GPT, GPTConfig, pack_choices
 from reward import DEFAULT_REWARD_MODEL, LabelReward, LikelihoodReward, TeacherReward
 from run_management import (Batches, RunManager, StoppedAtOnce, TrainingState, absolute_paths,
                             all_reduce_sum, check_sources, forget_after, log_changed_settings,
                             lost_rank_error, out_dir_lock, parse_config, prepare_out_dir, seed_everything,
                             setting, setup_distributed, synthetic_dir)
 from tokenizer import EOT_TOKEN, gpt2_encoding
+from weights import check_finite_weights, checkpoint_source
 
 
 # --------------------------------------------------------------------------------------------------

@@ -34,9 +34,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train_ppo  # noqa: E402
 from common import UserError, resolve_device, run_cli  # noqa: E402
-from model import GPT, GPTConfig, HUB_GPT2_NAMES  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 from causal_lm import resolve_dtype  # noqa: E402
 from tokenizer import gpt2_hf_tokenizer  # noqa: E402
+from weights import HUB_GPT2_NAMES  # noqa: E402
 
 # this folder is on the path of a script
 from hellaswag_speed import DEFAULT_DATA, cpu_name  # noqa: E402

@@ -8,6 +8,7 @@ boundary rule, one unbatched forward per pair.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -515,6 +516,27 @@ def test_weights_transformers_would_fill_at_random_are_refused(tmp_path, build, 
         weights[key] = torch.zeros(128, 32)
     save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(UserError, match=f"{path}: .*{message}"):
+        CausalLM.load(path)
+
+
+@pytest.mark.parametrize("build", [build_gpt_neo, build_llama], ids=["gpt-neo", "llama"])
+def test_weights_of_a_non_float_dtype_are_refused(tmp_path, build):
+    """transformers casts an int64 tensor into a float weight without a word, and an int64 copy of
+    the judge would score. A bool causal mask stored beside the weights (old GPT-Neo files have
+    one), which transformers leaves out, is no reason to refuse."""
+    from safetensors.torch import load_file, save_file
+
+    path = build(tmp_path / "judge")
+    file = os.path.join(path, "model.safetensors")
+    weights = load_file(file)
+    weights["transformer.h.0.attn.attention.bias"] = torch.ones(1, 1, 8, 8, dtype=torch.bool)
+    save_file(weights, file, metadata={"format": "pt"})
+    CausalLM.load(path)
+    key = next(k for k in weights if k.endswith("1.mlp.c_fc.weight")
+               or k.endswith("1.mlp.up_proj.weight"))
+    weights[key] = weights[key].to(torch.int64)
+    save_file(weights, file, metadata={"format": "pt"})
+    with pytest.raises(UserError, match=re.escape(f"{file}: non-float weights (int64) in {key};")):
         CausalLM.load(path)
 
 

@@ -118,7 +118,7 @@ sys.addaudithook(lambda event, args: imported.append(args[0])
 import {module}
 import transformers
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoForCausalLM
-from model import transformers_quietly
+from weights import transformers_quietly
 directory = tempfile.mkdtemp()
 config = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64)
 GPT2LMHeadModel(config).save_pretrained(directory)
@@ -138,7 +138,7 @@ def run_probe(module, env):
 
 
 @pytest.mark.parametrize("module", ["train_ppo", "hellaswag", "reward", "analyze", "synthetic",
-                                    "causal_lm", "model", "common"])
+                                    "causal_lm", "model", "weights", "common"])
 def test_no_entry_point_asks_the_hub_for_kernels(module):
     """Recent transformers releases fetch hub kernels when a model class is imported and when a model
     is loaded, and print three lines about it offline; whichever module a user starts from, the

@@ -18,7 +18,8 @@ import common
 import hellaswag
 import reward
 from common import UserError, atomic_torch_save, atomic_write_text, run_cli
-from model import CHECKPOINT_FORMAT, GPT, GPTConfig
+from model import GPT, GPTConfig
+from weights import CHECKPOINT_FORMAT
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hellaswag_synthetic.jsonl")
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=256)
@@ -92,10 +93,13 @@ def damaged_export(export_dir, tmp_path, fault):
         elif fault.endswith("than config.json says"):
             config = json.loads((path / "config.json").read_text())
             (path / "config.json").write_text(json.dumps(config | {"n_layer": 1}))
+        elif fault.endswith("an int64 tensor"):
+            weights["transformer.h.1.mlp.c_fc.weight"] = torch.zeros(64, 256, dtype=torch.int64)
         else:
             weights["transformer.h.1.mlp.c_fc.weight"] = torch.zeros(64, 100)
         save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
-        return path, path
+        named = path / "model.safetensors" if fault.endswith("an int64 tensor") else path
+        return path, named
     config = json.loads((path / "config.json").read_text())
     config["n_head"] = {"n_head=3": 3, "n_head=0": 0}[fault]
     (path / "config.json").write_text(json.dumps(config))
@@ -111,6 +115,10 @@ def bad_torch_file(tmp_path, fault, monkeypatch):
     elif fault == "nanoGPT weights with an untied lm_head":
         weights = dict(model.state_dict())
         weights["lm_head.weight"] = weights["lm_head.weight"] + 1.0
+        torch.save({"model": weights, "model_args": args}, path)
+    elif fault == "nanoGPT weights with a bool tensor":
+        weights = dict(model.state_dict())
+        weights["transformer.h.1.mlp.c_fc.weight"] = weights["transformer.h.1.mlp.c_fc.weight"] > 0
         torch.save({"model": weights, "model_args": args}, path)
     elif fault == "nanoGPT field of the wrong type":
         torch.save({"model": model.state_dict(), "model_args": args | {"n_layer": "2"}}, path)
@@ -146,11 +154,15 @@ def bad_torch_file(tmp_path, fault, monkeypatch):
      "does not describe (transformer.h.1.attn.c_attn.weight"),
     ("model.safetensors with a tensor of the wrong shape", "the weights and config.json disagree: "
      "transformer.h.1.mlp.c_fc.weight is (64, 100), but the config makes it (64, 256)"),
+    ("model.safetensors with an int64 tensor",
+     "non-float weights (int64) in transformer.h.1.mlp.c_fc.weight"),
     ("n_head=3", "n_embd=64 is not a multiple of n_head=3"),
     ("n_head=0", "n_head must be a positive integer, not 0"),
     ("nanoGPT args disagree with weights", "the weights and the model config disagree"),
     ("nanoGPT weights with an untied lm_head",
      "lm_head.weight differs from transformer.wte.weight, but this GPT ties them"),
+    ("nanoGPT weights with a bool tensor",
+     "non-float weights (bool) in transformer.h.1.mlp.c_fc.weight"),
     ("nanoGPT field of the wrong type", "n_layer must be a positive integer, not '2'"),
     ("build-nanogpt field of the wrong type", "n_embd must be a positive integer, not 64.0"),
     ("nanoGPT n_embd not a multiple of n_head", "n_embd=64 is not a multiple of n_head=3"),
@@ -195,6 +207,26 @@ def test_non_finite_weights_are_refused_by_hellaswag(tmp_path, capsys):
     path = save_checkpoint(tmp_path / "ckpt_000100.pt", policy=model)
     line = cli_error(capsys, hellaswag.main, ["--model", path, "--data", FIXTURE])
     assert f"{path}: non-finite weights" in line and "transformer.h.1.mlp.c_fc.weight" in line
+
+
+def test_int64_weights_of_another_architecture_are_refused_by_hellaswag(tmp_path, capsys):
+    """A GPT-Neo is scored through transformers, which would cast the tensor to float without a
+    word."""
+    from safetensors.torch import load_file, save_file
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    from tokenizer import gpt2_hf_tokenizer
+
+    config = GPTNeoConfig(vocab_size=50257, hidden_size=64, num_layers=2, num_heads=2,
+                          attention_types=[[["global"], 2]], max_position_embeddings=256)
+    GPTNeoForCausalLM(config).save_pretrained(tmp_path / "neo")
+    gpt2_hf_tokenizer().save_pretrained(tmp_path / "neo")
+    path = tmp_path / "neo" / "model.safetensors"
+    weights = load_file(path)
+    weights["transformer.h.1.mlp.c_fc.weight"] = torch.zeros(256, 64, dtype=torch.int64)
+    save_file(weights, path, metadata={"format": "pt"})
+    line = cli_error(capsys, hellaswag.main, ["--model", tmp_path / "neo", "--data", FIXTURE])
+    assert f"error: {path}: non-float weights (int64) in transformer.h.1.mlp.c_fc.weight" in line
 
 
 # --------------------------------------------------------------------------------------------------

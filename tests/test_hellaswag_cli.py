@@ -16,7 +16,8 @@ import hellaswag
 from common import UserError, run_cli
 from hellaswag import (compare_predictions, download_split, evaluate, load_examples, load_model,
                        main, mcnemar_exact_p, paired_difference)
-from model import CHECKPOINT_FORMAT, GPT, GPTConfig
+from model import GPT, GPTConfig
+from weights import CHECKPOINT_FORMAT
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hellaswag_synthetic.jsonl")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,5 +1,6 @@
 import copy
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -10,8 +11,9 @@ from torch.nn import functional as F
 
 from common import UserError
 from hellaswag import choice_logprobs, pad_choices
-from model import (CHECKPOINT_FORMAT, GPT, GPTConfig, KVCache, filter_logits, logprobs_from_logits,
-                   pack_choices, sample_from_probs, sample_next_token)
+from model import (GPT, GPTConfig, KVCache, filter_logits, logprobs_from_logits, pack_choices,
+                   sample_from_probs, sample_next_token)
+from weights import CHECKPOINT_FORMAT
 
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)
 
@@ -474,6 +476,47 @@ def test_mismatched_weights_are_a_clear_error(tmp_path):
                tmp_path / "x.pt")
     with pytest.raises(UserError, match="x.pt: weights do not fit"):
         GPT.from_pretrained(tmp_path / "x.pt")
+
+
+def rewrite_tensor(path, name, dtype):
+    """Store one tensor of a safetensors file as dtype, as a careless conversion would."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(path)
+    weights[name] = weights[name].to(dtype)
+    save_file(weights, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("file, tensor, dtype", [
+    ("model.safetensors", "transformer.wte.weight", torch.int64),
+    ("model.safetensors", "transformer.h.1.mlp.c_fc.weight", torch.bool),
+    ("value_head.safetensors", "weight", torch.int8),
+])
+def test_a_transformers_dir_with_weights_of_a_non_float_dtype_is_refused(tmp_path, file, tensor,
+                                                                         dtype):
+    """transformers and load_state_dict would cast them to float without a word, and an int64 copy
+    of a model would be scored."""
+    tiny_gpt().save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / file
+    rewrite_tensor(path, tensor, dtype)
+    message = f"{path}: non-float weights ({str(dtype).removeprefix('torch.')}) in {tensor};"
+    with pytest.raises(UserError, match=re.escape(message)):
+        GPT.from_pretrained(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.int8])
+def test_a_checkpoint_with_weights_of_a_non_float_dtype_is_refused(tmp_path, dtype):
+    import dataclasses
+
+    model = tiny_gpt()
+    sd = {k: v.to(dtype) if k == "transformer.h.0.attn.c_attn.weight" else v
+          for k, v in model.state_dict().items()}
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": sd, "model_args": dataclasses.asdict(model.config)}, path)
+    message = (f"{path}: non-float weights ({str(dtype).removeprefix('torch.')}) in "
+               "transformer.h.0.attn.c_attn.weight;")
+    with pytest.raises(UserError, match=re.escape(message)):
+        GPT.from_pretrained(path)
 
 
 def test_offline_hub_name_fails_with_one_clear_line():
