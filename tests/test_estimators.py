@@ -36,10 +36,9 @@ def test_the_expected_baseline_averages_to_zero_under_the_policy():
     logprobs = torch.log_softmax(torch.randn(5, 4, generator=g), -1)
     rewards = torch.rand(5, 4, generator=g)
     advantages = train_ppo.expected_advantages(rewards, logprobs)
-    for row in range(5):
-        expected = sum(math.exp(logprobs[row, i]) * rewards[row, i] for i in range(4))
-        for i in range(4):
-            assert advantages[row, i].item() == pytest.approx(rewards[row, i] - expected, abs=1e-6)
+    for lp, r, a in zip(logprobs.tolist(), rewards.tolist(), advantages.tolist()):
+        expected = sum(math.exp(lp[i]) * r[i] for i in range(4))
+        assert a == pytest.approx([r[i] - expected for i in range(4)], abs=1e-6)
     assert torch.allclose((logprobs.exp() * advantages).sum(1), torch.zeros(5), atol=1e-6)
 
 
@@ -48,10 +47,9 @@ def test_the_exact_kl_is_the_sum_over_the_endings_and_k3_is_never_negative():
     policy = torch.log_softmax(torch.randn(6, 4, generator=g) * 3, -1)
     reference = torch.log_softmax(torch.randn(6, 4, generator=g) * 3, -1)
     exact = train_ppo.exact_kl(policy, reference)
-    for row in range(6):
-        brute = sum(math.exp(policy[row, i]) * (policy[row, i] - reference[row, i])
-                    for i in range(4))
-        assert exact[row].item() == pytest.approx(brute, abs=1e-6)
+    for p, q, kl in zip(policy.tolist(), reference.tolist(), exact.tolist()):
+        assert kl == pytest.approx(sum(math.exp(p[i]) * (p[i] - q[i]) for i in range(4)),
+                                   abs=1e-6)
     assert (exact >= 0).all()
     k3 = train_ppo.k3_kl(policy, reference)  # every (policy, reference) pair, as sampled actions
     assert (k3 >= 0).all()
