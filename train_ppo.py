@@ -1034,6 +1034,8 @@ def run_ppo(cfg, run):
     raw_model, reference, reference_state = load_models(cfg, sources["init_from"], ckpt,
                                                         resume_path, run.device)
     check_finite_weights(raw_model, resume_path or reference_state["reference_from"])
+    if cfg.adv_estimator != "gae":  # no baseline from the value head: frozen, as saved
+        raw_model.value_head.requires_grad_(False)
     run.log(f"policy: {raw_model.num_params() / 1e6:.2f}M parameters from "
             f"{reference_state['reference_from']}; "
             f"device {run.device}, {run.world_size} process(es), autocast {run.dtype}")
