@@ -374,13 +374,16 @@ def compare(run, before, after, temperature):
     a, b = before["predictions"], after["predictions"]
     result = {"before": before["name"], "after": after["name"], "before_step": before["step"],
               "after_step": after["step"]}
-    a, b = shared_examples(a, b, result)
-    result["n"] = len(a)
+    names = (before["name"], after["name"])
     try:  # also checks that both are predictions of the same examples
-        comparison = hellaswag.compare_predictions(a, b, names=(before["name"], after["name"]))
+        comparison = hellaswag.compare_predictions(a, b, names=names)
     except UserError as e:
         result["error"] = str(e)
         return result
+    a, b, _ = hellaswag.shared_examples(a, b, names)  # the pairs compare_predictions compared
+    result["n"] = comparison["n"]
+    if "note" in comparison:
+        result["note"] = comparison["note"]
     result["changed_choices"] = sum(p["pred_norm"] != q["pred_norm"] for p, q in zip(a, b))
     if not (is_labelled(a) and is_labelled(b)):
         return result
@@ -400,20 +403,6 @@ def compare(run, before, after, temperature):
         direction.sort(key=lambda f: -abs(f["p_gold_change"] or 0))
     result["flips"] = flips
     return result
-
-
-def shared_examples(a, b, result):
-    """Two evaluations of different example counts (eval_limit changed on a resume) are compared on
-    the examples both cover, in a's order, with a note in result; -> (a, b)."""
-    if [p["index"] for p in a] == [p["index"] for p in b]:
-        return a, b
-    b_by_index = {p["index"]: p for p in b}
-    shared = [p for p in a if p["index"] in b_by_index]
-    if not shared:
-        return a, b  # nothing in common: compare_predictions says so
-    result["note"] = (f"compared on the {len(shared)} examples both cover ({len(a)} and {len(b)} "
-                      "evaluated)")
-    return shared, [b_by_index[p["index"]] for p in shared]
 
 
 def calibration_of(predictions, temperature):

@@ -629,16 +629,44 @@ def read_predictions(path, require_labels=True):
     return records
 
 
-def compare_predictions(a, b, names=("A", "B")):
-    """Paired comparison of two prediction lists of the same data, overall (acc, acc_norm) and by
-    group."""
+def shared_examples(a, b, names=("A", "B")):
+    """Two prediction lists of different example counts (one made with --limit, or eval_limit
+    changed on a resume) are compared on the examples both cover, paired by index in a's order;
+    -> (a, b, note), note None when they cover the same examples. Lists that share no example
+    are not of the same data."""
+    if [p["index"] for p in a] == [p["index"] for p in b]:
+        return a, b, None
+    b_by_index = {p["index"]: p for p in b}
+    shared = [p for p in a if p["index"] in b_by_index]
+    if not shared:
+        raise UserError(f"{names[0]} ({len(a)} predictions) and {names[1]} ({len(b)}) share no "
+                        "example index: not predictions of the same data")
+    note = None
+    if len(shared) < max(len(a), len(b)):
+        note = (f"compared on the {len(shared)} examples both cover ({len(a)} and {len(b)} "
+                "evaluated)")
+    return shared, [b_by_index[p["index"]] for p in shared], note
+
+
+def check_same_examples(a, b, names=("A", "B")):
+    """Refuse two prediction lists that do not pair up line by line as the same examples: the
+    index, the gold label and the data's ind (where recorded) must agree."""
     if len(a) != len(b):
         raise UserError(f"{names[0]} has {len(a)} predictions and {names[1]} {len(b)}: "
                         "not the same data")
     for i, (pa, pb) in enumerate(zip(a, b)):
         if (pa["index"], pa["label"], pa.get("ind")) != (pb["index"], pb["label"], pb.get("ind")):
-            raise UserError(f"line {i + 1} differs in index/label/ind between {names[0]} and "
-                            f"{names[1]}: prediction files of different data")
+            raise UserError(f"prediction {i + 1} (index {pa['index']}) differs in "
+                            f"index/label/ind between {names[0]} and {names[1]}: prediction "
+                            "files of different data")
+
+
+def compare_predictions(a, b, names=("A", "B")):
+    """Paired comparison of two prediction lists of the same data, overall (acc, acc_norm) and by
+    group, on the examples both cover (shared_examples: "n", and "note" when that is not all of
+    them)."""
+    a, b, note = shared_examples(a, b, names)
+    check_same_examples(a, b, names)
     result = {metric: paired_difference([p[key] == p["label"] for p in a],
                                         [p[key] == p["label"] for p in b])
               for metric, key in (("acc", "pred"), ("acc_norm", "pred_norm"))}
@@ -651,13 +679,18 @@ def compare_predictions(a, b, names=("A", "B")):
                                         for p, g in zip(preds, group) if g == value]
                                        for preds in (a, b)])
             for value in sorted({g for g in group if g is not None})}
+    result["n"] = len(a)
+    if note:
+        result["note"] = note
     return result
 
 
 def format_comparison(comparison, name_a, name_b, max_groups=12):
-    lines = [f"A = {name_a}", f"B = {name_b}",
-             f"{'metric':<10} {'A':>7} {'B':>7} {'B-A':>8}  {'95% CI':<18} {'A only':>7} "
-             f"{'B only':>7} {'McNemar p':>10}"]
+    lines = [f"A = {name_a}", f"B = {name_b}"]
+    if "note" in comparison:
+        lines.append(f"note: {comparison['note']}")
+    lines.append(f"{'metric':<10} {'A':>7} {'B':>7} {'B-A':>8}  {'95% CI':<18} {'A only':>7} "
+                 f"{'B only':>7} {'McNemar p':>10}")
     for metric in ("acc", "acc_norm"):
         c = comparison[metric]
         lines.append(f"{metric:<10} {c['acc_a']:>7.4f} {c['acc_b']:>7.4f} {c['diff']:>+8.4f}  "

@@ -472,6 +472,30 @@ def test_two_prediction_files(tmp_path):
     assert_figures_readable(out, text)
 
 
+def test_compare_and_analyze_agree_on_files_of_different_lengths(tmp_path, capsys):
+    """One file made with --limit: hellaswag.py --compare and analyze.py --before/--after both
+    compare the examples the two files cover, with the same numbers, and say so."""
+    examples = val_examples()
+    a, b = predictions(examples, 0.0, seed=1), predictions(examples, 0.9, seed=2)[:40]
+    paths = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    write_jsonl(paths[0], a)
+    write_jsonl(paths[1], b)
+    hellaswag.main(["--compare", *paths])
+    printed = capsys.readouterr().out
+    (result,) = analyze.main(["--before", paths[0], "--after", paths[1],
+                              "--out", str(tmp_path / "report")])
+    expected = hellaswag.paired_difference([p["pred_norm"] == p["label"] for p in a[:40]],
+                                           [p["pred_norm"] == p["label"] for p in b])
+    last = result["comparisons"]["last"]
+    assert last["acc_norm"] == expected and last["n"] == 40
+    note = "compared on the 40 examples both cover (60 and 40 evaluated)"
+    assert f"note: {note}" in printed
+    assert (f"acc_norm    {expected['acc_a']:.4f}  {expected['acc_b']:.4f}  "
+            f"{expected['diff']:+.4f}") in printed
+    text, _ = report_of(str(tmp_path / "report"))
+    assert note in text
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
 def test_predictions_with_scores_that_are_not_finite(tmp_path, bad):
     """A model that overflowed writes NaN or -inf norm_scores: the report still comes, with

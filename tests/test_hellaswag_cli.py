@@ -349,11 +349,20 @@ def test_compare_cli_reports_both_runs_and_groups(tmp_path, capsys):
 def test_compare_refuses_files_of_different_data(tmp_path, capsys):
     a = write_predictions(tmp_path / "a.jsonl", [0, 1, 2], [0, 0, 0], ["x"] * 3)
     b = write_predictions(tmp_path / "b.jsonl", [0, 1, 3], [0, 0, 0], ["x"] * 3)
-    c = write_predictions(tmp_path / "c.jsonl", [0, 1], [0, 0], ["x"] * 2)
-    for other, message in ((b, "line 3 differs"), (c, "3 predictions")):
-        with pytest.raises(SystemExit):
-            run_cli(main, ["--compare", a, other])
-        assert message in capsys.readouterr().err
+    c = write_predictions(tmp_path / "c.jsonl", [0, 1], [0, 1], ["x"] * 2)
+    with pytest.raises(SystemExit):
+        run_cli(main, ["--compare", a, b])
+    assert "prediction 3 (index 2) differs in index/label/ind" in capsys.readouterr().err
+    # a shorter file (--limit) of the same data: compared on the examples both cover, and said so
+    run_cli(main, ["--compare", a, c])
+    out = capsys.readouterr().out
+    assert "note: compared on the 2 examples both cover (3 and 2 evaluated)" in out
+    assert "acc_norm    0.5000  1.0000  +0.5000" in out
+    d = tmp_path / "d.jsonl"
+    d.write_text(json.dumps({"index": 5, "label": 0, "pred": 0, "pred_norm": 0}) + "\n")
+    with pytest.raises(SystemExit):
+        run_cli(main, ["--compare", a, str(d)])
+    assert "share no example index" in capsys.readouterr().err
     (tmp_path / "junk.jsonl").write_text('{"index": 0}\n')
     with pytest.raises(UserError, match="not a prediction line"):
         hellaswag.read_predictions(str(tmp_path / "junk.jsonl"))
