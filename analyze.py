@@ -206,12 +206,21 @@ def read_examples(path, evaluations, notes):
         return None
     for e in evaluations:
         for p in e["predictions"]:
-            if (p["index"] >= len(examples)
-                    or p.get("label") not in (None, examples[p["index"]]["label"])):
+            if not predicts(p, examples):
                 notes.append(f"{path} is not the data these predictions were made on (example "
                              f"{p['index']} differs); ending lengths cannot be computed")
                 return None
     return examples
+
+
+def predicts(prediction, examples):
+    """Whether a prediction line can be of examples[its index]: the index is in range and the gold
+    label and the data's ind, where the line records them, are that example's."""
+    if prediction["index"] >= len(examples):
+        return False
+    example = examples[prediction["index"]]
+    return (prediction.get("label") in (None, example["label"])
+            and prediction.get("ind") in (None, example.get("ind")))
 
 
 def teacher_cache_note(run_dir, config):
@@ -451,12 +460,13 @@ def teacher_agreement(before, after, teacher, notes):
     hellaswag.paired_difference on the agreement indicators; and, where the teacher is wrong, how
     often the policy makes the same mistake."""
     a, b = before["predictions"], after["predictions"]
-    same = all(len(teacher) == len(preds)
-               and all(t["index"] == p["index"] for t, p in zip(teacher, preds))
-               for preds in (a, b))
-    if not same:  # e.g. eval_limit changed on a resume
-        notes.append("the teacher's predictions are not on the same examples as the evaluations; "
-                     "agreement skipped")
+    try:  # other data, or eval_limit changed on a resume: --compare's check of the same examples
+        for evaluation in (before, after):
+            hellaswag.check_same_examples(teacher, evaluation["predictions"],
+                                          names=("the teacher", evaluation["name"]))
+    except UserError as e:
+        notes.append("the teacher's predictions are not on the same examples as the evaluations, "
+                     f"so agreement is skipped: {e}")
         return None
     agree_a = [p["pred_norm"] == t["pred_norm"] for p, t in zip(a, teacher)]
     agree_b = [p["pred_norm"] == t["pred_norm"] for p, t in zip(b, teacher)]

@@ -656,9 +656,8 @@ def check_same_examples(a, b, names=("A", "B")):
                         "not the same data")
     for i, (pa, pb) in enumerate(zip(a, b)):
         if (pa["index"], pa["label"], pa.get("ind")) != (pb["index"], pb["label"], pb.get("ind")):
-            raise UserError(f"prediction {i + 1} (index {pa['index']}) differs in "
-                            f"index/label/ind between {names[0]} and {names[1]}: prediction "
-                            "files of different data")
+            raise UserError(f"{names[0]} and {names[1]} differ in index/label/ind at prediction "
+                            f"{i + 1} (index {pa['index']}): prediction files of different data")
 
 
 def compare_predictions(a, b, names=("A", "B")):

@@ -229,6 +229,38 @@ def test_teacher_agreement_is_skipped_when_an_evaluation_is_on_other_examples(tm
     assert "Agreement with the teacher's pick" not in text
 
 
+@pytest.mark.parametrize("other", ["labels", "ind"])
+def test_a_teacher_file_of_other_data_is_skipped_like_an_evaluation(tmp_path, other):
+    """The teacher's predictions are checked against the evaluations as --compare checks two
+    evaluations (index, label, ind): made on other data, they give no agreement and a note."""
+    run = str(tmp_path / "run")
+    examples, _, _ = make_run(run, skills=(0.0, 0.9))
+    teacher = predictions(examples, 0.9, seed=99)
+    for t in teacher:
+        if other == "labels":  # the same count and indices, other gold labels
+            t["label"] = (t["label"] + 1) % 4
+        else:  # the same labels, other examples of the dataset
+            t["ind"] += 1000
+    write_jsonl(os.path.join(run, "eval", "teacher.jsonl"), teacher)
+    (result,) = analyze.main([run])
+    assert result.get("teacher") is None
+    text, _ = report_of(os.path.join(run, "report"))
+    assert ("the teacher's predictions are not on the same examples as the evaluations, so "
+            "agreement is skipped: the teacher and step 0 differ in index/label/ind") in text
+    assert "Agreement with the teacher's pick" not in text
+    assert "every part of the report was computed" not in text
+
+
+def test_data_of_other_inds_is_not_the_data_of_the_predictions(tmp_path):
+    run = str(tmp_path / "run")
+    examples, _, _ = make_run(run, skills=(0.0, 0.9))
+    other = [{**ex, "ind": ex["ind"] + 1000} for ex in examples]
+    (result,) = analyze.main([run, "--data", write_examples(tmp_path, other)])
+    text, _ = report_of(os.path.join(run, "report"))
+    assert "is not the data these predictions were made on (example 0 differs)" in text
+    assert "lengths" not in result
+
+
 def test_a_sweep_is_labelled_by_the_settings_that_differ(tmp_path):
     runs = [str(tmp_path / name) for name in ("a", "b")]
     make_run(runs[0], config={"learning_rate": 1e-3})

@@ -352,7 +352,7 @@ def test_compare_refuses_files_of_different_data(tmp_path, capsys):
     c = write_predictions(tmp_path / "c.jsonl", [0, 1], [0, 1], ["x"] * 2)
     with pytest.raises(SystemExit):
         run_cli(main, ["--compare", a, b])
-    assert "prediction 3 (index 2) differs in index/label/ind" in capsys.readouterr().err
+    assert "differ in index/label/ind at prediction 3 (index 2)" in capsys.readouterr().err
     # a shorter file (--limit) of the same data: compared on the examples both cover, and said so
     run_cli(main, ["--compare", a, c])
     out = capsys.readouterr().out
