@@ -42,6 +42,8 @@ STOP_ENDINGS = (".", "!", "?", "\n", '."', '!"', '?"')
 # keys that name where a run lives rather than what it did: never used to tell runs apart
 PLACE_KEYS = ("out_dir", "synthetic_dir", "teacher_cache", "data_cache", "wandb_run_name",
               "wandb_project", "device", "start_over")
+WITHOUT_PREDICTIONS = ("the before/after comparison, flips, groups, lengths and calibration "
+                       "cannot be computed")
 CURVES = [("reward", "reward"), ("kl", "KL to the reference"),
           ("eval", "eval acc / acc_norm (95% CI)"), ("approx_kl", "approx_kl"),
           ("clipfrac", "clipfrac"), ("entropy", "entropy"), ("explained_var", "explained variance"),
@@ -147,10 +149,24 @@ def by_step(records):
     return [steps[s] for s in sorted(steps)]
 
 
+def list_folder(path, notes, consequence="not used"):
+    """The names in a folder, [] for a missing one, or None with a note saying the consequence for
+    one that cannot be read (its permissions, say)."""
+    if not os.path.isdir(path):
+        return []
+    try:
+        return os.listdir(path)
+    except OSError as e:
+        notes.append(f"{path}: cannot read ({e.strerror}), so {consequence}")
+        return None
+
+
 def read_evaluations(run_dir, notes):
     """[{"name", "step", "predictions"}] from out_dir/eval/step_NNNNNN.jsonl, in step order."""
     eval_dir = os.path.join(run_dir, "eval")
-    names = os.listdir(eval_dir) if os.path.isdir(eval_dir) else []
+    names = list_folder(eval_dir, notes, WITHOUT_PREDICTIONS)
+    if names is None:
+        return []
     evaluations = []
     for name in names:
         match = re.fullmatch(r"step_(\d+)\.jsonl", name)
@@ -162,9 +178,8 @@ def read_evaluations(run_dir, notes):
                                     "predictions": predictions})
     evaluations.sort(key=lambda e: e["step"])  # by number: step_10 after step_9, padded or not
     if not evaluations:
-        notes.append(f"{eval_dir}: no per-example predictions (older runs have none), so the "
-                     "before/after comparison, flips, groups, lengths and calibration cannot be "
-                     "computed")
+        notes.append(f"{eval_dir}: no per-example predictions (older runs have none), so "
+                     + WITHOUT_PREDICTIONS)
     return evaluations
 
 
@@ -223,13 +238,12 @@ def predicts(prediction, examples):
             and prediction.get("ind") in (None, example.get("ind")))
 
 
-def teacher_cache_note(run_dir, config):
+def teacher_cache_note(run_dir, config, notes):
     """What the teacher cache holds. It scores the *training* examples (reward.TeacherReward, keyed
     by the teacher, style and training text), so it says nothing about the validation examples the
     evaluations predict."""
     folder = config.get("teacher_cache") or os.path.join(run_dir, "teacher_cache")
-    files = (sorted(f for f in os.listdir(folder) if f.endswith(".pt"))
-             if os.path.isdir(folder) else [])
+    files = sorted(f for f in list_folder(folder, notes) or [] if f.endswith(".pt"))
     if not files:
         return None
     counts = []
@@ -264,7 +278,7 @@ def load_run(run_dir, data=None, teacher=None):
     return {"dir": run_dir, "label": os.path.basename(os.path.normpath(run_dir)), "config": config,
             "metrics": metrics, "samples": samples, "evaluations": evaluations,
             "examples": examples, "teacher": teacher_predictions,
-            "teacher_cache": teacher_cache_note(run_dir, config), "notes": notes}
+            "teacher_cache": teacher_cache_note(run_dir, config, notes), "notes": notes}
 
 
 def load_pair(before, after, data=None, teacher=None):
@@ -996,6 +1010,10 @@ def parse_args(argv=None):
     for run_dir in args.runs:
         if not os.path.isdir(run_dir):
             raise UserError(f"{run_dir}: no such run directory")
+        try:  # else every file of the run would read as missing
+            os.listdir(run_dir)
+        except OSError as e:
+            raise UserError(f"{run_dir}: cannot read the run directory ({e.strerror})") from None
     for option, path in (("--data", args.data), ("--teacher", args.teacher)):
         if path is not None and not os.path.isfile(path):
             raise UserError(f"{option} {path}: no such file")

@@ -434,6 +434,56 @@ def test_an_interrupted_run(tmp_path):
     assert_figures_readable(os.path.join(run, "report"), text)
 
 
+def refuse_to_list(monkeypatch, folder):
+    """os.listdir(folder) fails as in a folder of mode 000 (tests run as root, which reads those)."""
+    listdir = os.listdir
+
+    def listdir_or_refuse(path="."):
+        if os.path.abspath(path) == os.path.abspath(folder):
+            raise PermissionError(13, "Permission denied", path)
+        return listdir(path)
+
+    monkeypatch.setattr(os, "listdir", listdir_or_refuse)
+
+
+def test_unreadable_folders_of_a_run_are_notes(tmp_path, monkeypatch):
+    run = str(tmp_path / "run")
+    make_run(run)
+    os.makedirs(os.path.join(run, "teacher_cache"))
+    consequences = {"eval": "so the before/after comparison", "teacher_cache": "so not used"}
+    for folder, consequence in consequences.items():
+        refuse_to_list(monkeypatch, os.path.join(run, folder))
+        (result,) = analyze.main([run])
+        monkeypatch.undo()
+        text, _ = report_of(os.path.join(run, "report"))
+        path = os.path.join(run, folder)
+        assert f"{path}: cannot read (Permission denied), {consequence}" in text
+    assert result["comparisons"] and result["evaluations"]  # the eval files are read again
+
+
+def test_an_unreadable_run_directory_is_one_line(tmp_path, monkeypatch):
+    run = str(tmp_path / "run")
+    make_run(run)
+    refuse_to_list(monkeypatch, run)
+    with pytest.raises(UserError, match=f"^{run}: cannot read the run directory "
+                                        r"\(Permission denied\)$"):
+        analyze.main([run])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a folder of mode 000")
+def test_an_eval_folder_of_mode_000(tmp_path):
+    run = str(tmp_path / "run")
+    make_run(run)
+    os.chmod(os.path.join(run, "eval"), 0)
+    try:
+        result = run_cli(run)
+    finally:
+        os.chmod(os.path.join(run, "eval"), 0o755)
+    assert result.returncode == 0, result.stderr
+    text, _ = report_of(os.path.join(run, "report"))
+    assert "eval: cannot read (Permission denied)" in text
+
+
 def test_a_run_without_any_files(tmp_path):
     (result,) = analyze.main([str(tmp_path)])
     text, _ = report_of(str(tmp_path / "report"))
