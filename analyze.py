@@ -28,8 +28,8 @@ import torch
 from matplotlib.figure import Figure
 
 import hellaswag
-from common import (UserError, atomic_path, atomic_write_text, check_output_path,
-                    read_json_objects, run_cli)
+from common import (UserError, atomic_directory, atomic_path, atomic_write_text,
+                    check_output_path, read_json_objects, run_cli)
 from tokenizer import gpt2_encoding
 
 # groups with fewer examples get intervals too wide (or too narrow, at n < 5) to trust
@@ -42,6 +42,11 @@ STOP_ENDINGS = (".", "!", "?", "\n", '."', '!"', '?"')
 # keys that name where a run lives rather than what it did: never used to tell runs apart
 PLACE_KEYS = ("out_dir", "synthetic_dir", "teacher_cache", "data_cache", "wandb_run_name",
               "wandb_project", "device", "start_over")
+# what a report folder holds: its text, its data and its figures (a sweep's with a runN_ prefix),
+# and what a killed writer may have left of them (common.atomic_path's temporary names)
+REPORT_FILE = (r"report\.(?:md|json)|curves\.png"
+               r"|(?:run\d+_)?(?:groups_(?:last|best)|lengths|calibration|generate)\.png")
+REPORT_ENTRY = re.compile(rf"(?:{REPORT_FILE})|\.(?:{REPORT_FILE})\.\w+\.tmp")
 WITHOUT_PREDICTIONS = ("the before/after comparison, flips, groups, lengths and calibration "
                        "cannot be computed")
 CURVES = [("reward", "reward"), ("kl", "KL to the reference"),
@@ -928,7 +933,26 @@ def sample_lines(samples, per_interval=2, intervals=6):
 
 
 def write_report(runs, results, out_dir, differ, title):
-    os.makedirs(out_dir, exist_ok=True)
+    """report.md, report.json and the figures, written into a new folder that then replaces out_dir
+    whole: a report never mixes its figures with those of an earlier one, and a killed run leaves
+    the earlier report as it was."""
+    with atomic_directory(os.path.realpath(out_dir)) as folder:
+        text = "\n".join(report_lines(runs, results, folder, differ, title))
+        atomic_write_text(os.path.join(folder, "report.md"), text)
+        # the per-example lists stay out of the JSON: they are in the prediction files
+        for result in results:
+            for c in (result.get("calibration") or {}).values():
+                if c:
+                    c.pop("margins", None)
+            for r in result.get("lengths") or []:
+                r.pop("chosen_minus_gold", None)
+        atomic_write_text(os.path.join(folder, "report.json"),
+                          json.dumps(results, indent=1, allow_nan=True) + "\n")
+    return os.path.join(out_dir, "report.md")
+
+
+def report_lines(runs, results, out_dir, differ, title):
+    """The lines of report.md; the figures they show are saved in out_dir."""
     lines = [f"# {title}", "", "## Summary", ""]
     for result in results:
         lines += summary_lines(result) + [""]
@@ -972,17 +996,7 @@ def write_report(runs, results, out_dir, differ, title):
                   or ["Nothing: every part of the report was computed."])
         lines.append("")
         result["cannot_compute"] = run["notes"]
-    atomic_write_text(os.path.join(out_dir, "report.md"), "\n".join(lines))
-    # the per-example lists stay out of the JSON: they are in the prediction files
-    for result in results:
-        for c in (result.get("calibration") or {}).values():
-            if c:
-                c.pop("margins", None)
-        for r in result.get("lengths") or []:
-            r.pop("chosen_minus_gold", None)
-    atomic_write_text(os.path.join(out_dir, "report.json"),
-                      json.dumps(results, indent=1, allow_nan=True) + "\n")
-    return os.path.join(out_dir, "report.md")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1022,8 +1036,28 @@ def parse_args(argv=None):
             raise UserError("several runs or two prediction files: say where the report goes "
                             "with --out DIR")
         args.out = os.path.join(args.runs[0], "report")
-    check_output_path(args.out, directory=True)  # before reading and plotting every run
+    check_report_folder(args.out)  # before reading and plotting every run
     return args
+
+
+def check_report_folder(out):
+    """Refuse an --out that could not take the report: the new report replaces the folder whole
+    (its parent must take the new one), so the folder may hold nothing but an earlier report."""
+    check_output_path(out, directory=True)
+    check_output_path(os.path.dirname(os.path.abspath(out)), directory=True)
+    if not os.path.isdir(out):
+        return
+    try:
+        names = os.listdir(out)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot read ({e.strerror})") from None
+    foreign = sorted(name for name in names if not REPORT_ENTRY.fullmatch(name)
+                     or os.path.isdir(os.path.join(out, name)))
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise UserError(f"--out {out}: holds {foreign[0]!r}{more}, which is not part of a report "
+                        "of analyze.py; the report replaces the whole folder, so give a new or "
+                        "empty folder (or one that holds only an earlier report)")
 
 
 def main(argv=None):

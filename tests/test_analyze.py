@@ -274,6 +274,41 @@ def test_a_sweep_is_labelled_by_the_settings_that_differ(tmp_path):
     assert os.path.exists(os.path.join(out, "run2_groups_last.png"))
 
 
+def test_a_report_replaces_an_earlier_report_whole(tmp_path):
+    """A report never shows figures of another run: the folder of an earlier report (a sweep's,
+    with its run2_ figures) is replaced, not written over."""
+    runs = [str(tmp_path / name) for name in ("a", "b")]
+    make_run(runs[0], config={"learning_rate": 1e-3})
+    make_run(runs[1], config={"learning_rate": 3e-4}, skills=(0.0, 0.5))
+    out = str(tmp_path / "out")
+    analyze.main(runs + ["--out", out])
+    assert os.path.exists(os.path.join(out, "run2_groups_last.png"))
+    analyze.main([runs[1], "--out", out])
+    text, (result,) = report_of(out)
+    figures = set(re.findall(r"!\[[^]]*\]\(([^)]+)\)", text))
+    assert set(os.listdir(out)) == figures | {"report.md", "report.json"}
+    assert "groups_best.png" not in figures and result["dir"] == runs[1]
+    assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("place", ["foreign file", "run directory", "sub-folder"])
+def test_an_out_folder_holding_other_things_is_refused_and_kept(tmp_path, place):
+    run = str(tmp_path / "run")
+    make_run(run)
+    out = {"foreign file": str(tmp_path / "out"), "run directory": run,
+           "sub-folder": str(tmp_path / "out2")}[place]
+    os.makedirs(out, exist_ok=True)
+    if place == "foreign file":
+        (tmp_path / "out" / "notes.txt").write_text("mine")
+        (tmp_path / "out" / "curves.png").write_text("an old figure")
+    elif place == "sub-folder":
+        os.makedirs(os.path.join(out, "report.md"))
+    before = sorted(os.listdir(out))
+    with pytest.raises(UserError, match=f"^--out {out}: holds .* which is not part of a report"):
+        analyze.main([run, "--out", out])
+    assert sorted(os.listdir(out)) == before
+
+
 # --------------------------------------------------------------------------------------------------
 # runs the report must survive: they say what cannot be computed, and never raise
 
@@ -609,6 +644,8 @@ def test_predictions_with_scores_that_are_not_finite(tmp_path, bad):
     ([], "give run directories"),
     (["--before", "a.jsonl", "--after", "b.jsonl", "--data", "no.jsonl", "--out", "x"],
      "--data no.jsonl: no such file"),
+    (["--before", "a.jsonl", "--after", "b.jsonl", "--out", "tests"],
+     "--out tests: holds"),
 ])
 def test_cli_errors_are_one_line(args, message):
     result = run_cli(*args)
