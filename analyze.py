@@ -47,6 +47,7 @@ PLACE_KEYS = ("out_dir", "synthetic_dir", "teacher_cache", "data_cache", "wandb_
 REPORT_FILE = (r"report\.(?:md|json)|curves\.png"
                r"|(?:run\d+_)?(?:groups_(?:last|best)|lengths|calibration|generate)\.png")
 REPORT_ENTRY = re.compile(rf"(?:{REPORT_FILE})|\.(?:{REPORT_FILE})\.\w+\.tmp")
+DRAWABLE = 1e300
 WITHOUT_PREDICTIONS = ("the before/after comparison, flips, groups, lengths and calibration "
                        "cannot be computed")
 CURVES = [("reward", "reward"), ("kl", "KL to the reference"),
@@ -103,11 +104,25 @@ def mean(values):
     return sum(values) / len(values) if values else float("nan")
 
 
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def finite_mean(values):
     """The mean of the finite numbers among values (a step skipped as non-finite logs NaN), or
-    None."""
-    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    return sum(values) / len(values) if values else None
+    None; each is divided before the sum, which values near the float maximum would overflow."""
+    values = [v for v in values if is_number(v) and math.isfinite(v)]
+    return sum(v / len(values) for v in values) if values else None
+
+
+def drawable(value):
+    """A finite number short of the float maximum, near which matplotlib's axis limits overflow
+    (a constant curve at 1e308 cannot be drawn)."""
+    return is_number(value) and math.isfinite(value) and abs(value) < DRAWABLE
+
+
+def positive_integer(value):
+    return drawable(value) and value == int(value) and value > 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,6 +145,18 @@ def read_records(path, notes):
     return records
 
 
+# the settings this report reads, and what each must be ("" or null: the default)
+SETTINGS = {"choice_temperature": ("a positive number", lambda v: drawable(v) and v > 0),
+            "max_new_tokens": ("a positive integer", positive_integer),
+            "stop_at_sentence_end": ("true or false", lambda v: isinstance(v, bool)),
+            "synthetic": ("true or false", lambda v: isinstance(v, bool)),
+            **{key: ("a string", lambda v: v is None or isinstance(v, str))
+               for key in ("rollout", "reward_kind", "val_data", "synthetic_dir", "data_cache",
+                           "teacher_cache")}}
+JSON_KINDS = {"list": "a list", "str": "a string", "int": "a number", "float": "a number",
+              "bool": "true or false", "NoneType": "null"}
+
+
 def read_config(run_dir, notes):
     path = os.path.join(run_dir, "train_config.json")
     if not os.path.isfile(path):
@@ -139,18 +166,49 @@ def read_config(run_dir, notes):
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, RecursionError, ValueError) as e:
         notes.append(f"{path}: unreadable ({type(e).__name__}); settings unknown")
         return {}
-    return config if isinstance(config, dict) else {}
+    if not isinstance(config, dict):
+        kind = JSON_KINDS.get(type(config).__name__, type(config).__name__)
+        notes.append(f"{path}: holds {kind}, not an object of settings; settings unknown")
+        return {}
+    for key, (kind, fits) in SETTINGS.items():
+        if key in config and not fits(config[key]):
+            notes.append(f"{path}: {key} is {short(config.pop(key))}, not {kind}; its default "
+                         "is used")
+    return config
 
 
-def by_step(records):
-    """Records with an integer step, one per step (the last one logged wins), in step order."""
-    steps = {}
-    for r in records or []:
-        if isinstance(r.get("step"), int):
-            steps[r["step"]] = r
+def short(value, width=40):
+    """repr(value), cut to width characters."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def read_metrics(run_dir, notes):
+    """metrics.jsonl's records with an integer step, one per step, in step order. A step logged
+    twice (two runs written into one folder; a resume drops what it redoes) or a line without an
+    integer step is noted: the last line of a step is the one used."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    steps, repeated, no_step = {}, [], []
+    for r in read_records(path, notes) or []:
+        step = r.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            no_step.append(step)
+            continue
+        if step in steps:
+            repeated.append(step)
+        steps[step] = r
+    if no_step:
+        notes.append(f"{path}: skipped {len(no_step)} line(s) whose step is not an integer "
+                     f"(the first: {short(no_step[0])})")
+    if repeated:
+        notes.append(f"{path}: {len(set(repeated))} step(s) logged more than once, the first "
+                     f"step {readable(repeated[0], 0)} (two runs written into one folder?); the "
+                     "curves use the last line of each")
+    if not steps:
+        notes.append(f"{path}: missing or empty, so there are no training curves")
     return [steps[s] for s in sorted(steps)]
 
 
@@ -269,10 +327,7 @@ def teacher_cache_note(run_dir, config, notes):
 def load_run(run_dir, data=None, teacher=None):
     notes = []
     config = read_config(run_dir, notes)
-    metrics = by_step(read_records(os.path.join(run_dir, "metrics.jsonl"), notes))
-    if not metrics:
-        notes.append(f"{os.path.join(run_dir, 'metrics.jsonl')}: missing or empty, so there are no "
-                     "training curves")
+    metrics = read_metrics(run_dir, notes)
     samples = read_records(os.path.join(run_dir, "samples.jsonl"), notes) or []
     evaluations = read_evaluations(run_dir, notes)
     examples = (read_examples(data or val_data_path(config, run_dir), evaluations, notes)
@@ -353,16 +408,25 @@ def evaluation_table(run):
     # steps whose file is lost: the logged value
     if all(is_labelled(e["predictions"]) for e in run["evaluations"]):
         rows += [row for m in run["metrics"]
-                 if m["step"] not in have and (row := metrics_evaluation(m))]
+                 if m["step"] not in have and (row := metrics_evaluation(m, run))]
     return sorted(rows, key=lambda row: -1 if row["step"] is None else row["step"])
 
 
-def metrics_evaluation(m):
-    if not all(isinstance(m.get(k), (int, float)) for k in ("eval/acc", "eval/acc_norm", "eval/n")):
+def metrics_evaluation(m, run):
+    """An evaluation logged in metrics.jsonl, or None: none logged at this step, or (with a note)
+    values that are not accuracies of n examples."""
+    if not any(k in m for k in ("eval/acc", "eval/acc_norm", "eval/n")):
         return None
-    n = m["eval/n"]
-    return {"name": f"step {m['step']}", "step": m["step"], "n": n, "acc": m["eval/acc"],
-            "acc_ci": wilson_interval(round(m["eval/acc"] * n), n), "acc_norm": m["eval/acc_norm"],
+    n, accuracies = m.get("eval/n"), [m.get(k) for k in ("eval/acc", "eval/acc_norm")]
+    if not (positive_integer(n) and all(is_number(a) and 0 <= a <= 1 for a in accuracies)):
+        path = os.path.join(run["dir"], "metrics.jsonl")
+        run["notes"].append(f"{path}, step {readable(m['step'], 0)}: eval/acc, eval/acc_norm and "
+                            "eval/n are not accuracies (0 to 1) of a number of examples; that "
+                            "evaluation is left out")
+        return None
+    return {"name": f"step {readable(m['step'], 0)}", "step": m["step"], "n": n,
+            "acc": m["eval/acc"], "acc_ci": wilson_interval(round(m["eval/acc"] * n), n),
+            "acc_norm": m["eval/acc_norm"],
             "acc_norm_ci": wilson_interval(round(m["eval/acc_norm"] * n), n)}
 
 
@@ -512,7 +576,8 @@ def generate_stats(run, encode):
     first two for every rollout of a step in metrics.jsonl; for a run without them, they come from
     the few samples that samples.jsonl keeps (noisy)."""
     config = run["config"]
-    logged = [m for m in run["metrics"] if "train/stop_rate" in m and "train/response_length" in m]
+    logged = [m for m in run["metrics"] if drawable(m["step"])
+              and drawable(m.get("train/stop_rate")) and drawable(m.get("train/response_length"))]
     if logged:
         rows = [{"step": m["step"], "response_tokens": m["train/response_length"],
                  "stop_rate": m["train/stop_rate"]}
@@ -533,10 +598,10 @@ def generate_stats(run, encode):
         source = "samples.jsonl: the few samples kept per sample_interval, so noisy"
     return {"samples": rows, "source": source,
             "reward_kl": [(m["step"], m["kl"], m["reward"]) for m in run["metrics"]
-                          if "kl" in m and "reward" in m],
+                          if all(map(drawable, (m["step"], m.get("kl"), m.get("reward"))))],
             # the judge's raw mean log-prob, which normalised rewards hide
             "judge_score": [(m["step"], m["train/judge_score"]) for m in run["metrics"]
-                            if "train/judge_score" in m]}
+                            if drawable(m["step"]) and drawable(m.get("train/judge_score"))]}
 
 
 def analyze_run(run, encode=None):
@@ -627,7 +692,7 @@ def plot_curves(runs, results, path):
                                     [r[f"{metric}_ci"][1] for r in rows], color=color, alpha=0.12)
             else:
                 points = [(m["step"], m[key]) for m in run["metrics"]
-                          if isinstance(m.get(key), (int, float)) and math.isfinite(m[key])
+                          if drawable(m["step"]) and drawable(m.get(key))
                           and not (key == "reward" and m["step"] == 0)]
                 if points:
                     ax.plot(*zip(*points), color=color, linewidth=1.2, label=run["label"])
@@ -743,6 +808,18 @@ def pct(x):
     return f"{x:.3f}"
 
 
+def readable(x, digits=3):
+    """x with `digits` decimals, or in scientific notation where that would print more than a
+    dozen digits: 1e+308, not 309 of them."""
+    if not abs(x) >= 1e9:  # NaN too
+        return f"{x:.{digits}f}"
+    try:
+        return f"{x:.{digits}g}"
+    except OverflowError:  # an integer beyond the float maximum
+        text = str(abs(x))
+        return f"{'-' * (x < 0)}{text[0]}e+{len(text) - 1}"
+
+
 def ci(interval, signed=False):
     fmt = "{:+.3f}" if signed else "{:.3f}"
     return f"[{fmt.format(interval[0])}, {fmt.format(interval[1])}]"
@@ -771,11 +848,11 @@ def summary_lines(result):
     training = result.get("training")
     if training:
         reward_first, reward_last, kl_last = (
-            "–" if training[k] is None else f"{training[k]:.3f}"
+            "–" if training[k] is None else readable(training[k])
             for k in ("reward_first5", "reward_last5", "kl_last5"))
-        lines.append(f"- {training['steps']} steps; mean reward {reward_first} over the first 5 "
-                     f"steps, {reward_last} over the last 5; KL to the reference {kl_last} over "
-                     "the last 5 (steps skipped as non-finite left out).")
+        lines.append(f"- {readable(training['steps'], 0)} steps; mean reward {reward_first} over "
+                     f"the first 5 steps, {reward_last} over the last 5; KL to the reference "
+                     f"{kl_last} over the last 5 (steps skipped as non-finite left out).")
     for name, c in result["comparisons"].items():
         if "acc_norm" in c:
             d = c["acc_norm"]
@@ -898,15 +975,17 @@ def generate_lines(stats, figure):
              f"Response length (tokens) and stop rate come from {stats['source']}.", ""]
     if stats["samples"]:
         first, last = stats["samples"][0], stats["samples"][-1]
-        lines += [f"Response length {first['response_tokens']:.1f} → "
-                  f"{last['response_tokens']:.1f} tokens and stop rate "
-                  f"{first['stop_rate']:.2f} → {last['stop_rate']:.2f} "
-                  f"from step {first['step']} to step {last['step']}.", ""]
+        lines += [f"Response length {readable(first['response_tokens'], 1)} → "
+                  f"{readable(last['response_tokens'], 1)} tokens and stop rate "
+                  f"{readable(first['stop_rate'], 2)} → {readable(last['stop_rate'], 2)} "
+                  f"from step {readable(first['step'], 0)} to step "
+                  f"{readable(last['step'], 0)}.", ""]
     if stats.get("judge_score"):
         (first_step, first), (last_step, last) = stats["judge_score"][0], stats["judge_score"][-1]
         lines += [f"The judge's raw score (its mean log-prob of the non-empty samples, before "
-                  f"normalising, clipping and penalties) went {first:.3f} → {last:.3f} "
-                  f"from step {first_step} to step {last_step}.", ""]
+                  f"normalising, clipping and penalties) went {readable(first)} → "
+                  f"{readable(last)} from step {readable(first_step, 0)} to step "
+                  f"{readable(last_step, 0)}.", ""]
     return lines
 
 
@@ -926,9 +1005,8 @@ def sample_lines(samples, per_interval=2, intervals=6):
             context = " ".join(str(s.get("ctx", "")).split())[-60:].replace("|", "\\|")
             text = " ".join(s["continuation"].split()).replace("|", "\\|")
             reward = s.get("reward")
-            lines.append(f"| {step} | …{context} | {text} | {reward:.3f} |"
-                         if isinstance(reward, (int, float))
-                         else f"| {step} | …{context} | {text} | – |")
+            reward = readable(reward) if is_number(reward) else "–"
+            lines.append(f"| {readable(step, 0)} | …{context} | {text} | {reward} |")
     return lines + [""]
 
 

@@ -369,6 +369,59 @@ def test_a_skipped_non_finite_step_stays_out_of_the_summary(tmp_path):
     assert "nan" not in text.split("## Evaluations")[0]
 
 
+def test_what_is_wrong_with_metrics_and_config_is_named(tmp_path):
+    """Two runs logged into one folder, steps that are strings, rewards near the float maximum and
+    a config that is a list: the report names each, and prints 1e+308 rather than 309 digits."""
+    run = str(tmp_path / "run")
+    _, _, metrics = make_run(run)
+    for m in metrics[-5:]:
+        m["reward"] = 1e308
+    strings = [{**m, "step": str(m["step"])} for m in metrics[2:4]]
+    write_jsonl(os.path.join(run, "metrics.jsonl"), metrics + metrics[5:8] + strings)
+    with open(os.path.join(run, "train_config.json"), "w") as f:
+        json.dump([{"learning_rate": 1e-3}], f)
+    (result,) = analyze.main([run])
+    text, _ = report_of(os.path.join(run, "report"))
+    path = os.path.join(run, "metrics.jsonl")
+    assert (f"{path}: 3 step(s) logged more than once, the first step 5 (two runs written into "
+            "one folder?)") in text
+    assert f"{path}: skipped 2 line(s) whose step is not an integer (the first: '2')" in text
+    assert (f"{os.path.join(run, 'train_config.json')}: holds a list, not an object of settings"
+            in text)
+    assert "1e+308 over the last 5" in text and not re.search(r"\d{20}", text)
+    assert result["training"]["reward_last5"] == 1e308
+    assert_figures_readable(os.path.join(run, "report"), text)
+
+
+@pytest.mark.parametrize("setting, value, kind", [
+    ("choice_temperature", 0, "a positive number"),
+    ("choice_temperature", "1", "a positive number"),
+    ("max_new_tokens", "24", "a positive integer"),
+    ("val_data", ["val.jsonl"], "a string"),
+])
+def test_a_setting_of_the_wrong_kind_is_named_and_its_default_used(tmp_path, setting, value, kind):
+    run = str(tmp_path / "run")
+    make_run(run, config={"rollout": "generate", setting: value})
+    write_jsonl(os.path.join(run, "samples.jsonl"),
+                [{"step": 1, "ctx": "A man walks.", "continuation": " He stops.", "reward": 1}])
+    (result,) = analyze.main([run])
+    text, _ = report_of(os.path.join(run, "report"))
+    assert f"train_config.json: {setting} is {value!r}, not {kind}; its default is used" in text
+    assert result["comparisons"]["last"]["acc_norm"]
+
+
+def test_logged_evaluations_that_are_not_accuracies_are_left_out(tmp_path):
+    run = str(tmp_path / "run")
+    _, _, metrics = make_run(run)
+    os.remove(train_ppo.eval_predictions_path(run, 10))
+    metrics[10].update({"eval/acc": 1e308, "eval/n": float("inf")})
+    write_jsonl(os.path.join(run, "metrics.jsonl"), metrics)
+    (result,) = analyze.main([run])
+    text, _ = report_of(os.path.join(run, "report"))
+    assert [r["step"] for r in result["evaluations"]] == [0, 20]
+    assert "step 10: eval/acc, eval/acc_norm and eval/n are not accuracies" in text
+
+
 def test_length_pairs_of_partly_labelled_predictions():
     examples = [{"endings": ["a", "bb", "ccc", "dddd"], "label": 3},
                 {"endings": ["aaaaaa", "b", "c", "d"], "label": 0}]
@@ -470,7 +523,8 @@ def test_an_interrupted_run(tmp_path):
 
 
 def refuse_to_list(monkeypatch, folder):
-    """os.listdir(folder) fails as in a folder of mode 000 (tests run as root, which reads those)."""
+    """os.listdir(folder) fails as in a folder of mode 000 (tests run as root, which reads
+    those)."""
     listdir = os.listdir
 
     def listdir_or_refuse(path="."):
