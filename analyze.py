@@ -125,6 +125,24 @@ def positive_integer(value):
     return drawable(value) and value == int(value) and value > 0
 
 
+def short(value, width=40):
+    """repr(value), cut to width characters."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def readable(x, digits=3):
+    """x with `digits` decimals, or in scientific notation where that would print more than a
+    dozen digits: 1e+308, not 309 of them."""
+    if not abs(x) >= 1e9:  # NaN too
+        return f"{x:.{digits}f}"
+    try:
+        return f"{x:.{digits}g}"
+    except OverflowError:  # an integer beyond the float maximum
+        text = str(abs(x))
+        return f"{'-' * (x < 0)}{text[0]}e+{len(text) - 1}"
+
+
 # --------------------------------------------------------------------------------------------------
 # reading a run as it is: every file may be missing, cut off or from an older version
 
@@ -178,12 +196,6 @@ def read_config(run_dir, notes):
             notes.append(f"{path}: {key} is {short(config.pop(key))}, not {kind}; its default "
                          "is used")
     return config
-
-
-def short(value, width=40):
-    """repr(value), cut to width characters."""
-    text = repr(value)
-    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def read_metrics(run_dir, notes):
@@ -269,6 +281,16 @@ def val_data_path(config, run_dir):
     return spec
 
 
+def predicts(prediction, examples):
+    """Whether a prediction line can be of examples[its index]: the index is in range and the gold
+    label and the data's ind, where the line records them, are that example's."""
+    if prediction["index"] >= len(examples):
+        return False
+    example = examples[prediction["index"]]
+    return (prediction.get("label") in (None, example["label"])
+            and prediction.get("ind") in (None, example.get("ind")))
+
+
 def read_examples(path, evaluations, notes):
     """The validation examples every evaluation's predictions index, or None (with a note) when the
     text is not here or is other data."""
@@ -289,16 +311,6 @@ def read_examples(path, evaluations, notes):
                              f"{p['index']} differs); ending lengths cannot be computed")
                 return None
     return examples
-
-
-def predicts(prediction, examples):
-    """Whether a prediction line can be of examples[its index]: the index is in range and the gold
-    label and the data's ind, where the line records them, are that example's."""
-    if prediction["index"] >= len(examples):
-        return False
-    example = examples[prediction["index"]]
-    return (prediction.get("label") in (None, example["label"])
-            and prediction.get("ind") in (None, example.get("ind")))
 
 
 def teacher_cache_note(run_dir, config, notes):
@@ -808,18 +820,6 @@ def pct(x):
     return f"{x:.3f}"
 
 
-def readable(x, digits=3):
-    """x with `digits` decimals, or in scientific notation where that would print more than a
-    dozen digits: 1e+308, not 309 of them."""
-    if not abs(x) >= 1e9:  # NaN too
-        return f"{x:.{digits}f}"
-    try:
-        return f"{x:.{digits}g}"
-    except OverflowError:  # an integer beyond the float maximum
-        text = str(abs(x))
-        return f"{'-' * (x < 0)}{text[0]}e+{len(text) - 1}"
-
-
 def ci(interval, signed=False):
     fmt = "{:+.3f}" if signed else "{:.3f}"
     return f"[{fmt.format(interval[0])}, {fmt.format(interval[1])}]"
@@ -1010,25 +1010,6 @@ def sample_lines(samples, per_interval=2, intervals=6):
     return lines + [""]
 
 
-def write_report(runs, results, out_dir, differ, title):
-    """report.md, report.json and the figures, written into a new folder that then replaces out_dir
-    whole: a report never mixes its figures with those of an earlier one, and a killed run leaves
-    the earlier report as it was."""
-    with atomic_directory(os.path.realpath(out_dir)) as folder:
-        text = "\n".join(report_lines(runs, results, folder, differ, title))
-        atomic_write_text(os.path.join(folder, "report.md"), text)
-        # the per-example lists stay out of the JSON: they are in the prediction files
-        for result in results:
-            for c in (result.get("calibration") or {}).values():
-                if c:
-                    c.pop("margins", None)
-            for r in result.get("lengths") or []:
-                r.pop("chosen_minus_gold", None)
-        atomic_write_text(os.path.join(folder, "report.json"),
-                          json.dumps(results, indent=1, allow_nan=True) + "\n")
-    return os.path.join(out_dir, "report.md")
-
-
 def report_lines(runs, results, out_dir, differ, title):
     """The lines of report.md; the figures they show are saved in out_dir."""
     lines = [f"# {title}", "", "## Summary", ""]
@@ -1077,8 +1058,47 @@ def report_lines(runs, results, out_dir, differ, title):
     return lines
 
 
+def write_report(runs, results, out_dir, differ, title):
+    """report.md, report.json and the figures, written into a new folder that then replaces out_dir
+    whole: a report never mixes its figures with those of an earlier one, and a killed run leaves
+    the earlier report as it was."""
+    with atomic_directory(os.path.realpath(out_dir)) as folder:
+        text = "\n".join(report_lines(runs, results, folder, differ, title))
+        atomic_write_text(os.path.join(folder, "report.md"), text)
+        # the per-example lists stay out of the JSON: they are in the prediction files
+        for result in results:
+            for c in (result.get("calibration") or {}).values():
+                if c:
+                    c.pop("margins", None)
+            for r in result.get("lengths") or []:
+                r.pop("chosen_minus_gold", None)
+        atomic_write_text(os.path.join(folder, "report.json"),
+                          json.dumps(results, indent=1, allow_nan=True) + "\n")
+    return os.path.join(out_dir, "report.md")
+
+
 # --------------------------------------------------------------------------------------------------
 # command line
+
+
+def check_report_folder(out):
+    """Refuse an --out that could not take the report: the new report replaces the folder whole
+    (its parent must take the new one), so the folder may hold nothing but an earlier report."""
+    check_output_path(out, directory=True)
+    check_output_path(os.path.dirname(os.path.abspath(out)), directory=True)
+    if not os.path.isdir(out):
+        return
+    try:
+        names = os.listdir(out)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot read ({e.strerror})") from None
+    foreign = sorted(name for name in names if not REPORT_ENTRY.fullmatch(name)
+                     or os.path.isdir(os.path.join(out, name)))
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise UserError(f"--out {out}: holds {foreign[0]!r}{more}, which is not part of a report "
+                        "of analyze.py; the report replaces the whole folder, so give a new or "
+                        "empty folder (or one that holds only an earlier report)")
 
 
 def parse_args(argv=None):
@@ -1116,26 +1136,6 @@ def parse_args(argv=None):
         args.out = os.path.join(args.runs[0], "report")
     check_report_folder(args.out)  # before reading and plotting every run
     return args
-
-
-def check_report_folder(out):
-    """Refuse an --out that could not take the report: the new report replaces the folder whole
-    (its parent must take the new one), so the folder may hold nothing but an earlier report."""
-    check_output_path(out, directory=True)
-    check_output_path(os.path.dirname(os.path.abspath(out)), directory=True)
-    if not os.path.isdir(out):
-        return
-    try:
-        names = os.listdir(out)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot read ({e.strerror})") from None
-    foreign = sorted(name for name in names if not REPORT_ENTRY.fullmatch(name)
-                     or os.path.isdir(os.path.join(out, name)))
-    if foreign:
-        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise UserError(f"--out {out}: holds {foreign[0]!r}{more}, which is not part of a report "
-                        "of analyze.py; the report replaces the whole folder, so give a new or "
-                        "empty folder (or one that holds only an earlier report)")
 
 
 def main(argv=None):
