@@ -26,6 +26,7 @@ import re
 import torch
 # the object API: no pyplot, no display, no global backend state
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 import hellaswag
 from common import (UserError, atomic_directory, atomic_path, atomic_write_text,
@@ -679,7 +680,17 @@ def analyze_run(run, encode=None):
 # figures: matplotlib's object API, one PNG each
 
 
+def printable(text):
+    """text with each lone surrogate (a run folder whose name is not UTF-8, a hand-made log) written
+    as its escape: a UTF-8 file cannot hold one, and matplotlib's font renderer refuses it."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def save_figure(fig, path):
+    """Lay the figure out and save it as a PNG; -> its file name."""
+    for text in fig.findobj(Text):  # titles, labels, legends, ticks
+        text.set_text(printable(text.get_text()))
+    fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
     return os.path.basename(path)
@@ -713,7 +724,6 @@ def plot_curves(runs, results, path):
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes,
                     color="grey")
-    fig.tight_layout()
     return save_figure(fig, path)
 
 
@@ -739,7 +749,6 @@ def plot_groups(comparison, path):
         more = f", the {MAX_GROUPS} largest of {len(groups)}" if len(groups) > MAX_GROUPS else ""
         ax.set_title(f"acc_norm change by {field}{more} (95% CI)", fontsize=9)
     axes[-1].set_xlabel(f"{comparison['after']} minus {comparison['before']}")
-    fig.tight_layout()
     return save_figure(fig, path)
 
 
@@ -763,7 +772,6 @@ def plot_calibration(calibrations, path):
                 title="confidence margin")
     reliability.legend(fontsize=8)
     margins.legend(fontsize=8)
-    fig.tight_layout()
     return save_figure(fig, path)
 
 
@@ -787,7 +795,6 @@ def plot_lengths(rows, path):
                title="length of chosen vs gold")
     if spread.has_data():
         spread.legend(fontsize=8)
-    fig.tight_layout()
     return save_figure(fig, path)
 
 
@@ -808,7 +815,6 @@ def plot_generate(stats, path):
     if judge_scores:
         judge[0].plot(*zip(*judge_scores), "o-", markersize=3)
         judge[0].set(xlabel="step", ylabel="mean log-prob", title="judge's raw score")
-    fig.tight_layout()
     return save_figure(fig, path)
 
 
@@ -1063,7 +1069,7 @@ def write_report(runs, results, out_dir, differ, title):
     whole: a report never mixes its figures with those of an earlier one, and a killed run leaves
     the earlier report as it was."""
     with atomic_directory(os.path.realpath(out_dir)) as folder:
-        text = "\n".join(report_lines(runs, results, folder, differ, title))
+        text = printable("\n".join(report_lines(runs, results, folder, differ, title)))
         atomic_write_text(os.path.join(folder, "report.md"), text)
         # the per-example lists stay out of the JSON: they are in the prediction files
         for result in results:
@@ -1154,7 +1160,7 @@ def main(argv=None):
         encode = gpt2_encoding().encode_ordinary  # only generate runs count tokens
     results = [analyze_run(run, encode) for run in runs]
     path = write_report(runs, results, args.out, differ, title)
-    print(f"wrote {path}")
+    print(f"wrote {printable(path)}")
     return results
 
 

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
 from causal_lm import (CausalLM, PairError, is_gpt2_vocab, load_causal_lm, sequence_logprobs,
-                       split_encode)
+                       split_encode, unicode_problem)
 from common import (UserError, atomic_path, atomic_write_text, autocast, check_output_path,
                     first_line, looks_like_a_path, read_json, read_jsonl, resolve_device, run_cli,
                     same_error_on_every_rank)
@@ -151,6 +151,17 @@ def _parse_label(label, bad):
     return label
 
 
+def _check_unicode(example, bad):
+    """Every text of an example must be valid Unicode: a lone surrogate would be scored as U+FFFD
+    by this project's GPT and stop a transformers tokenizer, and cannot be written to a report."""
+    texts = [(field, "", value) for field, value in example.items() if isinstance(value, str)]
+    texts += [("endings", f"ending {j} ", ending) for j, ending in enumerate(example["endings"])]
+    for field, which, text in texts:
+        problem = unicode_problem(text)
+        if problem:
+            raise bad(field, f"{which}holds {problem}")
+
+
 def validate_record(obj, where, index):
     """One record of the official schema -> an example dict, or a UserError naming `where` and the
     field."""
@@ -182,6 +193,7 @@ def validate_record(obj, where, index):
         if not isinstance(ending, str) or not ending.strip():
             raise bad("endings", f"ending {j} is empty or not a string")
     example["endings"] = list(endings)
+    _check_unicode(example, bad)
     example["label"] = _parse_label(obj.get("label"), bad)
     return example
 
@@ -602,6 +614,14 @@ def write_predictions(path, predictions):
     atomic_write_text(path, "".join(json.dumps(p) + "\n" for p in predictions))
 
 
+def _check_prediction_texts(prediction, where):
+    """The group fields are printed and drawn: a lone surrogate in one could be neither."""
+    for key, value in prediction.items():
+        invalid = unicode_problem(value) if isinstance(value, str) else None
+        if invalid:
+            raise UserError(f"{where}: '{key}' holds {invalid}")
+
+
 def read_predictions(path, require_labels=True):
     """The lines of a --predictions file. require_labels=False also takes lines whose label is null
     (predictions of unlabelled data, which analyze.py can still describe but not score)."""
@@ -622,6 +642,7 @@ def read_predictions(path, require_labels=True):
         for key in ("label", "pred", "pred_norm"):
             if obj.get(key) is not None and not 0 <= obj[key] <= 3:
                 raise UserError(f"{where}: '{key}' is {obj[key]}, but an ending number is 0-3")
+        _check_prediction_texts(obj, where)
         obj.setdefault("label", None)  # unlabelled, as null says
         records.append(obj)
     if not records:

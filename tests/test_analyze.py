@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import analyze
+import common
 import hellaswag
 import synthetic
 import train_ppo
@@ -420,6 +421,51 @@ def test_logged_evaluations_that_are_not_accuracies_are_left_out(tmp_path):
     text, _ = report_of(os.path.join(run, "report"))
     assert [r["step"] for r in result["evaluations"]] == [0, 20]
     assert "step 10: eval/acc, eval/acc_norm and eval/n are not accuracies" in text
+
+
+def test_validation_text_that_is_not_valid_unicode_is_a_note(tmp_path):
+    """A lone surrogate (json.loads takes the escape "\\ud800") in --data: named in one line, file,
+    line and field, and the report comes without the lengths."""
+    run = str(tmp_path / "run")
+    examples, _, _ = make_run(run)
+    bad = [{**ex, "ctx": ex["ctx"] + " \ud800"} for ex in examples]
+    (result,) = analyze.main([run, "--data", write_examples(tmp_path, bad)])
+    text, _ = report_of(os.path.join(run, "report"))
+    assert ("val40.jsonl, line 1: field 'ctx': holds a lone surrogate (U+D800) at character "
+            f"{len(examples[0]['ctx']) + 1}, which is not valid Unicode text") in text
+    assert "lengths" not in result and result["comparisons"]["last"]["acc_norm"]
+
+
+def test_prediction_files_that_are_not_valid_unicode_are_refused_alike(tmp_path, capsys):
+    examples = val_examples(10)
+    a, b = predictions(examples, 0.0, seed=1), predictions(examples, 0.9, seed=2)
+    b[4]["activity_label"] = "Paint \ud800"
+    paths = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    write_jsonl(paths[0], a)
+    write_jsonl(paths[1], b)
+    message = (f"{paths[1]}, line 5: 'activity_label' holds a lone surrogate (U+D800) at "
+               "character 6, which is not valid Unicode text")
+    for cli, argv in ((hellaswag.main, ["--compare", *paths]),
+                      (analyze.main, ["--before", paths[0], "--after", paths[1], "--out",
+                                      str(tmp_path / "report")])):
+        with pytest.raises(SystemExit) as e:
+            common.run_cli(cli, argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1
+
+
+def test_a_run_folder_whose_name_is_not_utf8(tmp_path):
+    """Linux names are bytes: Python reads b"\\xe9" as the lone surrogate "\\udce9", which reaches
+    the title, the labels in the figures and the samples."""
+    runs = [str(tmp_path / name) for name in ("caf\udce9", "b")]
+    for run in runs:
+        make_run(run, config={"rollout": "generate"})
+    write_jsonl(os.path.join(runs[0], "samples.jsonl"),
+                [{"step": 1, "ctx": "A \ud800.", "continuation": " He \udce9.", "reward": 0.5}])
+    analyze.main(runs + ["--out", str(tmp_path / "out")])
+    text, _ = report_of(str(tmp_path / "out"))
+    assert "caf\\udce9" in text and "He \\udce9." in text
+    assert_figures_readable(str(tmp_path / "out"), text)
 
 
 def test_length_pairs_of_partly_labelled_predictions():
