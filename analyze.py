@@ -14,7 +14,8 @@ eval/step_*.jsonl (hellaswag.py's --predictions schema). eval/teacher.jsonl (or 
 teacher's own predictions on the validation data, adds agreement with the teacher. Anything missing,
 cut off or unlabelled is skipped, and the report says what could not be computed and why. The paired
 statistics are hellaswag.py's (the ones --compare prints); this file adds only intervals for one
-accuracy and the calibration error.
+accuracy and the calibration error. The report folder is written whole and replaces --out, which may
+hold nothing but an earlier report.
 """
 
 import argparse
@@ -1111,8 +1112,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="A report (markdown + PNG figures) on what PPO did to a model.")
     parser.add_argument("runs", nargs="*", metavar="RUN_DIR", help="train_ppo.py out_dir(s)")
-    parser.add_argument("--out",
-                        help="report folder (default RUN_DIR/report for one run; needed otherwise)")
+    parser.add_argument("--out", help="report folder, replaced whole: new, empty or an earlier "
+                                      "report (default RUN_DIR/report for one run; needed "
+                                      "otherwise)")
     parser.add_argument("--before", help="a --predictions file: the model before")
     parser.add_argument("--after", help="a --predictions file of the same data: the model after")
     parser.add_argument("--data", help="the validation jsonl the predictions index "

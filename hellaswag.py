@@ -796,7 +796,8 @@ def parse_args(argv=None):
                         help="write the results (accuracies, by group, speed) to this JSON file")
     parser.add_argument("--predictions", help="write one JSON line per example to this file")
     parser.add_argument("--compare", nargs=2, metavar=("A.jsonl", "B.jsonl"),
-                        help="compare two --predictions files of the same data")
+                        help="compare two --predictions files of the same data, on the "
+                             "examples both cover")
     args = parser.parse_args(argv)
     if args.compare is None and args.model is None:
         raise UserError("give --model SOURCE to evaluate, or --compare A.jsonl B.jsonl")
