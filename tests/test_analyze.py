@@ -415,7 +415,7 @@ def test_a_setting_of_the_wrong_kind_is_named_and_its_default_used(tmp_path, set
 def test_logged_evaluations_that_are_not_accuracies_are_left_out(tmp_path):
     run = str(tmp_path / "run")
     _, _, metrics = make_run(run)
-    os.remove(train_ppo.eval_predictions_path(run, 10))
+    os.remove(run_management.eval_predictions_path(run, 10))
     metrics[10].update({"eval/acc": 1e308, "eval/n": float("inf")})
     write_jsonl(os.path.join(run, "metrics.jsonl"), metrics)
     (result,) = analyze.main([run])
