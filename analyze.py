@@ -14,7 +14,8 @@ eval/step_*.jsonl (hellaswag.py's --predictions schema). eval/teacher.jsonl (or 
 teacher's own predictions on the validation data, adds agreement with the teacher. Anything missing,
 cut off or unlabelled is skipped, and the report says what could not be computed and why. The paired
 statistics are hellaswag.py's (the ones --compare prints); this file adds only intervals for one
-accuracy and the calibration error.
+accuracy and the calibration error. The report folder is written whole and replaces --out, which may
+hold nothing but an earlier report.
 """
 
 import argparse
@@ -26,10 +27,11 @@ import re
 import torch
 # the object API: no pyplot, no display, no global backend state
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 import hellaswag
-from common import (UserError, atomic_path, atomic_write_text, check_output_path,
-                    read_json_objects, run_cli)
+from common import (UserError, atomic_directory, atomic_path, atomic_write_text,
+                    check_output_path, read_json_objects, run_cli)
 from tokenizer import gpt2_encoding
 
 # groups with fewer examples get intervals too wide (or too narrow, at n < 5) to trust
@@ -42,6 +44,14 @@ STOP_ENDINGS = (".", "!", "?", "\n", '."', '!"', '?"')
 # keys that name where a run lives rather than what it did: never used to tell runs apart
 PLACE_KEYS = ("out_dir", "synthetic_dir", "teacher_cache", "data_cache", "wandb_run_name",
               "wandb_project", "device", "start_over")
+# what a report folder holds: its text, its data and its figures (a sweep's with a runN_ prefix),
+# and what a killed writer may have left of them (common.atomic_path's temporary names)
+REPORT_FILE = (r"report\.(?:md|json)|curves\.png"
+               r"|(?:run\d+_)?(?:groups_(?:last|best)|lengths|calibration|generate)\.png")
+REPORT_ENTRY = re.compile(rf"(?:{REPORT_FILE})|\.(?:{REPORT_FILE})\.\w+\.tmp")
+DRAWABLE = 1e300
+WITHOUT_PREDICTIONS = ("the before/after comparison, flips, groups, lengths and calibration "
+                       "cannot be computed")
 CURVES = [("reward", "reward"), ("kl", "KL to the reference"),
           ("eval", "eval acc / acc_norm (95% CI)"), ("approx_kl", "approx_kl"),
           ("clipfrac", "clipfrac"), ("entropy", "entropy"), ("explained_var", "explained variance"),
@@ -96,11 +106,43 @@ def mean(values):
     return sum(values) / len(values) if values else float("nan")
 
 
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def finite_mean(values):
     """The mean of the finite numbers among values (a step skipped as non-finite logs NaN), or
-    None."""
-    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    return sum(values) / len(values) if values else None
+    None; each is divided before the sum, which values near the float maximum would overflow."""
+    values = [v for v in values if is_number(v) and math.isfinite(v)]
+    return sum(v / len(values) for v in values) if values else None
+
+
+def drawable(value):
+    """A finite number short of the float maximum, near which matplotlib's axis limits overflow
+    (a constant curve at 1e308 cannot be drawn)."""
+    return is_number(value) and math.isfinite(value) and abs(value) < DRAWABLE
+
+
+def positive_integer(value):
+    return drawable(value) and value == int(value) and value > 0
+
+
+def short(value, width=40):
+    """repr(value), cut to width characters."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def readable(x, digits=3):
+    """x with `digits` decimals, or in scientific notation where that would print more than a
+    dozen digits: 1e+308, not 309 of them."""
+    if not abs(x) >= 1e9:  # NaN too
+        return f"{x:.{digits}f}"
+    try:
+        return f"{x:.{digits}g}"
+    except OverflowError:  # an integer beyond the float maximum
+        text = str(abs(x))
+        return f"{'-' * (x < 0)}{text[0]}e+{len(text) - 1}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,6 +165,18 @@ def read_records(path, notes):
     return records
 
 
+# the settings this report reads, and what each must be ("" or null: the default)
+SETTINGS = {"choice_temperature": ("a positive number", lambda v: drawable(v) and v > 0),
+            "max_new_tokens": ("a positive integer", positive_integer),
+            "stop_at_sentence_end": ("true or false", lambda v: isinstance(v, bool)),
+            "synthetic": ("true or false", lambda v: isinstance(v, bool)),
+            **{key: ("a string", lambda v: v is None or isinstance(v, str))
+               for key in ("rollout", "reward_kind", "val_data", "synthetic_dir", "data_cache",
+                           "teacher_cache")}}
+JSON_KINDS = {"list": "a list", "str": "a string", "int": "a number", "float": "a number",
+              "bool": "true or false", "NoneType": "null"}
+
+
 def read_config(run_dir, notes):
     path = os.path.join(run_dir, "train_config.json")
     if not os.path.isfile(path):
@@ -132,25 +186,64 @@ def read_config(run_dir, notes):
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, RecursionError, ValueError) as e:
         notes.append(f"{path}: unreadable ({type(e).__name__}); settings unknown")
         return {}
-    return config if isinstance(config, dict) else {}
+    if not isinstance(config, dict):
+        kind = JSON_KINDS.get(type(config).__name__, type(config).__name__)
+        notes.append(f"{path}: holds {kind}, not an object of settings; settings unknown")
+        return {}
+    for key, (kind, fits) in SETTINGS.items():
+        if key in config and not fits(config[key]):
+            notes.append(f"{path}: {key} is {short(config.pop(key))}, not {kind}; its default "
+                         "is used")
+    return config
 
 
-def by_step(records):
-    """Records with an integer step, one per step (the last one logged wins), in step order."""
-    steps = {}
-    for r in records or []:
-        if isinstance(r.get("step"), int):
-            steps[r["step"]] = r
+def read_metrics(run_dir, notes):
+    """metrics.jsonl's records with an integer step, one per step, in step order. A step logged
+    twice (two runs written into one folder; a resume drops what it redoes) or a line without an
+    integer step is noted: the last line of a step is the one used."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    steps, repeated, no_step = {}, [], []
+    for r in read_records(path, notes) or []:
+        step = r.get("step")
+        if not isinstance(step, int) or isinstance(step, bool):
+            no_step.append(step)
+            continue
+        if step in steps:
+            repeated.append(step)
+        steps[step] = r
+    if no_step:
+        notes.append(f"{path}: skipped {len(no_step)} line(s) whose step is not an integer "
+                     f"(the first: {short(no_step[0])})")
+    if repeated:
+        notes.append(f"{path}: {len(set(repeated))} step(s) logged more than once, the first "
+                     f"step {readable(repeated[0], 0)} (two runs written into one folder?); the "
+                     "curves use the last line of each")
+    if not steps:
+        notes.append(f"{path}: missing or empty, so there are no training curves")
     return [steps[s] for s in sorted(steps)]
+
+
+def list_folder(path, notes, consequence="not used"):
+    """The names in a folder, [] for a missing one, or None with a note saying the consequence for
+    one that cannot be read (its permissions, say)."""
+    if not os.path.isdir(path):
+        return []
+    try:
+        return os.listdir(path)
+    except OSError as e:
+        notes.append(f"{path}: cannot read ({e.strerror}), so {consequence}")
+        return None
 
 
 def read_evaluations(run_dir, notes):
     """[{"name", "step", "predictions"}] from out_dir/eval/step_NNNNNN.jsonl, in step order."""
     eval_dir = os.path.join(run_dir, "eval")
-    names = os.listdir(eval_dir) if os.path.isdir(eval_dir) else []
+    names = list_folder(eval_dir, notes, WITHOUT_PREDICTIONS)
+    if names is None:
+        return []
     evaluations = []
     for name in names:
         match = re.fullmatch(r"step_(\d+)\.jsonl", name)
@@ -162,9 +255,8 @@ def read_evaluations(run_dir, notes):
                                     "predictions": predictions})
     evaluations.sort(key=lambda e: e["step"])  # by number: step_10 after step_9, padded or not
     if not evaluations:
-        notes.append(f"{eval_dir}: no per-example predictions (older runs have none), so the "
-                     "before/after comparison, flips, groups, lengths and calibration cannot be "
-                     "computed")
+        notes.append(f"{eval_dir}: no per-example predictions (older runs have none), so "
+                     + WITHOUT_PREDICTIONS)
     return evaluations
 
 
@@ -191,6 +283,16 @@ def val_data_path(config, run_dir):
     return spec
 
 
+def predicts(prediction, examples):
+    """Whether a prediction line can be of examples[its index]: the index is in range and the gold
+    label and the data's ind, where the line records them, are that example's."""
+    if prediction["index"] >= len(examples):
+        return False
+    example = examples[prediction["index"]]
+    return (prediction.get("label") in (None, example["label"])
+            and prediction.get("ind") in (None, example.get("ind")))
+
+
 def read_examples(path, evaluations, notes):
     """The validation examples every evaluation's predictions index, or None (with a note) when the
     text is not here or is other data."""
@@ -206,21 +308,19 @@ def read_examples(path, evaluations, notes):
         return None
     for e in evaluations:
         for p in e["predictions"]:
-            if (p["index"] >= len(examples)
-                    or p.get("label") not in (None, examples[p["index"]]["label"])):
+            if not predicts(p, examples):
                 notes.append(f"{path} is not the data these predictions were made on (example "
                              f"{p['index']} differs); ending lengths cannot be computed")
                 return None
     return examples
 
 
-def teacher_cache_note(run_dir, config):
+def teacher_cache_note(run_dir, config, notes):
     """What the teacher cache holds. It scores the *training* examples (reward.TeacherReward, keyed
     by the teacher, style and training text), so it says nothing about the validation examples the
     evaluations predict."""
     folder = config.get("teacher_cache") or os.path.join(run_dir, "teacher_cache")
-    files = (sorted(f for f in os.listdir(folder) if f.endswith(".pt"))
-             if os.path.isdir(folder) else [])
+    files = sorted(f for f in list_folder(folder, notes) or [] if f.endswith(".pt"))
     if not files:
         return None
     counts = []
@@ -241,10 +341,7 @@ def teacher_cache_note(run_dir, config):
 def load_run(run_dir, data=None, teacher=None):
     notes = []
     config = read_config(run_dir, notes)
-    metrics = by_step(read_records(os.path.join(run_dir, "metrics.jsonl"), notes))
-    if not metrics:
-        notes.append(f"{os.path.join(run_dir, 'metrics.jsonl')}: missing or empty, so there are no "
-                     "training curves")
+    metrics = read_metrics(run_dir, notes)
     samples = read_records(os.path.join(run_dir, "samples.jsonl"), notes) or []
     evaluations = read_evaluations(run_dir, notes)
     examples = (read_examples(data or val_data_path(config, run_dir), evaluations, notes)
@@ -255,7 +352,7 @@ def load_run(run_dir, data=None, teacher=None):
     return {"dir": run_dir, "label": os.path.basename(os.path.normpath(run_dir)), "config": config,
             "metrics": metrics, "samples": samples, "evaluations": evaluations,
             "examples": examples, "teacher": teacher_predictions,
-            "teacher_cache": teacher_cache_note(run_dir, config), "notes": notes}
+            "teacher_cache": teacher_cache_note(run_dir, config, notes), "notes": notes}
 
 
 def load_pair(before, after, data=None, teacher=None):
@@ -325,16 +422,25 @@ def evaluation_table(run):
     # steps whose file is lost: the logged value
     if all(is_labelled(e["predictions"]) for e in run["evaluations"]):
         rows += [row for m in run["metrics"]
-                 if m["step"] not in have and (row := metrics_evaluation(m))]
+                 if m["step"] not in have and (row := metrics_evaluation(m, run))]
     return sorted(rows, key=lambda row: -1 if row["step"] is None else row["step"])
 
 
-def metrics_evaluation(m):
-    if not all(isinstance(m.get(k), (int, float)) for k in ("eval/acc", "eval/acc_norm", "eval/n")):
+def metrics_evaluation(m, run):
+    """An evaluation logged in metrics.jsonl, or None: none logged at this step, or (with a note)
+    values that are not accuracies of n examples."""
+    if not any(k in m for k in ("eval/acc", "eval/acc_norm", "eval/n")):
         return None
-    n = m["eval/n"]
-    return {"name": f"step {m['step']}", "step": m["step"], "n": n, "acc": m["eval/acc"],
-            "acc_ci": wilson_interval(round(m["eval/acc"] * n), n), "acc_norm": m["eval/acc_norm"],
+    n, accuracies = m.get("eval/n"), [m.get(k) for k in ("eval/acc", "eval/acc_norm")]
+    if not (positive_integer(n) and all(is_number(a) and 0 <= a <= 1 for a in accuracies)):
+        path = os.path.join(run["dir"], "metrics.jsonl")
+        run["notes"].append(f"{path}, step {readable(m['step'], 0)}: eval/acc, eval/acc_norm and "
+                            "eval/n are not accuracies (0 to 1) of a number of examples; that "
+                            "evaluation is left out")
+        return None
+    return {"name": f"step {readable(m['step'], 0)}", "step": m["step"], "n": n,
+            "acc": m["eval/acc"], "acc_ci": wilson_interval(round(m["eval/acc"] * n), n),
+            "acc_norm": m["eval/acc_norm"],
             "acc_norm_ci": wilson_interval(round(m["eval/acc_norm"] * n), n)}
 
 
@@ -374,13 +480,16 @@ def compare(run, before, after, temperature):
     a, b = before["predictions"], after["predictions"]
     result = {"before": before["name"], "after": after["name"], "before_step": before["step"],
               "after_step": after["step"]}
-    a, b = shared_examples(a, b, result)
-    result["n"] = len(a)
+    names = (before["name"], after["name"])
     try:  # also checks that both are predictions of the same examples
-        comparison = hellaswag.compare_predictions(a, b, names=(before["name"], after["name"]))
+        comparison = hellaswag.compare_predictions(a, b, names=names)
     except UserError as e:
         result["error"] = str(e)
         return result
+    a, b, _ = hellaswag.shared_examples(a, b, names)  # the pairs compare_predictions compared
+    result["n"] = comparison["n"]
+    if "note" in comparison:
+        result["note"] = comparison["note"]
     result["changed_choices"] = sum(p["pred_norm"] != q["pred_norm"] for p, q in zip(a, b))
     if not (is_labelled(a) and is_labelled(b)):
         return result
@@ -400,20 +509,6 @@ def compare(run, before, after, temperature):
         direction.sort(key=lambda f: -abs(f["p_gold_change"] or 0))
     result["flips"] = flips
     return result
-
-
-def shared_examples(a, b, result):
-    """Two evaluations of different example counts (eval_limit changed on a resume) are compared on
-    the examples both cover, in a's order, with a note in result; -> (a, b)."""
-    if [p["index"] for p in a] == [p["index"] for p in b]:
-        return a, b
-    b_by_index = {p["index"]: p for p in b}
-    shared = [p for p in a if p["index"] in b_by_index]
-    if not shared:
-        return a, b  # nothing in common: compare_predictions says so
-    result["note"] = (f"compared on the {len(shared)} examples both cover ({len(a)} and {len(b)} "
-                      "evaluated)")
-    return shared, [b_by_index[p["index"]] for p in shared]
 
 
 def calibration_of(predictions, temperature):
@@ -462,12 +557,13 @@ def teacher_agreement(before, after, teacher, notes):
     hellaswag.paired_difference on the agreement indicators; and, where the teacher is wrong, how
     often the policy makes the same mistake."""
     a, b = before["predictions"], after["predictions"]
-    same = all(len(teacher) == len(preds)
-               and all(t["index"] == p["index"] for t, p in zip(teacher, preds))
-               for preds in (a, b))
-    if not same:  # e.g. eval_limit changed on a resume
-        notes.append("the teacher's predictions are not on the same examples as the evaluations; "
-                     "agreement skipped")
+    try:  # other data, or eval_limit changed on a resume: --compare's check of the same examples
+        for evaluation in (before, after):
+            hellaswag.check_same_examples(teacher, evaluation["predictions"],
+                                          names=("the teacher", evaluation["name"]))
+    except UserError as e:
+        notes.append("the teacher's predictions are not on the same examples as the evaluations, "
+                     f"so agreement is skipped: {e}")
         return None
     agree_a = [p["pred_norm"] == t["pred_norm"] for p, t in zip(a, teacher)]
     agree_b = [p["pred_norm"] == t["pred_norm"] for p, t in zip(b, teacher)]
@@ -494,7 +590,8 @@ def generate_stats(run, encode):
     first two for every rollout of a step in metrics.jsonl; for a run without them, they come from
     the few samples that samples.jsonl keeps (noisy)."""
     config = run["config"]
-    logged = [m for m in run["metrics"] if "train/stop_rate" in m and "train/response_length" in m]
+    logged = [m for m in run["metrics"] if drawable(m["step"])
+              and drawable(m.get("train/stop_rate")) and drawable(m.get("train/response_length"))]
     if logged:
         rows = [{"step": m["step"], "response_tokens": m["train/response_length"],
                  "stop_rate": m["train/stop_rate"]}
@@ -515,10 +612,10 @@ def generate_stats(run, encode):
         source = "samples.jsonl: the few samples kept per sample_interval, so noisy"
     return {"samples": rows, "source": source,
             "reward_kl": [(m["step"], m["kl"], m["reward"]) for m in run["metrics"]
-                          if "kl" in m and "reward" in m],
+                          if all(map(drawable, (m["step"], m.get("kl"), m.get("reward"))))],
             # the judge's raw mean log-prob, which normalised rewards hide
             "judge_score": [(m["step"], m["train/judge_score"]) for m in run["metrics"]
-                            if "train/judge_score" in m]}
+                            if drawable(m["step"]) and drawable(m.get("train/judge_score"))]}
 
 
 def analyze_run(run, encode=None):
@@ -584,7 +681,17 @@ def analyze_run(run, encode=None):
 # figures: matplotlib's object API, one PNG each
 
 
+def printable(text):
+    """text with each lone surrogate (a run folder whose name is not UTF-8, a hand-made log) written
+    as its escape: a UTF-8 file cannot hold one, and matplotlib's font renderer refuses it."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def save_figure(fig, path):
+    """Lay the figure out and save it as a PNG; -> its file name."""
+    for text in fig.findobj(Text):  # titles, labels, legends, ticks
+        text.set_text(printable(text.get_text()))
+    fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
     return os.path.basename(path)
@@ -609,7 +716,7 @@ def plot_curves(runs, results, path):
                                     [r[f"{metric}_ci"][1] for r in rows], color=color, alpha=0.12)
             else:
                 points = [(m["step"], m[key]) for m in run["metrics"]
-                          if isinstance(m.get(key), (int, float)) and math.isfinite(m[key])
+                          if drawable(m["step"]) and drawable(m.get(key))
                           and not (key == "reward" and m["step"] == 0)]
                 if points:
                     ax.plot(*zip(*points), color=color, linewidth=1.2, label=run["label"])
@@ -618,7 +725,6 @@ def plot_curves(runs, results, path):
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes,
                     color="grey")
-    fig.tight_layout()
     return save_figure(fig, path)
 
 
@@ -644,7 +750,6 @@ def plot_groups(comparison, path):
         more = f", the {MAX_GROUPS} largest of {len(groups)}" if len(groups) > MAX_GROUPS else ""
         ax.set_title(f"acc_norm change by {field}{more} (95% CI)", fontsize=9)
     axes[-1].set_xlabel(f"{comparison['after']} minus {comparison['before']}")
-    fig.tight_layout()
     return save_figure(fig, path)
 
 
@@ -668,7 +773,6 @@ def plot_calibration(calibrations, path):
                 title="confidence margin")
     reliability.legend(fontsize=8)
     margins.legend(fontsize=8)
-    fig.tight_layout()
     return save_figure(fig, path)
 
 
@@ -692,7 +796,6 @@ def plot_lengths(rows, path):
                title="length of chosen vs gold")
     if spread.has_data():
         spread.legend(fontsize=8)
-    fig.tight_layout()
     return save_figure(fig, path)
 
 
@@ -713,7 +816,6 @@ def plot_generate(stats, path):
     if judge_scores:
         judge[0].plot(*zip(*judge_scores), "o-", markersize=3)
         judge[0].set(xlabel="step", ylabel="mean log-prob", title="judge's raw score")
-    fig.tight_layout()
     return save_figure(fig, path)
 
 
@@ -753,11 +855,11 @@ def summary_lines(result):
     training = result.get("training")
     if training:
         reward_first, reward_last, kl_last = (
-            "–" if training[k] is None else f"{training[k]:.3f}"
+            "–" if training[k] is None else readable(training[k])
             for k in ("reward_first5", "reward_last5", "kl_last5"))
-        lines.append(f"- {training['steps']} steps; mean reward {reward_first} over the first 5 "
-                     f"steps, {reward_last} over the last 5; KL to the reference {kl_last} over "
-                     "the last 5 (steps skipped as non-finite left out).")
+        lines.append(f"- {readable(training['steps'], 0)} steps; mean reward {reward_first} over "
+                     f"the first 5 steps, {reward_last} over the last 5; KL to the reference "
+                     f"{kl_last} over the last 5 (steps skipped as non-finite left out).")
     for name, c in result["comparisons"].items():
         if "acc_norm" in c:
             d = c["acc_norm"]
@@ -880,15 +982,17 @@ def generate_lines(stats, figure):
              f"Response length (tokens) and stop rate come from {stats['source']}.", ""]
     if stats["samples"]:
         first, last = stats["samples"][0], stats["samples"][-1]
-        lines += [f"Response length {first['response_tokens']:.1f} → "
-                  f"{last['response_tokens']:.1f} tokens and stop rate "
-                  f"{first['stop_rate']:.2f} → {last['stop_rate']:.2f} "
-                  f"from step {first['step']} to step {last['step']}.", ""]
+        lines += [f"Response length {readable(first['response_tokens'], 1)} → "
+                  f"{readable(last['response_tokens'], 1)} tokens and stop rate "
+                  f"{readable(first['stop_rate'], 2)} → {readable(last['stop_rate'], 2)} "
+                  f"from step {readable(first['step'], 0)} to step "
+                  f"{readable(last['step'], 0)}.", ""]
     if stats.get("judge_score"):
         (first_step, first), (last_step, last) = stats["judge_score"][0], stats["judge_score"][-1]
         lines += [f"The judge's raw score (its mean log-prob of the non-empty samples, before "
-                  f"normalising, clipping and penalties) went {first:.3f} → {last:.3f} "
-                  f"from step {first_step} to step {last_step}.", ""]
+                  f"normalising, clipping and penalties) went {readable(first)} → "
+                  f"{readable(last)} from step {readable(first_step, 0)} to step "
+                  f"{readable(last_step, 0)}.", ""]
     return lines
 
 
@@ -908,14 +1012,13 @@ def sample_lines(samples, per_interval=2, intervals=6):
             context = " ".join(str(s.get("ctx", "")).split())[-60:].replace("|", "\\|")
             text = " ".join(s["continuation"].split()).replace("|", "\\|")
             reward = s.get("reward")
-            lines.append(f"| {step} | …{context} | {text} | {reward:.3f} |"
-                         if isinstance(reward, (int, float))
-                         else f"| {step} | …{context} | {text} | – |")
+            reward = readable(reward) if is_number(reward) else "–"
+            lines.append(f"| {readable(step, 0)} | …{context} | {text} | {reward} |")
     return lines + [""]
 
 
-def write_report(runs, results, out_dir, differ, title):
-    os.makedirs(out_dir, exist_ok=True)
+def report_lines(runs, results, out_dir, differ, title):
+    """The lines of report.md; the figures they show are saved in out_dir."""
     lines = [f"# {title}", "", "## Summary", ""]
     for result in results:
         lines += summary_lines(result) + [""]
@@ -959,16 +1062,25 @@ def write_report(runs, results, out_dir, differ, title):
                   or ["Nothing: every part of the report was computed."])
         lines.append("")
         result["cannot_compute"] = run["notes"]
-    atomic_write_text(os.path.join(out_dir, "report.md"), "\n".join(lines))
-    # the per-example lists stay out of the JSON: they are in the prediction files
-    for result in results:
-        for c in (result.get("calibration") or {}).values():
-            if c:
-                c.pop("margins", None)
-        for r in result.get("lengths") or []:
-            r.pop("chosen_minus_gold", None)
-    atomic_write_text(os.path.join(out_dir, "report.json"),
-                      json.dumps(results, indent=1, allow_nan=True) + "\n")
+    return lines
+
+
+def write_report(runs, results, out_dir, differ, title):
+    """report.md, report.json and the figures, written into a new folder that then replaces out_dir
+    whole: a report never mixes its figures with those of an earlier one, and a killed run leaves
+    the earlier report as it was."""
+    with atomic_directory(os.path.realpath(out_dir)) as folder:
+        text = printable("\n".join(report_lines(runs, results, folder, differ, title)))
+        atomic_write_text(os.path.join(folder, "report.md"), text)
+        # the per-example lists stay out of the JSON: they are in the prediction files
+        for result in results:
+            for c in (result.get("calibration") or {}).values():
+                if c:
+                    c.pop("margins", None)
+            for r in result.get("lengths") or []:
+                r.pop("chosen_minus_gold", None)
+        atomic_write_text(os.path.join(folder, "report.json"),
+                          json.dumps(results, indent=1, allow_nan=True) + "\n")
     return os.path.join(out_dir, "report.md")
 
 
@@ -976,12 +1088,33 @@ def write_report(runs, results, out_dir, differ, title):
 # command line
 
 
+def check_report_folder(out):
+    """Refuse an --out that could not take the report: the new report replaces the folder whole
+    (its parent must take the new one), so the folder may hold nothing but an earlier report."""
+    check_output_path(out, directory=True)
+    check_output_path(os.path.dirname(os.path.abspath(out)), directory=True)
+    if not os.path.isdir(out):
+        return
+    try:
+        names = os.listdir(out)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot read ({e.strerror})") from None
+    foreign = sorted(name for name in names if not REPORT_ENTRY.fullmatch(name)
+                     or os.path.isdir(os.path.join(out, name)))
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise UserError(f"--out {out}: holds {foreign[0]!r}{more}, which is not part of a report "
+                        "of analyze.py; the report replaces the whole folder, so give a new or "
+                        "empty folder (or one that holds only an earlier report)")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="A report (markdown + PNG figures) on what PPO did to a model.")
     parser.add_argument("runs", nargs="*", metavar="RUN_DIR", help="train_ppo.py out_dir(s)")
-    parser.add_argument("--out",
-                        help="report folder (default RUN_DIR/report for one run; needed otherwise)")
+    parser.add_argument("--out", help="report folder, replaced whole: new, empty or an earlier "
+                                      "report (default RUN_DIR/report for one run; needed "
+                                      "otherwise)")
     parser.add_argument("--before", help="a --predictions file: the model before")
     parser.add_argument("--after", help="a --predictions file of the same data: the model after")
     parser.add_argument("--data", help="the validation jsonl the predictions index "
@@ -997,6 +1130,10 @@ def parse_args(argv=None):
     for run_dir in args.runs:
         if not os.path.isdir(run_dir):
             raise UserError(f"{run_dir}: no such run directory")
+        try:  # else every file of the run would read as missing
+            os.listdir(run_dir)
+        except OSError as e:
+            raise UserError(f"{run_dir}: cannot read the run directory ({e.strerror})") from None
     for option, path in (("--data", args.data), ("--teacher", args.teacher)):
         if path is not None and not os.path.isfile(path):
             raise UserError(f"{option} {path}: no such file")
@@ -1005,7 +1142,7 @@ def parse_args(argv=None):
             raise UserError("several runs or two prediction files: say where the report goes "
                             "with --out DIR")
         args.out = os.path.join(args.runs[0], "report")
-    check_output_path(args.out, directory=True)  # before reading and plotting every run
+    check_report_folder(args.out)  # before reading and plotting every run
     return args
 
 
@@ -1025,7 +1162,7 @@ def main(argv=None):
         encode = gpt2_encoding().encode_ordinary  # only generate runs count tokens
     results = [analyze_run(run, encode) for run in runs]
     path = write_report(runs, results, args.out, differ, title)
-    print(f"wrote {path}")
+    print(f"wrote {printable(path)}")
     return results
 
 

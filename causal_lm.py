@@ -40,6 +40,29 @@ class PairError(UserError, ValueError):
 # text -> tokens: the one rule for the context/continuation boundary
 
 
+def unicode_problem(text):
+    """What makes text invalid Unicode, or None. A lone surrogate ("\\ud800", which json.loads
+    accepts from a JSON escape without its pair) has no UTF-8 form, so no tokenizer can take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"a lone surrogate (U+{ord(text[e.start]):04X}) at character {e.start}, which is "
+                "not valid Unicode text (a JSON escape without its pair?)")
+    return None
+
+
+def check_pair(index, context, continuation):
+    """Refuse, before any tokenizer sees them, a pair that cannot be scored as text: an empty
+    continuation, or a text that is not valid Unicode (the tokenizers library would raise a
+    TypeError on it)."""
+    if not continuation:
+        raise PairError(index, "the continuation is empty; there is nothing to score")
+    for name, text in (("context", context), ("continuation", continuation)):
+        problem = unicode_problem(text)
+        if problem:
+            raise PairError(index, f"the {name} holds {problem}")
+
+
 def split_boundary_whitespace(context, continuation):
     """Trailing whitespace of the context belongs to the continuation ("A man " + "sits" ->
     "A man" + " sits"): BPE tokenizers attach a space to the word after it, so this keeps the
@@ -368,9 +391,8 @@ class CausalLM:
         tokenizer."""
         if len(contexts) != len(continuations):
             raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
-        for i, continuation in enumerate(continuations):
-            if not continuation:
-                raise PairError(i, "the continuation is empty; there is nothing to score")
+        for i, pair in enumerate(zip(contexts, continuations)):
+            check_pair(i, *pair)
         split = split_encode_batch(self.encode_batch, contexts, continuations)
         return [self.row(i, context_ids, continuation_ids)
                 for i, (context_ids, continuation_ids) in enumerate(split)]
@@ -426,8 +448,7 @@ class CausalLM:
     def row_with_char_ends(self, index, context, continuation):
         """row() for a text pair, split as encode_pairs splits it, and where each scored token ends
         in context + continuation, in characters (from the fast tokenizer's offsets)."""
-        if not continuation:
-            raise PairError(index, "the continuation is empty; there is nothing to score")
+        check_pair(index, context, continuation)
         if not self.tokenizer.is_fast:
             raise UserError(f"{self.source}: per-token scores of another vocabulary need a fast "
                             "tokenizer (its character offsets); this model has a slow one")

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import re
+import resource
 import shutil
 import sys
 import tempfile
@@ -73,18 +74,30 @@ def _disk_is_full(error, directory):
     return False
 
 
+def _hit_the_file_size_limit(written):
+    """Whether the file being written reached the process's file-size limit (ulimit -f)."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    try:
+        return limit != resource.RLIM_INFINITY and os.path.getsize(written) >= limit // 2
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
-def write_errors_are_one_line(path):
+def write_errors_are_one_line(path, written=None):
     """A write in the block that fails becomes one line: UserError("no space left on device: PATH")
     for a full disk or quota, else UserError("cannot write PATH (why)") for any other failure (a
-    file-size limit, a read-only filesystem, an I/O error). Enter it before removing any partial
-    file, so that the free space still shows the disk was full."""
+    file-size limit, a read-only filesystem, an I/O error). `written`: the file the block writes,
+    if not path. Enter it before removing any partial file, so that the free space still shows
+    the disk was full."""
     try:
         yield
     except (OSError, RuntimeError) as e:  # torch.save's zip writer raises RuntimeError
         if _disk_is_full(e, os.path.dirname(os.path.abspath(path))):
             raise UserError(f"no space left on device: {path}") from None
         why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        if isinstance(e, RuntimeError) and _hit_the_file_size_limit(written or path):
+            why = os.strerror(errno.EFBIG)  # what the zip writer saw, and does not say
         raise UserError(f"cannot write {path} ({why})") from None
 
 
@@ -122,7 +135,7 @@ def atomic_path(path):
     os.close(fd)
     try:
         give_normal_mode(tmp)
-        with write_errors_are_one_line(path):
+        with write_errors_are_one_line(path, tmp):
             yield tmp
             flush_to_disk(tmp)
             os.replace(tmp, path)

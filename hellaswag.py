@@ -33,7 +33,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
 from causal_lm import (CausalLM, PairError, is_gpt2_vocab, load_causal_lm, sequence_logprobs,
-                       split_encode)
+                       split_encode, unicode_problem)
 from common import (UserError, atomic_path, atomic_write_text, autocast, check_output_path,
                     first_line, looks_like_a_path, read_json, read_jsonl, resolve_device, run_cli,
                     same_error_on_every_rank)
@@ -152,6 +152,17 @@ def _parse_label(label, bad):
     return label
 
 
+def _check_unicode(example, bad):
+    """Every text of an example must be valid Unicode: a lone surrogate would be scored as U+FFFD
+    by this project's GPT and stop a transformers tokenizer, and cannot be written to a report."""
+    texts = [(field, "", value) for field, value in example.items() if isinstance(value, str)]
+    texts += [("endings", f"ending {j} ", ending) for j, ending in enumerate(example["endings"])]
+    for field, which, text in texts:
+        problem = unicode_problem(text)
+        if problem:
+            raise bad(field, f"{which}holds {problem}")
+
+
 def validate_record(obj, where, index):
     """One record of the official schema -> an example dict, or a UserError naming `where` and the
     field."""
@@ -183,6 +194,7 @@ def validate_record(obj, where, index):
         if not isinstance(ending, str) or not ending.strip():
             raise bad("endings", f"ending {j} is empty or not a string")
     example["endings"] = list(endings)
+    _check_unicode(example, bad)
     example["label"] = _parse_label(obj.get("label"), bad)
     return example
 
@@ -603,6 +615,14 @@ def write_predictions(path, predictions):
     atomic_write_text(path, "".join(json.dumps(p) + "\n" for p in predictions))
 
 
+def _check_prediction_texts(prediction, where):
+    """The group fields are printed and drawn: a lone surrogate in one could be neither."""
+    for key, value in prediction.items():
+        invalid = unicode_problem(value) if isinstance(value, str) else None
+        if invalid:
+            raise UserError(f"{where}: '{key}' holds {invalid}")
+
+
 def read_predictions(path, require_labels=True):
     """The lines of a --predictions file. require_labels=False also takes lines whose label is null
     (predictions of unlabelled data, which analyze.py can still describe but not score)."""
@@ -623,6 +643,7 @@ def read_predictions(path, require_labels=True):
         for key in ("label", "pred", "pred_norm"):
             if obj.get(key) is not None and not 0 <= obj[key] <= 3:
                 raise UserError(f"{where}: '{key}' is {obj[key]}, but an ending number is 0-3")
+        _check_prediction_texts(obj, where)
         obj.setdefault("label", None)  # unlabelled, as null says
         records.append(obj)
     if not records:
@@ -630,16 +651,43 @@ def read_predictions(path, require_labels=True):
     return records
 
 
-def compare_predictions(a, b, names=("A", "B")):
-    """Paired comparison of two prediction lists of the same data, overall (acc, acc_norm) and by
-    group."""
+def shared_examples(a, b, names=("A", "B")):
+    """Two prediction lists of different example counts (one made with --limit, or eval_limit
+    changed on a resume) are compared on the examples both cover, paired by index in a's order;
+    -> (a, b, note), note None when they cover the same examples. Lists that share no example
+    are not of the same data."""
+    if [p["index"] for p in a] == [p["index"] for p in b]:
+        return a, b, None
+    b_by_index = {p["index"]: p for p in b}
+    shared = [p for p in a if p["index"] in b_by_index]
+    if not shared:
+        raise UserError(f"{names[0]} ({len(a)} predictions) and {names[1]} ({len(b)}) share no "
+                        "example index: not predictions of the same data")
+    note = None
+    if len(shared) < max(len(a), len(b)):
+        note = (f"compared on the {len(shared)} examples both cover ({len(a)} and {len(b)} "
+                "evaluated)")
+    return shared, [b_by_index[p["index"]] for p in shared], note
+
+
+def check_same_examples(a, b, names=("A", "B")):
+    """Refuse two prediction lists that do not pair up line by line as the same examples: the
+    index, the gold label and the data's ind (where recorded) must agree."""
     if len(a) != len(b):
         raise UserError(f"{names[0]} has {len(a)} predictions and {names[1]} {len(b)}: "
                         "not the same data")
     for i, (pa, pb) in enumerate(zip(a, b)):
         if (pa["index"], pa["label"], pa.get("ind")) != (pb["index"], pb["label"], pb.get("ind")):
-            raise UserError(f"line {i + 1} differs in index/label/ind between {names[0]} and "
-                            f"{names[1]}: prediction files of different data")
+            raise UserError(f"{names[0]} and {names[1]} differ in index/label/ind at prediction "
+                            f"{i + 1} (index {pa['index']}): prediction files of different data")
+
+
+def compare_predictions(a, b, names=("A", "B")):
+    """Paired comparison of two prediction lists of the same data, overall (acc, acc_norm) and by
+    group, on the examples both cover (shared_examples: "n", and "note" when that is not all of
+    them)."""
+    a, b, note = shared_examples(a, b, names)
+    check_same_examples(a, b, names)
     result = {metric: paired_difference([p[key] == p["label"] for p in a],
                                         [p[key] == p["label"] for p in b])
               for metric, key in (("acc", "pred"), ("acc_norm", "pred_norm"))}
@@ -652,13 +700,18 @@ def compare_predictions(a, b, names=("A", "B")):
                                         for p, g in zip(preds, group) if g == value]
                                        for preds in (a, b)])
             for value in sorted({g for g in group if g is not None})}
+    result["n"] = len(a)
+    if note:
+        result["note"] = note
     return result
 
 
 def format_comparison(comparison, name_a, name_b, max_groups=12):
-    lines = [f"A = {name_a}", f"B = {name_b}",
-             f"{'metric':<10} {'A':>7} {'B':>7} {'B-A':>8}  {'95% CI':<18} {'A only':>7} "
-             f"{'B only':>7} {'McNemar p':>10}"]
+    lines = [f"A = {name_a}", f"B = {name_b}"]
+    if "note" in comparison:
+        lines.append(f"note: {comparison['note']}")
+    lines.append(f"{'metric':<10} {'A':>7} {'B':>7} {'B-A':>8}  {'95% CI':<18} {'A only':>7} "
+                 f"{'B only':>7} {'McNemar p':>10}")
     for metric in ("acc", "acc_norm"):
         c = comparison[metric]
         lines.append(f"{metric:<10} {c['acc_a']:>7.4f} {c['acc_b']:>7.4f} {c['diff']:>+8.4f}  "
@@ -744,7 +797,8 @@ def parse_args(argv=None):
                         help="write the results (accuracies, by group, speed) to this JSON file")
     parser.add_argument("--predictions", help="write one JSON line per example to this file")
     parser.add_argument("--compare", nargs=2, metavar=("A.jsonl", "B.jsonl"),
-                        help="compare two --predictions files of the same data")
+                        help="compare two --predictions files of the same data, on the "
+                             "examples both cover")
     args = parser.parse_args(argv)
     if args.compare is None and args.model is None:
         raise UserError("give --model SOURCE to evaluate, or --compare A.jsonl B.jsonl")

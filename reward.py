@@ -31,7 +31,7 @@ import time
 import torch
 
 import hellaswag
-from causal_lm import CausalLM, PairError
+from causal_lm import CausalLM, PairError, unicode_problem
 from common import (UserError, atomic_torch_save, atomic_write_text, check_output_path, read_jsonl,
                     run_cli)
 
@@ -331,6 +331,9 @@ def read_pairs(path):
                 problem = ("missing" if key not in obj
                            else f"not a string ({type(obj[key]).__name__})")
                 raise UserError(f"{where}: '{key}' {problem}")
+            invalid = unicode_problem(obj[key])
+            if invalid:  # before the model loads, not when it tokenizes
+                raise UserError(f"{where}: '{key}' holds {invalid}")
         if not obj["continuation"]:
             raise UserError(f"{where}: empty continuation; there is nothing to score")
         contexts.append(obj["context"])

@@ -745,6 +745,17 @@ class RunLog:
             if self.wandb_run:
                 self.wandb_run.log(metrics, step=metrics["step"])
 
+    def add_to_step(self, step, fields):
+        """Merge fields into the logged line of step: metrics.jsonl rewritten atomically, so
+        reopened (appends to the old file would be lost)."""
+        if self.master_process:
+            path = self.metrics_file.name
+            self.metrics_file.close()
+            try:
+                add_to_logged_step(path, step, fields)
+            finally:
+                self.metrics_file = open(path, "a")
+
     def step_line(self, metrics):
         m = collections.defaultdict(lambda: float("nan"), metrics)  # a skipped step has no losses
         self.log(f"step {m['step']} | reward {m['reward']:.4f} | kl {m['kl']:.4f} | "
@@ -864,9 +875,7 @@ class RunManager:
                 eval_predictions_path(self.cfg.out_dir, step)):
             self.last_eval = self.evaluate(self.raw_model, step)
             self.run_log.eval_line(step, self.last_eval)
-            if self.run.master_process:  # into the step's line of metrics.jsonl
-                self.output(add_to_logged_step, os.path.join(self.cfg.out_dir, "metrics.jsonl"),
-                            step, self.last_eval)
+            self.output(self.run_log.add_to_step, step, self.last_eval)
             if self.last_eval["eval/acc_norm"] > self.state.best_acc_norm:
                 self.state.best_acc_norm = self.last_eval["eval/acc_norm"]
                 self.checkpoint(is_best=True)  # the state it was saved with: the same file

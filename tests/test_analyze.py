@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import analyze
+import common
 import hellaswag
 import synthetic
 import run_management
@@ -230,6 +231,38 @@ def test_teacher_agreement_is_skipped_when_an_evaluation_is_on_other_examples(tm
     assert "Agreement with the teacher's pick" not in text
 
 
+@pytest.mark.parametrize("other", ["labels", "ind"])
+def test_a_teacher_file_of_other_data_is_skipped_like_an_evaluation(tmp_path, other):
+    """The teacher's predictions are checked against the evaluations as --compare checks two
+    evaluations (index, label, ind): made on other data, they give no agreement and a note."""
+    run = str(tmp_path / "run")
+    examples, _, _ = make_run(run, skills=(0.0, 0.9))
+    teacher = predictions(examples, 0.9, seed=99)
+    for t in teacher:
+        if other == "labels":  # the same count and indices, other gold labels
+            t["label"] = (t["label"] + 1) % 4
+        else:  # the same labels, other examples of the dataset
+            t["ind"] += 1000
+    write_jsonl(os.path.join(run, "eval", "teacher.jsonl"), teacher)
+    (result,) = analyze.main([run])
+    assert result.get("teacher") is None
+    text, _ = report_of(os.path.join(run, "report"))
+    assert ("the teacher's predictions are not on the same examples as the evaluations, so "
+            "agreement is skipped: the teacher and step 0 differ in index/label/ind") in text
+    assert "Agreement with the teacher's pick" not in text
+    assert "every part of the report was computed" not in text
+
+
+def test_data_of_other_inds_is_not_the_data_of_the_predictions(tmp_path):
+    run = str(tmp_path / "run")
+    examples, _, _ = make_run(run, skills=(0.0, 0.9))
+    other = [{**ex, "ind": ex["ind"] + 1000} for ex in examples]
+    (result,) = analyze.main([run, "--data", write_examples(tmp_path, other)])
+    text, _ = report_of(os.path.join(run, "report"))
+    assert "is not the data these predictions were made on (example 0 differs)" in text
+    assert "lengths" not in result
+
+
 def test_a_sweep_is_labelled_by_the_settings_that_differ(tmp_path):
     runs = [str(tmp_path / name) for name in ("a", "b")]
     make_run(runs[0], config={"learning_rate": 1e-3})
@@ -241,6 +274,41 @@ def test_a_sweep_is_labelled_by_the_settings_that_differ(tmp_path):
     assert "Runs differ in: `learning_rate`" in text and "# learning_rate=0.0003" in text
     assert_figures_readable(out, text)
     assert os.path.exists(os.path.join(out, "run2_groups_last.png"))
+
+
+def test_a_report_replaces_an_earlier_report_whole(tmp_path):
+    """A report never shows figures of another run: the folder of an earlier report (a sweep's,
+    with its run2_ figures) is replaced, not written over."""
+    runs = [str(tmp_path / name) for name in ("a", "b")]
+    make_run(runs[0], config={"learning_rate": 1e-3})
+    make_run(runs[1], config={"learning_rate": 3e-4}, skills=(0.0, 0.5))
+    out = str(tmp_path / "out")
+    analyze.main(runs + ["--out", out])
+    assert os.path.exists(os.path.join(out, "run2_groups_last.png"))
+    analyze.main([runs[1], "--out", out])
+    text, (result,) = report_of(out)
+    figures = set(re.findall(r"!\[[^]]*\]\(([^)]+)\)", text))
+    assert set(os.listdir(out)) == figures | {"report.md", "report.json"}
+    assert "groups_best.png" not in figures and result["dir"] == runs[1]
+    assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("place", ["foreign file", "run directory", "sub-folder"])
+def test_an_out_folder_holding_other_things_is_refused_and_kept(tmp_path, place):
+    run = str(tmp_path / "run")
+    make_run(run)
+    out = {"foreign file": str(tmp_path / "out"), "run directory": run,
+           "sub-folder": str(tmp_path / "out2")}[place]
+    os.makedirs(out, exist_ok=True)
+    if place == "foreign file":
+        (tmp_path / "out" / "notes.txt").write_text("mine")
+        (tmp_path / "out" / "curves.png").write_text("an old figure")
+    elif place == "sub-folder":
+        os.makedirs(os.path.join(out, "report.md"))
+    before = sorted(os.listdir(out))
+    with pytest.raises(UserError, match=f"^--out {out}: holds .* which is not part of a report"):
+        analyze.main([run, "--out", out])
+    assert sorted(os.listdir(out)) == before
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,6 +369,104 @@ def test_a_skipped_non_finite_step_stays_out_of_the_summary(tmp_path):
         sum(m["reward"] for m in finite[-4:]) / 4)
     text, report = report_of(os.path.join(run, "report"))
     assert "nan" not in text.split("## Evaluations")[0]
+
+
+def test_what_is_wrong_with_metrics_and_config_is_named(tmp_path):
+    """Two runs logged into one folder, steps that are strings, rewards near the float maximum and
+    a config that is a list: the report names each, and prints 1e+308 rather than 309 digits."""
+    run = str(tmp_path / "run")
+    _, _, metrics = make_run(run)
+    for m in metrics[-5:]:
+        m["reward"] = 1e308
+    strings = [{**m, "step": str(m["step"])} for m in metrics[2:4]]
+    write_jsonl(os.path.join(run, "metrics.jsonl"), metrics + metrics[5:8] + strings)
+    with open(os.path.join(run, "train_config.json"), "w") as f:
+        json.dump([{"learning_rate": 1e-3}], f)
+    (result,) = analyze.main([run])
+    text, _ = report_of(os.path.join(run, "report"))
+    path = os.path.join(run, "metrics.jsonl")
+    assert (f"{path}: 3 step(s) logged more than once, the first step 5 (two runs written into "
+            "one folder?)") in text
+    assert f"{path}: skipped 2 line(s) whose step is not an integer (the first: '2')" in text
+    assert (f"{os.path.join(run, 'train_config.json')}: holds a list, not an object of settings"
+            in text)
+    assert "1e+308 over the last 5" in text and not re.search(r"\d{20}", text)
+    assert result["training"]["reward_last5"] == 1e308
+    assert_figures_readable(os.path.join(run, "report"), text)
+
+
+@pytest.mark.parametrize("setting, value, kind", [
+    ("choice_temperature", 0, "a positive number"),
+    ("choice_temperature", "1", "a positive number"),
+    ("max_new_tokens", "24", "a positive integer"),
+    ("val_data", ["val.jsonl"], "a string"),
+])
+def test_a_setting_of_the_wrong_kind_is_named_and_its_default_used(tmp_path, setting, value, kind):
+    run = str(tmp_path / "run")
+    make_run(run, config={"rollout": "generate", setting: value})
+    write_jsonl(os.path.join(run, "samples.jsonl"),
+                [{"step": 1, "ctx": "A man walks.", "continuation": " He stops.", "reward": 1}])
+    (result,) = analyze.main([run])
+    text, _ = report_of(os.path.join(run, "report"))
+    assert f"train_config.json: {setting} is {value!r}, not {kind}; its default is used" in text
+    assert result["comparisons"]["last"]["acc_norm"]
+
+
+def test_logged_evaluations_that_are_not_accuracies_are_left_out(tmp_path):
+    run = str(tmp_path / "run")
+    _, _, metrics = make_run(run)
+    os.remove(run_management.eval_predictions_path(run, 10))
+    metrics[10].update({"eval/acc": 1e308, "eval/n": float("inf")})
+    write_jsonl(os.path.join(run, "metrics.jsonl"), metrics)
+    (result,) = analyze.main([run])
+    text, _ = report_of(os.path.join(run, "report"))
+    assert [r["step"] for r in result["evaluations"]] == [0, 20]
+    assert "step 10: eval/acc, eval/acc_norm and eval/n are not accuracies" in text
+
+
+def test_validation_text_that_is_not_valid_unicode_is_a_note(tmp_path):
+    """A lone surrogate (json.loads takes the escape "\\ud800") in --data: named in one line, file,
+    line and field, and the report comes without the lengths."""
+    run = str(tmp_path / "run")
+    examples, _, _ = make_run(run)
+    bad = [{**ex, "ctx": ex["ctx"] + " \ud800"} for ex in examples]
+    (result,) = analyze.main([run, "--data", write_examples(tmp_path, bad)])
+    text, _ = report_of(os.path.join(run, "report"))
+    assert ("val40.jsonl, line 1: field 'ctx': holds a lone surrogate (U+D800) at character "
+            f"{len(examples[0]['ctx']) + 1}, which is not valid Unicode text") in text
+    assert "lengths" not in result and result["comparisons"]["last"]["acc_norm"]
+
+
+def test_prediction_files_that_are_not_valid_unicode_are_refused_alike(tmp_path, capsys):
+    examples = val_examples(10)
+    a, b = predictions(examples, 0.0, seed=1), predictions(examples, 0.9, seed=2)
+    b[4]["activity_label"] = "Paint \ud800"
+    paths = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    write_jsonl(paths[0], a)
+    write_jsonl(paths[1], b)
+    message = (f"{paths[1]}, line 5: 'activity_label' holds a lone surrogate (U+D800) at "
+               "character 6, which is not valid Unicode text")
+    for cli, argv in ((hellaswag.main, ["--compare", *paths]),
+                      (analyze.main, ["--before", paths[0], "--after", paths[1], "--out",
+                                      str(tmp_path / "report")])):
+        with pytest.raises(SystemExit) as e:
+            common.run_cli(cli, argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1
+
+
+def test_a_run_folder_whose_name_is_not_utf8(tmp_path):
+    """Linux names are bytes: Python reads b"\\xe9" as the lone surrogate "\\udce9", which reaches
+    the title, the labels in the figures and the samples."""
+    runs = [str(tmp_path / name) for name in ("caf\udce9", "b")]
+    for run in runs:
+        make_run(run, config={"rollout": "generate"})
+    write_jsonl(os.path.join(runs[0], "samples.jsonl"),
+                [{"step": 1, "ctx": "A \ud800.", "continuation": " He \udce9.", "reward": 0.5}])
+    analyze.main(runs + ["--out", str(tmp_path / "out")])
+    text, _ = report_of(str(tmp_path / "out"))
+    assert "caf\\udce9" in text and "He \\udce9." in text
+    assert_figures_readable(str(tmp_path / "out"), text)
 
 
 def test_length_pairs_of_partly_labelled_predictions():
@@ -403,6 +569,57 @@ def test_an_interrupted_run(tmp_path):
     assert_figures_readable(os.path.join(run, "report"), text)
 
 
+def refuse_to_list(monkeypatch, folder):
+    """os.listdir(folder) fails as in a folder of mode 000 (tests run as root, which reads
+    those)."""
+    listdir = os.listdir
+
+    def listdir_or_refuse(path="."):
+        if os.path.abspath(path) == os.path.abspath(folder):
+            raise PermissionError(13, "Permission denied", path)
+        return listdir(path)
+
+    monkeypatch.setattr(os, "listdir", listdir_or_refuse)
+
+
+def test_unreadable_folders_of_a_run_are_notes(tmp_path, monkeypatch):
+    run = str(tmp_path / "run")
+    make_run(run)
+    os.makedirs(os.path.join(run, "teacher_cache"))
+    consequences = {"eval": "so the before/after comparison", "teacher_cache": "so not used"}
+    for folder, consequence in consequences.items():
+        refuse_to_list(monkeypatch, os.path.join(run, folder))
+        (result,) = analyze.main([run])
+        monkeypatch.undo()
+        text, _ = report_of(os.path.join(run, "report"))
+        path = os.path.join(run, folder)
+        assert f"{path}: cannot read (Permission denied), {consequence}" in text
+    assert result["comparisons"] and result["evaluations"]  # the eval files are read again
+
+
+def test_an_unreadable_run_directory_is_one_line(tmp_path, monkeypatch):
+    run = str(tmp_path / "run")
+    make_run(run)
+    refuse_to_list(monkeypatch, run)
+    with pytest.raises(UserError, match=f"^{run}: cannot read the run directory "
+                                        r"\(Permission denied\)$"):
+        analyze.main([run])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a folder of mode 000")
+def test_an_eval_folder_of_mode_000(tmp_path):
+    run = str(tmp_path / "run")
+    make_run(run)
+    os.chmod(os.path.join(run, "eval"), 0)
+    try:
+        result = run_cli(run)
+    finally:
+        os.chmod(os.path.join(run, "eval"), 0o755)
+    assert result.returncode == 0, result.stderr
+    text, _ = report_of(os.path.join(run, "report"))
+    assert "eval: cannot read (Permission denied)" in text
+
+
 def test_a_run_without_any_files(tmp_path):
     (result,) = analyze.main([str(tmp_path)])
     text, _ = report_of(str(tmp_path / "report"))
@@ -473,6 +690,30 @@ def test_two_prediction_files(tmp_path):
     assert_figures_readable(out, text)
 
 
+def test_compare_and_analyze_agree_on_files_of_different_lengths(tmp_path, capsys):
+    """One file made with --limit: hellaswag.py --compare and analyze.py --before/--after both
+    compare the examples the two files cover, with the same numbers, and say so."""
+    examples = val_examples()
+    a, b = predictions(examples, 0.0, seed=1), predictions(examples, 0.9, seed=2)[:40]
+    paths = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    write_jsonl(paths[0], a)
+    write_jsonl(paths[1], b)
+    hellaswag.main(["--compare", *paths])
+    printed = capsys.readouterr().out
+    (result,) = analyze.main(["--before", paths[0], "--after", paths[1],
+                              "--out", str(tmp_path / "report")])
+    expected = hellaswag.paired_difference([p["pred_norm"] == p["label"] for p in a[:40]],
+                                           [p["pred_norm"] == p["label"] for p in b])
+    last = result["comparisons"]["last"]
+    assert last["acc_norm"] == expected and last["n"] == 40
+    note = "compared on the 40 examples both cover (60 and 40 evaluated)"
+    assert f"note: {note}" in printed
+    assert (f"acc_norm    {expected['acc_a']:.4f}  {expected['acc_b']:.4f}  "
+            f"{expected['diff']:+.4f}") in printed
+    text, _ = report_of(str(tmp_path / "report"))
+    assert note in text
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
 def test_predictions_with_scores_that_are_not_finite(tmp_path, bad):
     """A model that overflowed writes NaN or -inf norm_scores: the report still comes, with
@@ -504,6 +745,8 @@ def test_predictions_with_scores_that_are_not_finite(tmp_path, bad):
     ([], "give run directories"),
     (["--before", "a.jsonl", "--after", "b.jsonl", "--data", "no.jsonl", "--out", "x"],
      "--data no.jsonl: no such file"),
+    (["--before", "a.jsonl", "--after", "b.jsonl", "--out", "tests"],
+     "--out tests: holds"),
 ])
 def test_cli_errors_are_one_line(args, message):
     result = run_cli(*args)

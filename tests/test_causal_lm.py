@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from common import UserError
+from common import UserError, run_cli
 import causal_lm
 from causal_lm import CausalLM, PairError
 from reward import main
@@ -304,6 +304,20 @@ def test_unscoreable_pairs_are_errors_not_zeros(neo):
         neo.score_tokens([[1, 2]], [[]])
 
 
+@pytest.mark.parametrize("context, continuation, message", [
+    ("A \ud800 man", " sits", "the context holds a lone surrogate (U+D800) at character 2"),
+    ("A man", " sits\udfff", "the continuation holds a lone surrogate (U+DFFF) at character 5"),
+])
+def test_text_that_is_not_valid_unicode_is_a_pair_error(neo, llama, context, continuation,
+                                                         message):
+    """json.loads takes the escape "\\ud800" without its pair; the tokenizers library then raises
+    a TypeError that says nothing of where the text came from."""
+    for lm in (neo, llama):
+        with pytest.raises(PairError, match=rf"^pair 1: {re.escape(message)}"):
+            lm.score(["A man", context], [" sits", continuation])
+    assert neo.score(["A \U0001F600 man"], [" sits"])["n_tokens"].item() >= 1  # a proper pair
+
+
 def test_an_empty_context_needs_a_start_token(tmp_path):
     """With neither BOS nor EOS in the tokenizer, nothing would come before the continuation: its
     first token would be "predicted" from the row's last position. An error instead."""
@@ -590,6 +604,8 @@ def test_cli_writes_scores_in_input_order(neo, tmp_path, capsys):
     (['{"context": 3, "continuation": " b"}'], ", line 1: 'context' not a string"),
     (['', '{"context": "a", "continuation": ""}'], ", line 2: empty continuation"),
     (['[1, 2]'], ", line 1: expected an object"),
+    (['{"context": "a", "continuation": " b"}', '{"context": "a", "continuation": " b\\ud800"}'],
+     r", line 2: 'continuation' holds a lone surrogate \(U\+D800\) at character 2"),
 ])
 def test_cli_bad_input_names_file_and_line(tmp_path, lines, message):
     from reward import read_pairs
@@ -606,6 +622,16 @@ def test_cli_pair_that_cannot_fit_names_its_line(neo, tmp_path):
     with pytest.raises(UserError, match=(r"pairs.jsonl, line 2: the continuation alone "
                                          r"\(80 tokens\) does not fit")):
         main(["--model", neo.source, "--input", src])
+
+
+def test_cli_text_that_is_not_valid_unicode_is_one_line(neo, tmp_path, capsys):
+    src = tmp_path / "pairs.jsonl"
+    src.write_text('{"context": "\\ud800", "continuation": " b"}\n')
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, ["--model", neo.source, "--input", str(src)])
+    assert e.value.code == 2 and capsys.readouterr().err == (
+        f"error: {src}, line 1: 'context' holds a lone surrogate (U+D800) at character 0, which "
+        "is not valid Unicode text (a JSON escape without its pair?)\n")
 
 
 def test_cli_process_exits_with_one_line(tmp_path):

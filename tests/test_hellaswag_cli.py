@@ -270,6 +270,30 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, checkpoint, capsys, argv
             and message in err)
 
 
+@pytest.mark.parametrize("kind", ["gpt", "transformers"])
+def test_text_that_is_not_valid_unicode_is_one_line(tmp_path, checkpoint, capsys, kind):
+    """A lone surrogate ("\\ud800" in the JSON) is refused for every model: this project's GPT
+    would score it as U+FFFD, a transformers tokenizer would raise a TypeError."""
+    with open(FIXTURE) as f:
+        first, second = f.readline(), json.loads(f.readline())
+    second["endings"][1] += " \ud800"
+    data = tmp_path / "data.jsonl"
+    data.write_text(first + json.dumps(second) + "\n")
+    model = checkpoint if kind == "gpt" else gpt2_with_its_own_tokenizer(tmp_path / "gpt2")
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, ["--model", model, "--data", str(data)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(
+        f"error: {data}, line 2: field 'endings': ending 1 holds a lone surrogate (U+D800) at "
+        f"character {len(second['endings'][1]) - 1}, which is not valid Unicode text")
+    if kind == "transformers":  # examples built in code reach the scorer: one line too
+        examples = load_examples(data_file=FIXTURE, limit=2)
+        examples[1]["ctx"] += " \ud800"
+        lm, tokenizer = load_model(model)
+        with pytest.raises(UserError, match=r"^example 1: the context holds a lone surrogate"):
+            evaluate(lm, examples, tokenizer=tokenizer)
+
+
 def test_cli_entry_point_in_a_subprocess(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "hellaswag.py", "--model", str(tmp_path / "none.pt"),
@@ -350,11 +374,20 @@ def test_compare_cli_reports_both_runs_and_groups(tmp_path, capsys):
 def test_compare_refuses_files_of_different_data(tmp_path, capsys):
     a = write_predictions(tmp_path / "a.jsonl", [0, 1, 2], [0, 0, 0], ["x"] * 3)
     b = write_predictions(tmp_path / "b.jsonl", [0, 1, 3], [0, 0, 0], ["x"] * 3)
-    c = write_predictions(tmp_path / "c.jsonl", [0, 1], [0, 0], ["x"] * 2)
-    for other, message in ((b, "line 3 differs"), (c, "3 predictions")):
-        with pytest.raises(SystemExit):
-            run_cli(main, ["--compare", a, other])
-        assert message in capsys.readouterr().err
+    c = write_predictions(tmp_path / "c.jsonl", [0, 1], [0, 1], ["x"] * 2)
+    with pytest.raises(SystemExit):
+        run_cli(main, ["--compare", a, b])
+    assert "differ in index/label/ind at prediction 3 (index 2)" in capsys.readouterr().err
+    # a shorter file (--limit) of the same data: compared on the examples both cover, and said so
+    run_cli(main, ["--compare", a, c])
+    out = capsys.readouterr().out
+    assert "note: compared on the 2 examples both cover (3 and 2 evaluated)" in out
+    assert "acc_norm    0.5000  1.0000  +0.5000" in out
+    d = tmp_path / "d.jsonl"
+    d.write_text(json.dumps({"index": 5, "label": 0, "pred": 0, "pred_norm": 0}) + "\n")
+    with pytest.raises(SystemExit):
+        run_cli(main, ["--compare", a, str(d)])
+    assert "share no example index" in capsys.readouterr().err
     (tmp_path / "junk.jsonl").write_text('{"index": 0}\n')
     with pytest.raises(UserError, match="not a prediction line"):
         hellaswag.read_predictions(str(tmp_path / "junk.jsonl"))

@@ -280,6 +280,16 @@ def test_an_ending_the_teacher_cannot_score_is_an_error_when_the_reward_is_built
     assert calls == []  # every example cached: nothing tokenized
 
 
+def test_an_ending_that_is_not_valid_unicode_is_an_error_when_the_reward_is_built(neo):
+    examples = [dict(ex) for ex in EXAMPLES]
+    examples[2] = dict(examples[2], endings=["a", "b", "c \ud800", "d"])
+    with pytest.raises(UserError, match=r"^teacher reward: unit/val, example 2, ending 2: the "
+                                        r"continuation holds a lone surrogate \(U\+D800\)"):
+        TeacherReward(neo, examples, data_id="unit/val")
+    with pytest.raises(PairError, match=r"^pair 0: the context holds a lone surrogate"):
+        LikelihoodReward(neo)(["\udc80"], [" text"])
+
+
 def spanning_lm(path):
     """A tiny GPT-2-architecture LM whose BPE has no pre-tokenizer, so merges cross spaces: "Wait."
     + " .." encodes whole with a token ". ." that spans the context/ending boundary."""
