@@ -120,7 +120,8 @@ def check_value(key, value, where, config_class):
         try:
             value = float(value)
         except OverflowError:  # an int of 309 digits or more
-            raise UserError(f"{where}: {key} must be a finite number, got {shorten(repr(value))}") from None
+            raise UserError(f"{where}: {key} must be a finite number, "
+                            f"got {shorten(repr(value))}") from None
     if type(value) is not expected:
         raise UserError(f"{where}: {key} must be {expected.__name__}, got {shorten(repr(value))}")
     if expected is float and not math.isfinite(value):
@@ -920,7 +921,8 @@ class RunManager:
         self.raise_output_error()
         if stop_now:
             received = self.stop_signal.received
-            which = f"signal {received}" if received is not None else "a stop signal on another rank"
+            which = (f"signal {received}" if received is not None
+                     else "a stop signal on another rank")
             self.run.log(f"received {which}: checkpoint written at step {step}, stopping")
         return stop_now
 

@@ -42,8 +42,8 @@ from model import GPT, GPTConfig, pack_choices
 from reward import DEFAULT_REWARD_MODEL, LabelReward, LikelihoodReward, TeacherReward
 from run_management import (Batches, RunManager, StoppedAtOnce, TrainingState, absolute_paths,
                             all_reduce_sum, check_sources, forget_after, log_changed_settings,
-                            lost_rank_error, out_dir_lock, parse_config, prepare_out_dir, seed_everything,
-                            setting, setup_distributed, synthetic_dir)
+                            lost_rank_error, out_dir_lock, parse_config, prepare_out_dir,
+                            seed_everything, setting, setup_distributed, synthetic_dir)
 from tokenizer import EOT_TOKEN, gpt2_encoding
 from weights import check_finite_weights, checkpoint_source
 
@@ -981,7 +981,8 @@ def step_loss(losses, kl, mask, kl_coef, cfg):
     """What a minibatch minimises: the clipped policy loss, the value loss when GAE uses the value
     head, the entropy bonus, and the KL to the reference when its estimator puts it in the loss."""
     if cfg.adv_estimator == "gae":
-        loss = losses["pg_loss"] + cfg.vf_coef * losses["vf_loss"] - cfg.ent_coef * losses["entropy"]
+        loss = (losses["pg_loss"] + cfg.vf_coef * losses["vf_loss"]
+                - cfg.ent_coef * losses["entropy"])
     else:  # no loss, so no backward, through the value head
         loss = losses["pg_loss"] - cfg.ent_coef * losses["entropy"]
     if kl is not None:
@@ -1081,8 +1082,8 @@ def run_ppo(cfg, run):
         # estimator's baseline (GAE, expected, RLOO, GRPO), whitening
         kl = kl_estimate(batch, cfg.kl_estimator)
         kl_coef = state.kl_controller.value
-        rewards = shaped_rewards(batch.scores, kl, kl_coef if cfg.kl_estimator == "sampled" else 0.0,
-                                 batch.mask, batch.score_shares)
+        in_reward = kl_coef if cfg.kl_estimator == "sampled" else 0.0  # else in the loss
+        rewards = shaped_rewards(batch.scores, kl, in_reward, batch.mask, batch.score_shares)
         batch.advantages, batch.returns = advantages_and_returns(batch, rewards, kl_coef, cfg)
         if cfg.whiten_advantages:
             batch.advantages = masked_whiten(batch.advantages, batch.mask, across_ranks=run.ddp)

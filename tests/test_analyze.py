@@ -776,7 +776,8 @@ def test_report_of_a_tiny_training_run(tmp_path):
     for row, m in zip(result["evaluations"], logged):
         assert (row["acc_norm"] == pytest.approx(m["eval/acc_norm"])
                 and row["n"] == m["eval/n"] == 40)
-    read = [hellaswag.read_predictions(run_management.eval_predictions_path(run, s)) for s in (0, 2)]
+    read = [hellaswag.read_predictions(run_management.eval_predictions_path(run, s))
+            for s in (0, 2)]
     assert (result["comparisons"]["last"]["acc_norm"]
             == hellaswag.compare_predictions(*read)["acc_norm"])
     assert result["training"]["steps"] == 2 and math.isfinite(result["training"]["reward_last5"])

@@ -140,9 +140,9 @@ def run_probe(module, env):
 @pytest.mark.parametrize("module", ["train_ppo", "hellaswag", "reward", "analyze", "synthetic",
                                     "causal_lm", "model", "weights", "common"])
 def test_no_entry_point_asks_the_hub_for_kernels(module):
-    """Recent transformers releases fetch hub kernels when a model class is imported and when a model
-    is loaded, and print three lines about it offline; whichever module a user starts from, the
-    `kernels` package is never imported and transformers loads the model as it is."""
+    """Recent transformers releases fetch hub kernels when a model class is imported and when a
+    model is loaded, and print three lines about it offline; whichever module a user starts from,
+    the `kernels` package is never imported and transformers loads the model as it is."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("USE_HUB_KERNELS", "HF_HUB_DISABLE_PROGRESS_BARS")}
     proc = run_probe(module, env)

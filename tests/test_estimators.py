@@ -139,7 +139,8 @@ def test_rloo_under_two_processes_keeps_groups_and_weights_in_step(tmp_path, syn
     script.write_text(RUN_SCRIPT)
     cfg = generate_run(tmp_path, synthetic_dir, adv_estimator="rloo", group_size=4)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", str(script), *launcher_args(cfg, tmp_path / "run")],
+                           "--nproc_per_node=2", str(script),
+                           *launcher_args(cfg, tmp_path / "run")],
                           cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "WEIGHTS_DIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

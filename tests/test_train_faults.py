@@ -322,7 +322,8 @@ def test_start_over_moves_each_node_s_own_stale_demo_task(tmp_path, synthetic_di
         shutil.copytree(synthetic_dir, task)
         (task / "task.json").write_text(json.dumps({"seed": 0}))
         (tmp_path / node / "metrics.jsonl").write_text('{"step": 1}\n')
-        run = run_management.Distributed(ddp=False, rank=rank, local_rank=0, world_size=16, device="cpu")
+        run = run_management.Distributed(ddp=False, rank=rank, local_rank=0, world_size=16,
+                                         device="cpu")
         run_management.prepare_out_dir(label_run(tmp_path / node, "", seed=5, start_over=True), run,
                                   print)
         nodes[node] = task

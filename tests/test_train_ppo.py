@@ -326,7 +326,8 @@ def test_rollouts_scored_in_micro_batches_of_similar_length_come_back_in_order(t
         kind = train_ppo.ChoiceRollouts(encoded, lambda indices, choices: torch.zeros(len(indices)),
                                         0.5, micro_batch_size, device="cpu")
         rollouts.append(kind.collect(model, model, examples, [4, 0, 2, 1, 3],
-                                     torch.Generator().manual_seed(0), run_management.PhaseTimer("cpu")))
+                                     torch.Generator().manual_seed(0),
+                                     run_management.PhaseTimer("cpu")))
     torch.testing.assert_close(rollouts[0].values, rollouts[1].values, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rollouts[0].logprobs, rollouts[1].logprobs, atol=1e-5, rtol=1e-5)
     assert torch.equal(rollouts[0].actions["choices"], rollouts[1].actions["choices"])
@@ -443,8 +444,9 @@ def test_a_leading_tilde_in_a_path_is_the_home_folder(tmp_path, monkeypatch):
     named ~ under the working directory."""
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "policy.pt").write_bytes(b"")
-    cfg = run_management.absolute_paths(load_config(["--out_dir=~/runs/x", "--init_from=~/policy.pt",
-                                                "--val_data=hellaswag:val"]))
+    cfg = run_management.absolute_paths(load_config(["--out_dir=~/runs/x",
+                                                     "--init_from=~/policy.pt",
+                                                     "--val_data=hellaswag:val"]))
     assert (cfg.out_dir, cfg.init_from) == (str(tmp_path / "runs" / "x"),
                                             str(tmp_path / "policy.pt"))
     assert cfg.val_data == "hellaswag:val"
