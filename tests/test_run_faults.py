@@ -229,3 +229,15 @@ def test_pathological_config_values_are_one_short_line(tmp_path, value):
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and proc.stderr.startswith("error: ")
         assert proc.stderr.count("\n") == 1 and len(proc.stderr) < 300, proc.stderr[-500:]
+
+
+def test_start_over_moves_the_old_run_s_report_with_the_rest(tmp_path, synthetic_dir):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n')
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "report.md").write_text("the old run's report")
+    run = run_management.Distributed(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu")
+    cfg = run_management.absolute_paths(label_run(tmp_path, synthetic_dir, start_over=True))
+    run_management.prepare_out_dir(cfg, run, print)
+    (previous,) = (tmp_path / "previous").iterdir()
+    assert (previous / "report" / "report.md").read_text() == "the old run's report"
+    assert not (tmp_path / "report").exists() and (previous / "metrics.jsonl").exists()
