@@ -147,3 +147,13 @@ def test_rloo_under_two_processes_keeps_groups_and_weights_in_step(tmp_path, syn
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [0, 1, 2]
+
+
+def test_analyze_labels_runs_by_their_estimators():
+    import analyze
+    runs = [{"config": {"adv_estimator": adv, "kl_estimator": kl, "seed": 1}, "label": f"r{i}",
+             "dir": f"r{i}"} for i, (adv, kl) in enumerate([("gae", "sampled"),
+                                                             ("expected", "exact")])]
+    assert analyze.label_runs(runs) == ["adv_estimator", "kl_estimator"]
+    assert [r["label"] for r in runs] == ["adv_estimator=gae, kl_estimator=sampled",
+                                          "adv_estimator=expected, kl_estimator=exact"]
