@@ -24,3 +24,6 @@ eval_interval = 25
 eval_batch_size = 64
 checkpoint_interval = 50
 sample_interval = 25
+# advantages: GAE over the value head (the default). To try (not measured at this size):
+# adv_estimator = "expected" (the exact expected reward over the 4 endings as the baseline, no value
+# head) and kl_estimator = "exact" (the KL over the 4 endings, in the loss)
