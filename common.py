@@ -86,19 +86,25 @@ def _hit_the_file_size_limit(written):
 @contextlib.contextmanager
 def write_errors_are_one_line(path, written=None):
     """A write in the block that fails becomes one line: UserError("no space left on device: PATH")
-    for a full disk or quota, else UserError("cannot write PATH (why)") for any other failure (a
-    file-size limit, a read-only filesystem, an I/O error). `written`: the file the block writes,
-    if not path. Enter it before removing any partial file, so that the free space still shows
+    for a full disk or quota, UserError("cannot write PATH (why)") for another failed write (a
+    file-size limit, a read-only filesystem, an I/O error, permissions); any other error in the
+    block (a download's, say) goes on as it is. `written`: the file the block writes, if not path. Enter it before removing any partial file, so that the free space still shows
     the disk was full."""
     try:
         yield
     except (OSError, RuntimeError) as e:  # torch.save's zip writer raises RuntimeError
         if _disk_is_full(e, os.path.dirname(os.path.abspath(path))):
             raise UserError(f"no space left on device: {path}") from None
-        why = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        if isinstance(e, OSError) and e.errno in WRITE_ERRORS:
+            raise UserError(f"cannot write {path} ({e.strerror})") from None
         if isinstance(e, RuntimeError) and _hit_the_file_size_limit(written or path):
-            why = os.strerror(errno.EFBIG)  # what the zip writer saw, and does not say
-        raise UserError(f"cannot write {path} ({why})") from None
+            # what the zip writer saw, and does not say
+            raise UserError(f"cannot write {path} ({os.strerror(errno.EFBIG)})") from None
+        raise  # not a failed write: a download's error, say, is the caller's to explain
+
+
+# a write that failed for one of these is one line; other errors in the block are not writes
+WRITE_ERRORS = (errno.EFBIG, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG)
 
 
 def flush_to_disk(path):
