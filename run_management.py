@@ -359,23 +359,26 @@ def save_checkpoint(out_dir, ckpt, keep_last, best):
     return path
 
 
-def add_to_logged_step(path, step, fields):
-    """Merge fields into the line of path whose "step" is step (rewritten atomically)."""
-    records, _ = read_json_objects(path)
-    lines = [json.dumps({**r, **fields} if r.get("step") == step else r) + "\n" for r in records]
-    atomic_write_text(path, "".join(lines))
-
-
-def drop_lines_after(path, step, log=print):
-    """Keep the JSON lines of path whose "step" is at most step (rewritten atomically). A line that
-    does not parse (a kill mid-write tears the last one) is dropped with a warning."""
-    if not os.path.exists(path):
-        return
+def rewrite_logged_lines(path, change, log=print):
+    """Rewrite the JSON lines of a run's log atomically, each record through change (-> the new
+    record, or None to drop it). A line that does not parse (a kill mid-write tears the last one)
+    is dropped with a warning."""
     records, bad = read_json_objects(path)
     for n in bad:
         log(f"warning: {path}, line {n}: not a JSON line (torn by a kill?), dropped")
-    kept = "".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= step)
-    atomic_write_text(path, kept)
+    changed = (change(r) for r in records)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in changed if r is not None))
+
+
+def add_to_logged_step(path, step, fields, log=print):
+    """Merge fields into the line of path whose "step" is step."""
+    rewrite_logged_lines(path, lambda r: {**r, **fields} if r.get("step") == step else r, log)
+
+
+def drop_lines_after(path, step, log=print):
+    """Keep the JSON lines of path whose "step" is at most step."""
+    if os.path.exists(path):
+        rewrite_logged_lines(path, lambda r: r if r.get("step", 0) <= step else None, log)
 
 
 # and ckpt_*.pt
@@ -753,7 +756,7 @@ class RunLog:
             path = self.metrics_file.name
             self.metrics_file.close()
             try:
-                add_to_logged_step(path, step, fields)
+                add_to_logged_step(path, step, fields, self.log)
             finally:
                 self.metrics_file = open(path, "a")
 

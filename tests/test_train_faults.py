@@ -137,6 +137,26 @@ def test_a_kill_between_the_exports_two_renames_gives_the_previous_export_back(t
     assert (tmp_path / "hf" / "config.json").read_text() == "the previous export"
 
 
+def test_a_logs_rewrite_keeps_its_lines_and_names_a_torn_one(tmp_path):
+    """The two rewrites of a run's log (a resume drops the steps it redoes; a skipped evaluation
+    done on resume joins its step's line) keep every other line as it was, and a torn line is
+    dropped with a warning that names it, not silently."""
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": 1, "reward": 0.5}, {"step": 2, "reward": 0.25}, {"step": 3, "reward": 1.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4, "rew')
+    warnings = []
+    run_management.add_to_logged_step(str(path), 2, {"eval/acc_norm": 0.75}, warnings.append)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        lines[0], {**lines[1], "eval/acc_norm": 0.75}, lines[2]]
+    assert warnings == [f"warning: {path}, line 4: not a JSON line (torn by a kill?), dropped"]
+    run_management.drop_lines_after(str(path), 2, warnings.append)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        lines[0], {**lines[1], "eval/acc_norm": 0.75}]
+    assert len(warnings) == 1
+    run_management.drop_lines_after(str(tmp_path / "samples.jsonl"), 2)  # none yet: nothing to do
+    assert not (tmp_path / "samples.jsonl").exists()
+
+
 def test_resume_without_a_checkpoint_fails_before_any_work(tmp_path, synthetic_dir, monkeypatch):
     (tmp_path / "train_config.json").write_text("the previous run's config\n")
     monkeypatch.setattr(train_ppo, "load_data",
