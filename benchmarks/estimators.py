@@ -33,7 +33,9 @@ def train(out_dir, config, *overrides, reuse=False):
             *overrides]
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if reuse and not os.path.exists(metrics_path):
-        sys.exit(f"error: --reuse: {metrics_path} does not exist; run without --reuse to train it")
+        print(f"error: --reuse: {metrics_path} does not exist; run without --reuse to train it",
+              file=sys.stderr)
+        sys.exit(2)
     if not reuse:
         proc = subprocess.run(args, cwd=HERE, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -69,6 +69,43 @@ def test_choice_speed_skips_without_the_data(tmp_path):
             and "missing.jsonl" in proc.stdout)
 
 
+def write_metrics(path, lines):
+    os.makedirs(path)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        f.write("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_estimators_tables_from_the_runs_files(tmp_path):
+    """--reuse reads the runs' metrics.jsonl: half the gain, first -> final, the mean KL of the last
+    5 steps, the median step time, and for generate the judge's 10-step moving average and the
+    last evaluation."""
+    evals = {0: 0.25, 10: 0.5, 20: 0.5, 30: 0.75}  # half of the gain (0.25 -> 0.75) at step 10
+    choice = [{"step": 0, "eval/acc_norm": 0.25}] + [
+        {"step": s, "kl": s / 10, "dt": 1.0 + (s == 30), **({"eval/acc_norm": evals[s]}
+                                                           if s in evals else {})}
+        for s in range(1, 31)]
+    for adv, kl in [("gae", "sampled"), ("gae", "exact"), ("expected", "sampled"),
+                    ("expected", "exact")]:
+        write_metrics(tmp_path / f"choice_{adv}_{kl}_7", choice)
+    # the judge: -3 for 10 steps, then -1: its moving average passes -2 (half) at step 15
+    generate = [{"step": s, "kl": 2.0, "dt": 0.5, "train/judge_score": -3.0 if s <= 10 else -1.0,
+                 **({"eval/acc_norm": 0.25 + s / 100} if s % 10 == 0 else {})}
+                for s in range(1, 41)]
+    for adv in ("gae", "rloo", "grpo"):
+        write_metrics(tmp_path / f"generate_{adv}_7", generate)
+    proc = run_script("benchmarks/estimators.py", "--reuse", "--work", str(tmp_path),
+                      "--seeds", "7")
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split(" | ")[0]: line for line in proc.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    assert rows["| gae × sampled"] == "| gae × sampled | 1 | 10 | 0.250 → 0.750 | 2.8000 | 1.00 |"
+    assert rows["| rloo (group 4)"] == (
+        "| rloo (group 4) | 1 | 15 | -3.000 → -1.000 | 0.650 | 2.0000 | 0.50 |")
+    proc = run_script("benchmarks/estimators.py", "--reuse", "--work", str(tmp_path / "none"))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --reuse: ")
+    assert proc.stderr.strip().count("\n") == 0 and "choice_gae_sampled_1337" in proc.stderr
+
+
 @pytest.mark.slow
 def test_update_speed_compares_two_checkouts(tmp_path):
     # this checkout against itself: the same weights and minibatch, so the same gradient norms
