@@ -626,7 +626,7 @@ def _check_prediction_texts(prediction, where):
 def read_predictions(path, require_labels=True):
     """The lines of a --predictions file. require_labels=False also takes lines whose label is null
     (predictions of unlabelled data, which analyze.py can still describe but not score)."""
-    records = []
+    records, line_of_index = [], {}
     for where, obj in read_jsonl(path):
         required = (("index", "label", "pred", "pred_norm") if require_labels
                     else ("index", "pred", "pred_norm"))
@@ -644,6 +644,11 @@ def read_predictions(path, require_labels=True):
             if obj.get(key) is not None and not 0 <= obj[key] <= 3:
                 raise UserError(f"{where}: '{key}' is {obj[key]}, but an ending number is 0-3")
         _check_prediction_texts(obj, where)
+        if obj["index"] in line_of_index:  # counted twice, it would inflate every paired test
+            raise UserError(f"{where}: example {obj['index']} again (first at "
+                            f"{line_of_index[obj['index']]}): a prediction file holds each example "
+                            "once; were two files joined?")
+        line_of_index[obj["index"]] = where.rsplit(", ", 1)[-1]
         obj.setdefault("label", None)  # unlabelled, as null says
         records.append(obj)
     if not records:

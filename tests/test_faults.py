@@ -295,6 +295,17 @@ def test_compare_refuses_predictions_that_are_not_ending_numbers(tmp_path, capsy
     assert f"b.jsonl, line 3: '{key}' is {value}, but an ending number is 0-3" in line
 
 
+def test_compare_refuses_a_prediction_file_holding_an_example_twice(tmp_path, capsys):
+    """Two evaluations joined into one file: paired twice, every example would count double and
+    the McNemar p-value shrink (here: the same 4 examples, n = 8)."""
+    good = [{"index": i, "label": i % 4, "pred": 0, "pred_norm": 1} for i in range(4)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(p) + "\n" for p in good) * 2)
+    line = cli_error(capsys, hellaswag.main,
+                     ["--compare", tmp_path / "a.jsonl", tmp_path / "a.jsonl"])
+    assert ("a.jsonl, line 5: example 0 again (first at line 1): a prediction file holds each "
+            "example once; were two files joined?") in line
+
+
 # --------------------------------------------------------------------------------------------------
 # files the project writes: normal permissions, and a full disk keeps the previous file
 
