@@ -325,17 +325,37 @@ def _safetensors_dtypes(path):
 
 
 def _check_loaded_dtypes(model, directory):
-    """The tensors of a directory's safetensors files that transformers loaded into float weights
-    of model are floats too; tensors it left out (a causal mask some architectures stored as bool)
-    may be anything. A file's names may lack the model's prefix ("transformer.")."""
+    """The tensors of a directory's weight files (safetensors, or the older pytorch_model*.bin)
+    that transformers loaded into float weights of model are floats too; tensors it left out (a
+    causal mask some architectures stored as bool) may be anything. A file's names may lack the
+    model's prefix ("transformer.")."""
     prefix = model.base_model_prefix + "."
     floats = {k for k, v in model.state_dict().items() if v.is_floating_point()}
-    for name in sorted(n for n in os.listdir(directory) if n.endswith(".safetensors")):
+    for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
-        for key, dtype in sorted(_safetensors_dtypes(path).items()):
-            loaded = {key, prefix + key, key.removeprefix(prefix)} & floats
-            if dtype in NON_FLOAT_DTYPES and loaded:
-                raise _non_float_weights(path, key, NON_FLOAT_DTYPES[dtype])
+        if name.endswith(".safetensors"):
+            non_floats = {key: NON_FLOAT_DTYPES[dtype]
+                          for key, dtype in _safetensors_dtypes(path).items()
+                          if dtype in NON_FLOAT_DTYPES}
+        elif name.startswith("pytorch_model") and name.endswith(".bin"):
+            non_floats = _bin_non_float_dtypes(path)
+        else:
+            continue
+        for key, dtype in sorted(non_floats.items()):
+            if {key, prefix + key, key.removeprefix(prefix)} & floats:
+                raise _non_float_weights(path, key, dtype)
+
+
+def _bin_non_float_dtypes(path):
+    """{tensor name: torch dtype name} of the tensors of a pytorch_model*.bin that are not float
+    (memory-mapped: nothing is read but the names and dtypes; weights_only, as transformers loads
+    it)."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # transformers loaded it just before: unlikely, but one line
+        raise UserError(f"{path}: not a readable PyTorch weights file ({first_line(e)})") from None
+    return {key: str(t.dtype).removeprefix("torch.") for key, t in state_dict.items()
+            if isinstance(t, torch.Tensor) and not t.is_floating_point()}
 
 
 # --------------------------------------------------------------------------------------------------
