@@ -348,10 +348,13 @@ def _check_loaded_dtypes(model, directory):
 
 def _bin_non_float_dtypes(path):
     """{tensor name: torch dtype name} of the tensors of a pytorch_model*.bin that are not float
-    (memory-mapped: nothing is read but the names and dtypes; weights_only, as transformers loads
-    it)."""
+    (memory-mapped where the format allows, so little is read; weights_only, as transformers
+    loads it)."""
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # transformers loaded it just before: unlikely, but one line
         raise UserError(f"{path}: not a readable PyTorch weights file ({first_line(e)})") from None
     return {key: str(t.dtype).removeprefix("torch.") for key, t in state_dict.items()

@@ -554,20 +554,21 @@ def test_weights_of_a_non_float_dtype_are_refused(tmp_path, build):
         CausalLM.load(path)
 
 
-def test_weights_of_a_non_float_dtype_in_a_pytorch_model_bin_are_refused(tmp_path):
-    """The older weights file, pytorch_model.bin, which transformers still loads: the same check as
-    for safetensors."""
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_weights_of_a_non_float_dtype_in_a_pytorch_model_bin_are_refused(tmp_path, zip_format):
+    """The older weights file, pytorch_model.bin, which transformers still loads, in torch.save's
+    format or its legacy one (which cannot be memory-mapped): the same check as for safetensors."""
     from safetensors.torch import load_file
 
     path = build_gpt_neo(tmp_path / "judge")
     weights = load_file(os.path.join(path, "model.safetensors"))
     os.remove(os.path.join(path, "model.safetensors"))
     file = os.path.join(path, "pytorch_model.bin")
-    torch.save(weights, file)
+    torch.save(weights, file, _use_new_zipfile_serialization=zip_format)
     CausalLM.load(path)  # float weights: loaded
     key = next(k for k in weights if k.endswith("1.mlp.c_fc.weight"))
     weights[key] = weights[key].to(torch.int64)
-    torch.save(weights, file)
+    torch.save(weights, file, _use_new_zipfile_serialization=zip_format)
     with pytest.raises(UserError, match=re.escape(f"{file}: non-float weights (int64) in {key};")):
         CausalLM.load(path)
 
