@@ -331,13 +331,16 @@ def _check_loaded_dtypes(model, directory):
     model's prefix ("transformer.")."""
     prefix = model.base_model_prefix + "."
     floats = {k for k, v in model.state_dict().items() if v.is_floating_point()}
-    for name in sorted(os.listdir(directory)):
+    names = sorted(os.listdir(directory))
+    # transformers reads the .bin only where there are no safetensors weights
+    bin_loaded = not any(n.startswith("model") and n.endswith(".safetensors") for n in names)
+    for name in names:
         path = os.path.join(directory, name)
         if name.endswith(".safetensors"):
             non_floats = {key: NON_FLOAT_DTYPES[dtype]
                           for key, dtype in _safetensors_dtypes(path).items()
                           if dtype in NON_FLOAT_DTYPES}
-        elif name.startswith("pytorch_model") and name.endswith(".bin"):
+        elif bin_loaded and name.startswith("pytorch_model") and name.endswith(".bin"):
             non_floats = _bin_non_float_dtypes(path)
         else:
             continue

@@ -557,20 +557,22 @@ def test_weights_of_a_non_float_dtype_are_refused(tmp_path, build):
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 def test_weights_of_a_non_float_dtype_in_a_pytorch_model_bin_are_refused(tmp_path, zip_format):
     """The older weights file, pytorch_model.bin, which transformers still loads, in torch.save's
-    format or its legacy one (which cannot be memory-mapped): the same check as for safetensors."""
+    format or its legacy one (which cannot be memory-mapped): the same check as for safetensors.
+    Beside model.safetensors, which transformers reads instead, a stale .bin is not judged."""
     from safetensors.torch import load_file
 
     path = build_gpt_neo(tmp_path / "judge")
     weights = load_file(os.path.join(path, "model.safetensors"))
-    os.remove(os.path.join(path, "model.safetensors"))
     file = os.path.join(path, "pytorch_model.bin")
-    torch.save(weights, file, _use_new_zipfile_serialization=zip_format)
-    CausalLM.load(path)  # float weights: loaded
     key = next(k for k in weights if k.endswith("1.mlp.c_fc.weight"))
-    weights[key] = weights[key].to(torch.int64)
-    torch.save(weights, file, _use_new_zipfile_serialization=zip_format)
+    damaged = {**weights, key: weights[key].to(torch.int64)}
+    torch.save(damaged, file, _use_new_zipfile_serialization=zip_format)
+    CausalLM.load(path)  # the safetensors weights, float: loaded
+    os.remove(os.path.join(path, "model.safetensors"))
     with pytest.raises(UserError, match=re.escape(f"{file}: non-float weights (int64) in {key};")):
         CausalLM.load(path)
+    torch.save(weights, file, _use_new_zipfile_serialization=zip_format)
+    CausalLM.load(path)  # float weights: loaded
 
 
 def test_a_gpt2_directory_without_its_tokenizer_is_refused(tmp_path):
