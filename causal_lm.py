@@ -4,7 +4,7 @@ special tokens before a text, where a continuation starts, and the float32 log-p
 tokens. hellaswag.py scores the endings of other architectures through it, and reward.py's judges
 and teachers are CausalLMs.
 
-    # or a local transformers directory
+    # or a local transformers directory, or a .gguf file
     lm = CausalLM.load("EleutherAI/gpt-neo-2.7B", device="cuda")
     s = lm.score(contexts, continuations)               # dict of (N,) float32 tensors
     s = lm.score_tokens(context_ids, continuation_ids)  # the same from GPT-2 token ids
@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from common import UserError, first_line, looks_like_a_path, resolve_device
 from model import logprobs_from_logits
 from tokenizer import bpe_files, gpt2_encoding
-from weights import load_transformers_checked
+from weights import file_sha256, gguf_directory, is_gguf, load_transformers_checked
 
 # scored positions per log-softmax: bounds the float32 (positions, vocab) copy in memory
 SCORE_CHUNK = 1024
@@ -231,12 +231,15 @@ def is_gpt2_vocab(tokenizer):
 
 
 def load_causal_lm(source, device, dtype):
-    """(model, tokenizer) from a hub name or a local directory, frozen, on device. Failures are
-    UserErrors."""
-    if os.path.isfile(source):
+    """(model, tokenizer) from a hub name, a local directory or a GGUF file (through its cached
+    transformers directory), frozen, on device. Failures are UserErrors."""
+    if is_gguf(source):
+        source = gguf_directory(source)
+    elif os.path.isfile(source):
         raise UserError(
-            f"{source}: a file, but transformers models load from a directory or a hub name "
-            "(export a checkpoint of this project with GPT.save_pretrained(DIR) and pass DIR)")
+            f"{source}: a file, but transformers models load from a directory, a hub name or a "
+            ".gguf file (export a checkpoint of this project with GPT.save_pretrained(DIR) and "
+            "pass DIR)")
     local = os.path.isdir(source)
     if not local and looks_like_a_path(source):
         raise UserError(f"{source}: no such directory")
@@ -318,8 +321,9 @@ class CausalLM:
 
     @classmethod
     def load(cls, source, device="cpu", dtype=None, max_length=None):
-        """From a hub name or a local directory holding config.json, the weights and the tokenizer
-        files; dtype None: bfloat16 on CUDA, float32 elsewhere."""
+        """From a hub name, a local directory holding config.json, the weights and the tokenizer
+        files, or a GGUF file (weights and tokenizer from the file); dtype None: bfloat16 on CUDA,
+        float32 elsewhere."""
         device = resolve_device(device)
         model, tokenizer = load_causal_lm(os.fspath(source), device, resolve_dtype(dtype, device))
         return cls(model, tokenizer, source, max_length)
@@ -341,7 +345,10 @@ class CausalLM:
         sizes and modification times), the dtype and the window."""
         parts = {"source": self.source, "dtype": str(self.dtype), "max_length": self.max_length,
                  "prefix_ids": self.prefix_ids}
-        if os.path.isdir(self.source):
+        if is_gguf(self.source):
+            parts["source"] = os.path.abspath(self.source)
+            parts["sha256"] = file_sha256(self.source)
+        elif os.path.isdir(self.source):
             parts["source"] = os.path.abspath(self.source)
             files = [os.path.join(self.source, name) for name in sorted(os.listdir(self.source))]
             parts["files"] = [(os.path.basename(p), os.stat(p).st_size, os.stat(p).st_mtime_ns)

@@ -39,7 +39,7 @@ from common import (UserError, atomic_path, atomic_write_text, autocast, check_o
                     same_error_on_every_rank)
 from model import GPT, logprobs_from_logits
 from tokenizer import EOT_TOKEN, gpt2_encoding
-from weights import check_finite_weights, unsupported_gpt2_setting
+from weights import check_finite_weights, gguf_directory, is_gguf, unsupported_gpt2_setting
 
 STYLES = ("completion", "lm-eval")
 SPLITS = ("train", "val", "test")
@@ -774,7 +774,10 @@ def _gpt2_tokenized(source):
 def load_model(source):
     """-> (model, tokenizer): this project's GPT (tokenizer None) for anything GPT.from_pretrained
     takes that is GPT-2 exactly and reads GPT-2's tokens, else a transformers causal LM with its own
-    tokenizer, in float32 on the CPU (--dtype sets the autocast, not the weights)."""
+    tokenizer, in float32 on the CPU (--dtype sets the autocast, not the weights). A GGUF file
+    is read through its cached transformers directory."""
+    if is_gguf(source):
+        source = gguf_directory(source)
     config = _transformers_config(source)
     if config is None or (config.get("model_type") in (None, "gpt2")
                           and unsupported_gpt2_setting(config) is None

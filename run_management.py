@@ -44,7 +44,7 @@ from common import (UserError, atomic_torch_save, atomic_write_text, check_outpu
                     first_line, looks_like_a_path, read_json_objects, resolve_device,
                     same_error_on_every_rank, step_checkpoints, write_errors_are_one_line)
 from hellaswag import evaluate, split_path, write_predictions
-from weights import CHECKPOINT_FORMAT
+from weights import CHECKPOINT_FORMAT, check_gguf, is_gguf
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,6 +192,8 @@ def check_sources(cfg):
         if (is_used and not data_spec and not os.path.exists(source)
                 and (looks_like_a_path(source) or key.endswith("_data"))):
             raise UserError(f"config: {key}={source!r}: no such file or directory")
+        if is_used and is_gguf(source):  # its header, before the data and the other model
+            check_gguf(source)
 
 # --------------------------------------------------------------------------------------------------
 # processes: DDP, seeds, sums across ranks

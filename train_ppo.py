@@ -45,7 +45,7 @@ from run_management import (Batches, RunManager, StoppedAtOnce, TrainingState, a
                             lost_rank_error, out_dir_lock, parse_config, prepare_out_dir,
                             seed_everything, setting, setup_distributed, synthetic_dir)
 from tokenizer import EOT_TOKEN, gpt2_encoding
-from weights import check_finite_weights, checkpoint_source
+from weights import check_finite_weights, checkpoint_source, gguf_directory, is_gguf
 
 
 # --------------------------------------------------------------------------------------------------
@@ -840,6 +840,10 @@ def weights_fingerprint(model):
 def build_reward(cfg, train_examples, sources, run):
     if cfg.reward_kind == "label":
         return LabelReward(train_examples)
+    if is_gguf(sources["reward_source"]):  # one rank per node converts it, the others read that
+        if run.local_master:
+            gguf_directory(sources["reward_source"])
+        run.barrier()
     judge = CausalLM.load(sources["reward_source"], device=run.device,
                           dtype=None if cfg.reward_dtype == "auto" else cfg.reward_dtype)
     if cfg.reward_kind == "teacher":

@@ -11,19 +11,23 @@ parameter names, from which model.py builds its GPT.
 """
 
 import contextlib
+import hashlib
+import importlib.util
 import json
 import os
 import pickle
 import re
+import sys
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 # common before transformers: it keeps transformers from asking the hub for kernels
-from common import (UserError, atomic_directory, first_line, looks_like_a_path, read_json,
-                    step_checkpoints)
-from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
+from common import (UserError, atomic_directory, atomic_write_text, first_line,
+                    looks_like_a_path, read_json, step_checkpoints)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config,
+                          GPT2LMHeadModel)
 from transformers.utils import logging as hf_logging
 from tokenizer import EOT_TOKEN, VOCAB_SIZE, gpt2_hf_tokenizer
 
@@ -60,6 +64,8 @@ def read_gpt2(source, defaults):
     ckpt_<step>.pt).
     """
     source = checkpoint_source(source)
+    if is_gguf(source):
+        return _read_transformers(gguf_directory(source), defaults)
     if os.path.isdir(source):
         if os.path.exists(os.path.join(source, "config.json")):
             return _read_transformers(source, defaults)
@@ -282,6 +288,139 @@ def _check_gpt2_variant(c, where):
         raise UserError(f"{where}: config.json sets {setting}, which GPT-2 does not have and this "
                         "GPT does not compute (hellaswag.py and reward.py score such a model "
                         "through transformers)")
+
+
+# --------------------------------------------------------------------------------------------------
+# GGUF files (llama.cpp's format): read by transformers, which dequantizes them to float. That takes
+# a minute for a 100M-parameter model on a CPU, so the result is kept once as a transformers
+# directory under a cache folder named by the file's sha256: a changed file is a new entry, never a
+# stale one.
+
+GGUF_MAGIC = b"GGUF"
+# written last into a cache entry: the file it came from and the size of each file of the entry
+GGUF_ENTRY_RECORD = "gguf_source.json"
+
+
+def is_gguf(source):
+    """Whether a model source names a GGUF file (by its extension: a hub name never ends so)."""
+    return os.fspath(source).lower().endswith(".gguf")
+
+
+def gguf_cache_dir():
+    """Where dequantized GGUF models are kept: $GGUF_CACHE, by default
+    ~/.cache/gpt2-ppo-hellaswag/gguf."""
+    return os.environ.get("GGUF_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "gpt2-ppo-hellaswag", "gguf")
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def require_gguf_package():
+    """The gguf package, which transformers reads GGUF files with; a one-line error without it."""
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("reading a .gguf model needs the gguf package: pip install gguf")
+    import gguf
+    return gguf
+
+
+def check_gguf(path):
+    """-> the GGUF file's architecture, after refusing in one line what transformers could not turn
+    into a model: no such file, not GGUF, truncated or damaged (its header or a tensor runs past the
+    end), an architecture transformers does not read from GGUF, or a quantization it cannot undo.
+    Reads the header and maps the file: seconds, where the conversion takes a minute."""
+    if not os.path.isfile(path):
+        what = "a directory, not a file" if os.path.isdir(path) else "no such file"
+        raise UserError(f"{path}: {what}")
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise UserError(f"{path}: not a GGUF file (it does not start with 'GGUF'); give a "
+                            "llama.cpp .gguf file or a transformers model directory")
+    gguf = require_gguf_package()
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    try:
+        reader = gguf.GGUFReader(path)
+        architecture = str(reader.fields["general.architecture"].contents())
+        tensor_types = {t.tensor_type for t in reader.tensors}
+    # the reader fails in many ways on a cut or damaged file (ValueError, IndexError, KeyError...)
+    except Exception as e:
+        raise UserError(f"{path}: a truncated or damaged GGUF file ({first_line(e)}); "
+                        "download or assemble it again") from None
+    readable = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
+    if architecture not in readable:
+        raise UserError(f"{path}: a GGUF model of architecture '{architecture}', which "
+                        f"transformers cannot read from GGUF (it reads {', '.join(readable)})")
+    float_types = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16}
+    unknown = sorted(t.name for t in tensor_types
+                     if t not in float_types and t not in gguf.quants._type_traits)
+    if unknown:
+        raise UserError(f"{path}: tensors quantized as {', '.join(unknown)}, which the gguf "
+                        "package cannot dequantize; convert the model with another quantization")
+    return architecture
+
+
+def _entry_files(directory):
+    return {name: os.path.getsize(os.path.join(directory, name))
+            for name in sorted(os.listdir(directory)) if name != GGUF_ENTRY_RECORD}
+
+
+def _complete_entry(directory):
+    """Whether a cache entry holds every file its record names, at the size it names (a damaged or
+    cut entry is rebuilt rather than refused: the GGUF file beside it is still good)."""
+    try:
+        record = read_json(os.path.join(directory, GGUF_ENTRY_RECORD))
+        return isinstance(record, dict) and record.get("files") == _entry_files(directory)
+    except (OSError, UserError):
+        return False
+
+
+def gguf_directory(path):
+    """
+    The transformers directory (config, float32 safetensors weights, tokenizer) of a GGUF file,
+    converted on first use into gguf_cache_dir()/<sha256 of the file> and read from there after:
+    seconds instead of a minute. The entry is written atomically (a kill leaves none or all of it).
+    """
+    path = os.path.abspath(os.fspath(path))
+    architecture = check_gguf(path)
+    sha256 = file_sha256(path)
+    entry = os.path.join(gguf_cache_dir(), sha256)
+    if _complete_entry(entry):
+        return entry
+    if os.path.exists(entry):
+        print(f"warning: {entry}: a damaged cache entry of {path}; converting the file again",
+              file=sys.stderr)
+    print(f"converting {path} to a transformers directory in {entry} (once; a minute or two on a "
+          "CPU)", file=sys.stderr, flush=True)
+    directory, name = os.path.split(path)
+    with atomic_directory(entry) as tmp, transformers_quietly():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+            config = AutoConfig.from_pretrained(directory, gguf_file=name)
+            if config.model_type == "gpt2":  # transformers reads GPT-2's window into n_ctx only
+                config.n_positions = config.n_ctx
+            model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, config=config,
+                                                         dtype=torch.float32)
+        except ImportError as e:  # transformers names the package it lacks
+            raise UserError(f"{path}: {first_line(e)}") from None
+        except Exception as e:
+            raise UserError(f"{path}: transformers could not read this GGUF model "
+                            f"({first_line(e)})") from None
+        # the weights are plain float now: saving refuses while the model still says it is
+        # quantized
+        model.hf_quantizer, model.is_quantized = None, False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        record = {"gguf_file": path, "sha256": sha256, "architecture": architecture,
+                  "files": _entry_files(tmp)}
+        atomic_write_text(os.path.join(tmp, GGUF_ENTRY_RECORD), json.dumps(record, indent=2))
+    return entry
 
 
 # --------------------------------------------------------------------------------------------------
