@@ -15,6 +15,7 @@ import codecs
 import inspect
 import json
 import os
+import sys
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -146,66 +147,223 @@ def keeps_logits(model):
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def cache_argument(model):
+    """The name under which a transformers model's forward takes a KV cache to continue ("cache"
+    in recent releases, "past_key_values" before), or None."""
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
+def can_continue(model):
+    """Whether a transformers model's KV cache can be continued from given positions: its forward
+    takes position ids and a cache."""
+    return ("position_ids" in inspect.signature(model.forward).parameters
+            and cache_argument(model) is not None
+            and not getattr(model.config, "is_encoder_decoder", False))
+
+
+def attention_window(model):
+    """The span of a sliding-window (local) attention layer, in tokens, or None: a shared prefix
+    whose continuation reaches past it is scored as a whole row, where the window is applied as
+    the model always applies it."""
+    config = model.config
+    window = getattr(config, "sliding_window", None)
+    if isinstance(window, int) and window > 0:
+        return window
+    if "local" in (getattr(config, "attention_layers", None) or ()):  # GPT-Neo
+        return config.window_size
+    return None
+
+
+# models told once that their cache cannot be continued (scored as whole rows)
+_WHOLE_ROWS_SAID = set()
+
+# a scoring batch's logits and KV cache, in floats, beyond the model itself (1 GiB in float32):
+# it bounds the rows a batch of shared prefixes holds, whatever the batch size asked for
+SCORE_BUDGET = 1 << 28
+
+
 @torch.no_grad()
-def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu", per_token=False):
+def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu", per_token=False,
+                      share=True):
     """
     Log-probabilities of the last n tokens of each row under a transformers causal LM.
     rows: list of (ids, n) with ids a list of token ids and n >= 1 the number of tokens at its end
     to score.
     -> (len(rows), ) float32 sums, in input order; per_token: also a list of each row's (n,) float32
-    CPU log-probs, whose sums are the sums. Rows run longest first (an out-of-memory batch fails at
-    once), right-padded: padding after the real tokens never changes a causal LM's outputs at them,
-    and positions stay 0, 1, 2, ... without position ids, whatever padding side the tokenizer
-    prefers.
+    CPU log-probs, whose sums are the sums.
+    Rows that share the tokens before their scored ones (a context and its continuations, as
+    encode_pairs makes them) run those tokens once and continue their KV cache for each
+    continuation (shared_prefix_logprobs); the others run whole (row_logprobs). Both give the
+    same log-probs, to float rounding. share=False runs every row whole.
     """
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-    in_order, per_row = [], [None] * len(rows)
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        T = len(rows[batch[0]][0]) - 1  # the longest input in the batch: every token but the last
-        input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), T), dtype=torch.long)
-        for r, i in enumerate(batch):
-            ids = rows[i][0]
-            input_ids[r, :len(ids) - 1] = torch.tensor(ids[:-1])
-            attention_mask[r, :len(ids) - 1] = 1
-        # the LM head only over the span of positions that predict scored tokens
-        # (sorted rows: a short span)
-        first = min(len(rows[i][0]) - 1 - rows[i][1] for i in batch)
-        keep = keeps_logits(model)
-        kwargs = {"logits_to_keep": torch.arange(first, T, device=device)} if keep else {}
-        offset = first if keep else 0
-        # which logits score which tokens, built on the host and moved once: logits at position t
-        # predict token t + 1, and row r's scored tokens are its last n
-        span = T - offset
-        flat, targets = [], []
-        for r, i in enumerate(batch):
-            ids, n = rows[i]
-            flat.extend(r * span + t - offset for t in range(len(ids) - 1 - n, len(ids) - 1))
-            targets.extend(ids[-n:])
-        flat, targets = (torch.tensor(x).to(device, non_blocking=True) for x in (flat, targets))
-        # (B, T - first, V), or (B, T, V) for a model that cannot skip positions
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                       use_cache=False, **kwargs).logits
-        logits = logits.reshape(-1, logits.size(-1))
-        # float32 log-probs of the scored tokens, a chunk of positions at a time to bound memory,
-        # put back in their (row, position) slots and summed per row: deterministic, unlike an
-        # atomic index_add on CUDA
-        token_logprobs = torch.cat([
-            logprobs_from_logits(logits.index_select(0, f), t)
-            for f, t in zip(flat.split(SCORE_CHUNK), targets.split(SCORE_CHUNK))])
-        slots = torch.zeros(len(batch) * span, device=logits.device).index_put_(
-            (flat,), token_logprobs)
-        in_order.append(slots.view(len(batch), span).sum(1))
-        if per_token:
-            slots = slots.view(len(batch), span).cpu()
-            for r, i in enumerate(batch):
-                ids, n = rows[i]
-                per_row[i] = slots[r, len(ids) - 1 - n - offset:len(ids) - 1 - offset].clone()
-    sums = torch.zeros(len(rows), dtype=torch.float32)
-    if in_order:
-        sums[torch.tensor(order, dtype=torch.long)] = torch.cat(in_order).cpu()
-    return (sums, per_row) if per_token else sums
+    if share and not can_continue(model) and type(model).__name__ not in _WHOLE_ROWS_SAID:
+        _WHOLE_ROWS_SAID.add(type(model).__name__)
+        print(f"note: {type(model).__name__}'s KV cache cannot be continued here, so contexts are "
+              "not shared: every (context, continuation) pair runs as a whole row",
+              file=sys.stderr)
+    groups, alone = (shared_prefix_groups(rows, attention_window(model))
+                     if share and can_continue(model) else ([], list(range(len(rows)))))
+    logprobs = [None] * len(rows)  # each row's (n,) float32 log-probs, on device
+    for batch in row_batches(rows, alone, batch_size):
+        for i, lp in zip(batch, row_logprobs(model, [rows[i] for i in batch], pad_id, device)):
+            logprobs[i] = lp
+    vocab_size = model.get_output_embeddings().weight.shape[0] if groups else 0
+    for batch in group_batches(rows, groups, batch_size, model.config, vocab_size,
+                               input_limit(model)):
+        members = [i for group in batch for i in group]
+        for i, lp in zip(members, shared_prefix_logprobs(model, rows, batch, pad_id, device)):
+            logprobs[i] = lp
+    sums = torch.stack([lp.sum() for lp in logprobs]).float().cpu() if rows else torch.zeros(0)
+    return (sums, [lp.cpu() for lp in logprobs]) if per_token else sums
+
+
+def row_batches(rows, indices, batch_size):
+    """The rows at indices in batches of batch_size, longest first (an out-of-memory batch fails at
+    once), so each batch pads little."""
+    order = sorted(indices, key=lambda i: -len(rows[i][0]))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def shared_prefix_groups(rows, window=None):
+    """-> (groups, alone): the rows whose tokens before the scored ones are the same, as lists of
+    two or more row indices, and the other rows. A token that spans a context/continuation
+    boundary belongs to the continuation (continuation_start), so a row split there has its own
+    prefix and runs alone, as does a group whose longest row would reach past a sliding window."""
+    by_prefix = {}
+    for i, (ids, n) in enumerate(rows):
+        by_prefix.setdefault(tuple(ids[:len(ids) - n]), []).append(i)
+    groups, alone = [], []
+    for prefix, members in by_prefix.items():
+        longest = len(prefix) + max(rows[i][1] for i in members)
+        if len(members) > 1 and (window is None or longest <= window):
+            groups.append(members)
+        else:
+            alone.extend(members)
+    return groups, alone
+
+
+def input_limit(model):
+    """The most input positions a forward of the model may hold (its window, or its sliding
+    window's), or None."""
+    limits = [getattr(model.config, name, None) for name in WINDOW_FIELDS]
+    limits = [x for x in limits + [attention_window(model)] if isinstance(x, int) and x > 0]
+    return min(limits) if limits else None
+
+
+def group_batches(rows, groups, batch_size, config, vocab_size, limit=None):
+    """Groups in batches, longest prefix first, each holding at most batch_size rows, at most
+    SCORE_BUDGET floats of logits (rows x continuation x vocabulary) and KV cache (rows x prefix x
+    layers x 2 x width), and, padded, at most `limit` input positions (the longest prefix, then
+    the longest continuation)."""
+    cache_per_token = 2 * getattr(config, "num_hidden_layers", 1) * getattr(config,
+                                                                            "hidden_size", 0)
+    prefix_length = lambda group: len(rows[group[0]][0]) - rows[group[0]][1]
+    batches, batch = [], []
+    for group in sorted(groups, key=lambda g: -prefix_length(g)):
+        candidate = batch + [group]
+        n_rows = sum(len(g) for g in candidate)
+        prefix = prefix_length(candidate[0])
+        longest = max(rows[i][1] for g in candidate for i in g)
+        cost = n_rows * (longest * vocab_size + prefix * cache_per_token)
+        too_long = limit is not None and prefix + longest - 1 > limit
+        if batch and (n_rows > batch_size or cost > SCORE_BUDGET or too_long):
+            batches.append(batch)
+            candidate = [group]
+        batch = candidate
+    return batches + ([batch] if batch else [])
+
+
+def scored_logprobs(logits, slots, targets):
+    """log p(target) at each slot of logits (B, T, V) flattened, a chunk of slots at a time: a
+    float32 (slots, V) copy of all of them at once could hold gigabytes."""
+    logits = logits.reshape(-1, logits.size(-1))
+    if not len(slots):
+        return logits.new_zeros(0, dtype=torch.float32)
+    return torch.cat([logprobs_from_logits(logits.index_select(0, f), t)
+                      for f, t in zip(slots.split(SCORE_CHUNK), targets.split(SCORE_CHUNK))])
+
+
+def row_logprobs(model, rows, pad_id, device):
+    """The scored tokens' log-probs of rows run whole, right-padded: padding after the real tokens
+    never changes a causal LM's outputs at them, and positions stay 0, 1, 2, ... without position
+    ids, whatever padding side the tokenizer prefers. -> a list of (n,) float32 tensors."""
+    T = max(len(ids) for ids, _ in rows) - 1  # the longest input: every token but the last
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for r, (ids, _) in enumerate(rows):
+        input_ids[r, :len(ids) - 1] = torch.tensor(ids[:-1])
+        attention_mask[r, :len(ids) - 1] = 1
+    # the LM head only over the span of positions that predict scored tokens (sorted rows: a
+    # short span)
+    first = min(len(ids) - 1 - n for ids, n in rows)
+    keep = keeps_logits(model)
+    kwargs = {"logits_to_keep": torch.arange(first, T, device=device)} if keep else {}
+    offset = first if keep else 0
+    # which logits score which tokens, built on the host and moved once: logits at position t
+    # predict token t + 1, and row r's scored tokens are its last n
+    span = T - offset
+    slots, targets = [], []
+    for r, (ids, n) in enumerate(rows):
+        slots.extend(r * span + t - offset for t in range(len(ids) - 1 - n, len(ids) - 1))
+        targets.extend(ids[-n:])
+    slots, targets = (torch.tensor(x).to(device, non_blocking=True) for x in (slots, targets))
+    # (B, T - first, V), or (B, T, V) for a model that cannot skip positions
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                   use_cache=False, **kwargs).logits
+    return list(scored_logprobs(logits, slots, targets).split([n for _, n in rows]))
+
+
+def shared_prefix_logprobs(model, rows, groups, pad_id, device):
+    """
+    The scored tokens' log-probs of the rows of some groups (from shared_prefix_groups), in group
+    order: each group's prefix runs once, left-padded so that every prefix ends in the last column
+    and its continuations follow it without a gap (a sliding window then sees the distances it
+    would in a whole row); its KV cache is copied to each of its rows, which run their scored
+    tokens but the last after it, right-padded, positions carried on from the prefix's length.
+    The prefix's last logits score each row's first token. -> a list of (n,) float32 tensors.
+    """
+    prefixes = [rows[g[0]][0][:len(rows[g[0]][0]) - rows[g[0]][1]] for g in groups]
+    P = max(len(p) for p in prefixes)
+    prefix_ids = torch.full((len(groups), P), pad_id, dtype=torch.long)
+    prefix_mask = torch.zeros((len(groups), P), dtype=torch.long)
+    for g, prefix in enumerate(prefixes):
+        prefix_ids[g, P - len(prefix):] = torch.tensor(prefix)
+        prefix_mask[g, P - len(prefix):] = 1
+    keep = {"logits_to_keep": 1} if keeps_logits(model) else {}
+    out = model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
+                position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0).to(device), use_cache=True,
+                **keep)
+    first_logits = out.logits[:, -1]  # (G, V): each prefix's prediction of what follows it
+    members = [i for g in groups for i in g]
+    owner = torch.tensor([g for g, group in enumerate(groups) for _ in group])
+    first = logprobs_from_logits(first_logits.index_select(0, owner.to(device)),
+                                 torch.tensor([rows[i][0][-rows[i][1]] for i in members],
+                                              device=device))  # (R,)
+    # the rest: every scored token after the first, predicted by the one before it
+    suffixes = [rows[i][0][len(rows[i][0]) - rows[i][1]:] for i in members]
+    S = max(len(s) for s in suffixes) - 1
+    if S == 0:
+        return list(first.split(1))
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    cache.batch_select_indices(owner.to(device))  # each row its group's copy
+    suffix_ids = torch.full((len(members), S), pad_id, dtype=torch.long)
+    suffix_mask = torch.zeros((len(members), S), dtype=torch.long)
+    for r, suffix in enumerate(suffixes):
+        suffix_ids[r, :len(suffix) - 1] = torch.tensor(suffix[:-1])
+        suffix_mask[r, :len(suffix) - 1] = 1
+    # carried on from each prefix, (R, S); padding takes the first one's (any position in the
+    # model's range: it is never attended to)
+    positions = prefix_mask.sum(1)[owner, None] + torch.arange(S) * suffix_mask
+    logits = model(input_ids=suffix_ids.to(device),
+                   attention_mask=torch.cat([prefix_mask[owner], suffix_mask], 1).to(device),
+                   position_ids=positions.to(device), use_cache=True,
+                   **{cache_argument(model): cache}).logits  # (R, S, V)
+    slots = torch.tensor([r * S + t for r, s in enumerate(suffixes) for t in range(len(s) - 1)])
+    targets = torch.tensor([t for s in suffixes for t in s[1:]])
+    rest = scored_logprobs(logits, slots.to(device), targets.to(device))
+    rest = rest.split([len(s) - 1 for s in suffixes])
+    return [torch.cat([f.view(1), r]) for f, r in zip(first, rest)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,9 +428,13 @@ def load_causal_lm(source, device, dtype):
     return model, tokenizer
 
 
+# where a transformers config keeps the longest input its model takes
+WINDOW_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
+
+
 def model_window(config, tokenizer, source):
     """The longest input the model takes, in tokens."""
-    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+    for name in WINDOW_FIELDS:
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
             return value

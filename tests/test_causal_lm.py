@@ -100,6 +100,25 @@ def build_pythia(path, window=64):
     return str(path)
 
 
+def build_gemma3(path, window=48, sliding_window=32):
+    """Gemma 3's shape: a sliding-window layer, then a global one; BOS first."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = train_tokenizer("llama")
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=16, max_position_embeddings=window,
+                              sliding_window=sliding_window, initializer_range=0.2,
+                              layer_types=["sliding_attention", "full_attention"],
+                              bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+    Gemma3ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def neo(tmp_path_factory):
     return CausalLM.load(build_gpt_neo(tmp_path_factory.mktemp("neo")))
@@ -108,6 +127,11 @@ def neo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     return CausalLM.load(build_llama(tmp_path_factory.mktemp("llama")))
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    return CausalLM.load(build_gemma3(tmp_path_factory.mktemp("gemma3")))
 
 
 @pytest.fixture(scope="module")
@@ -288,6 +312,95 @@ def test_long_context_is_truncated_from_the_left(neo, llama):
     ids, _ = llama.encode_pairs([context], [continuation])[0]
     # BOS survives the truncation
     assert len(ids) == 48 + 1 and ids[0] == llama.tokenizer.bos_token_id
+
+
+# --------------------------------------------------------------------------------------------------
+# a context scored once, its KV cache continued by each continuation
+
+# HellaSwag's shape: contexts of several lengths, 4 endings each (one ending merges with the
+# context at the boundary, one context outgrows the models' windows and is cut from the left)
+SHARED_CONTEXTS = ["Roofing: A man is sitting on a roof. He", "The weather is nice today. The dog",
+                   "Héllo wörld: the café owner opens the door. She", "Wait.",
+                   " ".join(["A man is sitting on a roof."] * 12)]
+SHARED_ENDINGS = [" starts pulling up roofing.", " is using a phone.", " jumps.", "..",
+                  " eats a sandwich."]
+
+
+def count_positions(model):
+    """A list that grows by the token positions of each forward of model."""
+    positions = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: positions.append(kwargs["input_ids"].numel()),
+        with_kwargs=True)
+    return positions
+
+
+@pytest.mark.parametrize("name", ["neo", "llama", "gemma3"])
+def test_shared_contexts_score_as_whole_rows(name, request):
+    lm = request.getfixturevalue(name)
+    pairs = [(c, e) for c in SHARED_CONTEXTS for e in SHARED_ENDINGS[:4 + len(c) % 2]]
+    rows = lm.encode_pairs(*zip(*pairs))
+    groups, alone = causal_lm.shared_prefix_groups(rows, causal_lm.attention_window(lm.model))
+    assert len(groups) >= 2  # sharing is tested, not skipped
+    positions = count_positions(lm.model)
+    try:
+        shared, per_token = causal_lm.sequence_logprobs(lm.model, rows, lm.pad_id, 12,
+                                                        per_token=True)
+        shared_positions = sum(positions)
+        positions.clear()
+        whole, whole_per_token = causal_lm.sequence_logprobs(lm.model, rows, lm.pad_id, 12,
+                                                             per_token=True, share=False)
+    finally:
+        lm.model._forward_pre_hooks.clear()
+    torch.testing.assert_close(shared, whole, atol=1e-4, rtol=0)
+    for a, b in zip(per_token, whole_per_token):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    # fewer positions run (padding included); a windowed model shares its short rows only
+    assert shared_positions < (0.8 if name == "llama" else 1) * sum(positions)
+    # and each pair as one plain forward with the model's own tokenizer
+    for i, (ids, n) in enumerate(rows):
+        expected = reference_token_score(lm.model, ids[:-n], ids[-n:])
+        assert shared[i].item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_continuation_reaching_past_a_sliding_window_runs_as_a_whole_row(gemma3):
+    rows = gemma3.encode_pairs(["A man", "A man", "The weather is", "The weather is"],
+                               [" sits.", " sits on a roof, then jumps into the big blue pool "
+                                          "below it.", " nice.", " bad."])
+    assert causal_lm.attention_window(gemma3.model) == 32 < len(rows[1][0]) < 48
+    groups, alone = causal_lm.shared_prefix_groups(rows, 32)
+    assert groups == [[2, 3]] and alone == [0, 1]  # the long continuation's group runs whole
+
+
+def test_a_model_whose_cache_cannot_be_continued_is_scored_in_rows_said_once(neo, monkeypatch,
+                                                                             capsys):
+    contexts, continuations = ["A man"] * 4, [" sits.", " runs.", " eats.", " jumps."]
+    shared = neo.score(contexts, continuations)["sum_logprob"]
+    monkeypatch.setattr(causal_lm, "can_continue", lambda model: False)
+    monkeypatch.setattr(causal_lm, "_WHOLE_ROWS_SAID", set())
+    capsys.readouterr()
+    torch.testing.assert_close(neo.score(contexts, continuations)["sum_logprob"], shared,
+                               atol=1e-4, rtol=0)
+    neo.score(contexts, continuations)
+    err = capsys.readouterr().err
+    assert err.count("cannot be continued") == 1 and "GPTNeoForCausalLM" in err
+
+
+def test_a_scoring_batch_of_shared_contexts_stays_within_its_budget(neo, monkeypatch):
+    rows = neo.encode_pairs(["A man is sitting"] * 4 + ["The weather"] * 4,
+                            [" on a roof.", " down.", " up.", " here."] * 2)
+    groups, _ = causal_lm.shared_prefix_groups(rows)
+    vocab = neo.model.get_output_embeddings().weight.shape[0]
+    assert len(causal_lm.group_batches(rows, groups, 32, neo.model.config, vocab)) == 1
+    assert [len(b) for b in causal_lm.group_batches(rows, groups, 4, neo.model.config,
+                                                    vocab)] == [1, 1]
+    # a budget that holds one group's logits and cache, not two
+    monkeypatch.setattr(causal_lm, "SCORE_BUDGET", 4 * (4 * vocab + 4 * 2 * 2 * 64) + 1)
+    assert [len(b) for b in causal_lm.group_batches(rows, groups, 32, neo.model.config,
+                                                    vocab)] == [1, 1]
+    whole = causal_lm.sequence_logprobs(neo.model, rows, neo.pad_id, share=False)
+    torch.testing.assert_close(causal_lm.sequence_logprobs(neo.model, rows, neo.pad_id), whole,
+                               atol=1e-4, rtol=0)
 
 
 def test_unscoreable_pairs_are_errors_not_zeros(neo):

@@ -41,8 +41,12 @@ CONTINUATIONS = [" He starts pulling up roofing.", " jumps over the lazy dog.", 
 
 @pytest.fixture
 def count_forwards(neo):
+    """The judge's scoring batches: forwards that start from no KV cache (a batch of shared
+    contexts then continues its cache once more)."""
     calls = []
-    handle = neo.model.register_forward_hook(lambda module, args, output: calls.append(1))
+    handle = neo.model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(1) if kwargs.get("cache") is None
+        and kwargs.get("past_key_values") is None else None, with_kwargs=True)
     yield calls
     handle.remove()
 
