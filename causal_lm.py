@@ -12,6 +12,7 @@ and teachers are CausalLMs.
 
 import bisect
 import codecs
+import copy
 import inspect
 import json
 import os
@@ -319,9 +320,8 @@ def shared_prefix_logprobs(model, rows, groups, pad_id, device):
     The scored tokens' log-probs of the rows of some groups (from shared_prefix_groups), in group
     order: each group's prefix runs once, left-padded so that every prefix ends in the last column
     and its continuations follow it without a gap (a sliding window then sees the distances it
-    would in a whole row); its KV cache is copied to each of its rows, which run their scored
-    tokens but the last after it, right-padded, positions carried on from the prefix's length.
-    The prefix's last logits score each row's first token. -> a list of (n,) float32 tensors.
+    would in a whole row). The prefix's last logits score each row's first token; the rest run
+    after a copy of their group's KV cache (continue_prefixes). -> a list of (n,) float32 tensors.
     """
     prefixes = [rows[g[0]][0][:len(rows[g[0]][0]) - rows[g[0]][1]] for g in groups]
     P = max(len(p) for p in prefixes)
@@ -334,36 +334,67 @@ def shared_prefix_logprobs(model, rows, groups, pad_id, device):
     out = model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
                 position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0).to(device), use_cache=True,
                 **keep)
-    first_logits = out.logits[:, -1]  # (G, V): each prefix's prediction of what follows it
     members = [i for g in groups for i in g]
     owner = torch.tensor([g for g, group in enumerate(groups) for _ in group])
-    first = logprobs_from_logits(first_logits.index_select(0, owner.to(device)),
+    # (G, V): each prefix's prediction of what follows it -> (R,)
+    first = logprobs_from_logits(out.logits[:, -1].index_select(0, owner.to(device)),
                                  torch.tensor([rows[i][0][-rows[i][1]] for i in members],
-                                              device=device))  # (R,)
-    # the rest: every scored token after the first, predicted by the one before it
+                                              device=device))
     suffixes = [rows[i][0][len(rows[i][0]) - rows[i][1]:] for i in members]
-    S = max(len(s) for s in suffixes) - 1
-    if S == 0:
-        return list(first.split(1))
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
-    cache.batch_select_indices(owner.to(device))  # each row its group's copy
-    suffix_ids = torch.full((len(members), S), pad_id, dtype=torch.long)
-    suffix_mask = torch.zeros((len(members), S), dtype=torch.long)
-    for r, suffix in enumerate(suffixes):
-        suffix_ids[r, :len(suffix) - 1] = torch.tensor(suffix[:-1])
-        suffix_mask[r, :len(suffix) - 1] = 1
-    # carried on from each prefix, (R, S); padding takes the first one's (any position in the
-    # model's range: it is never attended to)
-    positions = prefix_mask.sum(1)[owner, None] + torch.arange(S) * suffix_mask
-    logits = model(input_ids=suffix_ids.to(device),
-                   attention_mask=torch.cat([prefix_mask[owner], suffix_mask], 1).to(device),
-                   position_ids=positions.to(device), use_cache=True,
-                   **{cache_argument(model): cache}).logits  # (R, S, V)
-    slots = torch.tensor([r * S + t for r, s in enumerate(suffixes) for t in range(len(s) - 1)])
-    targets = torch.tensor([t for s in suffixes for t in s[1:]])
-    rest = scored_logprobs(logits, slots.to(device), targets.to(device))
-    rest = rest.split([len(s) - 1 for s in suffixes])
+    rest = continue_prefixes(model, cache, prefix_mask, owner, suffixes, pad_id, device)
     return [torch.cat([f.view(1), r]) for f, r in zip(first, rest)]
+
+
+def suffix_chunks(lengths, slack=0.8):
+    """Row indices in chunks of similar length, longest first: a chunk takes rows down to `slack`
+    of its longest, so that little of a forward is padding (the rows of a group may differ a
+    lot)."""
+    order = sorted(range(len(lengths)), key=lambda r: -lengths[r])
+    chunks = []
+    for r in order:
+        if chunks and lengths[r] >= slack * lengths[chunks[-1][0]]:
+            chunks[-1].append(r)
+        else:
+            chunks.append([r])
+    return chunks
+
+
+def continue_prefixes(model, cache, prefix_mask, owner, suffixes, pad_id, device):
+    """The log-probs of each suffix's tokens after its first, each predicted by the token before
+    it, with the suffix run after its group's cached prefix (owner: each suffix's group): in
+    chunks of similar length, each with its own copy of the cache, one row per suffix,
+    right-padded, positions carried on from the prefix's length. -> a list of (len - 1,) float32
+    tensors, in suffix order."""
+    results = [None] * len(suffixes)
+    chunks = [c for c in suffix_chunks([len(s) - 1 for s in suffixes])
+              if len(suffixes[c[0]]) > 1]
+    for r in range(len(suffixes)):
+        if len(suffixes[r]) == 1:
+            results[r] = torch.zeros(0, device=device)
+    for k, chunk in enumerate(chunks):
+        S = len(suffixes[chunk[0]]) - 1
+        rows_cache = cache if k == len(chunks) - 1 else copy.deepcopy(cache)  # the last: in place
+        rows_cache.batch_select_indices(owner[chunk].to(device))
+        suffix_ids = torch.full((len(chunk), S), pad_id, dtype=torch.long)
+        suffix_mask = torch.zeros((len(chunk), S), dtype=torch.long)
+        for row, r in enumerate(chunk):
+            suffix_ids[row, :len(suffixes[r]) - 1] = torch.tensor(suffixes[r][:-1])
+            suffix_mask[row, :len(suffixes[r]) - 1] = 1
+        # carried on from each prefix; padding takes the first one's (any position in the model's
+        # range: it is never attended to)
+        positions = prefix_mask.sum(1)[owner[chunk], None] + torch.arange(S) * suffix_mask
+        mask = torch.cat([prefix_mask[owner[chunk]], suffix_mask], 1)
+        logits = model(input_ids=suffix_ids.to(device), attention_mask=mask.to(device),
+                       position_ids=positions.to(device), use_cache=True,
+                       **{cache_argument(model): rows_cache}).logits  # (rows, S, V)
+        slots = torch.tensor([row * S + t for row, r in enumerate(chunk)
+                              for t in range(len(suffixes[r]) - 1)])
+        targets = torch.tensor([t for r in chunk for t in suffixes[r][1:]])
+        logprobs = scored_logprobs(logits, slots.to(device), targets.to(device))
+        for r, lp in zip(chunk, logprobs.split([len(suffixes[r]) - 1 for r in chunk])):
+            results[r] = lp
+    return results
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,40 @@
+"""benchmarks/judge_speed.py end to end on a tiny Llama-style model and the test fixture (its
+numbers are for the README, not for tests): the three paths must agree."""
+
+import os
+import re
+import subprocess
+import sys
+
+from test_causal_lm import build_llama
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(REPO, "tests", "fixtures", "hellaswag_synthetic.jsonl")
+
+
+def test_judge_speed_compares_whole_rows_shared_contexts_and_the_harness(tmp_path):
+    model = build_llama(tmp_path / "llama", window=256)
+    proc = subprocess.run([sys.executable, "benchmarks/judge_speed.py", "--model", model,
+                           "--data", FIXTURE, "--limit", "3", "--slice", "2", "--batch-size", "2"]
+                          + ([] if _has_harness() else ["--no-harness"]),
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if re.match(r"\| (whole|shared|lm-eval)",
+                                                                   line)]
+    assert len(lines) == (3 if _has_harness() else 2)
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[6] == "0, 0" and float(cells[7]) <= 1e-4, line  # same picks, same scores
+
+
+def test_judge_speed_bad_arguments_are_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/judge_speed.py", "--model", "x",
+                           "--limit", "0"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: --limit, --batch-size and --slice must be positive")
+
+
+def _has_harness():
+    import importlib.util
+    return importlib.util.find_spec("lm_eval") is not None
