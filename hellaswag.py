@@ -36,7 +36,7 @@ from causal_lm import (CausalLM, PairError, is_gpt2_vocab, load_causal_lm, seque
                        split_encode, unicode_problem)
 from common import (UserError, atomic_path, atomic_write_text, autocast, check_output_path,
                     first_line, looks_like_a_path, read_json, read_jsonl, resolve_device, run_cli,
-                    same_error_on_every_rank)
+                    same_error_on_every_rank, write_errors_are_one_line)
 from model import GPT, logprobs_from_logits
 from tokenizer import EOT_TOKEN, gpt2_encoding
 from weights import check_finite_weights, gguf_directory, is_gguf, unsupported_gpt2_setting
@@ -828,6 +828,80 @@ def check_outputs(args):
                         "give each its own path")
     check_output_path(args.output, inputs=[data, args.model])
     check_output_path(args.predictions, inputs=[data, args.model, args.output])
+    if args.predictions:  # where a long evaluation keeps its progress
+        check_output_path(args.predictions + PARTIAL_SUFFIX, inputs=[data, args.model])
+
+
+# a long --predictions evaluation keeps its progress in PREDICTIONS.partial, a chunk at a time
+PARTIAL_SUFFIX = ".partial"
+PARTIAL_CHUNK = 256
+
+
+def run_settings(args):
+    """What a --predictions file's scores depend on: an unfinished one resumes only under the same
+    settings."""
+    model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
+    data = os.path.abspath(args.data) if args.data else ("hub" if args.hub else "official")
+    return {"model": model, "data": data, "split": args.split, "style": args.style,
+            "dtype": args.dtype, "limit": args.limit}
+
+
+def read_partial(path, settings, examples):
+    """The predictions an unfinished evaluation kept in path (none if there is no such file),
+    checked against the settings and the data; a line torn by a kill is cut off the file."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    complete = data[:data.rfind(b"\n") + 1]  # a last line without its newline was torn
+    if len(complete) < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    try:
+        lines = [json.loads(line) for line in complete.decode("utf-8").splitlines()]
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not the progress file of an evaluation ({first_line(e)}); "
+                        "remove it to start the evaluation over") from None
+    if not lines or lines[0] != {"settings": settings}:
+        found = lines[0].get("settings") if lines and isinstance(lines[0], dict) else None
+        raise UserError(f"{path}: an unfinished evaluation with other settings ({found}); run "
+                        "with those to resume it, or remove the file to start over")
+    done = lines[1:]
+    for prediction, example in zip(done, examples):
+        if (not isinstance(prediction, dict) or prediction.get("index") != example["index"]
+                or prediction.get("label") != example["label"]):
+            raise UserError(f"{path}: its predictions do not follow the data (example "
+                            f"{example['index']}); remove the file to start over")
+    if len(done) > len(examples):
+        raise UserError(f"{path}: more predictions ({len(done)}) than examples "
+                        f"({len(examples)}); remove the file to start over")
+    return done
+
+
+def evaluate_resumably(score, examples, predictions_path, settings):
+    """score(examples) (evaluate with return_predictions) a chunk at a time, each chunk's
+    predictions appended to PREDICTIONS.partial and synced: a stopped evaluation continues where it
+    stopped (the file is checked against the settings and the data first). -> evaluate's result for
+    all examples, "seconds" those of this process."""
+    partial = predictions_path + PARTIAL_SUFFIX
+    done = read_partial(partial, settings, examples)
+    resumed, seconds = len(done), 0.0
+    if resumed:
+        print(f"resuming {partial}: {resumed} of {len(examples)} examples already scored")
+    with write_errors_are_one_line(partial), open(partial, "a", encoding="utf-8") as f:
+        if not done:
+            f.write(json.dumps({"settings": settings}) + "\n")
+        for start in range(len(done), len(examples), PARTIAL_CHUNK):
+            result = score(examples[start:start + PARTIAL_CHUNK])
+            f.write("".join(json.dumps(p) + "\n" for p in result["predictions"]))
+            f.flush()
+            os.fsync(f.fileno())
+            done += result["predictions"]
+            seconds += result["seconds"]
+    n = len(done)
+    return {"n": n, "acc": sum(p["pred"] == p["label"] for p in done) / max(n, 1),
+            "acc_norm": sum(p["pred_norm"] == p["label"] for p in done) / max(n, 1),
+            "seconds": seconds, "n_scored": n - resumed, "predictions": done}
 
 
 def main(argv=None):
@@ -843,15 +917,21 @@ def main(argv=None):
     model, tokenizer = load_model(args.model)
     check_finite_weights(model, args.model)  # NaN weights would score as chance, not fail
     model.to(device)
-    result = evaluate(model, examples, tokenizer=tokenizer, style=args.style,
-                      batch_size=args.batch_size, device=device, dtype=args.dtype,
-                      return_predictions=True)
+    score = lambda part: evaluate(model, part, tokenizer=tokenizer, style=args.style,
+                                  batch_size=args.batch_size, device=device, dtype=args.dtype,
+                                  return_predictions=True)
+    if args.predictions:
+        result = evaluate_resumably(score, examples, args.predictions, run_settings(args))
+    else:
+        result = score(examples)
     predictions = result.pop("predictions")
     summary = {"model": args.model, "split": args.split,
                "data": args.data or ("hub" if args.hub else "official"),
                "style": args.style, "dtype": args.dtype, "n": result["n"], "acc": result["acc"],
                "acc_norm": result["acc_norm"], "seconds": result["seconds"],
-               "examples_per_s": result["n"] / result["seconds"],
+               # this process's speed (a resumed evaluation scored only the rest)
+               "examples_per_s": result.get("n_scored", result["n"]) / max(result["seconds"],
+                                                                            1e-9),
                "groups": group_accuracy(predictions)}
 
     print(f"hellaswag {args.split} | {args.style} style | {args.model} | {summary['n']} examples | "
@@ -865,6 +945,7 @@ def main(argv=None):
         atomic_write_text(args.output, json.dumps(summary, indent=2) + "\n")
     if args.predictions:
         write_predictions(args.predictions, predictions)
+        os.remove(args.predictions + PARTIAL_SUFFIX)
 
 
 if __name__ == "__main__":

@@ -145,6 +145,68 @@ def test_cli_writes_results_and_predictions(tmp_path, checkpoint, capsys):
     assert f"acc_norm  {results['acc_norm']:.4f}" in printed
 
 
+def test_a_stopped_evaluation_resumes_where_it_stopped(tmp_path, checkpoint, capsys,
+                                                       monkeypatch):
+    whole = tmp_path / "whole.jsonl"
+    main(["--model", checkpoint, "--data", FIXTURE, "--predictions", str(whole)])
+    monkeypatch.setattr(hellaswag, "PARTIAL_CHUNK", 2)
+    scored, real_evaluate = [], hellaswag.evaluate
+
+    def stop_after_two_chunks(model, examples, **kwargs):
+        if len(scored) == 4:
+            raise KeyboardInterrupt
+        scored.extend(ex["index"] for ex in examples)
+        return real_evaluate(model, examples, **kwargs)
+
+    monkeypatch.setattr(hellaswag, "evaluate", stop_after_two_chunks)
+    predictions = tmp_path / "preds.jsonl"
+    argv = ["--model", checkpoint, "--data", FIXTURE, "--predictions", str(predictions)]
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    partial = tmp_path / "preds.jsonl.partial"
+    assert not predictions.exists() and len(partial.read_text().splitlines()) == 1 + 4
+    with open(partial, "a") as f:
+        f.write('{"index": 4, "lab')  # a line torn by the kill
+    monkeypatch.setattr(hellaswag, "evaluate", real_evaluate)
+    capsys.readouterr()
+    main(argv)
+    assert "resuming" in capsys.readouterr().out and not partial.exists()
+    # as if it had never stopped (batches of other examples round differently)
+    resumed, uninterrupted = ([json.loads(line) for line in path.read_text().splitlines()]
+                              for path in (predictions, whole))
+    for a, b in zip(resumed, uninterrupted, strict=True):
+        assert a["sum_logprobs"] == pytest.approx(b["sum_logprobs"], abs=1e-4)
+        assert {**a, "sum_logprobs": 0, "norm_scores": 0} == {**b, "sum_logprobs": 0,
+                                                              "norm_scores": 0}
+    assert scored == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("partial_text, message", [
+    ('{"settings": {"model": "other"}}\n', "an unfinished evaluation with other settings"),
+    ("not json\n", "not the progress file of an evaluation"),
+])
+def test_an_unfinished_evaluation_of_other_settings_is_one_line(tmp_path, checkpoint,
+                                                                partial_text, message):
+    (tmp_path / "preds.jsonl.partial").write_text(partial_text)
+    with pytest.raises(UserError, match=message):
+        main(["--model", checkpoint, "--data", FIXTURE, "--predictions",
+              str(tmp_path / "preds.jsonl")])
+
+
+def test_an_unfinished_evaluation_of_other_data_is_one_line(tmp_path, checkpoint, monkeypatch):
+    monkeypatch.setattr(hellaswag, "PARTIAL_CHUNK", 2)
+    predictions = tmp_path / "preds.jsonl"
+    argv = ["--model", checkpoint, "--data", FIXTURE, "--predictions", str(predictions)]
+    main(argv)
+    lines = [json.loads(line) for line in open(FIXTURE)]
+    # the same file, changed: an unfinished evaluation of it no longer follows it
+    (tmp_path / "preds.jsonl.partial").write_text(
+        json.dumps({"settings": hellaswag.run_settings(hellaswag.parse_args(argv))}) + "\n"
+        + json.dumps({"index": 0, "label": (lines[0]["label"] + 1) % 4}) + "\n")
+    with pytest.raises(UserError, match=r"do not follow the data \(example 0\)"):
+        main(argv)
+
+
 def test_cli_on_a_transformers_model_of_another_architecture(tmp_path, capsys):
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
