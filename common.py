@@ -41,6 +41,11 @@ def run_cli(main, argv=None):
         sys.exit(2)
 
 
+def warn(message):
+    """A warning: on stderr, where a user piping a command's results does not expect it mixed in."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def first_line(error):
     """The first line of an exception's message, or its type name:
     enough to say why inside one line."""

@@ -42,7 +42,8 @@ import torch.distributed as dist
 import synthetic
 from common import (UserError, atomic_torch_save, atomic_write_text, check_output_path,
                     first_line, looks_like_a_path, read_json_objects, resolve_device,
-                    same_error_on_every_rank, step_checkpoints, write_errors_are_one_line)
+                    same_error_on_every_rank, step_checkpoints, warn,
+                    write_errors_are_one_line)
 from hellaswag import evaluate, split_path, write_predictions
 from weights import CHECKPOINT_FORMAT
 
@@ -226,6 +227,11 @@ class Distributed:
         if self.master_process:
             print(*args)
 
+    def warn(self, message):
+        """A warning (on stderr), from the master process alone."""
+        if self.master_process:
+            warn(message)
+
 
 def setup_distributed(cfg):
     # a device this machine lacks is an error here, on every rank
@@ -359,26 +365,26 @@ def save_checkpoint(out_dir, ckpt, keep_last, best):
     return path
 
 
-def rewrite_logged_lines(path, change, log=print):
+def rewrite_logged_lines(path, change, warn=warn):
     """Rewrite the JSON lines of a run's log atomically, each record through change (-> the new
     record, or None to drop it). A line that does not parse (a kill mid-write tears the last one)
     is dropped with a warning."""
     records, bad = read_json_objects(path)
     for n in bad:
-        log(f"warning: {path}, line {n}: not a JSON line (torn by a kill?), dropped")
+        warn(f"{path}, line {n}: not a JSON line (torn by a kill?), dropped")
     changed = (change(r) for r in records)
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in changed if r is not None))
 
 
-def add_to_logged_step(path, step, fields, log=print):
+def add_to_logged_step(path, step, fields, warn=warn):
     """Merge fields into the line of path whose "step" is step."""
-    rewrite_logged_lines(path, lambda r: {**r, **fields} if r.get("step") == step else r, log)
+    rewrite_logged_lines(path, lambda r: {**r, **fields} if r.get("step") == step else r, warn)
 
 
-def drop_lines_after(path, step, log=print):
+def drop_lines_after(path, step, warn=warn):
     """Keep the JSON lines of path whose "step" is at most step."""
     if os.path.exists(path):
-        rewrite_logged_lines(path, lambda r: r if r.get("step", 0) <= step else None, log)
+        rewrite_logged_lines(path, lambda r: r if r.get("step", 0) <= step else None, warn)
 
 
 # and ckpt_*.pt
@@ -414,7 +420,7 @@ RUN_SETTINGS = ("out_dir", "device", "compile", "ddp_timeout_s", "max_steps", "m
                 "wandb_run_name", "reward_batch_size", "micro_batch_size")
 
 
-def log_changed_settings(saved, cfg, log):
+def log_changed_settings(saved, cfg, run):
     """Say which settings of a resumed run differ from its checkpoint's: a note for the run's
     management, a warning for the rest, which makes another experiment from there on (the state
     that depends on them, such as cached reference scores, is checked where it is restored)."""
@@ -424,13 +430,13 @@ def log_changed_settings(saved, cfg, log):
     notes = [text for key, text in changed.items() if key in RUN_SETTINGS]
     warnings = [text for key, text in changed.items() if key not in RUN_SETTINGS]
     if notes:
-        log(f"resuming with {'; '.join(notes)}")
+        run.log(f"resuming with {'; '.join(notes)}")
     if warnings:
-        log(f"warning: resuming with settings that differ from the checkpoint's, so another "
-            f"experiment from here on: {'; '.join(warnings)}")
+        run.warn(f"resuming with settings that differ from the checkpoint's, so another "
+                 f"experiment from here on: {'; '.join(warnings)}")
 
 
-def load_resume_checkpoint(out_dir, log):
+def load_resume_checkpoint(out_dir, warn=warn):
     """The newest checkpoint in out_dir that loads, -> (path, checkpoint). A damaged one (truncated,
     empty, not a checkpoint) is named in a warning and the next older one is tried."""
     candidates = step_checkpoints(out_dir)
@@ -442,8 +448,7 @@ def load_resume_checkpoint(out_dir, log):
             if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
                 raise ValueError("not a checkpoint of this project")
         except Exception as e:  # torch raises many kinds for a damaged file
-            log(f"warning: {path}: cannot resume from it ({first_line(e)}); trying an older "
-                "checkpoint")
+            warn(f"{path}: cannot resume from it ({first_line(e)}); trying an older checkpoint")
             continue
         if ckpt.get("step") != step:  # another run's file, copied in and renamed?
             raise UserError(f"{path}: holds step {ckpt.get('step')!r}, not the step its name "
@@ -513,7 +518,7 @@ def prepare_out_dir(cfg, run, log):
     if cfg.init_from == "resume":
         if run.master_process:
             remove_torn_writes(cfg.out_dir, restore_export=True)
-        path, ckpt = load_resume_checkpoint(cfg.out_dir, log)
+        path, ckpt = load_resume_checkpoint(cfg.out_dir, run.warn)
         if ckpt.get("step", 0) >= cfg.max_steps:
             raise UserError(f"init_from=resume: {path} is at step {ckpt.get('step')}, and "
                             f"max_steps={cfg.max_steps} asks for nothing more; raise max_steps")
@@ -650,9 +655,9 @@ class TrainingState:
             self.shuffle_generator.set_state(mine["shuffle"])
             torch.set_rng_state(mine["torch"])
         else:
-            run.log(f"warning: checkpoint has RNG states of {len(rng)} rank(s) on "
-                    f"{rng[0].get('device_type')}, this run has {run.world_size} on "
-                    f"{self.sample_generator.device.type}; sampling is reseeded, not continued")
+            run.warn(f"checkpoint has RNG states of {len(rng)} rank(s) on "
+                     f"{rng[0].get('device_type')}, this run has {run.world_size} on "
+                     f"{self.sample_generator.device.type}; sampling is reseeded, not continued")
 
 
 def forget_after(out_dir, step, run):
@@ -660,7 +665,7 @@ def forget_after(out_dir, step, run):
     redone: dropped."""
     if run.master_process:
         for name in ("metrics.jsonl", "samples.jsonl"):
-            drop_lines_after(os.path.join(out_dir, name), step, run.log)
+            drop_lines_after(os.path.join(out_dir, name), step)
         drop_evaluations_after(out_dir, step)
 
 
@@ -732,8 +737,7 @@ class RunLog:
                                             name=cfg.wandb_run_name or None,
                                             config=dataclasses.asdict(cfg))
             except ImportError:
-                self.log("warning: wandb_log=True but wandb is not installed; logging to "
-                         "metrics.jsonl only")
+                warn("wandb_log=True but wandb is not installed; logging to metrics.jsonl only")
             except Exception as e:  # no API key in a batch job, no network, ...
                 raise UserError(f"wandb_log=True, but wandb could not start a run "
                                 f"({first_line(e)}); log in (wandb login), or pass "
@@ -756,7 +760,7 @@ class RunLog:
             path = self.metrics_file.name
             self.metrics_file.close()
             try:
-                add_to_logged_step(path, step, fields, self.log)
+                add_to_logged_step(path, step, fields)
             finally:
                 self.metrics_file = open(path, "a")
 

@@ -1003,9 +1003,8 @@ def guarded_update(model, raw_model, state, rollout_kind, batch, cfg, run):
     state.bad_steps = 0 if finite else state.bad_steps + 1
     step = state.step + 1
     if state.bad_steps:
-        run.log(f"warning: step {step}: non-finite "
-                f"{'gradient' if finite_rollout else 'rollout'} ({state.bad_steps} step(s) in a "
-                "row); the rest of the step's update is skipped")
+        run.warn(f"step {step}: non-finite {'gradient' if finite_rollout else 'rollout'} "
+                 f"({state.bad_steps} step(s) in a row); the rest of the step's update is skipped")
     if state.bad_steps >= cfg.max_bad_steps:
         raise UserError(f"{state.bad_steps} steps in a row with non-finite losses or gradients at "
                         f"step {step}; stopping (the last checkpoint is kept; try a lower "
@@ -1030,7 +1029,7 @@ def run_ppo(cfg, run):
     os.makedirs(cfg.out_dir, exist_ok=True)
     run.log(json.dumps(dataclasses.asdict(cfg), indent=2))
     if ckpt:
-        log_changed_settings(ckpt.get("config", {}), cfg, run.log)
+        log_changed_settings(ckpt.get("config", {}), cfg, run)
     train_examples, val_examples, sources = load_data(cfg, run, run.log)
     raw_model, reference, reference_state = load_models(cfg, sources["init_from"], ckpt,
                                                         resume_path, run.device)
