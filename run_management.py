@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import datetime
 import difflib
+import errno
 import fcntl
 import json
 import math
@@ -31,6 +32,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import time
 import typing
 from dataclasses import dataclass, field
@@ -471,10 +473,10 @@ def out_dir_lock(out_dir, run):
             check_output_path(out_dir, directory=True)
             try:
                 os.makedirs(out_dir, exist_ok=True)
-                fd = os.open(os.path.join(out_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as e:  # a name too long, say
                 raise UserError(f"out_dir {shorten(out_dir)}: cannot create it "
                                 f"({e.strerror})") from None
+            fd = open_lock_file(os.path.join(out_dir, ".lock"))
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -489,6 +491,28 @@ def out_dir_lock(out_dir, run):
     finally:
         if fd is not None:
             os.close(fd)  # closing releases the lock
+
+
+def open_lock_file(path):
+    """-> a descriptor of out_dir/.lock, a regular file of this name alone. Anything else is
+    refused, never written through: a symbolic link (or a hard link) planted there would make the
+    run truncate the file it points to and write its process id into it."""
+    try:  # O_NONBLOCK: a FIFO planted there must not hang the open
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except OSError as e:
+        what = {errno.ELOOP: "a symbolic link", errno.EISDIR: "a directory"}.get(e.errno)
+        if what is None:
+            raise UserError(f"{path}: cannot open the run's lock file ({e.strerror}); make "
+                            "out_dir writable, or choose another out_dir") from None
+        raise UserError(f"{path}: {what}, where the run keeps its lock file; remove it, or "
+                        "choose another out_dir") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        what = "not a regular file" if not stat.S_ISREG(info.st_mode) else "a hard link"
+        raise UserError(f"{path}: {what}, where the run keeps its lock file; remove it, or "
+                        "choose another out_dir")
+    return fd
 
 
 def holds_something(path):

@@ -66,6 +66,38 @@ def test_a_lock_left_by_a_killed_run_is_no_dead_end(tmp_path, synthetic_dir):
     assert resumed["step"] > 1
 
 
+@pytest.mark.parametrize("kind, message", [
+    ("a symbolic link", "a symbolic link"), ("a dangling symbolic link", "a symbolic link"),
+    ("a hard link", "a hard link"), ("a directory", "a directory"),
+    ("a FIFO", "not a regular file")])
+def test_a_lock_file_that_is_not_a_regular_file_is_refused_and_never_written_through(
+        tmp_path, synthetic_dir, monkeypatch, kind, message):
+    """A link planted as out_dir/.lock in a shared folder would make the run truncate the file it
+    points to and write its process id there, even a run that is then refused."""
+    victim = tmp_path / "someone_s_file"
+    victim.write_text("precious\n")
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    lock = out_dir / ".lock"
+    if kind == "a symbolic link":
+        lock.symlink_to(victim)
+    elif kind == "a dangling symbolic link":
+        lock.symlink_to(tmp_path / "created_through_the_link")
+    elif kind == "a hard link":
+        os.link(victim, lock)
+    elif kind == "a directory":
+        lock.mkdir()
+    else:
+        os.mkfifo(lock)
+    loads = []
+    monkeypatch.setattr(train_ppo, "load_data", lambda *a: loads.append(1))
+    with pytest.raises(UserError, match=rf"^{lock}: {message}, where the run keeps its lock file; "
+                                        "remove it, or choose another out_dir$"):
+        train_ppo.train(label_run(out_dir, synthetic_dir))
+    assert not loads and victim.read_text() == "precious\n"
+    assert not (tmp_path / "created_through_the_link").exists()
+
+
 def test_an_eval_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, synthetic_dir,
                                                                          monkeypatch):
     (tmp_path / "eval").write_text("not a folder")
