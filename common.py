@@ -109,7 +109,9 @@ def write_errors_are_one_line(path, written=None):
 
 
 # a write that failed for one of these is one line; other errors in the block are not writes
-WRITE_ERRORS = (errno.EFBIG, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG)
+# (EISDIR, ENOTDIR: a folder, or a file above the path, that appeared after the checks)
+WRITE_ERRORS = (errno.EFBIG, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG,
+                errno.EISDIR, errno.ENOTDIR)
 
 
 def flush_to_disk(path):

@@ -542,6 +542,7 @@ def prepare_out_dir(cfg, run, log):
     if cfg.init_from == "resume":
         if run.master_process:
             remove_torn_writes(cfg.out_dir, restore_export=True)
+        check_evaluation_files(cfg.out_dir)
         path, ckpt = load_resume_checkpoint(cfg.out_dir, run.warn)
         if ckpt.get("step", 0) >= cfg.max_steps:
             raise UserError(f"init_from=resume: {path} is at step {ckpt.get('step')}, and "
@@ -591,13 +592,29 @@ def eval_predictions_path(out_dir, step):
     return os.path.join(out_dir, "eval", name)
 
 
+def evaluation_files(out_dir):
+    """[(step, path)] of the prediction files of the policy's evaluations in out_dir/eval."""
+    eval_dir = os.path.join(out_dir, "eval")
+    names = os.listdir(eval_dir) if os.path.isdir(eval_dir) else []
+    return [(int(m.group(1)), os.path.join(eval_dir, name)) for name in names
+            if (m := re.fullmatch(r"step_(\d+)\.jsonl", name))]
+
+
+def check_evaluation_files(out_dir):
+    """A resume removes or writes again the prediction files of the steps it redoes: something
+    else under such a name (a folder made there) is named now, before any work."""
+    for step, path in sorted(evaluation_files(out_dir)):
+        if not os.path.isfile(path):
+            what = "a directory" if os.path.isdir(path) else "not a regular file"
+            raise UserError(f"{path}: {what}, where the run keeps the predictions of step {step}; "
+                            f"move it out of {os.path.dirname(path)} and resume again")
+
+
 def drop_evaluations_after(out_dir, step):
     """Remove the prediction files of evaluations after step (a resumed run redoes those steps)."""
-    eval_dir = os.path.join(out_dir, "eval")
-    for name in os.listdir(eval_dir) if os.path.isdir(eval_dir) else []:
-        match = re.fullmatch(r"step_(\d+)\.jsonl", name)
-        if match and int(match.group(1)) > step:
-            os.remove(os.path.join(eval_dir, name))
+    for evaluated, path in evaluation_files(out_dir):
+        if evaluated > step:
+            os.remove(path)
 
 
 def peak_memory_gb(device):

@@ -130,6 +130,40 @@ def test_an_output_that_fails_mid_run_does_not_cost_the_step_s_weights(tmp_path,
     assert resumed["step"] == 4 and (tmp_path / "eval" / "step_000002.jsonl").exists()
 
 
+def test_a_folder_in_the_way_of_an_evaluation_stops_the_run_after_the_step_s_checkpoint(
+        tmp_path, synthetic_dir, monkeypatch):
+    """A folder appears where step 2's predictions go while the run is at step 1: the write fails
+    in one line, after the step's checkpoint; a resume names the folder before any work, whether
+    the resume would write that file again or remove it."""
+    real_update = train_ppo.ppo_update
+    in_the_way = tmp_path / "eval" / "step_000002.jsonl"
+
+    def makes_a_folder(*args, **kwargs):
+        in_the_way.mkdir(exist_ok=True)
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(train_ppo, "ppo_update", makes_a_folder)
+    common = dict(max_steps=4, eval_interval=2, checkpoint_interval=100)
+    with pytest.raises(UserError, match=rf"^cannot write {in_the_way} \(Is a directory\)$"):
+        train_ppo.train(label_run(tmp_path, synthetic_dir, **common))
+    assert torch.load(tmp_path / "ckpt_000002.pt", weights_only=True)["step"] == 2
+    monkeypatch.undo()
+    loads = []
+    monkeypatch.setattr(train_ppo, "load_data", lambda *a: loads.append(1))
+    for step in (2, 4):  # redone by the resume; dropped by it
+        folder = tmp_path / "eval" / f"step_00000{step}.jsonl"
+        os.replace(in_the_way, folder)
+        in_the_way = folder
+        with pytest.raises(UserError, match=rf"^{folder}: a directory, where the run keeps the "
+                                            rf"predictions of step {step}; move it out of "):
+            train_ppo.train(label_run(tmp_path, synthetic_dir, init_from="resume", **common))
+    assert not loads
+    monkeypatch.undo()
+    folder.rmdir()
+    resumed = train_ppo.train(label_run(tmp_path, synthetic_dir, init_from="resume", **common))
+    assert resumed["step"] == 4 and (tmp_path / "eval" / "step_000002.jsonl").is_file()
+
+
 def test_a_file_size_limit_is_one_line_and_the_write_stays_atomic(tmp_path, synthetic_dir):
     """A checkpoint of the tiny policy with its optimizer is over 20 MB; every other file the run
     writes is far smaller."""
