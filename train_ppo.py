@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 import synthetic
 from causal_lm import CausalLM
-from common import UserError, autocast, run_cli
+from common import UserError, autocast, run_cli, step_checkpoints
 from hellaswag import encode_for_model, load_examples
 from model import GPT, GPTConfig, pack_choices
 from reward import DEFAULT_REWARD_MODEL, LabelReward, LikelihoodReward, TeacherReward
@@ -1141,15 +1142,28 @@ def main(argv=None):
         for f in dataclasses.fields(Config):
             print(f"  --{f.name}={f.default!r}")
         return None
+    cfg = absolute_paths(load_config(argv))
     try:
-        summary = train(load_config(argv))
+        summary = train(cfg)
     except StoppedAtOnce as e:
-        print(f"error: stopped at once by a second signal ({e.signum}); the last complete "
-              "checkpoint is kept: resume with --init_from=resume", file=sys.stderr)
+        print(f"error: {stopped_at_once(e.signum, cfg.out_dir)}", file=sys.stderr)
         sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # Ctrl-C before the run's stop handler is in place: the setup
+        print(f"error: interrupted by signal {signal.SIGINT:d} during the setup, before the first "
+              "step; nothing was trained: run the command again", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     if summary["stopped_by"] is not None:  # a stop is not a finished run: 128 + the signal
         sys.exit(128 + summary["stopped_by"])
     return summary
+
+
+def stopped_at_once(signum, out_dir):
+    """What a second stop signal leaves, and how to go on from it."""
+    if step_checkpoints(out_dir):
+        return (f"stopped at once by a second signal ({signum}); the last complete checkpoint is "
+                "kept: resume with --init_from=resume")
+    return (f"stopped at once by a second signal ({signum}) before the run's first checkpoint, "
+            "so there is nothing to resume: start it again with --start_over=True")
 
 
 if __name__ == "__main__":
