@@ -978,10 +978,16 @@ def ppo_update(model, raw_model, state, rollout_kind, batch, cfg, run):
     return summary(), cfg.ppo_epochs, True
 
 
+def trains_value_head(adv_estimator):
+    """GAE takes its baseline from the value head, which it fits; the other estimators need none,
+    and leave it frozen (outside the optimizer)."""
+    return adv_estimator == "gae"
+
+
 def step_loss(losses, kl, mask, kl_coef, cfg):
     """What a minibatch minimises: the clipped policy loss, the value loss when GAE uses the value
     head, the entropy bonus, and the KL to the reference when its estimator puts it in the loss."""
-    if cfg.adv_estimator == "gae":
+    if trains_value_head(cfg.adv_estimator):
         loss = (losses["pg_loss"] + cfg.vf_coef * losses["vf_loss"]
                 - cfg.ent_coef * losses["entropy"])
     else:  # no loss, so no backward, through the value head
@@ -1019,6 +1025,22 @@ def guarded_update(model, raw_model, state, rollout_kind, batch, cfg, run):
 # training
 
 
+def check_same_trained_parameters(saved, cfg, resume_path):
+    """A checkpoint's optimizer state holds the parameters its run trained: a resume whose
+    estimator freezes the value head that run trained, or trains the one it left frozen, cannot
+    load it, and is refused before any work."""
+    before = saved.get("adv_estimator", "gae")  # checkpoints from before the estimators: GAE
+    if trains_value_head(before) == trains_value_head(cfg.adv_estimator):
+        return
+    role = {True: "trains the value head", False: "leaves the value head frozen"}
+    raise UserError(f"init_from=resume: {resume_path} was trained with adv_estimator {before!r}, "
+                    f"which {role[trains_value_head(before)]}, and this run asks for "
+                    f"{cfg.adv_estimator!r}, which {role[trains_value_head(cfg.adv_estimator)]}, "
+                    "so its optimizer state cannot go on; resume with "
+                    f"--adv_estimator={before}, or start a new run from its weights with "
+                    f"--init_from={resume_path} and another out_dir")
+
+
 def run_ppo(cfg, run):
     """PPO as configured, in the process `run` describes, out_dir held. -> a summary: final step,
     last eval, last metrics, the policy and the signal that stopped the run early (or None)."""
@@ -1027,6 +1049,8 @@ def run_ppo(cfg, run):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     resume_path, ckpt = prepare_out_dir(cfg, run, run.log)
+    if ckpt:
+        check_same_trained_parameters(ckpt.get("config", {}), cfg, resume_path)
     os.makedirs(cfg.out_dir, exist_ok=True)
     run.log(json.dumps(dataclasses.asdict(cfg), indent=2))
     if ckpt:
@@ -1035,7 +1059,7 @@ def run_ppo(cfg, run):
     raw_model, reference, reference_state = load_models(cfg, sources["init_from"], ckpt,
                                                         resume_path, run.device)
     check_finite_weights(raw_model, resume_path or reference_state["reference_from"])
-    if cfg.adv_estimator != "gae":  # no baseline from the value head: frozen, as saved
+    if not trains_value_head(cfg.adv_estimator):  # frozen, as saved
         raw_model.value_head.requires_grad_(False)
     run.log(f"policy: {raw_model.num_params() / 1e6:.2f}M parameters from "
             f"{reference_state['reference_from']}; "
