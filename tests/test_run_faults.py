@@ -1,5 +1,6 @@
 """A run's files are never mixed or lost, and stops say what happened (run_management.py)."""
 
+import errno
 import os
 import resource
 import signal
@@ -96,6 +97,18 @@ def test_a_lock_file_that_is_not_a_regular_file_is_refused_and_never_written_thr
         train_ppo.train(label_run(out_dir, synthetic_dir))
     assert not loads and victim.read_text() == "precious\n"
     assert not (tmp_path / "created_through_the_link").exists()
+
+
+def test_a_lock_file_that_cannot_be_opened_is_named(tmp_path, monkeypatch):
+    lock = str(tmp_path / ".lock")
+
+    def refused(path, *args):  # what a .lock of another user, mode 600, gives (root opens it)
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+    monkeypatch.setattr(run_management.os, "open", refused)
+    with pytest.raises(UserError, match=rf"^{lock}: cannot open the run's lock file \(Permission "
+                                        r"denied\); make out_dir writable, or choose another"):
+        run_management.open_lock_file(lock)
 
 
 def test_an_eval_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, synthetic_dir,
