@@ -364,6 +364,11 @@ def load_pair(before, after, data=None, teacher=None):
         predictions = hellaswag.read_predictions(path, require_labels=False)
         evaluations.append({"name": f"{name} ({os.path.basename(path)})", "step": None,
                             "predictions": predictions})
+    # two files of different data are refused, as by hellaswag.py --compare, on the examples both
+    # cover (a run's own evaluations of another set are a note in its report instead)
+    a, b, _ = hellaswag.shared_examples(evaluations[0]["predictions"],
+                                        evaluations[1]["predictions"], (before, after))
+    hellaswag.check_same_examples(a, b, (before, after))
     examples = read_examples(data, evaluations, notes) if data else None
     if data is None:
         notes.append("no --data: flipped examples are shown by index only, and ending lengths "

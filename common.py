@@ -41,6 +41,11 @@ def run_cli(main, argv=None):
         sys.exit(2)
 
 
+def warn(message):
+    """A warning: on stderr, where a user piping a command's results does not expect it mixed in."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def first_line(error):
     """The first line of an exception's message, or its type name:
     enough to say why inside one line."""
@@ -104,7 +109,9 @@ def write_errors_are_one_line(path, written=None):
 
 
 # a write that failed for one of these is one line; other errors in the block are not writes
-WRITE_ERRORS = (errno.EFBIG, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG)
+# (EISDIR, ENOTDIR: a folder, or a file above the path, that appeared after the checks)
+WRITE_ERRORS = (errno.EFBIG, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG,
+                errno.EISDIR, errno.ENOTDIR)
 
 
 def flush_to_disk(path):

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import datetime
 import difflib
+import errno
 import fcntl
 import json
 import math
@@ -31,6 +32,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import time
 import typing
 from dataclasses import dataclass, field
@@ -42,7 +44,8 @@ import torch.distributed as dist
 import synthetic
 from common import (UserError, atomic_torch_save, atomic_write_text, check_output_path,
                     first_line, looks_like_a_path, read_json_objects, resolve_device,
-                    same_error_on_every_rank, step_checkpoints, write_errors_are_one_line)
+                    same_error_on_every_rank, step_checkpoints, warn,
+                    write_errors_are_one_line)
 from hellaswag import evaluate, split_path, write_predictions
 from weights import CHECKPOINT_FORMAT, check_gguf, is_gguf
 
@@ -228,6 +231,11 @@ class Distributed:
         if self.master_process:
             print(*args)
 
+    def warn(self, message):
+        """A warning (on stderr), from the master process alone."""
+        if self.master_process:
+            warn(message)
+
 
 def setup_distributed(cfg):
     # a device this machine lacks is an error here, on every rank
@@ -361,26 +369,26 @@ def save_checkpoint(out_dir, ckpt, keep_last, best):
     return path
 
 
-def rewrite_logged_lines(path, change, log=print):
+def rewrite_logged_lines(path, change, warn=warn):
     """Rewrite the JSON lines of a run's log atomically, each record through change (-> the new
     record, or None to drop it). A line that does not parse (a kill mid-write tears the last one)
     is dropped with a warning."""
     records, bad = read_json_objects(path)
     for n in bad:
-        log(f"warning: {path}, line {n}: not a JSON line (torn by a kill?), dropped")
+        warn(f"{path}, line {n}: not a JSON line (torn by a kill?), dropped")
     changed = (change(r) for r in records)
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in changed if r is not None))
 
 
-def add_to_logged_step(path, step, fields, log=print):
+def add_to_logged_step(path, step, fields, warn=warn):
     """Merge fields into the line of path whose "step" is step."""
-    rewrite_logged_lines(path, lambda r: {**r, **fields} if r.get("step") == step else r, log)
+    rewrite_logged_lines(path, lambda r: {**r, **fields} if r.get("step") == step else r, warn)
 
 
-def drop_lines_after(path, step, log=print):
+def drop_lines_after(path, step, warn=warn):
     """Keep the JSON lines of path whose "step" is at most step."""
     if os.path.exists(path):
-        rewrite_logged_lines(path, lambda r: r if r.get("step", 0) <= step else None, log)
+        rewrite_logged_lines(path, lambda r: r if r.get("step", 0) <= step else None, warn)
 
 
 # and ckpt_*.pt
@@ -416,7 +424,7 @@ RUN_SETTINGS = ("out_dir", "device", "compile", "ddp_timeout_s", "max_steps", "m
                 "wandb_run_name", "reward_batch_size", "micro_batch_size")
 
 
-def log_changed_settings(saved, cfg, log):
+def log_changed_settings(saved, cfg, run):
     """Say which settings of a resumed run differ from its checkpoint's: a note for the run's
     management, a warning for the rest, which makes another experiment from there on (the state
     that depends on them, such as cached reference scores, is checked where it is restored)."""
@@ -426,13 +434,13 @@ def log_changed_settings(saved, cfg, log):
     notes = [text for key, text in changed.items() if key in RUN_SETTINGS]
     warnings = [text for key, text in changed.items() if key not in RUN_SETTINGS]
     if notes:
-        log(f"resuming with {'; '.join(notes)}")
+        run.log(f"resuming with {'; '.join(notes)}")
     if warnings:
-        log(f"warning: resuming with settings that differ from the checkpoint's, so another "
-            f"experiment from here on: {'; '.join(warnings)}")
+        run.warn(f"resuming with settings that differ from the checkpoint's, so another "
+                 f"experiment from here on: {'; '.join(warnings)}")
 
 
-def load_resume_checkpoint(out_dir, log):
+def load_resume_checkpoint(out_dir, warn=warn):
     """The newest checkpoint in out_dir that loads, -> (path, checkpoint). A damaged one (truncated,
     empty, not a checkpoint) is named in a warning and the next older one is tried."""
     candidates = step_checkpoints(out_dir)
@@ -444,8 +452,7 @@ def load_resume_checkpoint(out_dir, log):
             if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
                 raise ValueError("not a checkpoint of this project")
         except Exception as e:  # torch raises many kinds for a damaged file
-            log(f"warning: {path}: cannot resume from it ({first_line(e)}); trying an older "
-                "checkpoint")
+            warn(f"{path}: cannot resume from it ({first_line(e)}); trying an older checkpoint")
             continue
         if ckpt.get("step") != step:  # another run's file, copied in and renamed?
             raise UserError(f"{path}: holds step {ckpt.get('step')!r}, not the step its name "
@@ -468,10 +475,10 @@ def out_dir_lock(out_dir, run):
             check_output_path(out_dir, directory=True)
             try:
                 os.makedirs(out_dir, exist_ok=True)
-                fd = os.open(os.path.join(out_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
             except OSError as e:  # a name too long, say
                 raise UserError(f"out_dir {shorten(out_dir)}: cannot create it "
                                 f"({e.strerror})") from None
+            fd = open_lock_file(os.path.join(out_dir, ".lock"))
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -486,6 +493,28 @@ def out_dir_lock(out_dir, run):
     finally:
         if fd is not None:
             os.close(fd)  # closing releases the lock
+
+
+def open_lock_file(path):
+    """-> a descriptor of out_dir/.lock, a regular file of this name alone. Anything else is
+    refused, never written through: a symbolic link (or a hard link) planted there would make the
+    run truncate the file it points to and write its process id into it."""
+    try:  # O_NONBLOCK: a FIFO planted there must not hang the open
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except OSError as e:
+        what = {errno.ELOOP: "a symbolic link", errno.EISDIR: "a directory"}.get(e.errno)
+        if what is None:
+            raise UserError(f"{path}: cannot open the run's lock file ({e.strerror}); make "
+                            "out_dir writable, or choose another out_dir") from None
+        raise UserError(f"{path}: {what}, where the run keeps its lock file; remove it, or "
+                        "choose another out_dir") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        what = "not a regular file" if not stat.S_ISREG(info.st_mode) else "a hard link"
+        raise UserError(f"{path}: {what}, where the run keeps its lock file; remove it, or "
+                        "choose another out_dir")
+    return fd
 
 
 def holds_something(path):
@@ -515,7 +544,8 @@ def prepare_out_dir(cfg, run, log):
     if cfg.init_from == "resume":
         if run.master_process:
             remove_torn_writes(cfg.out_dir, restore_export=True)
-        path, ckpt = load_resume_checkpoint(cfg.out_dir, log)
+        check_evaluation_files(cfg.out_dir)
+        path, ckpt = load_resume_checkpoint(cfg.out_dir, run.warn)
         if ckpt.get("step", 0) >= cfg.max_steps:
             raise UserError(f"init_from=resume: {path} is at step {ckpt.get('step')}, and "
                             f"max_steps={cfg.max_steps} asks for nothing more; raise max_steps")
@@ -564,13 +594,29 @@ def eval_predictions_path(out_dir, step):
     return os.path.join(out_dir, "eval", name)
 
 
+def evaluation_files(out_dir):
+    """[(step, path)] of the prediction files of the policy's evaluations in out_dir/eval."""
+    eval_dir = os.path.join(out_dir, "eval")
+    names = os.listdir(eval_dir) if os.path.isdir(eval_dir) else []
+    return [(int(m.group(1)), os.path.join(eval_dir, name)) for name in names
+            if (m := re.fullmatch(r"step_(\d+)\.jsonl", name))]
+
+
+def check_evaluation_files(out_dir):
+    """A resume removes or writes again the prediction files of the steps it redoes: something
+    else under such a name (a folder made there) is named now, before any work."""
+    for step, path in sorted(evaluation_files(out_dir)):
+        if not os.path.isfile(path):
+            what = "a directory" if os.path.isdir(path) else "not a regular file"
+            raise UserError(f"{path}: {what}, where the run keeps the predictions of step {step}; "
+                            f"move it out of {os.path.dirname(path)} and resume again")
+
+
 def drop_evaluations_after(out_dir, step):
     """Remove the prediction files of evaluations after step (a resumed run redoes those steps)."""
-    eval_dir = os.path.join(out_dir, "eval")
-    for name in os.listdir(eval_dir) if os.path.isdir(eval_dir) else []:
-        match = re.fullmatch(r"step_(\d+)\.jsonl", name)
-        if match and int(match.group(1)) > step:
-            os.remove(os.path.join(eval_dir, name))
+    for evaluated, path in evaluation_files(out_dir):
+        if evaluated > step:
+            os.remove(path)
 
 
 def peak_memory_gb(device):
@@ -652,9 +698,9 @@ class TrainingState:
             self.shuffle_generator.set_state(mine["shuffle"])
             torch.set_rng_state(mine["torch"])
         else:
-            run.log(f"warning: checkpoint has RNG states of {len(rng)} rank(s) on "
-                    f"{rng[0].get('device_type')}, this run has {run.world_size} on "
-                    f"{self.sample_generator.device.type}; sampling is reseeded, not continued")
+            run.warn(f"checkpoint has RNG states of {len(rng)} rank(s) on "
+                     f"{rng[0].get('device_type')}, this run has {run.world_size} on "
+                     f"{self.sample_generator.device.type}; sampling is reseeded, not continued")
 
 
 def forget_after(out_dir, step, run):
@@ -662,7 +708,7 @@ def forget_after(out_dir, step, run):
     redone: dropped."""
     if run.master_process:
         for name in ("metrics.jsonl", "samples.jsonl"):
-            drop_lines_after(os.path.join(out_dir, name), step, run.log)
+            drop_lines_after(os.path.join(out_dir, name), step)
         drop_evaluations_after(out_dir, step)
 
 
@@ -734,8 +780,7 @@ class RunLog:
                                             name=cfg.wandb_run_name or None,
                                             config=dataclasses.asdict(cfg))
             except ImportError:
-                self.log("warning: wandb_log=True but wandb is not installed; logging to "
-                         "metrics.jsonl only")
+                warn("wandb_log=True but wandb is not installed; logging to metrics.jsonl only")
             except Exception as e:  # no API key in a batch job, no network, ...
                 raise UserError(f"wandb_log=True, but wandb could not start a run "
                                 f"({first_line(e)}); log in (wandb login), or pass "
@@ -758,7 +803,7 @@ class RunLog:
             path = self.metrics_file.name
             self.metrics_file.close()
             try:
-                add_to_logged_step(path, step, fields, self.log)
+                add_to_logged_step(path, step, fields)
             finally:
                 self.metrics_file = open(path, "a")
 

@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 import synthetic
 from causal_lm import CausalLM
-from common import UserError, autocast, run_cli
+from common import UserError, autocast, run_cli, step_checkpoints
 from hellaswag import encode_for_model, load_examples
 from model import GPT, GPTConfig, pack_choices
 from reward import DEFAULT_REWARD_MODEL, LabelReward, LikelihoodReward, TeacherReward
@@ -981,10 +982,16 @@ def ppo_update(model, raw_model, state, rollout_kind, batch, cfg, run):
     return summary(), cfg.ppo_epochs, True
 
 
+def trains_value_head(adv_estimator):
+    """GAE takes its baseline from the value head, which it fits; the other estimators need none,
+    and leave it frozen (outside the optimizer)."""
+    return adv_estimator == "gae"
+
+
 def step_loss(losses, kl, mask, kl_coef, cfg):
     """What a minibatch minimises: the clipped policy loss, the value loss when GAE uses the value
     head, the entropy bonus, and the KL to the reference when its estimator puts it in the loss."""
-    if cfg.adv_estimator == "gae":
+    if trains_value_head(cfg.adv_estimator):
         loss = (losses["pg_loss"] + cfg.vf_coef * losses["vf_loss"]
                 - cfg.ent_coef * losses["entropy"])
     else:  # no loss, so no backward, through the value head
@@ -1007,9 +1014,8 @@ def guarded_update(model, raw_model, state, rollout_kind, batch, cfg, run):
     state.bad_steps = 0 if finite else state.bad_steps + 1
     step = state.step + 1
     if state.bad_steps:
-        run.log(f"warning: step {step}: non-finite "
-                f"{'gradient' if finite_rollout else 'rollout'} ({state.bad_steps} step(s) in a "
-                "row); the rest of the step's update is skipped")
+        run.warn(f"step {step}: non-finite {'gradient' if finite_rollout else 'rollout'} "
+                 f"({state.bad_steps} step(s) in a row); the rest of the step's update is skipped")
     if state.bad_steps >= cfg.max_bad_steps:
         raise UserError(f"{state.bad_steps} steps in a row with non-finite losses or gradients at "
                         f"step {step}; stopping (the last checkpoint is kept; try a lower "
@@ -1023,6 +1029,22 @@ def guarded_update(model, raw_model, state, rollout_kind, batch, cfg, run):
 # training
 
 
+def check_same_trained_parameters(saved, cfg, resume_path):
+    """A checkpoint's optimizer state holds the parameters its run trained: a resume whose
+    estimator freezes the value head that run trained, or trains the one it left frozen, cannot
+    load it, and is refused before any work."""
+    before = saved.get("adv_estimator", "gae")  # checkpoints from before the estimators: GAE
+    if trains_value_head(before) == trains_value_head(cfg.adv_estimator):
+        return
+    role = {True: "trains the value head", False: "leaves the value head frozen"}
+    raise UserError(f"init_from=resume: {resume_path} was trained with adv_estimator {before!r}, "
+                    f"which {role[trains_value_head(before)]}, and this run asks for "
+                    f"{cfg.adv_estimator!r}, which {role[trains_value_head(cfg.adv_estimator)]}, "
+                    "so its optimizer state cannot go on; resume with "
+                    f"--adv_estimator={before}, or start a new run from its weights with "
+                    f"--init_from={resume_path} and another out_dir")
+
+
 def run_ppo(cfg, run):
     """PPO as configured, in the process `run` describes, out_dir held. -> a summary: final step,
     last eval, last metrics, the policy and the signal that stopped the run early (or None)."""
@@ -1031,15 +1053,17 @@ def run_ppo(cfg, run):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     resume_path, ckpt = prepare_out_dir(cfg, run, run.log)
+    if ckpt:
+        check_same_trained_parameters(ckpt.get("config", {}), cfg, resume_path)
     os.makedirs(cfg.out_dir, exist_ok=True)
     run.log(json.dumps(dataclasses.asdict(cfg), indent=2))
     if ckpt:
-        log_changed_settings(ckpt.get("config", {}), cfg, run.log)
+        log_changed_settings(ckpt.get("config", {}), cfg, run)
     train_examples, val_examples, sources = load_data(cfg, run, run.log)
     raw_model, reference, reference_state = load_models(cfg, sources["init_from"], ckpt,
                                                         resume_path, run.device)
     check_finite_weights(raw_model, resume_path or reference_state["reference_from"])
-    if cfg.adv_estimator != "gae":  # no baseline from the value head: frozen, as saved
+    if not trains_value_head(cfg.adv_estimator):  # frozen, as saved
         raw_model.value_head.requires_grad_(False)
     run.log(f"policy: {raw_model.num_params() / 1e6:.2f}M parameters from "
             f"{reference_state['reference_from']}; "
@@ -1146,15 +1170,28 @@ def main(argv=None):
         for f in dataclasses.fields(Config):
             print(f"  --{f.name}={f.default!r}")
         return None
+    cfg = absolute_paths(load_config(argv))
     try:
-        summary = train(load_config(argv))
+        summary = train(cfg)
     except StoppedAtOnce as e:
-        print(f"error: stopped at once by a second signal ({e.signum}); the last complete "
-              "checkpoint is kept: resume with --init_from=resume", file=sys.stderr)
+        print(f"error: {stopped_at_once(e.signum, cfg.out_dir)}", file=sys.stderr)
         sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # Ctrl-C before the run's stop handler is in place: the setup
+        print(f"error: interrupted by signal {signal.SIGINT:d} during the setup, before the first "
+              "step; nothing was trained: run the command again", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     if summary["stopped_by"] is not None:  # a stop is not a finished run: 128 + the signal
         sys.exit(128 + summary["stopped_by"])
     return summary
+
+
+def stopped_at_once(signum, out_dir):
+    """What a second stop signal leaves, and how to go on from it."""
+    if step_checkpoints(out_dir):
+        return (f"stopped at once by a second signal ({signum}); the last complete checkpoint is "
+                "kept: resume with --init_from=resume")
+    return (f"stopped at once by a second signal ({signum}) before the run's first checkpoint, "
+            "so there is nothing to resume: start it again with --start_over=True")
 
 
 if __name__ == "__main__":

@@ -99,9 +99,12 @@ def _read_transformers(name_or_dir, defaults):
     # files transformers would fail on with a traceback, checked here so the error names them
     if local:
         read_json(config_where)
-        for name in sorted(os.listdir(name_or_dir)):
-            if name.endswith(".safetensors"):
-                _check_safetensors(os.path.join(name_or_dir, name))
+        # the safetensors files read below: transformers' weights, and our value head
+        names = _loaded_weight_files(name_or_dir) + ["value_head.safetensors"]
+        for name in names:
+            path = os.path.join(name_or_dir, name)
+            if name.endswith(".safetensors") and os.path.isfile(path):
+                _check_safetensors(path)
     try:
         hf_config = AutoConfig.from_pretrained(name_or_dir)
         if hf_config.model_type != "gpt2":
@@ -470,22 +473,35 @@ def _check_loaded_dtypes(model, directory):
     model's prefix ("transformer.")."""
     prefix = model.base_model_prefix + "."
     floats = {k for k, v in model.state_dict().items() if v.is_floating_point()}
-    names = sorted(os.listdir(directory))
-    # transformers reads the .bin only where there are no safetensors weights
-    bin_loaded = not any(n.startswith("model") and n.endswith(".safetensors") for n in names)
-    for name in names:
+    for name in _loaded_weight_files(directory):
         path = os.path.join(directory, name)
         if name.endswith(".safetensors"):
             non_floats = {key: NON_FLOAT_DTYPES[dtype]
                           for key, dtype in _safetensors_dtypes(path).items()
                           if dtype in NON_FLOAT_DTYPES}
-        elif bin_loaded and name.startswith("pytorch_model") and name.endswith(".bin"):
-            non_floats = _bin_non_float_dtypes(path)
         else:
-            continue
+            non_floats = _bin_non_float_dtypes(path)
         for key, dtype in sorted(non_floats.items()):
             if {key, prefix + key, key.removeprefix(prefix)} & floats:
                 raise _non_float_weights(path, key, dtype)
+
+
+def _loaded_weight_files(directory):
+    """The weight files transformers loads from a directory, picked as it picks them:
+    model.safetensors, else the shards its index names, else the same for pytorch_model.bin.
+    Other files beside them (an int8 copy, a stale .bin) are never read, so never judged."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if os.path.isfile(os.path.join(directory, single)):
+            return [single]
+        if os.path.isfile(os.path.join(directory, index)):
+            content = read_json(os.path.join(directory, index))
+            # a malformed index, or one naming a missing shard, is transformers' to report
+            shards = content.get("weight_map") if isinstance(content, dict) else None
+            names = shards.values() if isinstance(shards, dict) else []
+            return sorted({name for name in names if isinstance(name, str)
+                           and os.path.isfile(os.path.join(directory, name))})
+    return []
 
 
 def _bin_non_float_dtypes(path):

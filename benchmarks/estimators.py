@@ -12,36 +12,47 @@ The advantage and KL estimators side by side on the offline demos, several seeds
 Prints one markdown table per rollout kind: steps to reach half the final gain (eval acc_norm for
 choice, every eval_interval steps; the judge's raw score, a 10-step moving average, for generate),
 the first and final figure, the logged KL at the end (mean of the last 5 steps) and seconds per step
-(median); for generate also the last evaluation's acc_norm. Each seed builds its own demo task once,
-shared by the estimators. --reuse prints the tables from the runs already in --work, training none.
+(median); for generate also the last evaluation's acc_norm, and the runs' step count in the title.
+Each seed builds its own demo task once, shared by the estimators. --reuse prints the tables from
+the runs already in --work, training none (every run's metrics.jsonl read before anything prints).
 """
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
+from collections import namedtuple
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+
+from common import UserError, run_cli  # noqa: E402
+
+# this folder is on the path of a script
+import arguments  # noqa: E402
+
 CHOICE = [("gae", "sampled"), ("gae", "exact"), ("expected", "sampled"), ("expected", "exact")]
 GENERATE = [("gae", 1), ("rloo", 4), ("grpo", 4)]
+Run = namedtuple("Run", "out_dir config overrides")  # one demo run: an estimator, a seed
 
 
-def train(out_dir, config, *overrides, reuse=False):
-    args = [sys.executable, "train_ppo.py", config, f"--out_dir={out_dir}", "--start_over=True",
-            *overrides]
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    if reuse and not os.path.exists(metrics_path):
-        print(f"error: --reuse: {metrics_path} does not exist; run without --reuse to train it",
-              file=sys.stderr)
-        sys.exit(2)
-    if not reuse:
-        proc = subprocess.run(args, cwd=HERE, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"error: {' '.join(args[1:])} failed:\n{proc.stderr[-2000:]}")
-    with open(metrics_path) as f:
-        return [json.loads(line) for line in f]
+def train(run):
+    """Train a run (its earlier files moved aside) -> its metrics.jsonl lines."""
+    args = [sys.executable, "train_ppo.py", run.config, f"--out_dir={run.out_dir}",
+            "--start_over=True", *run.overrides]
+    proc = subprocess.run(args, cwd=HERE, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"error: {' '.join(args[1:])} failed:\n{proc.stderr[-2000:]}")
+    return arguments.run_metrics(run.out_dir)
+
+
+def reused(run):
+    """A run already in --work -> its metrics.jsonl lines."""
+    try:
+        return arguments.run_metrics(run.out_dir)
+    except UserError as e:
+        raise UserError(f"--reuse: {e}; run without --reuse to train it") from None
 
 
 def half_gain_step(points):
@@ -59,30 +70,58 @@ def moving_average(points, width=10):
             for i, (step, _) in enumerate(points)]
 
 
-def summary(metrics, curve):
+def summary(metrics, curve, run):
     steps = [m for m in metrics if "dt" in m]
     evals = [m["eval/acc_norm"] for m in metrics if "eval/acc_norm" in m]
+    if not (curve and steps and evals):  # a run stopped early, say
+        raise UserError(f"{os.path.join(run.out_dir, 'metrics.jsonl')}: no training step or "
+                        "evaluation logged; train it again")
     return {"half": half_gain_step(curve), "first": curve[0][1], "final": curve[-1][1],
-            "eval": evals[-1],
+            "eval": evals[-1], "steps": metrics[-1]["step"],
             "kl": statistics.fmean(m["kl"] for m in steps[-5:]),
             "dt": statistics.median(m["dt"] for m in steps)}
 
 
-def choice_run(work, seed, adv, kl, reuse):
-    metrics = train(os.path.join(work, f"choice_{adv}_{kl}_{seed}"), "configs/demo.py",
-                    f"--seed={seed}", f"--synthetic_dir={os.path.join(work, f'task_{seed}')}",
-                    f"--adv_estimator={adv}", f"--kl_estimator={kl}", reuse=reuse)
+def choice_summary(metrics, run):
     return summary(metrics, [(m["step"], m["eval/acc_norm"]) for m in metrics
-                             if "eval/acc_norm" in m])
+                             if "eval/acc_norm" in m], run)
 
 
-def generate_run(work, seed, adv, group_size, steps, reuse):
-    metrics = train(os.path.join(work, f"generate_{adv}_{seed}"), "configs/demo_generate.py",
-                    f"--seed={seed}", f"--synthetic_dir={os.path.join(work, f'task_{seed}')}",
-                    f"--adv_estimator={adv}", f"--group_size={group_size}",
-                    f"--max_steps={steps}", reuse=reuse)
+def generate_summary(metrics, run):
     scores = [(m["step"], m["train/judge_score"]) for m in metrics if "train/judge_score" in m]
-    return summary(metrics, moving_average(scores))
+    return summary(metrics, moving_average(scores), run)
+
+
+def demo_run(work, name, config, seed, *overrides):
+    """A run of a demo in work/name, on its seed's demo task (built once, shared by the
+    estimators)."""
+    return Run(os.path.join(work, name), config,
+               (f"--seed={seed}", f"--synthetic_dir={os.path.join(work, f'task_{seed}')}",
+                *overrides))
+
+
+def choice_rows(work, seeds):
+    """[(row name, [the Run of each seed])] of configs/demo.py."""
+    return [(f"{adv} × {kl}",
+             [demo_run(work, f"choice_{adv}_{kl}_{seed}", "configs/demo.py", seed,
+                       f"--adv_estimator={adv}", f"--kl_estimator={kl}") for seed in seeds])
+            for adv, kl in CHOICE]
+
+
+def generate_rows(work, seeds, steps):
+    """[(row name, [the Run of each seed])] of configs/demo_generate.py, steps steps."""
+    return [(adv + (f" (group {g})" if g > 1 else ""),
+             [demo_run(work, f"generate_{adv}_{seed}", "configs/demo_generate.py", seed,
+                       f"--adv_estimator={adv}", f"--group_size={g}", f"--max_steps={steps}")
+              for seed in seeds])
+            for adv, g in GENERATE]
+
+
+def step_counts(rows):
+    """The runs' steps, for a title: "240 steps", or "200-240 steps" for runs of several
+    lengths."""
+    counts = sorted({r["steps"] for _, runs in rows for r in runs})
+    return f"{counts[0]}{f'-{counts[-1]}' if len(counts) > 1 else ''} steps"
 
 
 def table(title, rows, figure, eval_column=False):
@@ -100,7 +139,22 @@ def table(title, rows, figure, eval_column=False):
               f"{cell('kl', '.4f')} | {cell('dt', '.2f')} |")
 
 
-def main():
+def summaries(rows, summarize, metrics_of):
+    """[(row name, [the summary of each run])], each run's metrics from metrics_of (train or
+    reused)."""
+    return [(name, [summarize(metrics_of(run), run) for run in runs]) for name, runs in rows]
+
+
+def print_table(kind, results):
+    if kind == "choice":
+        table("configs/demo.py (choice rollouts, teacher reward), per seed", results,
+              "eval acc_norm")
+    else:
+        table(f"configs/demo_generate.py, {step_counts(results)} (generate rollouts, the judge's "
+              "likelihood), per seed", results, "judge score", eval_column=True)
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1, 2])
     parser.add_argument("--generate_steps", type=int, default=240)
@@ -108,22 +162,19 @@ def main():
     parser.add_argument("--only", choices=("choice", "generate"), default=None)
     parser.add_argument("--reuse", action="store_true",
                         help="print the tables from the runs already in --work, training none")
-    args = parser.parse_args()
-    work = os.path.abspath(args.work)
-    if args.only != "generate":
-        rows = [(f"{adv} × {kl}",
-                 [choice_run(work, seed, adv, kl, args.reuse) for seed in args.seeds])
-                for adv, kl in CHOICE]
-        table("configs/demo.py (choice rollouts, teacher reward), per seed", rows,
-              "eval acc_norm")
-    if args.only != "choice":
-        rows = [(f"{adv}" + (f" (group {g})" if g > 1 else ""),
-                 [generate_run(work, seed, adv, g, args.generate_steps, args.reuse)
-                  for seed in args.seeds])
-                for adv, g in GENERATE]
-        table(f"configs/demo_generate.py, {args.generate_steps} steps (generate rollouts, the "
-              "judge's likelihood), per seed", rows, "judge score", eval_column=True)
+    args = parser.parse_args(argv)
+    arguments.at_least(args, 0, "seeds")
+    arguments.at_least(args, 1, "generate_steps")
+    work = os.path.abspath(args.work) if args.reuse else arguments.work_folder(args.work)
+    kinds = {"choice": (choice_rows(work, args.seeds), choice_summary),
+             "generate": (generate_rows(work, args.seeds, args.generate_steps), generate_summary)}
+    tables = ((kind, summaries(rows, summarize, reused if args.reuse else train))
+              for kind, (rows, summarize) in kinds.items() if args.only in (None, kind))
+    if args.reuse:  # every run read before a table prints: a bad file is all that prints
+        tables = list(tables)
+    for kind, results in tables:
+        print_table(kind, results)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

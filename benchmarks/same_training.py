@@ -12,11 +12,11 @@ compares what they log, and resumes a checkpoint written by the other checkout h
    final weights must equal them bit for bit.
 
 Every run uses the device and threads given (CPU by default); the demo task is built once and
-shared. Exit status 1 when something differs, with the first difference named.
+shared. Exit status 1 when something differs, with the first difference named; 2 for bad arguments,
+refused before any run.
 """
 
 import argparse
-import json
 import math
 import os
 import subprocess
@@ -25,6 +25,13 @@ import sys
 import torch
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+
+from common import UserError, run_cli  # noqa: E402
+
+# this folder is on the path of a script
+import arguments  # noqa: E402
+
 TIMING = ("dt", "samples_per_s", "tokens_per_s", "peak_mem_gb")
 
 
@@ -37,10 +44,8 @@ def train(checkout, out_dir, config, *overrides):
 
 
 def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
     return [{k: v for k, v in row.items() if k not in TIMING and not k.startswith("time/")}
-            for row in rows]
+            for row in arguments.run_metrics(out_dir)]
 
 
 def first_difference(a, b):
@@ -68,17 +73,28 @@ def final_weights(out_dir, step):
                       weights_only=True)["model"]
 
 
-def main():
+def demo_steps():
+    """The steps of configs/demo.py's run, as this checkout's train_ppo.py reads it."""
+    import train_ppo  # the models' libraries: only once the cheaper checks have passed
+
+    return train_ppo.load_config([os.path.join(HERE, "configs", "demo.py")]).max_steps
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--before", required=True, help="the other checkout")
     parser.add_argument("--work", default="/tmp/same_training", help="a folder for the runs")
     parser.add_argument("--generate_steps", type=int, default=20)
     parser.add_argument("--resume_at", type=int, default=20, help="a checkpoint step of the demo")
-    args = parser.parse_args()
-    before = os.path.abspath(args.before)
-    if not os.path.isfile(os.path.join(before, "train_ppo.py")):
-        sys.exit(f"error: --before {before}: no train_ppo.py there; pass a checkout")
-    work = os.path.abspath(args.work)
+    args = parser.parse_args(argv)
+    before = arguments.checkout(args.before)
+    work = arguments.work_folder(args.work)
+    arguments.at_least(args, 1, "generate_steps")
+    steps = demo_steps()
+    if not 1 <= args.resume_at < steps:
+        raise UserError(f"--resume_at {args.resume_at}: configs/demo.py's run has {steps} steps; "
+                        f"give a step from 1 to {steps - 1}, where the other checkout stops and "
+                        "this one resumes")
     os.makedirs(work, exist_ok=True)
     shared = f"--synthetic_dir={os.path.join(work, 'synthetic')}"
     run = lambda checkout, name, config, *o: train(  # noqa: E731
@@ -112,4 +128,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -32,6 +32,9 @@ sys.path.insert(0, REPO)
 
 from common import UserError, first_line, run_cli  # noqa: E402
 
+# this folder is on the path of a script
+import arguments  # noqa: E402
+
 
 def worker(args):
     """In a fresh process with the checkout's modules: time args.updates updates. -> JSON line."""
@@ -109,19 +112,12 @@ def main(argv=None):
                         help="a 2-layer, 64-dim model: checks the script quickly")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for flag in ("rounds", "updates", "threads"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1, not {getattr(args, flag)}")
+    arguments.at_least(args, 1, "rounds", "updates", "threads")
     if args.worker:
         return worker(args)
     checkouts = {"this checkout": REPO}
     if args.before:
-        before = os.path.abspath(args.before)
-        if not all(os.path.isfile(os.path.join(before, f)) for f in ("train_ppo.py", "model.py")):
-            raise UserError(f"--before {args.before} is not a checkout of this project (no "
-                            "train_ppo.py and model.py there); make one with: "
-                            "git worktree add ../before <commit>")
-        checkouts = {f"--before {args.before}": before, **checkouts}
+        checkouts = {f"--before {args.before}": arguments.checkout(args.before), **checkouts}
     runs = {name: [] for name in checkouts}
     for _ in range(args.rounds):
         for name, path in checkouts.items():

@@ -714,6 +714,33 @@ def test_compare_and_analyze_agree_on_files_of_different_lengths(tmp_path, capsy
     assert note in text
 
 
+@pytest.mark.parametrize("other", ["another ind", "another label", "no index in common"])
+def test_compare_and_analyze_refuse_files_of_different_data_alike(tmp_path, capsys, other):
+    """Two prediction files the user gave, of different data: one line and exit 2 from both tools,
+    before anything is written."""
+    examples = val_examples()
+    a, b = predictions(examples, 0.0, seed=1), predictions(examples, 0.9, seed=2)
+    change = {"another ind": lambda p: {**p, "ind": p["ind"] + 1000},
+              "another label": lambda p: {**p, "label": (p["label"] + 1) % 4},
+              "no index in common": lambda p: {**p, "index": p["index"] + 1000}}[other]
+    paths = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    write_jsonl(paths[0], a)
+    write_jsonl(paths[1], [change(p) for p in b])
+    lines = []
+    for cli, argv in ((hellaswag.main, ["--compare", *paths]),
+                      (analyze.main, ["--before", paths[0], "--after", paths[1], "--out",
+                                      str(tmp_path / "report")])):
+        with pytest.raises(SystemExit) as e:
+            common.run_cli(cli, argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        lines.append(err)
+    assert lines[0] == lines[1], lines
+    assert ("not predictions of the same data" in lines[0]
+            or "prediction files of different data" in lines[0])
+    assert not (tmp_path / "report").exists()
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
 def test_predictions_with_scores_that_are_not_finite(tmp_path, bad):
     """A model that overflowed writes NaN or -inf norm_scores: the report still comes, with

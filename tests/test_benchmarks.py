@@ -101,9 +101,65 @@ def test_estimators_tables_from_the_runs_files(tmp_path):
     assert rows["| gae × sampled"] == "| gae × sampled | 1 | 10 | 0.250 → 0.750 | 2.8000 | 1.00 |"
     assert rows["| rloo (group 4)"] == (
         "| rloo (group 4) | 1 | 15 | -3.000 → -1.000 | 0.650 | 2.0000 | 0.50 |")
+    # the title counts the runs' own steps, not --generate_steps' default (240)
+    assert "configs/demo_generate.py, 40 steps (generate rollouts" in proc.stdout
     proc = run_script("benchmarks/estimators.py", "--reuse", "--work", str(tmp_path / "none"))
     assert proc.returncode == 2 and proc.stderr.startswith("error: --reuse: ")
     assert proc.stderr.strip().count("\n") == 0 and "choice_gae_sampled_1337" in proc.stderr
+
+
+@pytest.mark.parametrize("metrics, message", [
+    ("", "metrics.jsonl: empty, no step logged"),
+    ('{"step": 0, "eval/acc_norm": 0.25}\n{"step": 1, "kl',
+     "metrics.jsonl, line 2: not valid JSON"),
+    ("a directory", "metrics.jsonl: a directory, not a run's metrics"),
+    ('{"step": 0}\n', "metrics.jsonl: no training step or evaluation logged; train it again")])
+def test_estimators_reuse_of_a_damaged_run_is_one_line_and_prints_no_table(tmp_path, metrics,
+                                                                           message):
+    """Each run's file is read before a table prints: a bad one (here the last generate run's)
+    is all that prints."""
+    good = [{"step": 0, "eval/acc_norm": 0.25}, {"step": 1, "kl": 0.1, "dt": 1.0,
+                                                 "train/judge_score": -2.0, "eval/acc_norm": 0.5}]
+    names = [f"choice_{adv}_{kl}_7" for adv in ("gae", "expected") for kl in ("sampled", "exact")]
+    for name in names + ["generate_gae_7", "generate_rloo_7"]:
+        write_metrics(tmp_path / name, good)
+    bad = tmp_path / "generate_grpo_7" / "metrics.jsonl"
+    if metrics == "a directory":
+        os.makedirs(bad)
+    else:
+        os.makedirs(bad.parent)
+        bad.write_text(metrics)
+    proc = run_script("benchmarks/estimators.py", "--reuse", "--work", str(tmp_path),
+                      "--seeds", "7")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: ") and str(bad) in proc.stderr
+    assert message in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("same_training", ["--before", "{tmp}/missing"],
+     "error: --before {tmp}/missing is not a checkout of this project"),
+    ("same_training", ["--work", "{tmp}/file"], "error: --work {tmp}/file: an existing file"),
+    ("same_training", ["--work", "{tmp}/file/runs"],
+     "error: --work {tmp}/file/runs: {tmp}/file is a file"),
+    ("same_training", ["--generate_steps", "0"],
+     "error: --generate_steps must be at least 1, not 0"),
+    ("same_training", ["--resume_at", "40"], "error: --resume_at 40: configs/demo.py's run has 40 "
+     "steps; give a step from 1 to 39"),
+    ("same_training", ["--resume_at", "0"], "error: --resume_at 0: configs/demo.py's run has 40 "
+     "steps; give a step from 1 to 39"),
+    ("estimators", ["--work", "{tmp}/file"], "error: --work {tmp}/file: an existing file"),
+    ("estimators", ["--generate_steps", "0"], "error: --generate_steps must be at least 1, not 0"),
+    ("estimators", ["--seeds", "1", "-1"], "error: --seeds must be at least 0, not -1")])
+def test_benchmark_arguments_are_checked_before_any_work(tmp_path, script, args, message):
+    (tmp_path / "file").write_text("not a folder")
+    defaults = {"same_training": ["--before", ".", "--work", str(tmp_path / "work")],
+                "estimators": ["--work", str(tmp_path / "work")]}[script]
+    proc = run_script(f"benchmarks/{script}.py", *defaults,
+                      *(a.format(tmp=tmp_path) for a in args))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(message.format(tmp=tmp_path)) and proc.stdout == ""
+    assert not (tmp_path / "work").exists()  # nothing run
 
 
 @pytest.mark.slow

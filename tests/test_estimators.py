@@ -126,6 +126,33 @@ def test_the_expected_baseline_trains_choice_rollouts(tmp_path, synthetic_dir, k
     assert all(torch.equal(saved[k], start[k]) for k in saved if k.startswith("value_head."))
 
 
+@pytest.mark.parametrize("before, after", [("gae", "expected"), ("expected", "gae")])
+def test_a_resume_that_freezes_or_unfreezes_the_value_head_is_refused_before_any_work(
+        tmp_path, synthetic_dir, monkeypatch, before, after):
+    """The optimizer holds the trained parameters only: its saved state cannot load into one with
+    the value head added or taken out. What the message offers instead works."""
+    def run(out_dir, **overrides):
+        settings = dict(reward_kind="label", max_steps=1, checkpoint_interval=1)
+        return tiny_run(out_dir, synthetic_dir, **{**settings, **overrides})
+
+    train_ppo.train(run(tmp_path / "run", adv_estimator=before))
+    checkpoint = tmp_path / "run" / "ckpt_000001.pt"
+    loads = []
+    monkeypatch.setattr(train_ppo, "load_data", lambda *a: loads.append(1))
+    with pytest.raises(UserError, match=(
+            rf"^init_from=resume: {checkpoint} was trained with adv_estimator '{before}', which "
+            rf".*, and this run asks for '{after}', which .*; resume with "
+            rf"--adv_estimator={before}, or start a new run from its weights with "
+            rf"--init_from={checkpoint} and another out_dir$")):
+        train_ppo.train(run(tmp_path / "run", adv_estimator=after, init_from="resume",
+                            max_steps=2))
+    assert not loads
+    monkeypatch.undo()
+    result = train_ppo.train(run(tmp_path / "new", adv_estimator=after,
+                                 init_from=str(checkpoint)))
+    assert result["step"] == 1
+
+
 def test_the_defaults_are_gae_and_the_sampled_kl():
     cfg = train_ppo.Config()
     assert (cfg.adv_estimator, cfg.kl_estimator, cfg.group_size) == ("gae", "sampled", 1)

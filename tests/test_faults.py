@@ -8,6 +8,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -181,6 +182,44 @@ def test_every_bad_model_source_is_one_line_naming_the_file(export_dir, tmp_path
     assert f"error: {named}:" in line and message in line
     # never advise turning the safety off
     assert "weights_only=False" not in line and "`False`" not in line
+
+
+def test_a_stray_non_float_copy_beside_good_weights_is_not_judged(export_dir, tmp_path):
+    """transformers loads model.safetensors, or else the shards its index names, never an int8
+    copy saved beside them: such a copy is no reason to refuse a good model. A shard it loads is
+    judged as before."""
+    from safetensors.torch import load_file, save_file
+
+    from causal_lm import CausalLM
+
+    path = tmp_path / "hf"
+    shutil.copytree(export_dir, path)
+    weights = load_file(path / "model.safetensors")
+    int8 = {k: v.to(torch.int8) for k, v in weights.items()}
+    save_file(int8, path / "model_int8.safetensors", metadata={"format": "pt"})
+    GPT.from_pretrained(path)
+    CausalLM.load(str(path))
+    # the same weights in two shards that an index names
+    os.remove(path / "model.safetensors")
+    names = sorted(weights)
+    shards = {"model-00001-of-00002.safetensors": names[:len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for shard, keys in shards.items():
+        save_file({k: weights[k] for k in keys}, path / shard, metadata={"format": "pt"})
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    index = {"metadata": {}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    GPT.from_pretrained(path)
+    CausalLM.load(str(path))
+    key = "transformer.h.1.mlp.c_fc.weight"
+    shard = weight_map[key]
+    save_file({k: (int8 if k == key else weights)[k] for k in shards[shard]}, path / shard,
+              metadata={"format": "pt"})
+    message = re.escape(f"{path / shard}: non-float weights (int8) in {key};")
+    with pytest.raises(UserError, match=message):
+        GPT.from_pretrained(path)
+    with pytest.raises(UserError, match=message):
+        CausalLM.load(str(path))
 
 
 @pytest.mark.parametrize("setting", [{"scale_attn_by_inverse_layer_idx": True},

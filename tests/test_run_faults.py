@@ -1,5 +1,6 @@
 """A run's files are never mixed or lost, and stops say what happened (run_management.py)."""
 
+import errno
 import os
 import resource
 import signal
@@ -66,6 +67,50 @@ def test_a_lock_left_by_a_killed_run_is_no_dead_end(tmp_path, synthetic_dir):
     assert resumed["step"] > 1
 
 
+@pytest.mark.parametrize("kind, message", [
+    ("a symbolic link", "a symbolic link"), ("a dangling symbolic link", "a symbolic link"),
+    ("a hard link", "a hard link"), ("a directory", "a directory"),
+    ("a FIFO", "not a regular file")])
+def test_a_lock_file_that_is_not_a_regular_file_is_refused_and_never_written_through(
+        tmp_path, synthetic_dir, monkeypatch, kind, message):
+    """A link planted as out_dir/.lock in a shared folder would make the run truncate the file it
+    points to and write its process id there, even a run that is then refused."""
+    victim = tmp_path / "someone_s_file"
+    victim.write_text("precious\n")
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    lock = out_dir / ".lock"
+    if kind == "a symbolic link":
+        lock.symlink_to(victim)
+    elif kind == "a dangling symbolic link":
+        lock.symlink_to(tmp_path / "created_through_the_link")
+    elif kind == "a hard link":
+        os.link(victim, lock)
+    elif kind == "a directory":
+        lock.mkdir()
+    else:
+        os.mkfifo(lock)
+    loads = []
+    monkeypatch.setattr(train_ppo, "load_data", lambda *a: loads.append(1))
+    with pytest.raises(UserError, match=rf"^{lock}: {message}, where the run keeps its lock file; "
+                                        "remove it, or choose another out_dir$"):
+        train_ppo.train(label_run(out_dir, synthetic_dir))
+    assert not loads and victim.read_text() == "precious\n"
+    assert not (tmp_path / "created_through_the_link").exists()
+
+
+def test_a_lock_file_that_cannot_be_opened_is_named(tmp_path, monkeypatch):
+    lock = str(tmp_path / ".lock")
+
+    def refused(path, *args):  # what a .lock of another user, mode 600, gives (root opens it)
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+    monkeypatch.setattr(run_management.os, "open", refused)
+    with pytest.raises(UserError, match=rf"^{lock}: cannot open the run's lock file \(Permission "
+                                        r"denied\); make out_dir writable, or choose another"):
+        run_management.open_lock_file(lock)
+
+
 def test_an_eval_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, synthetic_dir,
                                                                          monkeypatch):
     (tmp_path / "eval").write_text("not a folder")
@@ -96,6 +141,40 @@ def test_an_output_that_fails_mid_run_does_not_cost_the_step_s_weights(tmp_path,
     resumed = train_ppo.train(label_run(tmp_path, synthetic_dir, max_steps=4, eval_interval=2,
                                         checkpoint_interval=100, init_from="resume"))
     assert resumed["step"] == 4 and (tmp_path / "eval" / "step_000002.jsonl").exists()
+
+
+def test_a_folder_in_the_way_of_an_evaluation_stops_the_run_after_the_step_s_checkpoint(
+        tmp_path, synthetic_dir, monkeypatch):
+    """A folder appears where step 2's predictions go while the run is at step 1: the write fails
+    in one line, after the step's checkpoint; a resume names the folder before any work, whether
+    the resume would write that file again or remove it."""
+    real_update = train_ppo.ppo_update
+    in_the_way = tmp_path / "eval" / "step_000002.jsonl"
+
+    def makes_a_folder(*args, **kwargs):
+        in_the_way.mkdir(exist_ok=True)
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(train_ppo, "ppo_update", makes_a_folder)
+    common = dict(max_steps=4, eval_interval=2, checkpoint_interval=100)
+    with pytest.raises(UserError, match=rf"^cannot write {in_the_way} \(Is a directory\)$"):
+        train_ppo.train(label_run(tmp_path, synthetic_dir, **common))
+    assert torch.load(tmp_path / "ckpt_000002.pt", weights_only=True)["step"] == 2
+    monkeypatch.undo()
+    loads = []
+    monkeypatch.setattr(train_ppo, "load_data", lambda *a: loads.append(1))
+    for step in (2, 4):  # redone by the resume; dropped by it
+        folder = tmp_path / "eval" / f"step_00000{step}.jsonl"
+        os.replace(in_the_way, folder)
+        in_the_way = folder
+        with pytest.raises(UserError, match=rf"^{folder}: a directory, where the run keeps the "
+                                            rf"predictions of step {step}; move it out of "):
+            train_ppo.train(label_run(tmp_path, synthetic_dir, init_from="resume", **common))
+    assert not loads
+    monkeypatch.undo()
+    folder.rmdir()
+    resumed = train_ppo.train(label_run(tmp_path, synthetic_dir, init_from="resume", **common))
+    assert resumed["step"] == 4 and (tmp_path / "eval" / "step_000002.jsonl").is_file()
 
 
 def test_a_file_size_limit_is_one_line_and_the_write_stays_atomic(tmp_path, synthetic_dir):
@@ -164,6 +243,43 @@ def test_a_second_signal_during_the_save_is_one_line_and_the_save_stays_atomic(t
     files = os.listdir(tmp_path / "run")
     assert "ckpt_000001.pt" in files and "ckpt_000002.pt" not in files
     assert not [name for name in files if name.endswith(".tmp")]
+
+
+def test_a_second_signal_before_the_first_checkpoint_says_there_is_nothing_to_resume(
+        tmp_path, synthetic_dir):
+    # both signals arrive while step 0's evaluation is being written
+    body = ("real = run_management.write_predictions\n"
+            "def interrupted(path, predictions):\n"
+            "    if path.endswith('step_000000.jsonl'):\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    real(path, predictions)\n"
+            "run_management.write_predictions = interrupted\n")
+    proc = subprocess.run([sys.executable, str(cli_script(tmp_path, body)),
+                           *cli_args(label_run(tmp_path / "run", synthetic_dir))],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    assert proc.stderr.strip() == ("error: stopped at once by a second signal (15) before the "
+                                   "run's first checkpoint, so there is nothing to resume: start "
+                                   "it again with --start_over=True")
+    assert not [name for name in os.listdir(tmp_path / "run") if name.endswith(".pt")]
+    # what it says to do works
+    assert train_ppo.train(label_run(tmp_path / "run", synthetic_dir, start_over=True,
+                                     max_steps=1))["step"] == 1
+
+
+def test_ctrl_c_during_the_setup_is_one_line_and_exit_130(tmp_path, synthetic_dir):
+    body = ("real = train_ppo.load_data\n"
+            "def interrupted(*args):\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    return real(*args)\n"
+            "train_ppo.load_data = interrupted\n")
+    proc = subprocess.run([sys.executable, str(cli_script(tmp_path, body)),
+                           *cli_args(label_run(tmp_path / "run", synthetic_dir))],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-3000:]
+    assert proc.stderr == ("error: interrupted by signal 2 during the setup, before the first "
+                           "step; nothing was trained: run the command again\n")
 
 
 def test_an_evaluation_skipped_by_a_stop_is_done_on_resume(tmp_path, synthetic_dir, monkeypatch):

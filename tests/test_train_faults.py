@@ -73,12 +73,13 @@ def test_resume_falls_back_from_a_damaged_checkpoint_and_torn_logs(tmp_path, syn
     capsys.readouterr()
     resumed = train_ppo.train(label_run(run, synthetic_dir, max_steps=4,
                                         init_from="resume"))["model"]
-    out = capsys.readouterr().out
-    assert (f"warning: {newest}: cannot resume from it" in out and "resumed from" in out
-            and "ckpt_000002.pt" in out)
-    assert "line 5: not a JSON line" in out
+    out, err = capsys.readouterr()
+    # warnings on stderr, where a user piping the console's lines does not expect them mixed in
+    assert f"warning: {newest}: cannot resume from it" in err and "warning" not in out
+    assert "resumed from" in out and "ckpt_000002.pt" in out
+    assert "line 5: not a JSON line" in err
     # only the length changed
-    assert "resuming with max_steps 3 -> 4" in out and "warning: resuming" not in out
+    assert "resuming with max_steps 3 -> 4" in out and "warning: resuming" not in err
     assert not (run / ".ckpt_000004.pt.abc123.tmp").exists() and not (run / ".hf.k2j4x9").exists()
     assert [m["step"] for m in read_metrics(run)] == [0, 1, 2, 3, 4]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
@@ -148,7 +149,7 @@ def test_a_logs_rewrite_keeps_its_lines_and_names_a_torn_one(tmp_path):
     run_management.add_to_logged_step(str(path), 2, {"eval/acc_norm": 0.75}, warnings.append)
     assert [json.loads(line) for line in path.read_text().splitlines()] == [
         lines[0], {**lines[1], "eval/acc_norm": 0.75}, lines[2]]
-    assert warnings == [f"warning: {path}, line 4: not a JSON line (torn by a kill?), dropped"]
+    assert warnings == [f"{path}, line 4: not a JSON line (torn by a kill?), dropped"]
     run_management.drop_lines_after(str(path), 2, warnings.append)
     assert [json.loads(line) for line in path.read_text().splitlines()] == [
         lines[0], {**lines[1], "eval/acc_norm": 0.75}]
@@ -362,9 +363,9 @@ def test_resuming_with_other_settings_says_so_and_recomputes_what_depends_on_the
     capsys.readouterr()
     train_ppo.train(label_run(tmp_path, synthetic_dir, max_steps=2, init_from="resume",
                               choice_temperature=2.0))
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert ("warning: resuming with settings that differ from the checkpoint's, so another "
-            "experiment from here on: choice_temperature 1.0 -> 2.0") in out
+            "experiment from here on: choice_temperature 1.0 -> 2.0") in err
     assert "resuming with max_steps 1 -> 2" in out  # a continuation, not a warning
     assert ("cached reference scores are for other training examples or another "
             "choice_temperature") in out
@@ -516,7 +517,7 @@ def test_a_non_finite_choice_rollout_is_a_skipped_step(tmp_path, synthetic_dir, 
 
     monkeypatch.setattr(train_ppo.ChoiceRollouts, "collect", collect)
     train_ppo.train(label_run(tmp_path, synthetic_dir, max_steps=3, keep_last=3))
-    assert "warning: step 2: non-finite rollout (1 step(s) in a row)" in capsys.readouterr().out
+    assert "warning: step 2: non-finite rollout (1 step(s) in a row)" in capsys.readouterr().err
     weights = [torch.load(tmp_path / f"ckpt_00000{step}.pt", weights_only=True)["model"]
                for step in (1, 2, 3)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # step 2 skipped
