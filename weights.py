@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 # common before transformers: it keeps transformers from asking the hub for kernels
 from common import (UserError, atomic_directory, atomic_write_text, first_line,
-                    looks_like_a_path, read_json, step_checkpoints)
+                    looks_like_a_path, read_json, step_checkpoints, warn)
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config,
                           GPT2LMHeadModel)
 from transformers.utils import logging as hf_logging
@@ -395,8 +395,7 @@ def gguf_directory(path):
     if _complete_entry(entry):
         return entry
     if os.path.exists(entry):
-        print(f"warning: {entry}: a damaged cache entry of {path}; converting the file again",
-              file=sys.stderr)
+        warn(f"{entry}: a damaged cache entry of {path}; converting the file again")
     print(f"converting {path} to a transformers directory in {entry} (once; a minute or two on a "
           "CPU)", file=sys.stderr, flush=True)
     directory, name = os.path.split(path)
