@@ -6,7 +6,7 @@ lm-evaluation-harness's HF scorer (HFLM.loglikelihood), on the same real validat
 lm-eval style, with the predictions and log-likelihoods compared.
 
     python benchmarks/judge_speed.py --model SmolLM2-135M-Instruct.Q4_1.gguf --limit 200
-    python benchmarks/judge_speed.py --model DIR --limit 200 --dtype bfloat16 --no-harness
+    python benchmarks/judge_speed.py --model DIR --limit 500 --methods harness,shared
 
 Each method scores from text (tokenizing included). Methods take turns on slices of the data, so
 that a load change on a shared machine hits them all alike. Skips (exit 0) when the data file is
@@ -26,6 +26,10 @@ from causal_lm import CausalLM, sequence_logprobs  # noqa: E402
 from common import UserError, autocast, run_cli  # noqa: E402
 from hellaswag import example_texts, load_examples  # noqa: E402
 from hellaswag_speed import DEFAULT_DATA, cpu_name, timed  # noqa: E402
+
+
+METHODS = {"rows": "whole rows (before)", "shared": "shared context (today)",
+           "harness": "lm-evaluation-harness HFLM"}
 
 
 def pairs_of(examples):
@@ -81,10 +85,19 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--slice", type=int, default=50, help="examples per turn of each method")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--no-harness", action="store_true", help="leave lm-eval out")
+    parser.add_argument("--methods", default="rows,shared,harness",
+                        help="which to run, of rows, shared, harness (the first is the baseline)")
     args = parser.parse_args(argv)
     if args.limit < 1 or args.batch_size < 1 or args.slice < 1:
         raise UserError("--limit, --batch-size and --slice must be positive")
+    chosen = args.methods.split(",")
+    unknown = sorted(set(chosen) - set(METHODS))
+    if unknown or not chosen:
+        raise UserError(f"--methods: unknown {', '.join(unknown)}; choose from "
+                        f"{', '.join(METHODS)}")
+    if "harness" in chosen and importlib.util.find_spec("lm_eval") is None:
+        raise UserError("lm-eval is not installed: pip install lm-eval==0.4.13, or leave "
+                        "harness out of --methods")
     if not os.path.isfile(args.data):
         print(f"skipping: {args.data} not found (the real HellaSwag text lives outside the "
               "project)")
@@ -96,13 +109,10 @@ def main(argv=None):
     print(f"{len(examples)} examples, lm-eval style | {lm} | {cpu_name()}, "
           f"{torch.get_num_threads()} threads | torch {torch.__version__}")
 
-    methods = {"whole rows (before)": ours(lm, False, args.batch_size, args.dtype),
-               "shared context (today)": ours(lm, True, args.batch_size, args.dtype)}
-    if not args.no_harness:
-        if importlib.util.find_spec("lm_eval") is None:
-            raise UserError("lm-eval is not installed: pip install lm-eval==0.4.13, or pass "
-                            "--no-harness")
-        methods["lm-evaluation-harness HFLM"] = harness(lm, args.batch_size, args.dtype)
+    makers = {"rows": lambda: ours(lm, False, args.batch_size, args.dtype),
+              "shared": lambda: ours(lm, True, args.batch_size, args.dtype),
+              "harness": lambda: harness(lm, args.batch_size, args.dtype)}
+    methods = {METHODS[name]: makers[name]() for name in chosen}  # the first is the baseline
     for method in methods.values():  # first calls allocate and pick kernels
         method(examples[:2])
 

@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from test_causal_lm import build_llama
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,7 +18,7 @@ def test_judge_speed_compares_whole_rows_shared_contexts_and_the_harness(tmp_pat
     model = build_llama(tmp_path / "llama", window=256)
     proc = subprocess.run([sys.executable, "benchmarks/judge_speed.py", "--model", model,
                            "--data", FIXTURE, "--limit", "3", "--slice", "2", "--batch-size", "2"]
-                          + ([] if _has_harness() else ["--no-harness"]),
+                          + ([] if _has_harness() else ["--methods", "rows,shared"]),
                           cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -28,11 +30,14 @@ def test_judge_speed_compares_whole_rows_shared_contexts_and_the_harness(tmp_pat
         assert cells[6] == "0, 0" and float(cells[7]) <= 1e-4, line  # same picks, same scores
 
 
-def test_judge_speed_bad_arguments_are_one_line(tmp_path):
+@pytest.mark.parametrize("argument, message", [
+    (["--limit", "0"], "error: --limit, --batch-size and --slice must be positive"),
+    (["--methods", "rows,fast"], "error: --methods: unknown fast; choose from rows, shared, "
+                                 "harness")])
+def test_judge_speed_bad_arguments_are_one_line(tmp_path, argument, message):
     proc = subprocess.run([sys.executable, "benchmarks/judge_speed.py", "--model", "x",
-                           "--limit", "0"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip() == (
-        "error: --limit, --batch-size and --slice must be positive")
+                           *argument], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == message
 
 
 def _has_harness():
