@@ -603,12 +603,8 @@ def generate_stats(run, encode):
                 for m in logged]
         source = "metrics.jsonl: every rollout of each step (the master rank's batch)"
     else:
-        per_step = {}
-        for s in run["samples"]:
-            if isinstance(s.get("continuation"), str) and isinstance(s.get("step"), int):
-                per_step.setdefault(s["step"], []).append(s)
         rows = []
-        for step, samples in sorted(per_step.items()):
+        for step, samples in samples_by_step(run["samples"]).items():
             lengths = [len(encode(s["continuation"])) for s in samples]
             stops = [stopped(s["continuation"], config.get("max_new_tokens", 24), n,
                              config.get("stop_at_sentence_end", True))
@@ -620,7 +616,64 @@ def generate_stats(run, encode):
                           if all(map(drawable, (m["step"], m.get("kl"), m.get("reward"))))],
             # the judge's raw mean log-prob, which normalised rewards hide
             "judge_score": [(m["step"], m["train/judge_score"]) for m in run["metrics"]
-                            if drawable(m["step"]) and drawable(m.get("train/judge_score"))]}
+                            if drawable(m["step"]) and drawable(m.get("train/judge_score"))],
+            "distinct_2": distinct_by_step(run["samples"])}
+
+
+def samples_by_step(samples):
+    """{step: the generate samples kept at that step}, steps in order."""
+    per_step = {}
+    for s in samples:
+        if isinstance(s.get("continuation"), str) and isinstance(s.get("step"), int):
+            per_step.setdefault(s["step"], []).append(s)
+    return dict(sorted(per_step.items()))
+
+
+def distinct_by_step(samples):
+    """[(step, distinct word 2-grams of the samples kept at that step)], where there are any."""
+    return [(step, d) for step, kept in samples_by_step(samples).items()
+            if (d := distinct_ngrams([s["continuation"] for s in kept])) is not None]
+
+
+def distinct_ngrams(texts, n=2):
+    """Distinct word n-grams over all word n-grams of texts: 1.0 when none repeats, near 0 when
+    the samples say the same thing over and over; None without any n-gram."""
+    grams = [tuple(words[i:i + n]) for words in (t.split() for t in texts)
+             for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+# a generate run's reward-hacking signs: a response length below this share of the first, and
+# distinct 2-grams below this share of the first, are flagged
+LENGTH_COLLAPSE, REPETITION = 0.5, 0.6
+
+
+def hacking_signs(stats, table):
+    """The signs of reward hacking a generate run shows, each a sentence: the judge's score rising
+    while the evaluation falls beyond the first one's 95% interval (pleasing the judge, not the
+    task), the responses' length collapsing, their repetition growing."""
+    signs = []
+    judge = [score for _, score in stats["judge_score"]]
+    evaluations = [row for row in table if row["step"] is not None]
+    if len(judge) >= 2 and len(evaluations) >= 2:
+        k = max(1, len(judge) // 10)  # the first and last tenth of the run, against noise
+        first, last = mean(judge[:k]), mean(judge[-k:])
+        before, after = evaluations[0], evaluations[-1]
+        if last > first and after["acc_norm"] < before["acc_norm_ci"][0]:
+            signs.append(f"the judge's score rose ({readable(first)} → {readable(last)}) while "
+                         f"eval acc_norm fell ({readable(before['acc_norm'])} → "
+                         f"{readable(after['acc_norm'])}, below the first evaluation's 95% "
+                         "interval): the policy pleases the judge, not the task")
+    lengths = [row["response_tokens"] for row in stats["samples"]]
+    if len(lengths) >= 2 and lengths[-1] < LENGTH_COLLAPSE * lengths[0]:
+        signs.append(f"the responses' length collapsed ({readable(lengths[0], 1)} → "
+                     f"{readable(lengths[-1], 1)} tokens): a short sample can score well per "
+                     "token while saying little")
+    distinct = [d for _, d in stats["distinct_2"]]
+    if len(distinct) >= 2 and distinct[-1] < REPETITION * distinct[0]:
+        signs.append(f"the samples repeat themselves: distinct word 2-grams fell "
+                     f"{readable(distinct[0], 2)} → {readable(distinct[-1], 2)}")
+    return signs
 
 
 def analyze_run(run, encode=None):
@@ -669,6 +722,7 @@ def analyze_run(run, encode=None):
         stats = generate_stats(run, encode)
         if stats["samples"] or stats["reward_kl"] or stats["judge_score"]:
             result["generate"] = stats
+            stats["hacking_signs"] = hacking_signs(stats, table)
         else:
             notes.append("a generate run without metrics or samples: no response lengths, stop "
                          "rates or reward against KL to show")
@@ -998,6 +1052,18 @@ def generate_lines(stats, figure):
                   f"normalising, clipping and penalties) went {readable(first)} → "
                   f"{readable(last)} from step {readable(first_step, 0)} to step "
                   f"{readable(last_step, 0)}.", ""]
+    if stats["distinct_2"]:
+        (first_step, first), (last_step, last) = stats["distinct_2"][0], stats["distinct_2"][-1]
+        lines += [f"Distinct word 2-grams of the kept samples (1 = nothing repeats): "
+                  f"{readable(first, 2)} at step {readable(first_step, 0)} → {readable(last, 2)} "
+                  f"at step {readable(last_step, 0)}.", ""]
+    checked = ("the judge's score rising while the evaluation falls, the responses' length "
+               "collapsing, their repetition growing")
+    if stats["hacking_signs"]:
+        lines += ["**Reward-hacking signs:**", ""]
+        lines += [f"- {sign}" for sign in stats["hacking_signs"]] + [""]
+    else:
+        lines += [f"No reward-hacking sign among those checked ({checked}).", ""]
     return lines
 
 

@@ -662,6 +662,55 @@ def test_a_generate_run(tmp_path):
     assert_figures_readable(os.path.join(run, "report"), text)
 
 
+def test_distinct_ngrams_counts_repeated_word_pairs():
+    assert analyze.distinct_ngrams(["a b c d"]) == 1.0
+    assert analyze.distinct_ngrams(["a b a b a b"]) == pytest.approx(2 / 5)  # ab, ba only
+    assert analyze.distinct_ngrams(["yes", ""]) is None
+
+
+def generate_run(run, judge, acc_norm, lengths, texts_first, texts_last):
+    """A generate run: the judge's score and the response length per step, an evaluation at the
+    first and last step (acc_norm of 200 examples), samples kept at both."""
+    with open(os.path.join(run, "train_config.json"), "w") as f:
+        json.dump({"rollout": "generate", "reward_kind": "likelihood", "max_new_tokens": 24}, f)
+    steps = range(len(judge))
+    evals = {0: acc_norm[0], steps[-1]: acc_norm[1]}
+    write_jsonl(os.path.join(run, "metrics.jsonl"), [
+        {"step": s, "reward": judge[s], "kl": s / 10, "train/judge_score": judge[s],
+         "train/response_length": lengths[s], "train/stop_rate": 0.5,
+         **({"eval/acc": evals[s], "eval/acc_norm": evals[s], "eval/n": 200}
+            if s in evals else {})} for s in steps])
+    write_jsonl(os.path.join(run, "samples.jsonl"),
+                [{"step": step, "ctx": "A man walks a dog.", "continuation": t, "reward": 0.1}
+                 for step, texts in ((0, texts_first), (steps[-1], texts_last)) for t in texts])
+    (result,) = analyze.main([run])
+    return result["generate"]["hacking_signs"], report_of(os.path.join(run, "report"))[0]
+
+
+def test_a_generate_run_that_hacks_its_judge_is_flagged(tmp_path):
+    varied = [" the dog runs to the park and sits.", " she opens the door, smiling.",
+              " then he throws the ball far away."]
+    signs, text = generate_run(str(tmp_path), judge=[-4 + s / 5 for s in range(20)],
+                               acc_norm=(0.40, 0.30), lengths=[20 - s * 0.8 for s in range(20)],
+                               texts_first=varied, texts_last=[" the the the the the"] * 3)
+    assert len(signs) == 3
+    assert signs[0].startswith("the judge's score rose (-3.900 → -0.300) while eval acc_norm "
+                               "fell (0.400 → 0.300")
+    assert "length collapsed (20.0 → 4.8 tokens)" in signs[1]
+    assert "distinct word 2-grams fell 1.00 → 0.08" in signs[2]
+    assert "**Reward-hacking signs:**" in text and signs[2] in text
+
+
+def test_a_generate_run_that_learns_is_not_flagged(tmp_path):
+    varied = [" the dog runs to the park and sits.", " she opens the door, smiling.",
+              " then he throws the ball far away."]
+    # the judge's score rises, the evaluation holds within noise, lengths and variety hold
+    signs, text = generate_run(str(tmp_path), judge=[-4 + s / 5 for s in range(20)],
+                               acc_norm=(0.40, 0.38), lengths=[20 - s * 0.2 for s in range(20)],
+                               texts_first=varied, texts_last=varied[::-1])
+    assert signs == [] and "No reward-hacking sign among those checked" in text
+
+
 # --------------------------------------------------------------------------------------------------
 # the command line
 
