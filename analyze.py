@@ -1088,6 +1088,49 @@ def sample_lines(samples, per_interval=2, intervals=6):
     return lines + [""]
 
 
+def judge_rows(runs, results):
+    """Per run, what its reward did: the judge, its own acc_norm, the policy's acc_norm first ->
+    last with the paired test, agreement with the judge's picks, calibration, KL at the end."""
+    rows = []
+    for run, result in zip(runs, results):
+        config, teacher = run["config"], result.get("teacher") or {}
+        acc = result["comparisons"].get("last", {}).get("acc_norm")
+        ece = [c["ece"] for c in (result.get("calibration") or {}).values() if c]
+        rows.append({
+            "run": result["label"], "reward_kind": config.get("reward_kind"),
+            "judge": (None if config.get("reward_kind") == "label"
+                      else os.path.basename(str(config.get("reward_model", "")).rstrip("/"))),
+            "judge_acc_norm": teacher.get("teacher_acc_norm"),
+            "acc_norm": acc and {k: acc[k] for k in ("acc_a", "acc_b", "diff", "ci95",
+                                                     "p_value")},
+            "agreement": teacher.get("agreement") and {
+                k: teacher["agreement"][k] for k in ("acc_a", "acc_b")},
+            "ece": ece if len(ece) == 2 else None,
+            "kl_last5": (result.get("training") or {}).get("kl_last5")})
+    return rows
+
+
+def judge_lines(rows):
+    """The judges side by side, for runs that differ in their reward."""
+    arrow = lambda pair, f=readable: "–" if pair is None else f"{f(pair[0])} → {f(pair[1])}"
+    lines = ["## The judges compared", "",
+             "| run | reward | judge | judge's acc_norm | acc_norm first → last (paired diff, "
+             "McNemar p) | agreement with the judge's picks | ECE | KL, last 5 steps |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        acc = r["acc_norm"]
+        acc_cell = ("–" if acc is None else f"{pct(acc['acc_a'])} → {pct(acc['acc_b'])} "
+                    f"({acc['diff']:+.3f} {ci(acc['ci95'], True)}, p = {acc['p_value']:.3g})")
+        agreement = r["agreement"] and (r["agreement"]["acc_a"], r["agreement"]["acc_b"])
+        cells = [r["run"], r["reward_kind"] or "–", r["judge"] or "– (gold labels)",
+                 "–" if r["judge_acc_norm"] is None else pct(r["judge_acc_norm"]), acc_cell,
+                 arrow(agreement, pct), arrow(r["ece"]),
+                 "–" if r["kl_last5"] is None else readable(r["kl_last5"])]
+        lines.append("| " + " | ".join(printable(str(c)) for c in cells) + " |")
+    return lines + ["", "A judge's acc_norm and the agreement need its predictions on the "
+                    "validation data (`eval/teacher.jsonl`); a run without them shows –.", ""]
+
+
 def report_lines(runs, results, out_dir, differ, title):
     """The lines of report.md; the figures they show are saved in out_dir."""
     lines = [f"# {title}", "", "## Summary", ""]
@@ -1095,6 +1138,11 @@ def report_lines(runs, results, out_dir, differ, title):
         lines += summary_lines(result) + [""]
     if differ:
         lines += ["Runs differ in: " + ", ".join(f"`{k}`" for k in differ) + ".", ""]
+    if {"reward_model", "reward_kind"} & set(differ):
+        rows = judge_rows(runs, results)
+        for result, row in zip(results, rows):
+            result["judge"] = row
+        lines += judge_lines(rows)
     if any(run["metrics"] for run in runs):
         figure = plot_curves(runs, results, os.path.join(out_dir, "curves.png"))
         lines += ["## Training curves", "", f"![training curves]({figure})", "",

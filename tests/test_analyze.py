@@ -276,6 +276,36 @@ def test_a_sweep_is_labelled_by_the_settings_that_differ(tmp_path):
     assert os.path.exists(os.path.join(out, "run2_groups_last.png"))
 
 
+def test_runs_that_differ_in_their_judge_are_compared_side_by_side(tmp_path):
+    runs = [str(tmp_path / name) for name in ("label", "smollm2", "gemma")]
+    examples, evals, _ = make_run(runs[0], skills=(0.0, 0.6), config={"reward_kind": "label"})
+    make_run(runs[1], skills=(0.0, 0.8), config={"reward_kind": "teacher",
+                                                 "reward_model": "/m/SmolLM2.Q4_1.gguf"})
+    make_run(runs[2], skills=(0.0, 0.3), config={"reward_kind": "teacher",
+                                                 "reward_model": "/m/gemma-3-270m.gguf/"})
+    teacher = predictions(examples, 0.7, seed=99)
+    write_jsonl(os.path.join(runs[1], "eval", "teacher.jsonl"), teacher)
+    out = str(tmp_path / "judges")
+    results = analyze.main(runs + ["--out", out])
+    text, saved = report_of(out)
+    assert "## The judges compared" in text
+    rows = [r["judge"] for r in results]
+    assert [r["judge"] for r in rows] == [None, "SmolLM2.Q4_1.gguf", "gemma-3-270m.gguf"]
+    assert [r["reward_kind"] for r in rows] == ["label", "teacher", "teacher"]
+    assert rows[1]["judge_acc_norm"] == accuracy(teacher, "pred_norm")
+    assert rows[0]["judge_acc_norm"] is None and rows[2]["agreement"] is None
+    smollm2 = results[1]["comparisons"]["last"]["acc_norm"]
+    assert rows[1]["acc_norm"]["acc_b"] == smollm2["acc_b"] and rows[1]["ece"][1] == (
+        results[1]["calibration"]["step 10"]["ece"])
+    assert rows[1]["agreement"]["acc_b"] == results[1]["teacher"]["agreement"]["acc_b"]
+    table = [line for line in text.splitlines() if line.startswith("| reward_kind=")]
+    assert len(table) == 3 and "SmolLM2.Q4_1.gguf" in table[1] and "gold labels" in table[0]
+    assert saved[1]["judge"] == as_json(rows[1])
+    # runs that share their judge get no such section
+    analyze.main(runs[1:2] + [runs[1], "--out", str(tmp_path / "same")])
+    assert "## The judges compared" not in report_of(str(tmp_path / "same"))[0]
+
+
 def test_a_report_replaces_an_earlier_report_whole(tmp_path):
     """A report never shows figures of another run: the folder of an earlier report (a sweep's,
     with its run2_ figures) is replaced, not written over."""
