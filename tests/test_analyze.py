@@ -476,13 +476,23 @@ def test_prediction_files_that_are_not_valid_unicode_are_refused_alike(tmp_path,
     write_jsonl(paths[1], b)
     message = (f"{paths[1]}, line 5: 'activity_label' holds a lone surrogate (U+D800) at "
                "character 6, which is not valid Unicode text")
+    for err in refusals_of_both(paths, tmp_path, capsys):
+        assert err.startswith(f"error: {message}")
+
+
+def refusals_of_both(paths, tmp_path, capsys):
+    """What hellaswag.py --compare and analyze.py --before/--after print refusing two prediction
+    files: each one line and exit 2."""
+    errors = []
     for cli, argv in ((hellaswag.main, ["--compare", *paths]),
                       (analyze.main, ["--before", paths[0], "--after", paths[1], "--out",
                                       str(tmp_path / "report")])):
         with pytest.raises(SystemExit) as e:
             common.run_cli(cli, argv)
         err = capsys.readouterr().err
-        assert e.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1
+        assert e.value.code == 2 and err.count("\n") == 1, err
+        errors.append(err)
+    return errors
 
 
 def test_a_run_folder_whose_name_is_not_utf8(tmp_path):
@@ -805,15 +815,7 @@ def test_compare_and_analyze_refuse_files_of_different_data_alike(tmp_path, caps
     paths = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
     write_jsonl(paths[0], a)
     write_jsonl(paths[1], [change(p) for p in b])
-    lines = []
-    for cli, argv in ((hellaswag.main, ["--compare", *paths]),
-                      (analyze.main, ["--before", paths[0], "--after", paths[1], "--out",
-                                      str(tmp_path / "report")])):
-        with pytest.raises(SystemExit) as e:
-            common.run_cli(cli, argv)
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and err.count("\n") == 1, err
-        lines.append(err)
+    lines = refusals_of_both(paths, tmp_path, capsys)
     assert lines[0] == lines[1], lines
     assert ("not predictions of the same data" in lines[0]
             or "prediction files of different data" in lines[0])

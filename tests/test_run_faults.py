@@ -245,6 +245,13 @@ def test_a_second_signal_during_the_save_is_one_line_and_the_save_stays_atomic(t
     assert not [name for name in files if name.endswith(".tmp")]
 
 
+def run_patched(tmp_path, synthetic_dir, body):
+    """A label run into tmp_path/run from the command line, with body (Python) run first."""
+    return subprocess.run([sys.executable, str(cli_script(tmp_path, body)),
+                           *cli_args(label_run(tmp_path / "run", synthetic_dir))],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
 def test_a_second_signal_before_the_first_checkpoint_says_there_is_nothing_to_resume(
         tmp_path, synthetic_dir):
     # both signals arrive while step 0's evaluation is being written
@@ -255,9 +262,7 @@ def test_a_second_signal_before_the_first_checkpoint_says_there_is_nothing_to_re
             "        os.kill(os.getpid(), signal.SIGTERM)\n"
             "    real(path, predictions)\n"
             "run_management.write_predictions = interrupted\n")
-    proc = subprocess.run([sys.executable, str(cli_script(tmp_path, body)),
-                           *cli_args(label_run(tmp_path / "run", synthetic_dir))],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_patched(tmp_path, synthetic_dir, body)
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
     assert proc.stderr.strip() == ("error: stopped at once by a second signal (15) before the "
                                    "run's first checkpoint, so there is nothing to resume: start "
@@ -274,9 +279,7 @@ def test_ctrl_c_during_the_setup_is_one_line_and_exit_130(tmp_path, synthetic_di
             "    os.kill(os.getpid(), signal.SIGINT)\n"
             "    return real(*args)\n"
             "train_ppo.load_data = interrupted\n")
-    proc = subprocess.run([sys.executable, str(cli_script(tmp_path, body)),
-                           *cli_args(label_run(tmp_path / "run", synthetic_dir))],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_patched(tmp_path, synthetic_dir, body)
     assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-3000:]
     assert proc.stderr == ("error: interrupted by signal 2 during the setup, before the first "
                            "step; nothing was trained: run the command again\n")
