@@ -325,9 +325,13 @@ def file_sha256(path):
 
 
 def require_gguf_package():
-    """The gguf package, which transformers reads GGUF files with; a one-line error without it."""
-    if importlib.util.find_spec("gguf") is None:
-        raise UserError("reading a .gguf model needs the gguf package: pip install gguf")
+    """The gguf package, which transformers reads GGUF files with (and asks for accelerate
+    beside it); a one-line error without either."""
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"reading a .gguf model needs the {' and '.join(missing)} "
+                        f"package{'s' if len(missing) > 1 else ''}: pip install "
+                        f"{' '.join(missing)}")
     import gguf
     return gguf
 

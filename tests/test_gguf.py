@@ -177,12 +177,17 @@ def test_a_bad_gguf_file_is_one_line_and_exit_2_with_nothing_written(
     assert not gguf_cache.exists() or not os.listdir(gguf_cache)
 
 
-def test_a_missing_gguf_package_is_one_line_naming_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("missing, message", [
+    (("gguf",), "needs the gguf package: pip install gguf$"),
+    (("accelerate",), "needs the accelerate package: pip install accelerate$"),
+    (("gguf", "accelerate"), "needs the gguf and accelerate packages: pip install gguf "
+                             "accelerate$")])
+def test_a_missing_package_is_one_line_naming_it(tmp_path, monkeypatch, missing, message):
     path, _ = write_tiny_llama(tmp_path / "tiny.gguf")
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "gguf" else find_spec(name, *a))
-    with pytest.raises(UserError, match="needs the gguf package: pip install gguf"):
+                        lambda name, *a: None if name in missing else find_spec(name, *a))
+    with pytest.raises(UserError, match=message):
         CausalLM.load(path)
 
 
