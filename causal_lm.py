@@ -206,10 +206,10 @@ def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu", per_toke
     groups, alone = (shared_prefix_groups(rows, attention_window(model))
                      if share and can_continue(model) else ([], list(range(len(rows)))))
     logprobs = [None] * len(rows)  # each row's (n,) float32 log-probs, on device
-    for batch in row_batches(rows, alone, batch_size):
+    vocab_size = output_size(model)
+    for batch in row_batches(rows, alone, batch_size, vocab_size, keeps_logits(model)):
         for i, lp in zip(batch, row_logprobs(model, [rows[i] for i in batch], pad_id, device)):
             logprobs[i] = lp
-    vocab_size = model.get_output_embeddings().weight.shape[0] if groups else 0
     for batch in group_batches(rows, groups, batch_size, model.config, vocab_size,
                                input_limit(model)):
         members = [i for group in batch for i in group]
@@ -219,11 +219,31 @@ def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu", per_toke
     return (sums, [lp.cpu() for lp in logprobs]) if per_token else sums
 
 
-def row_batches(rows, indices, batch_size):
-    """The rows at indices in batches of batch_size, longest first (an out-of-memory batch fails at
-    once), so each batch pads little."""
-    order = sorted(indices, key=lambda i: -len(rows[i][0]))
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+def output_size(model):
+    """The size of the model's LM head's output (its vocabulary), or 0 where it cannot tell (a
+    wrapper without one: no memory budget is applied)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        return head.weight.shape[0]
+    return getattr(getattr(model, "config", None), "vocab_size", 0) or 0
+
+
+def row_batches(rows, indices, batch_size, vocab_size, span_only=True):
+    """The rows at indices in batches, longest first (an out-of-memory batch fails at once), so
+    each batch pads little: at most batch_size rows and SCORE_BUDGET floats of logits (rows x the
+    positions that predict scored tokens x vocabulary; every position without span_only)."""
+    batches, batch = [], []
+    for i in sorted(indices, key=lambda i: -len(rows[i][0])):
+        candidate = batch + [i]
+        longest = len(rows[candidate[0]][0]) - 1
+        span = (longest - min(len(rows[j][0]) - 1 - rows[j][1] for j in candidate)
+                if span_only else longest)
+        if batch and (len(candidate) > batch_size
+                      or len(candidate) * span * vocab_size > SCORE_BUDGET):
+            batches.append(batch)
+            candidate = [i]
+        batch = candidate
+    return batches + ([batch] if batch else [])
 
 
 def shared_prefix_groups(rows, window=None):

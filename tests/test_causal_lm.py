@@ -403,6 +403,23 @@ def test_a_scoring_batch_of_shared_contexts_stays_within_its_budget(neo, monkeyp
                                atol=1e-4, rtol=0)
 
 
+def test_a_batch_of_whole_rows_stays_within_the_budget(neo, monkeypatch):
+    rows = neo.encode_pairs(["A man is sitting", "The weather", "x", "Yes"],
+                            [" on a roof.", " is nice today.", " y", " no"])
+    vocab = neo.model.get_output_embeddings().weight.shape[0]
+    assert causal_lm.row_batches(rows, range(4), 32, vocab) == [[0, 1, 2, 3]]
+    assert causal_lm.row_batches(rows, range(4), 3, vocab) == [[0, 1, 2], [3]]
+    # room for the logits of two rows' scored spans, not three
+    span = len(rows[0][0]) - 1 - min(len(ids) - 1 - n for ids, n in rows[:2])
+    monkeypatch.setattr(causal_lm, "SCORE_BUDGET", 2 * span * vocab)
+    batches = causal_lm.row_batches(rows, range(4), 32, vocab)
+    assert len(batches) >= 2 and all(len(b) <= 2 for b in batches)
+    whole = causal_lm.sequence_logprobs(neo.model, rows, neo.pad_id, share=False)
+    monkeypatch.undo()
+    torch.testing.assert_close(whole, causal_lm.sequence_logprobs(neo.model, rows, neo.pad_id,
+                                                                  share=False), atol=1e-4, rtol=0)
+
+
 def test_unscoreable_pairs_are_errors_not_zeros(neo):
     with pytest.raises(PairError, match="pair 1: the continuation is empty"):
         neo.score(["A man", "A man "], [" sits", ""])
