@@ -37,14 +37,15 @@ import torch.nn.functional as F
 
 import synthetic
 from causal_lm import CausalLM
-from common import UserError, autocast, run_cli, step_checkpoints
+from common import UserError, all_reduce_sum, autocast, run_cli, step_checkpoints
+from config import parse_config, setting
 from hellaswag import encode_for_model, load_examples
 from model import GPT, GPTConfig, pack_choices
 from reward import DEFAULT_REWARD_MODEL, LabelReward, LikelihoodReward, TeacherReward
 from run_management import (Batches, RunManager, StoppedAtOnce, TrainingState, absolute_paths,
-                            all_reduce_sum, check_sources, forget_after, log_changed_settings,
-                            lost_rank_error, out_dir_lock, parse_config, prepare_out_dir,
-                            seed_everything, setting, setup_distributed, synthetic_dir)
+                            check_sources, forget_after, log_changed_settings, lost_rank_error,
+                            out_dir_lock, prepare_out_dir, seed_everything, setup_distributed,
+                            synthetic_dir)
 from tokenizer import EOT_TOKEN, gpt2_encoding
 from weights import check_finite_weights, checkpoint_source, gguf_directory, is_gguf
 

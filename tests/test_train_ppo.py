@@ -15,7 +15,7 @@ import synthetic
 import train_ppo
 from common import UserError
 from hellaswag import read_predictions
-from run_management import read_config_file
+from config import read_config_file
 from train_ppo import (AdaptiveKLController, compute_gae, kl_penalty, load_config, masked_whiten,
                        ppo_losses)
 
