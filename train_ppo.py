@@ -51,6 +51,155 @@ from weights import check_finite_weights, checkpoint_source, gguf_directory, is_
 
 
 # --------------------------------------------------------------------------------------------------
+# PPO math: small pure functions, float32
+
+
+def masked_mean(x, mask, across_ranks=False):
+    total, count = (x * mask).sum(), mask.sum()
+    if across_ranks:
+        total, count = all_reduce_sum(total, count)
+    return total / count.clamp(min=1)
+
+
+def masked_whiten(x, mask, shift_mean=True, across_ranks=False):
+    """Whiten x over the entries where mask is 1 (mean and unbiased variance over all ranks if
+    across_ranks)."""
+    x, mask = x.float(), mask.float()
+    mean = masked_mean(x, mask, across_ranks)
+    total_sq, count = (((x - mean) ** 2) * mask).sum(), mask.sum()
+    if across_ranks:
+        total_sq, count = all_reduce_sum(total_sq, count)
+    var = total_sq / (count - 1).clamp(min=1)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def compute_gae(rewards, values, mask, gamma, gae_lambda):
+    """Generalised advantage estimation over (B, T) sequences whose valid steps are a prefix
+    (mask 1). The step after the last valid one is terminal. -> advantages, returns (both 0 where
+    mask is 0)."""
+    rewards, values, mask = rewards.float(), values.float(), mask.float()
+    next_mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1)
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], 1) * next_mask
+    deltas = rewards + gamma * next_values - values
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        last = deltas[:, t] + gamma * gae_lambda * next_mask[:, t] * last
+        advantages[:, t] = last
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def kl_penalty(logprobs, ref_logprobs):
+    """Per-action estimate of KL(policy || reference) from log-probs of actions sampled from the
+    policy: the log ratio (unbiased; negative for some samples)."""
+    return logprobs.float() - ref_logprobs.float()
+
+
+def k3_kl(logprobs, ref_logprobs):
+    """Per-action estimate of KL(policy || reference) that is never negative (k3, as GRPO uses it):
+    r - 1 - log r with r = pi_ref / pi, from actions sampled from the policy; unbiased in the
+    mean, with less variance than the log ratio."""
+    log_ratio = ref_logprobs.float() - logprobs.float()
+    return log_ratio.exp() - 1 - log_ratio
+
+
+def exact_kl(logprobs, ref_logprobs):
+    """KL(policy || reference) over a small set of actions: (..., K) log-probs -> (...)."""
+    logprobs = logprobs.float()
+    return (logprobs.exp() * (logprobs - ref_logprobs.float())).sum(-1)
+
+
+def expected_advantages(rewards, logprobs):
+    """Every action's reward minus the policy's expected reward, the exact baseline when each
+    action's reward is known: (B, K) rewards and log-probs -> (B, K), whose expectation under
+    the policy is 0 in every row."""
+    rewards = rewards.float()
+    return rewards - (logprobs.float().exp() * rewards).sum(-1, keepdim=True)
+
+
+def rloo_advantages(rewards, group_size):
+    """(B,) rewards of consecutive groups of group_size samples of one prompt -> each minus the
+    mean of its group's other samples (REINFORCE leave-one-out)."""
+    rewards = rewards.float().view(-1, group_size)
+    others = (rewards.sum(1, keepdim=True) - rewards) / (group_size - 1)
+    return (rewards - others).view(-1)
+
+
+def grpo_advantages(rewards, group_size, eps=1e-4):
+    """(B,) rewards of consecutive groups of group_size samples of one prompt -> each minus its
+    group's mean, over the group's standard deviation (GRPO)."""
+    rewards = rewards.float().view(-1, group_size)
+    mean, std = rewards.mean(1, keepdim=True), rewards.std(1, keepdim=True)
+    return ((rewards - mean) / (std + eps)).view(-1)
+
+
+def ppo_losses(new_logprobs, old_logprobs, advantages, new_values, old_values, returns, mask,
+               clip_coef, vf_clip_coef):
+    """Clipped PPO policy and value losses, averaged over mask; plus approx_kl and clipfrac (as in
+    cleanrl)."""
+    new_logprobs, new_values = new_logprobs.float(), new_values.float()
+    log_ratio = new_logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    pg_losses = torch.max(-advantages * ratio,
+                          -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef))
+    pg_loss = masked_mean(pg_losses, mask)
+    vf_losses = (new_values - returns) ** 2
+    if vf_clip_coef > 0:
+        clipped = old_values + (new_values - old_values).clamp(-vf_clip_coef, vf_clip_coef)
+        vf_losses = torch.max(vf_losses, (clipped - returns) ** 2)
+    vf_loss = 0.5 * masked_mean(vf_losses, mask)
+    with torch.no_grad():
+        approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
+        clipfrac = masked_mean(((ratio - 1).abs() > clip_coef).float(), mask)
+    return {"pg_loss": pg_loss, "vf_loss": vf_loss, "approx_kl": approx_kl, "clipfrac": clipfrac}
+
+
+def explained_variance(values, returns, mask):
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    residual = returns - values
+    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    return (1 - var_residual / var_returns).item() if var_returns > 0 else float("nan")
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019: move the KL coefficient so that the KL tracks a target."""
+
+    def __init__(self, kl_coef, target, horizon):
+        self.value, self.target, self.horizon = kl_coef, target, horizon
+
+    def update(self, current_kl, n_steps):
+        if not math.isfinite(current_kl):  # a skipped step's: a NaN would stay in the coefficient
+            return
+        error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + error * n_steps / self.horizon
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+
+
+class FixedKLController(AdaptiveKLController):
+
+    def update(self, current_kl, n_steps):
+        pass
+
+
+def learning_rate_at(step, cfg):
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    if cfg.lr_decay_steps <= 0:
+        return cfg.learning_rate
+    progress = min(1.0, (step - cfg.warmup_steps) / cfg.lr_decay_steps)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+# --------------------------------------------------------------------------------------------------
 # config
 
 
@@ -235,155 +384,6 @@ def load_config(argv):
         raise UserError(f"config: rollout {cfg.rollout!r} takes reward_kind {' or '.join(wanted)}, "
                         f"got {cfg.reward_kind!r}")
     return cfg
-
-
-# --------------------------------------------------------------------------------------------------
-# PPO math: small pure functions, float32
-
-
-def masked_mean(x, mask, across_ranks=False):
-    total, count = (x * mask).sum(), mask.sum()
-    if across_ranks:
-        total, count = all_reduce_sum(total, count)
-    return total / count.clamp(min=1)
-
-
-def masked_whiten(x, mask, shift_mean=True, across_ranks=False):
-    """Whiten x over the entries where mask is 1 (mean and unbiased variance over all ranks if
-    across_ranks)."""
-    x, mask = x.float(), mask.float()
-    mean = masked_mean(x, mask, across_ranks)
-    total_sq, count = (((x - mean) ** 2) * mask).sum(), mask.sum()
-    if across_ranks:
-        total_sq, count = all_reduce_sum(total_sq, count)
-    var = total_sq / (count - 1).clamp(min=1)
-    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * mask
-
-
-def compute_gae(rewards, values, mask, gamma, gae_lambda):
-    """Generalised advantage estimation over (B, T) sequences whose valid steps are a prefix
-    (mask 1). The step after the last valid one is terminal. -> advantages, returns (both 0 where
-    mask is 0)."""
-    rewards, values, mask = rewards.float(), values.float(), mask.float()
-    next_mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1)
-    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], 1) * next_mask
-    deltas = rewards + gamma * next_values - values
-    advantages = torch.zeros_like(rewards)
-    last = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.size(1))):
-        last = deltas[:, t] + gamma * gae_lambda * next_mask[:, t] * last
-        advantages[:, t] = last
-    advantages = advantages * mask
-    return advantages, (advantages + values) * mask
-
-
-def kl_penalty(logprobs, ref_logprobs):
-    """Per-action estimate of KL(policy || reference) from log-probs of actions sampled from the
-    policy: the log ratio (unbiased; negative for some samples)."""
-    return logprobs.float() - ref_logprobs.float()
-
-
-def k3_kl(logprobs, ref_logprobs):
-    """Per-action estimate of KL(policy || reference) that is never negative (k3, as GRPO uses it):
-    r - 1 - log r with r = pi_ref / pi, from actions sampled from the policy; unbiased in the
-    mean, with less variance than the log ratio."""
-    log_ratio = ref_logprobs.float() - logprobs.float()
-    return log_ratio.exp() - 1 - log_ratio
-
-
-def exact_kl(logprobs, ref_logprobs):
-    """KL(policy || reference) over a small set of actions: (..., K) log-probs -> (...)."""
-    logprobs = logprobs.float()
-    return (logprobs.exp() * (logprobs - ref_logprobs.float())).sum(-1)
-
-
-def expected_advantages(rewards, logprobs):
-    """Every action's reward minus the policy's expected reward, the exact baseline when each
-    action's reward is known: (B, K) rewards and log-probs -> (B, K), whose expectation under
-    the policy is 0 in every row."""
-    rewards = rewards.float()
-    return rewards - (logprobs.float().exp() * rewards).sum(-1, keepdim=True)
-
-
-def rloo_advantages(rewards, group_size):
-    """(B,) rewards of consecutive groups of group_size samples of one prompt -> each minus the
-    mean of its group's other samples (REINFORCE leave-one-out)."""
-    rewards = rewards.float().view(-1, group_size)
-    others = (rewards.sum(1, keepdim=True) - rewards) / (group_size - 1)
-    return (rewards - others).view(-1)
-
-
-def grpo_advantages(rewards, group_size, eps=1e-4):
-    """(B,) rewards of consecutive groups of group_size samples of one prompt -> each minus its
-    group's mean, over the group's standard deviation (GRPO)."""
-    rewards = rewards.float().view(-1, group_size)
-    mean, std = rewards.mean(1, keepdim=True), rewards.std(1, keepdim=True)
-    return ((rewards - mean) / (std + eps)).view(-1)
-
-
-def ppo_losses(new_logprobs, old_logprobs, advantages, new_values, old_values, returns, mask,
-               clip_coef, vf_clip_coef):
-    """Clipped PPO policy and value losses, averaged over mask; plus approx_kl and clipfrac (as in
-    cleanrl)."""
-    new_logprobs, new_values = new_logprobs.float(), new_values.float()
-    log_ratio = new_logprobs - old_logprobs
-    ratio = log_ratio.exp()
-    pg_losses = torch.max(-advantages * ratio,
-                          -advantages * ratio.clamp(1 - clip_coef, 1 + clip_coef))
-    pg_loss = masked_mean(pg_losses, mask)
-    vf_losses = (new_values - returns) ** 2
-    if vf_clip_coef > 0:
-        clipped = old_values + (new_values - old_values).clamp(-vf_clip_coef, vf_clip_coef)
-        vf_losses = torch.max(vf_losses, (clipped - returns) ** 2)
-    vf_loss = 0.5 * masked_mean(vf_losses, mask)
-    with torch.no_grad():
-        approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
-        clipfrac = masked_mean(((ratio - 1).abs() > clip_coef).float(), mask)
-    return {"pg_loss": pg_loss, "vf_loss": vf_loss, "approx_kl": approx_kl, "clipfrac": clipfrac}
-
-
-def explained_variance(values, returns, mask):
-    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
-    residual = returns - values
-    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
-    return (1 - var_residual / var_returns).item() if var_returns > 0 else float("nan")
-
-
-class AdaptiveKLController:
-    """Ziegler et al. 2019: move the KL coefficient so that the KL tracks a target."""
-
-    def __init__(self, kl_coef, target, horizon):
-        self.value, self.target, self.horizon = kl_coef, target, horizon
-
-    def update(self, current_kl, n_steps):
-        if not math.isfinite(current_kl):  # a skipped step's: a NaN would stay in the coefficient
-            return
-        error = min(max(current_kl / self.target - 1, -0.2), 0.2)
-        self.value *= 1 + error * n_steps / self.horizon
-
-    def state_dict(self):
-        return {"value": self.value}
-
-    def load_state_dict(self, state):
-        self.value = state["value"]
-
-
-class FixedKLController(AdaptiveKLController):
-
-    def update(self, current_kl, n_steps):
-        pass
-
-
-def learning_rate_at(step, cfg):
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    if cfg.lr_decay_steps <= 0:
-        return cfg.learning_rate
-    progress = min(1.0, (step - cfg.warmup_steps) / cfg.lr_decay_steps)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
 # --------------------------------------------------------------------------------------------------
