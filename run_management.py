@@ -43,6 +43,7 @@ from common import (UserError, all_reduce_sum, atomic_torch_save, atomic_write_t
                     resolve_device, same_error_on_every_rank, shorten, step_checkpoints, warn,
                     write_errors_are_one_line)
 from hellaswag import evaluate, split_path, write_predictions
+from reward import REWARD_KINDS
 from weights import CHECKPOINT_FORMAT, check_gguf, is_gguf
 
 
@@ -72,7 +73,7 @@ def check_sources(cfg):
     data, the demo task or another model has been prepared."""
     used = {"init_from": cfg.init_from not in ("resume", "scratch", "synthetic"),
             "train_data": not cfg.synthetic, "val_data": not cfg.synthetic,
-            "reward_model": not cfg.synthetic and cfg.reward_kind != "label"}
+            "reward_model": not cfg.synthetic and REWARD_KINDS[cfg.reward_kind].judge}
     for key, is_used in used.items():
         source = getattr(cfg, key)
         data_spec = key.endswith("_data") and source.startswith("hellaswag:")
@@ -405,7 +406,7 @@ def prepare_out_dir(cfg, run, log):
     -> (resume path, checkpoint) for init_from=resume, else (None, None)."""
     check_output_path(cfg.out_dir, directory=True)
     check_output_path(os.path.join(cfg.out_dir, "eval"), directory=True)
-    if cfg.reward_kind == "teacher" and cfg.teacher_cache:
+    if REWARD_KINDS[cfg.reward_kind].cache and cfg.teacher_cache:
         check_output_path(cfg.teacher_cache, directory=True)
     # folders read, and written only where something is missing (a finished one may be read-only)
     if cfg.synthetic and not synthetic.is_complete(synthetic_dir(cfg)):
@@ -784,16 +785,17 @@ class RunManager:
                         predictions)
         return result
 
-    def evaluations_before_the_loop(self, reward_fn):
-        """A new run's: the starting policy's, and the teacher's own picks (for analyze.py's
-        teacher agreement). A resumed run's: the evaluation its stop skipped, if it did."""
+    def evaluations_before_the_loop(self, teacher=None):
+        """A new run's: the starting policy's, and the teacher's own picks if the reward kind has a
+        teacher (for analyze.py's teacher agreement). A resumed run's: the evaluation its stop
+        skipped, if it did."""
         step = self.state.step
         if step == 0:
             self.last_eval = self.evaluate(self.raw_model, 0)
             self.run_log.eval_line(0, self.last_eval)
             self.output(self.run_log.metrics, {"step": 0, **self.last_eval})
-            if self.cfg.reward_kind == "teacher":
-                teacher = self.evaluate(reward_fn.reward_model, "teacher")
+            if teacher is not None:
+                teacher = self.evaluate(teacher, "teacher")
                 self.run.log(f"teacher | eval acc {teacher['eval/acc']:.4f} | "
                              f"acc_norm {teacher['eval/acc_norm']:.4f}")
         elif self.evaluation_due(step) and not os.path.exists(

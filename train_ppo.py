@@ -15,6 +15,17 @@ kinds share the update:
 - generate: the policy samples a continuation of the context; the reward model's likelihood of it
             is the score at the last token, a per-token KL penalty to the reference is added
             everywhere, advantages come from GAE.
+
+Estimators, one table each (ADV_ESTIMATORS, KL_ESTIMATORS; reward kinds: reward.REWARD_KINDS).
+Advantages: "gae" takes the value head as its baseline and fits it; the others leave the head
+frozen. "expected" (choice) subtracts the policy's exact expected reward over the 4 endings;
+"rloo" and "grpo" (generate, group_size samples a prompt) judge a sample's total reward against
+its group: minus the mean of the others, or minus the group's mean over its std. Every
+estimator's advantages are then whitened across ranks (whiten_advantages). The KL to the
+reference: "sampled" is the sampled actions' log-ratio, a penalty in each action's reward; "k3"
+(never negative, as GRPO) and "exact" (choice: the KL over the 4 endings) are added to the loss.
+Simplifications: one policy and value in one module (one optimizer, no separate critic); the
+reference is frozen; a choice rollout is one action.
 """
 
 import contextlib
@@ -29,6 +40,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -41,7 +53,7 @@ from common import UserError, all_reduce_sum, autocast, run_cli, step_checkpoint
 from config import parse_config, setting
 from hellaswag import encode_for_model, load_examples
 from model import GPT, GPTConfig, pack_choices
-from reward import DEFAULT_REWARD_MODEL, LabelReward, LikelihoodReward, TeacherReward
+from reward import DEFAULT_REWARD_MODEL, REWARD_KINDS
 from run_management import (Batches, RunManager, StoppedAtOnce, TrainingState, absolute_paths,
                             check_sources, forget_after, log_changed_settings, lost_rank_error,
                             out_dir_lock, prepare_out_dir, seed_everything, setup_distributed,
@@ -93,7 +105,7 @@ def compute_gae(rewards, values, mask, gamma, gae_lambda):
     return advantages, (advantages + values) * mask
 
 
-def kl_penalty(logprobs, ref_logprobs):
+def sampled_kl(logprobs, ref_logprobs):
     """Per-action estimate of KL(policy || reference) from log-probs of actions sampled from the
     policy: the log ratio (unbiased; negative for some samples)."""
     return logprobs.float() - ref_logprobs.float()
@@ -200,6 +212,79 @@ def learning_rate_at(step, cfg):
 
 
 # --------------------------------------------------------------------------------------------------
+# the estimators: one table per choice. An advantage estimator turns a batch's per-action rewards
+# into advantages (and the returns the value head is fit to); a KL estimator measures the KL to the
+# reference, and enters the reward or the loss. Adding one is a function, an entry and its test.
+
+
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    # (batch, rewards (B, L), the KL coefficient in the reward, cfg) -> advantages, returns (B, L)
+    advantages: Callable
+    rollouts: tuple  # the rollout kinds it fits
+    value_head: bool  # its baseline is the value head, which it trains; else the head is frozen
+    grouped: bool = False  # judges each sample against its group (group_size samples of a prompt)
+    every_choice_scored: bool = False  # needs every ending's reward (choice rollouts)
+
+
+def gae_estimate(batch, rewards, kl_coef, cfg):
+    return compute_gae(rewards, batch.values, batch.mask, cfg.gamma, cfg.gae_lambda)
+
+
+def expected_estimate(batch, rewards, kl_coef, cfg):
+    # every ending's reward, shaped as the chosen one's was (kl_coef: 0 when the KL is in the loss)
+    choice_rewards = batch.choice_scores - kl_coef * sampled_kl(batch.choice_logprobs,
+                                                                batch.choice_ref_logprobs)
+    advantages = expected_advantages(choice_rewards, batch.choice_logprobs)
+    return advantages.gather(1, batch.actions["choices"]), rewards
+
+
+def per_sample(group_advantages, batch, rewards, cfg):
+    """A group estimator's advantage of each sample's total reward (its score and its tokens' KL
+    penalties), given to every token of the sample; the totals are the returns (logged only)."""
+    totals = rewards.sum(1)
+    return (group_advantages(totals, cfg.group_size)[:, None] * batch.mask,
+            totals[:, None] * batch.mask)
+
+
+def rloo_estimate(batch, rewards, kl_coef, cfg):
+    return per_sample(rloo_advantages, batch, rewards, cfg)
+
+
+def grpo_estimate(batch, rewards, kl_coef, cfg):
+    return per_sample(grpo_advantages, batch, rewards, cfg)
+
+
+ADV_ESTIMATORS = {
+    "gae": AdvantageEstimator(gae_estimate, ("choice", "generate"), value_head=True),
+    "expected": AdvantageEstimator(expected_estimate, ("choice",), value_head=False,
+                                   every_choice_scored=True),
+    "rloo": AdvantageEstimator(rloo_estimate, ("generate",), value_head=False, grouped=True),
+    "grpo": AdvantageEstimator(grpo_estimate, ("generate",), value_head=False, grouped=True),
+}
+
+
+@dataclass(frozen=True)
+class KLEstimator:
+    # (log-probs (B, L) of the actions under the policy and the reference, and (B, 4) of every
+    # ending, or None) -> (B, L) the KL of each action, as this estimator measures it
+    estimate: Callable
+    enters: str  # "reward" (-kl_coef x it in each action's reward) or "loss" (+kl_coef x its mean)
+    rollouts: tuple  # the rollout kinds it fits
+
+
+KL_ESTIMATORS = {
+    "sampled": KLEstimator(lambda lp, ref_lp, lps, ref_lps: sampled_kl(lp, ref_lp), "reward",
+                           ("choice", "generate")),
+    "k3": KLEstimator(lambda lp, ref_lp, lps, ref_lps: k3_kl(lp, ref_lp), "loss",
+                      ("choice", "generate")),
+    # the whole distribution's KL, at the example's one action
+    "exact": KLEstimator(lambda lp, ref_lp, lps, ref_lps: exact_kl(lps, ref_lps)[:, None],
+                         "loss", ("choice",)),
+}
+
+
+# --------------------------------------------------------------------------------------------------
 # config
 
 
@@ -258,7 +343,7 @@ class Config:
     no_stop_penalty: float = setting(1.0, low=0.0, high=1000.0)
     # reward
     # teacher | label (choice rollouts), likelihood (generate rollouts)
-    reward_kind: str = setting("teacher", choices=("teacher", "label", "likelihood"))
+    reward_kind: str = setting("teacher", choices=tuple(REWARD_KINDS))
     # any transformers causal LM: hub name or local directory
     reward_model: str = DEFAULT_REWARD_MODEL
     # auto = bfloat16 on CUDA, float32 on CPU
@@ -281,21 +366,15 @@ class Config:
     # KL to the frozen reference
     # initial coefficient of the KL penalty
     kl_coef: float = setting(0.05, low=0.0, high=100.0)
-    # how the KL is estimated, and where it enters: "sampled" (the sampled actions' log-ratio,
-    # subtracted from the reward, per action), "k3" (ratio - 1 - log ratio with the ratio
-    # reference / policy: non-negative, low variance, added to the loss as GRPO does), "exact"
-    # (choice rollouts: sum_i pi(i) log pi(i) / pi_ref(i) over the 4 endings, added to the loss)
-    kl_estimator: str = setting("sampled", choices=("sampled", "k3", "exact"))
+    # how the KL is estimated, and where it enters (KL_ESTIMATORS; the module's docstring)
+    kl_estimator: str = setting("sampled", choices=tuple(KL_ESTIMATORS))
     adaptive_kl: bool = False  # Ziegler et al. 2019 controller: steer the KL towards kl_target
     kl_target: float = setting(6.0, above=0.0, high=10_000.0)
     kl_horizon: int = setting(10000, low=1)
     # advantages
-    # "gae": GAE over the value head's estimates. Without a value head (the head gets no loss and no
-    # backward, and is saved and exported as it was): "expected" (choice rollouts: the chosen
-    # ending's reward minus its expectation under the acting policy, sum_i pi(i) r(i), exact),
-    # "rloo" / "grpo" (generate rollouts, group_size samples per prompt: RLOO the sample's reward
-    # minus the mean of the group's others; GRPO minus the group's mean, over the group's std)
-    adv_estimator: str = setting("gae", choices=("gae", "expected", "rloo", "grpo"))
+    # the advantages' baseline (ADV_ESTIMATORS; the module's docstring). Only gae uses the value
+    # head: the others leave it frozen (no loss, no backward; saved and exported as it was)
+    adv_estimator: str = setting("gae", choices=tuple(ADV_ESTIMATORS))
     # rloo / grpo: samples per prompt. batch_size counts samples and must be a multiple: each rank
     # draws batch_size / group_size prompts a step, and keeps each group
     group_size: int = setting(1, low=1, high=1024)
@@ -352,9 +431,10 @@ def load_config(argv):
         raise UserError(f"config: batch_size ({cfg.batch_size}) must be a multiple of "
                         f"minibatch_size ({cfg.minibatch_size}), and that of micro_batch_size "
                         f"({cfg.micro_batch_size})")
-    if cfg.likelihood_dense and cfg.reward_kind != "likelihood":
-        raise UserError("config: likelihood_dense is for reward_kind='likelihood', "
-                        f"not {cfg.reward_kind!r}")
+    dense = [name for name, kind in REWARD_KINDS.items() if kind.rollout == "generate"]
+    if cfg.likelihood_dense and REWARD_KINDS[cfg.reward_kind].rollout != "generate":
+        raise UserError("config: likelihood_dense is for reward_kind="
+                        f"{' or '.join(map(repr, dense))}, not {cfg.reward_kind!r}")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"config: n_embd ({cfg.n_embd}) must be a multiple of n_head "
                         f"({cfg.n_head})")
@@ -367,20 +447,20 @@ def load_config(argv):
     if cfg.lr_decay_steps and cfg.min_lr > cfg.learning_rate:
         raise UserError(f"config: min_lr ({cfg.min_lr:g}) is above learning_rate "
                         f"({cfg.learning_rate:g}): the decay would raise the rate")
-    fits = {"expected": "choice", "rloo": "generate", "grpo": "generate"}
-    if fits.get(cfg.adv_estimator, cfg.rollout) != cfg.rollout:
-        raise UserError(f"config: adv_estimator {cfg.adv_estimator!r} is for "
-                        f"{fits[cfg.adv_estimator]} rollouts, not {cfg.rollout!r}")
-    if cfg.kl_estimator == "exact" and cfg.rollout != "choice":
-        raise UserError("config: kl_estimator 'exact' needs choice rollouts (the 4 endings); "
-                        "use 'k3' or 'sampled'")
-    grouped = cfg.adv_estimator in ("rloo", "grpo")
-    if grouped != (cfg.group_size > 1) or cfg.batch_size % cfg.group_size:
-        raise UserError(f"config: group_size ({cfg.group_size}) is for adv_estimator rloo or grpo, "
-                        "which need it at 2 or more and dividing batch_size "
-                        f"({cfg.batch_size})")
-    wanted = {"choice": ("teacher", "label"), "generate": ("likelihood",)}[cfg.rollout]
-    if cfg.reward_kind not in wanted:
+    for key, table in (("adv_estimator", ADV_ESTIMATORS), ("kl_estimator", KL_ESTIMATORS)):
+        name = getattr(cfg, key)
+        if cfg.rollout not in table[name].rollouts:
+            fitting = [n for n, entry in table.items() if cfg.rollout in entry.rollouts]
+            raise UserError(f"config: {key} {name!r} is for {' or '.join(table[name].rollouts)} "
+                            f"rollouts, not {cfg.rollout!r}; use one of {', '.join(fitting)}")
+    estimator = ADV_ESTIMATORS[cfg.adv_estimator]
+    grouped = [name for name, entry in ADV_ESTIMATORS.items() if entry.grouped]
+    if estimator.grouped != (cfg.group_size > 1) or cfg.batch_size % cfg.group_size:
+        raise UserError(f"config: group_size ({cfg.group_size}) is for adv_estimator "
+                        f"{' or '.join(grouped)}, which need it at 2 or more and dividing "
+                        f"batch_size ({cfg.batch_size})")
+    wanted = [name for name, kind in REWARD_KINDS.items() if kind.rollout == cfg.rollout]
+    if REWARD_KINDS[cfg.reward_kind].rollout != cfg.rollout:
         raise UserError(f"config: rollout {cfg.rollout!r} takes reward_kind {' or '.join(wanted)}, "
                         f"got {cfg.reward_kind!r}")
     return cfg
@@ -415,7 +495,7 @@ class Rollouts:
     choice_logprobs: torch.Tensor = None
     choice_ref_logprobs: torch.Tensor = None
     choice_scores: torch.Tensor = None
-    # (B, L) what PPO learns from, set once the rewards are in (advantages_and_returns)
+    # (B, L) what PPO learns from, set once the rewards are in (the advantage estimator)
     advantages: torch.Tensor = None
     returns: torch.Tensor = None
 
@@ -442,14 +522,13 @@ class ChoiceRollouts:
     context's last token."""
 
     def __init__(self, encoded, reward_fn, choice_temperature, micro_batch_size, device,
-                 kl_estimator="sampled", score_every_ending=False):
+                 score_every_ending=False):
         # every training example, encoded once at setup as the evaluator encodes it
         self.encoded = encoded
         self.reward_fn, self.temperature = reward_fn, choice_temperature
         self.micro_batch_size, self.device = micro_batch_size, device
-        # the KL in the loss ("k3", "exact"; "sampled" is in the reward), and whether the reward of
-        # every ending is wanted (adv_estimator "expected")
-        self.kl_estimator, self.score_every_ending = kl_estimator, score_every_ending
+        # whether the reward of every ending is wanted (AdvantageEstimator.every_choice_scored)
+        self.score_every_ending = score_every_ending
         # the frozen reference's distribution over each example's endings depends on the example
         # alone: computed the first time the example is met, then kept (4 floats an example, saved
         # with the checkpoint)
@@ -527,16 +606,13 @@ class ChoiceRollouts:
                         choice_ref_logprobs=ref_lp, choice_scores=every_score)
 
     def forward(self, model, rollouts, micro):
+        """-> the chosen endings' log-probs, values and entropies (N, 1), and every ending's
+        log-probs (N, 4)."""
         encoded = [rollouts.actions["encoded"][j] for j in micro.tolist()]
         lp, v = choice_forward(model, encoded, self.temperature, self.device)
         entropy = -(lp.exp() * lp).sum(1, keepdim=True)
         chosen = lp.gather(1, rollouts.actions["choices"][micro])
-        kl = None  # in the loss: the whole distribution's KL, or k3 at the chosen ending
-        if self.kl_estimator == "exact":
-            kl = exact_kl(lp, rollouts.choice_ref_logprobs[micro])[:, None]
-        elif self.kl_estimator == "k3":
-            kl = k3_kl(chosen, rollouts.ref_logprobs[micro])
-        return chosen, v[:, None], entropy, kl
+        return chosen, v[:, None], entropy, lp
 
     def metrics(self, rollouts):
         """The share of this rank's choices that were the gold ending (when the data has labels)."""
@@ -693,15 +769,14 @@ class GenerateRollouts:
         return True
 
     def forward(self, model, rollouts, micro):
+        """-> the response tokens' log-probs, values and entropies (N, L), and None (no other
+        actions were open to it than the vocabulary's)."""
         actions = rollouts.actions
         logprobs, values, entropy = sequence_forward(
             model, actions["prompts"][micro], actions["prompt_mask"][micro],
             actions["responses"][micro], rollouts.mask[micro].long(), self.cfg.temperature,
             entropy_grad=self.cfg.ent_coef > 0)
-        kl = None  # in the loss with k3 ("sampled" is in the reward)
-        if self.cfg.kl_estimator == "k3":
-            kl = k3_kl(logprobs, rollouts.ref_logprobs[micro]) * rollouts.mask[micro]
-        return logprobs, values, entropy, kl
+        return logprobs, values, entropy, None
 
     def metrics(self, rollouts):
         """This rank's mean response length in tokens, the share of responses that stopped by
@@ -840,23 +915,23 @@ def weights_fingerprint(model):
 
 
 def build_reward(cfg, train_examples, sources, run):
-    if cfg.reward_kind == "label":
-        return LabelReward(train_examples)
-    if is_gguf(sources["reward_source"]):  # one rank per node converts it, the others read that
-        if run.local_master:
-            gguf_directory(sources["reward_source"])
-        run.barrier()
-    judge = CausalLM.load(sources["reward_source"], device=run.device,
-                          dtype=None if cfg.reward_dtype == "auto" else cfg.reward_dtype)
-    if cfg.reward_kind == "teacher":
-        cache_dir = cfg.teacher_cache or os.path.join(cfg.out_dir, "teacher_cache")
-        return TeacherReward(judge, train_examples, style=cfg.style, mode=cfg.teacher_mode,
-                             temperature=cfg.teacher_temperature, batch_size=cfg.reward_batch_size,
-                             cache_dir=cache_dir, data_id=os.path.basename(sources["train_data"]))
+    """The reward kind's reward (REWARD_KINDS), with its judge loaded if it has one. -> the reward,
+    and the teacher whose own picks the run evaluates (the judge, if it picks endings), or None."""
+    kind = REWARD_KINDS[cfg.reward_kind]
+    judge = None
+    if kind.judge:
+        if is_gguf(sources["reward_source"]):  # one rank per node converts it, the others read it
+            if run.local_master:
+                gguf_directory(sources["reward_source"])
+            run.barrier()
+        judge = CausalLM.load(sources["reward_source"], device=run.device,
+                              dtype=None if cfg.reward_dtype == "auto" else cfg.reward_dtype)
+    cache_dir = cfg.teacher_cache or os.path.join(cfg.out_dir, "teacher_cache")
     # every rank keeps the same running statistics
-    return LikelihoodReward(judge, per=cfg.likelihood_per, clip=cfg.reward_clip or None,
-                            normalize=cfg.reward_normalize, batch_size=cfg.reward_batch_size,
-                            all_reduce=dist.all_reduce if run.ddp else None)
+    reward_fn = kind.build(judge, train_examples, cfg, cache_dir=cache_dir,
+                           data_id=os.path.basename(sources["train_data"]),
+                           all_reduce=dist.all_reduce if run.ddp else None)
+    return reward_fn, judge if kind.picks else None
 
 
 def build_rollouts(cfg, policy, train_examples, reward_fn, device):
@@ -868,7 +943,7 @@ def build_rollouts(cfg, policy, train_examples, reward_fn, device):
         encoded = [encode_for_model(ex, encode, policy.config.block_size, cfg.style)
                    for ex in train_examples]
         return ChoiceRollouts(encoded, reward_fn, cfg.choice_temperature, cfg.micro_batch_size,
-                              device, cfg.kl_estimator, cfg.adv_estimator == "expected")
+                              device, ADV_ESTIMATORS[cfg.adv_estimator].every_choice_scored)
     # fit the window
     prompt_budget = min(cfg.max_prompt_tokens, policy.config.block_size - cfg.max_new_tokens)
     if prompt_budget < 1:
@@ -893,33 +968,11 @@ def shaped_rewards(scores, kl, kl_coef, mask, score_shares=None):
     return rewards
 
 
-def kl_estimate(batch, estimator):
-    """(B, L) the KL to the reference of each action as the estimator measures it (0 at padding);
-    "exact" gives the whole distribution's at the example's one action."""
-    if estimator == "exact":
-        return exact_kl(batch.choice_logprobs, batch.choice_ref_logprobs)[:, None] * batch.mask
-    estimate = k3_kl if estimator == "k3" else kl_penalty
-    return estimate(batch.logprobs, batch.ref_logprobs) * batch.mask
-
-
-def advantages_and_returns(batch, rewards, kl_coef, cfg):
-    """The estimator's advantages (B, L) for per-action rewards (B, L), and the returns the value
-    head is fit to (GAE's; elsewhere the rewards, for the logged explained variance only)."""
-    if cfg.adv_estimator == "gae":
-        return compute_gae(rewards, batch.values, batch.mask, cfg.gamma, cfg.gae_lambda)
-    if cfg.adv_estimator == "expected":
-        # every ending's reward, shaped as the chosen one's was
-        choice_rewards = batch.choice_scores
-        if cfg.kl_estimator == "sampled":
-            choice_rewards = choice_rewards - kl_coef * kl_penalty(batch.choice_logprobs,
-                                                                   batch.choice_ref_logprobs)
-        advantages = expected_advantages(choice_rewards, batch.choice_logprobs)
-        return advantages.gather(1, batch.actions["choices"]), rewards
-    # a sample's reward: its score and the KL penalties of its tokens
-    totals = rewards.sum(1)
-    group_advantages = rloo_advantages if cfg.adv_estimator == "rloo" else grpo_advantages
-    return (group_advantages(totals, cfg.group_size)[:, None] * batch.mask,
-            totals[:, None] * batch.mask)
+def kl_estimate(estimator, logprobs, ref_logprobs, mask, choice_logprobs, choice_ref_logprobs):
+    """(B, L) the KL to the reference of each action as the KL estimator measures it, 0 at
+    padding; choice_logprobs and choice_ref_logprobs are every ending's (choice rollouts) or
+    None."""
+    return estimator.estimate(logprobs, ref_logprobs, choice_logprobs, choice_ref_logprobs) * mask
 
 
 def ppo_update(model, raw_model, state, rollout_kind, batch, cfg, run):
@@ -931,6 +984,7 @@ def ppo_update(model, raw_model, state, rollout_kind, batch, cfg, run):
     applied (the optimizer's state is not touched).
     -> (mean statistics, epochs done, whether every gradient was finite)."""
     optimizer, scaler = state.optimizer, state.scaler
+    kl_estimator = KL_ESTIMATORS[cfg.kl_estimator]
     names = ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "entropy")
     stats = {k: [] for k in names + ("grad_norm",)}
     summary = lambda: {k: float(np.mean(v)) for k, v in stats.items() if v}  # noqa: E731
@@ -946,14 +1000,19 @@ def ppo_update(model, raw_model, state, rollout_kind, batch, cfg, run):
                 no_sync = (model.no_sync() if run.ddp and i < len(micros) - 1
                            else contextlib.nullcontext())
                 with no_sync, autocast(run.device, run.dtype):
-                    new_logprobs, new_values, entropy, kl = rollout_kind.forward(model, batch,
-                                                                                 micro)
+                    new_logprobs, new_values, entropy, new_choice_logprobs = rollout_kind.forward(
+                        model, batch, micro)
                     mask = batch.mask[micro]
                     losses = ppo_losses(new_logprobs, batch.logprobs[micro],
                                         batch.advantages[micro], new_values, batch.values[micro],
                                         batch.returns[micro], mask, cfg.clip_coef,
                                         cfg.vf_clip_coef)
                     losses["entropy"] = masked_mean(entropy, mask)
+                    kl = None
+                    if kl_estimator.enters == "loss":
+                        kl = kl_estimate(kl_estimator, new_logprobs, batch.ref_logprobs[micro],
+                                         mask, new_choice_logprobs,
+                                         rows(batch.choice_ref_logprobs, micro))
                     loss = step_loss(losses, kl, mask, state.kl_controller.value, cfg)
                 # this micro-batch's share of the minibatch's actions: its means weigh that much
                 share = mask.sum() / n_actions
@@ -983,15 +1042,21 @@ def ppo_update(model, raw_model, state, rollout_kind, batch, cfg, run):
     return summary(), cfg.ppo_epochs, True
 
 
+def rows(x, indices):
+    """x[indices], for a tensor that may be None."""
+    return None if x is None else x[indices]
+
+
 def trains_value_head(adv_estimator):
-    """GAE takes its baseline from the value head, which it fits; the other estimators need none,
+    """An estimator that takes its baseline from the value head fits it; the others need none,
     and leave it frozen (outside the optimizer)."""
-    return adv_estimator == "gae"
+    return ADV_ESTIMATORS[adv_estimator].value_head
 
 
 def step_loss(losses, kl, mask, kl_coef, cfg):
-    """What a minibatch minimises: the clipped policy loss, the value loss when GAE uses the value
-    head, the entropy bonus, and the KL to the reference when its estimator puts it in the loss."""
+    """What a minibatch minimises: the clipped policy loss, the value loss when the estimator uses
+    the value head, the entropy bonus, and the KL to the reference when its estimator puts it in
+    the loss."""
     if trains_value_head(cfg.adv_estimator):
         loss = (losses["pg_loss"] + cfg.vf_coef * losses["vf_loss"]
                 - cfg.ent_coef * losses["entropy"])
@@ -1064,12 +1129,13 @@ def run_ppo(cfg, run):
     raw_model, reference, reference_state = load_models(cfg, sources["init_from"], ckpt,
                                                         resume_path, run.device)
     check_finite_weights(raw_model, resume_path or reference_state["reference_from"])
-    if not trains_value_head(cfg.adv_estimator):  # frozen, as saved
+    estimator, kl_estimator = ADV_ESTIMATORS[cfg.adv_estimator], KL_ESTIMATORS[cfg.kl_estimator]
+    if not estimator.value_head:  # frozen, as saved
         raw_model.value_head.requires_grad_(False)
     run.log(f"policy: {raw_model.num_params() / 1e6:.2f}M parameters from "
             f"{reference_state['reference_from']}; "
             f"device {run.device}, {run.world_size} process(es), autocast {run.dtype}")
-    reward_fn = build_reward(cfg, train_examples, sources, run)
+    reward_fn, teacher = build_reward(cfg, train_examples, sources, run)
     rollout_kind = build_rollouts(cfg, raw_model, train_examples, reward_fn, run.device)
     device_type = torch.device(run.device).type
     model = raw_model
@@ -1092,7 +1158,7 @@ def run_ppo(cfg, run):
         forget_after(cfg.out_dir, state.step, run)
         del ckpt
     manager = RunManager(cfg, run, state, raw_model, val_examples)
-    manager.evaluations_before_the_loop(reward_fn)
+    manager.evaluations_before_the_loop(teacher)
     timer = manager.timer
 
     while state.step < cfg.max_steps:
@@ -1107,13 +1173,13 @@ def run_ppo(cfg, run):
             batch = rollout_kind.collect(raw_model, reference, [train_examples[i] for i in indices],
                                          indices, state.sample_generator, timer)
 
-        # ---- advantages: the KL (in the reward when sampled), the score at the last action, the
-        # estimator's baseline (GAE, expected, RLOO, GRPO), whitening
-        kl = kl_estimate(batch, cfg.kl_estimator)
-        kl_coef = state.kl_controller.value
-        in_reward = kl_coef if cfg.kl_estimator == "sampled" else 0.0  # else in the loss
+        # ---- advantages: the KL (in the reward or the loss), the score at the last action, the
+        # estimator's baseline, whitening
+        kl = kl_estimate(kl_estimator, batch.logprobs, batch.ref_logprobs, batch.mask,
+                         batch.choice_logprobs, batch.choice_ref_logprobs)
+        in_reward = state.kl_controller.value if kl_estimator.enters == "reward" else 0.0
         rewards = shaped_rewards(batch.scores, kl, in_reward, batch.mask, batch.score_shares)
-        batch.advantages, batch.returns = advantages_and_returns(batch, rewards, kl_coef, cfg)
+        batch.advantages, batch.returns = estimator.advantages(batch, rewards, in_reward, cfg)
         if cfg.whiten_advantages:
             batch.advantages = masked_whiten(batch.advantages, batch.mask, across_ranks=run.ddp)
 

@@ -16,8 +16,8 @@ import train_ppo
 from common import UserError
 from hellaswag import read_predictions
 from config import read_config_file
-from train_ppo import (AdaptiveKLController, compute_gae, kl_penalty, load_config, masked_whiten,
-                       ppo_losses)
+from train_ppo import (AdaptiveKLController, compute_gae, load_config, masked_whiten, ppo_losses,
+                       sampled_kl)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,7 +109,7 @@ def test_kl_penalty_is_unbiased_in_expectation():
     q = torch.tensor([0.25, 0.25, 0.25, 0.25])
     exact = (p * (p.log() - q.log())).sum()
     # expectation under the policy, computed exactly over the 4 outcomes
-    assert torch.allclose((p * kl_penalty(p.log(), q.log())).sum(), exact, atol=1e-6)
+    assert torch.allclose((p * sampled_kl(p.log(), q.log())).sum(), exact, atol=1e-6)
 
 
 def test_adaptive_kl_controller_moves_towards_the_target():
@@ -288,9 +288,9 @@ def test_entropy_carries_a_gradient_only_with_an_entropy_bonus():
         kind = train_ppo.GenerateRollouts(None, cfg, prompt_budget=8, stop_tokens=[50256],
                                           device="cpu")
         outputs[ent_coef] = kind.forward(model, rollouts, torch.arange(3))
-        logprobs, values, entropy, kl = outputs[ent_coef]
+        logprobs, values, entropy, choice_logprobs = outputs[ent_coef]
         assert (logprobs.requires_grad and values.requires_grad
-                and entropy.requires_grad == (ent_coef > 0) and kl is None)
+                and entropy.requires_grad == (ent_coef > 0) and choice_logprobs is None)
     for without, with_bonus in zip(outputs[0.0][:3], outputs[0.01][:3]):
         assert torch.equal(without, with_bonus)
     # the bonus's gradient: the entropy of the tempered distribution at each response token
