@@ -542,7 +542,7 @@ class TrainingState:
                 ckpt["rollouts"]):
             run.log("the checkpoint's cached reference scores are for other training examples "
                     "or another choice_temperature: computing them again as examples are met")
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.optimizer.load_state_dict(value_head_groups(ckpt["optimizer"], self.optimizer))
         # saved param groups carry their own flags: keep this run's kernel (a checkpoint from
         # before the fused AdamW on CPUs says fused=None, which would run the slower loop)
         for group in self.optimizer.param_groups:
@@ -576,6 +576,24 @@ class TrainingState:
             run.warn(f"checkpoint has RNG states of {len(rng)} rank(s) on "
                      f"{rng[0].get('device_type')}, this run has {run.world_size} on "
                      f"{self.sample_generator.device.type}; sampling is reseeded, not continued")
+
+
+def value_head_groups(saved, optimizer):
+    """An optimizer state saved before the value head had parameter groups of its own (one group
+    per weight decay), split as the optimizer's groups are (model.configure_optimizers): the
+    parameters' numbering is the same, the value head's last in each group."""
+    groups = optimizer.param_groups
+    if len(saved["param_groups"]) == len(groups):
+        return saved
+    split, at = [], 0
+    for old in saved["param_groups"]:
+        start = 0
+        while start < len(old["params"]):
+            n = len(groups[at]["params"])
+            split.append({**old, "params": old["params"][start:start + n],
+                          "value_head": groups[at]["value_head"]})
+            start, at = start + n, at + 1
+    return {**saved, "param_groups": split}
 
 
 def forget_after(out_dir, step, run):

@@ -20,7 +20,8 @@ Estimators, one table each (ADV_ESTIMATORS, KL_ESTIMATORS; reward kinds: reward.
 Advantages: "gae" takes the value head as its baseline and fits it; the others leave the head
 frozen. "expected" (choice) subtracts the policy's exact expected reward over the 4 endings;
 "rloo" and "grpo" (generate, group_size samples a prompt) judge a sample's total reward against
-its group: minus the mean of the others, or minus the group's mean over its std. Every
+its group: minus the mean of the others, or minus the group's mean over its std; "reinforce++"
+(generate) takes each token's return minus the batch's mean return over all ranks. Every
 estimator's advantages are then whitened across ranks (whiten_advantages). The KL to the
 reference: "sampled" is the sampled actions' log-ratio, a penalty in each action's reward; "k3"
 (never negative, as GRPO) and "exact" (choice: the KL over the 4 endings) are added to the loss.
@@ -67,10 +68,12 @@ from weights import check_finite_weights, checkpoint_source, gguf_directory, is_
 
 
 def masked_mean(x, mask, across_ranks=False):
+    """The mean of x weighed by mask (0/1, or any weights: loss_weights' are below 1); 0 where
+    there is nothing to average."""
     total, count = (x * mask).sum(), mask.sum()
     if across_ranks:
         total, count = all_reduce_sum(total, count)
-    return total / count.clamp(min=1)
+    return total / count.clamp(min=1e-12)
 
 
 def masked_whiten(x, mask, shift_mean=True, across_ranks=False):
@@ -149,10 +152,41 @@ def grpo_advantages(rewards, group_size, eps=1e-4):
     return ((rewards - mean) / (std + eps)).view(-1)
 
 
+def reinforce_pp_advantages(rewards, mask, gamma, across_ranks=False):
+    """REINFORCE++: each action's return (its reward and the later ones, discounted by gamma) minus
+    the batch's mean return over every rank's actions. -> advantages, returns (B, L), 0 at
+    padding."""
+    returns = compute_gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)[1]
+    return (returns - masked_mean(returns, mask.float(), across_ranks)) * mask, returns
+
+
+def zero_std_groups(scores, group_size):
+    """(B,) scores of consecutive groups of group_size samples -> (B,) bool: the sample's group got
+    one score for all its samples (no signal for a group estimator)."""
+    groups = scores.view(-1, group_size)
+    return (groups == groups[:, :1]).all(1).repeat_interleave(group_size)
+
+
+def loss_weights(mask, loss_agg, horizon):
+    """How a minibatch's losses average over its actions: -> (B, L) each action's weight and (B,)
+    each rollout's count; a minibatch's loss is sum(weight x loss) / sum(count) over its rollouts.
+    "token-mean": every action weighs the same. "seq-mean-token-mean": every rollout weighs the
+    same, its actions' mean. "seq-mean-token-sum-norm" (Dr. GRPO): a rollout's summed losses over
+    a constant, horizon (its most actions), so a long rollout's tokens weigh no less than a short
+    one's. A rollout without actions (mask all 0) counts for nothing."""
+    mask = mask.float()
+    if loss_agg == "token-mean":
+        return mask, mask.sum(1)
+    has_actions = (mask.sum(1) > 0).float()
+    if loss_agg == "seq-mean-token-mean":
+        return mask / mask.sum(1, keepdim=True).clamp(min=1), has_actions
+    return mask / horizon, has_actions
+
+
 def ppo_losses(new_logprobs, old_logprobs, advantages, new_values, old_values, returns, mask,
                clip_coef, vf_clip_coef):
-    """Clipped PPO policy and value losses, averaged over mask; plus approx_kl and clipfrac (as in
-    cleanrl)."""
+    """Clipped PPO policy and value losses, averaged over mask (0/1, or loss_weights' weights); plus
+    approx_kl and clipfrac (as in cleanrl)."""
     new_logprobs, new_values = new_logprobs.float(), new_values.float()
     log_ratio = new_logprobs - old_logprobs
     ratio = log_ratio.exp()
@@ -255,12 +289,17 @@ def grpo_estimate(batch, rewards, kl_coef, cfg):
     return per_sample(grpo_advantages, batch, rewards, cfg)
 
 
+def reinforce_pp_estimate(batch, rewards, kl_coef, cfg):
+    return reinforce_pp_advantages(rewards, batch.mask, cfg.gamma, across_ranks=True)
+
+
 ADV_ESTIMATORS = {
     "gae": AdvantageEstimator(gae_estimate, ("choice", "generate"), value_head=True),
     "expected": AdvantageEstimator(expected_estimate, ("choice",), value_head=False,
                                    every_choice_scored=True),
     "rloo": AdvantageEstimator(rloo_estimate, ("generate",), value_head=False, grouped=True),
     "grpo": AdvantageEstimator(grpo_estimate, ("generate",), value_head=False, grouped=True),
+    "reinforce++": AdvantageEstimator(reinforce_pp_estimate, ("generate",), value_head=False),
 }
 
 
@@ -378,6 +417,9 @@ class Config:
     # rloo / grpo: samples per prompt. batch_size counts samples and must be a multiple: each rank
     # draws batch_size / group_size prompts a step, and keeps each group
     group_size: int = setting(1, low=1, high=1024)
+    # rloo / grpo: leave out of the loss the groups whose samples all got the same score (no
+    # signal); their share is logged as frac_zero_std_groups either way
+    drop_zero_std_groups: bool = False
     # PPO
     ppo_epochs: int = setting(4, low=1, high=1000)
     minibatch_size: int = setting(16, low=1)  # per rank; one optimizer step per minibatch
@@ -398,6 +440,14 @@ class Config:
     # value clipping around the rollout's values; 0 = off
     vf_clip_coef: float = setting(0.2, low=0.0, high=1000.0)
     ent_coef: float = setting(0.0, low=0.0, high=10.0)  # entropy bonus
+    # how a minibatch's losses average over its actions (loss_weights): every token the same, every
+    # rollout the same, or a rollout's summed losses over its most tokens (Dr. GRPO); verl's names
+    loss_agg: str = setting("token-mean", choices=("token-mean", "seq-mean-token-mean",
+                                                   "seq-mean-token-sum-norm"))
+    # gae: the first this many steps train the value head alone, the policy untouched (a fresh
+    # head's values are noise, and so would the first advantages be)
+    value_warmup_steps: int = setting(0, low=0)
+    value_lr_scale: float = setting(1.0, above=0.0, high=1000.0)  # gae: value head's lr / policy's
     gamma: float = setting(1.0, low=0.0, high=1.0)
     gae_lambda: float = setting(0.95, low=0.0, high=1.0)
     # stop the step's PPO epochs once approx_kl exceeds this; 0 = off
@@ -459,6 +509,14 @@ def load_config(argv):
         raise UserError(f"config: group_size ({cfg.group_size}) is for adv_estimator "
                         f"{' or '.join(grouped)}, which need it at 2 or more and dividing "
                         f"batch_size ({cfg.batch_size})")
+    if cfg.drop_zero_std_groups and not estimator.grouped:
+        raise UserError("config: drop_zero_std_groups is for adv_estimator "
+                        f"{' or '.join(grouped)}, not {cfg.adv_estimator!r}")
+    with_value_head = [name for name, entry in ADV_ESTIMATORS.items() if entry.value_head]
+    for key in ("value_warmup_steps", "value_lr_scale"):
+        if getattr(cfg, key) != getattr(Config, key) and not estimator.value_head:
+            raise UserError(f"config: {key} is for adv_estimator {' or '.join(with_value_head)} "
+                            f"(the others leave the value head frozen), not {cfg.adv_estimator!r}")
     wanted = [name for name, kind in REWARD_KINDS.items() if kind.rollout == cfg.rollout]
     if REWARD_KINDS[cfg.reward_kind].rollout != cfg.rollout:
         raise UserError(f"config: rollout {cfg.rollout!r} takes reward_kind {' or '.join(wanted)}, "
@@ -498,6 +556,9 @@ class Rollouts:
     # (B, L) what PPO learns from, set once the rewards are in (the advantage estimator)
     advantages: torch.Tensor = None
     returns: torch.Tensor = None
+    # (B, L) each action's weight in the losses and (B,) each rollout's count (loss_weights)
+    loss_weights: torch.Tensor = None
+    loss_counts: torch.Tensor = None
 
 
 def choice_forward(model, encoded, choice_temperature, device):
@@ -520,6 +581,7 @@ class ChoiceRollouts:
     """The policy picks one of an example's 4 endings, sampled from softmax(its HellaSwag scores /
     temperature); the reward (teacher or label) is for that choice. The value head is read at the
     context's last token."""
+    max_actions = 1  # per rollout
 
     def __init__(self, encoded, reward_fn, choice_temperature, micro_batch_size, device,
                  score_every_ending=False):
@@ -681,6 +743,7 @@ class GenerateRollouts:
 
     def __init__(self, reward_fn, cfg, prompt_budget, stop_tokens, device):
         self.reward_fn, self.cfg = reward_fn, cfg
+        self.max_actions = cfg.max_new_tokens  # per rollout
         self.prompt_budget, self.device = prompt_budget, device
         self.stop_tokens = torch.tensor(stop_tokens, device=device)
         self.encode = gpt2_encoding().encode_ordinary
@@ -975,23 +1038,42 @@ def kl_estimate(estimator, logprobs, ref_logprobs, mask, choice_logprobs, choice
     return estimator.estimate(logprobs, ref_logprobs, choice_logprobs, choice_ref_logprobs) * mask
 
 
+def learning_mask(batch, cfg, run):
+    """(B, L) the actions the loss learns from: all of them, but (drop_zero_std_groups) not those
+    of a group whose samples all got one score. -> the mask, and for a group estimator the share
+    of such groups over every rank, for the log."""
+    if not ADV_ESTIMATORS[cfg.adv_estimator].grouped:
+        return batch.mask, {}
+    zero_std = zero_std_groups(batch.scores, cfg.group_size).float()
+    n_zero, n_samples = all_reduce_sum(zero_std.sum(), zero_std.new_tensor(len(zero_std)))
+    metrics = {"frac_zero_std_groups": (n_zero / n_samples).item()}
+    if cfg.drop_zero_std_groups:
+        return batch.mask * (1 - zero_std)[:, None], metrics
+    return batch.mask, metrics
+
+
 def ppo_update(model, raw_model, state, rollout_kind, batch, cfg, run):
     """ppo_epochs passes over the batch in shuffled minibatches: one optimizer step per minibatch,
     gradients accumulated over its micro-batches, clipped losses. A minibatch's losses are means
-    over its actions, so micro_batch_size (a memory setting) does not change the update; that is
-    also what lets each micro-batch take rollouts of similar length (micro_batches). Stops early
+    over its actions, weighed as loss_agg says (loss_weights), so micro_batch_size (a memory
+    setting) does not change the update; that is also what lets each micro-batch take rollouts of
+    similar length (micro_batches). During value warm-up only the value head steps. Stops early
     once approx_kl passes target_kl, and at the first non-finite gradient, whose update is not
     applied (the optimizer's state is not touched).
     -> (mean statistics, epochs done, whether every gradient was finite)."""
     optimizer, scaler = state.optimizer, state.scaler
     kl_estimator = KL_ESTIMATORS[cfg.kl_estimator]
+    value_warmup = in_value_warmup(state.step, cfg)
     names = ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "entropy")
     stats = {k: [] for k in names + ("grad_norm",)}
     summary = lambda: {k: float(np.mean(v)) for k, v in stats.items() if v}  # noqa: E731
     for epoch in range(cfg.ppo_epochs):
         permutation = torch.randperm(len(batch.scores), generator=state.shuffle_generator)
         for minibatch in permutation.split(cfg.minibatch_size):
-            n_actions = batch.mask[minibatch.to(run.device)].sum().clamp(min=1)
+            counts = batch.loss_counts[minibatch.to(run.device)].sum()
+            if cfg.drop_zero_std_groups and all_reduce_sum(counts)[0] == 0:
+                continue  # all of it dropped, on every rank: no step (Adam's momentum would move)
+            n_actions = counts.clamp(min=1)
             micros = micro_batches(minibatch, batch.lengths, cfg.micro_batch_size)
             minibatch_stats = torch.zeros(len(names), device=run.device)
             for i, micro in enumerate(micros):
@@ -1002,25 +1084,29 @@ def ppo_update(model, raw_model, state, rollout_kind, batch, cfg, run):
                 with no_sync, autocast(run.device, run.dtype):
                     new_logprobs, new_values, entropy, new_choice_logprobs = rollout_kind.forward(
                         model, batch, micro)
-                    mask = batch.mask[micro]
+                    weights = batch.loss_weights[micro]
                     losses = ppo_losses(new_logprobs, batch.logprobs[micro],
                                         batch.advantages[micro], new_values, batch.values[micro],
-                                        batch.returns[micro], mask, cfg.clip_coef,
+                                        batch.returns[micro], weights, cfg.clip_coef,
                                         cfg.vf_clip_coef)
-                    losses["entropy"] = masked_mean(entropy, mask)
+                    losses["entropy"] = masked_mean(entropy, weights)
                     kl = None
                     if kl_estimator.enters == "loss":
                         kl = kl_estimate(kl_estimator, new_logprobs, batch.ref_logprobs[micro],
-                                         mask, new_choice_logprobs,
+                                         batch.mask[micro], new_choice_logprobs,
                                          rows(batch.choice_ref_logprobs, micro))
-                    loss = step_loss(losses, kl, mask, state.kl_controller.value, cfg)
-                # this micro-batch's share of the minibatch's actions: its means weigh that much
-                share = mask.sum() / n_actions
+                    loss = step_loss(losses, kl, weights, state.kl_controller.value, cfg,
+                                     value_warmup)
+                # this micro-batch's share of the minibatch's weight: its means weigh that much
+                share = weights.sum() / n_actions
                 scaler.scale(loss * share).backward()
                 minibatch_stats += torch.stack([losses[k].detach().float() for k in names]) * share
             for k, value in zip(names, minibatch_stats.tolist()):
                 stats[k].append(value)
             scaler.unscale_(optimizer)
+            if value_warmup:  # the value loss's gradients in the shared trunk are not applied
+                for p in policy_parameters(raw_model):
+                    p.grad = None
             max_norm = cfg.grad_clip or float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
             stats["grad_norm"].append(grad_norm.item())
@@ -1042,9 +1128,25 @@ def ppo_update(model, raw_model, state, rollout_kind, batch, cfg, run):
     return summary(), cfg.ppo_epochs, True
 
 
+def set_learning_rate(optimizer, lr, value_lr_scale):
+    """lr for the policy's parameter groups, lr x value_lr_scale for the value head's."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * value_lr_scale if group["value_head"] else lr
+
+
+def in_value_warmup(step, cfg):
+    """Whether the step after `step` steps trains the value head alone."""
+    return step < cfg.value_warmup_steps
+
+
 def rows(x, indices):
     """x[indices], for a tensor that may be None."""
     return None if x is None else x[indices]
+
+
+def policy_parameters(model):
+    """Every parameter but the value head's."""
+    return [p for name, p in model.named_parameters() if not name.startswith("value_head.")]
 
 
 def trains_value_head(adv_estimator):
@@ -1053,10 +1155,12 @@ def trains_value_head(adv_estimator):
     return ADV_ESTIMATORS[adv_estimator].value_head
 
 
-def step_loss(losses, kl, mask, kl_coef, cfg):
+def step_loss(losses, kl, mask, kl_coef, cfg, value_warmup=False):
     """What a minibatch minimises: the clipped policy loss, the value loss when the estimator uses
     the value head, the entropy bonus, and the KL to the reference when its estimator puts it in
-    the loss."""
+    the loss; during value warm-up, the value loss alone."""
+    if value_warmup:
+        return cfg.vf_coef * losses["vf_loss"]
     if trains_value_head(cfg.adv_estimator):
         loss = (losses["pg_loss"] + cfg.vf_coef * losses["vf_loss"]
                 - cfg.ent_coef * losses["entropy"])
@@ -1164,9 +1268,10 @@ def run_ppo(cfg, run):
     while state.step < cfg.max_steps:
         t0 = time.time()
         lr = learning_rate_at(state.step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(optimizer, lr, cfg.value_lr_scale)
         indices = state.next_batch()
+        # counted in the log: a value warm-up step leaves the policy as it was
+        warmup = {"value_warmup": 1} if in_value_warmup(state.step, cfg) else {}
 
         # ---- rollout and reward: act, score, and record log-probs, values and reference log-probs
         with autocast(run.device, run.dtype):
@@ -1174,14 +1279,17 @@ def run_ppo(cfg, run):
                                          indices, state.sample_generator, timer)
 
         # ---- advantages: the KL (in the reward or the loss), the score at the last action, the
-        # estimator's baseline, whitening
+        # estimator's baseline, the actions learnt from, whitening
         kl = kl_estimate(kl_estimator, batch.logprobs, batch.ref_logprobs, batch.mask,
                          batch.choice_logprobs, batch.choice_ref_logprobs)
         in_reward = state.kl_controller.value if kl_estimator.enters == "reward" else 0.0
         rewards = shaped_rewards(batch.scores, kl, in_reward, batch.mask, batch.score_shares)
         batch.advantages, batch.returns = estimator.advantages(batch, rewards, in_reward, cfg)
+        mask, group_metrics = learning_mask(batch, cfg, run)
+        batch.loss_weights, batch.loss_counts = loss_weights(mask, cfg.loss_agg,
+                                                             rollout_kind.max_actions)
         if cfg.whiten_advantages:
-            batch.advantages = masked_whiten(batch.advantages, batch.mask, across_ranks=run.ddp)
+            batch.advantages = masked_whiten(batch.advantages, mask, across_ranks=run.ddp)
 
         # ---- PPO epochs (a step whose rollout or gradient is not finite is skipped), KL control
         with timer("update"):
@@ -1196,7 +1304,7 @@ def run_ppo(cfg, run):
         metrics = {"step": state.step, "reward": score_mean.item(), "kl": kl_mean.item(),
                    "kl_coef": state.kl_controller.value, "lr": lr, **stats,
                    "explained_var": explained_variance(batch.values, batch.returns, batch.mask),
-                   "ppo_epochs_done": epochs_done,
+                   "ppo_epochs_done": epochs_done, **warmup, **group_metrics,
                    **manager.throughput(t0, len(indices), batch.n_tokens),
                    **rollout_kind.metrics(batch)}
         if manager.end_of_step(metrics, batch):
