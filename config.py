@@ -7,7 +7,9 @@ typo. A config file is plain `name = literal` lines; nothing is executed.
 import ast
 import dataclasses
 import difflib
+import inspect
 import math
+import textwrap
 import typing
 from dataclasses import field
 
@@ -115,3 +117,35 @@ def parse_config(argv, config_class):
                 raise UserError(f"{where}: unknown config key {key!r}{hint}")
             values[key] = check_value(key, value, where, config_class)
     return config_class(**values)
+
+
+def limits_text(limits):
+    """A setting's limits (setting()), as --help prints them."""
+    if "choices" in limits:
+        return "one of " + ", ".join(map(str, limits["choices"]))
+    words = {"low": ">=", "above": ">", "high": "<=", "below": "<"}
+    return " and ".join(f"{words[k]} {limits[k]:{'d' if isinstance(limits[k], int) else 'g'}}"
+                        for k in words if k in limits)
+
+
+def describe(config_class):
+    """--help's text: each field of config_class with its default, its limits and the comments
+    written above and beside it in the class's source; `# ---- name` lines there head sections."""
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    lines, comments = [], []
+    for line in inspect.getsource(config_class).splitlines()[1:]:
+        code, _, comment = line.strip().partition("#")
+        if code.startswith("---- ") or comment.startswith(" ---- "):
+            lines.append(f"\n{comment.strip(' -')}:")
+            continue
+        name = code.split(":")[0].strip()
+        if name not in fields:
+            comments += [comment.strip()] if comment else []
+            continue
+        f = fields[name]
+        limits = limits_text(f.metadata)
+        lines.append(f"  --{name}={f.default!r}" + (f"  ({limits})" if limits else ""))
+        text = "; ".join(filter(None, [" ".join(comments), comment.strip()]))
+        lines += [f"      {row}" for row in textwrap.wrap(text, 92)]
+        comments = []
+    return "\n".join(lines)

@@ -31,6 +31,7 @@ import signal
 import socket
 import stat
 import time
+import typing
 from dataclasses import dataclass
 
 import numpy as np
@@ -659,6 +660,13 @@ class StopSignal:
         return all_reduce_sum(torch.tensor(float(self.received is not None)))[0].item() > 0
 
 
+class Shown(typing.NamedTuple):
+    """A metric in the console line: its key, how it is printed, and by what it is scaled."""
+    key: str
+    template: str
+    scale: float = 1
+
+
 class RunLog:
     """metrics.jsonl (and wandb), samples.jsonl and the console line; the master process alone
     writes."""
@@ -700,14 +708,10 @@ class RunLog:
             finally:
                 self.metrics_file = open(path, "a")
 
-    def step_line(self, metrics):
+    def step_line(self, metrics, fields):
+        """The console line of a step: each of fields (Shown) of its metrics."""
         m = collections.defaultdict(lambda: float("nan"), metrics)  # a skipped step has no losses
-        self.log(f"step {m['step']} | reward {m['reward']:.4f} | kl {m['kl']:.4f} | "
-                 f"pg {m['pg_loss']:.4f} | vf {m['vf_loss']:.4f} | clipfrac {m['clipfrac']:.3f} | "
-                 f"approx_kl {m['approx_kl']:.4f} | ent {m['entropy']:.3f} | "
-                 f"ev {m['explained_var']:.3f} | {m['samples_per_s']:.1f} samples/s | "
-                 f"{m['tokens_per_s']:.0f} tok/s | dt {m['dt'] * 1000:.0f}ms | "
-                 f"mem {m['peak_mem_gb']:.2f}GB")
+        self.log(" | ".join(f.template.format(m[f.key] * f.scale) for f in fields))
 
     def eval_line(self, step, result):
         self.log(f"step {step} | eval acc {result['eval/acc']:.4f} | "
@@ -774,8 +778,9 @@ class RunManager:
     An output that cannot be written (a log, an evaluation's predictions) stops the run in one
     line, after the step's checkpoint: it never costs the step's weights."""
 
-    def __init__(self, cfg, run, state, raw_model, val_examples):
+    def __init__(self, cfg, run, state, raw_model, val_examples, console_line):
         self.cfg, self.run, self.state = cfg, run, state
+        self.console_line = console_line  # the metrics in a step's console line (Shown)
         self.raw_model, self.val_examples = raw_model, val_examples
         self.run_log = RunLog(cfg, run.master_process)  # wandb's login too
         if run.master_process:  # after the setup: one that failed leaves no run behind to refuse
@@ -845,7 +850,7 @@ class RunManager:
         resumed run does it) and when an output failed. -> whether to stop now."""
         cfg, step = self.cfg, self.state.step
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
-            self.run_log.step_line(metrics)
+            self.run_log.step_line(metrics, self.console_line)
         self.output(self.run_log.samples, step, batch)
         stop_now = self.stop_signal.on_any_rank()
         if (self.evaluation_due(step) and not stop_now) or step == cfg.max_steps:

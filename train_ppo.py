@@ -51,14 +51,14 @@ import torch.nn.functional as F
 import synthetic
 from causal_lm import CausalLM
 from common import UserError, all_reduce_sum, autocast, run_cli, step_checkpoints
-from config import parse_config, setting
+from config import describe, parse_config, setting
 from hellaswag import encode_for_model, load_examples
 from model import GPT, GPTConfig, pack_choices
 from reward import DEFAULT_REWARD_MODEL, REWARD_KINDS
-from run_management import (Batches, RunManager, StoppedAtOnce, TrainingState, absolute_paths,
-                            check_sources, forget_after, log_changed_settings, lost_rank_error,
-                            out_dir_lock, prepare_out_dir, seed_everything, setup_distributed,
-                            synthetic_dir)
+from run_management import (Batches, RunManager, Shown, StoppedAtOnce, TrainingState,
+                            absolute_paths, check_sources, forget_after, log_changed_settings,
+                            lost_rank_error, out_dir_lock, prepare_out_dir, seed_everything,
+                            setup_distributed, synthetic_dir)
 from tokenizer import EOT_TOKEN, gpt2_encoding
 from weights import check_finite_weights, checkpoint_source, gguf_directory, is_gguf
 
@@ -329,7 +329,7 @@ KL_ESTIMATORS = {
 
 @dataclass
 class Config:
-    # run
+    # ---- run
     # checkpoints, train_config.json, metrics.jsonl, samples.jsonl, eval/, the export (hf/)
     out_dir: str = "out/ppo"
     # a fresh run refuses an out_dir that holds another run; start_over moves that run's files to
@@ -351,7 +351,7 @@ class Config:
     n_head: int = setting(2, low=1, high=1000)
     n_embd: int = setting(64, low=1, high=100_000)
     block_size: int = setting(256, low=2, high=1_000_000)
-    # data
+    # ---- data
     # "hellaswag:<split>" (downloaded) or a jsonl file in HellaSwag's schema
     train_data: str = "hellaswag:train"
     val_data: str = "hellaswag:val"
@@ -361,7 +361,7 @@ class Config:
     synthetic_dir: str = ""  # where the demo task is written ("" = out_dir/synthetic)
     # HellaSwag rendering for choice rollouts, the teacher and eval
     style: str = setting("completion", choices=("completion", "lm-eval"))
-    # rollouts
+    # ---- rollouts
     rollout: str = setting("choice", choices=("choice", "generate"))
     batch_size: int = setting(64, low=1)  # rollouts per rank per step
     # choice: softmax temperature over the 4 endings' scores
@@ -380,7 +380,7 @@ class Config:
     stop_at_sentence_end: bool = True
     # generate: taken from a sample that never stopped
     no_stop_penalty: float = setting(1.0, low=0.0, high=1000.0)
-    # reward
+    # ---- reward
     # teacher | label (choice rollouts), likelihood (generate rollouts)
     reward_kind: str = setting("teacher", choices=tuple(REWARD_KINDS))
     # any transformers causal LM: hub name or local directory
@@ -402,7 +402,7 @@ class Config:
     # likelihood: each sampled token gets its share of the score (the judge's log-prob of it,
     # normalised like the score; the shares sum to it) instead of the whole score at the last token
     likelihood_dense: bool = False
-    # KL to the frozen reference
+    # ---- KL to the frozen reference
     # initial coefficient of the KL penalty
     kl_coef: float = setting(0.05, low=0.0, high=100.0)
     # how the KL is estimated, and where it enters (KL_ESTIMATORS; the module's docstring)
@@ -410,7 +410,7 @@ class Config:
     adaptive_kl: bool = False  # Ziegler et al. 2019 controller: steer the KL towards kl_target
     kl_target: float = setting(6.0, above=0.0, high=10_000.0)
     kl_horizon: int = setting(10000, low=1)
-    # advantages
+    # ---- advantages
     # the advantages' baseline (ADV_ESTIMATORS; the module's docstring). Only gae uses the value
     # head: the others leave it frozen (no loss, no backward; saved and exported as it was)
     adv_estimator: str = setting("gae", choices=tuple(ADV_ESTIMATORS))
@@ -420,7 +420,7 @@ class Config:
     # rloo / grpo: leave out of the loss the groups whose samples all got the same score (no
     # signal); their share is logged as frac_zero_std_groups either way
     drop_zero_std_groups: bool = False
-    # PPO
+    # ---- PPO
     ppo_epochs: int = setting(4, low=1, high=1000)
     minibatch_size: int = setting(16, low=1)  # per rank; one optimizer step per minibatch
     # per rank; gradient accumulation inside a minibatch: a memory setting, the update is the same
@@ -457,7 +457,7 @@ class Config:
     # stop after this many steps in a row whose losses or gradients are not finite (each one
     # skipped whole)
     max_bad_steps: int = setting(3, low=1)
-    # logging, evaluation, checkpoints
+    # ---- logging, evaluation, checkpoints
     log_interval: int = setting(1, low=1)
     # write a few rollouts to samples.jsonl every this many steps
     sample_interval: int = setting(10, low=0)
@@ -1215,6 +1215,16 @@ def check_same_trained_parameters(saved, cfg, resume_path):
                     f"--init_from={resume_path} and another out_dir")
 
 
+# a step's console line: the metrics of the dict that run_ppo logs, in order
+CONSOLE_LINE = (Shown("step", "step {}"), Shown("reward", "reward {:.4f}"),
+                Shown("kl", "kl {:.4f}"), Shown("pg_loss", "pg {:.4f}"),
+                Shown("vf_loss", "vf {:.4f}"),
+                Shown("clipfrac", "clipfrac {:.3f}"), Shown("approx_kl", "approx_kl {:.4f}"),
+                Shown("entropy", "ent {:.3f}"), Shown("explained_var", "ev {:.3f}"),
+                Shown("samples_per_s", "{:.1f} samples/s"), Shown("tokens_per_s", "{:.0f} tok/s"),
+                Shown("dt", "dt {:.0f}ms", scale=1000), Shown("peak_mem_gb", "mem {:.2f}GB"))
+
+
 def run_ppo(cfg, run):
     """PPO as configured, in the process `run` describes, out_dir held. -> a summary: final step,
     last eval, last metrics, the policy and the signal that stopped the run early (or None)."""
@@ -1261,7 +1271,7 @@ def run_ppo(cfg, run):
         run.log(f"resumed from {resume_path} at step {state.step}")
         forget_after(cfg.out_dir, state.step, run)
         del ckpt
-    manager = RunManager(cfg, run, state, raw_model, val_examples)
+    manager = RunManager(cfg, run, state, raw_model, val_examples, CONSOLE_LINE)
     manager.evaluations_before_the_loop(teacher)
     timer = manager.timer
 
@@ -1341,9 +1351,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        print("\nusage: train_ppo.py [configs/X.py ...] [--key=value ...]; keys and defaults:")
-        for f in dataclasses.fields(Config):
-            print(f"  --{f.name}={f.default!r}")
+        print("\nusage: train_ppo.py [configs/X.py ...] [--key=value ...]; the settings, their "
+              "defaults and limits:")
+        print(describe(Config))
         return None
     cfg = absolute_paths(load_config(argv))
     try:

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -802,3 +803,30 @@ def test_choice_rollouts_compute_the_reference_once_per_example(tmp_path, monkey
     torch.testing.assert_close(restored.reference(reference, [1, 2, 4]), expected[[1, 2, 4]])
     assert len(scored) == 3
 
+
+def test_help_prints_each_setting_with_its_comment_and_limits(capsys):
+    train_ppo.main(["--help"])
+    out = capsys.readouterr().out
+    assert "\nKL to the frozen reference:\n" in out  # the Config's sections head their settings
+    assert ("  --kl_estimator='sampled'  (one of sampled, k3, exact)\n"
+            "      how the KL is estimated, and where it enters") in out
+    assert "  --seed=1337  (>= 0 and <= 2147483647)\n      numpy takes seeds below 2**32\n" in out
+    assert "  --clip_coef=0.2  (> 0 and <= 10)\n      policy ratio clipping\n" in out
+    for f in dataclasses.fields(train_ppo.Config):
+        assert f"  --{f.name}={f.default!r}" in out
+
+
+def test_the_console_line_prints_the_fields_of_its_tuple(capsys):
+    log = run_management.RunLog.__new__(run_management.RunLog)
+    log.log = print
+    metrics = {"step": 20, "reward": 0.57764, "kl": 0.78841, "pg_loss": 0.023, "vf_loss": 0.114,
+               "clipfrac": 0.1131, "approx_kl": 0.09241, "entropy": 0.7031, "explained_var": 0.0761,
+               "samples_per_s": 71.12, "tokens_per_s": 3607.2, "dt": 0.9, "peak_mem_gb": 0.9}
+    log.step_line(metrics, train_ppo.CONSOLE_LINE)
+    assert capsys.readouterr().out == (
+        "step 20 | reward 0.5776 | kl 0.7884 | pg 0.0230 | vf 0.1140 | clipfrac 0.113 | "
+        "approx_kl 0.0924 | ent 0.703 | ev 0.076 | 71.1 samples/s | 3607 tok/s | dt 900ms | "
+        "mem 0.90GB\n")
+    del metrics["pg_loss"]  # a skipped step has no losses
+    log.step_line(metrics, train_ppo.CONSOLE_LINE)
+    assert "| pg nan |" in capsys.readouterr().out
