@@ -223,11 +223,10 @@ def gather_rng_states(sample_generator, shuffle_generator, world_size):
     return states
 
 
-def save_checkpoint(out_dir, ckpt, keep_last, best):
+def save_checkpoint(out_dir, step, ckpt, keep_last, best):
     """ckpt_<step>.pt written atomically; older step checkpoints beyond keep_last removed; best.pt
     linked. A later step's file (one a resume passed over as damaged) is neither counted nor
     removed: counting it could remove the checkpoint just written."""
-    step = ckpt["step"]
     path = os.path.join(out_dir, f"ckpt_{step:06d}.pt")
     atomic_torch_save(ckpt, path)
     older = [old for old_step, old in step_checkpoints(out_dir) if old_step < step]
@@ -317,23 +316,22 @@ def log_changed_settings(saved, cfg, run):
 
 
 def load_resume_checkpoint(out_dir, warn=warn):
-    """The newest checkpoint in out_dir that loads, -> (path, checkpoint). A damaged one (truncated,
-    empty, not a checkpoint) is named in a warning and the next older one is tried."""
+    """The newest checkpoint in out_dir that loads, -> (path, Checkpoint). A damaged one
+    (truncated, empty, not a checkpoint, keys missing) is named in a warning and the next older one
+    is tried."""
     candidates = step_checkpoints(out_dir)
     if not candidates:
         raise UserError(f"init_from=resume: no checkpoint (ckpt_*.pt) in {out_dir}")
     for step, path in reversed(candidates):
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError("not a checkpoint of this project")
+            ckpt = read_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as e:  # torch raises many kinds for a damaged file
             warn(f"{path}: cannot resume from it ({first_line(e)}); trying an older checkpoint")
             continue
-        if ckpt.get("step") != step:  # another run's file, copied in and renamed?
-            raise UserError(f"{path}: holds step {ckpt.get('step')!r}, not the step its name "
-                            "says, so it is not this run's checkpoint; move it out of "
-                            f"{out_dir} and resume again")
+        if ckpt.step != step:  # another run's file, copied in and renamed?
+            raise UserError(f"{path}: holds step {ckpt.step!r}, not the step its name says, so it "
+                            f"is not this run's checkpoint; move it out of {out_dir} and resume "
+                            "again")
         return path, ckpt
     raise UserError(f"init_from=resume: none of the {len(candidates)} checkpoint(s) in {out_dir} "
                     "loads; see the warnings above")
@@ -422,8 +420,8 @@ def prepare_out_dir(cfg, run, log):
             remove_torn_writes(cfg.out_dir, restore_export=True)
         check_evaluation_files(cfg.out_dir)
         path, ckpt = load_resume_checkpoint(cfg.out_dir, run.warn)
-        if ckpt.get("step", 0) >= cfg.max_steps:
-            raise UserError(f"init_from=resume: {path} is at step {ckpt.get('step')}, and "
+        if ckpt.step >= cfg.max_steps:
+            raise UserError(f"init_from=resume: {path} is at step {ckpt.step}, and "
                             f"max_steps={cfg.max_steps} asks for nothing more; raise max_steps")
         return path, ckpt
     # a run's work: train_config.json and empty logs alone are a setup that failed after writing
@@ -505,10 +503,71 @@ def peak_memory_gb(device):
 # the training state, logs and the end of a step
 
 
+class Reference(typing.NamedTuple):
+    """What a checkpoint keeps of the frozen reference."""
+    source: str  # where it came from (a checkpoint file, not a run directory)
+    settings: dict  # a scratch reference's settings (SCRATCH_SETTINGS), else None
+    fingerprint: str  # sha256 of its weights
+
+
+def checkpoint_dict(raw_model, cfg, state, run):
+    """A checkpoint, each of its keys named here: the policy (weights and shape), the config, and
+    the TrainingState a run needs to go on exactly. read_checkpoint reads it back. Every rank
+    calls this: it gathers every rank's random generators."""
+    return {"format": CHECKPOINT_FORMAT, "model_config": dataclasses.asdict(raw_model.config),
+            "model": raw_model.state_dict(), "config": dataclasses.asdict(cfg),
+            "step": state.step, "data_position": state.data_position,
+            "best_acc_norm": state.best_acc_norm, "optimizer": state.optimizer.state_dict(),
+            "scaler": state.scaler.state_dict(), "kl_controller": state.kl_controller.state_dict(),
+            "reward": state.reward_fn.state_dict(), "rollouts": state.rollout_kind.state_dict(),
+            "rng": gather_rng_states(state.sample_generator, state.shuffle_generator,
+                                     run.world_size),
+            "reference_from": state.reference.source,
+            "reference_settings": state.reference.settings,
+            "reference_fingerprint": state.reference.fingerprint}
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint as read back (read_checkpoint); the fields are checkpoint_dict's keys."""
+    format: str
+    step: int
+    model_config: dict
+    model: dict
+    config: dict  # the run's Config, as a dict
+    data_position: int
+    best_acc_norm: float
+    optimizer: dict
+    scaler: dict
+    kl_controller: dict
+    reward: object  # the reward's state_dict, or None
+    rollouts: object  # the rollout kind's state_dict, or None
+    rng: list  # every rank's random generators (gather_rng_states)
+    reference: Reference
+
+
+def read_checkpoint(ckpt):
+    """A loaded checkpoint dict (checkpoint_dict's) -> Checkpoint. Older checkpoints lack some
+    keys: no config reads as an empty one, no reference settings or fingerprint as None. Another
+    file (or one without a key every checkpoint has) is a ValueError or a KeyError."""
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError("not a checkpoint of this project")
+    return Checkpoint(
+        format=ckpt["format"], step=ckpt["step"], model_config=ckpt["model_config"],
+        model=ckpt["model"], config=ckpt.get("config", {}),
+        data_position=ckpt["data_position"], best_acc_norm=ckpt["best_acc_norm"],
+        optimizer=ckpt["optimizer"], scaler=ckpt["scaler"],
+        kl_controller=ckpt["kl_controller"], reward=ckpt.get("reward"),
+        rollouts=ckpt.get("rollouts"), rng=ckpt["rng"],
+        reference=Reference(ckpt["reference_from"], ckpt.get("reference_settings"),
+                            ckpt.get("reference_fingerprint")))
+
+
+
 @dataclass
 class TrainingState:
     """Everything besides the weights and the config that a run needs to go on exactly where it
-    stopped; state_dict() is that part of a checkpoint, load_state_dict() puts it back."""
+    stopped: checkpoint_dict() saves it, load_state_dict() puts a Checkpoint's back."""
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     kl_controller: object  # .value, the KL coefficient
@@ -517,7 +576,7 @@ class TrainingState:
     sample_generator: torch.Generator  # the actions sampled
     shuffle_generator: torch.Generator  # the minibatch order
     batches: "Batches"  # the training examples of each step
-    reference: dict  # where the frozen reference came from, and a fingerprint of its weights
+    reference: "Reference"  # where the frozen reference came from, a fingerprint of its weights
     step: int = 0  # steps done
     data_position: int = 0  # where the next batch starts in the training data's epochs
     best_acc_norm: float = -1.0  # the best evaluation so far, best.pt's
@@ -528,39 +587,29 @@ class TrainingState:
         indices, self.data_position = self.batches.at(self.data_position)
         return indices
 
-    def state_dict(self, run):
-        """Every rank calls this: it gathers every rank's random generators."""
-        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "step": self.step, "data_position": self.data_position,
-                "best_acc_norm": self.best_acc_norm,
-                "kl_controller": self.kl_controller.state_dict(), **self.reference,
-                "reward": self.reward_fn.state_dict(), "rollouts": self.rollout_kind.state_dict(),
-                "rng": gather_rng_states(self.sample_generator, self.shuffle_generator,
-                                         run.world_size)}
-
     def load_state_dict(self, ckpt, cfg, run):
-        if ckpt.get("rollouts") is not None and not self.rollout_kind.load_state_dict(
-                ckpt["rollouts"]):
+        """Put back a Checkpoint's state (read_checkpoint)."""
+        if ckpt.rollouts is not None and not self.rollout_kind.load_state_dict(ckpt.rollouts):
             run.log("the checkpoint's cached reference scores are for other training examples "
                     "or another choice_temperature: computing them again as examples are met")
-        self.optimizer.load_state_dict(value_head_groups(ckpt["optimizer"], self.optimizer))
+        self.optimizer.load_state_dict(value_head_groups(ckpt.optimizer, self.optimizer))
         # saved param groups carry their own flags: keep this run's kernel (a checkpoint from
         # before the fused AdamW on CPUs says fused=None, which would run the slower loop)
         for group in self.optimizer.param_groups:
             group["fused"] = self.optimizer.defaults["fused"]
-        if ckpt["scaler"]:  # empty when saved without float16 (bf16, float32, CPU)
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.kl_controller.load_state_dict(ckpt["kl_controller"])
+        if ckpt.scaler:  # empty when saved without float16 (bf16, float32, CPU)
+            self.scaler.load_state_dict(ckpt.scaler)
+        self.kl_controller.load_state_dict(ckpt.kl_controller)
         if self.kl_controller.value != cfg.kl_coef:
             run.log(f"KL coefficient {self.kl_controller.value:.4g} restored from the checkpoint "
                     f"(config kl_coef {cfg.kl_coef})")
-        if ckpt.get("reward") is not None:
-            self.reward_fn.load_state_dict(ckpt["reward"])
-        self.load_rng_states(ckpt["rng"], run)
-        self.step, self.data_position = ckpt["step"], ckpt["data_position"]
-        self.best_acc_norm = ckpt["best_acc_norm"]
+        if ckpt.reward is not None:
+            self.reward_fn.load_state_dict(ckpt.reward)
+        self.load_rng_states(ckpt.rng, run)
+        self.step, self.data_position = ckpt.step, ckpt.data_position
+        self.best_acc_norm = ckpt.best_acc_norm
         evaluated_on = ("val_data", "eval_limit", "style")
-        if any(ckpt.get("config", {}).get(k, getattr(cfg, k)) != getattr(cfg, k)
+        if any(ckpt.config.get(k, getattr(cfg, k)) != getattr(cfg, k)
                for k in evaluated_on):
             self.best_acc_norm = -1.0  # a score on other examples is no bar to clear
             run.log("the evaluation set changed (val_data, eval_limit or style): best.pt is the "
@@ -886,13 +935,11 @@ class RunManager:
                 raise self.output_error
 
     def checkpoint(self, is_best):
-        ckpt = {"format": CHECKPOINT_FORMAT,
-                "model_config": dataclasses.asdict(self.raw_model.config),
-                "model": self.raw_model.state_dict(), "config": dataclasses.asdict(self.cfg),
-                **self.state.state_dict(self.run)}
+        ckpt = checkpoint_dict(self.raw_model, self.cfg, self.state, self.run)
         with same_error_on_every_rank():  # a failed write stops every rank, not the master alone
             if self.run.master_process:
-                path = save_checkpoint(self.cfg.out_dir, ckpt, self.cfg.keep_last, is_best)
+                path = save_checkpoint(self.cfg.out_dir, self.state.step, ckpt,
+                                       self.cfg.keep_last, is_best)
                 self.run.log(f"saved {path}")
 
     def finish(self):

@@ -55,10 +55,10 @@ from config import describe, parse_config, setting
 from hellaswag import encode_for_model, load_examples
 from model import GPT, GPTConfig, pack_choices
 from reward import DEFAULT_REWARD_MODEL, REWARD_KINDS
-from run_management import (Batches, RunManager, Shown, StoppedAtOnce, TrainingState,
-                            absolute_paths, check_sources, forget_after, log_changed_settings,
-                            lost_rank_error, out_dir_lock, prepare_out_dir, seed_everything,
-                            setup_distributed, synthetic_dir)
+from run_management import (Batches, Reference, RunManager, Shown, StoppedAtOnce,
+                            TrainingState, absolute_paths, check_sources, forget_after,
+                            log_changed_settings, lost_rank_error, out_dir_lock, prepare_out_dir,
+                            seed_everything, setup_distributed, synthetic_dir)
 from tokenizer import EOT_TOKEN, gpt2_encoding
 from weights import check_finite_weights, checkpoint_source, gguf_directory, is_gguf
 
@@ -936,36 +936,36 @@ def build_policy(source, cfg):
 
 
 def load_models(cfg, init_from, ckpt, resume_path, device):
-    """-> (policy with its value head, frozen reference, what a checkpoint keeps of the reference:
-    where it came from, the settings of a scratch one, a fingerprint of its weights). A resumed run
+    """-> (policy with its value head, frozen reference, what a checkpoint keeps of the reference
+    (a Reference: where it came from, the settings of a scratch one, a fingerprint of its
+    weights)). ckpt: the Checkpoint resumed (read_checkpoint), or None. A resumed run
     rebuilds the reference from the source its checkpoint names (a scratch one from the settings
     the run began with, whatever the config says today), refuses one whose weights changed since,
     and builds the policy from the checkpoint. A run directory as the source is pinned to its
     newest checkpoint file, which later saves of that run do not change."""
-    reference_from = ckpt["reference_from"] if ckpt else checkpoint_source(init_from)
+    reference_from = ckpt.reference.source if ckpt else checkpoint_source(init_from)
     scratch = None
     if reference_from == "scratch":
         # checkpoints from before reference_settings: their config is the first run's
-        saved = ((ckpt.get("reference_settings") or ckpt.get("config", {})) if ckpt
+        saved = ((ckpt.reference.settings or ckpt.config) if ckpt
                  else dataclasses.asdict(cfg))
         scratch = {k: saved[k] for k in SCRATCH_SETTINGS if k in saved}
         cfg = dataclasses.replace(cfg, **scratch)
     reference = build_policy(reference_from, cfg)
     fingerprint = weights_fingerprint(reference)
-    if ckpt and ckpt.get("reference_fingerprint", fingerprint) != fingerprint:
+    if ckpt and ckpt.reference.fingerprint not in (None, fingerprint):
         raise UserError(f"{reference_from}: not the weights this run started from as its "
                         "reference (rewritten since?), so its KL penalty and cached reference "
                         "scores would change; put the original back, or start a new run from "
                         f"{resume_path}")
     reference.to(device).eval().requires_grad_(False)
     if ckpt:
-        policy = GPT(GPTConfig(**ckpt["model_config"]))
-        policy._load_state_dict(ckpt["model"], resume_path)
+        policy = GPT(GPTConfig(**ckpt.model_config))
+        policy._load_state_dict(ckpt.model, resume_path)
     else:
         policy = copy.deepcopy(reference).requires_grad_(True)
     policy.to(device).eval()  # eval mode throughout: PPO wants no dropout in rollouts or updates
-    return policy, reference, {"reference_from": reference_from, "reference_settings": scratch,
-                               "reference_fingerprint": fingerprint}
+    return policy, reference, Reference(reference_from, scratch, fingerprint)
 
 
 def weights_fingerprint(model):
@@ -1234,20 +1234,20 @@ def run_ppo(cfg, run):
     torch.backends.cudnn.allow_tf32 = True
     resume_path, ckpt = prepare_out_dir(cfg, run, run.log)
     if ckpt:
-        check_same_trained_parameters(ckpt.get("config", {}), cfg, resume_path)
+        check_same_trained_parameters(ckpt.config, cfg, resume_path)
     os.makedirs(cfg.out_dir, exist_ok=True)
     run.log(json.dumps(dataclasses.asdict(cfg), indent=2))
     if ckpt:
-        log_changed_settings(ckpt.get("config", {}), cfg, run)
+        log_changed_settings(ckpt.config, cfg, run)
     train_examples, val_examples, sources = load_data(cfg, run, run.log)
     raw_model, reference, reference_state = load_models(cfg, sources["init_from"], ckpt,
                                                         resume_path, run.device)
-    check_finite_weights(raw_model, resume_path or reference_state["reference_from"])
+    check_finite_weights(raw_model, resume_path or reference_state.source)
     estimator, kl_estimator = ADV_ESTIMATORS[cfg.adv_estimator], KL_ESTIMATORS[cfg.kl_estimator]
     if not estimator.value_head:  # frozen, as saved
         raw_model.value_head.requires_grad_(False)
     run.log(f"policy: {raw_model.num_params() / 1e6:.2f}M parameters from "
-            f"{reference_state['reference_from']}; "
+            f"{reference_state.source}; "
             f"device {run.device}, {run.world_size} process(es), autocast {run.dtype}")
     reward_fn, teacher = build_reward(cfg, train_examples, sources, run)
     rollout_kind = build_rollouts(cfg, raw_model, train_examples, reward_fn, run.device)
