@@ -135,7 +135,7 @@ def describe(config_class):
     lines, comments = [], []
     for line in inspect.getsource(config_class).splitlines()[1:]:
         code, _, comment = line.strip().partition("#")
-        if code.startswith("---- ") or comment.startswith(" ---- "):
+        if not code and comment.startswith(" ---- "):
             lines.append(f"\n{comment.strip(' -')}:")
             continue
         name = code.split(":")[0].strip()
