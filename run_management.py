@@ -7,7 +7,8 @@ Run management for train_ppo.py: everything a training run does besides PPO itse
 - out_dir: checked before any work, another run's files refused (or moved aside with start_over),
   torn writes of a killed run cleaned up.
 - state: TrainingState holds what a checkpoint needs to resume exactly (step, data position,
-  optimizer, KL controller, reward statistics, rollout caches, random generators, best score).
+  optimizer, KL controller, reward statistics, rollout caches, random generators, best score);
+  checkpoint_dict writes a checkpoint, every key named there, and read_checkpoint reads it back.
 - the end of each step (RunManager.end_of_step): the console line, metrics.jsonl, samples, the
   HellaSwag evaluation, checkpoints and best.pt, and stopping on a signal.
 
