@@ -32,6 +32,7 @@ from matplotlib.text import Text
 import hellaswag
 from common import (UserError, atomic_directory, atomic_path, atomic_write_text,
                     check_output_path, read_json_objects, run_cli)
+from reward import REWARD_KINDS
 from tokenizer import gpt2_encoding
 
 # groups with fewer examples get intervals too wide (or too narrow, at n < 5) to trust
@@ -175,6 +176,11 @@ SETTINGS = {"choice_temperature": ("a positive number", lambda v: drawable(v) an
                            "teacher_cache")}}
 JSON_KINDS = {"list": "a list", "str": "a string", "int": "a number", "float": "a number",
               "bool": "true or false", "NoneType": "null"}
+
+
+def has_teacher(reward_kind):
+    """Whether a run of this reward kind has a teacher whose picks it evaluates at step 0."""
+    return reward_kind in REWARD_KINDS and REWARD_KINDS[reward_kind].picks
 
 
 def read_config(run_dir, notes):
@@ -711,7 +717,7 @@ def analyze_run(run, encode=None):
     if run["teacher"] is not None and len(evaluations) >= 2:
         result["teacher"] = teacher_agreement(evaluations[0], evaluations[-1], run["teacher"],
                                               notes)
-    elif run["teacher"] is None and run["config"].get("reward_kind") == "teacher":
+    elif run["teacher"] is None and has_teacher(run["config"].get("reward_kind")):
         notes.append("teacher agreement needs the teacher's predictions on the validation data: "
                      "python hellaswag.py --model TEACHER --data VAL.jsonl "
                      "--predictions RUN/eval/teacher.jsonl (same --style)")

@@ -1,6 +1,7 @@
 """
 Small pieces shared by the top-level scripts that belong to none of them: user-facing errors, atomic
-file writes, checks of output paths, reading JSON, and picking a device / autocast dtype.
+file writes, checks of output paths, reading JSON, picking a device / autocast dtype, and sums
+across ranks.
 """
 
 import contextlib
@@ -14,6 +15,7 @@ import sys
 import tempfile
 
 import torch
+import torch.distributed as dist
 
 # Recent transformers releases use hub kernels by default: loading a model fetches and swaps in
 # layers from the hub (through the `kernels` package), and importing some model classes (GPT-Neo's
@@ -51,6 +53,11 @@ def first_line(error):
     enough to say why inside one line."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def shorten(text, width=80):
+    """text, cut to width characters (a value pasted by mistake can be megabytes long)."""
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def current_umask():
@@ -314,6 +321,16 @@ def autocast(device, dtype):
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
+def all_reduce_sum(*tensors):
+    """Sum float tensors across ranks (no-op without torch.distributed)."""
+    stacked = torch.stack([t.float().reshape(()) for t in tensors])
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+            stacked = stacked.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(stacked)
+    return stacked.unbind(0)
+
+
 def _parse_json(text, where):
     try:
         return json.loads(text)
@@ -375,3 +392,4 @@ def read_json(path):
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
     return _parse_json(text, path)
+

@@ -365,12 +365,18 @@ class GPT(nn.Module):
     # optimizer
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        # decay the matrices (and embeddings), not the biases and LayerNorm gains
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        # decay the matrices (and embeddings), not the biases and LayerNorm gains; the value head's
+        # in groups of their own (a learning rate of its own), each after its policy group: the
+        # head is the last module, so the parameters keep the order of a single group
+        groups = []
+        for decay in (True, False):
+            for value_head in (False, True):
+                params = [p for name, p in self.named_parameters()
+                          if p.requires_grad and (p.dim() >= 2) == decay
+                          and name.startswith("value_head.") == value_head]
+                if params:  # no group for a frozen value head
+                    groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
+                                   "value_head": value_head})
         # one fused kernel for all parameters: on a CPU 4x faster than the per-tensor loop, at
         # GPT-2 124M about 0.3 s saved per optimizer step
         fused = device_type in ("cuda", "cpu")

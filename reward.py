@@ -1,8 +1,9 @@
 """
 Reward kinds: what train_ppo.py rewards a rollout with (reward_kind = "likelihood" | "teacher" |
-"label"). The judges and teachers are transformers causal LMs (causal_lm.CausalLM), re-tokenizing
-text with their own tokenizers, so they need not share GPT-2's vocabulary (gpt-neo does, Llama and
-Pythia do not).
+"label"), each one entry of REWARD_KINDS: its call (ChoiceReward or TextReward) and what it needs.
+The judges and teachers are transformers causal LMs (causal_lm.CausalLM), re-tokenizing text with
+their own tokenizers, so they need not share GPT-2's vocabulary (gpt-neo does, Llama and Pythia do
+not).
 
     judge = CausalLM.load("EleutherAI/gpt-neo-2.7B", device="cuda")
     # free text: the judge's mean log-prob, running-normalised
@@ -27,6 +28,8 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 
@@ -314,6 +317,74 @@ class LabelReward(NothingToSave):
         choices = torch.as_tensor(choices).long().cpu()
         indices = torch.as_tensor(list(example_indices), dtype=torch.long)
         return (self.labels[indices] == choices).float()
+
+
+# --------------------------------------------------------------------------------------------------
+# the reward kinds, one entry each: what train_ppo.py calls a reward with, and what it needs
+
+
+class ChoiceReward(Protocol):
+    """The call of a reward for choice rollouts."""
+
+    def __call__(self, example_indices, choices):
+        """-> (N,) float32 CPU rewards for choosing ending choices[k] (0..3) of training example
+        example_indices[k]."""
+
+    def state_dict(self):
+        """What a checkpoint keeps of it (None: nothing)."""
+
+    def load_state_dict(self, state):
+        ...
+
+
+class TextReward(ChoiceReward, Protocol):
+    """The calls of a reward for generate rollouts."""
+    # the last call's scores on the judge's own scale, before normalising and clipping (logged)
+    last_raw: torch.Tensor
+
+    def __call__(self, contexts, continuations):
+        """-> (N,) float32 CPU rewards of each continuation (text, or GPT-2 token ids) of its
+        context."""
+
+    def dense(self, contexts, continuations):
+        """-> the rewards of __call__ for GPT-2 token ids, and each token's share of them."""
+
+
+@dataclass(frozen=True)
+class RewardKind:
+    """A reward kind: its protocol (the rollout kind it rewards) and what it needs."""
+    build: Callable  # (judge or None, training examples, config, cache_dir, data_id, all_reduce)
+    rollout: str  # "choice": a ChoiceReward; "generate": a TextReward
+    judge: bool  # scores with the causal LM reward_model, loaded for it
+    labels: bool  # needs the training examples' gold labels
+    cache: bool  # keeps its scores on disk (teacher_cache)
+    # its judge picks among the endings too: a run evaluates those picks at step 0, beside the
+    # policy's (eval/teacher.jsonl, for analyze.py's teacher agreement)
+    picks: bool = False
+
+
+def likelihood_reward(judge, examples, cfg, cache_dir, data_id, all_reduce):
+    return LikelihoodReward(judge, per=cfg.likelihood_per, clip=cfg.reward_clip or None,
+                            normalize=cfg.reward_normalize, batch_size=cfg.reward_batch_size,
+                            all_reduce=all_reduce)
+
+
+def teacher_reward(judge, examples, cfg, cache_dir, data_id, all_reduce):
+    return TeacherReward(judge, examples, style=cfg.style, mode=cfg.teacher_mode,
+                         temperature=cfg.teacher_temperature, batch_size=cfg.reward_batch_size,
+                         cache_dir=cache_dir, data_id=data_id)
+
+
+def label_reward(judge, examples, cfg, cache_dir, data_id, all_reduce):
+    return LabelReward(examples)
+
+
+REWARD_KINDS = {
+    "likelihood": RewardKind(likelihood_reward, "generate", judge=True, labels=False, cache=False),
+    "teacher": RewardKind(teacher_reward, "choice", judge=True, labels=False, cache=True,
+                          picks=True),
+    "label": RewardKind(label_reward, "choice", judge=False, labels=True, cache=False),
+}
 
 
 # --------------------------------------------------------------------------------------------------

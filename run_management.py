@@ -1,29 +1,27 @@
 """
 Run management for train_ppo.py: everything a training run does besides PPO itself.
 
-- config: plain `name = literal` files and --key=value overrides, checked against the fields of a
-  config dataclass (train_ppo.Config: types, limits, "did you mean"); nothing is executed.
-- processes: torchrun's DDP setup, seeding, sums across ranks.
+- config paths: the config's folders and sources made absolute, local sources checked (config.py
+  reads the config itself).
+- processes: torchrun's DDP setup, seeding.
 - out_dir: checked before any work, another run's files refused (or moved aside with start_over),
   torn writes of a killed run cleaned up.
 - state: TrainingState holds what a checkpoint needs to resume exactly (step, data position,
-  optimizer, KL controller, reward statistics, rollout caches, random generators, best score).
+  optimizer, KL controller, reward statistics, rollout caches, random generators, best score);
+  checkpoint_dict writes a checkpoint, every key named there, and read_checkpoint reads it back.
 - the end of each step (RunManager.end_of_step): the console line, metrics.jsonl, samples, the
   HellaSwag evaluation, checkpoints and best.pt, and stopping on a signal.
 
 It never imports train_ppo.py: the config class and the objects it saves are passed in.
 """
 
-import ast
 import collections
 import contextlib
 import dataclasses
 import datetime
-import difflib
 import errno
 import fcntl
 import json
-import math
 import os
 import random
 import re
@@ -35,131 +33,20 @@ import socket
 import stat
 import time
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 import synthetic
-from common import (UserError, atomic_torch_save, atomic_write_text, check_output_path,
-                    first_line, looks_like_a_path, read_json_objects, resolve_device,
-                    same_error_on_every_rank, step_checkpoints, warn,
+from common import (UserError, all_reduce_sum, atomic_torch_save, atomic_write_text,
+                    check_output_path, first_line, looks_like_a_path, read_json_objects,
+                    resolve_device, same_error_on_every_rank, shorten, step_checkpoints, warn,
                     write_errors_are_one_line)
 from hellaswag import evaluate, split_path, write_predictions
+from reward import REWARD_KINDS
 from weights import CHECKPOINT_FORMAT, check_gguf, is_gguf
-
-
-# --------------------------------------------------------------------------------------------------
-# config
-
-
-def setting(default, *, choices=None, low=None, high=None, above=None, below=None):
-    """A config field with its limits beside it: one of choices, or low <= value <= high,
-    value > above, value < below."""
-    limits = {"choices": choices, "low": low, "high": high, "above": above, "below": below}
-    return field(default=default, metadata={k: v for k, v in limits.items() if v is not None})
-
-
-def read_config_file(path):
-    """A config file is plain `name = literal` assignments (comments and docstrings allowed);
-    nothing is executed."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        tree = ast.parse(text, filename=path)
-    except OSError as e:
-        raise UserError(f"{path}: cannot read config file ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: config file is not UTF-8 text") from None
-    except SyntaxError as e:
-        raise UserError(f"{path}:{e.lineno}: syntax error in config file") from None
-    except (RecursionError, MemoryError):  # the parser's stack, on deeply nested expressions
-        raise UserError(f"{path}: an expression nested too deeply to read; config values are "
-                        "plain literals") from None
-    for node in tree.body:
-        if (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
-                and isinstance(node.value.value, str)):
-            continue  # a docstring
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1
-                and isinstance(node.targets[0], ast.Name)):
-            raise UserError(f"{path}:{node.lineno}: config files hold only `name = value` lines")
-        try:
-            value = ast.literal_eval(node.value)
-        except (ValueError, TypeError, MemoryError, RecursionError):
-            raise UserError(f"{path}:{node.lineno}: the value of {node.targets[0].id} must be a "
-                            "literal (number, string, True/False/None)") from None
-        yield node.targets[0].id, value, f"{path}:{node.lineno}"
-
-
-def shorten(text, width=80):
-    """text, cut to width characters (a value pasted by mistake can be megabytes long)."""
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def parse_override(arg, config_class):
-    key, sep, text = arg[2:].partition("=")
-    if not sep or not key:
-        raise UserError(f"{arg}: command-line overrides are written --key=value")
-    if typing.get_type_hints(config_class).get(key) is str:
-        return key, text  # --out_dir=1e3 is the folder "1e3"
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return key, lowered == "true"
-    if lowered == "none":
-        return key, None
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        return key, text  # not a literal: check_value reports the type
-    return key, value
-
-
-def check_value(key, value, where, config_class):
-    """Check a value against its field of config_class: the type (int -> float allowed, nothing
-    else converted), then the limits written beside the field (setting())."""
-    expected = typing.get_type_hints(config_class)[key]
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        try:
-            value = float(value)
-        except OverflowError:  # an int of 309 digits or more
-            raise UserError(f"{where}: {key} must be a finite number, "
-                            f"got {shorten(repr(value))}") from None
-    if type(value) is not expected:
-        raise UserError(f"{where}: {key} must be {expected.__name__}, got {shorten(repr(value))}")
-    if expected is float and not math.isfinite(value):
-        raise UserError(f"{where}: {key} must be a finite number, got {shorten(repr(value))}")
-    limits = next(f for f in dataclasses.fields(config_class) if f.name == key).metadata
-    if "choices" in limits and value not in limits["choices"]:
-        raise UserError(f"{where}: {key} must be one of {', '.join(limits['choices'])}, "
-                        f"got {shorten(repr(value))}")
-    low, high = limits.get("low"), limits.get("high")
-    above, below = limits.get("above"), limits.get("below")
-    bounds = [f">= {low:g}" if low is not None else "", f"> {above:g}" if above is not None else "",
-              f"<= {high:g}" if high is not None else "",
-              f"< {below:g}" if below is not None else ""]
-    if ((low is not None and value < low) or (above is not None and value <= above)
-            or (high is not None and value > high) or (below is not None and value >= below)):
-        raise UserError(f"{where}: {key} must be {' and '.join(b for b in bounds if b)}, "
-                        f"got {shorten(repr(value))}")
-    return value
-
-
-def parse_config(argv, config_class):
-    """config_class from its defaults, then config files and --key=value overrides in the order
-    given, each value checked against its field."""
-    fields = {f.name for f in dataclasses.fields(config_class)}
-    values = {}
-    for arg in argv:
-        items = ([(*parse_override(arg, config_class), shorten(arg))] if arg.startswith("--")
-                 else read_config_file(arg))
-        for key, value, where in items:
-            if key not in fields:
-                close = difflib.get_close_matches(key, fields, n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
-                raise UserError(f"{where}: unknown config key {key!r}{hint}")
-            values[key] = check_value(key, value, where, config_class)
-    return config_class(**values)
 
 
 # folders this run writes (or reads) by path; and sources that are a path when one exists, else a
@@ -188,7 +75,7 @@ def check_sources(cfg):
     data, the demo task or another model has been prepared."""
     used = {"init_from": cfg.init_from not in ("resume", "scratch", "synthetic"),
             "train_data": not cfg.synthetic, "val_data": not cfg.synthetic,
-            "reward_model": not cfg.synthetic and cfg.reward_kind != "label"}
+            "reward_model": not cfg.synthetic and REWARD_KINDS[cfg.reward_kind].judge}
     for key, is_used in used.items():
         source = getattr(cfg, key)
         data_spec = key.endswith("_data") and source.startswith("hellaswag:")
@@ -199,7 +86,7 @@ def check_sources(cfg):
             check_gguf(source)
 
 # --------------------------------------------------------------------------------------------------
-# processes: DDP, seeds, sums across ranks
+# processes: DDP, seeds
 
 
 @dataclass
@@ -317,16 +204,6 @@ def seed_everything(seed, run):
     shuffle_generator = torch.Generator().manual_seed(seed * 1000 + 500 + run.rank)
     return sample_generator, shuffle_generator
 
-def all_reduce_sum(*tensors):
-    """Sum float tensors across ranks (no-op without torch.distributed)."""
-    stacked = torch.stack([t.float().reshape(()) for t in tensors])
-    if dist.is_available() and dist.is_initialized():
-        if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
-            stacked = stacked.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(stacked)
-    return stacked.unbind(0)
-
-
 def synthetic_dir(cfg):
     return os.path.abspath(cfg.synthetic_dir or os.path.join(cfg.out_dir, "synthetic"))
 
@@ -347,11 +224,10 @@ def gather_rng_states(sample_generator, shuffle_generator, world_size):
     return states
 
 
-def save_checkpoint(out_dir, ckpt, keep_last, best):
+def save_checkpoint(out_dir, step, ckpt, keep_last, best):
     """ckpt_<step>.pt written atomically; older step checkpoints beyond keep_last removed; best.pt
     linked. A later step's file (one a resume passed over as damaged) is neither counted nor
     removed: counting it could remove the checkpoint just written."""
-    step = ckpt["step"]
     path = os.path.join(out_dir, f"ckpt_{step:06d}.pt")
     atomic_torch_save(ckpt, path)
     older = [old for old_step, old in step_checkpoints(out_dir) if old_step < step]
@@ -441,23 +317,22 @@ def log_changed_settings(saved, cfg, run):
 
 
 def load_resume_checkpoint(out_dir, warn=warn):
-    """The newest checkpoint in out_dir that loads, -> (path, checkpoint). A damaged one (truncated,
-    empty, not a checkpoint) is named in a warning and the next older one is tried."""
+    """The newest checkpoint in out_dir that loads, -> (path, Checkpoint). A damaged one
+    (truncated, empty, not a checkpoint, keys missing) is named in a warning and the next older one
+    is tried."""
     candidates = step_checkpoints(out_dir)
     if not candidates:
         raise UserError(f"init_from=resume: no checkpoint (ckpt_*.pt) in {out_dir}")
     for step, path in reversed(candidates):
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError("not a checkpoint of this project")
+            ckpt = read_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as e:  # torch raises many kinds for a damaged file
             warn(f"{path}: cannot resume from it ({first_line(e)}); trying an older checkpoint")
             continue
-        if ckpt.get("step") != step:  # another run's file, copied in and renamed?
-            raise UserError(f"{path}: holds step {ckpt.get('step')!r}, not the step its name "
-                            "says, so it is not this run's checkpoint; move it out of "
-                            f"{out_dir} and resume again")
+        if ckpt.step != step:  # another run's file, copied in and renamed?
+            raise UserError(f"{path}: holds step {ckpt.step!r}, not the step its name says, so it "
+                            f"is not this run's checkpoint; move it out of {out_dir} and resume "
+                            "again")
         return path, ckpt
     raise UserError(f"init_from=resume: none of the {len(candidates)} checkpoint(s) in {out_dir} "
                     "loads; see the warnings above")
@@ -531,7 +406,7 @@ def prepare_out_dir(cfg, run, log):
     -> (resume path, checkpoint) for init_from=resume, else (None, None)."""
     check_output_path(cfg.out_dir, directory=True)
     check_output_path(os.path.join(cfg.out_dir, "eval"), directory=True)
-    if cfg.reward_kind == "teacher" and cfg.teacher_cache:
+    if REWARD_KINDS[cfg.reward_kind].cache and cfg.teacher_cache:
         check_output_path(cfg.teacher_cache, directory=True)
     # folders read, and written only where something is missing (a finished one may be read-only)
     if cfg.synthetic and not synthetic.is_complete(synthetic_dir(cfg)):
@@ -546,8 +421,8 @@ def prepare_out_dir(cfg, run, log):
             remove_torn_writes(cfg.out_dir, restore_export=True)
         check_evaluation_files(cfg.out_dir)
         path, ckpt = load_resume_checkpoint(cfg.out_dir, run.warn)
-        if ckpt.get("step", 0) >= cfg.max_steps:
-            raise UserError(f"init_from=resume: {path} is at step {ckpt.get('step')}, and "
+        if ckpt.step >= cfg.max_steps:
+            raise UserError(f"init_from=resume: {path} is at step {ckpt.step}, and "
                             f"max_steps={cfg.max_steps} asks for nothing more; raise max_steps")
         return path, ckpt
     # a run's work: train_config.json and empty logs alone are a setup that failed after writing
@@ -629,10 +504,71 @@ def peak_memory_gb(device):
 # the training state, logs and the end of a step
 
 
+class Reference(typing.NamedTuple):
+    """What a checkpoint keeps of the frozen reference."""
+    source: str  # where it came from (a checkpoint file, not a run directory)
+    settings: dict  # a scratch reference's settings (SCRATCH_SETTINGS), else None
+    fingerprint: str  # sha256 of its weights
+
+
+def checkpoint_dict(raw_model, cfg, state, run):
+    """A checkpoint, each of its keys named here: the policy (weights and shape), the config, and
+    the TrainingState a run needs to go on exactly. read_checkpoint reads it back. Every rank
+    calls this: it gathers every rank's random generators."""
+    return {"format": CHECKPOINT_FORMAT, "model_config": dataclasses.asdict(raw_model.config),
+            "model": raw_model.state_dict(), "config": dataclasses.asdict(cfg),
+            "step": state.step, "data_position": state.data_position,
+            "best_acc_norm": state.best_acc_norm, "optimizer": state.optimizer.state_dict(),
+            "scaler": state.scaler.state_dict(), "kl_controller": state.kl_controller.state_dict(),
+            "reward": state.reward_fn.state_dict(), "rollouts": state.rollout_kind.state_dict(),
+            "rng": gather_rng_states(state.sample_generator, state.shuffle_generator,
+                                     run.world_size),
+            "reference_from": state.reference.source,
+            "reference_settings": state.reference.settings,
+            "reference_fingerprint": state.reference.fingerprint}
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint as read back (read_checkpoint); the fields are checkpoint_dict's keys."""
+    format: str
+    step: int
+    model_config: dict
+    model: dict
+    config: dict  # the run's Config, as a dict
+    data_position: int
+    best_acc_norm: float
+    optimizer: dict
+    scaler: dict
+    kl_controller: dict
+    reward: object  # the reward's state_dict, or None
+    rollouts: object  # the rollout kind's state_dict, or None
+    rng: list  # every rank's random generators (gather_rng_states)
+    reference: Reference
+
+
+def read_checkpoint(ckpt):
+    """A loaded checkpoint dict (checkpoint_dict's) -> Checkpoint. Older checkpoints lack some
+    keys: no config reads as an empty one, no reference settings or fingerprint as None. Another
+    file (or one without a key every checkpoint has) is a ValueError or a KeyError."""
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError("not a checkpoint of this project")
+    return Checkpoint(
+        format=ckpt["format"], step=ckpt["step"], model_config=ckpt["model_config"],
+        model=ckpt["model"], config=ckpt.get("config", {}),
+        data_position=ckpt["data_position"], best_acc_norm=ckpt["best_acc_norm"],
+        optimizer=ckpt["optimizer"], scaler=ckpt["scaler"],
+        kl_controller=ckpt["kl_controller"], reward=ckpt.get("reward"),
+        rollouts=ckpt.get("rollouts"), rng=ckpt["rng"],
+        reference=Reference(ckpt["reference_from"], ckpt.get("reference_settings"),
+                            ckpt.get("reference_fingerprint")))
+
+
+
 @dataclass
 class TrainingState:
     """Everything besides the weights and the config that a run needs to go on exactly where it
-    stopped; state_dict() is that part of a checkpoint, load_state_dict() puts it back."""
+    stopped: checkpoint_dict() saves it, load_state_dict() puts a Checkpoint's back."""
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     kl_controller: object  # .value, the KL coefficient
@@ -641,7 +577,7 @@ class TrainingState:
     sample_generator: torch.Generator  # the actions sampled
     shuffle_generator: torch.Generator  # the minibatch order
     batches: "Batches"  # the training examples of each step
-    reference: dict  # where the frozen reference came from, and a fingerprint of its weights
+    reference: "Reference"  # where the frozen reference came from, a fingerprint of its weights
     step: int = 0  # steps done
     data_position: int = 0  # where the next batch starts in the training data's epochs
     best_acc_norm: float = -1.0  # the best evaluation so far, best.pt's
@@ -652,39 +588,29 @@ class TrainingState:
         indices, self.data_position = self.batches.at(self.data_position)
         return indices
 
-    def state_dict(self, run):
-        """Every rank calls this: it gathers every rank's random generators."""
-        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "step": self.step, "data_position": self.data_position,
-                "best_acc_norm": self.best_acc_norm,
-                "kl_controller": self.kl_controller.state_dict(), **self.reference,
-                "reward": self.reward_fn.state_dict(), "rollouts": self.rollout_kind.state_dict(),
-                "rng": gather_rng_states(self.sample_generator, self.shuffle_generator,
-                                         run.world_size)}
-
     def load_state_dict(self, ckpt, cfg, run):
-        if ckpt.get("rollouts") is not None and not self.rollout_kind.load_state_dict(
-                ckpt["rollouts"]):
+        """Put back a Checkpoint's state (read_checkpoint)."""
+        if ckpt.rollouts is not None and not self.rollout_kind.load_state_dict(ckpt.rollouts):
             run.log("the checkpoint's cached reference scores are for other training examples "
                     "or another choice_temperature: computing them again as examples are met")
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.optimizer.load_state_dict(value_head_groups(ckpt.optimizer, self.optimizer))
         # saved param groups carry their own flags: keep this run's kernel (a checkpoint from
         # before the fused AdamW on CPUs says fused=None, which would run the slower loop)
         for group in self.optimizer.param_groups:
             group["fused"] = self.optimizer.defaults["fused"]
-        if ckpt["scaler"]:  # empty when saved without float16 (bf16, float32, CPU)
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.kl_controller.load_state_dict(ckpt["kl_controller"])
+        if ckpt.scaler:  # empty when saved without float16 (bf16, float32, CPU)
+            self.scaler.load_state_dict(ckpt.scaler)
+        self.kl_controller.load_state_dict(ckpt.kl_controller)
         if self.kl_controller.value != cfg.kl_coef:
             run.log(f"KL coefficient {self.kl_controller.value:.4g} restored from the checkpoint "
                     f"(config kl_coef {cfg.kl_coef})")
-        if ckpt.get("reward") is not None:
-            self.reward_fn.load_state_dict(ckpt["reward"])
-        self.load_rng_states(ckpt["rng"], run)
-        self.step, self.data_position = ckpt["step"], ckpt["data_position"]
-        self.best_acc_norm = ckpt["best_acc_norm"]
+        if ckpt.reward is not None:
+            self.reward_fn.load_state_dict(ckpt.reward)
+        self.load_rng_states(ckpt.rng, run)
+        self.step, self.data_position = ckpt.step, ckpt.data_position
+        self.best_acc_norm = ckpt.best_acc_norm
         evaluated_on = ("val_data", "eval_limit", "style")
-        if any(ckpt.get("config", {}).get(k, getattr(cfg, k)) != getattr(cfg, k)
+        if any(ckpt.config.get(k, getattr(cfg, k)) != getattr(cfg, k)
                for k in evaluated_on):
             self.best_acc_norm = -1.0  # a score on other examples is no bar to clear
             run.log("the evaluation set changed (val_data, eval_limit or style): best.pt is the "
@@ -701,6 +627,24 @@ class TrainingState:
             run.warn(f"checkpoint has RNG states of {len(rng)} rank(s) on "
                      f"{rng[0].get('device_type')}, this run has {run.world_size} on "
                      f"{self.sample_generator.device.type}; sampling is reseeded, not continued")
+
+
+def value_head_groups(saved, optimizer):
+    """An optimizer state saved before the value head had parameter groups of its own (one group
+    per weight decay), split as the optimizer's groups are (model.configure_optimizers): the
+    parameters' numbering is the same, the value head's last in each group."""
+    groups = optimizer.param_groups
+    if len(saved["param_groups"]) == len(groups):
+        return saved
+    split, at = [], 0
+    for old in saved["param_groups"]:
+        start = 0
+        while start < len(old["params"]):
+            n = len(groups[at]["params"])
+            split.append({**old, "params": old["params"][start:start + n],
+                          "value_head": groups[at]["value_head"]})
+            start, at = start + n, at + 1
+    return {**saved, "param_groups": split}
 
 
 def forget_after(out_dir, step, run):
@@ -766,6 +710,13 @@ class StopSignal:
         return all_reduce_sum(torch.tensor(float(self.received is not None)))[0].item() > 0
 
 
+class Shown(typing.NamedTuple):
+    """A metric in the console line: its key, how it is printed, and by what it is scaled."""
+    key: str
+    template: str
+    scale: float = 1
+
+
 class RunLog:
     """metrics.jsonl (and wandb), samples.jsonl and the console line; the master process alone
     writes."""
@@ -807,14 +758,10 @@ class RunLog:
             finally:
                 self.metrics_file = open(path, "a")
 
-    def step_line(self, metrics):
+    def step_line(self, metrics, fields):
+        """The console line of a step: each of fields (Shown) of its metrics."""
         m = collections.defaultdict(lambda: float("nan"), metrics)  # a skipped step has no losses
-        self.log(f"step {m['step']} | reward {m['reward']:.4f} | kl {m['kl']:.4f} | "
-                 f"pg {m['pg_loss']:.4f} | vf {m['vf_loss']:.4f} | clipfrac {m['clipfrac']:.3f} | "
-                 f"approx_kl {m['approx_kl']:.4f} | ent {m['entropy']:.3f} | "
-                 f"ev {m['explained_var']:.3f} | {m['samples_per_s']:.1f} samples/s | "
-                 f"{m['tokens_per_s']:.0f} tok/s | dt {m['dt'] * 1000:.0f}ms | "
-                 f"mem {m['peak_mem_gb']:.2f}GB")
+        self.log(" | ".join(f.template.format(m[f.key] * f.scale) for f in fields))
 
     def eval_line(self, step, result):
         self.log(f"step {step} | eval acc {result['eval/acc']:.4f} | "
@@ -881,8 +828,9 @@ class RunManager:
     An output that cannot be written (a log, an evaluation's predictions) stops the run in one
     line, after the step's checkpoint: it never costs the step's weights."""
 
-    def __init__(self, cfg, run, state, raw_model, val_examples):
+    def __init__(self, cfg, run, state, raw_model, val_examples, console_line):
         self.cfg, self.run, self.state = cfg, run, state
+        self.console_line = console_line  # the metrics in a step's console line (Shown)
         self.raw_model, self.val_examples = raw_model, val_examples
         self.run_log = RunLog(cfg, run.master_process)  # wandb's login too
         if run.master_process:  # after the setup: one that failed leaves no run behind to refuse
@@ -910,16 +858,17 @@ class RunManager:
                         predictions)
         return result
 
-    def evaluations_before_the_loop(self, reward_fn):
-        """A new run's: the starting policy's, and the teacher's own picks (for analyze.py's
-        teacher agreement). A resumed run's: the evaluation its stop skipped, if it did."""
+    def evaluations_before_the_loop(self, teacher=None):
+        """A new run's: the starting policy's, and the teacher's own picks if the reward kind has a
+        teacher (for analyze.py's teacher agreement). A resumed run's: the evaluation its stop
+        skipped, if it did."""
         step = self.state.step
         if step == 0:
             self.last_eval = self.evaluate(self.raw_model, 0)
             self.run_log.eval_line(0, self.last_eval)
             self.output(self.run_log.metrics, {"step": 0, **self.last_eval})
-            if self.cfg.reward_kind == "teacher":
-                teacher = self.evaluate(reward_fn.reward_model, "teacher")
+            if teacher is not None:
+                teacher = self.evaluate(teacher, "teacher")
                 self.run.log(f"teacher | eval acc {teacher['eval/acc']:.4f} | "
                              f"acc_norm {teacher['eval/acc_norm']:.4f}")
         elif self.evaluation_due(step) and not os.path.exists(
@@ -951,7 +900,7 @@ class RunManager:
         resumed run does it) and when an output failed. -> whether to stop now."""
         cfg, step = self.cfg, self.state.step
         if step % cfg.log_interval == 0 or step == cfg.max_steps:
-            self.run_log.step_line(metrics)
+            self.run_log.step_line(metrics, self.console_line)
         self.output(self.run_log.samples, step, batch)
         stop_now = self.stop_signal.on_any_rank()
         if (self.evaluation_due(step) and not stop_now) or step == cfg.max_steps:
@@ -987,13 +936,11 @@ class RunManager:
                 raise self.output_error
 
     def checkpoint(self, is_best):
-        ckpt = {"format": CHECKPOINT_FORMAT,
-                "model_config": dataclasses.asdict(self.raw_model.config),
-                "model": self.raw_model.state_dict(), "config": dataclasses.asdict(self.cfg),
-                **self.state.state_dict(self.run)}
+        ckpt = checkpoint_dict(self.raw_model, self.cfg, self.state, self.run)
         with same_error_on_every_rank():  # a failed write stops every rank, not the master alone
             if self.run.master_process:
-                path = save_checkpoint(self.cfg.out_dir, ckpt, self.cfg.keep_last, is_best)
+                path = save_checkpoint(self.cfg.out_dir, self.state.step, ckpt,
+                                       self.cfg.keep_last, is_best)
                 self.run.log(f"saved {path}")
 
     def finish(self):

@@ -15,6 +15,18 @@ kinds share the update:
 - generate: the policy samples a continuation of the context; the reward model's likelihood of it
             is the score at the last token, a per-token KL penalty to the reference is added
             everywhere, advantages come from GAE.
+
+Estimators, one table each (ADV_ESTIMATORS, KL_ESTIMATORS; reward kinds: reward.REWARD_KINDS).
+Advantages: "gae" takes the value head as its baseline and fits it; the others leave the head
+frozen. "expected" (choice) subtracts the policy's exact expected reward over the 4 endings;
+"rloo" and "grpo" (generate, group_size samples a prompt) judge a sample's total reward against
+its group: minus the mean of the others, or minus the group's mean over its std; "reinforce++"
+(generate) takes each token's return minus the batch's mean return over all ranks. Every
+estimator's advantages are then whitened across ranks (whiten_advantages). The KL to the
+reference: "sampled" is the sampled actions' log-ratio, a penalty in each action's reward; "k3"
+(never negative, as GRPO) and "exact" (choice: the KL over the 4 endings) are added to the loss.
+Simplifications: one policy and value in one module (one optimizer, no separate critic); the
+reference is frozen; a choice rollout is one action.
 """
 
 import contextlib
@@ -29,6 +41,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -37,203 +50,17 @@ import torch.nn.functional as F
 
 import synthetic
 from causal_lm import CausalLM
-from common import UserError, autocast, run_cli, step_checkpoints
+from common import UserError, all_reduce_sum, autocast, run_cli, step_checkpoints
+from config import describe, parse_config, setting
 from hellaswag import encode_for_model, load_examples
 from model import GPT, GPTConfig, pack_choices
-from reward import DEFAULT_REWARD_MODEL, LabelReward, LikelihoodReward, TeacherReward
-from run_management import (Batches, RunManager, StoppedAtOnce, TrainingState, absolute_paths,
-                            all_reduce_sum, check_sources, forget_after, log_changed_settings,
-                            lost_rank_error, out_dir_lock, parse_config, prepare_out_dir,
-                            seed_everything, setting, setup_distributed, synthetic_dir)
+from reward import DEFAULT_REWARD_MODEL, REWARD_KINDS
+from run_management import (Batches, Reference, RunManager, Shown, StoppedAtOnce,
+                            TrainingState, absolute_paths, check_sources, forget_after,
+                            log_changed_settings, lost_rank_error, out_dir_lock, prepare_out_dir,
+                            seed_everything, setup_distributed, synthetic_dir)
 from tokenizer import EOT_TOKEN, gpt2_encoding
 from weights import check_finite_weights, checkpoint_source, gguf_directory, is_gguf
-
-
-# --------------------------------------------------------------------------------------------------
-# config
-
-
-@dataclass
-class Config:
-    # run
-    # checkpoints, train_config.json, metrics.jsonl, samples.jsonl, eval/, the export (hf/)
-    out_dir: str = "out/ppo"
-    # a fresh run refuses an out_dir that holds another run; start_over moves that run's files to
-    # out_dir/previous/
-    start_over: bool = False
-    # hub name, transformers dir, build-nanogpt/nanoGPT .pt, project checkpoint or run dir, "resume"
-    # (this out_dir), "scratch" (random weights of the size below), "synthetic" (the demo task's
-    # starting policy)
-    init_from: str = "gpt2"
-    seed: int = setting(1337, low=0, high=2**31 - 1)  # numpy takes seeds below 2**32
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (under torchrun: cuda:LOCAL_RANK)
-    # autocast dtype on CUDA (float16 adds a GradScaler); always float32 on CPU
-    dtype: str = setting("bfloat16", choices=("bfloat16", "float16", "float32"))
-    compile: bool = False  # torch.compile the training forward (rollouts and eval stay eager)
-    # a rank that waits this long on a dead one stops the run
-    ddp_timeout_s: float = setting(600.0, low=10.0, high=1e7)  # torch's own limit is near 1e9
-    # policy built from scratch (init_from = "scratch"); n_embd must be a multiple of n_head
-    n_layer: int = setting(2, low=1, high=1000)
-    n_head: int = setting(2, low=1, high=1000)
-    n_embd: int = setting(64, low=1, high=100_000)
-    block_size: int = setting(256, low=2, high=1_000_000)
-    # data
-    # "hellaswag:<split>" (downloaded) or a jsonl file in HellaSwag's schema
-    train_data: str = "hellaswag:train"
-    val_data: str = "hellaswag:val"
-    data_cache: str = ""  # download folder for the HellaSwag splits ("" = hellaswag.py's default)
-    # the offline demo task (synthetic.py): its train/val data and its tiny teacher
-    synthetic: bool = False
-    synthetic_dir: str = ""  # where the demo task is written ("" = out_dir/synthetic)
-    # HellaSwag rendering for choice rollouts, the teacher and eval
-    style: str = setting("completion", choices=("completion", "lm-eval"))
-    # rollouts
-    rollout: str = setting("choice", choices=("choice", "generate"))
-    batch_size: int = setting(64, low=1)  # rollouts per rank per step
-    # choice: softmax temperature over the 4 endings' scores
-    choice_temperature: float = setting(1.0, low=0.01, high=100.0)
-    # generate: the prompt is the context's last tokens (fewer if the window needs it; the judge
-    # sees the whole context)
-    max_prompt_tokens: int = setting(128, low=1)
-    max_new_tokens: int = setting(24, low=1)
-    # generate: sampling temperature, also applied to the log-probs PPO optimises
-    temperature: float = setting(1.0, low=0.01, high=100.0)
-    # generate: top-k / top-p sample from a truncated distribution while PPO and the KL use the full
-    # one (slightly off-policy); leave them off unless samples degenerate
-    top_k: int = setting(0, low=0)  # 0 = off
-    top_p: float = setting(1.0, above=0.0, high=1.0)  # 1.0 = off
-    # generate: stop at ".", "!", "?" or a newline as well as <|endoftext|>
-    stop_at_sentence_end: bool = True
-    # generate: taken from a sample that never stopped
-    no_stop_penalty: float = setting(1.0, low=0.0, high=1000.0)
-    # reward
-    # teacher | label (choice rollouts), likelihood (generate rollouts)
-    reward_kind: str = setting("teacher", choices=("teacher", "label", "likelihood"))
-    # any transformers causal LM: hub name or local directory
-    reward_model: str = DEFAULT_REWARD_MODEL
-    # auto = bfloat16 on CUDA, float32 on CPU
-    reward_dtype: str = setting("auto", choices=("auto", "bfloat16", "float16", "float32"))
-    reward_batch_size: int = setting(32, low=1)
-    # teacher: prob = teacher's probability of the chosen ending, agree = 1/0
-    teacher_mode: str = setting("prob", choices=("prob", "agree"))
-    # teacher: softmax temperature over its normalised ending scores
-    teacher_temperature: float = setting(1.0, low=0.01, high=100.0)
-    # teacher: folder for cached teacher scores ("" = out_dir/teacher_cache)
-    teacher_cache: str = ""
-    # likelihood: mean log-prob per token | char
-    likelihood_per: str = setting("token", choices=("token", "char"))
-    # likelihood: clip the normalised score to [-clip, clip]; 0 = off
-    reward_clip: float = setting(0.0, low=0.0, high=1000.0)
-    reward_normalize: bool = True  # likelihood: running mean/std normalisation
-    # likelihood: each sampled token gets its share of the score (the judge's log-prob of it,
-    # normalised like the score; the shares sum to it) instead of the whole score at the last token
-    likelihood_dense: bool = False
-    # KL to the frozen reference
-    # initial coefficient of the KL penalty
-    kl_coef: float = setting(0.05, low=0.0, high=100.0)
-    # how the KL is estimated, and where it enters: "sampled" (the sampled actions' log-ratio,
-    # subtracted from the reward, per action), "k3" (ratio - 1 - log ratio with the ratio
-    # reference / policy: non-negative, low variance, added to the loss as GRPO does), "exact"
-    # (choice rollouts: sum_i pi(i) log pi(i) / pi_ref(i) over the 4 endings, added to the loss)
-    kl_estimator: str = setting("sampled", choices=("sampled", "k3", "exact"))
-    adaptive_kl: bool = False  # Ziegler et al. 2019 controller: steer the KL towards kl_target
-    kl_target: float = setting(6.0, above=0.0, high=10_000.0)
-    kl_horizon: int = setting(10000, low=1)
-    # advantages
-    # "gae": GAE over the value head's estimates. Without a value head (the head gets no loss and no
-    # backward, and is saved and exported as it was): "expected" (choice rollouts: the chosen
-    # ending's reward minus its expectation under the acting policy, sum_i pi(i) r(i), exact),
-    # "rloo" / "grpo" (generate rollouts, group_size samples per prompt: RLOO the sample's reward
-    # minus the mean of the group's others; GRPO minus the group's mean, over the group's std)
-    adv_estimator: str = setting("gae", choices=("gae", "expected", "rloo", "grpo"))
-    # rloo / grpo: samples per prompt. batch_size counts samples and must be a multiple: each rank
-    # draws batch_size / group_size prompts a step, and keeps each group
-    group_size: int = setting(1, low=1, high=1024)
-    # PPO
-    ppo_epochs: int = setting(4, low=1, high=1000)
-    minibatch_size: int = setting(16, low=1)  # per rank; one optimizer step per minibatch
-    # per rank; gradient accumulation inside a minibatch: a memory setting, the update is the same
-    # for any value
-    micro_batch_size: int = setting(8, low=1)
-    learning_rate: float = setting(1e-5, low=0.0, high=1.0)
-    warmup_steps: int = setting(0, low=0)
-    # cosine decay to min_lr over this many steps after warmup; 0 = constant
-    lr_decay_steps: int = setting(0, low=0)
-    min_lr: float = setting(0.0, low=0.0, high=1.0)
-    weight_decay: float = setting(0.0, low=0.0, high=10.0)
-    beta1: float = setting(0.9, low=0.0, below=1.0)  # AdamW's limits
-    beta2: float = setting(0.95, low=0.0, below=1.0)
-    grad_clip: float = setting(1.0, low=0.0, high=1e6)  # 0 = off
-    clip_coef: float = setting(0.2, above=0.0, high=10.0)  # policy ratio clipping
-    vf_coef: float = setting(0.1, low=0.0, high=1000.0)  # weight of the value loss
-    # value clipping around the rollout's values; 0 = off
-    vf_clip_coef: float = setting(0.2, low=0.0, high=1000.0)
-    ent_coef: float = setting(0.0, low=0.0, high=10.0)  # entropy bonus
-    gamma: float = setting(1.0, low=0.0, high=1.0)
-    gae_lambda: float = setting(0.95, low=0.0, high=1.0)
-    # stop the step's PPO epochs once approx_kl exceeds this; 0 = off
-    target_kl: float = setting(0.0, low=0.0, high=1000.0)
-    whiten_advantages: bool = True  # across the batch (all ranks); grpo's are per group already
-    max_steps: int = setting(1000, low=0)
-    # stop after this many steps in a row whose losses or gradients are not finite (each one
-    # skipped whole)
-    max_bad_steps: int = setting(3, low=1)
-    # logging, evaluation, checkpoints
-    log_interval: int = setting(1, low=1)
-    # write a few rollouts to samples.jsonl every this many steps
-    sample_interval: int = setting(10, low=0)
-    # HellaSwag at step 0, every eval_interval steps and at the end; 0 = only start and end
-    eval_interval: int = setting(50, low=0)
-    eval_limit: int = setting(0, low=0)  # evaluate the first N examples only; 0 = all
-    eval_batch_size: int = setting(32, low=1)
-    checkpoint_interval: int = setting(100, low=1)
-    keep_last: int = setting(2, low=1)  # step checkpoints kept (best.pt is kept besides)
-    export_hf: bool = True  # export the final policy as a transformers directory out_dir/hf
-    wandb_log: bool = False
-    wandb_project: str = "gpt2-ppo-hellaswag"
-    wandb_run_name: str = ""
-
-
-def load_config(argv):
-    """Config from defaults, then config files and --key=value overrides in the order given; then
-    the checks that involve several settings."""
-    cfg = parse_config(argv, Config)
-    if cfg.batch_size % cfg.minibatch_size or cfg.minibatch_size % cfg.micro_batch_size:
-        raise UserError(f"config: batch_size ({cfg.batch_size}) must be a multiple of "
-                        f"minibatch_size ({cfg.minibatch_size}), and that of micro_batch_size "
-                        f"({cfg.micro_batch_size})")
-    if cfg.likelihood_dense and cfg.reward_kind != "likelihood":
-        raise UserError("config: likelihood_dense is for reward_kind='likelihood', "
-                        f"not {cfg.reward_kind!r}")
-    if cfg.n_embd % cfg.n_head:
-        raise UserError(f"config: n_embd ({cfg.n_embd}) must be a multiple of n_head "
-                        f"({cfg.n_head})")
-    if cfg.init_from == "synthetic" and not cfg.synthetic:
-        raise UserError("config: init_from='synthetic' is the demo task's policy and needs "
-                        "synthetic=True")
-    if cfg.adaptive_kl and cfg.kl_coef == 0:
-        raise UserError("config: adaptive_kl scales kl_coef, which is 0 and would stay 0; give "
-                        "kl_coef a starting value above 0")
-    if cfg.lr_decay_steps and cfg.min_lr > cfg.learning_rate:
-        raise UserError(f"config: min_lr ({cfg.min_lr:g}) is above learning_rate "
-                        f"({cfg.learning_rate:g}): the decay would raise the rate")
-    fits = {"expected": "choice", "rloo": "generate", "grpo": "generate"}
-    if fits.get(cfg.adv_estimator, cfg.rollout) != cfg.rollout:
-        raise UserError(f"config: adv_estimator {cfg.adv_estimator!r} is for "
-                        f"{fits[cfg.adv_estimator]} rollouts, not {cfg.rollout!r}")
-    if cfg.kl_estimator == "exact" and cfg.rollout != "choice":
-        raise UserError("config: kl_estimator 'exact' needs choice rollouts (the 4 endings); "
-                        "use 'k3' or 'sampled'")
-    grouped = cfg.adv_estimator in ("rloo", "grpo")
-    if grouped != (cfg.group_size > 1) or cfg.batch_size % cfg.group_size:
-        raise UserError(f"config: group_size ({cfg.group_size}) is for adv_estimator rloo or grpo, "
-                        "which need it at 2 or more and dividing batch_size "
-                        f"({cfg.batch_size})")
-    wanted = {"choice": ("teacher", "label"), "generate": ("likelihood",)}[cfg.rollout]
-    if cfg.reward_kind not in wanted:
-        raise UserError(f"config: rollout {cfg.rollout!r} takes reward_kind {' or '.join(wanted)}, "
-                        f"got {cfg.reward_kind!r}")
-    return cfg
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,10 +68,12 @@ def load_config(argv):
 
 
 def masked_mean(x, mask, across_ranks=False):
+    """The mean of x weighed by mask (0/1, or any weights: loss_weights' are below 1); 0 where
+    there is nothing to average."""
     total, count = (x * mask).sum(), mask.sum()
     if across_ranks:
         total, count = all_reduce_sum(total, count)
-    return total / count.clamp(min=1)
+    return total / count.clamp(min=1e-12)
 
 
 def masked_whiten(x, mask, shift_mean=True, across_ranks=False):
@@ -279,7 +108,7 @@ def compute_gae(rewards, values, mask, gamma, gae_lambda):
     return advantages, (advantages + values) * mask
 
 
-def kl_penalty(logprobs, ref_logprobs):
+def sampled_kl(logprobs, ref_logprobs):
     """Per-action estimate of KL(policy || reference) from log-probs of actions sampled from the
     policy: the log ratio (unbiased; negative for some samples)."""
     return logprobs.float() - ref_logprobs.float()
@@ -323,10 +152,41 @@ def grpo_advantages(rewards, group_size, eps=1e-4):
     return ((rewards - mean) / (std + eps)).view(-1)
 
 
+def reinforce_pp_advantages(rewards, mask, gamma, across_ranks=False):
+    """REINFORCE++: each action's return (its reward and the later ones, discounted by gamma) minus
+    the batch's mean return over every rank's actions. -> advantages, returns (B, L), 0 at
+    padding."""
+    returns = compute_gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)[1]
+    return (returns - masked_mean(returns, mask.float(), across_ranks)) * mask, returns
+
+
+def zero_std_groups(scores, group_size):
+    """(B,) scores of consecutive groups of group_size samples -> (B,) bool: the sample's group got
+    one score for all its samples (no signal for a group estimator)."""
+    groups = scores.view(-1, group_size)
+    return (groups == groups[:, :1]).all(1).repeat_interleave(group_size)
+
+
+def loss_weights(mask, loss_agg, horizon):
+    """How a minibatch's losses average over its actions: -> (B, L) each action's weight and (B,)
+    each rollout's count; a minibatch's loss is sum(weight x loss) / sum(count) over its rollouts.
+    "token-mean": every action weighs the same. "seq-mean-token-mean": every rollout weighs the
+    same, its actions' mean. "seq-mean-token-sum-norm" (Dr. GRPO): a rollout's summed losses over
+    a constant, horizon (its most actions), so a long rollout's tokens weigh no less than a short
+    one's. A rollout without actions (mask all 0) counts for nothing."""
+    mask = mask.float()
+    if loss_agg == "token-mean":
+        return mask, mask.sum(1)
+    has_actions = (mask.sum(1) > 0).float()
+    if loss_agg == "seq-mean-token-mean":
+        return mask / mask.sum(1, keepdim=True).clamp(min=1), has_actions
+    return mask / horizon, has_actions
+
+
 def ppo_losses(new_logprobs, old_logprobs, advantages, new_values, old_values, returns, mask,
                clip_coef, vf_clip_coef):
-    """Clipped PPO policy and value losses, averaged over mask; plus approx_kl and clipfrac (as in
-    cleanrl)."""
+    """Clipped PPO policy and value losses, averaged over mask (0/1, or loss_weights' weights); plus
+    approx_kl and clipfrac (as in cleanrl)."""
     new_logprobs, new_values = new_logprobs.float(), new_values.float()
     log_ratio = new_logprobs - old_logprobs
     ratio = log_ratio.exp()
@@ -386,6 +246,285 @@ def learning_rate_at(step, cfg):
 
 
 # --------------------------------------------------------------------------------------------------
+# the estimators: one table per choice. An advantage estimator turns a batch's per-action rewards
+# into advantages (and the returns the value head is fit to); a KL estimator measures the KL to the
+# reference, and enters the reward or the loss. Adding one is a function, an entry and its test.
+
+
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    # (batch, rewards (B, L), the KL coefficient in the reward, cfg) -> advantages, returns (B, L)
+    advantages: Callable
+    rollouts: tuple  # the rollout kinds it fits
+    value_head: bool  # its baseline is the value head, which it trains; else the head is frozen
+    grouped: bool = False  # judges each sample against its group (group_size samples of a prompt)
+    every_choice_scored: bool = False  # needs every ending's reward (choice rollouts)
+
+
+def gae_estimate(batch, rewards, kl_coef, cfg):
+    return compute_gae(rewards, batch.values, batch.mask, cfg.gamma, cfg.gae_lambda)
+
+
+def expected_estimate(batch, rewards, kl_coef, cfg):
+    # every ending's reward, shaped as the chosen one's was (kl_coef: 0 when the KL is in the loss)
+    choice_rewards = batch.choice_scores - kl_coef * sampled_kl(batch.choice_logprobs,
+                                                                batch.choice_ref_logprobs)
+    advantages = expected_advantages(choice_rewards, batch.choice_logprobs)
+    return advantages.gather(1, batch.actions["choices"]), rewards
+
+
+def per_sample(group_advantages, batch, rewards, cfg):
+    """A group estimator's advantage of each sample's total reward (its score and its tokens' KL
+    penalties), given to every token of the sample; the totals are the returns (logged only)."""
+    totals = rewards.sum(1)
+    return (group_advantages(totals, cfg.group_size)[:, None] * batch.mask,
+            totals[:, None] * batch.mask)
+
+
+def rloo_estimate(batch, rewards, kl_coef, cfg):
+    return per_sample(rloo_advantages, batch, rewards, cfg)
+
+
+def grpo_estimate(batch, rewards, kl_coef, cfg):
+    return per_sample(grpo_advantages, batch, rewards, cfg)
+
+
+def reinforce_pp_estimate(batch, rewards, kl_coef, cfg):
+    return reinforce_pp_advantages(rewards, batch.mask, cfg.gamma, across_ranks=True)
+
+
+ADV_ESTIMATORS = {
+    "gae": AdvantageEstimator(gae_estimate, ("choice", "generate"), value_head=True),
+    "expected": AdvantageEstimator(expected_estimate, ("choice",), value_head=False,
+                                   every_choice_scored=True),
+    "rloo": AdvantageEstimator(rloo_estimate, ("generate",), value_head=False, grouped=True),
+    "grpo": AdvantageEstimator(grpo_estimate, ("generate",), value_head=False, grouped=True),
+    "reinforce++": AdvantageEstimator(reinforce_pp_estimate, ("generate",), value_head=False),
+}
+
+
+@dataclass(frozen=True)
+class KLEstimator:
+    # (log-probs (B, L) of the actions under the policy and the reference, and (B, 4) of every
+    # ending, or None) -> (B, L) the KL of each action, as this estimator measures it
+    estimate: Callable
+    enters: str  # "reward" (-kl_coef x it in each action's reward) or "loss" (+kl_coef x its mean)
+    rollouts: tuple  # the rollout kinds it fits
+
+
+KL_ESTIMATORS = {
+    "sampled": KLEstimator(lambda lp, ref_lp, lps, ref_lps: sampled_kl(lp, ref_lp), "reward",
+                           ("choice", "generate")),
+    "k3": KLEstimator(lambda lp, ref_lp, lps, ref_lps: k3_kl(lp, ref_lp), "loss",
+                      ("choice", "generate")),
+    # the whole distribution's KL, at the example's one action
+    "exact": KLEstimator(lambda lp, ref_lp, lps, ref_lps: exact_kl(lps, ref_lps)[:, None],
+                         "loss", ("choice",)),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Config:
+    # ---- run
+    # checkpoints, train_config.json, metrics.jsonl, samples.jsonl, eval/, the export (hf/)
+    out_dir: str = "out/ppo"
+    # a fresh run refuses an out_dir that holds another run; start_over moves that run's files to
+    # out_dir/previous/
+    start_over: bool = False
+    # hub name, transformers dir, build-nanogpt/nanoGPT .pt, project checkpoint or run dir, "resume"
+    # (this out_dir), "scratch" (random weights of the size below), "synthetic" (the demo task's
+    # starting policy)
+    init_from: str = "gpt2"
+    seed: int = setting(1337, low=0, high=2**31 - 1)  # numpy takes seeds below 2**32
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (under torchrun: cuda:LOCAL_RANK)
+    # autocast dtype on CUDA (float16 adds a GradScaler); always float32 on CPU
+    dtype: str = setting("bfloat16", choices=("bfloat16", "float16", "float32"))
+    compile: bool = False  # torch.compile the training forward (rollouts and eval stay eager)
+    # a rank that waits this long on a dead one stops the run
+    ddp_timeout_s: float = setting(600.0, low=10.0, high=1e7)  # torch's own limit is near 1e9
+    # policy built from scratch (init_from = "scratch"); n_embd must be a multiple of n_head
+    n_layer: int = setting(2, low=1, high=1000)
+    n_head: int = setting(2, low=1, high=1000)
+    n_embd: int = setting(64, low=1, high=100_000)
+    block_size: int = setting(256, low=2, high=1_000_000)
+    # ---- data
+    # "hellaswag:<split>" (downloaded) or a jsonl file in HellaSwag's schema
+    train_data: str = "hellaswag:train"
+    val_data: str = "hellaswag:val"
+    data_cache: str = ""  # download folder for the HellaSwag splits ("" = hellaswag.py's default)
+    # the offline demo task (synthetic.py): its train/val data and its tiny teacher
+    synthetic: bool = False
+    synthetic_dir: str = ""  # where the demo task is written ("" = out_dir/synthetic)
+    # HellaSwag rendering for choice rollouts, the teacher and eval
+    style: str = setting("completion", choices=("completion", "lm-eval"))
+    # ---- rollouts
+    rollout: str = setting("choice", choices=("choice", "generate"))
+    batch_size: int = setting(64, low=1)  # rollouts per rank per step
+    # choice: softmax temperature over the 4 endings' scores
+    choice_temperature: float = setting(1.0, low=0.01, high=100.0)
+    # generate: the prompt is the context's last tokens (fewer if the window needs it; the judge
+    # sees the whole context)
+    max_prompt_tokens: int = setting(128, low=1)
+    max_new_tokens: int = setting(24, low=1)
+    # generate: sampling temperature, also applied to the log-probs PPO optimises
+    temperature: float = setting(1.0, low=0.01, high=100.0)
+    # generate: top-k / top-p sample from a truncated distribution while PPO and the KL use the full
+    # one (slightly off-policy); leave them off unless samples degenerate
+    top_k: int = setting(0, low=0)  # 0 = off
+    top_p: float = setting(1.0, above=0.0, high=1.0)  # 1.0 = off
+    # generate: stop at ".", "!", "?" or a newline as well as <|endoftext|>
+    stop_at_sentence_end: bool = True
+    # generate: taken from a sample that never stopped
+    no_stop_penalty: float = setting(1.0, low=0.0, high=1000.0)
+    # ---- reward
+    # teacher | label (choice rollouts), likelihood (generate rollouts)
+    reward_kind: str = setting("teacher", choices=tuple(REWARD_KINDS))
+    # any transformers causal LM: hub name or local directory
+    reward_model: str = DEFAULT_REWARD_MODEL
+    # auto = bfloat16 on CUDA, float32 on CPU
+    reward_dtype: str = setting("auto", choices=("auto", "bfloat16", "float16", "float32"))
+    reward_batch_size: int = setting(32, low=1)
+    # teacher: prob = teacher's probability of the chosen ending, agree = 1/0
+    teacher_mode: str = setting("prob", choices=("prob", "agree"))
+    # teacher: softmax temperature over its normalised ending scores
+    teacher_temperature: float = setting(1.0, low=0.01, high=100.0)
+    # teacher: folder for cached teacher scores ("" = out_dir/teacher_cache)
+    teacher_cache: str = ""
+    # likelihood: mean log-prob per token | char
+    likelihood_per: str = setting("token", choices=("token", "char"))
+    # likelihood: clip the normalised score to [-clip, clip]; 0 = off
+    reward_clip: float = setting(0.0, low=0.0, high=1000.0)
+    reward_normalize: bool = True  # likelihood: running mean/std normalisation
+    # likelihood: each sampled token gets its share of the score (the judge's log-prob of it,
+    # normalised like the score; the shares sum to it) instead of the whole score at the last token
+    likelihood_dense: bool = False
+    # ---- KL to the frozen reference
+    # initial coefficient of the KL penalty
+    kl_coef: float = setting(0.05, low=0.0, high=100.0)
+    # how the KL is estimated, and where it enters (KL_ESTIMATORS; the module's docstring)
+    kl_estimator: str = setting("sampled", choices=tuple(KL_ESTIMATORS))
+    adaptive_kl: bool = False  # Ziegler et al. 2019 controller: steer the KL towards kl_target
+    kl_target: float = setting(6.0, above=0.0, high=10_000.0)
+    kl_horizon: int = setting(10000, low=1)
+    # ---- advantages
+    # the advantages' baseline (ADV_ESTIMATORS; the module's docstring). Only gae uses the value
+    # head: the others leave it frozen (no loss, no backward; saved and exported as it was)
+    adv_estimator: str = setting("gae", choices=tuple(ADV_ESTIMATORS))
+    # rloo / grpo: samples per prompt. batch_size counts samples and must be a multiple: each rank
+    # draws batch_size / group_size prompts a step, and keeps each group
+    group_size: int = setting(1, low=1, high=1024)
+    # rloo / grpo: leave out of the loss the groups whose samples all got the same score (no
+    # signal); their share is logged as frac_zero_std_groups either way
+    drop_zero_std_groups: bool = False
+    # ---- PPO
+    ppo_epochs: int = setting(4, low=1, high=1000)
+    minibatch_size: int = setting(16, low=1)  # per rank; one optimizer step per minibatch
+    # per rank; gradient accumulation inside a minibatch: a memory setting, the update is the same
+    # for any value
+    micro_batch_size: int = setting(8, low=1)
+    learning_rate: float = setting(1e-5, low=0.0, high=1.0)
+    warmup_steps: int = setting(0, low=0)
+    # cosine decay to min_lr over this many steps after warmup; 0 = constant
+    lr_decay_steps: int = setting(0, low=0)
+    min_lr: float = setting(0.0, low=0.0, high=1.0)
+    weight_decay: float = setting(0.0, low=0.0, high=10.0)
+    beta1: float = setting(0.9, low=0.0, below=1.0)  # AdamW's limits
+    beta2: float = setting(0.95, low=0.0, below=1.0)
+    grad_clip: float = setting(1.0, low=0.0, high=1e6)  # 0 = off
+    clip_coef: float = setting(0.2, above=0.0, high=10.0)  # policy ratio clipping
+    vf_coef: float = setting(0.1, low=0.0, high=1000.0)  # weight of the value loss
+    # value clipping around the rollout's values; 0 = off
+    vf_clip_coef: float = setting(0.2, low=0.0, high=1000.0)
+    ent_coef: float = setting(0.0, low=0.0, high=10.0)  # entropy bonus
+    # how a minibatch's losses average over its actions (loss_weights): every token the same, every
+    # rollout the same, or a rollout's summed losses over its most tokens (Dr. GRPO); verl's names
+    loss_agg: str = setting("token-mean", choices=("token-mean", "seq-mean-token-mean",
+                                                   "seq-mean-token-sum-norm"))
+    # gae: the first this many steps train the value head alone, the policy untouched (a fresh
+    # head's values are noise, and so would the first advantages be)
+    value_warmup_steps: int = setting(0, low=0)
+    value_lr_scale: float = setting(1.0, above=0.0, high=1000.0)  # gae: value head's lr / policy's
+    gamma: float = setting(1.0, low=0.0, high=1.0)
+    gae_lambda: float = setting(0.95, low=0.0, high=1.0)
+    # stop the step's PPO epochs once approx_kl exceeds this; 0 = off
+    target_kl: float = setting(0.0, low=0.0, high=1000.0)
+    whiten_advantages: bool = True  # across the batch (all ranks); grpo's are per group already
+    max_steps: int = setting(1000, low=0)
+    # stop after this many steps in a row whose losses or gradients are not finite (each one
+    # skipped whole)
+    max_bad_steps: int = setting(3, low=1)
+    # ---- logging, evaluation, checkpoints
+    log_interval: int = setting(1, low=1)
+    # write a few rollouts to samples.jsonl every this many steps
+    sample_interval: int = setting(10, low=0)
+    # HellaSwag at step 0, every eval_interval steps and at the end; 0 = only start and end
+    eval_interval: int = setting(50, low=0)
+    eval_limit: int = setting(0, low=0)  # evaluate the first N examples only; 0 = all
+    eval_batch_size: int = setting(32, low=1)
+    checkpoint_interval: int = setting(100, low=1)
+    keep_last: int = setting(2, low=1)  # step checkpoints kept (best.pt is kept besides)
+    export_hf: bool = True  # export the final policy as a transformers directory out_dir/hf
+    wandb_log: bool = False
+    wandb_project: str = "gpt2-ppo-hellaswag"
+    wandb_run_name: str = ""
+
+
+def load_config(argv):
+    """Config from defaults, then config files and --key=value overrides in the order given; then
+    the checks that involve several settings."""
+    cfg = parse_config(argv, Config)
+    if cfg.batch_size % cfg.minibatch_size or cfg.minibatch_size % cfg.micro_batch_size:
+        raise UserError(f"config: batch_size ({cfg.batch_size}) must be a multiple of "
+                        f"minibatch_size ({cfg.minibatch_size}), and that of micro_batch_size "
+                        f"({cfg.micro_batch_size})")
+    dense = [name for name, kind in REWARD_KINDS.items() if kind.rollout == "generate"]
+    if cfg.likelihood_dense and REWARD_KINDS[cfg.reward_kind].rollout != "generate":
+        raise UserError("config: likelihood_dense is for reward_kind="
+                        f"{' or '.join(map(repr, dense))}, not {cfg.reward_kind!r}")
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(f"config: n_embd ({cfg.n_embd}) must be a multiple of n_head "
+                        f"({cfg.n_head})")
+    if cfg.init_from == "synthetic" and not cfg.synthetic:
+        raise UserError("config: init_from='synthetic' is the demo task's policy and needs "
+                        "synthetic=True")
+    if cfg.adaptive_kl and cfg.kl_coef == 0:
+        raise UserError("config: adaptive_kl scales kl_coef, which is 0 and would stay 0; give "
+                        "kl_coef a starting value above 0")
+    if cfg.lr_decay_steps and cfg.min_lr > cfg.learning_rate:
+        raise UserError(f"config: min_lr ({cfg.min_lr:g}) is above learning_rate "
+                        f"({cfg.learning_rate:g}): the decay would raise the rate")
+    for key, table in (("adv_estimator", ADV_ESTIMATORS), ("kl_estimator", KL_ESTIMATORS)):
+        name = getattr(cfg, key)
+        if cfg.rollout not in table[name].rollouts:
+            fitting = [n for n, entry in table.items() if cfg.rollout in entry.rollouts]
+            raise UserError(f"config: {key} {name!r} is for {' or '.join(table[name].rollouts)} "
+                            f"rollouts, not {cfg.rollout!r}; use one of {', '.join(fitting)}")
+    estimator = ADV_ESTIMATORS[cfg.adv_estimator]
+    grouped = [name for name, entry in ADV_ESTIMATORS.items() if entry.grouped]
+    if estimator.grouped != (cfg.group_size > 1) or cfg.batch_size % cfg.group_size:
+        raise UserError(f"config: group_size ({cfg.group_size}) is for adv_estimator "
+                        f"{' or '.join(grouped)}, which need it at 2 or more and dividing "
+                        f"batch_size ({cfg.batch_size})")
+    if cfg.drop_zero_std_groups and not estimator.grouped:
+        raise UserError("config: drop_zero_std_groups is for adv_estimator "
+                        f"{' or '.join(grouped)}, not {cfg.adv_estimator!r}")
+    with_value_head = [name for name, entry in ADV_ESTIMATORS.items() if entry.value_head]
+    for key in ("value_warmup_steps", "value_lr_scale"):
+        if getattr(cfg, key) != getattr(Config, key) and not estimator.value_head:
+            raise UserError(f"config: {key} is for adv_estimator {' or '.join(with_value_head)} "
+                            f"(the others leave the value head frozen), not {cfg.adv_estimator!r}")
+    wanted = [name for name, kind in REWARD_KINDS.items() if kind.rollout == cfg.rollout]
+    if REWARD_KINDS[cfg.reward_kind].rollout != cfg.rollout:
+        raise UserError(f"config: rollout {cfg.rollout!r} takes reward_kind {' or '.join(wanted)}, "
+                        f"got {cfg.reward_kind!r}")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
 # rollouts: two kinds behind one interface. collect() acts on a batch of examples and scores it;
 # forward() recomputes, with gradients, the log-probs, values and entropies of the actions of a
 # minibatch. Tensors are (B, L): one column per action, L = 1 for a choice and up to max_new_tokens
@@ -414,9 +553,12 @@ class Rollouts:
     choice_logprobs: torch.Tensor = None
     choice_ref_logprobs: torch.Tensor = None
     choice_scores: torch.Tensor = None
-    # (B, L) what PPO learns from, set once the rewards are in (advantages_and_returns)
+    # (B, L) what PPO learns from, set once the rewards are in (the advantage estimator)
     advantages: torch.Tensor = None
     returns: torch.Tensor = None
+    # (B, L) each action's weight in the losses and (B,) each rollout's count (loss_weights)
+    loss_weights: torch.Tensor = None
+    loss_counts: torch.Tensor = None
 
 
 def choice_forward(model, encoded, choice_temperature, device):
@@ -439,16 +581,16 @@ class ChoiceRollouts:
     """The policy picks one of an example's 4 endings, sampled from softmax(its HellaSwag scores /
     temperature); the reward (teacher or label) is for that choice. The value head is read at the
     context's last token."""
+    max_actions = 1  # per rollout
 
     def __init__(self, encoded, reward_fn, choice_temperature, micro_batch_size, device,
-                 kl_estimator="sampled", score_every_ending=False):
+                 score_every_ending=False):
         # every training example, encoded once at setup as the evaluator encodes it
         self.encoded = encoded
         self.reward_fn, self.temperature = reward_fn, choice_temperature
         self.micro_batch_size, self.device = micro_batch_size, device
-        # the KL in the loss ("k3", "exact"; "sampled" is in the reward), and whether the reward of
-        # every ending is wanted (adv_estimator "expected")
-        self.kl_estimator, self.score_every_ending = kl_estimator, score_every_ending
+        # whether the reward of every ending is wanted (AdvantageEstimator.every_choice_scored)
+        self.score_every_ending = score_every_ending
         # the frozen reference's distribution over each example's endings depends on the example
         # alone: computed the first time the example is met, then kept (4 floats an example, saved
         # with the checkpoint)
@@ -526,16 +668,13 @@ class ChoiceRollouts:
                         choice_ref_logprobs=ref_lp, choice_scores=every_score)
 
     def forward(self, model, rollouts, micro):
+        """-> the chosen endings' log-probs, values and entropies (N, 1), and every ending's
+        log-probs (N, 4)."""
         encoded = [rollouts.actions["encoded"][j] for j in micro.tolist()]
         lp, v = choice_forward(model, encoded, self.temperature, self.device)
         entropy = -(lp.exp() * lp).sum(1, keepdim=True)
         chosen = lp.gather(1, rollouts.actions["choices"][micro])
-        kl = None  # in the loss: the whole distribution's KL, or k3 at the chosen ending
-        if self.kl_estimator == "exact":
-            kl = exact_kl(lp, rollouts.choice_ref_logprobs[micro])[:, None]
-        elif self.kl_estimator == "k3":
-            kl = k3_kl(chosen, rollouts.ref_logprobs[micro])
-        return chosen, v[:, None], entropy, kl
+        return chosen, v[:, None], entropy, lp
 
     def metrics(self, rollouts):
         """The share of this rank's choices that were the gold ending (when the data has labels)."""
@@ -604,6 +743,7 @@ class GenerateRollouts:
 
     def __init__(self, reward_fn, cfg, prompt_budget, stop_tokens, device):
         self.reward_fn, self.cfg = reward_fn, cfg
+        self.max_actions = cfg.max_new_tokens  # per rollout
         self.prompt_budget, self.device = prompt_budget, device
         self.stop_tokens = torch.tensor(stop_tokens, device=device)
         self.encode = gpt2_encoding().encode_ordinary
@@ -692,15 +832,14 @@ class GenerateRollouts:
         return True
 
     def forward(self, model, rollouts, micro):
+        """-> the response tokens' log-probs, values and entropies (N, L), and None (no other
+        actions were open to it than the vocabulary's)."""
         actions = rollouts.actions
         logprobs, values, entropy = sequence_forward(
             model, actions["prompts"][micro], actions["prompt_mask"][micro],
             actions["responses"][micro], rollouts.mask[micro].long(), self.cfg.temperature,
             entropy_grad=self.cfg.ent_coef > 0)
-        kl = None  # in the loss with k3 ("sampled" is in the reward)
-        if self.cfg.kl_estimator == "k3":
-            kl = k3_kl(logprobs, rollouts.ref_logprobs[micro]) * rollouts.mask[micro]
-        return logprobs, values, entropy, kl
+        return logprobs, values, entropy, None
 
     def metrics(self, rollouts):
         """This rank's mean response length in tokens, the share of responses that stopped by
@@ -797,36 +936,36 @@ def build_policy(source, cfg):
 
 
 def load_models(cfg, init_from, ckpt, resume_path, device):
-    """-> (policy with its value head, frozen reference, what a checkpoint keeps of the reference:
-    where it came from, the settings of a scratch one, a fingerprint of its weights). A resumed run
+    """-> (policy with its value head, frozen reference, what a checkpoint keeps of the reference
+    (a Reference: where it came from, the settings of a scratch one, a fingerprint of its
+    weights)). ckpt: the Checkpoint resumed (read_checkpoint), or None. A resumed run
     rebuilds the reference from the source its checkpoint names (a scratch one from the settings
     the run began with, whatever the config says today), refuses one whose weights changed since,
     and builds the policy from the checkpoint. A run directory as the source is pinned to its
     newest checkpoint file, which later saves of that run do not change."""
-    reference_from = ckpt["reference_from"] if ckpt else checkpoint_source(init_from)
+    reference_from = ckpt.reference.source if ckpt else checkpoint_source(init_from)
     scratch = None
     if reference_from == "scratch":
         # checkpoints from before reference_settings: their config is the first run's
-        saved = ((ckpt.get("reference_settings") or ckpt.get("config", {})) if ckpt
+        saved = ((ckpt.reference.settings or ckpt.config) if ckpt
                  else dataclasses.asdict(cfg))
         scratch = {k: saved[k] for k in SCRATCH_SETTINGS if k in saved}
         cfg = dataclasses.replace(cfg, **scratch)
     reference = build_policy(reference_from, cfg)
     fingerprint = weights_fingerprint(reference)
-    if ckpt and ckpt.get("reference_fingerprint", fingerprint) != fingerprint:
+    if ckpt and ckpt.reference.fingerprint not in (None, fingerprint):
         raise UserError(f"{reference_from}: not the weights this run started from as its "
                         "reference (rewritten since?), so its KL penalty and cached reference "
                         "scores would change; put the original back, or start a new run from "
                         f"{resume_path}")
     reference.to(device).eval().requires_grad_(False)
     if ckpt:
-        policy = GPT(GPTConfig(**ckpt["model_config"]))
-        policy._load_state_dict(ckpt["model"], resume_path)
+        policy = GPT(GPTConfig(**ckpt.model_config))
+        policy._load_state_dict(ckpt.model, resume_path)
     else:
         policy = copy.deepcopy(reference).requires_grad_(True)
     policy.to(device).eval()  # eval mode throughout: PPO wants no dropout in rollouts or updates
-    return policy, reference, {"reference_from": reference_from, "reference_settings": scratch,
-                               "reference_fingerprint": fingerprint}
+    return policy, reference, Reference(reference_from, scratch, fingerprint)
 
 
 def weights_fingerprint(model):
@@ -839,23 +978,23 @@ def weights_fingerprint(model):
 
 
 def build_reward(cfg, train_examples, sources, run):
-    if cfg.reward_kind == "label":
-        return LabelReward(train_examples)
-    if is_gguf(sources["reward_source"]):  # one rank per node converts it, the others read that
-        if run.local_master:
-            gguf_directory(sources["reward_source"])
-        run.barrier()
-    judge = CausalLM.load(sources["reward_source"], device=run.device,
-                          dtype=None if cfg.reward_dtype == "auto" else cfg.reward_dtype)
-    if cfg.reward_kind == "teacher":
-        cache_dir = cfg.teacher_cache or os.path.join(cfg.out_dir, "teacher_cache")
-        return TeacherReward(judge, train_examples, style=cfg.style, mode=cfg.teacher_mode,
-                             temperature=cfg.teacher_temperature, batch_size=cfg.reward_batch_size,
-                             cache_dir=cache_dir, data_id=os.path.basename(sources["train_data"]))
+    """The reward kind's reward (REWARD_KINDS), with its judge loaded if it has one. -> the reward,
+    and the teacher whose own picks the run evaluates (the judge, if it picks endings), or None."""
+    kind = REWARD_KINDS[cfg.reward_kind]
+    judge = None
+    if kind.judge:
+        if is_gguf(sources["reward_source"]):  # one rank per node converts it, the others read it
+            if run.local_master:
+                gguf_directory(sources["reward_source"])
+            run.barrier()
+        judge = CausalLM.load(sources["reward_source"], device=run.device,
+                              dtype=None if cfg.reward_dtype == "auto" else cfg.reward_dtype)
+    cache_dir = cfg.teacher_cache or os.path.join(cfg.out_dir, "teacher_cache")
     # every rank keeps the same running statistics
-    return LikelihoodReward(judge, per=cfg.likelihood_per, clip=cfg.reward_clip or None,
-                            normalize=cfg.reward_normalize, batch_size=cfg.reward_batch_size,
-                            all_reduce=dist.all_reduce if run.ddp else None)
+    reward_fn = kind.build(judge, train_examples, cfg, cache_dir=cache_dir,
+                           data_id=os.path.basename(sources["train_data"]),
+                           all_reduce=dist.all_reduce if run.ddp else None)
+    return reward_fn, judge if kind.picks else None
 
 
 def build_rollouts(cfg, policy, train_examples, reward_fn, device):
@@ -867,7 +1006,7 @@ def build_rollouts(cfg, policy, train_examples, reward_fn, device):
         encoded = [encode_for_model(ex, encode, policy.config.block_size, cfg.style)
                    for ex in train_examples]
         return ChoiceRollouts(encoded, reward_fn, cfg.choice_temperature, cfg.micro_batch_size,
-                              device, cfg.kl_estimator, cfg.adv_estimator == "expected")
+                              device, ADV_ESTIMATORS[cfg.adv_estimator].every_choice_scored)
     # fit the window
     prompt_budget = min(cfg.max_prompt_tokens, policy.config.block_size - cfg.max_new_tokens)
     if prompt_budget < 1:
@@ -892,51 +1031,49 @@ def shaped_rewards(scores, kl, kl_coef, mask, score_shares=None):
     return rewards
 
 
-def kl_estimate(batch, estimator):
-    """(B, L) the KL to the reference of each action as the estimator measures it (0 at padding);
-    "exact" gives the whole distribution's at the example's one action."""
-    if estimator == "exact":
-        return exact_kl(batch.choice_logprobs, batch.choice_ref_logprobs)[:, None] * batch.mask
-    estimate = k3_kl if estimator == "k3" else kl_penalty
-    return estimate(batch.logprobs, batch.ref_logprobs) * batch.mask
+def kl_estimate(estimator, logprobs, ref_logprobs, mask, choice_logprobs, choice_ref_logprobs):
+    """(B, L) the KL to the reference of each action as the KL estimator measures it, 0 at
+    padding; choice_logprobs and choice_ref_logprobs are every ending's (choice rollouts) or
+    None."""
+    return estimator.estimate(logprobs, ref_logprobs, choice_logprobs, choice_ref_logprobs) * mask
 
 
-def advantages_and_returns(batch, rewards, kl_coef, cfg):
-    """The estimator's advantages (B, L) for per-action rewards (B, L), and the returns the value
-    head is fit to (GAE's; elsewhere the rewards, for the logged explained variance only)."""
-    if cfg.adv_estimator == "gae":
-        return compute_gae(rewards, batch.values, batch.mask, cfg.gamma, cfg.gae_lambda)
-    if cfg.adv_estimator == "expected":
-        # every ending's reward, shaped as the chosen one's was
-        choice_rewards = batch.choice_scores
-        if cfg.kl_estimator == "sampled":
-            choice_rewards = choice_rewards - kl_coef * kl_penalty(batch.choice_logprobs,
-                                                                   batch.choice_ref_logprobs)
-        advantages = expected_advantages(choice_rewards, batch.choice_logprobs)
-        return advantages.gather(1, batch.actions["choices"]), rewards
-    # a sample's reward: its score and the KL penalties of its tokens
-    totals = rewards.sum(1)
-    group_advantages = rloo_advantages if cfg.adv_estimator == "rloo" else grpo_advantages
-    return (group_advantages(totals, cfg.group_size)[:, None] * batch.mask,
-            totals[:, None] * batch.mask)
+def learning_mask(batch, cfg, run):
+    """(B, L) the actions the loss learns from: all of them, but (drop_zero_std_groups) not those
+    of a group whose samples all got one score. -> the mask, and for a group estimator the share
+    of such groups over every rank, for the log."""
+    if not ADV_ESTIMATORS[cfg.adv_estimator].grouped:
+        return batch.mask, {}
+    zero_std = zero_std_groups(batch.scores, cfg.group_size).float()
+    n_zero, n_samples = all_reduce_sum(zero_std.sum(), zero_std.new_tensor(len(zero_std)))
+    metrics = {"frac_zero_std_groups": (n_zero / n_samples).item()}
+    if cfg.drop_zero_std_groups:
+        return batch.mask * (1 - zero_std)[:, None], metrics
+    return batch.mask, metrics
 
 
 def ppo_update(model, raw_model, state, rollout_kind, batch, cfg, run):
     """ppo_epochs passes over the batch in shuffled minibatches: one optimizer step per minibatch,
     gradients accumulated over its micro-batches, clipped losses. A minibatch's losses are means
-    over its actions, so micro_batch_size (a memory setting) does not change the update; that is
-    also what lets each micro-batch take rollouts of similar length (micro_batches). Stops early
+    over its actions, weighed as loss_agg says (loss_weights), so micro_batch_size (a memory
+    setting) does not change the update; that is also what lets each micro-batch take rollouts of
+    similar length (micro_batches). During value warm-up only the value head steps. Stops early
     once approx_kl passes target_kl, and at the first non-finite gradient, whose update is not
     applied (the optimizer's state is not touched).
     -> (mean statistics, epochs done, whether every gradient was finite)."""
     optimizer, scaler = state.optimizer, state.scaler
+    kl_estimator = KL_ESTIMATORS[cfg.kl_estimator]
+    value_warmup = in_value_warmup(state.step, cfg)
     names = ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "entropy")
     stats = {k: [] for k in names + ("grad_norm",)}
     summary = lambda: {k: float(np.mean(v)) for k, v in stats.items() if v}  # noqa: E731
     for epoch in range(cfg.ppo_epochs):
         permutation = torch.randperm(len(batch.scores), generator=state.shuffle_generator)
         for minibatch in permutation.split(cfg.minibatch_size):
-            n_actions = batch.mask[minibatch.to(run.device)].sum().clamp(min=1)
+            counts = batch.loss_counts[minibatch.to(run.device)].sum()
+            if cfg.drop_zero_std_groups and all_reduce_sum(counts)[0] == 0:
+                continue  # all of it dropped, on every rank: no step (Adam's momentum would move)
+            n_actions = counts.clamp(min=1)
             micros = micro_batches(minibatch, batch.lengths, cfg.micro_batch_size)
             minibatch_stats = torch.zeros(len(names), device=run.device)
             for i, micro in enumerate(micros):
@@ -945,22 +1082,31 @@ def ppo_update(model, raw_model, state, rollout_kind, batch, cfg, run):
                 no_sync = (model.no_sync() if run.ddp and i < len(micros) - 1
                            else contextlib.nullcontext())
                 with no_sync, autocast(run.device, run.dtype):
-                    new_logprobs, new_values, entropy, kl = rollout_kind.forward(model, batch,
-                                                                                 micro)
-                    mask = batch.mask[micro]
+                    new_logprobs, new_values, entropy, new_choice_logprobs = rollout_kind.forward(
+                        model, batch, micro)
+                    weights = batch.loss_weights[micro]
                     losses = ppo_losses(new_logprobs, batch.logprobs[micro],
                                         batch.advantages[micro], new_values, batch.values[micro],
-                                        batch.returns[micro], mask, cfg.clip_coef,
+                                        batch.returns[micro], weights, cfg.clip_coef,
                                         cfg.vf_clip_coef)
-                    losses["entropy"] = masked_mean(entropy, mask)
-                    loss = step_loss(losses, kl, mask, state.kl_controller.value, cfg)
-                # this micro-batch's share of the minibatch's actions: its means weigh that much
-                share = mask.sum() / n_actions
+                    losses["entropy"] = masked_mean(entropy, weights)
+                    kl = None
+                    if kl_estimator.enters == "loss":
+                        kl = kl_estimate(kl_estimator, new_logprobs, batch.ref_logprobs[micro],
+                                         batch.mask[micro], new_choice_logprobs,
+                                         rows(batch.choice_ref_logprobs, micro))
+                    loss = step_loss(losses, kl, weights, state.kl_controller.value, cfg,
+                                     value_warmup)
+                # this micro-batch's share of the minibatch's weight: its means weigh that much
+                share = weights.sum() / n_actions
                 scaler.scale(loss * share).backward()
                 minibatch_stats += torch.stack([losses[k].detach().float() for k in names]) * share
             for k, value in zip(names, minibatch_stats.tolist()):
                 stats[k].append(value)
             scaler.unscale_(optimizer)
+            if value_warmup:  # the value loss's gradients in the shared trunk are not applied
+                for p in policy_parameters(raw_model):
+                    p.grad = None
             max_norm = cfg.grad_clip or float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
             stats["grad_norm"].append(grad_norm.item())
@@ -982,15 +1128,39 @@ def ppo_update(model, raw_model, state, rollout_kind, batch, cfg, run):
     return summary(), cfg.ppo_epochs, True
 
 
+def set_learning_rate(optimizer, lr, value_lr_scale):
+    """lr for the policy's parameter groups, lr x value_lr_scale for the value head's."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * value_lr_scale if group["value_head"] else lr
+
+
+def in_value_warmup(step, cfg):
+    """Whether the step after `step` steps trains the value head alone."""
+    return step < cfg.value_warmup_steps
+
+
+def rows(x, indices):
+    """x[indices], for a tensor that may be None."""
+    return None if x is None else x[indices]
+
+
+def policy_parameters(model):
+    """Every parameter but the value head's."""
+    return [p for name, p in model.named_parameters() if not name.startswith("value_head.")]
+
+
 def trains_value_head(adv_estimator):
-    """GAE takes its baseline from the value head, which it fits; the other estimators need none,
+    """An estimator that takes its baseline from the value head fits it; the others need none,
     and leave it frozen (outside the optimizer)."""
-    return adv_estimator == "gae"
+    return ADV_ESTIMATORS[adv_estimator].value_head
 
 
-def step_loss(losses, kl, mask, kl_coef, cfg):
-    """What a minibatch minimises: the clipped policy loss, the value loss when GAE uses the value
-    head, the entropy bonus, and the KL to the reference when its estimator puts it in the loss."""
+def step_loss(losses, kl, mask, kl_coef, cfg, value_warmup=False):
+    """What a minibatch minimises: the clipped policy loss, the value loss when the estimator uses
+    the value head, the entropy bonus, and the KL to the reference when its estimator puts it in
+    the loss; during value warm-up, the value loss alone."""
+    if value_warmup:
+        return cfg.vf_coef * losses["vf_loss"]
     if trains_value_head(cfg.adv_estimator):
         loss = (losses["pg_loss"] + cfg.vf_coef * losses["vf_loss"]
                 - cfg.ent_coef * losses["entropy"])
@@ -1045,6 +1215,16 @@ def check_same_trained_parameters(saved, cfg, resume_path):
                     f"--init_from={resume_path} and another out_dir")
 
 
+# a step's console line: the metrics of the dict that run_ppo logs, in order
+CONSOLE_LINE = (Shown("step", "step {}"), Shown("reward", "reward {:.4f}"),
+                Shown("kl", "kl {:.4f}"), Shown("pg_loss", "pg {:.4f}"),
+                Shown("vf_loss", "vf {:.4f}"),
+                Shown("clipfrac", "clipfrac {:.3f}"), Shown("approx_kl", "approx_kl {:.4f}"),
+                Shown("entropy", "ent {:.3f}"), Shown("explained_var", "ev {:.3f}"),
+                Shown("samples_per_s", "{:.1f} samples/s"), Shown("tokens_per_s", "{:.0f} tok/s"),
+                Shown("dt", "dt {:.0f}ms", scale=1000), Shown("peak_mem_gb", "mem {:.2f}GB"))
+
+
 def run_ppo(cfg, run):
     """PPO as configured, in the process `run` describes, out_dir held. -> a summary: final step,
     last eval, last metrics, the policy and the signal that stopped the run early (or None)."""
@@ -1054,21 +1234,22 @@ def run_ppo(cfg, run):
     torch.backends.cudnn.allow_tf32 = True
     resume_path, ckpt = prepare_out_dir(cfg, run, run.log)
     if ckpt:
-        check_same_trained_parameters(ckpt.get("config", {}), cfg, resume_path)
+        check_same_trained_parameters(ckpt.config, cfg, resume_path)
     os.makedirs(cfg.out_dir, exist_ok=True)
     run.log(json.dumps(dataclasses.asdict(cfg), indent=2))
     if ckpt:
-        log_changed_settings(ckpt.get("config", {}), cfg, run)
+        log_changed_settings(ckpt.config, cfg, run)
     train_examples, val_examples, sources = load_data(cfg, run, run.log)
     raw_model, reference, reference_state = load_models(cfg, sources["init_from"], ckpt,
                                                         resume_path, run.device)
-    check_finite_weights(raw_model, resume_path or reference_state["reference_from"])
-    if not trains_value_head(cfg.adv_estimator):  # frozen, as saved
+    check_finite_weights(raw_model, resume_path or reference_state.source)
+    estimator, kl_estimator = ADV_ESTIMATORS[cfg.adv_estimator], KL_ESTIMATORS[cfg.kl_estimator]
+    if not estimator.value_head:  # frozen, as saved
         raw_model.value_head.requires_grad_(False)
     run.log(f"policy: {raw_model.num_params() / 1e6:.2f}M parameters from "
-            f"{reference_state['reference_from']}; "
+            f"{reference_state.source}; "
             f"device {run.device}, {run.world_size} process(es), autocast {run.dtype}")
-    reward_fn = build_reward(cfg, train_examples, sources, run)
+    reward_fn, teacher = build_reward(cfg, train_examples, sources, run)
     rollout_kind = build_rollouts(cfg, raw_model, train_examples, reward_fn, run.device)
     device_type = torch.device(run.device).type
     model = raw_model
@@ -1090,31 +1271,35 @@ def run_ppo(cfg, run):
         run.log(f"resumed from {resume_path} at step {state.step}")
         forget_after(cfg.out_dir, state.step, run)
         del ckpt
-    manager = RunManager(cfg, run, state, raw_model, val_examples)
-    manager.evaluations_before_the_loop(reward_fn)
+    manager = RunManager(cfg, run, state, raw_model, val_examples, CONSOLE_LINE)
+    manager.evaluations_before_the_loop(teacher)
     timer = manager.timer
 
     while state.step < cfg.max_steps:
         t0 = time.time()
         lr = learning_rate_at(state.step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(optimizer, lr, cfg.value_lr_scale)
         indices = state.next_batch()
+        # counted in the log: a value warm-up step leaves the policy as it was
+        warmup = {"value_warmup": 1} if in_value_warmup(state.step, cfg) else {}
 
         # ---- rollout and reward: act, score, and record log-probs, values and reference log-probs
         with autocast(run.device, run.dtype):
             batch = rollout_kind.collect(raw_model, reference, [train_examples[i] for i in indices],
                                          indices, state.sample_generator, timer)
 
-        # ---- advantages: the KL (in the reward when sampled), the score at the last action, the
-        # estimator's baseline (GAE, expected, RLOO, GRPO), whitening
-        kl = kl_estimate(batch, cfg.kl_estimator)
-        kl_coef = state.kl_controller.value
-        in_reward = kl_coef if cfg.kl_estimator == "sampled" else 0.0  # else in the loss
+        # ---- advantages: the KL (in the reward or the loss), the score at the last action, the
+        # estimator's baseline, the actions learnt from, whitening
+        kl = kl_estimate(kl_estimator, batch.logprobs, batch.ref_logprobs, batch.mask,
+                         batch.choice_logprobs, batch.choice_ref_logprobs)
+        in_reward = state.kl_controller.value if kl_estimator.enters == "reward" else 0.0
         rewards = shaped_rewards(batch.scores, kl, in_reward, batch.mask, batch.score_shares)
-        batch.advantages, batch.returns = advantages_and_returns(batch, rewards, kl_coef, cfg)
+        batch.advantages, batch.returns = estimator.advantages(batch, rewards, in_reward, cfg)
+        mask, group_metrics = learning_mask(batch, cfg, run)
+        batch.loss_weights, batch.loss_counts = loss_weights(mask, cfg.loss_agg,
+                                                             rollout_kind.max_actions)
         if cfg.whiten_advantages:
-            batch.advantages = masked_whiten(batch.advantages, batch.mask, across_ranks=run.ddp)
+            batch.advantages = masked_whiten(batch.advantages, mask, across_ranks=run.ddp)
 
         # ---- PPO epochs (a step whose rollout or gradient is not finite is skipped), KL control
         with timer("update"):
@@ -1129,7 +1314,7 @@ def run_ppo(cfg, run):
         metrics = {"step": state.step, "reward": score_mean.item(), "kl": kl_mean.item(),
                    "kl_coef": state.kl_controller.value, "lr": lr, **stats,
                    "explained_var": explained_variance(batch.values, batch.returns, batch.mask),
-                   "ppo_epochs_done": epochs_done,
+                   "ppo_epochs_done": epochs_done, **warmup, **group_metrics,
                    **manager.throughput(t0, len(indices), batch.n_tokens),
                    **rollout_kind.metrics(batch)}
         if manager.end_of_step(metrics, batch):
@@ -1166,9 +1351,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        print("\nusage: train_ppo.py [configs/X.py ...] [--key=value ...]; keys and defaults:")
-        for f in dataclasses.fields(Config):
-            print(f"  --{f.name}={f.default!r}")
+        print("\nusage: train_ppo.py [configs/X.py ...] [--key=value ...]; the settings, their "
+              "defaults and limits:")
+        print(describe(Config))
         return None
     cfg = absolute_paths(load_config(argv))
     try:

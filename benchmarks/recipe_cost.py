@@ -141,7 +141,7 @@ def main(argv=None):
 
     stand_ins = {}
     stand_ins["init_from"], built = policy_stand_in(cfg.init_from, args.work, args.tiny)
-    if cfg.reward_kind in ("teacher", "likelihood"):
+    if train_ppo.REWARD_KINDS[cfg.reward_kind].judge:
         dtype = resolve_dtype(cfg.reward_dtype, device)  # what CausalLM.load will load it in
         stand_ins["reward_model"], built_reward = reward_stand_in(cfg.reward_model, args.work,
                                                                   args.tiny, device, dtype)

@@ -1,8 +1,11 @@
 """The advantage and KL estimators against loops written from their definitions, and the runs that
 use them (train_ppo.py: adv_estimator, kl_estimator, group_size)."""
 
+import dataclasses
+import inspect
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -62,7 +65,7 @@ def test_the_exact_kl_is_the_sum_over_the_endings_and_k3_is_never_negative():
      "adv_estimator 'expected' is for choice rollouts"),
     (dict(adv_estimator="rloo", group_size=4), "adv_estimator 'rloo' is for generate rollouts"),
     (dict(kl_estimator="exact", rollout="generate", reward_kind="likelihood"),
-     "kl_estimator 'exact' needs choice rollouts"),
+     "kl_estimator 'exact' is for choice rollouts, not 'generate'; use one of sampled, k3"),
     (dict(adv_estimator="grpo", rollout="generate", reward_kind="likelihood"),
      r"group_size \(1\) is for adv_estimator rloo or grpo"),
     (dict(group_size=4), r"group_size \(4\) is for adv_estimator rloo or grpo"),
@@ -184,3 +187,57 @@ def test_analyze_labels_runs_by_their_estimators():
     assert analyze.label_runs(runs) == ["adv_estimator", "kl_estimator"]
     assert [r["label"] for r in runs] == ["adv_estimator=gae, kl_estimator=sampled",
                                           "adv_estimator=expected, kl_estimator=exact"]
+
+
+# --------------------------------------------------------------------------------------------------
+# the tables: each choice is one entry, and nothing else knows the names
+
+
+def test_config_choices_are_the_tables_keys():
+    from reward import REWARD_KINDS
+    limits = {f.name: f.metadata.get("choices") for f in dataclasses.fields(train_ppo.Config)}
+    assert limits["adv_estimator"] == tuple(train_ppo.ADV_ESTIMATORS)
+    assert limits["kl_estimator"] == tuple(train_ppo.KL_ESTIMATORS)
+    assert limits["reward_kind"] == tuple(REWARD_KINDS)
+
+
+def test_no_code_compares_an_estimator_or_reward_kind_by_name():
+    """Adding an estimator, a KL estimator or a reward kind is one entry: no comparison of the
+    setting's value with a name anywhere else (the rollout classes do not know them at all)."""
+    comparison = re.compile(r"(adv_estimator|kl_estimator|reward_kind)\)?\s*(==|!=|in\s*\(|not in)")
+    for name in ("train_ppo.py", "run_management.py", "analyze.py", "reward.py",
+                 "benchmarks/recipe_cost.py"):
+        with open(os.path.join(REPO, name)) as f:
+            assert not comparison.search(f.read()), name
+    for kind in (train_ppo.ChoiceRollouts, train_ppo.GenerateRollouts):
+        assert "estimator" not in inspect.getsource(kind)
+
+
+def test_the_kl_table_estimates_as_its_functions_and_says_where_the_kl_enters():
+    g = torch.Generator().manual_seed(3)
+    every = torch.log_softmax(torch.randn(5, 4, generator=g), -1)
+    every_ref = torch.log_softmax(torch.randn(5, 4, generator=g), -1)
+    chosen = torch.randint(0, 4, (5, 1), generator=g)
+    lp, ref_lp = every.gather(1, chosen), every_ref.gather(1, chosen)
+    table = train_ppo.KL_ESTIMATORS
+    assert torch.equal(table["sampled"].estimate(lp, ref_lp, every, every_ref), lp - ref_lp)
+    assert torch.equal(table["k3"].estimate(lp, ref_lp, every, every_ref),
+                       train_ppo.k3_kl(lp, ref_lp))
+    assert torch.equal(table["exact"].estimate(lp, ref_lp, every, every_ref),
+                       train_ppo.exact_kl(every, every_ref)[:, None])
+    assert {name: e.enters for name, e in table.items()} == {"sampled": "reward", "k3": "loss",
+                                                            "exact": "loss"}
+
+
+def test_reward_kinds_declare_their_call_and_needs():
+    from reward import REWARD_KINDS, LabelReward
+    assert {name: (k.rollout, k.judge, k.labels, k.cache, k.picks)
+            for name, k in REWARD_KINDS.items()} == {
+        "likelihood": ("generate", True, False, False, False),
+        "teacher": ("choice", True, False, True, True),
+        "label": ("choice", False, True, False, False)}
+    examples = [{"label": 2}, {"label": 0}]
+    label = REWARD_KINDS["label"].build(None, examples, train_ppo.Config(), cache_dir=None,
+                                        data_id=None, all_reduce=None)
+    assert isinstance(label, LabelReward)
+    assert label([0, 1, 0], torch.tensor([2, 1, 0])).tolist() == [1.0, 0.0, 0.0]  # the choice call

@@ -607,9 +607,13 @@ def test_optimizer_groups_decay_matrices_only():
     model = tiny_gpt()
     opt = model.configure_optimizers(weight_decay=0.1, learning_rate=1e-4, betas=(0.9, 0.95),
                                      device_type="cpu")
-    decay, no_decay = opt.param_groups
-    assert (all(p.dim() >= 2 for p in decay["params"])
-            and all(p.dim() < 2 for p in no_decay["params"]))
+    value_head = set(model.value_head.parameters())
+    for group in opt.param_groups:  # the policy's, then the value head's, for each weight decay
+        decays = group["weight_decay"] > 0
+        assert all((p.dim() >= 2) == decays for p in group["params"])
+        assert all((p in value_head) == group["value_head"] for p in group["params"])
+    assert [(g["weight_decay"], g["value_head"]) for g in opt.param_groups] == [
+        (0.1, False), (0.1, True), (0.0, False), (0.0, True)]
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
 
 

@@ -4,6 +4,7 @@ used or unwritable out_dir, a damaged run to resume, paths that must work from a
 multi-node run, a rank that dies. Tiny models on the synthetic task, CPU, gloo.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import torch
 import run_management
 import train_ppo
 from common import UserError
+from reward import NothingToSave
 from test_train_ppo import REPO, read_metrics, tiny_run
 
 
@@ -376,7 +378,8 @@ def test_a_scratch_reference_is_rebuilt_as_the_run_began_whatever_the_config_say
     train_ppo.train(label_run(tmp_path, synthetic_dir, init_from="scratch", max_steps=1))
     # resumed once with another seed: its checkpoint must still describe the first run's reference
     train_ppo.train(label_run(tmp_path, synthetic_dir, init_from="resume", max_steps=2, seed=3))
-    ckpt = torch.load(tmp_path / "ckpt_000002.pt", weights_only=True)
+    ckpt = run_management.read_checkpoint(torch.load(tmp_path / "ckpt_000002.pt",
+                                                     weights_only=True))
     changed = label_run(tmp_path, synthetic_dir, init_from="resume", seed=7, n_layer=3)
     _, reference, _ = train_ppo.load_models(changed, "resume", ckpt,
                                             str(tmp_path / "ckpt_000002.pt"), "cpu")
@@ -431,15 +434,16 @@ def test_a_float16_run_resumes_a_checkpoint_saved_without_a_scaler(tmp_path):
     run = run_management.Distributed(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu")
     generators = (torch.Generator(), torch.Generator())
     kl = train_ppo.FixedKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-    ckpt = {"optimizer": optimizer.state_dict(),
-            "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
-            "kl_controller": kl.state_dict(), "step": 7, "data_position": 3, "best_acc_norm": 0.5,
-            "rng": [{"sample": generators[0].get_state(), "shuffle": generators[1].get_state(),
-                     "torch": torch.get_rng_state(), "device_type": "cpu"}]}
+    saved = run_management.TrainingState(
+        optimizer, torch.amp.GradScaler("cpu", enabled=False), kl, NothingToSave(),
+        NothingToSave(), *generators, batches=None,
+        reference=run_management.Reference("scratch", None, None), step=7, data_position=3,
+        best_acc_norm=0.5)
+    ckpt = run_management.checkpoint_dict(model, cfg, saved, run)
     scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
     state = run_management.TrainingState(optimizer, scaler, kl, None, None, *generators,
-                                         batches=None, reference={})
-    state.load_state_dict(ckpt, cfg, run)
+                                         batches=None, reference=None)
+    state.load_state_dict(run_management.read_checkpoint(ckpt), cfg, run)
     assert (state.step, state.data_position, state.best_acc_norm) == (7, 3, 0.5)
     assert scaler.is_enabled() and scaler.get_scale() == 1024.0
 
@@ -626,3 +630,26 @@ def test_a_rank_that_dies_stops_the_run_in_bounded_time(tmp_path, synthetic_dir)
     assert result.returncode != 0 and time.time() - t0 < 240
     assert "exitcode  : 17" in result.stdout + result.stderr  # torchrun names the rank that died
     assert not (tmp_path / "rank0.pt").exists()  # the surviving rank did not carry on to the end
+
+
+def test_a_checkpoint_is_written_by_one_function_and_read_by_one(tmp_path, synthetic_dir):
+    """checkpoint_dict names every key a checkpoint has, and read_checkpoint reads each of them
+    back; a checkpoint from before a key existed reads with its default."""
+    train_ppo.train(label_run(tmp_path, synthetic_dir, max_steps=1))
+    saved = torch.load(tmp_path / "ckpt_000001.pt", weights_only=True)
+    ckpt = run_management.read_checkpoint(saved)
+    fields = {f.name for f in dataclasses.fields(ckpt)} - {"reference"}
+    assert set(saved) == fields | {"reference_from", "reference_settings",
+                                   "reference_fingerprint"}
+    assert all(getattr(ckpt, key) is saved[key] for key in fields)
+    assert ckpt.reference == (saved["reference_from"], saved["reference_settings"],
+                              saved["reference_fingerprint"])
+    defaults = {"config": lambda c: c.config == {}, "reward": lambda c: c.reward is None,
+                "rollouts": lambda c: c.rollouts is None,
+                "reference_settings": lambda c: c.reference.settings is None,
+                "reference_fingerprint": lambda c: c.reference.fingerprint is None}
+    for key, read_as_default in defaults.items():
+        older = {k: v for k, v in saved.items() if k != key}
+        assert read_as_default(run_management.read_checkpoint(older))
+    with pytest.raises(KeyError):
+        run_management.read_checkpoint({k: v for k, v in saved.items() if k != "optimizer"})

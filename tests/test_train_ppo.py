@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -15,9 +16,9 @@ import synthetic
 import train_ppo
 from common import UserError
 from hellaswag import read_predictions
-from run_management import read_config_file
-from train_ppo import (AdaptiveKLController, compute_gae, kl_penalty, load_config, masked_whiten,
-                       ppo_losses)
+from config import read_config_file
+from train_ppo import (AdaptiveKLController, compute_gae, load_config, masked_whiten, ppo_losses,
+                       sampled_kl)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,7 +110,7 @@ def test_kl_penalty_is_unbiased_in_expectation():
     q = torch.tensor([0.25, 0.25, 0.25, 0.25])
     exact = (p * (p.log() - q.log())).sum()
     # expectation under the policy, computed exactly over the 4 outcomes
-    assert torch.allclose((p * kl_penalty(p.log(), q.log())).sum(), exact, atol=1e-6)
+    assert torch.allclose((p * sampled_kl(p.log(), q.log())).sum(), exact, atol=1e-6)
 
 
 def test_adaptive_kl_controller_moves_towards_the_target():
@@ -288,9 +289,9 @@ def test_entropy_carries_a_gradient_only_with_an_entropy_bonus():
         kind = train_ppo.GenerateRollouts(None, cfg, prompt_budget=8, stop_tokens=[50256],
                                           device="cpu")
         outputs[ent_coef] = kind.forward(model, rollouts, torch.arange(3))
-        logprobs, values, entropy, kl = outputs[ent_coef]
+        logprobs, values, entropy, choice_logprobs = outputs[ent_coef]
         assert (logprobs.requires_grad and values.requires_grad
-                and entropy.requires_grad == (ent_coef > 0) and kl is None)
+                and entropy.requires_grad == (ent_coef > 0) and choice_logprobs is None)
     for without, with_bonus in zip(outputs[0.0][:3], outputs[0.01][:3]):
         assert torch.equal(without, with_bonus)
     # the bonus's gradient: the entropy of the tempered distribution at each response token
@@ -333,9 +334,12 @@ def test_rollouts_scored_in_micro_batches_of_similar_length_come_back_in_order(t
     assert torch.equal(rollouts[0].actions["choices"], rollouts[1].actions["choices"])
 
 
-def test_ppo_update_does_not_depend_on_micro_batch_size():
-    """A minibatch's losses are means over its actions: with responses of different lengths,
-    micro-batches of 1 (in any grouping) give the update of one micro-batch."""
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean",
+                                      "seq-mean-token-sum-norm"])
+def test_ppo_update_does_not_depend_on_micro_batch_size(loss_agg):
+    """A minibatch's losses are means over its actions (weighed as loss_agg says): with responses
+    of different lengths, micro-batches of 1 (in any grouping) give the update of one
+    micro-batch."""
     prompt_lengths, response_lengths = [3, 6, 2, 5, 4, 1], [4, 1, 3, 2, 4, 1]
     prompts, prompt_mask, responses, response_mask = padded_sequences(prompt_lengths,
                                                                       response_lengths)
@@ -353,12 +357,13 @@ def test_ppo_update_does_not_depend_on_micro_batch_size():
         lengths=prompt_mask.sum(1) + response_mask.sum(1))
     batch.advantages = torch.randn(mask.shape, generator=g) * mask
     batch.returns = torch.randn(mask.shape, generator=g) * mask
+    batch.loss_weights, batch.loss_counts = train_ppo.loss_weights(mask, loss_agg, 4)
     run = run_management.Distributed(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu")
     weights = []
     for micro_batch_size in (3, 1):
         cfg = train_ppo.Config(rollout="generate", reward_kind="likelihood", ppo_epochs=2,
                                minibatch_size=3, micro_batch_size=micro_batch_size, target_kl=0.0,
-                               ent_coef=0.01)
+                               ent_coef=0.01, loss_agg=loss_agg)
         model = tiny_policy()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -633,7 +638,7 @@ def test_resume_from_an_unfused_optimizer_state_keeps_the_fused_adamw(tmp_path, 
 
     monkeypatch.setattr(run_management.TrainingState, "load_state_dict", recording_restore)
     train_ppo.train(tiny_run(tmp_path, synthetic_dir, max_steps=2, init_from="resume", **common))
-    assert seen == [True, True]
+    assert seen and all(seen)  # every group: the policy's and the value head's
 
 
 def test_choice_rollouts_cut_contexts_to_the_policy_window(tmp_path, synthetic_dir):
@@ -797,3 +802,31 @@ def test_choice_rollouts_compute_the_reference_once_per_example(tmp_path, monkey
     restored.load_state_dict(rollouts.state_dict())
     torch.testing.assert_close(restored.reference(reference, [1, 2, 4]), expected[[1, 2, 4]])
     assert len(scored) == 3
+
+
+def test_help_prints_each_setting_with_its_comment_and_limits(capsys):
+    train_ppo.main(["--help"])
+    out = capsys.readouterr().out
+    assert "\nKL to the frozen reference:\n" in out  # the Config's sections head their settings
+    assert ("  --kl_estimator='sampled'  (one of sampled, k3, exact)\n"
+            "      how the KL is estimated, and where it enters") in out
+    assert "  --seed=1337  (>= 0 and <= 2147483647)\n      numpy takes seeds below 2**32\n" in out
+    assert "  --clip_coef=0.2  (> 0 and <= 10)\n      policy ratio clipping\n" in out
+    for f in dataclasses.fields(train_ppo.Config):
+        assert f"  --{f.name}={f.default!r}" in out
+
+
+def test_the_console_line_prints_the_fields_of_its_tuple(capsys):
+    log = run_management.RunLog.__new__(run_management.RunLog)
+    log.log = print
+    metrics = {"step": 20, "reward": 0.57764, "kl": 0.78841, "pg_loss": 0.023, "vf_loss": 0.114,
+               "clipfrac": 0.1131, "approx_kl": 0.09241, "entropy": 0.7031, "explained_var": 0.0761,
+               "samples_per_s": 71.12, "tokens_per_s": 3607.2, "dt": 0.9, "peak_mem_gb": 0.9}
+    log.step_line(metrics, train_ppo.CONSOLE_LINE)
+    assert capsys.readouterr().out == (
+        "step 20 | reward 0.5776 | kl 0.7884 | pg 0.0230 | vf 0.1140 | clipfrac 0.113 | "
+        "approx_kl 0.0924 | ent 0.703 | ev 0.076 | 71.1 samples/s | 3607 tok/s | dt 900ms | "
+        "mem 0.90GB\n")
+    del metrics["pg_loss"]  # a skipped step has no losses
+    log.step_line(metrics, train_ppo.CONSOLE_LINE)
+    assert "| pg nan |" in capsys.readouterr().out
