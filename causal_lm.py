@@ -198,13 +198,14 @@ def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu", per_toke
     continuation (shared_prefix_logprobs); the others run whole (row_logprobs). Both give the
     same log-probs, to float rounding. share=False runs every row whole.
     """
-    if share and not can_continue(model) and type(model).__name__ not in _WHOLE_ROWS_SAID:
+    continuable = can_continue(model)
+    if share and not continuable and type(model).__name__ not in _WHOLE_ROWS_SAID:
         _WHOLE_ROWS_SAID.add(type(model).__name__)
         print(f"note: {type(model).__name__}'s KV cache cannot be continued here, so contexts are "
               "not shared: every (context, continuation) pair runs as a whole row",
               file=sys.stderr)
     groups, alone = (shared_prefix_groups(rows, attention_window(model))
-                     if share and can_continue(model) else ([], list(range(len(rows)))))
+                     if share and continuable else ([], list(range(len(rows)))))
     logprobs = [None] * len(rows)  # each row's (n,) float32 log-probs, on device
     vocab_size = output_size(model)
     for batch in row_batches(rows, alone, batch_size, vocab_size, keeps_logits(model)):
@@ -305,16 +306,25 @@ def scored_logprobs(logits, slots, targets):
                       for f, t in zip(slots.split(SCORE_CHUNK), targets.split(SCORE_CHUNK))])
 
 
+def padded(sequences, pad_id, left=False):
+    """Token lists as one (N, longest) long tensor padded with pad_id, and its attention mask (1 at
+    the real tokens); left=True puts the padding first."""
+    T = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), T), dtype=torch.long)
+    for r, s in enumerate(sequences):
+        columns = slice(T - len(s), T) if left else slice(0, len(s))
+        ids[r, columns] = torch.tensor(s, dtype=torch.long)
+        mask[r, columns] = 1
+    return ids, mask
+
+
 def row_logprobs(model, rows, pad_id, device):
     """The scored tokens' log-probs of rows run whole, right-padded: padding after the real tokens
     never changes a causal LM's outputs at them, and positions stay 0, 1, 2, ... without position
     ids, whatever padding side the tokenizer prefers. -> a list of (n,) float32 tensors."""
-    T = max(len(ids) for ids, _ in rows) - 1  # the longest input: every token but the last
-    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for r, (ids, _) in enumerate(rows):
-        input_ids[r, :len(ids) - 1] = torch.tensor(ids[:-1])
-        attention_mask[r, :len(ids) - 1] = 1
+    input_ids, attention_mask = padded([ids[:-1] for ids, _ in rows], pad_id)  # all but the last
+    T = input_ids.size(1)
     # the LM head only over the span of positions that predict scored tokens (sorted rows: a
     # short span)
     first = min(len(ids) - 1 - n for ids, n in rows)
@@ -343,13 +353,8 @@ def shared_prefix_logprobs(model, rows, groups, pad_id, device):
     would in a whole row). The prefix's last logits score each row's first token; the rest run
     after a copy of their group's KV cache (continue_prefixes). -> a list of (n,) float32 tensors.
     """
-    prefixes = [rows[g[0]][0][:len(rows[g[0]][0]) - rows[g[0]][1]] for g in groups]
-    P = max(len(p) for p in prefixes)
-    prefix_ids = torch.full((len(groups), P), pad_id, dtype=torch.long)
-    prefix_mask = torch.zeros((len(groups), P), dtype=torch.long)
-    for g, prefix in enumerate(prefixes):
-        prefix_ids[g, P - len(prefix):] = torch.tensor(prefix)
-        prefix_mask[g, P - len(prefix):] = 1
+    prefix_ids, prefix_mask = padded([rows[g[0]][0][:len(rows[g[0]][0]) - rows[g[0]][1]]
+                                      for g in groups], pad_id, left=True)
     keep = {"logits_to_keep": 1} if keeps_logits(model) else {}
     out = model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device),
                 position_ids=(prefix_mask.cumsum(1) - 1).clamp(min=0).to(device), use_cache=True,
@@ -393,14 +398,10 @@ def continue_prefixes(model, cache, prefix_mask, owner, suffixes, pad_id, device
         if len(suffixes[r]) == 1:
             results[r] = torch.zeros(0, device=device)
     for k, chunk in enumerate(chunks):
-        S = len(suffixes[chunk[0]]) - 1
         rows_cache = cache if k == len(chunks) - 1 else copy.deepcopy(cache)  # the last: in place
         rows_cache.batch_select_indices(owner[chunk].to(device))
-        suffix_ids = torch.full((len(chunk), S), pad_id, dtype=torch.long)
-        suffix_mask = torch.zeros((len(chunk), S), dtype=torch.long)
-        for row, r in enumerate(chunk):
-            suffix_ids[row, :len(suffixes[r]) - 1] = torch.tensor(suffixes[r][:-1])
-            suffix_mask[row, :len(suffixes[r]) - 1] = 1
+        suffix_ids, suffix_mask = padded([suffixes[r][:-1] for r in chunk], pad_id)
+        S = suffix_ids.size(1)
         # carried on from each prefix; padding takes the first one's (any position in the model's
         # range: it is never attended to)
         positions = prefix_mask.sum(1)[owner[chunk], None] + torch.arange(S) * suffix_mask
