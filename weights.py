@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 # common before transformers: it keeps transformers from asking the hub for kernels
-from common import (UserError, atomic_directory, atomic_write_text, first_line,
+from common import (UserError, atomic_directory, atomic_write_text, check_output_path, first_line,
                     looks_like_a_path, read_json, step_checkpoints, warn)
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config,
                           GPT2LMHeadModel)
@@ -398,6 +398,7 @@ def gguf_directory(path):
     entry = os.path.join(gguf_cache_dir(), sha256)
     if _complete_entry(entry):
         return entry
+    check_output_path(entry, directory=True)  # $GGUF_CACHE under a file, or not writable
     if os.path.exists(entry):
         warn(f"{entry}: a damaged cache entry of {path}; converting the file again")
     print(f"converting {path} to a transformers directory in {entry} (once; a minute or two on a "

@@ -177,6 +177,16 @@ def test_a_bad_gguf_file_is_one_line_and_exit_2_with_nothing_written(
     assert not gguf_cache.exists() or not os.listdir(gguf_cache)
 
 
+def test_a_gguf_cache_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    path, _ = write_tiny_llama(tmp_path / "tiny.gguf")
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("GGUF_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(UserError, match=f"{tmp_path / 'cache'} is a file, so nothing can be "
+                                        "written under it"):
+        CausalLM.load(path)
+    assert (tmp_path / "cache").read_text() == "a file where the cache folder should be"
+
+
 @pytest.mark.parametrize("missing, message", [
     (("gguf",), "needs the gguf package: pip install gguf$"),
     (("accelerate",), "needs the accelerate package: pip install accelerate$"),
