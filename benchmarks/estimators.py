@@ -7,7 +7,8 @@ The advantage and KL estimators side by side on the offline demos, several seeds
 - configs/demo.py (choice rollouts, teacher reward): adv_estimator gae | expected, each with
   kl_estimator sampled | exact.
 - configs/demo_generate.py (generate rollouts, the judge's likelihood): adv_estimator gae | rloo |
-  grpo, the group methods with group_size 4 (the same 64 samples a step: 16 prompts x 4).
+  grpo | reinforce++, and grpo with loss_agg seq-mean-token-sum-norm (Dr. GRPO's constant
+  normaliser); the group methods with group_size 4 (the same 64 samples a step: 16 prompts x 4).
 
 Prints one markdown table per rollout kind: steps to reach half the final gain (eval acc_norm for
 choice, every eval_interval steps; the judge's raw score, a 10-step moving average, for generate),
@@ -33,7 +34,8 @@ from common import UserError, run_cli  # noqa: E402
 import arguments  # noqa: E402
 
 CHOICE = [("gae", "sampled"), ("gae", "exact"), ("expected", "sampled"), ("expected", "exact")]
-GENERATE = [("gae", 1), ("rloo", 4), ("grpo", 4)]
+GENERATE = [("gae", 1, "token-mean"), ("rloo", 4, "token-mean"), ("grpo", 4, "token-mean"),
+            ("reinforce++", 1, "token-mean"), ("grpo", 4, "seq-mean-token-sum-norm")]
 Run = namedtuple("Run", "out_dir config overrides")  # one demo run: an estimator, a seed
 
 
@@ -110,11 +112,19 @@ def choice_rows(work, seeds):
 
 def generate_rows(work, seeds, steps):
     """[(row name, [the Run of each seed])] of configs/demo_generate.py, steps steps."""
-    return [(adv + (f" (group {g})" if g > 1 else ""),
-             [demo_run(work, f"generate_{adv}_{seed}", "configs/demo_generate.py", seed,
-                       f"--adv_estimator={adv}", f"--group_size={g}", f"--max_steps={steps}")
+    def name(adv, g, agg):
+        return (adv + (f" (group {g})" if g > 1 else "")
+                + ("" if agg == "token-mean" else f" × {agg}"))
+
+    def folder(adv, agg, seed):  # the token-mean runs keep their earlier folders' names
+        return f"generate_{adv}{'' if agg == 'token-mean' else '_' + agg}_{seed}"
+
+    return [(name(adv, g, agg),
+             [demo_run(work, folder(adv, agg, seed), "configs/demo_generate.py", seed,
+                       f"--adv_estimator={adv}", f"--group_size={g}", f"--loss_agg={agg}",
+                       f"--max_steps={steps}")
               for seed in seeds])
-            for adv, g in GENERATE]
+            for adv, g, agg in GENERATE]
 
 
 def step_counts(rows):

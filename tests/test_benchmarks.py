@@ -91,8 +91,8 @@ def test_estimators_tables_from_the_runs_files(tmp_path):
     generate = [{"step": s, "kl": 2.0, "dt": 0.5, "train/judge_score": -3.0 if s <= 10 else -1.0,
                  **({"eval/acc_norm": 0.25 + s / 100} if s % 10 == 0 else {})}
                 for s in range(1, 41)]
-    for adv in ("gae", "rloo", "grpo"):
-        write_metrics(tmp_path / f"generate_{adv}_7", generate)
+    for name in ("gae", "rloo", "grpo", "reinforce++", "grpo_seq-mean-token-sum-norm"):
+        write_metrics(tmp_path / f"generate_{name}_7", generate)
     proc = run_script("benchmarks/estimators.py", "--reuse", "--work", str(tmp_path),
                       "--seeds", "7")
     assert proc.returncode == 0, proc.stderr
@@ -101,6 +101,9 @@ def test_estimators_tables_from_the_runs_files(tmp_path):
     assert rows["| gae × sampled"] == "| gae × sampled | 1 | 10 | 0.250 → 0.750 | 2.8000 | 1.00 |"
     assert rows["| rloo (group 4)"] == (
         "| rloo (group 4) | 1 | 15 | -3.000 → -1.000 | 0.650 | 2.0000 | 0.50 |")
+    assert rows["| grpo (group 4) × seq-mean-token-sum-norm"].startswith(
+        "| grpo (group 4) × seq-mean-token-sum-norm | 1 | 15 |")
+    assert rows["| reinforce++"].startswith("| reinforce++ | 1 | 15 |")
     # the title counts the runs' own steps, not --generate_steps' default (240)
     assert "configs/demo_generate.py, 40 steps (generate rollouts" in proc.stdout
     proc = run_script("benchmarks/estimators.py", "--reuse", "--work", str(tmp_path / "none"))
