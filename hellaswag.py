@@ -888,6 +888,7 @@ def evaluate_resumably(score, examples, predictions_path, settings):
     resumed, seconds = len(done), 0.0
     if resumed:
         print(f"resuming {partial}: {resumed} of {len(examples)} examples already scored")
+    os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)  # as the file's will be
     with write_errors_are_one_line(partial), open(partial, "a", encoding="utf-8") as f:
         if not done:
             f.write(json.dumps({"settings": settings}) + "\n")

