@@ -6,9 +6,10 @@ The advantage and KL estimators side by side on the offline demos, several seeds
 
 - configs/demo.py (choice rollouts, teacher reward): adv_estimator gae | expected, each with
   kl_estimator sampled | exact.
-- configs/demo_generate.py (generate rollouts, the judge's likelihood): adv_estimator gae | rloo |
-  grpo | reinforce++, and grpo with loss_agg seq-mean-token-sum-norm (Dr. GRPO's constant
-  normaliser); the group methods with group_size 4 (the same 64 samples a step: 16 prompts x 4).
+- configs/demo_generate.py (generate rollouts, the judge's likelihood): adv_estimator gae | grpo |
+  reinforce++, and grpo with loss_agg seq-mean-token-sum-norm (Dr. GRPO's constant normaliser);
+  grpo with group_size 4 (the same 64 samples a step: 16 prompts x 4). rloo (group 4), which
+  ran beside them before, is in docs/measurements.md.
 
 Prints one markdown table per rollout kind: steps to reach half the final gain (eval acc_norm for
 choice, every eval_interval steps; the judge's raw score, a 10-step moving average, for generate),
@@ -34,8 +35,8 @@ from common import UserError, run_cli  # noqa: E402
 import arguments  # noqa: E402
 
 CHOICE = [("gae", "sampled"), ("gae", "exact"), ("expected", "sampled"), ("expected", "exact")]
-GENERATE = [("gae", 1, "token-mean"), ("rloo", 4, "token-mean"), ("grpo", 4, "token-mean"),
-            ("reinforce++", 1, "token-mean"), ("grpo", 4, "seq-mean-token-sum-norm")]
+GENERATE = [("gae", 1, "token-mean"), ("grpo", 4, "token-mean"), ("reinforce++", 1, "token-mean"),
+            ("grpo", 4, "seq-mean-token-sum-norm")]
 Run = namedtuple("Run", "out_dir config overrides")  # one demo run: an estimator, a seed
 
 

@@ -438,11 +438,10 @@ def main(argv=None):
             raise UserError(f"--data {args.data}: no such file; give the labelled HellaSwag "
                             "validation set as a jsonl")
         # the judges are found before an hour of work, not after it
+        for given in (args.smollm2, args.gemma):
+            if given and not os.path.isfile(given):
+                raise UserError(f"{given}: no such file")
         judge_of = judges(work, smollm2_file(args.smollm2), gemma_file(args.gemma, work))
-        for judge in judge_of.values():
-            if judge.source and judge.source.endswith(".gguf") and not os.path.isfile(
-                    judge.source):
-                raise UserError(f"{judge.source}: no such file")
         paths = write_split(work, args.data, args.train_examples, args.heldout_examples)
         run_everything(work, paths, judge_of, args.seeds, args)
     rows, generate, (n_train, n_heldout) = tables(work, args.seeds, judge_of)

@@ -91,7 +91,7 @@ def test_estimators_tables_from_the_runs_files(tmp_path):
     generate = [{"step": s, "kl": 2.0, "dt": 0.5, "train/judge_score": -3.0 if s <= 10 else -1.0,
                  **({"eval/acc_norm": 0.25 + s / 100} if s % 10 == 0 else {})}
                 for s in range(1, 41)]
-    for name in ("gae", "rloo", "grpo", "reinforce++", "grpo_seq-mean-token-sum-norm"):
+    for name in ("gae", "grpo", "reinforce++", "grpo_seq-mean-token-sum-norm"):
         write_metrics(tmp_path / f"generate_{name}_7", generate)
     proc = run_script("benchmarks/estimators.py", "--reuse", "--work", str(tmp_path),
                       "--seeds", "7")
@@ -99,8 +99,8 @@ def test_estimators_tables_from_the_runs_files(tmp_path):
     rows = {line.split(" | ")[0]: line for line in proc.stdout.splitlines()
             if line.startswith("| ") and "---" not in line}
     assert rows["| gae × sampled"] == "| gae × sampled | 1 | 10 | 0.250 → 0.750 | 2.8000 | 1.00 |"
-    assert rows["| rloo (group 4)"] == (
-        "| rloo (group 4) | 1 | 15 | -3.000 → -1.000 | 0.650 | 2.0000 | 0.50 |")
+    assert rows["| grpo (group 4)"] == (
+        "| grpo (group 4) | 1 | 15 | -3.000 → -1.000 | 0.650 | 2.0000 | 0.50 |")
     assert rows["| grpo (group 4) × seq-mean-token-sum-norm"].startswith(
         "| grpo (group 4) × seq-mean-token-sum-norm | 1 | 15 |")
     assert rows["| reinforce++"].startswith("| reinforce++ | 1 | 15 |")
@@ -124,9 +124,9 @@ def test_estimators_reuse_of_a_damaged_run_is_one_line_and_prints_no_table(tmp_p
     good = [{"step": 0, "eval/acc_norm": 0.25}, {"step": 1, "kl": 0.1, "dt": 1.0,
                                                  "train/judge_score": -2.0, "eval/acc_norm": 0.5}]
     names = [f"choice_{adv}_{kl}_7" for adv in ("gae", "expected") for kl in ("sampled", "exact")]
-    for name in names + ["generate_gae_7", "generate_rloo_7"]:
+    for name in names + ["generate_gae_7", "generate_grpo_7"]:
         write_metrics(tmp_path / name, good)
-    bad = tmp_path / "generate_grpo_7" / "metrics.jsonl"
+    bad = tmp_path / "generate_reinforce++_7" / "metrics.jsonl"
     if metrics == "a directory":
         os.makedirs(bad)
     else:

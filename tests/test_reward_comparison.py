@@ -1,0 +1,190 @@
+"""benchmarks/reward_models.py: the split, the rows its models train on, and its tables read back
+from a comparison's files (--reuse), with the figures worked out by hand."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+
+import reward_models  # noqa: E402
+from tokenizer import gpt2_encoding  # noqa: E402
+
+
+def run_script(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "benchmarks/reward_models.py", *args], cwd=REPO,
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def example(i, label):
+    return {"ind": i, "activity_label": "Test", "ctx": f"Context number {i} says",
+            "endings": [f"ending {j} of {i}." for j in range(4)], "label": label,
+            "split": "val", "split_type": "indomain", "source_id": f"test~{i}"}
+
+
+def write_lines(path, records):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_the_split_is_by_position_with_the_odd_example_in_the_training_half(tmp_path):
+    assert reward_models.split_halves(list(range(7))) == ([0, 1, 2, 3], [4, 5, 6])
+    assert reward_models.split_halves(list(range(6))) == ([0, 1, 2], [3, 4, 5])
+    data = tmp_path / "val.jsonl"
+    write_lines(data, [example(i, i % 4) for i in range(9)])
+    paths = reward_models.write_split(str(tmp_path / "work"), str(data), 3, 2)
+    read = {name: [json.loads(line) for line in open(p)] for name, p in paths.items()}
+    assert [ex["ind"] for ex in read["train_half"]] == [0, 1, 2, 3, 4]
+    assert [ex["ind"] for ex in read["train"]] == [0, 1, 2]
+    assert [ex["ind"] for ex in read["heldout"]] == [5, 6]
+    assert read["heldout"][0] == example(5, 1)  # the official schema, nothing added
+
+
+@pytest.mark.parametrize("records, args, message", [
+    ([example(i, i % 4) for i in range(9)], (6, 2),
+     "--train_examples 6: the train half of"),
+    ([example(i, i % 4) for i in range(9)], (2, 5),
+     "--heldout_examples 5: the heldout half of"),
+    ([example(0, 1), example(1, None)], (1, 1), "1 examples have no label")])
+def test_a_split_that_cannot_be_made_is_one_line_and_writes_nothing(tmp_path, records, args,
+                                                                     message):
+    data = tmp_path / "val.jsonl"
+    write_lines(data, records)
+    with pytest.raises(reward_models.UserError, match=message):
+        reward_models.write_split(str(tmp_path / "work"), str(data), *args)
+    assert not (tmp_path / "work").exists()
+
+
+def test_rows_score_the_ending_and_cut_the_context_from_the_left():
+    encode = gpt2_encoding().encode_ordinary
+    ex = {"ctx": "one two three four five six seven", "endings": ["a b", "c", "d", "e"],
+          "label": 0}
+    context, ending = encode(ex["ctx"]), encode(" a b")
+    [(tokens, n_context)] = reward_models.text_rows([ex], lambda e: [e["label"]], 100)
+    assert tokens == context + ending and n_context == len(context)
+    [(tokens, n_context)] = reward_models.text_rows([ex], lambda e: [0], 5)
+    assert tokens == (context + ending)[-5:] and n_context == 5 - len(ending)
+    assert len(reward_models.text_rows([ex], lambda e: range(4), 100)) == 4
+
+
+def predictions(picks, labels, scores=None):
+    """Prediction lines of hellaswag.py's schema; every ending scored alike unless scores says."""
+    return [{"index": i, "label": label, "pred": pick, "pred_norm": pick,
+             "sum_logprobs": [-1.0] * 4, "norm_scores": (scores or [[0.0] * 4] * len(picks))[i]}
+            for i, (pick, label) in enumerate(zip(picks, labels))]
+
+
+LABELS = [0, 1, 2, 3]
+
+
+def write_run(work, name, start, end, kl, seconds=120.0, metrics=None, samples=None):
+    out = os.path.join(work, "runs", name)
+    write_lines(os.path.join(out, "eval", "step_000000.jsonl"), predictions(start, LABELS))
+    write_lines(os.path.join(out, "eval", "step_000010.jsonl"), predictions(end, LABELS))
+    write_lines(os.path.join(out, "metrics.jsonl"), metrics or [
+        {"step": s, "kl": kl if s > 5 else 0.0, "dt": 1.0} for s in range(1, 11)])
+    if samples:
+        write_lines(os.path.join(out, "samples.jsonl"), samples)
+    with open(os.path.join(out, "train_config.json"), "w") as f:
+        json.dump({"choice_temperature": 1.0, "max_new_tokens": 16,
+                   "val_data": os.path.join(work, "data", "heldout.jsonl")}, f)
+    with open(os.path.join(out, "bench.json"), "w") as f:
+        json.dump({"seconds": seconds}, f)
+
+
+def comparison(work):
+    """A finished comparison's files for seed 7: four training and four held-out examples."""
+    write_lines(os.path.join(work, "data", "train.jsonl"), [example(i, i) for i in range(4)])
+    write_lines(os.path.join(work, "data", "heldout.jsonl"),
+                [example(4 + i, i) for i in range(4)])
+    for judge, train, heldout in (("smollm2", [0, 1, 0, 0], [0, 0, 2, 3]),
+                                  ("gemma", [0, 1, 2, 3], [0, 1, 2, 3]),
+                                  ("tiny", [0, 1, 2, 3], [1, 1, 1, 1])):
+        for subset, picks in (("train", train), ("heldout", heldout)):
+            write_lines(reward_models.predictions_path(work, judge, subset),
+                        predictions(picks, LABELS))
+    write_lines(reward_models.predictions_path(work, "policy", "train"),
+                predictions([0, 0, 0, 0], LABELS))
+    for name in ("label_7", "smollm2_7", "gemma_7", "tiny_7"):
+        write_lines(reward_models.predictions_path(work, name, "train"),
+                    predictions([0, 1, 2, 0], LABELS))
+        write_run(work, name, start=[0, 0, 0, 0], end=[0, 1, 1, 1], kl=0.5)
+    # the generate run: the judge's score -3 -> -1, responses 16 -> 4 tokens, their 2-grams repeat
+    metrics = [{"step": s, "kl": 0.2, "dt": 2.0, "train/judge_score": -3.0 if s <= 5 else -1.0,
+                "train/response_length": 16.0 if s <= 5 else 4.0, "train/stop_rate": 1.0}
+               for s in range(1, 11)]
+    samples = [{"step": 5, "prompt": "p", "continuation": "the cat sat on a mat"},
+               {"step": 10, "prompt": "p", "continuation": "a b a b a b"}]
+    write_run(work, "generate_smollm2_7", start=[0, 1, 2, 3], end=[0, 0, 0, 0], kl=0.2,
+              seconds=300.0, metrics=metrics, samples=samples)
+
+
+def test_tables_from_a_comparisons_files(tmp_path):
+    work = str(tmp_path)
+    comparison(work)
+    proc = run_script("--reuse", "--work", work, "--seeds", "7")
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split(" | ")[0]: line for line in proc.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    # train: 0.25 -> 0.75, the paired differences 0, 1, 1, 0: mean 0.5, sd sqrt(1/3), the interval
+    # 0.5 +- 1.96 sqrt(1/12); McNemar: 2 pairs, both one way, p = 2 / 4. held-out: 0.25 -> 0.50.
+    # ECE: every ending alike, so the confidence is 0.25 against the accuracy.
+    assert rows["| label"] == (
+        "| label | 7 | 1.000 / 1.000 | 0.250 → 0.750 (+0.500 [-0.066, +1.066], p 0.5) | "
+        "0.250 → 0.500 (+0.250 [-0.240, +0.740], p 1) | 0.250 → 0.750 | 0.250 → 0.500 | "
+        "0.000 → 0.250 | 0.500 | 2.0 |")
+    # SmolLM2 picks 0, 1, 0, 0 on train (acc 0.5) and 0, 0, 2, 3 held out (0.75): the policy's
+    # 0, 0, 0, 0 -> 0, 1, 2, 0 agrees 3/4 -> 3/4, and held out 0, 0, 0, 0 -> 0, 1, 1, 1 2/4 -> 1/4
+    assert rows["| teacher: SmolLM2-135M-Instruct"].startswith(
+        "| teacher: SmolLM2-135M-Instruct | 7 | 0.500 / 0.750 | 0.250 → 0.750 ")
+    assert "| 0.750 → 0.750 | 0.500 → 0.250 |" in rows["| teacher: SmolLM2-135M-Instruct"]
+    # the tiny judge picks 1 everywhere held out: 1/4, and the policy's 0, 1, 1, 1 agrees 3/4
+    assert ("| 1.000 / 0.250 |" in rows["| teacher: tiny memorising judge"]
+            and "| 0.000 → 0.750 |" in rows["| teacher: tiny memorising judge"])
+    assert rows["| -3.00 → -1.00"] == (
+        "| -3.00 → -1.00 | 16.0 → 4.0 | 1.00 → 0.40 | 1.000 → 0.250 | 0.200 | 5.0 |")
+    signs = next(line for line in proc.stdout.splitlines() if line.startswith("Reward-hacking"))
+    assert "length collapsed" in signs and "repeat themselves" in signs
+    assert "4 training examples PPO saw and the 4 held-out ones" in proc.stdout
+
+
+@pytest.mark.parametrize("remove, message", [
+    ("predictions/gemma_heldout.jsonl", "gemma_heldout.jsonl does not exist; run without --reuse"),
+    ("runs/tiny_7/bench.json", "tiny_7: unfinished"),
+    ("runs/label_7/eval/step_000010.jsonl", "label_7/eval: fewer than two evaluations")])
+def test_reuse_of_an_unfinished_comparison_is_one_line_and_prints_no_table(tmp_path, remove,
+                                                                           message):
+    comparison(str(tmp_path))
+    os.remove(tmp_path / remove)
+    proc = run_script("--reuse", "--work", str(tmp_path), "--seeds", "7")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: ") and message in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "error: --steps must be at least 1, not 0"),
+    (["--seeds", "-1"], "error: --seeds must be at least 0, not -1"),
+    (["--data", "{tmp}/missing.jsonl"], "error: --data {tmp}/missing.jsonl: no such file"),
+    (["--smollm2", "{tmp}/missing.gguf", "--gemma", "{tmp}/missing.gguf"],
+     "error: {tmp}/missing.gguf: no such file"),
+    (["--work", "{tmp}/file"], "error: --work {tmp}/file: an existing file")])
+def test_bad_arguments_are_one_line_before_any_work(tmp_path, args, message):
+    (tmp_path / "file").write_text("x")
+    data = tmp_path / "val.jsonl"
+    write_lines(data, [example(i, i % 4) for i in range(9)])
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    base = {"--data": str(data), "--work": str(tmp_path / "work"),
+            "--smollm2": str(data), "--gemma": str(data)}  # files that exist: not read before
+    for flag, value in base.items():
+        if flag not in args:
+            args += [flag, value]
+    proc = run_script(*args)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(message.replace("{tmp}", str(tmp_path)))
+    assert not (tmp_path / "work").exists()
