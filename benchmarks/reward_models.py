@@ -17,7 +17,8 @@ Reward models compared on real HellaSwag text, with real judges: what PPO does w
 4. The runs (configs/reward_models.py, the same steps, batch and estimator for all): reward `label`
    (gold) and `teacher` with SmolLM2 on every seed; `teacher` with Gemma and with the tiny judge on
    the first seed. Then one run of generate rollouts with SmolLM2 as the `likelihood` judge, and
-   analyze.py's report on it in WORK/report_generate.
+   analyze.py's reports: on it in WORK/report_generate, and on the first seed's four choice runs
+   side by side (the judges compared) in WORK/report_judges.
 5. The tables: per run, the judge's own acc_norm on each subset; the policy's acc_norm before ->
    after on each, with the paired 95% interval and McNemar's p; agreement with the judge's picks and
    ECE before -> after; the KL at the end; minutes. For the generate run: the judge's score, the
@@ -241,8 +242,8 @@ def run_everything(work, paths, judge_of, seeds, args):
             if judge.source:
                 log(f"{judge.name} on the {subset} subset")
                 evaluate(judge.source, paths[subset], predictions_path(work, key, subset))
-    common = [f"--init_from={policy}", f"--max_steps={args.steps}", f"--train_data={paths['train']}",
-              f"--val_data={paths['heldout']}",
+    common = [f"--init_from={policy}", f"--max_steps={args.steps}",
+              f"--train_data={paths['train']}", f"--val_data={paths['heldout']}",
               f"--teacher_cache={os.path.join(work, 'teacher_cache')}"]
     for run in choice_runs(work, seeds):
         judge = judge_of[run.judge]
@@ -253,11 +254,17 @@ def run_everything(work, paths, judge_of, seeds, args):
     run = generate_run(work, seeds)
     log(f"run {run.name}")
     train(run, common + [f"--reward_model={judge_of['smollm2'].source}", *GENERATE])
-    report = os.path.join(work, "report_generate")
-    proc = subprocess.run([sys.executable, "analyze.py", run.out_dir, "--out", report], cwd=HERE,
+    analyze_runs(os.path.join(work, "report_generate"), [run.out_dir])
+    analyze_runs(os.path.join(work, "report_judges"),  # the four rewards of the first seed
+                 [run.out_dir for run in choice_runs(work, seeds) if run.seed == seeds[0]])
+
+
+def analyze_runs(report, run_dirs):
+    """analyze.py's report on runs (side by side for several: its judge comparison) into report."""
+    proc = subprocess.run([sys.executable, "analyze.py", *run_dirs, "--out", report], cwd=HERE,
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        raise UserError(f"analyze.py {run.out_dir} failed: {proc.stderr.strip()[-1000:]}")
+        raise UserError(f"analyze.py {' '.join(run_dirs)} failed: {proc.stderr.strip()[-1000:]}")
 
 
 # ------------------------------------------------------------------------------------------------
