@@ -194,20 +194,24 @@ def generate_run(work, seeds):
 
 
 def predictions_path(work, who, subset):
-    """Predictions of a judge ("judge_NAME"), of the starting policy ("policy") or of a run's last
-    checkpoint (the run's name) on a subset ("train" or "heldout")."""
+    """Predictions of a judge (its key in judges(): "smollm2", "gemma", "tiny"), of the starting
+    policy ("policy") or of a run's last checkpoint (the run's name) on a subset ("train" or
+    "heldout")."""
     return os.path.join(work, "predictions", f"{who}_{subset}.jsonl")
+
+
+def call(*args):
+    """Run one of the project's scripts (args: the script and its arguments) in the repository; a
+    failure is one line with the end of what it said."""
+    proc = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"{' '.join(args)} failed: {proc.stderr.strip()[-1000:]}")
 
 
 def evaluate(source, data, out):
     """hellaswag.py's predictions of source on data (completion style, as the runs score), kept."""
-    if os.path.isfile(out):
-        return
-    cmd = [sys.executable, "hellaswag.py", "--model", source, "--data", data,
-           "--predictions", out]
-    proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise UserError(f"{' '.join(cmd[1:])} failed: {proc.stderr.strip()[-1000:]}")
+    if not os.path.isfile(out):
+        call("hellaswag.py", "--model", source, "--data", data, "--predictions", out)
 
 
 def train(run, overrides):
@@ -216,12 +220,9 @@ def train(run, overrides):
     done = os.path.join(run.out_dir, "bench.json")
     if os.path.isfile(done):
         return
-    cmd = [sys.executable, "train_ppo.py", CONFIG, f"--out_dir={run.out_dir}",
-           "--start_over=True", f"--seed={run.seed}", *overrides]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise UserError(f"{' '.join(cmd[1:])} failed: {proc.stderr.strip()[-1000:]}")
+    call("train_ppo.py", CONFIG, f"--out_dir={run.out_dir}", "--start_over=True",
+         f"--seed={run.seed}", *overrides)
     atomic_write_text(done, json.dumps({"seconds": time.time() - t0}) + "\n")
 
 
@@ -261,10 +262,7 @@ def run_everything(work, paths, judge_of, seeds, args):
 
 def analyze_runs(report, run_dirs):
     """analyze.py's report on runs (side by side for several: its judge comparison) into report."""
-    proc = subprocess.run([sys.executable, "analyze.py", *run_dirs, "--out", report], cwd=HERE,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise UserError(f"analyze.py {' '.join(run_dirs)} failed: {proc.stderr.strip()[-1000:]}")
+    call("analyze.py", *run_dirs, "--out", report)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -188,3 +188,16 @@ def test_bad_arguments_are_one_line_before_any_work(tmp_path, args, message):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith(message.replace("{tmp}", str(tmp_path)))
     assert not (tmp_path / "work").exists()
+
+
+def test_a_stage_that_fails_is_one_line_naming_its_command(tmp_path):
+    """The stages run the project's scripts: a failure is a UserError naming the command and
+    ending with what the script said, and no predictions file is left."""
+    out = tmp_path / "p.jsonl"
+    with pytest.raises(reward_models.UserError) as e:
+        reward_models.evaluate(str(tmp_path / "no-model"), str(tmp_path / "no-data.jsonl"),
+                               str(out))
+    message = str(e.value)
+    assert message.startswith(f"hellaswag.py --model {tmp_path / 'no-model'} --data ")
+    assert "failed: error: " in message and "no-data.jsonl" in message
+    assert not out.exists()
