@@ -86,14 +86,17 @@ def fit_endings(hidden_fn, lm_head, parameters, rows, steps, batch_size=32, lr=3
     return loss.item()
 
 
-def ending_rows(examples, pick):
-    """(context + ending tokens, context length) for the ending pick(example) of each example."""
-    enc = gpt2_encoding()
+def ending_rows(examples, endings, block_size=None):
+    """(context + ending tokens, context length) for each ending endings(example) names (a list of
+    indices) of each example, the context cut from the left to fit block_size tokens."""
+    encode = gpt2_encoding().encode_ordinary
     rows = []
     for ex in examples:
-        context = enc.encode_ordinary(ex["ctx"])
-        ending = enc.encode_ordinary(" " + ex["endings"][pick(ex)])
-        rows.append((context + ending, len(context)))
+        context = encode(ex["ctx"])
+        for i in endings(ex):
+            ending = encode(" " + ex["endings"][i])
+            tokens = (context + ending)[-block_size:] if block_size else context + ending
+            rows.append((tokens, max(1, len(tokens) - len(ending))))
     return rows
 
 
@@ -108,7 +111,7 @@ def train_teacher(examples, out_dir, steps=300, seed=0):
     model = GPTNeoForCausalLM(config).train()
     loss = fit_endings(lambda idx: model.transformer(input_ids=idx).last_hidden_state,
                        model.lm_head, model.parameters(),
-                       ending_rows(examples, lambda ex: ex["label"]), steps, seed=seed)
+                       ending_rows(examples, lambda ex: [ex["label"]]), steps, seed=seed)
 
     # an interrupted run leaves no half-written model
     with atomic_directory(out_dir) as tmp, transformers_quietly():
@@ -125,7 +128,7 @@ def pretrain_policy(examples, out_dir, steps=150, seed=0):
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)).train()
     rng = random.Random(seed)
     loss = fit_endings(model.hidden_states, model.lm_head, model.parameters(),
-                       ending_rows(examples, lambda ex: rng.randrange(4)), steps, seed=seed)
+                       ending_rows(examples, lambda ex: [rng.randrange(4)]), steps, seed=seed)
     model.eval().save_pretrained(out_dir)  # atomic: a whole directory or none
     return loss
 

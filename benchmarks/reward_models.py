@@ -50,7 +50,7 @@ import hellaswag  # noqa: E402
 from common import (UserError, atomic_write_text, read_json, run_cli,  # noqa: E402
                     step_checkpoints)
 from model import GPT, GPTConfig  # noqa: E402
-from synthetic import fit_endings, write_jsonl  # noqa: E402
+from synthetic import ending_rows, fit_endings, write_jsonl  # noqa: E402
 from tokenizer import gpt2_encoding  # noqa: E402
 
 # this folder is on the path of a script
@@ -105,26 +105,12 @@ def write_split(work, data, n_train, n_heldout):
     return paths
 
 
-def text_rows(examples, endings, block_size):
-    """(tokens, context length) per example and ending endings(example) names: the context and
-    the ending, the context cut from the left to fit block_size tokens."""
-    encode = gpt2_encoding().encode_ordinary
-    rows = []
-    for ex in examples:
-        context = encode(ex["ctx"])
-        for i in endings(ex):
-            ending = encode(" " + ex["endings"][i])
-            tokens = (context + ending)[-block_size:]
-            rows.append((tokens, max(1, len(tokens) - len(ending))))
-    return rows
-
-
 def pretrain_policy(train_half, out_dir, steps, seed):
     """The starting policy: plain LM loss on every token of the training half's contexts, each with
     each of its endings (no label signal), saved as a transformers directory."""
     torch.manual_seed(seed)
     model = GPT(POLICY).train()
-    rows = [(tokens, 1) for tokens, _ in text_rows(train_half, lambda ex: range(4),
+    rows = [(tokens, 1) for tokens, _ in ending_rows(train_half, lambda ex: range(4),
                                                    POLICY.block_size)]
     loss = fit_endings(model.hidden_states, model.lm_head, model.parameters(), rows, steps,
                        batch_size=min(32, len(rows)), seed=seed)
@@ -137,7 +123,7 @@ def train_tiny_judge(policy_dir, train, out_dir, steps, seed):
     their tokens only) of the examples PPO sees."""
     torch.manual_seed(seed)
     model = GPT.from_pretrained(policy_dir).train()
-    rows = text_rows(train, lambda ex: [ex["label"]], POLICY.block_size)
+    rows = ending_rows(train, lambda ex: [ex["label"]], POLICY.block_size)
     loss = fit_endings(model.hidden_states, model.lm_head, model.parameters(), rows, steps,
                        batch_size=min(32, len(rows)), lr=1e-3, seed=seed)
     model.eval().save_pretrained(out_dir)

@@ -12,6 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 import reward_models  # noqa: E402
+from synthetic import ending_rows  # noqa: E402
 from tokenizer import gpt2_encoding  # noqa: E402
 
 
@@ -66,11 +67,13 @@ def test_rows_score_the_ending_and_cut_the_context_from_the_left():
     ex = {"ctx": "one two three four five six seven", "endings": ["a b", "c", "d", "e"],
           "label": 0}
     context, ending = encode(ex["ctx"]), encode(" a b")
-    [(tokens, n_context)] = reward_models.text_rows([ex], lambda e: [e["label"]], 100)
-    assert tokens == context + ending and n_context == len(context)
-    [(tokens, n_context)] = reward_models.text_rows([ex], lambda e: [0], 5)
+    for block_size in (None, 100):  # None: the demo's rows, never cut
+        [(tokens, n_context)] = ending_rows([ex], lambda e: [e["label"]], block_size)
+        assert tokens == context + ending and n_context == len(context)
+    [(tokens, n_context)] = ending_rows([ex], lambda e: [0], 5)
     assert tokens == (context + ending)[-5:] and n_context == 5 - len(ending)
-    assert len(reward_models.text_rows([ex], lambda e: range(4), 100)) == 4
+    rows = ending_rows([ex], lambda e: range(4))
+    assert [tokens[len(context):] for tokens, _ in rows] == [encode(" " + e) for e in ex["endings"]]
 
 
 def predictions(picks, labels, scores=None):
