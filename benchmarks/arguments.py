@@ -1,12 +1,19 @@
 """
 The benchmark scripts' arguments, checked before any work: bad input is one line, `error: ...`, and
-exit status 2 (a UserError, through common.run_cli), as everywhere else in the project. A script
-puts the repository on sys.path before importing this.
+exit status 2 (a UserError, through common.run_cli), as everywhere else in the project. And the runs
+they start: the project's scripts in a subprocess, a finished training run kept, its metrics read.
+A script puts the repository on sys.path before importing this.
 """
 
+import json
 import os
+import subprocess
+import sys
+import time
 
-from common import UserError, check_output_path, read_jsonl
+from common import UserError, atomic_write_text, check_output_path, read_json, read_jsonl
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def at_least(args, low, *flags):
@@ -54,3 +61,29 @@ def run_metrics(out_dir):
     if not lines:
         raise UserError(f"{path}: empty, no step logged")
     return lines
+
+
+def run_script(*args):
+    """Run one of the project's scripts (args: the script and its arguments) in the repository; a
+    failure is a UserError naming the command, with the end of what it said."""
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"{' '.join(args)} failed: {proc.stderr.strip()[-1000:]}")
+
+
+def train_once(out_dir, *args):
+    """Run train_ppo.py with args (a config and overrides, --start_over=True among them) in out_dir
+    unless a run with the same args finished there. A finished run's args and wall-clock seconds go
+    to OUT_DIR/bench.json last, so a stopped benchmark goes on where it stopped, a run without that
+    file starts over, and so does one whose settings changed since."""
+    done = os.path.join(out_dir, "bench.json")
+    args = ["train_ppo.py", *args, f"--out_dir={out_dir}"]
+    if os.path.isfile(done):
+        try:
+            if read_json(done).get("args") == args:
+                return
+        except (UserError, AttributeError):  # torn or not ours: train it again
+            pass
+    t0 = time.time()
+    run_script(*args)
+    atomic_write_text(done, json.dumps({"args": args, "seconds": time.time() - t0}) + "\n")

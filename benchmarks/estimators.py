@@ -15,19 +15,19 @@ Prints one markdown table per rollout kind: steps to reach half the final gain (
 choice, every eval_interval steps; the judge's raw score, a 10-step moving average, for generate),
 the first and final figure, the logged KL at the end (mean of the last 5 steps) and seconds per step
 (median); for generate also the last evaluation's acc_norm, and the runs' step count in the title.
-Each seed builds its own demo task once, shared by the estimators. --reuse prints the tables from
-the runs already in --work, training none (every run's metrics.jsonl read before anything prints).
+Each seed builds its own demo task once, shared by the estimators. A run that finished is kept in
+--work, so a stopped benchmark goes on where it stopped (a run that did not finish, or whose
+settings changed, trains again). --reuse prints the tables from the runs already in --work,
+training none (every run's metrics.jsonl read before anything prints).
 """
 
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 from collections import namedtuple
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import UserError, run_cli  # noqa: E402
 
@@ -41,12 +41,9 @@ Run = namedtuple("Run", "out_dir config overrides")  # one demo run: an estimato
 
 
 def train(run):
-    """Train a run (its earlier files moved aside) -> its metrics.jsonl lines."""
-    args = [sys.executable, "train_ppo.py", run.config, f"--out_dir={run.out_dir}",
-            "--start_over=True", *run.overrides]
-    proc = subprocess.run(args, cwd=HERE, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"error: {' '.join(args[1:])} failed:\n{proc.stderr[-2000:]}")
+    """Train a run (its earlier files moved aside) unless it finished with these settings -> its
+    metrics.jsonl lines."""
+    arguments.train_once(run.out_dir, run.config, "--start_over=True", *run.overrides)
     return arguments.run_metrics(run.out_dir)
 
 

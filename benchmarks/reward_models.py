@@ -26,7 +26,7 @@ Reward models compared on real HellaSwag text, with real judges: what PPO does w
    signs analyze.py finds.
 
 Every stage is kept in --work and skipped when its files are there, so a stopped comparison goes on
-where it stopped. --reuse prints the tables from the files in --work, training nothing (every file
+where it stopped (a run that did not finish, or whose settings changed, trains again). --reuse prints the tables from the files in --work, training nothing (every file
 read before anything prints). The whole comparison takes about two hours on a 2-core CPU.
 """
 
@@ -35,9 +35,7 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from collections import namedtuple
 
 import torch
@@ -47,8 +45,7 @@ sys.path.insert(0, HERE)
 
 import analyze  # noqa: E402
 import hellaswag  # noqa: E402
-from common import (UserError, atomic_write_text, read_json, run_cli,  # noqa: E402
-                    step_checkpoints)
+from common import UserError, read_json, run_cli, step_checkpoints  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from synthetic import ending_rows, fit_endings, write_jsonl  # noqa: E402
 from tokenizer import gpt2_encoding  # noqa: E402
@@ -186,30 +183,17 @@ def predictions_path(work, who, subset):
     return os.path.join(work, "predictions", f"{who}_{subset}.jsonl")
 
 
-def call(*args):
-    """Run one of the project's scripts (args: the script and its arguments) in the repository; a
-    failure is one line with the end of what it said."""
-    proc = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise UserError(f"{' '.join(args)} failed: {proc.stderr.strip()[-1000:]}")
-
-
 def evaluate(source, data, out):
     """hellaswag.py's predictions of source on data (completion style, as the runs score), kept."""
     if not os.path.isfile(out):
-        call("hellaswag.py", "--model", source, "--data", data, "--predictions", out)
+        arguments.run_script("hellaswag.py", "--model", source, "--data", data,
+                             "--predictions", out)
 
 
 def train(run, overrides):
-    """Train a run (its earlier files moved aside) unless it finished: its wall-clock seconds go to
-    OUT_DIR/bench.json last, so a run without that file did not finish."""
-    done = os.path.join(run.out_dir, "bench.json")
-    if os.path.isfile(done):
-        return
-    t0 = time.time()
-    call("train_ppo.py", CONFIG, f"--out_dir={run.out_dir}", "--start_over=True",
-         f"--seed={run.seed}", *overrides)
-    atomic_write_text(done, json.dumps({"seconds": time.time() - t0}) + "\n")
+    """Train a run (its earlier files moved aside) unless it finished with these settings."""
+    arguments.train_once(run.out_dir, CONFIG, "--start_over=True", f"--seed={run.seed}",
+                         *overrides)
 
 
 def run_everything(work, paths, judge_of, seeds, args):
@@ -248,7 +232,7 @@ def run_everything(work, paths, judge_of, seeds, args):
 
 def analyze_runs(report, run_dirs):
     """analyze.py's report on runs (side by side for several: its judge comparison) into report."""
-    call("analyze.py", *run_dirs, "--out", report)
+    arguments.run_script("analyze.py", *run_dirs, "--out", report)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,8 +9,12 @@ import sys
 import pytest
 
 import synthetic
+from common import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+
+import arguments  # noqa: E402
 
 
 def run_script(*args):
@@ -137,6 +141,31 @@ def test_estimators_reuse_of_a_damaged_run_is_one_line_and_prints_no_table(tmp_p
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("error: ") and str(bad) in proc.stderr
     assert message in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_kept_and_a_changed_or_failed_one_trains_again(tmp_path, synthetic_dir):
+    """train_once: a run that finished with the same settings is not trained again (a stopped
+    benchmark goes on where it stopped); other settings train again, the old run moved aside; a
+    run that fails leaves no bench.json."""
+    out = str(tmp_path / "run")
+    settings = ("configs/demo.py", "--start_over=True", f"--synthetic_dir={synthetic_dir}",
+                "--eval_interval=1", "--eval_limit=8")
+    metrics = os.path.join(out, "metrics.jsonl")
+    arguments.train_once(out, *settings, "--max_steps=1")
+    first = open(metrics).read()
+    assert json.loads(first.splitlines()[-1])["step"] == 1
+    assert json.load(open(os.path.join(out, "bench.json")))["args"] == [
+        "train_ppo.py", *settings, "--max_steps=1", f"--out_dir={out}"]
+    arguments.train_once(out, *settings, "--max_steps=1")
+    assert open(metrics).read() == first and not os.path.exists(os.path.join(out, "previous"))
+    arguments.train_once(out, *settings, "--max_steps=2")
+    assert json.loads(open(metrics).read().splitlines()[-1])["step"] == 2
+    assert len(os.listdir(os.path.join(out, "previous"))) == 1
+    failed = str(tmp_path / "failed")
+    with pytest.raises(UserError, match="^train_ppo.py configs/demo.py .* failed: "):
+        arguments.train_once(failed, *settings, "--no_such_setting=1")
+    assert not os.path.exists(os.path.join(failed, "bench.json"))
 
 
 @pytest.mark.parametrize("script, args, message", [
