@@ -17,13 +17,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def at_least(args, low, *flags):
-    """Each of the flags of args (argparse names) that is set must be at least low; for a list
-    (nargs="+"), each of its values."""
+    """Each of the flags (as written on the command line: "--rounds", "--batch-size") that is set
+    in args must be at least low; for a list (nargs="+"), each of its values."""
     for flag in flags:
-        value = getattr(args, flag)
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
         for v in value if isinstance(value, list) else [value]:
             if v is not None and v < low:
-                raise UserError(f"--{flag} must be at least {low}, not {v}")
+                raise UserError(f"{flag} must be at least {low}, not {v}")
 
 
 def checkout(path, flag="--before"):

@@ -25,11 +25,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common import run_cli  # noqa: E402
 from hellaswag import choice_logprobs, encode_for_model, load_examples, pad_choices  # noqa: E402
 from model import GPT, GPTConfig, pack_choices  # noqa: E402
 from tokenizer import gpt2_encoding  # noqa: E402
 
 # this folder is on the path of a script
+import arguments  # noqa: E402
 from hellaswag_speed import DEFAULT_DATA, cpu_name, ready  # noqa: E402
 
 def four_rows(model, encoded):
@@ -60,7 +62,7 @@ def forward_backward(model, path, encoded):
     return sum_logprobs.detach(), values.detach(), grads, positions, wall, cpu
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -68,7 +70,9 @@ def main():
                         help="batches, each run by both paths in turn")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    arguments.at_least(args, 1, "--batch-size", "--rounds", "--threads")
+    arguments.at_least(args, 0, "--seed")
     if not ready(args):
         return
     torch.manual_seed(args.seed)
@@ -120,4 +124,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

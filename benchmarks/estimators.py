@@ -171,8 +171,8 @@ def main(argv=None):
     parser.add_argument("--reuse", action="store_true",
                         help="print the tables from the runs already in --work, training none")
     args = parser.parse_args(argv)
-    arguments.at_least(args, 0, "seeds")
-    arguments.at_least(args, 1, "generate_steps")
+    arguments.at_least(args, 0, "--seeds")
+    arguments.at_least(args, 1, "--generate_steps")
     work = os.path.abspath(args.work) if args.reuse else arguments.work_folder(args.work)
     kinds = {"choice": (choice_rows(work, args.seeds), choice_summary),
              "generate": (generate_rows(work, args.seeds, args.generate_steps), generate_summary)}

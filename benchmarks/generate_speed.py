@@ -29,22 +29,29 @@ from torch.nn import functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from common import UserError, run_cli  # noqa: E402
 from model import GPT, GPTConfig, sample_next_token  # noqa: E402
 
-from hellaswag_speed import cpu_name  # noqa: E402  (this folder is on the path of a script)
+# this folder is on the path of a script
+import arguments  # noqa: E402
+from hellaswag_speed import cpu_name  # noqa: E402
 
 # the last commit before the preallocated KV cache and the exponential-race sampler
 BEFORE = "43b3ad9"
 
 
-def model_at_commit(rev, state_dict, config):
-    """GPT from model.py as it was at git revision rev, with the given weights; None where git
-    cannot show it."""
+def model_source(rev):
+    """model.py as it was at git revision rev; None where git cannot show it (no git, no such
+    revision, a copy without history)."""
     try:
-        source = subprocess.run(["git", "show", f"{rev}:model.py"], cwd=REPO, capture_output=True,
-                                text=True, check=True).stdout
+        return subprocess.run(["git", "show", f"{rev}:model.py"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def model_at_commit(rev, source, state_dict, config):
+    """GPT from model.py's source at git revision rev, with the given weights."""
     path = os.path.join(tempfile.mkdtemp(), f"model_{rev}.py")
     with open(path, "w") as f:
         f.write(source)
@@ -87,17 +94,31 @@ def sampler_times(batch_size, vocab_size, seed, repeats=50):
         f"{name} {statistics.median(t) * 1e3:.1f} ms" for name, t in times.items()))
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=48)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--before", default=BEFORE,
-                        help="git revision whose GPT.generate is also timed ('' = skip)")
+    parser.add_argument("--before", default=None,
+                        help=f"git revision whose GPT.generate is also timed (default {BEFORE}, "
+                             "skipped where git cannot show it; '' = skip)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    arguments.at_least(args, 1, "--batch-size", "--prompt-len", "--new-tokens", "--rounds",
+                       "--threads")
+    arguments.at_least(args, 0, "--seed")
+    if args.prompt_len + args.new_tokens > GPTConfig().block_size:
+        raise UserError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} is more "
+                        f"than GPT-2's {GPTConfig().block_size} positions")
+    before = BEFORE if args.before is None else args.before
+    source = model_source(before) if before else None
+    if before and source is None:
+        if args.before is not None:
+            raise UserError(f"--before {before}: git cannot show model.py at that revision here; "
+                            "give a commit of this repository, or --before '' to skip it")
+        print(f"(GPT.generate at {before} skipped: git cannot show model.py at it here)")
 
     from transformers import GPT2LMHeadModel
 
@@ -110,7 +131,7 @@ def main():
         hf = GPT2LMHeadModel.from_pretrained(export).eval()
     # every row samples all new tokens, as GPT.generate with no stop tokens
     hf.generation_config.eos_token_id = None
-    old = model_at_commit(args.before, model.state_dict(), model.config) if args.before else None
+    old = model_at_commit(before, source, model.state_dict(), model.config) if source else None
     B, P, N = args.batch_size, args.prompt_len, args.new_tokens
     idx = torch.randint(0, model.config.vocab_size, (B, P),
                         generator=torch.Generator().manual_seed(args.seed))
@@ -137,7 +158,7 @@ def main():
           f"{'agree' if same else 'DISAGREE'}")
     methods = {"GPT.generate": lambda: ours(model), "transformers generate": theirs}
     if old is not None:
-        methods[f"GPT.generate at {args.before}"] = lambda: ours(old)
+        methods[f"GPT.generate at {before}"] = lambda: ours(old)
     for method in methods.values():  # first calls allocate and pick kernels
         method()
     times = {name: [] for name in methods}
@@ -160,4 +181,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

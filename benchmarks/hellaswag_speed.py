@@ -24,11 +24,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import resolve_device  # noqa: E402
+from common import resolve_device, run_cli  # noqa: E402
 from hellaswag import (choice_logprobs, encode_example, evaluate, load_examples,  # noqa: E402
                        pad_choices)
 from model import GPT, GPTConfig  # noqa: E402
 from tokenizer import gpt2_encoding  # noqa: E402
+
+# this folder is on the path of a script
+import arguments  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
                             "data", "hellaswag_val_preprocessed.jsonl")
@@ -83,7 +86,7 @@ def cpu_name():
         return platform.processor() or "unknown CPU"
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--limit", type=int, default=200)
@@ -94,7 +97,9 @@ def main():
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip-naive", action="store_true",
                         help="only time evaluate (e.g. the full set on a GPU)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    arguments.at_least(args, 1, "--limit", "--batch-size", "--slice", "--threads")
+    arguments.at_least(args, 0, "--seed")
     if not ready(args):
         return
     device = resolve_device(args.device)
@@ -157,4 +162,4 @@ def _evaluate_predictions(model, examples, batch_size, dtype):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -25,6 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from causal_lm import CausalLM, sequence_logprobs  # noqa: E402
 from common import UserError, autocast, run_cli  # noqa: E402
 from hellaswag import example_texts, load_examples  # noqa: E402
+
+# this folder is on the path of a script
+import arguments  # noqa: E402
 from hellaswag_speed import DEFAULT_DATA, cpu_name, timed  # noqa: E402
 
 
@@ -88,8 +91,7 @@ def main(argv=None):
     parser.add_argument("--methods", default="rows,shared,harness",
                         help="which to run, of rows, shared, harness (the first is the baseline)")
     args = parser.parse_args(argv)
-    if args.limit < 1 or args.batch_size < 1 or args.slice < 1:
-        raise UserError("--limit, --batch-size and --slice must be positive")
+    arguments.at_least(args, 1, "--limit", "--batch-size", "--slice", "--threads")
     chosen = args.methods.split(",")
     unknown = sorted(set(chosen) - set(METHODS))
     if unknown or not chosen:

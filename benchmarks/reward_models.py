@@ -26,8 +26,9 @@ Reward models compared on real HellaSwag text, with real judges: what PPO does w
    signs analyze.py finds.
 
 Every stage is kept in --work and skipped when its files are there, so a stopped comparison goes on
-where it stopped (a run that did not finish, or whose settings changed, trains again). --reuse prints the tables from the files in --work, training nothing (every file
-read before anything prints). The whole comparison takes about two hours on a 2-core CPU.
+where it stopped (a run that did not finish, or whose settings changed, trains again). --reuse
+prints the tables from the files in --work, training nothing (every file read before anything
+prints). The whole comparison takes about two hours on a 2-core CPU.
 """
 
 import argparse
@@ -401,9 +402,9 @@ def main(argv=None):
     parser.add_argument("--reuse", action="store_true",
                         help="print the tables from the files already in --work, training nothing")
     args = parser.parse_args(argv)
-    arguments.at_least(args, 0, "seeds")
-    arguments.at_least(args, 1, "train_examples", "heldout_examples", "steps", "pretrain_steps",
-                       "judge_steps")
+    arguments.at_least(args, 0, "--seeds")
+    arguments.at_least(args, 1, "--train_examples", "--heldout_examples", "--steps",
+                       "--pretrain_steps", "--judge_steps")
     if args.reuse:
         work = os.path.abspath(args.work)
         judge_of = judges(work, "smollm2", "gemma")  # only the names and kinds are read

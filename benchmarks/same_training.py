@@ -89,7 +89,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     before = arguments.checkout(args.before)
     work = arguments.work_folder(args.work)
-    arguments.at_least(args, 1, "generate_steps")
+    arguments.at_least(args, 1, "--generate_steps")
     steps = demo_steps()
     if not 1 <= args.resume_at < steps:
         raise UserError(f"--resume_at {args.resume_at}: configs/demo.py's run has {steps} steps; "

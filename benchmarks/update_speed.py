@@ -112,7 +112,8 @@ def main(argv=None):
                         help="a 2-layer, 64-dim model: checks the script quickly")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    arguments.at_least(args, 1, "rounds", "updates", "threads")
+    arguments.at_least(args, 1, "--rounds", "--updates", "--threads")
+    arguments.at_least(args, 0, "--seed")
     if args.worker:
         return worker(args)
     checkouts = {"this checkout": REPO}

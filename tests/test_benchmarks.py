@@ -182,11 +182,21 @@ def test_a_finished_run_is_kept_and_a_changed_or_failed_one_trains_again(tmp_pat
      "steps; give a step from 1 to 39"),
     ("estimators", ["--work", "{tmp}/file"], "error: --work {tmp}/file: an existing file"),
     ("estimators", ["--generate_steps", "0"], "error: --generate_steps must be at least 1, not 0"),
-    ("estimators", ["--seeds", "1", "-1"], "error: --seeds must be at least 0, not -1")])
+    ("estimators", ["--seeds", "1", "-1"], "error: --seeds must be at least 0, not -1"),
+    ("choice_speed", ["--rounds", "0"], "error: --rounds must be at least 1, not 0"),
+    ("choice_speed", ["--seed", "-2"], "error: --seed must be at least 0, not -2"),
+    ("hellaswag_speed", ["--threads", "0"], "error: --threads must be at least 1, not 0"),
+    ("hellaswag_speed", ["--batch-size", "-1"], "error: --batch-size must be at least 1, not -1"),
+    ("generate_speed", ["--new-tokens", "0"], "error: --new-tokens must be at least 1, not 0"),
+    ("generate_speed", ["--prompt-len", "1000"],
+     "error: --prompt-len 1000 + --new-tokens 48 is more than GPT-2's 1024 positions"),
+    ("generate_speed", ["--before", "no-such-revision"],
+     "error: --before no-such-revision: git cannot show model.py at that revision here"),
+    ("update_speed", ["--seed", "-1"], "error: --seed must be at least 0, not -1")])
 def test_benchmark_arguments_are_checked_before_any_work(tmp_path, script, args, message):
     (tmp_path / "file").write_text("not a folder")
     defaults = {"same_training": ["--before", ".", "--work", str(tmp_path / "work")],
-                "estimators": ["--work", str(tmp_path / "work")]}[script]
+                "estimators": ["--work", str(tmp_path / "work")]}.get(script, [])
     proc = run_script(f"benchmarks/{script}.py", *defaults,
                       *(a.format(tmp=tmp_path) for a in args))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr

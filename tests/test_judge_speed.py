@@ -31,7 +31,8 @@ def test_judge_speed_compares_whole_rows_shared_contexts_and_the_harness(tmp_pat
 
 
 @pytest.mark.parametrize("argument, message", [
-    (["--limit", "0"], "error: --limit, --batch-size and --slice must be positive"),
+    (["--limit", "0"], "error: --limit must be at least 1, not 0"),
+    (["--threads", "0"], "error: --threads must be at least 1, not 0"),
     (["--methods", "rows,fast"], "error: --methods: unknown fast; choose from rows, shared, "
                                  "harness")])
 def test_judge_speed_bad_arguments_are_one_line(tmp_path, argument, message):
