@@ -723,6 +723,8 @@ def format_comparison(comparison, name_a, name_b, max_groups=12):
                      f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] {c['a_only']:>7} "
                      f"{c['b_only']:>7} {c['p_value']:>10.3g}")
     for field, by_value in comparison["groups"].items():
+        if not by_value:  # neither file records this field (a copy of the data without it)
+            continue
         note = f" (the {max_groups} largest groups)" if len(by_value) > max_groups else ""
         lines.append(f"acc_norm by {field}" + note)
         largest = sorted(by_value.items(), key=lambda kv: -kv[1]["n"])[:max_groups]

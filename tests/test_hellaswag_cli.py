@@ -428,6 +428,8 @@ def test_compare_cli_reports_both_runs_and_groups(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "acc_norm    0.2500  0.6250  +0.3750" in out
     assert "indomain" in out and "zeroshot" in out
+    # a field neither file records (here all but split_type) gets no empty heading
+    assert "acc_norm by split_type" in out and out.count("acc_norm by") == 1
     comparison = compare_predictions(hellaswag.read_predictions(a), hellaswag.read_predictions(b))
     assert comparison["groups"]["split_type"]["indomain"]["diff"] == 0.75
     assert comparison["groups"]["split_type"]["zeroshot"]["diff"] == 0.0
