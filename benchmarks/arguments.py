@@ -78,12 +78,12 @@ def train_once(out_dir, *args):
     file starts over, and so does one whose settings changed since."""
     done = os.path.join(out_dir, "bench.json")
     args = ["train_ppo.py", *args, f"--out_dir={out_dir}"]
-    if os.path.isfile(done):
-        try:
-            if read_json(done).get("args") == args:
-                return
-        except (UserError, AttributeError):  # torn or not ours: train it again
-            pass
+    try:
+        saved = read_json(done) if os.path.isfile(done) else None
+    except UserError:  # torn: train it again
+        saved = None
+    if isinstance(saved, dict) and saved.get("args") == args:
+        return
     t0 = time.time()
     run_script(*args)
     atomic_write_text(done, json.dumps({"args": args, "seconds": time.time() - t0}) + "\n")

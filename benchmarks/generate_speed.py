@@ -109,9 +109,10 @@ def main(argv=None):
     arguments.at_least(args, 1, "--batch-size", "--prompt-len", "--new-tokens", "--rounds",
                        "--threads")
     arguments.at_least(args, 0, "--seed")
-    if args.prompt_len + args.new_tokens > GPTConfig().block_size:
+    positions = GPTConfig().block_size
+    if args.prompt_len + args.new_tokens > positions:
         raise UserError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} is more "
-                        f"than GPT-2's {GPTConfig().block_size} positions")
+                        f"than GPT-2's {positions} positions")
     before = BEFORE if args.before is None else args.before
     source = model_source(before) if before else None
     if before and source is None:

@@ -109,7 +109,7 @@ def pretrain_policy(train_half, out_dir, steps, seed):
     torch.manual_seed(seed)
     model = GPT(POLICY).train()
     rows = [(tokens, 1) for tokens, _ in ending_rows(train_half, lambda ex: range(4),
-                                                   POLICY.block_size)]
+                                                     POLICY.block_size)]
     loss = fit_endings(model.hidden_states, model.lm_head, model.parameters(), rows, steps,
                        batch_size=min(32, len(rows)), seed=seed)
     model.eval().save_pretrained(out_dir)  # atomic: a whole directory or none

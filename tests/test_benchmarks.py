@@ -146,8 +146,8 @@ def test_estimators_reuse_of_a_damaged_run_is_one_line_and_prints_no_table(tmp_p
 @pytest.mark.slow
 def test_a_finished_run_is_kept_and_a_changed_or_failed_one_trains_again(tmp_path, synthetic_dir):
     """train_once: a run that finished with the same settings is not trained again (a stopped
-    benchmark goes on where it stopped); other settings train again, the old run moved aside; a
-    run that fails leaves no bench.json."""
+    benchmark goes on where it stopped); other settings, or a torn bench.json, train again, the old
+    run moved aside; a run that fails leaves no bench.json."""
     out = str(tmp_path / "run")
     settings = ("configs/demo.py", "--start_over=True", f"--synthetic_dir={synthetic_dir}",
                 "--eval_interval=1", "--eval_limit=8")
@@ -162,6 +162,11 @@ def test_a_finished_run_is_kept_and_a_changed_or_failed_one_trains_again(tmp_pat
     arguments.train_once(out, *settings, "--max_steps=2")
     assert json.loads(open(metrics).read().splitlines()[-1])["step"] == 2
     assert len(os.listdir(os.path.join(out, "previous"))) == 1
+    with open(os.path.join(out, "bench.json"), "w") as f:
+        f.write('{"args": ["train_ppo.py"')  # a torn write
+    arguments.train_once(out, *settings, "--max_steps=2")
+    assert len(os.listdir(os.path.join(out, "previous"))) == 2
+    assert json.load(open(os.path.join(out, "bench.json")))["args"][-2] == "--max_steps=2"
     failed = str(tmp_path / "failed")
     with pytest.raises(UserError, match="^train_ppo.py configs/demo.py .* failed: "):
         arguments.train_once(failed, *settings, "--no_such_setting=1")
