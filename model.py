@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common import UserError
-from tokenizer import EOT_TOKEN
+from tokenizer import EOT_TOKEN, gpt2_tokens
 from weights import clean_state_dict, read_gpt2, write_gpt2
 
 # cuDNN's attention kernel builds a plan for every new shape (about 3 ms of CPU each, measured on an
@@ -181,6 +181,25 @@ class GPT(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+    # ----------------------------------------------------------------------------------------------
+    # the policy interface (policy.Policy) besides forward and generate
+
+    @property
+    def tokens(self):
+        """GPT-2's tokenizer (tokenizer.GPT2Tokens): this module is GPT-2."""
+        return gpt2_tokens()
+
+    @property
+    def block_size(self):
+        return self.config.block_size
+
+    def encode_choices(self, examples, style):
+        """Each example's context and 4 endings as the HellaSwag scorer encodes them for this
+        project's GPT (hellaswag.encode_for_model), cut to the window."""
+        import hellaswag  # here, not at the top: hellaswag imports this module
+        return [hellaswag.encode_for_model(ex, self.tokens.encode, self.block_size, style)
+                for ex in examples]
 
     # ----------------------------------------------------------------------------------------------
     # forward
