@@ -3,6 +3,7 @@ GPT-2 as a PPO policy: the network of nanoGPT / build-nanogpt plus a scalar valu
 batches, KV-cache sampling and the shared-context multiple-choice forward. Reading GPT-2 weights
 from every source and writing them as a transformers directory live in weights.py: from_pretrained
 builds the GPT from what it reads, save_pretrained hands it the GPT's config and weights.
+GPT is the reference implementation of the policy's interface (policy.Policy), its tokens GPT-2's.
 
     # or a transformers dir, a build-nanogpt .pt, a run's checkpoint
     model = GPT.from_pretrained("gpt2")
