@@ -33,15 +33,13 @@ import hellaswag
 from common import (UserError, atomic_directory, atomic_path, atomic_write_text,
                     check_output_path, read_json_objects, run_cli)
 from reward import REWARD_KINDS
-from tokenizer import gpt2_encoding
+from tokenizer import gpt2_tokens
 
 # groups with fewer examples get intervals too wide (or too narrow, at n < 5) to trust
 SMALL_GROUP = 30
 MAX_GROUPS = 25  # largest groups per field shown in the group figure
 MAX_FLIPS = 5  # flipped examples quoted per direction
 CALIBRATION_BINS = 10
-# the text ends of train_ppo.sentence_stop_tokens
-STOP_ENDINGS = (".", "!", "?", "\n", '."', '!"', '?"')
 # keys that name where a run lives rather than what it did: never used to tell runs apart
 PLACE_KEYS = ("out_dir", "synthetic_dir", "teacher_cache", "data_cache", "wandb_run_name",
               "wandb_project", "device", "start_over")
@@ -589,17 +587,31 @@ def teacher_agreement(before, after, teacher, notes):
     return result
 
 
-def stopped(text, max_new_tokens, n_tokens, stop_at_sentence_end=True):
-    """Whether a saved generate sample stopped by itself: <|endoftext|> is dropped from the saved
-    text, so a sample shorter than max_new_tokens stopped; one that ends like a sentence stop token
+def run_tokens(config):
+    """The tokens of a run's policy (policy.Tokens): every policy train_ppo.py builds is a GPT,
+    whose tokens are GPT-2's."""
+    return gpt2_tokens()
+
+
+def stop_endings(tokens, stop_at_sentence_end):
+    """The texts a saved sample ends with when a sentence stop token stopped it (the policy's
+    tokens.stop_tokens; EOS is not in the saved text)."""
+    if not stop_at_sentence_end:
+        return ()
+    return tuple(tokens.decode([t]) for t in tokens.stop_tokens(True) if t != tokens.eos_id)
+
+
+def stopped(text, max_new_tokens, n_tokens, endings):
+    """Whether a saved generate sample stopped by itself: EOS is dropped from the saved text, so a
+    sample shorter than max_new_tokens stopped; one that ends with one of endings (stop_endings)
     stopped there."""
-    return n_tokens < max_new_tokens or (stop_at_sentence_end and text.endswith(STOP_ENDINGS))
+    return n_tokens < max_new_tokens or text.endswith(endings)
 
 
-def generate_stats(run, encode):
+def generate_stats(run):
     """Response length (tokens) and stop rate per step, and reward against KL. train_ppo.py logs the
     first two for every rollout of a step in metrics.jsonl; for a run without them, they come from
-    the few samples that samples.jsonl keeps (noisy)."""
+    the few samples that samples.jsonl keeps (noisy), counted with the run's own tokenizer."""
     config = run["config"]
     logged = [m for m in run["metrics"] if drawable(m["step"])
               and drawable(m.get("train/stop_rate")) and drawable(m.get("train/response_length"))]
@@ -610,10 +622,11 @@ def generate_stats(run, encode):
         source = "metrics.jsonl: every rollout of each step (the master rank's batch)"
     else:
         rows = []
+        tokens = run_tokens(config)
+        endings = stop_endings(tokens, config.get("stop_at_sentence_end", True))
         for step, samples in samples_by_step(run["samples"]).items():
-            lengths = [len(encode(s["continuation"])) for s in samples]
-            stops = [stopped(s["continuation"], config.get("max_new_tokens", 24), n,
-                             config.get("stop_at_sentence_end", True))
+            lengths = [len(tokens.encode(s["continuation"])) for s in samples]
+            stops = [stopped(s["continuation"], config.get("max_new_tokens", 24), n, endings)
                      for s, n in zip(samples, lengths)]
             rows.append({"step": step, "response_tokens": mean(lengths), "stop_rate": mean(stops)})
         source = "samples.jsonl: the few samples kept per sample_interval, so noisy"
@@ -682,7 +695,7 @@ def hacking_signs(stats, table):
     return signs
 
 
-def analyze_run(run, encode=None):
+def analyze_run(run):
     """-> the run's numbers; notes for what cannot be computed are added to run["notes"]."""
     notes = run["notes"]
     temperature = run["config"].get("choice_temperature", 1.0)
@@ -725,7 +738,7 @@ def analyze_run(run, encode=None):
         notes.append(run["teacher_cache"])
     if (run["config"].get("rollout") == "generate"
             or any("continuation" in s for s in run["samples"])):
-        stats = generate_stats(run, encode)
+        stats = generate_stats(run)
         if stats["samples"] or stats["reward_kl"] or stats["judge_score"]:
             result["generate"] = stats
             stats["hacking_signs"] = hacking_signs(stats, table)
@@ -1280,12 +1293,7 @@ def main(argv=None):
         runs = [load_pair(args.before, args.after, data=args.data, teacher=args.teacher)]
         title = f"Report: {args.before} → {args.after}"
     differ = label_runs(runs)
-    encode = None
-    if any(r["config"].get("rollout") == "generate"
-           or any("continuation" in s for s in r["samples"])
-           for r in runs):
-        encode = gpt2_encoding().encode_ordinary  # only generate runs count tokens
-    results = [analyze_run(run, encode) for run in runs]
+    results = [analyze_run(run) for run in runs]
     path = write_report(runs, results, args.out, differ, title)
     print(f"wrote {printable(path)}")
     return results

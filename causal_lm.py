@@ -7,14 +7,14 @@ and teachers are CausalLMs.
     # or a local transformers directory, or a .gguf file
     lm = CausalLM.load("EleutherAI/gpt-neo-2.7B", device="cuda")
     s = lm.score(contexts, continuations)               # dict of (N,) float32 tensors
-    s = lm.score_tokens(context_ids, continuation_ids)  # the same from GPT-2 token ids
+    # the same from a policy's token ids (policy.tokens: GPT's are GPT-2's)
+    s = lm.score_tokens(context_ids, continuation_ids, policy.tokens)
 """
 
 import bisect
 import codecs
 import copy
 import inspect
-import json
 import os
 import sys
 
@@ -23,7 +23,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common import UserError, first_line, looks_like_a_path, resolve_device
 from model import logprobs_from_logits
-from tokenizer import bpe_files, gpt2_encoding
 from weights import file_sha256, gguf_directory, is_gguf, load_transformers_checked
 
 # scored positions per log-softmax: bounds the float32 (positions, vocab) copy in memory
@@ -433,11 +432,11 @@ def resolve_dtype(dtype, device):
     return getattr(torch, dtype)
 
 
-def is_gpt2_vocab(tokenizer):
-    """True when a transformers tokenizer's vocabulary is GPT-2's, token for token and id for id
-    (gpt2, gpt-neo, this project's exports; not OPT, not Pythia)."""
-    with open(bpe_files()[0], encoding="utf-8") as f:
-        return tokenizer.get_vocab() == json.load(f)
+def shares_vocab(tokenizer, tokens):
+    """True when a transformers tokenizer's vocabulary is that of a policy's tokens (policy.Tokens),
+    token for token and id for id (for GPT's, GPT-2's: gpt2, gpt-neo, this project's exports; not
+    OPT, not Pythia)."""
+    return tokenizer.get_vocab() == tokens.vocab()
 
 
 def load_causal_lm(source, device, dtype):
@@ -515,7 +514,7 @@ def special_prefix(tokenizer):
 class CausalLM:
     """
     A transformers causal LM and its tokenizer as a scorer of (context, continuation) text pairs,
-    re-tokenized with its own tokenizer, so it need not share GPT-2's vocabulary (gpt-neo does,
+    re-tokenized with its own tokenizer, so it need not share the policy's vocabulary (gpt-neo does
     Llama and Pythia do not). Frozen: eval mode, no gradients. Never wrap it in DDP; each rank loads
     its own copy.
     max_length: the model's window in tokens (default: from the model's config).
@@ -531,7 +530,7 @@ class CausalLM:
                          else tokenizer.eos_token_id)
         pad_candidates = (tokenizer.pad_token_id, tokenizer.eos_token_id, 0)
         self.pad_id = next((t for t in pad_candidates if t is not None))
-        self._shares_gpt2_vocab = None
+        self._shares_vocab = {}  # per policy tokens object
 
     @classmethod
     def load(cls, source, device="cpu", dtype=None, max_length=None):
@@ -546,13 +545,12 @@ class CausalLM:
         return (f"CausalLM({self.source!r}, device={self.device!r}, dtype={self.dtype}, "
                 f"max_length={self.max_length})")
 
-    @property
-    def shares_gpt2_vocab(self):
-        """True when the tokenizer maps every GPT-2 token to GPT-2's id (gpt2, gpt-neo; not OPT, not
-        Pythia)."""
-        if self._shares_gpt2_vocab is None:
-            self._shares_gpt2_vocab = is_gpt2_vocab(self.tokenizer)
-        return self._shares_gpt2_vocab
+    def shares_vocab(self, tokens):
+        """True when the tokenizer maps every token of a policy's tokens (policy.Tokens) to the same
+        id (GPT's, GPT-2's: gpt2, gpt-neo; not OPT, not Pythia)."""
+        if tokens not in self._shares_vocab:
+            self._shares_vocab[tokens] = shares_vocab(self.tokenizer, tokens)
+        return self._shares_vocab[tokens]
 
     def fingerprint(self):
         """What the scores depend on, for cache keys: the model (for a local directory, its files'
@@ -628,13 +626,15 @@ class CausalLM:
         rows = self.encode_pairs(contexts, continuations)
         return self.score_rows(rows, [len(c) for c in continuations], batch_size)
 
-    def score_tokens(self, context_tokens, continuation_tokens, batch_size=32, per_token=False):
+    def score_tokens(self, context_tokens, continuation_tokens, tokens, batch_size=32,
+                     per_token=False):
         """
-        score() for pairs given as GPT-2 token ids (lists of ints), e.g. a policy's prompt and
-        sample. When the model shares GPT-2's vocabulary the ids are scored as they are: this equals
-        score(decode(context), decode(continuation)) whenever the ids are what GPT-2's tokenizer
-        gives for that text, and scores the policy's own tokens where a sample is not canonically
-        tokenized. Otherwise the ids are decoded to text and re-tokenized by score().
+        score() for pairs given as a policy's token ids (lists of ints), e.g. its prompt and sample;
+        tokens: the policy's tokens (policy.Tokens), which wrote them. When the model shares that
+        vocabulary (shares_vocab) the ids are scored as they are: this equals
+        score(decode(context), decode(continuation)) whenever the ids are what the policy's
+        tokenizer gives for that text, and scores the policy's own tokens where a sample is not
+        canonically tokenized. Otherwise the ids are decoded to text and re-tokenized by score().
         per_token: the dict also holds "token_logprobs", one (len(continuation),) float32 tensor per
         pair: the log-prob of each given token, or, for another vocabulary, the sum of the log-probs
         of the model's tokens that end inside its text (align_by_chars). Each sums to the pair's
@@ -643,27 +643,26 @@ class CausalLM:
         if len(context_tokens) != len(continuation_tokens):
             raise ValueError(f"{len(context_tokens)} contexts but "
                              f"{len(continuation_tokens)} continuations")
-        enc = gpt2_encoding()
-        continuations = [enc.decode(list(t), errors="replace") for t in continuation_tokens]
+        continuations = [tokens.decode(list(t)) for t in continuation_tokens]
         n_chars = [len(c) for c in continuations]
-        if self.shares_gpt2_vocab:
+        if self.shares_vocab(tokens):
             rows = [self.row(i, list(ctx), list(cont))
                     for i, (ctx, cont) in enumerate(zip(context_tokens, continuation_tokens))]
             return self.score_rows(rows, n_chars, batch_size, per_token)
-        contexts = [enc.decode(list(t), errors="replace") for t in context_tokens]
+        contexts = [tokens.decode(list(t)) for t in context_tokens]
         if not per_token:
             return self.score(contexts, continuations, batch_size)
         rows, owners = [], []
-        for i, (context, tokens) in enumerate(zip(contexts, continuation_tokens)):
+        for i, (context, sample) in enumerate(zip(contexts, continuation_tokens)):
             row, judge_ends = self.row_with_char_ends(i, context, continuations[i])
             rows.append(row)
-            policy_ends = char_ends([enc.decode_single_token_bytes(t) for t in tokens])
+            policy_ends = char_ends([tokens.token_bytes(t) for t in sample])
             owners.append(align_by_chars([e - len(context) for e in judge_ends], policy_ends))
         scores = self.score_rows(rows, n_chars, batch_size, per_token)
         per_pair = zip(continuation_tokens, owners, scores["token_logprobs"])
         scores["token_logprobs"] = [
-            torch.zeros(len(tokens)).index_add_(0, torch.tensor(owner), logprobs)
-            for tokens, owner, logprobs in per_pair]
+            torch.zeros(len(sample)).index_add_(0, torch.tensor(owner), logprobs)
+            for sample, owner, logprobs in per_pair]
         return scores
 
     def row_with_char_ends(self, index, context, continuation):

@@ -32,13 +32,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
-from causal_lm import (CausalLM, PairError, is_gpt2_vocab, load_causal_lm, sequence_logprobs,
+from causal_lm import (CausalLM, PairError, load_causal_lm, sequence_logprobs, shares_vocab,
                        split_encode, unicode_problem)
 from common import (UserError, atomic_path, atomic_write_text, autocast, check_output_path,
                     first_line, looks_like_a_path, read_json, read_jsonl, resolve_device, run_cli,
                     same_error_on_every_rank, write_errors_are_one_line)
 from model import GPT, logprobs_from_logits
-from tokenizer import EOT_TOKEN, gpt2_encoding
+from tokenizer import gpt2_tokens
 from weights import check_finite_weights, gguf_directory, is_gguf, unsupported_gpt2_setting
 
 STYLES = ("completion", "lm-eval")
@@ -295,41 +295,6 @@ def encode_for_model(example, encode, max_len, style="completion"):
                          where=f"example {example['index']}")
 
 
-def pad_choices(encoded, pad_token=EOT_TOKEN):
-    """
-    N encoded examples -> idx, attention_mask, target_mask, each (4N, T) long, right-padded; row
-    4*i+j holds context_i + ending_j. target_mask[r, t] = 1 where idx[r, t+1] is an ending token:
-    the positions whose logits predict the ending (the last column is always 0).
-    """
-    rows = [(context, ending) for context, endings in encoded for ending in endings]
-    T = max(len(c) + len(e) for c, e in rows)
-    idx = torch.full((len(rows), T), pad_token, dtype=torch.long)
-    attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
-    target_mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for r, (context, ending) in enumerate(rows):
-        n = len(context) + len(ending)
-        idx[r, :n] = torch.tensor(context + ending)
-        attention_mask[r, :n] = 1
-        target_mask[r, len(context) - 1:n - 1] = 1
-    return idx, attention_mask, target_mask
-
-
-def choice_logprobs(logits, idx, target_mask):
-    """
-    Logits of the rows of pad_choices -> sum of the ending tokens' log-probs (N, 4) and their number
-    (N, 4), float32 and differentiable. The acc_norm score of completion style is sum / n. logits
-    are (4N, T, V), or (K, V) at just the K positions where target_mask is 1 (GPT's
-    logits_at=target_mask.bool(), which skips most of the LM head).
-    """
-    mask = target_mask.bool()
-    if logits.dim() == 3:
-        logits = logits[mask]
-    next_tokens = torch.roll(idx, -1, dims=1)[mask]  # position t predicts token t + 1
-    token_logprobs = torch.zeros(mask.shape, device=logits.device).masked_scatter(
-        mask, logprobs_from_logits(logits, next_tokens))
-    return token_logprobs.sum(1).view(-1, 4), mask.sum(1).float().view(-1, 4)
-
-
 # --------------------------------------------------------------------------------------------------
 # the scorer
 
@@ -418,14 +383,16 @@ def _score_gpt_batch(model, encoded, pad_token, device):
 
 
 @torch.no_grad()
-def score_choices(model, encoded, batch_size=32, device="cpu", dtype="float32",
-                  pad_token=EOT_TOKEN):
+def score_choices(model, encoded, batch_size=32, device="cpu", dtype="float32", pad_token=None):
     """
     The one HellaSwag scorer of this project's GPT: summed log-probs of the 4 endings of each
-    encoded example, (N, 4) float32 on the host. Examples are scored batch_size at a time in order
-    of context length (less padding); results stay on the device until the end, so there is no host
-    sync per batch. The model must be in eval mode.
+    encoded example (GPT.encode_choices), (N, 4) float32 on the host. Examples are scored
+    batch_size at a time in order of context length (less padding); results stay on the device
+    until the end, so there is no host sync per batch. The model must be in eval mode. pad_token:
+    None for the model's own (model.tokens.pad_id).
     """
+    if pad_token is None:
+        pad_token = model.tokens.pad_id
     order = sorted(range(len(encoded)),
                    key=lambda i: (len(encoded[i][0]), max(map(len, encoded[i][1]))))
     in_order = []
@@ -468,8 +435,7 @@ def _score_with_gpt(model, examples, style, batch_size, device, dtype):
     """-> summed ending log-probs and ending lengths in tokens, (N, 4) each, with the shared-context
     scorer."""
     with same_error_on_every_rank():
-        encode = gpt2_encoding().encode_ordinary
-        encoded = [encode_for_model(ex, encode, model.config.block_size, style) for ex in examples]
+        encoded = model.encode_choices(examples, style)
     was_training = model.training
     model.eval()
     try:
@@ -768,7 +734,8 @@ def _gpt2_tokenized(source):
                          for name in VOCABULARY_FILES):
         return True
     try:
-        return is_gpt2_vocab(AutoTokenizer.from_pretrained(source))
+        # GPT-2's own vocabulary: whether the source can be this project's GPT
+        return shares_vocab(AutoTokenizer.from_pretrained(source), gpt2_tokens())
     except Exception:  # a local one: load_causal_lm says what is wrong with it
         return not local
 

@@ -3,6 +3,7 @@ GPT-2 as a PPO policy: the network of nanoGPT / build-nanogpt plus a scalar valu
 batches, KV-cache sampling and the shared-context multiple-choice forward. Reading GPT-2 weights
 from every source and writing them as a transformers directory live in weights.py: from_pretrained
 builds the GPT from what it reads, save_pretrained hands it the GPT's config and weights.
+GPT is the reference implementation of the policy's interface (policy.Policy), its tokens GPT-2's.
 
     # or a transformers dir, a build-nanogpt .pt, a run's checkpoint
     model = GPT.from_pretrained("gpt2")
@@ -22,7 +23,7 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common import UserError
-from tokenizer import EOT_TOKEN
+from tokenizer import EOT_TOKEN, gpt2_tokens
 from weights import clean_state_dict, read_gpt2, write_gpt2
 
 # cuDNN's attention kernel builds a plan for every new shape (about 3 ms of CPU each, measured on an
@@ -181,6 +182,25 @@ class GPT(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+    # ----------------------------------------------------------------------------------------------
+    # the policy interface (policy.Policy) besides forward and generate
+
+    @property
+    def tokens(self):
+        """GPT-2's tokenizer (tokenizer.GPT2Tokens): this module is GPT-2."""
+        return gpt2_tokens()
+
+    @property
+    def block_size(self):
+        return self.config.block_size
+
+    def encode_choices(self, examples, style):
+        """Each example's context and 4 endings as the HellaSwag scorer encodes them for this
+        project's GPT (hellaswag.encode_for_model), cut to the window."""
+        import hellaswag  # here, not at the top: hellaswag imports this module
+        return [hellaswag.encode_for_model(ex, self.tokens.encode, self.block_size, style)
+                for ex in examples]
 
     # ----------------------------------------------------------------------------------------------
     # forward

@@ -2,14 +2,14 @@
 Reward kinds: what train_ppo.py rewards a rollout with (reward_kind = "likelihood" | "teacher" |
 "label"), each one entry of REWARD_KINDS: its call (ChoiceReward or TextReward) and what it needs.
 The judges and teachers are transformers causal LMs (causal_lm.CausalLM), re-tokenizing text with
-their own tokenizers, so they need not share GPT-2's vocabulary (gpt-neo does, Llama and Pythia do
-not).
+their own tokenizers, so they need not share the policy's vocabulary (gpt-neo shares GPT-2's, Llama
+and Pythia do not).
 
     judge = CausalLM.load("EleutherAI/gpt-neo-2.7B", device="cuda")
     # free text: the judge's mean log-prob, running-normalised
     LikelihoodReward(judge)(contexts, continuations)
-    # the same, and each GPT-2 token's share of it
-    LikelihoodReward(judge).dense(contexts, tokens)
+    # the same for a policy's token ids, and each token's share of it
+    LikelihoodReward(judge).dense(context_ids, sample_ids, policy.tokens)
     # multiple choice: the judge's probability of the chosen ending
     TeacherReward(judge, examples)(indices, choices)
     # multiple choice: 1 if the choice is the gold label, else 0
@@ -55,8 +55,9 @@ class LikelihoodReward:
     torch.distributed.all_reduce: sums a tensor in place across ranks; the tensor lives on the
     reward model's device) so every rank keeps the same statistics. clip bounds the final reward to
     [-clip, clip]. An empty continuation is a PairError.
-    __call__ takes lists of strings, or lists of GPT-2 token ids (CausalLM.score_tokens: the ids
-    themselves when the judge shares GPT-2's vocabulary). -> (N,) float32 CPU tensor.
+    __call__ takes lists of strings, or lists of a policy's token ids with its tokens
+    (policy.Tokens; CausalLM.score_tokens: the ids themselves when the judge shares the policy's
+    vocabulary). -> (N,) float32 CPU tensor.
     """
 
     def __init__(self, reward_model, per="token", clip=None, normalize=True, batch_size=32,
@@ -73,18 +74,20 @@ class LikelihoodReward:
         # log of normalised rewards cannot show (are samples getting more likely?)
         self.last_raw = torch.zeros(0)
 
-    def raw(self, contexts, continuations):
+    def raw(self, contexts, continuations, tokens=None):
         """The reward model's per-token (or per-char) mean log-prob, before normalisation and
-        clipping."""
+        clipping. tokens: None for texts, else the policy's tokens that wrote the ids."""
         if not continuations:
             return torch.zeros(0)
-        tokens = not isinstance(continuations[0], str)
-        score = self.reward_model.score_tokens if tokens else self.reward_model.score
-        scores = score(contexts, continuations, self.batch_size)
+        if tokens is None:
+            scores = self.reward_model.score(contexts, continuations, self.batch_size)
+        else:
+            scores = self.reward_model.score_tokens(contexts, continuations, tokens,
+                                                    self.batch_size)
         return scores["mean_logprob" if self.per == "token" else "per_char_logprob"]
 
-    def __call__(self, contexts, continuations):
-        return self.finish(self.raw(contexts, continuations))
+    def __call__(self, contexts, continuations, tokens=None):
+        return self.finish(self.raw(contexts, continuations, tokens))
 
     def finish(self, rewards):
         """Raw scores -> rewards: fold them into the running statistics, normalise, clip."""
@@ -96,12 +99,13 @@ class LikelihoodReward:
             rewards = rewards.clamp(-self.clip, self.clip)
         return rewards.float()
 
-    def dense(self, contexts, continuations):
+    def dense(self, contexts, continuations, tokens):
         """
-        The rewards of __call__ for GPT-2 token ids, and each token's share of them: -> (N,) rewards
-        and a list of (len(continuations[i]),) float32 shares that sum to rewards[i]. A token's
-        share is the judge's log-prob of it (CausalLM.score_tokens(per_token=True)) under the same
-        affine map as the reward: divided by the length (tokens or chars) and by the running std.
+        The rewards of __call__ for a policy's token ids (written with its tokens, policy.Tokens),
+        and each token's share of them: -> (N,) rewards and a list of (len(continuations[i]),)
+        float32 shares that sum to rewards[i]. A token's share is the judge's log-prob of it
+        (CausalLM.score_tokens(per_token=True)) under the same affine map as the reward: divided by
+        the length (tokens or chars) and by the running std.
         The map's constant part (-mean / std) and whatever the clip cut off are spread evenly over
         the sample's tokens: they say nothing about any one token, and so the sum over a sample
         stays the sparse reward, whatever the statistics and the clip do.
@@ -110,7 +114,7 @@ class LikelihoodReward:
             # still folded into the running statistics: under DDP that is an all-reduce every rank
             # must join
             return self.finish(torch.zeros(0)), []
-        scores = self.reward_model.score_tokens(contexts, continuations, self.batch_size,
+        scores = self.reward_model.score_tokens(contexts, continuations, tokens, self.batch_size,
                                                 per_token=True)
         length = scores["n_tokens" if self.per == "token" else "n_chars"]
         rewards = self.finish(scores["sum_logprob"] / length)
@@ -342,12 +346,13 @@ class TextReward(ChoiceReward, Protocol):
     # the last call's scores on the judge's own scale, before normalising and clipping (logged)
     last_raw: torch.Tensor
 
-    def __call__(self, contexts, continuations):
-        """-> (N,) float32 CPU rewards of each continuation (text, or GPT-2 token ids) of its
-        context."""
+    def __call__(self, contexts, continuations, tokens=None):
+        """-> (N,) float32 CPU rewards of each continuation of its context: texts, or (tokens, the
+        policy's tokens: policy.Tokens) the policy's token ids."""
 
-    def dense(self, contexts, continuations):
-        """-> the rewards of __call__ for GPT-2 token ids, and each token's share of them."""
+    def dense(self, contexts, continuations, tokens):
+        """-> the rewards of __call__ for the policy's token ids, and each token's share of
+        them."""
 
 
 @dataclass(frozen=True)

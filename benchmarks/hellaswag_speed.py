@@ -25,13 +25,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import resolve_device, run_cli  # noqa: E402
-from hellaswag import (choice_logprobs, encode_example, evaluate, load_examples,  # noqa: E402
-                       pad_choices)
+from hellaswag import encode_example, evaluate, load_examples  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from tokenizer import gpt2_encoding  # noqa: E402
 
 # this folder is on the path of a script
 import arguments  # noqa: E402
+from whole_rows import choice_logprobs, pad_choices  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
                             "data", "hellaswag_val_preprocessed.jsonl")
@@ -41,7 +40,7 @@ DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".
 def naive_predictions(model, examples, device):
     """build-nanogpt's loop: per example, the 4 rows padded to the longest, one full forward, full
     LM head."""
-    encode = gpt2_encoding().encode_ordinary
+    encode = model.tokens.encode
     preds, preds_norm = [], []
     for example in examples:
         idx, _, target_mask = pad_choices([encode_example(example, encode)])

@@ -49,7 +49,6 @@ import hellaswag  # noqa: E402
 from common import UserError, read_json, run_cli, step_checkpoints  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from synthetic import ending_rows, fit_endings, write_jsonl  # noqa: E402
-from tokenizer import gpt2_encoding  # noqa: E402
 
 # this folder is on the path of a script
 import arguments  # noqa: E402
@@ -318,7 +317,7 @@ def choice_row(work, run, judge):
 def generate_row(work, run):
     """The generate run's first -> last figures and the reward-hacking signs analyze.py finds."""
     loaded = analyze.load_run(run.out_dir)
-    stats = analyze.generate_stats(loaded, gpt2_encoding().encode_ordinary)
+    stats = analyze.generate_stats(loaded)
     table = analyze.evaluation_table(loaded)
     k = max(1, len(stats["judge_score"]) // 10)  # the first and last tenth, against noise
     score = [s for _, s in stats["judge_score"]]

@@ -19,7 +19,7 @@ from common import UserError, run_cli
 import causal_lm
 from causal_lm import CausalLM, PairError
 from reward import main
-from tokenizer import EOT_TOKEN, gpt2_encoding, gpt2_hf_tokenizer
+from tokenizer import EOT_TOKEN, gpt2_encoding, gpt2_hf_tokenizer, gpt2_tokens
 
 CORPUS = [
     "A man is sitting on a roof. He starts pulling up roofing on a roof.",
@@ -431,7 +431,7 @@ def test_unscoreable_pairs_are_errors_not_zeros(neo):
     with pytest.raises(ValueError, match="2 contexts but 1 continuations"):
         neo.score(["a", "b"], [" c"])
     with pytest.raises(PairError, match="empty"):
-        neo.score_tokens([[1, 2]], [[]])
+        neo.score_tokens([[1, 2]], [[]], gpt2_tokens())
 
 
 @pytest.mark.parametrize("context, continuation, message", [
@@ -471,7 +471,7 @@ TOKEN_TEXTS = PAIRS + GPT2_PAIRS + [("Tabs\tand", " spaces   here"), ("end", "."
 
 
 def test_score_tokens_equals_the_text_path_for_canonical_tokens(neo):
-    assert neo.shares_gpt2_vocab
+    assert neo.shares_vocab(gpt2_tokens())
     enc = gpt2_encoding()
     contexts, continuations, ctx_ids, cont_ids = [], [], [], []
     for context, continuation in TOKEN_TEXTS:
@@ -483,7 +483,7 @@ def test_score_tokens_equals_the_text_path_for_canonical_tokens(neo):
         ctx_ids.append(ctx), cont_ids.append(whole[len(ctx):])
     assert len(contexts) == len(TOKEN_TEXTS)
     from_text = neo.score(contexts, continuations, batch_size=4)
-    from_tokens = neo.score_tokens(ctx_ids, cont_ids, batch_size=4)
+    from_tokens = neo.score_tokens(ctx_ids, cont_ids, gpt2_tokens(), batch_size=4)
     for key in from_text:
         # the very same forwards, bit for bit
         assert torch.equal(from_text[key], from_tokens[key]), key
@@ -495,14 +495,14 @@ def test_score_tokens_scores_the_given_tokens(neo, llama):
     enc = gpt2_encoding()
     ctx, sample = enc.encode("A man on the"), enc.encode(" ro") + enc.encode("of")
     assert sample != enc.encode(" roof")
-    direct = neo.score_tokens([ctx], [sample])["sum_logprob"].item()
+    direct = neo.score_tokens([ctx], [sample], gpt2_tokens())["sum_logprob"].item()
     assert direct == pytest.approx(reference_token_score(neo.model, ctx, sample), abs=1e-4)
     canonical = neo.score(["A man on the"], [" roof"])["sum_logprob"].item()
     # the text path would have scored " roof", a different token
     assert abs(direct - canonical) > 1e-3
     # another vocabulary: decoded and re-tokenized by the reward model's tokenizer
-    assert not llama.shares_gpt2_vocab
-    got = llama.score_tokens([ctx], [sample])
+    assert not llama.shares_vocab(gpt2_tokens())
+    got = llama.score_tokens([ctx], [sample], gpt2_tokens())
     want = llama.score(["A man on the"], [" roof"])
     assert torch.equal(got["sum_logprob"], want["sum_logprob"]) and got["n_chars"].item() == 5
 
@@ -533,13 +533,13 @@ def test_per_token_logprobs_of_a_gpt2_vocab_judge_are_its_logprobs_of_the_same_t
     contexts = [enc.encode("A man on the"), enc.encode("He said"), []]
     samples = [enc.encode(" ro") + enc.encode("of"), enc.encode(' "no," and left.'),
                enc.encode(" Yes!")]
-    scores = neo.score_tokens(contexts, samples, batch_size=2, per_token=True)
+    scores = neo.score_tokens(contexts, samples, gpt2_tokens(), batch_size=2, per_token=True)
     for i, (ctx, sample) in enumerate(zip(contexts, samples)):
         expected = reference_token_logprobs(neo.model, ctx or [EOT_TOKEN], sample)
         torch.testing.assert_close(scores["token_logprobs"][i], expected, atol=1e-4, rtol=0)
         assert scores["token_logprobs"][i].sum().item() == pytest.approx(
             scores["sum_logprob"][i].item(), abs=1e-5)
-    plain = neo.score_tokens(contexts, samples, batch_size=2)
+    plain = neo.score_tokens(contexts, samples, gpt2_tokens(), batch_size=2)
     assert torch.equal(plain["sum_logprob"], scores["sum_logprob"])  # the sums do not change
 
 
@@ -566,7 +566,8 @@ def test_per_token_logprobs_of_another_vocabulary_align_by_characters(llama):
     ]
     contexts = [enc.encode(context) for context, _, _, _ in cases]
     samples = [[enc.encode_single_token(piece) for piece in pieces] for _, pieces, _, _ in cases]
-    scores = llama.score_tokens(contexts, samples, batch_size=2, per_token=True)
+    scores = llama.score_tokens(contexts, samples, gpt2_tokens(), batch_size=2,
+                                per_token=True)
     for i, (context, pieces, n_judge, expected) in enumerate(cases):
         text = context + b"".join(pieces).decode()
         want = torch.tensor(expected(judge_logprobs(llama, text, n_judge).tolist()),
@@ -600,7 +601,7 @@ def test_this_projects_exported_policy_can_judge(tmp_path):
     policy = GPT(GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64)).eval()
     policy.save_pretrained(tmp_path / "hf")
     judge = CausalLM.load(str(tmp_path / "hf"))
-    assert judge.shares_gpt2_vocab and judge.max_length == 64
+    assert judge.shares_vocab(gpt2_tokens()) and judge.max_length == 64
     context, continuation = (tiktoken_encode("A man is sitting on a roof."),
                              tiktoken_encode(" He starts pulling."))
     with torch.no_grad():

@@ -22,7 +22,7 @@ from model import GPT, GPTConfig
 from reward import main as reward_main
 from train_ppo import load_config
 from test_causal_lm import reference_score
-from tokenizer import EOT_TOKEN, gpt2_encoding
+from tokenizer import EOT_TOKEN, gpt2_encoding, gpt2_tokens
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hellaswag_synthetic.jsonl")
@@ -313,12 +313,13 @@ def test_real_models_boundary_whitespace_and_bos(real_lm):
 @pytest.mark.slow
 def test_real_judges_score_policy_tokens_through_text(real_lm):
     name, lm = real_lm
-    assert not lm.shares_gpt2_vocab
+    assert not lm.shares_vocab(gpt2_tokens())
     enc = gpt2_encoding()
     contexts = ["A man is sitting on a roof.", "She opens the café door"]
     continuations = [" He starts pulling up roofing.", " and smiles ☃."]
     scores = lm.score_tokens([enc.encode(c) for c in contexts],
-                             [enc.encode(c) for c in continuations], per_token=True)
+                             [enc.encode(c) for c in continuations], gpt2_tokens(),
+                             per_token=True)
     from_text = lm.score(contexts, continuations)
     torch.testing.assert_close(scores["sum_logprob"], from_text["sum_logprob"])
     for tokens, per_token, total in zip(continuations, scores["token_logprobs"],

@@ -15,8 +15,8 @@ import torch
 import hellaswag
 from common import UserError
 from causal_lm import split_encode
-from hellaswag import (choice_logprobs, encode_example, evaluate, example_texts, load_examples,
-                       pad_choices, score_choices)
+from benchmarks.whole_rows import choice_logprobs, pad_choices
+from hellaswag import encode_example, evaluate, example_texts, load_examples, score_choices
 from model import GPT, GPTConfig
 from tokenizer import EOT_TOKEN, gpt2_encoding
 

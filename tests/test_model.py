@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from common import UserError
-from hellaswag import choice_logprobs, pad_choices
+from benchmarks.whole_rows import choice_logprobs, pad_choices
 from model import (GPT, GPTConfig, KVCache, filter_logits, logprobs_from_logits, pack_choices,
                    sample_from_probs, sample_next_token)
 from weights import CHECKPOINT_FORMAT

@@ -14,7 +14,7 @@ from causal_lm import CausalLM, PairError, continuation_start
 from reward import LabelReward, LikelihoodReward, TeacherReward
 # llama and neo are fixtures, shared with test_causal_lm
 from test_causal_lm import llama, neo, reference_score, tiktoken_encode  # noqa: F401
-from tokenizer import EOT_TOKEN, gpt2_encoding
+from tokenizer import EOT_TOKEN, gpt2_encoding, gpt2_tokens
 
 EXAMPLES = [
     {"ctx": "A man is sitting on a roof. He",
@@ -80,7 +80,8 @@ def test_likelihood_reward_is_the_mean_logprob(neo):
 def test_likelihood_reward_from_gpt2_tokens_equals_from_text(neo):
     enc = gpt2_encoding()
     from_tokens = LikelihoodReward(neo, normalize=False)([enc.encode(c) for c in CONTEXTS],
-                                                         [enc.encode(c) for c in CONTINUATIONS])
+                                                         [enc.encode(c) for c in CONTINUATIONS],
+                                                         gpt2_tokens())
     torch.testing.assert_close(from_tokens,
                                LikelihoodReward(neo, normalize=False)(CONTEXTS, CONTINUATIONS))
 
@@ -181,7 +182,7 @@ def test_likelihood_statistics_agree_across_ranks(neo):
 
     # the same for dense rewards: a rank whose samples were all empty asks for none
     def score_dense_empty(rank):
-        outputs[rank] = (rewards[rank].dense([], [])[0] if rank == 0
+        outputs[rank] = (rewards[rank].dense([], [], gpt2_tokens())[0] if rank == 0
                          else rewards[rank](*batches[rank]))
 
     on_both_ranks(score_dense_empty)
@@ -216,8 +217,8 @@ def test_dense_shares_sum_to_the_sparse_reward(judge, settings, request):
     rm = request.getfixturevalue(judge)
     sparse, dense = LikelihoodReward(rm, **settings), LikelihoodReward(rm, **settings)
     for contexts, tokens in dense_batches():  # the running statistics move between the batches
-        want = sparse(contexts, tokens)
-        rewards, shares = dense.dense(contexts, tokens)
+        want = sparse(contexts, tokens, gpt2_tokens())
+        rewards, shares = dense.dense(contexts, tokens, gpt2_tokens())
         torch.testing.assert_close(rewards, want, atol=1e-6, rtol=0)
         assert [len(s) for s in shares] == [len(t) for t in tokens]
         torch.testing.assert_close(torch.stack([s.sum() for s in shares]), want, atol=1e-5, rtol=0)
@@ -230,14 +231,14 @@ def test_dense_shares_sum_to_the_sparse_reward(judge, settings, request):
 
 def test_dense_shares_follow_the_judges_token_logprobs(neo):
     contexts, tokens = dense_batches()[1]
-    scores = neo.score_tokens(contexts, tokens, per_token=True)
-    _, shares = LikelihoodReward(neo, normalize=False).dense(contexts, tokens)
+    scores = neo.score_tokens(contexts, tokens, gpt2_tokens(), per_token=True)
+    _, shares = LikelihoodReward(neo, normalize=False).dense(contexts, tokens, gpt2_tokens())
     for share, logprobs, n in zip(shares, scores["token_logprobs"], scores["n_tokens"]):
         # without normalisation the shares are the mean's terms: the constant part is 0
         torch.testing.assert_close(share, logprobs / n, atol=1e-6, rtol=0)
     reward = LikelihoodReward(neo)
-    reward.dense(*dense_batches()[0])  # statistics from another batch
-    rewards, shares = reward.dense(contexts, tokens)
+    reward.dense(*dense_batches()[0], gpt2_tokens())  # statistics from another batch
+    rewards, shares = reward.dense(contexts, tokens, gpt2_tokens())
     for share, logprobs, n in zip(shares, scores["token_logprobs"], scores["n_tokens"]):
         # differences between a sample's shares are those of its log-probs,
         # scaled by 1 / (length * std)

@@ -17,6 +17,7 @@ import train_ppo
 from common import UserError
 from hellaswag import read_predictions
 from config import read_config_file
+from tokenizer import gpt2_tokens
 from train_ppo import (AdaptiveKLController, compute_gae, load_config, masked_whiten, ppo_losses,
                        sampled_kl)
 
@@ -151,13 +152,13 @@ class FixedJudge:
     def __init__(self):
         self.asked = []
 
-    def __call__(self, contexts, continuations):
+    def __call__(self, contexts, continuations, tokens=None):
         self.asked.append(continuations)
         self.last_raw = -torch.arange(1.0, len(continuations) + 1)
         return torch.tensor([10.0 * (i + 1) for i in range(len(continuations))])
 
-    def dense(self, contexts, continuations):
-        rewards = self(contexts, continuations)
+    def dense(self, contexts, continuations, tokens):
+        rewards = self(contexts, continuations, tokens)
         return rewards, [torch.full((len(c),), r.item() / len(c))
                          for c, r in zip(continuations, rewards)]
 
@@ -169,7 +170,7 @@ def test_generate_scores_and_their_shares_per_token(dense):
                            no_stop_penalty=1.5)
     judge = FixedJudge()
     rollouts = train_ppo.GenerateRollouts(judge, cfg, prompt_budget=8, stop_tokens=[eot, stop],
-                                          device="cpu")
+                                          device="cpu", tokens=gpt2_tokens())
     responses = torch.tensor([[a, b, eot, 0], [a, stop, 0, 0], [eot, 0, 0, 0], [a, b, a, b]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
     examples = [{"ctx": "x"}] * 4
@@ -287,7 +288,7 @@ def test_entropy_carries_a_gradient_only_with_an_entropy_bonus():
         cfg = train_ppo.Config(rollout="generate", reward_kind="likelihood", temperature=0.7,
                                ent_coef=ent_coef)
         kind = train_ppo.GenerateRollouts(None, cfg, prompt_budget=8, stop_tokens=[50256],
-                                          device="cpu")
+                                          device="cpu", tokens=gpt2_tokens())
         outputs[ent_coef] = kind.forward(model, rollouts, torch.arange(3))
         logprobs, values, entropy, choice_logprobs = outputs[ent_coef]
         assert (logprobs.requires_grad and values.requires_grad
@@ -303,12 +304,12 @@ def test_entropy_carries_a_gradient_only_with_an_entropy_bonus():
 
 def test_rollouts_scored_in_micro_batches_of_similar_length_come_back_in_order(tmp_path):
     from hellaswag import encode_for_model, load_examples
-    from tokenizer import gpt2_encoding
 
     model = tiny_policy().eval()
     sequences = padded_sequences([3, 6, 2, 5, 4], [4, 1, 3, 2, 4])
     cfg = train_ppo.Config(rollout="generate", reward_kind="likelihood", temperature=0.7)
-    kind = train_ppo.GenerateRollouts(None, cfg, prompt_budget=8, stop_tokens=[50256], device="cpu")
+    kind = train_ppo.GenerateRollouts(None, cfg, prompt_budget=8, stop_tokens=[50256], device="cpu",
+                                      tokens=gpt2_tokens())
     groups = train_ppo.micro_batches(torch.arange(5), sequences[1].sum(1) + sequences[3].sum(1), 2)
     assert [g.tolist() for g in groups] == [[4, 0], [1, 3], [2]]  # lengths 8, 7, 7, 7, 5
     with torch.no_grad():
@@ -320,12 +321,12 @@ def test_rollouts_scored_in_micro_batches_of_similar_length_come_back_in_order(t
     # values, in the batch's order
     synthetic.write_jsonl(tmp_path / "val.jsonl", synthetic.make_examples(5, seed=3, split="val"))
     examples = load_examples(data_file=str(tmp_path / "val.jsonl"))
-    encoded = [encode_for_model(ex, gpt2_encoding().encode_ordinary, 32) for ex in examples]
+    encoded = [encode_for_model(ex, gpt2_tokens().encode, 32) for ex in examples]
     assert len(set(train_ppo.packed_lengths(encoded).tolist())) > 1
     rollouts = []
     for micro_batch_size in (2, 5):
         kind = train_ppo.ChoiceRollouts(encoded, lambda indices, choices: torch.zeros(len(indices)),
-                                        0.5, micro_batch_size, device="cpu")
+                                        0.5, micro_batch_size, device="cpu", pad_id=50256)
         rollouts.append(kind.collect(model, model, examples, [4, 0, 2, 1, 3],
                                      torch.Generator().manual_seed(0),
                                      run_management.PhaseTimer("cpu")))
@@ -368,7 +369,7 @@ def test_ppo_update_does_not_depend_on_micro_batch_size(loss_agg):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         kind = train_ppo.GenerateRollouts(None, cfg, prompt_budget=8, stop_tokens=[50256],
-                                          device="cpu")
+                                          device="cpu", tokens=gpt2_tokens())
         state = run_management.TrainingState(
             optimizer, scaler, kl_controller=train_ppo.FixedKLController(0.05, 6.0, 1000),
             reward_fn=None, rollout_kind=kind,
@@ -750,9 +751,8 @@ def test_torchrun_two_processes_agree(tmp_path, synthetic_dir):
 
 
 def test_choice_policy_scores_endings_like_the_evaluator(tmp_path):
-    from hellaswag import encode_for_model, evaluate, load_examples
+    from hellaswag import evaluate, load_examples
     from model import GPT, GPTConfig
-    from tokenizer import gpt2_encoding
 
     synthetic.write_jsonl(tmp_path / "val.jsonl", synthetic.make_examples(12, seed=3, split="val"))
     examples = load_examples(data_file=str(tmp_path / "val.jsonl"))
@@ -760,11 +760,11 @@ def test_choice_policy_scores_endings_like_the_evaluator(tmp_path):
     # most contexts are cut to fit
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=12)).eval()
     torch.nn.init.normal_(model.value_head.weight)
-    encoded = [encode_for_model(ex, gpt2_encoding().encode_ordinary, 12) for ex in examples]
+    encoded = model.encode_choices(examples, "completion")
     assert max(len(c) + max(map(len, es)) for c, es in encoded) == 12
     with torch.no_grad():
         policy_logprobs, values = train_ppo.choice_forward(model, encoded, choice_temperature=0.5,
-                                                           device="cpu")
+                                                           device="cpu", pad_id=50256)
         result = evaluate(model, examples, return_predictions=True)
     norm_scores = torch.tensor([p["norm_scores"] for p in result["predictions"]])
     assert torch.allclose(policy_logprobs, torch.log_softmax(norm_scores / 0.5, -1), atol=1e-4)
@@ -777,14 +777,14 @@ def test_choice_policy_scores_endings_like_the_evaluator(tmp_path):
 def test_choice_rollouts_compute_the_reference_once_per_example(tmp_path, monkeypatch):
     from hellaswag import encode_for_model, load_examples
     from model import GPT, GPTConfig
-    from tokenizer import gpt2_encoding
 
     synthetic.write_jsonl(tmp_path / "val.jsonl", synthetic.make_examples(6, seed=3, split="val"))
     examples = load_examples(data_file=str(tmp_path / "val.jsonl"))
-    encoded = [encode_for_model(ex, gpt2_encoding().encode_ordinary, 64) for ex in examples]
+    encoded = [encode_for_model(ex, gpt2_tokens().encode, 64) for ex in examples]
     torch.manual_seed(0)
     reference = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)).eval()
-    rollouts = train_ppo.ChoiceRollouts(encoded, None, 0.5, micro_batch_size=2, device="cpu")
+    rollouts = train_ppo.ChoiceRollouts(encoded, None, 0.5, micro_batch_size=2, device="cpu",
+                                        pad_id=50256)
     scored = []
     real = train_ppo.choice_forward
     monkeypatch.setattr(train_ppo, "choice_forward",
@@ -792,12 +792,13 @@ def test_choice_rollouts_compute_the_reference_once_per_example(tmp_path, monkey
     with torch.no_grad():
         first = rollouts.reference(reference, [4, 1, 4])
         again = rollouts.reference(reference, [1, 2])
-        expected = real(reference, encoded, 0.5, "cpu")[0]
+        expected = real(reference, encoded, 0.5, "cpu", 50256)[0]
     # each example once, however often it is met (in micro-batches grouped by length: any order)
     assert sorted(scored) == sorted([encoded[1], encoded[4], encoded[2]])
     torch.testing.assert_close(first, expected[[4, 1, 4]])
     torch.testing.assert_close(again, expected[[1, 2]])
-    restored = train_ppo.ChoiceRollouts(encoded, None, 0.5, micro_batch_size=2, device="cpu")
+    restored = train_ppo.ChoiceRollouts(encoded, None, 0.5, micro_batch_size=2, device="cpu",
+                                        pad_id=50256)
     # the checkpoint keeps them: a resumed run does not recompute
     restored.load_state_dict(rollouts.state_dict())
     torch.testing.assert_close(restored.reference(reference, [1, 2, 4]), expected[[1, 2, 4]])

@@ -1,0 +1,84 @@
+"""
+The policy's interface: what the PPO rollouts, the update and the evaluation use of a policy, its
+tokenizer included, written down once. model.GPT is its reference implementation (with
+tokenizer.GPT2Tokens as its tokens); another architecture comes in through an adapter that meets
+it. Nothing outside the GPT module assumes GPT-2's token ids: text goes in and out through
+policy.tokens, and the multiple-choice rows through policy.encode_choices.
+
+    rows = policy.encode_choices(examples, "completion")   # what the evaluator and PPO both score
+    prompts, mask = causal_lm.padded([policy.tokens.encode(ctx)], policy.tokens.pad_id, left=True)
+    tokens, tokens_mask, logprobs = policy.generate(prompts, mask, max_new_tokens=24,
+                                                    stop_tokens=policy.tokens.stop_tokens(True))
+    text = policy.tokens.decode(tokens[0])
+"""
+
+from typing import Protocol
+
+import torch
+
+
+class Tokens(Protocol):
+    """A policy's tokenizer, as the rollouts, the evaluator and the judges use it."""
+    eos_id: int  # ends a sample; dropped from the text a judge reads
+    pad_id: int  # fills padded rows (never attended to)
+    bos_id: int | None  # the token put before every text, or None (GPT-2 puts none)
+
+    def encode(self, text):
+        """str -> list[int]: ordinary text, no special tokens added (a special token's text is
+        text)."""
+
+    def decode(self, ids):
+        """list[int] -> str; bytes that are not valid UTF-8 become U+FFFD."""
+
+    def token_bytes(self, token):
+        """One id -> the bytes it stands for (a judge of another vocabulary lines its own tokens up
+        with the policy's by them: causal_lm.align_by_chars)."""
+
+    def stop_tokens(self, sentence_end):
+        """The ids that end a sample: eos_id, and with sentence_end the single tokens that end a
+        sentence (tokenizer.sentence_stop_tokens). -> a sorted list."""
+
+    def vocab(self):
+        """{token string: id}: a judge whose transformers tokenizer's get_vocab() equals it reads
+        the policy's ids as they are (causal_lm.CausalLM.shares_vocab)."""
+
+
+class Policy(Protocol):
+    """
+    A PPO policy: an nn.Module with a value head beside its language model (one module, so one DDP
+    wrapper covers both). The rollouts and the update call it through forward (a DDP wrapper syncs
+    the gradients only of what ran inside forward); log-probs and values come back float32.
+    hellaswag.evaluate scores the rows of encode_choices without gradients; a GPT's with the
+    shared-context scorer (hellaswag.score_choices, which reads GPT's own hidden_states and KV
+    cache).
+    """
+    tokens: Tokens
+    value_head: torch.nn.Module  # frozen by the estimators that take no value baseline
+
+    @property
+    def block_size(self):
+        """The longest row it takes, in tokens (prompt + sample, context + ending)."""
+
+    def encode_choices(self, examples, style):
+        """HellaSwag examples -> one (context ids, 4 ending id lists) row each, cut to block_size:
+        what the evaluator (hellaswag.evaluate) and the choice rollouts both score, so the choice
+        policy scores exactly as the evaluator. A bad example is a UserError that names it."""
+
+    def forward(self, idx, attention_mask=None, logits_at=None, segments=None):
+        """
+        The choice forward, with segments: idx and segments from model.pack_choices(rows,
+        tokens.pad_id) -> (N, 4) summed ending log-probs and (N,) values at each context's last
+        token.
+        The sequence forward, with logits_at (B, T) bool over right-padded rows: -> logits (K, V)
+        at the K selected positions in row-major order, and values (B, T).
+        """
+
+    def generate(self, idx, attention_mask=None, max_new_tokens=32, temperature=1.0, top_k=None,
+                 top_p=None, stop_tokens=(), generator=None):
+        """Sample continuations of left-padded prompts, drawing only from generator. -> tokens
+        (B, N), their mask (1 up to and including the first stop token) and their log-probs before
+        top-k / top-p (float32, 0 where masked)."""
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """The optimizer over the trainable parameters, the value head's in groups of their own
+        marked "value_head": True (its learning rate is scaled apart: value_lr_scale)."""
