@@ -630,21 +630,23 @@ class TrainingState:
 
 
 def value_head_groups(saved, optimizer):
-    """An optimizer state saved before the value head had parameter groups of its own (one group
-    per weight decay), split as the optimizer's groups are (model.configure_optimizers): the
-    parameters' numbering is the same, the value head's last in each group."""
-    groups = optimizer.param_groups
-    if len(saved["param_groups"]) == len(groups):
-        return saved
-    split, at = [], 0
-    for old in saved["param_groups"]:
-        start = 0
-        while start < len(old["params"]):
-            n = len(groups[at]["params"])
-            split.append({**old, "params": old["params"][start:start + n],
-                          "value_head": groups[at]["value_head"]})
-            start, at = start + n, at + 1
-    return {**saved, "param_groups": split}
+    """An optimizer state saved by an older release, in this optimizer's parameter groups. Before
+    the value head had groups of its own (one group per weight decay), the saved groups are split
+    as the optimizer's are (model.configure_optimizers): the parameters' numbering is the same, the
+    value head's last in each group. A key a group gained since (value_head) takes this
+    optimizer's value: loading keeps only the saved groups' keys."""
+    groups, saved_groups = optimizer.param_groups, saved["param_groups"]
+    if len(saved_groups) != len(groups):
+        split, at = [], 0
+        for old in saved_groups:
+            start = 0
+            while start < len(old["params"]):
+                n = len(groups[at]["params"])
+                split.append({**old, "params": old["params"][start:start + n]})
+                start, at = start + n, at + 1
+        saved_groups = split
+    return {**saved, "param_groups": [{**group, **old}
+                                      for group, old in zip(groups, saved_groups)]}
 
 
 def forget_after(out_dir, step, run):

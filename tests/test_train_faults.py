@@ -653,3 +653,23 @@ def test_a_checkpoint_is_written_by_one_function_and_read_by_one(tmp_path, synth
         assert read_as_default(run_management.read_checkpoint(older))
     with pytest.raises(KeyError):
         run_management.read_checkpoint({k: v for k, v in saved.items() if k != "optimizer"})
+
+
+def test_a_checkpoint_of_the_previous_release_resumes(tmp_path, synthetic_dir):
+    """tests/fixtures/checkpoint_old_expected_exact.pt was written by the release before the value
+    head had optimizer groups of its own (a scratch policy of 1 layer and 1 dim, adv_estimator
+    expected, kl_estimator exact, 2 steps; Adam's moments left out to keep the file small). Its
+    groups lack the value_head key, which set_learning_rate reads: resuming it ended in
+    KeyError: 'value_head'."""
+    shutil.copy(os.path.join(REPO, "tests", "fixtures", "checkpoint_old_expected_exact.pt"),
+                tmp_path / "ckpt_000002.pt")
+    cfg = tiny_run(tmp_path, synthetic_dir, init_from="resume", n_layer=1, n_head=1, n_embd=1,
+                   block_size=64, reward_kind="label", adv_estimator="expected",
+                   kl_estimator="exact", batch_size=4, minibatch_size=2, micro_batch_size=2,
+                   ppo_epochs=1, learning_rate=1e-5, teacher_temperature=1.0, max_steps=3,
+                   eval_limit=4, checkpoint_interval=1)
+    train_ppo.train(cfg)
+    assert [m["step"] for m in read_metrics(tmp_path)] == [3]
+    resumed = run_management.read_checkpoint(torch.load(tmp_path / "ckpt_000003.pt",
+                                                        weights_only=True))
+    assert [g["value_head"] for g in resumed.optimizer["param_groups"]] == [False, False]
