@@ -517,6 +517,10 @@ def load_config(argv):
         if getattr(cfg, key) != getattr(Config, key) and not estimator.value_head:
             raise UserError(f"config: {key} is for adv_estimator {' or '.join(with_value_head)} "
                             f"(the others leave the value head frozen), not {cfg.adv_estimator!r}")
+    if cfg.value_warmup_steps and cfg.value_warmup_steps >= cfg.max_steps:
+        raise UserError(f"config: value_warmup_steps ({cfg.value_warmup_steps}) must be below "
+                        f"max_steps ({cfg.max_steps}): the policy would never train; lower it or "
+                        "raise max_steps")
     wanted = [name for name, kind in REWARD_KINDS.items() if kind.rollout == cfg.rollout]
     if REWARD_KINDS[cfg.reward_kind].rollout != cfg.rollout:
         raise UserError(f"config: rollout {cfg.rollout!r} takes reward_kind {' or '.join(wanted)}, "
