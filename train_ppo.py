@@ -1056,80 +1056,109 @@ def learning_mask(batch, cfg, run):
     return batch.mask, metrics
 
 
+# a minibatch's statistics: ppo_losses' and the entropy's means
+LOSS_NAMES = ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "entropy")
+
+
 def ppo_update(model, raw_model, state, rollout_kind, batch, cfg, run):
-    """ppo_epochs passes over the batch in shuffled minibatches: one optimizer step per minibatch,
-    gradients accumulated over its micro-batches, clipped losses. A minibatch's losses are means
-    over its actions, weighed as loss_agg says (loss_weights), so micro_batch_size (a memory
-    setting) does not change the update; that is also what lets each micro-batch take rollouts of
-    similar length (micro_batches). During value warm-up only the value head steps. Stops early
-    once approx_kl passes target_kl, and at the first non-finite gradient, whose update is not
-    applied (the optimizer's state is not touched).
+    """ppo_epochs passes over the batch in shuffled minibatches: one optimizer step per minibatch
+    (minibatch_gradients, then optimizer_step). During value warm-up only the value head steps.
+    Stops early once approx_kl passes target_kl, and at the first non-finite gradient, whose update
+    is not applied (the optimizer's state is not touched).
     -> (mean statistics, epochs done, whether every gradient was finite)."""
-    optimizer, scaler = state.optimizer, state.scaler
-    kl_estimator = KL_ESTIMATORS[cfg.kl_estimator]
     value_warmup = in_value_warmup(state.step, cfg)
-    names = ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "entropy")
-    stats = {k: [] for k in names + ("grad_norm",)}
+    stats = {k: [] for k in LOSS_NAMES + ("grad_norm",)}
     summary = lambda: {k: float(np.mean(v)) for k, v in stats.items() if v}  # noqa: E731
     for epoch in range(cfg.ppo_epochs):
         permutation = torch.randperm(len(batch.scores), generator=state.shuffle_generator)
         for minibatch in permutation.split(cfg.minibatch_size):
             counts = batch.loss_counts[minibatch.to(run.device)].sum()
+            # every rank reaches this all-reduce: each has the same number of minibatches
+            # (batch_size and minibatch_size are per rank), and the setting is the same on all
             if cfg.drop_zero_std_groups and all_reduce_sum(counts)[0] == 0:
                 continue  # all of it dropped, on every rank: no step (Adam's momentum would move)
-            n_actions = counts.clamp(min=1)
-            micros = micro_batches(minibatch, batch.lengths, cfg.micro_batch_size)
-            minibatch_stats = torch.zeros(len(names), device=run.device)
-            for i, micro in enumerate(micros):
-                micro = micro.to(run.device)
-                # DDP all-reduces the gradients of the minibatch's last micro-batch only
-                no_sync = (model.no_sync() if run.ddp and i < len(micros) - 1
-                           else contextlib.nullcontext())
-                with no_sync, autocast(run.device, run.dtype):
-                    new_logprobs, new_values, entropy, new_choice_logprobs = rollout_kind.forward(
-                        model, batch, micro)
-                    weights = batch.loss_weights[micro]
-                    losses = ppo_losses(new_logprobs, batch.logprobs[micro],
-                                        batch.advantages[micro], new_values, batch.values[micro],
-                                        batch.returns[micro], weights, cfg.clip_coef,
-                                        cfg.vf_clip_coef)
-                    losses["entropy"] = masked_mean(entropy, weights)
-                    kl = None
-                    if kl_estimator.enters == "loss":
-                        kl = kl_estimate(kl_estimator, new_logprobs, batch.ref_logprobs[micro],
-                                         batch.mask[micro], new_choice_logprobs,
-                                         rows(batch.choice_ref_logprobs, micro))
-                    loss = step_loss(losses, kl, weights, state.kl_controller.value, cfg,
-                                     value_warmup)
-                # this micro-batch's share of the minibatch's weight: its means weigh that much
-                share = weights.sum() / n_actions
-                scaler.scale(loss * share).backward()
-                minibatch_stats += torch.stack([losses[k].detach().float() for k in names]) * share
-            for k, value in zip(names, minibatch_stats.tolist()):
+            minibatch_stats = minibatch_gradients(model, rollout_kind, batch, minibatch,
+                                                  counts.clamp(min=1), state, cfg, run,
+                                                  value_warmup)
+            for k, value in zip(LOSS_NAMES, minibatch_stats):
                 stats[k].append(value)
-            scaler.unscale_(optimizer)
-            if value_warmup:  # the value loss's gradients in the shared trunk are not applied
-                for p in policy_parameters(raw_model):
-                    p.grad = None
-            max_norm = cfg.grad_clip or float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
-            stats["grad_norm"].append(grad_norm.item())
-            # the same on every rank: the gradients were all-reduced
-            finite = bool(torch.isfinite(grad_norm))
-            fp16_overflow = not finite and scaler.is_enabled() and scaler.get_scale() > 1.0
-            if finite or fp16_overflow:
-                # after a float16 overflow the scaler skips the step and lowers its scale
-                scaler.step(optimizer)
-                scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if not (finite or fp16_overflow):
+            grad_norm, applied = optimizer_step(raw_model, state, cfg, value_warmup)
+            stats["grad_norm"].append(grad_norm)
+            if not applied:
                 return summary(), epoch + 1, False
-            # every rank sees the same mean, so every rank stops at the same point
-            if cfg.target_kl > 0:
-                approx_kl = all_reduce_sum(torch.tensor(stats["approx_kl"][-1]))[0]
-                if approx_kl / run.world_size > cfg.target_kl:
-                    return summary(), epoch + 1, True
+            # every rank reaches this all-reduce: the step above was applied on all of them or on
+            # none (the gradient norm is the same everywhere); and every rank sees the same mean,
+            # so every rank stops at the same point
+            if (cfg.target_kl > 0 and all_reduce_sum(torch.tensor(stats["approx_kl"][-1]))[0]
+                    / run.world_size > cfg.target_kl):
+                return summary(), epoch + 1, True
     return summary(), cfg.ppo_epochs, True
+
+
+def minibatch_gradients(model, rollout_kind, batch, minibatch, n_actions, state, cfg, run,
+                        value_warmup):
+    """A minibatch's gradients, accumulated over its micro-batches. A minibatch's losses are means
+    over its actions, weighed as loss_agg says (loss_weights), each micro-batch's by its share of
+    the minibatch's n_actions (its loss_counts' sum), so micro_batch_size (a memory setting) does
+    not change the update; that is also what lets each micro-batch take rollouts of similar length
+    (micro_batches). -> the minibatch's mean of each of LOSS_NAMES."""
+    micros = micro_batches(minibatch, batch.lengths, cfg.micro_batch_size)
+    minibatch_stats = torch.zeros(len(LOSS_NAMES), device=run.device)
+    for i, micro in enumerate(micros):
+        micro = micro.to(run.device)
+        # DDP all-reduces the gradients in the backward of the minibatch's last micro-batch only;
+        # every rank reaches it at the same micro-batch: each has minibatch_size rollouts, so as
+        # many micro-batches
+        no_sync = (model.no_sync() if run.ddp and i < len(micros) - 1
+                   else contextlib.nullcontext())
+        with no_sync, autocast(run.device, run.dtype):
+            loss, losses = micro_batch_loss(model, rollout_kind, batch, micro,
+                                            state.kl_controller.value, cfg, value_warmup)
+        # this micro-batch's share of the minibatch's weight: its means weigh that much
+        share = batch.loss_weights[micro].sum() / n_actions
+        state.scaler.scale(loss * share).backward()
+        minibatch_stats += torch.stack([losses[k].detach().float() for k in LOSS_NAMES]) * share
+    return minibatch_stats.tolist()
+
+
+def micro_batch_loss(model, rollout_kind, batch, micro, kl_coef, cfg, value_warmup):
+    """-> (what a micro-batch minimises (step_loss), its LOSS_NAMES: means over its actions)."""
+    kl_estimator = KL_ESTIMATORS[cfg.kl_estimator]
+    new_logprobs, new_values, entropy, new_choice_logprobs = rollout_kind.forward(model, batch,
+                                                                                  micro)
+    weights = batch.loss_weights[micro]
+    losses = ppo_losses(new_logprobs, batch.logprobs[micro], batch.advantages[micro], new_values,
+                        batch.values[micro], batch.returns[micro], weights, cfg.clip_coef,
+                        cfg.vf_clip_coef)
+    losses["entropy"] = masked_mean(entropy, weights)
+    kl = None
+    if kl_estimator.enters == "loss":
+        kl = kl_estimate(kl_estimator, new_logprobs, batch.ref_logprobs[micro], batch.mask[micro],
+                         new_choice_logprobs, rows(batch.choice_ref_logprobs, micro))
+    return step_loss(losses, kl, weights, kl_coef, cfg, value_warmup), losses
+
+
+def optimizer_step(raw_model, state, cfg, value_warmup):
+    """Apply the accumulated gradients, clipped to grad_clip, and clear them. A non-finite gradient
+    norm (the same on every rank: the gradients were all-reduced) is not applied and leaves the
+    optimizer's state untouched, but for a float16 overflow, which the scaler skips and answers
+    with a lower scale. -> (the gradient norm, whether the update may go on)."""
+    optimizer, scaler = state.optimizer, state.scaler
+    scaler.unscale_(optimizer)
+    if value_warmup:  # the value loss's gradients in the shared trunk are not applied
+        for p in policy_parameters(raw_model):
+            p.grad = None
+    max_norm = cfg.grad_clip or float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
+    norm = grad_norm.item()
+    finite = bool(torch.isfinite(grad_norm))
+    fp16_overflow = not finite and scaler.is_enabled() and scaler.get_scale() > 1.0
+    if finite or fp16_overflow:
+        # after a float16 overflow the scaler skips the step and lowers its scale
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, finite or fp16_overflow
 
 
 def set_learning_rate(optimizer, lr, value_lr_scale):
