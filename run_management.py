@@ -8,7 +8,8 @@ Run management for train_ppo.py: everything a training run does besides PPO itse
   torn writes of a killed run cleaned up.
 - state: TrainingState holds what a checkpoint needs to resume exactly (step, data position,
   optimizer, KL controller, reward statistics, rollout caches, random generators, best score);
-  checkpoint_dict writes a checkpoint, every key named there, and read_checkpoint reads it back.
+  checkpoint_dict writes a checkpoint, every key named there, and read_checkpoint reads it back
+  (the file itself, its name and the policy's part: weights.py).
 - the end of each step (RunManager.end_of_step): the console line, metrics.jsonl, samples, the
   HellaSwag evaluation, checkpoints and best.pt, and stopping on a signal.
 
@@ -42,11 +43,12 @@ import torch.distributed as dist
 import synthetic
 from common import (UserError, all_reduce_sum, atomic_torch_save, atomic_write_text,
                     check_output_path, first_line, looks_like_a_path, read_json_objects,
-                    resolve_device, same_error_on_every_rank, shorten, step_checkpoints, warn,
+                    resolve_device, same_error_on_every_rank, shorten, warn,
                     write_errors_are_one_line)
 from hellaswag import evaluate, split_path, write_predictions
 from reward import REWARD_KINDS
-from weights import CHECKPOINT_FORMAT, check_gguf, is_gguf
+from weights import (check_gguf, checkpoint_path, is_checkpoint, is_gguf, load_checkpoint,
+                     policy_part, step_checkpoints)
 
 
 # folders this run writes (or reads) by path; and sources that are a path when one exists, else a
@@ -228,7 +230,7 @@ def save_checkpoint(out_dir, step, ckpt, keep_last, best):
     """ckpt_<step>.pt written atomically; older step checkpoints beyond keep_last removed; best.pt
     linked. A later step's file (one a resume passed over as damaged) is neither counted nor
     removed: counting it could remove the checkpoint just written."""
-    path = os.path.join(out_dir, f"ckpt_{step:06d}.pt")
+    path = checkpoint_path(out_dir, step)
     atomic_torch_save(ckpt, path)
     older = [old for old_step, old in step_checkpoints(out_dir) if old_step < step]
     for old in older[:max(len(older) - (keep_last - 1), 0)]:
@@ -325,7 +327,7 @@ def load_resume_checkpoint(out_dir, warn=warn):
         raise UserError(f"init_from=resume: no checkpoint (ckpt_*.pt) in {out_dir}")
     for step, path in reversed(candidates):
         try:
-            ckpt = read_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
+            ckpt = read_checkpoint(load_checkpoint(path))
         except Exception as e:  # torch raises many kinds for a damaged file
             warn(f"{path}: cannot resume from it ({first_line(e)}); trying an older checkpoint")
             continue
@@ -515,8 +517,8 @@ def checkpoint_dict(raw_model, cfg, state, run):
     """A checkpoint, each of its keys named here: the policy (weights and shape), the config, and
     the TrainingState a run needs to go on exactly. read_checkpoint reads it back. Every rank
     calls this: it gathers every rank's random generators."""
-    return {"format": CHECKPOINT_FORMAT, "model_config": dataclasses.asdict(raw_model.config),
-            "model": raw_model.state_dict(), "config": dataclasses.asdict(cfg),
+    return {**policy_part(dataclasses.asdict(raw_model.config), raw_model.state_dict()),
+            "config": dataclasses.asdict(cfg),
             "step": state.step, "data_position": state.data_position,
             "best_acc_norm": state.best_acc_norm, "optimizer": state.optimizer.state_dict(),
             "scaler": state.scaler.state_dict(), "kl_controller": state.kl_controller.state_dict(),
@@ -551,7 +553,7 @@ def read_checkpoint(ckpt):
     """A loaded checkpoint dict (checkpoint_dict's) -> Checkpoint. Older checkpoints lack some
     keys: no config reads as an empty one, no reference settings or fingerprint as None. Another
     file (or one without a key every checkpoint has) is a ValueError or a KeyError."""
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+    if not is_checkpoint(ckpt):
         raise ValueError("not a checkpoint of this project")
     return Checkpoint(
         format=ckpt["format"], step=ckpt["step"], model_config=ckpt["model_config"],

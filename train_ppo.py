@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 import synthetic
 from causal_lm import CausalLM
-from common import UserError, all_reduce_sum, autocast, run_cli, step_checkpoints
+from common import UserError, all_reduce_sum, autocast, run_cli
 from config import describe, parse_config, setting
 from hellaswag import encode_for_model, load_examples
 from model import GPT, GPTConfig, pack_choices
@@ -60,7 +60,8 @@ from run_management import (Batches, Reference, RunManager, Shown, StoppedAtOnce
                             log_changed_settings, lost_rank_error, out_dir_lock, prepare_out_dir,
                             seed_everything, setup_distributed, synthetic_dir)
 from tokenizer import EOT_TOKEN, gpt2_encoding
-from weights import check_finite_weights, checkpoint_source, gguf_directory, is_gguf
+from weights import (check_finite_weights, checkpoint_source, gguf_directory, is_gguf,
+                     step_checkpoints)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ multi-node run, a rank that dies. Tiny models on the synthetic task, CPU, gloo.
 import dataclasses
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -654,6 +655,18 @@ def test_a_checkpoint_is_written_by_one_function_and_read_by_one(tmp_path, synth
     with pytest.raises(KeyError):
         run_management.read_checkpoint({k: v for k, v in saved.items() if k != "optimizer"})
 
+
+def test_the_checkpoint_file_has_one_home():
+    """Its format mark and its name are spelled in weights.py alone, which its three readers go
+    through (read_checkpoint, read_gpt2, benchmarks/same_training.py)."""
+    sources = [os.path.join(REPO, name) for name in os.listdir(REPO) if name.endswith(".py")]
+    sources += [os.path.join(REPO, "benchmarks", name)
+                for name in os.listdir(os.path.join(REPO, "benchmarks")) if name.endswith(".py")]
+    for path in sources:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if os.path.basename(path) != "weights.py":
+            assert "gpt-ppo-checkpoint" not in text and not re.search(r"ckpt_[({]", text), path
 
 def test_a_checkpoint_of_the_previous_release_resumes(tmp_path, synthetic_dir):
     """tests/fixtures/checkpoint_old_expected_exact.pt was written by the release before the value
