@@ -786,7 +786,7 @@ class RunLog:
             self.wandb_run.finish()
 
 
-def run_eval(model, val_examples, step, cfg, device, dtype):
+def run_eval(model, val_examples, cfg, device, dtype):
     """HellaSwag on the val examples (every rank takes part). -> the scores for the metrics, and
     the per-example predictions."""
     result = evaluate(model, val_examples, style=cfg.style, batch_size=cfg.eval_batch_size,
@@ -854,8 +854,7 @@ class RunManager:
     def evaluate(self, model, step):
         """HellaSwag on the val examples; the predictions go to eval/ (step_N.jsonl,
         teacher.jsonl)."""
-        result = run_eval(model, self.val_examples, step, self.cfg, self.run.device,
-                          self.run.dtype)
+        result = run_eval(model, self.val_examples, self.cfg, self.run.device, self.run.dtype)
         predictions = result.pop("predictions")
         if self.run.master_process:
             self.output(write_predictions, eval_predictions_path(self.cfg.out_dir, step),
