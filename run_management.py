@@ -567,10 +567,11 @@ def read_checkpoint(ckpt):
 
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainingState:
     """Everything besides the weights and the config that a run needs to go on exactly where it
-    stopped: checkpoint_dict() saves it, load_state_dict() puts a Checkpoint's back."""
+    stopped: checkpoint_dict() saves it, load_state_dict() puts a Checkpoint's back. Built with
+    keywords, each part named."""
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     kl_controller: object  # .value, the KL coefficient

@@ -1295,11 +1295,14 @@ def run_ppo(cfg, run):
                                                (cfg.beta1, cfg.beta2), device_type)
     controller = AdaptiveKLController if cfg.adaptive_kl else FixedKLController
     state = TrainingState(
-        optimizer, torch.amp.GradScaler(device_type, enabled=(run.dtype == "float16")),
-        controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon), reward_fn, rollout_kind,
-        sample_generator, shuffle_generator,
-        Batches(len(train_examples), cfg.batch_size // cfg.group_size, cfg.seed, run,
-                cfg.group_size), reference_state)
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler(device_type, enabled=(run.dtype == "float16")),
+        kl_controller=controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon),
+        reward_fn=reward_fn, rollout_kind=rollout_kind,
+        sample_generator=sample_generator, shuffle_generator=shuffle_generator,
+        batches=Batches(len(train_examples), cfg.batch_size // cfg.group_size, cfg.seed, run,
+                        cfg.group_size),
+        reference=reference_state)
     if ckpt:
         state.load_state_dict(ckpt, cfg, run)
         run.log(f"resumed from {resume_path} at step {state.step}")

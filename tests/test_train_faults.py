@@ -436,14 +436,17 @@ def test_a_float16_run_resumes_a_checkpoint_saved_without_a_scaler(tmp_path):
     generators = (torch.Generator(), torch.Generator())
     kl = train_ppo.FixedKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     saved = run_management.TrainingState(
-        optimizer, torch.amp.GradScaler("cpu", enabled=False), kl, NothingToSave(),
-        NothingToSave(), *generators, batches=None,
+        optimizer=optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False), kl_controller=kl,
+        reward_fn=NothingToSave(), rollout_kind=NothingToSave(), sample_generator=generators[0],
+        shuffle_generator=generators[1], batches=None,
         reference=run_management.Reference("scratch", None, None), step=7, data_position=3,
         best_acc_norm=0.5)
     ckpt = run_management.checkpoint_dict(model, cfg, saved, run)
     scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
-    state = run_management.TrainingState(optimizer, scaler, kl, None, None, *generators,
-                                         batches=None, reference=None)
+    state = run_management.TrainingState(
+        optimizer=optimizer, scaler=scaler, kl_controller=kl, reward_fn=None, rollout_kind=None,
+        sample_generator=generators[0], shuffle_generator=generators[1], batches=None,
+        reference=None)
     state.load_state_dict(run_management.read_checkpoint(ckpt), cfg, run)
     assert (state.step, state.data_position, state.best_acc_norm) == (7, 3, 0.5)
     assert scaler.is_enabled() and scaler.get_scale() == 1024.0
