@@ -10,11 +10,11 @@ kinds share the update:
 - choice:   the policy scores the 4 endings of a training example exactly as the HellaSwag scorer
             does (mean log-prob per ending token) and samples one from
             softmax(scores / choice_temperature). One action per example; the reward is the
-            teacher's or the label's, minus the KL penalty to the reference; the value head, read
-            at the context's last token, predicts it.
+            teacher's or the label's; the value head (gae), read at the context's last token,
+            predicts it.
 - generate: the policy samples a continuation of the context; the reward model's likelihood of it
-            is the score at the last token, a per-token KL penalty to the reference is added
-            everywhere, advantages come from GAE.
+            is the score at the last token (or spread over the tokens, likelihood_dense), and the
+            KL to the reference is estimated per token.
 
 Estimators, one table each (ADV_ESTIMATORS, KL_ESTIMATORS; reward kinds: reward.REWARD_KINDS).
 Advantages: "gae" takes the value head as its baseline and fits it; the others leave the head
