@@ -45,29 +45,24 @@ from common import (UserError, all_reduce_sum, atomic_torch_save, atomic_write_t
                     check_output_path, first_line, looks_like_a_path, read_json_objects,
                     resolve_device, same_error_on_every_rank, shorten, warn,
                     write_errors_are_one_line)
+from config import marked
 from hellaswag import evaluate, split_path, write_predictions
 from reward import REWARD_KINDS
 from weights import (check_gguf, checkpoint_path, is_checkpoint, is_gguf, load_checkpoint,
                      policy_part, step_checkpoints)
 
 
-# folders this run writes (or reads) by path; and sources that are a path when one exists, else a
-# hub name, a "hellaswag:<split>" or a keyword
-FOLDER_FIELDS = ("out_dir", "data_cache", "synthetic_dir", "teacher_cache")
-SOURCE_FIELDS = ("init_from", "train_data", "val_data", "reward_model")
-
-
 def absolute_paths(cfg):
-    """The config with its folders and every source that exists made absolute: what a run saves
-    (train_config.json, the config and reference source in each checkpoint) then works from any
-    working directory. A leading ~ is the home folder, which no shell expands in --key=~/x or in a
-    config file."""
+    """The config with its folders and every source that exists made absolute (the settings
+    marked path="folder" or "source", config.setting): what a run saves (train_config.json, the
+    config and reference source in each checkpoint) then works from any working directory. A
+    leading ~ is the home folder, which no shell expands in --key=~/x or in a config file."""
+    folders, sources = marked(cfg, "path", "folder"), marked(cfg, "path", "source")
     cfg = dataclasses.replace(cfg, **{key: os.path.expanduser(getattr(cfg, key))
-                                      for key in FOLDER_FIELDS + SOURCE_FIELDS
+                                      for key in folders + sources
                                       if getattr(cfg, key).startswith("~")})
-    absolute = {key: os.path.abspath(getattr(cfg, key)) for key in FOLDER_FIELDS
-                if getattr(cfg, key)}
-    absolute |= {key: os.path.abspath(getattr(cfg, key)) for key in SOURCE_FIELDS
+    absolute = {key: os.path.abspath(getattr(cfg, key)) for key in folders if getattr(cfg, key)}
+    absolute |= {key: os.path.abspath(getattr(cfg, key)) for key in sources
                  if getattr(cfg, key) and os.path.exists(getattr(cfg, key))}
     return dataclasses.replace(cfg, **absolute)
 
@@ -293,24 +288,18 @@ def remove_torn_writes(out_dir, restore_export=False):
                 shutil.rmtree(path)
 
 
-# settings a resumed run changes as a matter of course (where and how long it runs, how it logs,
-# evaluates and saves, memory): they leave the training the same
-# (init_from and start_over always differ on a resume: not mentioned at all)
-RUN_SETTINGS = ("out_dir", "device", "compile", "ddp_timeout_s", "max_steps", "max_bad_steps",
-                "log_interval", "sample_interval", "eval_interval", "eval_limit", "eval_batch_size",
-                "checkpoint_interval", "keep_last", "export_hf", "wandb_log", "wandb_project",
-                "wandb_run_name", "reward_batch_size", "micro_batch_size")
-
-
 def log_changed_settings(saved, cfg, run):
     """Say which settings of a resumed run differ from its checkpoint's: a note for the run's
-    management, a warning for the rest, which makes another experiment from there on (the state
-    that depends on them, such as cached reference scores, is checked where it is restored)."""
+    management (the settings marked run=True, config.setting: they leave the training the same),
+    a warning for the rest, which makes another experiment from there on (the state that depends
+    on them, such as cached reference scores, is checked where it is restored). init_from and
+    start_over always differ on a resume: not mentioned at all."""
     changed = {key: f"{key} {saved[key]!r} -> {value!r}"
                for key, value in dataclasses.asdict(cfg).items()
                if key in saved and saved[key] != value and key not in ("init_from", "start_over")}
-    notes = [text for key, text in changed.items() if key in RUN_SETTINGS]
-    warnings = [text for key, text in changed.items() if key not in RUN_SETTINGS]
+    run_settings = marked(cfg, "run")
+    notes = [text for key, text in changed.items() if key in run_settings]
+    warnings = [text for key, text in changed.items() if key not in run_settings]
     if notes:
         run.log(f"resuming with {'; '.join(notes)}")
     if warnings:

@@ -332,37 +332,47 @@ KL_ESTIMATORS = {
 class Config:
     # ---- run
     # checkpoints, train_config.json, metrics.jsonl, samples.jsonl, eval/, the export (hf/)
-    out_dir: str = "out/ppo"
+    out_dir: str = setting("out/ppo", path="folder", run=True)
     # a fresh run refuses an out_dir that holds another run; start_over moves that run's files to
     # out_dir/previous/
     start_over: bool = False
     # hub name, transformers dir, build-nanogpt/nanoGPT .pt, project checkpoint or run dir, "resume"
     # (this out_dir), "scratch" (random weights of the size below), "synthetic" (the demo task's
     # starting policy)
-    init_from: str = "gpt2"
+    init_from: str = setting("gpt2", path="source")
     seed: int = setting(1337, low=0, high=2**31 - 1)  # numpy takes seeds below 2**32
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (under torchrun: cuda:LOCAL_RANK)
+    # auto | cpu | cuda | cuda:N | mps (under torchrun: cuda:LOCAL_RANK)
+    device: str = setting("auto", run=True)
     # autocast dtype on CUDA (float16 adds a GradScaler); always float32 on CPU
     dtype: str = setting("bfloat16", choices=("bfloat16", "float16", "float32"))
-    compile: bool = False  # torch.compile the training forward (rollouts and eval stay eager)
+    # torch.compile the training forward (rollouts and eval stay eager)
+    compile: bool = setting(False, run=True)
     # a rank that waits this long on a dead one stops the run
-    ddp_timeout_s: float = setting(600.0, low=10.0, high=1e7)  # torch's own limit is near 1e9
-    # policy built from scratch (init_from = "scratch"); n_embd must be a multiple of n_head
+    ddp_timeout_s: float = setting(600.0, low=10.0, high=1e7,  # torch's own limit is near 1e9
+                                   run=True)
+    # a policy built from scratch (init_from = "scratch"): its transformer blocks
     n_layer: int = setting(2, low=1, high=1000)
+    # the scratch policy's attention heads per block; n_embd must be a multiple of n_head
     n_head: int = setting(2, low=1, high=1000)
-    n_embd: int = setting(64, low=1, high=100_000)
+    n_embd: int = setting(64, low=1, high=100_000)  # the scratch policy's width
+    # the scratch policy's context window, in tokens
     block_size: int = setting(256, low=2, high=1_000_000)
     # ---- data
-    # "hellaswag:<split>" (downloaded) or a jsonl file in HellaSwag's schema
-    train_data: str = "hellaswag:train"
-    val_data: str = "hellaswag:val"
-    data_cache: str = ""  # download folder for the HellaSwag splits ("" = hellaswag.py's default)
+    # the examples the rollouts act on: "hellaswag:<split>" (downloaded) or a jsonl file in
+    # HellaSwag's schema
+    train_data: str = setting("hellaswag:train", path="source")
+    val_data: str = setting("hellaswag:val", path="source")  # the evaluation's, as train_data
+    # download folder for the HellaSwag splits ("" = hellaswag.py's default)
+    data_cache: str = setting("", path="folder")
     # the offline demo task (synthetic.py): its train/val data and its tiny teacher
     synthetic: bool = False
-    synthetic_dir: str = ""  # where the demo task is written ("" = out_dir/synthetic)
+    # where the demo task is written ("" = out_dir/synthetic)
+    synthetic_dir: str = setting("", path="folder")
     # HellaSwag rendering for choice rollouts, the teacher and eval
     style: str = setting("completion", choices=("completion", "lm-eval"))
     # ---- rollouts
+    # what the policy does with an example: choice picks one of its 4 endings, generate writes a
+    # continuation (the module's docstring)
     rollout: str = setting("choice", choices=("choice", "generate"))
     batch_size: int = setting(64, low=1)  # rollouts per rank per step
     # choice: softmax temperature over the 4 endings' scores
@@ -370,7 +380,7 @@ class Config:
     # generate: the prompt is the context's last tokens (fewer if the window needs it; the judge
     # sees the whole context)
     max_prompt_tokens: int = setting(128, low=1)
-    max_new_tokens: int = setting(24, low=1)
+    max_new_tokens: int = setting(24, low=1)  # generate: the longest continuation sampled
     # generate: sampling temperature, also applied to the log-probs PPO optimises
     temperature: float = setting(1.0, low=0.01, high=100.0)
     # generate: top-k / top-p sample from a truncated distribution while PPO and the KL use the full
@@ -385,16 +395,17 @@ class Config:
     # teacher | label (choice rollouts), likelihood (generate rollouts)
     reward_kind: str = setting("teacher", choices=tuple(REWARD_KINDS))
     # any transformers causal LM: hub name or local directory
-    reward_model: str = DEFAULT_REWARD_MODEL
+    reward_model: str = setting(DEFAULT_REWARD_MODEL, path="source")
     # auto = bfloat16 on CUDA, float32 on CPU
     reward_dtype: str = setting("auto", choices=("auto", "bfloat16", "float16", "float32"))
-    reward_batch_size: int = setting(32, low=1)
+    # examples in one forward of the reward model (memory)
+    reward_batch_size: int = setting(32, low=1, run=True)
     # teacher: prob = teacher's probability of the chosen ending, agree = 1/0
     teacher_mode: str = setting("prob", choices=("prob", "agree"))
     # teacher: softmax temperature over its normalised ending scores
     teacher_temperature: float = setting(1.0, low=0.01, high=100.0)
     # teacher: folder for cached teacher scores ("" = out_dir/teacher_cache)
-    teacher_cache: str = ""
+    teacher_cache: str = setting("", path="folder")
     # likelihood: mean log-prob per token | char
     likelihood_per: str = setting("token", choices=("token", "char"))
     # likelihood: clip the normalised score to [-clip, clip]; 0 = off
@@ -409,7 +420,9 @@ class Config:
     # how the KL is estimated, and where it enters (KL_ESTIMATORS; the module's docstring)
     kl_estimator: str = setting("sampled", choices=tuple(KL_ESTIMATORS))
     adaptive_kl: bool = False  # Ziegler et al. 2019 controller: steer the KL towards kl_target
+    # adaptive_kl: the KL (a rollout's sum over its actions, the mean over the batch) it steers to
     kl_target: float = setting(6.0, above=0.0, high=10_000.0)
+    # adaptive_kl: the rollouts over which the coefficient moves by at most 20%
     kl_horizon: int = setting(10000, low=1)
     # ---- advantages
     # the advantages' baseline (ADV_ESTIMATORS; the module's docstring). Only gae uses the value
@@ -422,19 +435,22 @@ class Config:
     # signal); their share is logged as frac_zero_std_groups either way
     drop_zero_std_groups: bool = False
     # ---- PPO
-    ppo_epochs: int = setting(4, low=1, high=1000)
+    ppo_epochs: int = setting(4, low=1, high=1000)  # passes over each step's rollouts
     minibatch_size: int = setting(16, low=1)  # per rank; one optimizer step per minibatch
     # per rank; gradient accumulation inside a minibatch: a memory setting, the update is the same
     # for any value
-    micro_batch_size: int = setting(8, low=1)
+    micro_batch_size: int = setting(8, low=1, run=True)
+    # AdamW's peak rate (the value head's: value_lr_scale times it)
     learning_rate: float = setting(1e-5, low=0.0, high=1.0)
-    warmup_steps: int = setting(0, low=0)
+    warmup_steps: int = setting(0, low=0)  # a linear warm-up to learning_rate over the first steps
     # cosine decay to min_lr over this many steps after warmup; 0 = constant
     lr_decay_steps: int = setting(0, low=0)
-    min_lr: float = setting(0.0, low=0.0, high=1.0)
+    min_lr: float = setting(0.0, low=0.0, high=1.0)  # where the decay ends
+    # AdamW's, on the matrices and embeddings (not on biases and LayerNorm gains)
     weight_decay: float = setting(0.0, low=0.0, high=10.0)
-    beta1: float = setting(0.9, low=0.0, below=1.0)  # AdamW's limits
-    beta2: float = setting(0.95, low=0.0, below=1.0)
+    # AdamW's decay of its mean gradient, and of its mean squared gradient (below 1: its limits)
+    beta1: float = setting(0.9, low=0.0, below=1.0)
+    beta2: float = setting(0.95, low=0.0, below=1.0)  # as beta1
     grad_clip: float = setting(1.0, low=0.0, high=1e6)  # 0 = off
     clip_coef: float = setting(0.2, above=0.0, high=10.0)  # policy ratio clipping
     vf_coef: float = setting(0.1, low=0.0, high=1000.0)  # weight of the value loss
@@ -449,29 +465,33 @@ class Config:
     # head's values are noise, and so would the first advantages be)
     value_warmup_steps: int = setting(0, low=0)
     value_lr_scale: float = setting(1.0, above=0.0, high=1000.0)  # gae: value head's lr / policy's
-    gamma: float = setting(1.0, low=0.0, high=1.0)
+    gamma: float = setting(1.0, low=0.0, high=1.0)  # gae, reinforce++: discount; 1 = none
+    # gae: 1 = the whole return minus the value, 0 = one step's reward plus the next value
     gae_lambda: float = setting(0.95, low=0.0, high=1.0)
     # stop the step's PPO epochs once approx_kl exceeds this; 0 = off
     target_kl: float = setting(0.0, low=0.0, high=1000.0)
     whiten_advantages: bool = True  # across the batch (all ranks); grpo's are per group already
-    max_steps: int = setting(1000, low=0)
+    max_steps: int = setting(1000, low=0, run=True)  # the step the run ends at, resumed or not
     # stop after this many steps in a row whose losses or gradients are not finite (each one
     # skipped whole)
-    max_bad_steps: int = setting(3, low=1)
+    max_bad_steps: int = setting(3, low=1, run=True)
     # ---- logging, evaluation, checkpoints
-    log_interval: int = setting(1, low=1)
+    # the console line every this many steps (metrics.jsonl has every step)
+    log_interval: int = setting(1, low=1, run=True)
     # write a few rollouts to samples.jsonl every this many steps
-    sample_interval: int = setting(10, low=0)
+    sample_interval: int = setting(10, low=0, run=True)
     # HellaSwag at step 0, every eval_interval steps and at the end; 0 = only start and end
-    eval_interval: int = setting(50, low=0)
-    eval_limit: int = setting(0, low=0)  # evaluate the first N examples only; 0 = all
-    eval_batch_size: int = setting(32, low=1)
-    checkpoint_interval: int = setting(100, low=1)
-    keep_last: int = setting(2, low=1)  # step checkpoints kept (best.pt is kept besides)
-    export_hf: bool = True  # export the final policy as a transformers directory out_dir/hf
-    wandb_log: bool = False
-    wandb_project: str = "gpt2-ppo-hellaswag"
-    wandb_run_name: str = ""
+    eval_interval: int = setting(50, low=0, run=True)
+    eval_limit: int = setting(0, low=0, run=True)  # evaluate the first N examples only; 0 = all
+    eval_batch_size: int = setting(32, low=1, run=True)  # examples in one forward (memory)
+    # ckpt_<step>.pt every this many steps, and at the end
+    checkpoint_interval: int = setting(100, low=1, run=True)
+    keep_last: int = setting(2, low=1, run=True)  # step checkpoints kept (best.pt is kept besides)
+    # export the final policy as a transformers directory out_dir/hf
+    export_hf: bool = setting(True, run=True)
+    wandb_log: bool = setting(False, run=True)  # the metrics to Weights & Biases too
+    wandb_project: str = setting("gpt2-ppo-hellaswag", run=True)  # wandb_log: its project
+    wandb_run_name: str = setting("", run=True)  # wandb_log: the run's name ("" = wandb's pick)
 
 
 def load_config(argv):
