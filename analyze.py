@@ -181,6 +181,12 @@ def has_teacher(reward_kind):
     return reward_kind in REWARD_KINDS and REWARD_KINDS[reward_kind].picks
 
 
+def has_judge(reward_kind):
+    """Whether a run of this reward kind scored with its reward_model (one of a kind this code
+    does not know is taken to have)."""
+    return reward_kind not in REWARD_KINDS or REWARD_KINDS[reward_kind].judge
+
+
 def read_config(run_dir, notes):
     path = os.path.join(run_dir, "train_config.json")
     if not os.path.isfile(path):
@@ -1117,7 +1123,7 @@ def judge_rows(runs, results):
         ece = [c["ece"] for c in (result.get("calibration") or {}).values() if c]
         rows.append({
             "run": result["label"], "reward_kind": config.get("reward_kind"),
-            "judge": (None if config.get("reward_kind") == "label"
+            "judge": (None if not has_judge(config.get("reward_kind"))
                       else os.path.basename(str(config.get("reward_model", "")).rstrip("/"))),
             "judge_acc_norm": teacher.get("teacher_acc_norm"),
             "acc_norm": acc and {k: acc[k] for k in ("acc_a", "acc_b", "diff", "ci95",

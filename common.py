@@ -8,7 +8,6 @@ import contextlib
 import errno
 import json
 import os
-import re
 import resource
 import shutil
 import sys
@@ -196,18 +195,6 @@ def atomic_directory(path):
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
-
-
-# train_ppo.py's step checkpoints: ckpt_<step>.pt
-CHECKPOINT_PATTERN = re.compile(r"ckpt_(\d+)\.pt")
-
-
-def step_checkpoints(run_dir):
-    """[(step, path)] of the step checkpoints in run_dir, oldest first
-    ([] if run_dir is not a directory)."""
-    names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
-    return sorted((int(m.group(1)), os.path.join(run_dir, name)) for name in names
-                  if (m := CHECKPOINT_PATTERN.fullmatch(name)))
 
 
 def _nearest_existing(path):

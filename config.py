@@ -16,11 +16,22 @@ from dataclasses import field
 from common import UserError, shorten
 
 
-def setting(default, *, choices=None, low=None, high=None, above=None, below=None):
+def setting(default, *, choices=None, low=None, high=None, above=None, below=None, path=None,
+            run=False):
     """A config field with its limits beside it: one of choices, or low <= value <= high,
-    value > above, value < below."""
-    limits = {"choices": choices, "low": low, "high": high, "above": above, "below": below}
-    return field(default=default, metadata={k: v for k, v in limits.items() if v is not None})
+    value > above, value < below. What the run does with it: path "folder" (a folder it writes
+    or reads) or "source" (a path when one exists, else a hub name, "hellaswag:<split>" or a
+    keyword), made absolute; run, a setting a resumed run changes as a matter of course (where
+    and how long it runs, how it logs, evaluates and saves, memory), the training the same."""
+    metadata = {"choices": choices, "low": low, "high": high, "above": above, "below": below,
+                "path": path, "run": run or None}
+    return field(default=default, metadata={k: v for k, v in metadata.items() if v is not None})
+
+
+def marked(config, key, value=True):
+    """The names of the fields of config (a dataclass or an instance) whose setting() gave key
+    this value."""
+    return tuple(f.name for f in dataclasses.fields(config) if f.metadata.get(key) == value)
 
 
 def read_config_file(path):
@@ -128,24 +139,37 @@ def limits_text(limits):
                         for k in words if k in limits)
 
 
-def describe(config_class):
-    """--help's text: each field of config_class with its default, its limits and the comments
-    written above and beside it in the class's source; `# ---- name` lines there head sections."""
-    fields = {f.name: f for f in dataclasses.fields(config_class)}
-    lines, comments = [], []
+def source_comments(config_class):
+    """The comments written above and beside each field in the class's source, joined ->
+    [(section or None, field name, text)]; `# ---- name` lines there head sections."""
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    entries, comments, section = [], [], None
     for line in inspect.getsource(config_class).splitlines()[1:]:
         code, _, comment = line.strip().partition("#")
         if not code and comment.startswith(" ---- "):
-            lines.append(f"\n{comment.strip(' -')}:")
+            section = comment.strip(" -")
             continue
         name = code.split(":")[0].strip()
         if name not in fields:
             comments += [comment.strip()] if comment else []
             continue
+        entries.append((section, name, "; ".join(filter(None, [" ".join(comments),
+                                                               comment.strip()]))))
+        comments = []
+    return entries
+
+
+def describe(config_class):
+    """--help's text: each field of config_class with its default, its limits and its comments
+    (source_comments), under the sections' headings."""
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    lines, heading = [], None
+    for section, name, text in source_comments(config_class):
+        if section != heading:
+            lines.append(f"\n{section}:")
+            heading = section
         f = fields[name]
         limits = limits_text(f.metadata)
         lines.append(f"  --{name}={f.default!r}" + (f"  ({limits})" if limits else ""))
-        text = "; ".join(filter(None, [" ".join(comments), comment.strip()]))
         lines += [f"      {row}" for row in textwrap.wrap(text, 92)]
-        comments = []
     return "\n".join(lines)

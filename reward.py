@@ -361,7 +361,6 @@ class RewardKind:
     build: Callable  # (judge or None, training examples, config, cache_dir, data_id, all_reduce)
     rollout: str  # "choice": a ChoiceReward; "generate": a TextReward
     judge: bool  # scores with the causal LM reward_model, loaded for it
-    labels: bool  # needs the training examples' gold labels
     cache: bool  # keeps its scores on disk (teacher_cache)
     # its judge picks among the endings too: a run evaluates those picks at step 0, beside the
     # policy's (eval/teacher.jsonl, for analyze.py's teacher agreement)
@@ -385,10 +384,9 @@ def label_reward(judge, examples, cfg, cache_dir, data_id, all_reduce):
 
 
 REWARD_KINDS = {
-    "likelihood": RewardKind(likelihood_reward, "generate", judge=True, labels=False, cache=False),
-    "teacher": RewardKind(teacher_reward, "choice", judge=True, labels=False, cache=True,
-                          picks=True),
-    "label": RewardKind(label_reward, "choice", judge=False, labels=True, cache=False),
+    "likelihood": RewardKind(likelihood_reward, "generate", judge=True, cache=False),
+    "teacher": RewardKind(teacher_reward, "choice", judge=True, cache=True, picks=True),
+    "label": RewardKind(label_reward, "choice", judge=False, cache=False),
 }
 
 

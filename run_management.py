@@ -8,7 +8,8 @@ Run management for train_ppo.py: everything a training run does besides PPO itse
   torn writes of a killed run cleaned up.
 - state: TrainingState holds what a checkpoint needs to resume exactly (step, data position,
   optimizer, KL controller, reward statistics, rollout caches, random generators, best score);
-  checkpoint_dict writes a checkpoint, every key named there, and read_checkpoint reads it back.
+  checkpoint_dict writes a checkpoint, every key named there, and read_checkpoint reads it back
+  (the file itself, its name and the policy's part: weights.py).
 - the end of each step (RunManager.end_of_step): the console line, metrics.jsonl, samples, the
   HellaSwag evaluation, checkpoints and best.pt, and stopping on a signal.
 
@@ -42,30 +43,26 @@ import torch.distributed as dist
 import synthetic
 from common import (UserError, all_reduce_sum, atomic_torch_save, atomic_write_text,
                     check_output_path, first_line, looks_like_a_path, read_json_objects,
-                    resolve_device, same_error_on_every_rank, shorten, step_checkpoints, warn,
+                    resolve_device, same_error_on_every_rank, shorten, warn,
                     write_errors_are_one_line)
+from config import marked
 from hellaswag import evaluate, split_path, write_predictions
 from reward import REWARD_KINDS
-from weights import CHECKPOINT_FORMAT, check_gguf, is_gguf
-
-
-# folders this run writes (or reads) by path; and sources that are a path when one exists, else a
-# hub name, a "hellaswag:<split>" or a keyword
-FOLDER_FIELDS = ("out_dir", "data_cache", "synthetic_dir", "teacher_cache")
-SOURCE_FIELDS = ("init_from", "train_data", "val_data", "reward_model")
+from weights import (check_gguf, checkpoint_path, is_checkpoint, is_gguf, load_checkpoint,
+                     policy_part, step_checkpoints)
 
 
 def absolute_paths(cfg):
-    """The config with its folders and every source that exists made absolute: what a run saves
-    (train_config.json, the config and reference source in each checkpoint) then works from any
-    working directory. A leading ~ is the home folder, which no shell expands in --key=~/x or in a
-    config file."""
+    """The config with its folders and every source that exists made absolute (the settings
+    marked path="folder" or "source", config.setting): what a run saves (train_config.json, the
+    config and reference source in each checkpoint) then works from any working directory. A
+    leading ~ is the home folder, which no shell expands in --key=~/x or in a config file."""
+    folders, sources = marked(cfg, "path", "folder"), marked(cfg, "path", "source")
     cfg = dataclasses.replace(cfg, **{key: os.path.expanduser(getattr(cfg, key))
-                                      for key in FOLDER_FIELDS + SOURCE_FIELDS
+                                      for key in folders + sources
                                       if getattr(cfg, key).startswith("~")})
-    absolute = {key: os.path.abspath(getattr(cfg, key)) for key in FOLDER_FIELDS
-                if getattr(cfg, key)}
-    absolute |= {key: os.path.abspath(getattr(cfg, key)) for key in SOURCE_FIELDS
+    absolute = {key: os.path.abspath(getattr(cfg, key)) for key in folders if getattr(cfg, key)}
+    absolute |= {key: os.path.abspath(getattr(cfg, key)) for key in sources
                  if getattr(cfg, key) and os.path.exists(getattr(cfg, key))}
     return dataclasses.replace(cfg, **absolute)
 
@@ -228,7 +225,7 @@ def save_checkpoint(out_dir, step, ckpt, keep_last, best):
     """ckpt_<step>.pt written atomically; older step checkpoints beyond keep_last removed; best.pt
     linked. A later step's file (one a resume passed over as damaged) is neither counted nor
     removed: counting it could remove the checkpoint just written."""
-    path = os.path.join(out_dir, f"ckpt_{step:06d}.pt")
+    path = checkpoint_path(out_dir, step)
     atomic_torch_save(ckpt, path)
     older = [old for old_step, old in step_checkpoints(out_dir) if old_step < step]
     for old in older[:max(len(older) - (keep_last - 1), 0)]:
@@ -291,24 +288,18 @@ def remove_torn_writes(out_dir, restore_export=False):
                 shutil.rmtree(path)
 
 
-# settings a resumed run changes as a matter of course (where and how long it runs, how it logs,
-# evaluates and saves, memory): they leave the training the same
-# (init_from and start_over always differ on a resume: not mentioned at all)
-RUN_SETTINGS = ("out_dir", "device", "compile", "ddp_timeout_s", "max_steps", "max_bad_steps",
-                "log_interval", "sample_interval", "eval_interval", "eval_limit", "eval_batch_size",
-                "checkpoint_interval", "keep_last", "export_hf", "wandb_log", "wandb_project",
-                "wandb_run_name", "reward_batch_size", "micro_batch_size")
-
-
 def log_changed_settings(saved, cfg, run):
     """Say which settings of a resumed run differ from its checkpoint's: a note for the run's
-    management, a warning for the rest, which makes another experiment from there on (the state
-    that depends on them, such as cached reference scores, is checked where it is restored)."""
+    management (the settings marked run=True, config.setting: they leave the training the same),
+    a warning for the rest, which makes another experiment from there on (the state that depends
+    on them, such as cached reference scores, is checked where it is restored). init_from and
+    start_over always differ on a resume: not mentioned at all."""
     changed = {key: f"{key} {saved[key]!r} -> {value!r}"
                for key, value in dataclasses.asdict(cfg).items()
                if key in saved and saved[key] != value and key not in ("init_from", "start_over")}
-    notes = [text for key, text in changed.items() if key in RUN_SETTINGS]
-    warnings = [text for key, text in changed.items() if key not in RUN_SETTINGS]
+    run_settings = marked(cfg, "run")
+    notes = [text for key, text in changed.items() if key in run_settings]
+    warnings = [text for key, text in changed.items() if key not in run_settings]
     if notes:
         run.log(f"resuming with {'; '.join(notes)}")
     if warnings:
@@ -325,7 +316,7 @@ def load_resume_checkpoint(out_dir, warn=warn):
         raise UserError(f"init_from=resume: no checkpoint (ckpt_*.pt) in {out_dir}")
     for step, path in reversed(candidates):
         try:
-            ckpt = read_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
+            ckpt = read_checkpoint(load_checkpoint(path))
         except Exception as e:  # torch raises many kinds for a damaged file
             warn(f"{path}: cannot resume from it ({first_line(e)}); trying an older checkpoint")
             continue
@@ -515,8 +506,8 @@ def checkpoint_dict(raw_model, cfg, state, run):
     """A checkpoint, each of its keys named here: the policy (weights and shape), the config, and
     the TrainingState a run needs to go on exactly. read_checkpoint reads it back. Every rank
     calls this: it gathers every rank's random generators."""
-    return {"format": CHECKPOINT_FORMAT, "model_config": dataclasses.asdict(raw_model.config),
-            "model": raw_model.state_dict(), "config": dataclasses.asdict(cfg),
+    return {**policy_part(dataclasses.asdict(raw_model.config), raw_model.state_dict()),
+            "config": dataclasses.asdict(cfg),
             "step": state.step, "data_position": state.data_position,
             "best_acc_norm": state.best_acc_norm, "optimizer": state.optimizer.state_dict(),
             "scaler": state.scaler.state_dict(), "kl_controller": state.kl_controller.state_dict(),
@@ -551,7 +542,7 @@ def read_checkpoint(ckpt):
     """A loaded checkpoint dict (checkpoint_dict's) -> Checkpoint. Older checkpoints lack some
     keys: no config reads as an empty one, no reference settings or fingerprint as None. Another
     file (or one without a key every checkpoint has) is a ValueError or a KeyError."""
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+    if not is_checkpoint(ckpt):
         raise ValueError("not a checkpoint of this project")
     return Checkpoint(
         format=ckpt["format"], step=ckpt["step"], model_config=ckpt["model_config"],
@@ -565,10 +556,11 @@ def read_checkpoint(ckpt):
 
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainingState:
     """Everything besides the weights and the config that a run needs to go on exactly where it
-    stopped: checkpoint_dict() saves it, load_state_dict() puts a Checkpoint's back."""
+    stopped: checkpoint_dict() saves it, load_state_dict() puts a Checkpoint's back. Built with
+    keywords, each part named."""
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     kl_controller: object  # .value, the KL coefficient
@@ -630,21 +622,23 @@ class TrainingState:
 
 
 def value_head_groups(saved, optimizer):
-    """An optimizer state saved before the value head had parameter groups of its own (one group
-    per weight decay), split as the optimizer's groups are (model.configure_optimizers): the
-    parameters' numbering is the same, the value head's last in each group."""
-    groups = optimizer.param_groups
-    if len(saved["param_groups"]) == len(groups):
-        return saved
-    split, at = [], 0
-    for old in saved["param_groups"]:
-        start = 0
-        while start < len(old["params"]):
-            n = len(groups[at]["params"])
-            split.append({**old, "params": old["params"][start:start + n],
-                          "value_head": groups[at]["value_head"]})
-            start, at = start + n, at + 1
-    return {**saved, "param_groups": split}
+    """An optimizer state saved by an older release, in this optimizer's parameter groups. Before
+    the value head had groups of its own (one group per weight decay), the saved groups are split
+    as the optimizer's are (model.configure_optimizers): the parameters' numbering is the same, the
+    value head's last in each group. A key a group gained since (value_head) takes this
+    optimizer's value: loading keeps only the saved groups' keys."""
+    groups, saved_groups = optimizer.param_groups, saved["param_groups"]
+    if len(saved_groups) != len(groups):
+        split, at = [], 0
+        for old in saved_groups:
+            start = 0
+            while start < len(old["params"]):
+                n = len(groups[at]["params"])
+                split.append({**old, "params": old["params"][start:start + n]})
+                start, at = start + n, at + 1
+        saved_groups = split
+    return {**saved, "param_groups": [{**group, **old}
+                                      for group, old in zip(groups, saved_groups)]}
 
 
 def forget_after(out_dir, step, run):
@@ -782,7 +776,7 @@ class RunLog:
             self.wandb_run.finish()
 
 
-def run_eval(model, val_examples, step, cfg, device, dtype):
+def run_eval(model, val_examples, cfg, device, dtype):
     """HellaSwag on the val examples (every rank takes part). -> the scores for the metrics, and
     the per-example predictions."""
     result = evaluate(model, val_examples, style=cfg.style, batch_size=cfg.eval_batch_size,
@@ -850,8 +844,7 @@ class RunManager:
     def evaluate(self, model, step):
         """HellaSwag on the val examples; the predictions go to eval/ (step_N.jsonl,
         teacher.jsonl)."""
-        result = run_eval(model, self.val_examples, step, self.cfg, self.run.device,
-                          self.run.dtype)
+        result = run_eval(model, self.val_examples, self.cfg, self.run.device, self.run.dtype)
         predictions = result.pop("predictions")
         if self.run.master_process:
             self.output(write_predictions, eval_predictions_path(self.cfg.out_dir, step),

@@ -10,11 +10,11 @@ kinds share the update:
 - choice:   the policy scores the 4 endings of a training example exactly as the HellaSwag scorer
             does (mean log-prob per ending token) and samples one from
             softmax(scores / choice_temperature). One action per example; the reward is the
-            teacher's or the label's, minus the KL penalty to the reference; the value head, read
-            at the context's last token, predicts it.
+            teacher's or the label's; the value head (gae), read at the context's last token,
+            predicts it.
 - generate: the policy samples a continuation of the context; the reward model's likelihood of it
-            is the score at the last token, a per-token KL penalty to the reference is added
-            everywhere, advantages come from GAE.
+            is the score at the last token (or spread over the tokens, likelihood_dense), and the
+            KL to the reference is estimated per token.
 
 Estimators, one table each (ADV_ESTIMATORS, KL_ESTIMATORS; reward kinds: reward.REWARD_KINDS).
 Advantages: "gae" takes the value head as its baseline and fits it; the others leave the head
@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 import synthetic
 from causal_lm import CausalLM, padded
-from common import UserError, all_reduce_sum, autocast, run_cli, step_checkpoints
+from common import UserError, all_reduce_sum, autocast, run_cli
 from config import describe, parse_config, setting
 from hellaswag import load_examples
 from model import GPT, GPTConfig, pack_choices
@@ -59,7 +59,8 @@ from run_management import (Batches, Reference, RunManager, Shown, StoppedAtOnce
                             TrainingState, absolute_paths, check_sources, forget_after,
                             log_changed_settings, lost_rank_error, out_dir_lock, prepare_out_dir,
                             seed_everything, setup_distributed, synthetic_dir)
-from weights import check_finite_weights, checkpoint_source, gguf_directory, is_gguf
+from weights import (check_finite_weights, checkpoint_source, gguf_directory, is_gguf,
+                     step_checkpoints)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,37 +331,47 @@ KL_ESTIMATORS = {
 class Config:
     # ---- run
     # checkpoints, train_config.json, metrics.jsonl, samples.jsonl, eval/, the export (hf/)
-    out_dir: str = "out/ppo"
+    out_dir: str = setting("out/ppo", path="folder", run=True)
     # a fresh run refuses an out_dir that holds another run; start_over moves that run's files to
     # out_dir/previous/
     start_over: bool = False
     # hub name, transformers dir, build-nanogpt/nanoGPT .pt, project checkpoint or run dir, "resume"
     # (this out_dir), "scratch" (random weights of the size below), "synthetic" (the demo task's
     # starting policy)
-    init_from: str = "gpt2"
+    init_from: str = setting("gpt2", path="source")
     seed: int = setting(1337, low=0, high=2**31 - 1)  # numpy takes seeds below 2**32
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (under torchrun: cuda:LOCAL_RANK)
+    # auto | cpu | cuda | cuda:N | mps (under torchrun: cuda:LOCAL_RANK)
+    device: str = setting("auto", run=True)
     # autocast dtype on CUDA (float16 adds a GradScaler); always float32 on CPU
     dtype: str = setting("bfloat16", choices=("bfloat16", "float16", "float32"))
-    compile: bool = False  # torch.compile the training forward (rollouts and eval stay eager)
+    # torch.compile the training forward (rollouts and eval stay eager)
+    compile: bool = setting(False, run=True)
     # a rank that waits this long on a dead one stops the run
-    ddp_timeout_s: float = setting(600.0, low=10.0, high=1e7)  # torch's own limit is near 1e9
-    # policy built from scratch (init_from = "scratch"); n_embd must be a multiple of n_head
+    ddp_timeout_s: float = setting(600.0, low=10.0, high=1e7,  # torch's own limit is near 1e9
+                                   run=True)
+    # a policy built from scratch (init_from = "scratch"): its transformer blocks
     n_layer: int = setting(2, low=1, high=1000)
+    # the scratch policy's attention heads per block; n_embd must be a multiple of n_head
     n_head: int = setting(2, low=1, high=1000)
-    n_embd: int = setting(64, low=1, high=100_000)
+    n_embd: int = setting(64, low=1, high=100_000)  # the scratch policy's width
+    # the scratch policy's context window, in tokens
     block_size: int = setting(256, low=2, high=1_000_000)
     # ---- data
-    # "hellaswag:<split>" (downloaded) or a jsonl file in HellaSwag's schema
-    train_data: str = "hellaswag:train"
-    val_data: str = "hellaswag:val"
-    data_cache: str = ""  # download folder for the HellaSwag splits ("" = hellaswag.py's default)
+    # the examples the rollouts act on: "hellaswag:<split>" (downloaded) or a jsonl file in
+    # HellaSwag's schema
+    train_data: str = setting("hellaswag:train", path="source")
+    val_data: str = setting("hellaswag:val", path="source")  # the evaluation's, as train_data
+    # download folder for the HellaSwag splits ("" = hellaswag.py's default)
+    data_cache: str = setting("", path="folder")
     # the offline demo task (synthetic.py): its train/val data and its tiny teacher
     synthetic: bool = False
-    synthetic_dir: str = ""  # where the demo task is written ("" = out_dir/synthetic)
+    # where the demo task is written ("" = out_dir/synthetic)
+    synthetic_dir: str = setting("", path="folder")
     # HellaSwag rendering for choice rollouts, the teacher and eval
     style: str = setting("completion", choices=("completion", "lm-eval"))
     # ---- rollouts
+    # what the policy does with an example: choice picks one of its 4 endings, generate writes a
+    # continuation (the module's docstring)
     rollout: str = setting("choice", choices=("choice", "generate"))
     batch_size: int = setting(64, low=1)  # rollouts per rank per step
     # choice: softmax temperature over the 4 endings' scores
@@ -368,7 +379,7 @@ class Config:
     # generate: the prompt is the context's last tokens (fewer if the window needs it; the judge
     # sees the whole context)
     max_prompt_tokens: int = setting(128, low=1)
-    max_new_tokens: int = setting(24, low=1)
+    max_new_tokens: int = setting(24, low=1)  # generate: the longest continuation sampled
     # generate: sampling temperature, also applied to the log-probs PPO optimises
     temperature: float = setting(1.0, low=0.01, high=100.0)
     # generate: top-k / top-p sample from a truncated distribution while PPO and the KL use the full
@@ -383,16 +394,17 @@ class Config:
     # teacher | label (choice rollouts), likelihood (generate rollouts)
     reward_kind: str = setting("teacher", choices=tuple(REWARD_KINDS))
     # any transformers causal LM: hub name or local directory
-    reward_model: str = DEFAULT_REWARD_MODEL
+    reward_model: str = setting(DEFAULT_REWARD_MODEL, path="source")
     # auto = bfloat16 on CUDA, float32 on CPU
     reward_dtype: str = setting("auto", choices=("auto", "bfloat16", "float16", "float32"))
-    reward_batch_size: int = setting(32, low=1)
+    # examples in one forward of the reward model (memory)
+    reward_batch_size: int = setting(32, low=1, run=True)
     # teacher: prob = teacher's probability of the chosen ending, agree = 1/0
     teacher_mode: str = setting("prob", choices=("prob", "agree"))
     # teacher: softmax temperature over its normalised ending scores
     teacher_temperature: float = setting(1.0, low=0.01, high=100.0)
     # teacher: folder for cached teacher scores ("" = out_dir/teacher_cache)
-    teacher_cache: str = ""
+    teacher_cache: str = setting("", path="folder")
     # likelihood: mean log-prob per token | char
     likelihood_per: str = setting("token", choices=("token", "char"))
     # likelihood: clip the normalised score to [-clip, clip]; 0 = off
@@ -407,7 +419,9 @@ class Config:
     # how the KL is estimated, and where it enters (KL_ESTIMATORS; the module's docstring)
     kl_estimator: str = setting("sampled", choices=tuple(KL_ESTIMATORS))
     adaptive_kl: bool = False  # Ziegler et al. 2019 controller: steer the KL towards kl_target
+    # adaptive_kl: the KL (a rollout's sum over its actions, the mean over the batch) it steers to
     kl_target: float = setting(6.0, above=0.0, high=10_000.0)
+    # adaptive_kl: the rollouts over which the coefficient moves by at most 20%
     kl_horizon: int = setting(10000, low=1)
     # ---- advantages
     # the advantages' baseline (ADV_ESTIMATORS; the module's docstring). Only gae uses the value
@@ -420,19 +434,22 @@ class Config:
     # signal); their share is logged as frac_zero_std_groups either way
     drop_zero_std_groups: bool = False
     # ---- PPO
-    ppo_epochs: int = setting(4, low=1, high=1000)
+    ppo_epochs: int = setting(4, low=1, high=1000)  # passes over each step's rollouts
     minibatch_size: int = setting(16, low=1)  # per rank; one optimizer step per minibatch
     # per rank; gradient accumulation inside a minibatch: a memory setting, the update is the same
     # for any value
-    micro_batch_size: int = setting(8, low=1)
+    micro_batch_size: int = setting(8, low=1, run=True)
+    # AdamW's peak rate (the value head's: value_lr_scale times it)
     learning_rate: float = setting(1e-5, low=0.0, high=1.0)
-    warmup_steps: int = setting(0, low=0)
+    warmup_steps: int = setting(0, low=0)  # a linear warm-up to learning_rate over the first steps
     # cosine decay to min_lr over this many steps after warmup; 0 = constant
     lr_decay_steps: int = setting(0, low=0)
-    min_lr: float = setting(0.0, low=0.0, high=1.0)
+    min_lr: float = setting(0.0, low=0.0, high=1.0)  # where the decay ends
+    # AdamW's, on the matrices and embeddings (not on biases and LayerNorm gains)
     weight_decay: float = setting(0.0, low=0.0, high=10.0)
-    beta1: float = setting(0.9, low=0.0, below=1.0)  # AdamW's limits
-    beta2: float = setting(0.95, low=0.0, below=1.0)
+    # AdamW's decay of its mean gradient, and of its mean squared gradient (below 1: its limits)
+    beta1: float = setting(0.9, low=0.0, below=1.0)
+    beta2: float = setting(0.95, low=0.0, below=1.0)  # as beta1
     grad_clip: float = setting(1.0, low=0.0, high=1e6)  # 0 = off
     clip_coef: float = setting(0.2, above=0.0, high=10.0)  # policy ratio clipping
     vf_coef: float = setting(0.1, low=0.0, high=1000.0)  # weight of the value loss
@@ -447,29 +464,33 @@ class Config:
     # head's values are noise, and so would the first advantages be)
     value_warmup_steps: int = setting(0, low=0)
     value_lr_scale: float = setting(1.0, above=0.0, high=1000.0)  # gae: value head's lr / policy's
-    gamma: float = setting(1.0, low=0.0, high=1.0)
+    gamma: float = setting(1.0, low=0.0, high=1.0)  # gae, reinforce++: discount; 1 = none
+    # gae: 1 = the whole return minus the value, 0 = one step's reward plus the next value
     gae_lambda: float = setting(0.95, low=0.0, high=1.0)
     # stop the step's PPO epochs once approx_kl exceeds this; 0 = off
     target_kl: float = setting(0.0, low=0.0, high=1000.0)
     whiten_advantages: bool = True  # across the batch (all ranks); grpo's are per group already
-    max_steps: int = setting(1000, low=0)
+    max_steps: int = setting(1000, low=0, run=True)  # the step the run ends at, resumed or not
     # stop after this many steps in a row whose losses or gradients are not finite (each one
     # skipped whole)
-    max_bad_steps: int = setting(3, low=1)
+    max_bad_steps: int = setting(3, low=1, run=True)
     # ---- logging, evaluation, checkpoints
-    log_interval: int = setting(1, low=1)
+    # the console line every this many steps (metrics.jsonl has every step)
+    log_interval: int = setting(1, low=1, run=True)
     # write a few rollouts to samples.jsonl every this many steps
-    sample_interval: int = setting(10, low=0)
+    sample_interval: int = setting(10, low=0, run=True)
     # HellaSwag at step 0, every eval_interval steps and at the end; 0 = only start and end
-    eval_interval: int = setting(50, low=0)
-    eval_limit: int = setting(0, low=0)  # evaluate the first N examples only; 0 = all
-    eval_batch_size: int = setting(32, low=1)
-    checkpoint_interval: int = setting(100, low=1)
-    keep_last: int = setting(2, low=1)  # step checkpoints kept (best.pt is kept besides)
-    export_hf: bool = True  # export the final policy as a transformers directory out_dir/hf
-    wandb_log: bool = False
-    wandb_project: str = "gpt2-ppo-hellaswag"
-    wandb_run_name: str = ""
+    eval_interval: int = setting(50, low=0, run=True)
+    eval_limit: int = setting(0, low=0, run=True)  # evaluate the first N examples only; 0 = all
+    eval_batch_size: int = setting(32, low=1, run=True)  # examples in one forward (memory)
+    # ckpt_<step>.pt every this many steps, and at the end
+    checkpoint_interval: int = setting(100, low=1, run=True)
+    keep_last: int = setting(2, low=1, run=True)  # step checkpoints kept (best.pt is kept besides)
+    # export the final policy as a transformers directory out_dir/hf
+    export_hf: bool = setting(True, run=True)
+    wandb_log: bool = setting(False, run=True)  # the metrics to Weights & Biases too
+    wandb_project: str = setting("gpt2-ppo-hellaswag", run=True)  # wandb_log: its project
+    wandb_run_name: str = setting("", run=True)  # wandb_log: the run's name ("" = wandb's pick)
 
 
 def load_config(argv):
@@ -516,6 +537,10 @@ def load_config(argv):
         if getattr(cfg, key) != getattr(Config, key) and not estimator.value_head:
             raise UserError(f"config: {key} is for adv_estimator {' or '.join(with_value_head)} "
                             f"(the others leave the value head frozen), not {cfg.adv_estimator!r}")
+    if cfg.value_warmup_steps and cfg.value_warmup_steps >= cfg.max_steps:
+        raise UserError(f"config: value_warmup_steps ({cfg.value_warmup_steps}) must be below "
+                        f"max_steps ({cfg.max_steps}): the policy would never train; lower it or "
+                        "raise max_steps")
     wanted = [name for name, kind in REWARD_KINDS.items() if kind.rollout == cfg.rollout]
     if REWARD_KINDS[cfg.reward_kind].rollout != cfg.rollout:
         raise UserError(f"config: rollout {cfg.rollout!r} takes reward_kind {' or '.join(wanted)}, "
@@ -1034,80 +1059,109 @@ def learning_mask(batch, cfg, run):
     return batch.mask, metrics
 
 
+# a minibatch's statistics: ppo_losses' and the entropy's means
+LOSS_NAMES = ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "entropy")
+
+
 def ppo_update(model, raw_model, state, rollout_kind, batch, cfg, run):
-    """ppo_epochs passes over the batch in shuffled minibatches: one optimizer step per minibatch,
-    gradients accumulated over its micro-batches, clipped losses. A minibatch's losses are means
-    over its actions, weighed as loss_agg says (loss_weights), so micro_batch_size (a memory
-    setting) does not change the update; that is also what lets each micro-batch take rollouts of
-    similar length (micro_batches). During value warm-up only the value head steps. Stops early
-    once approx_kl passes target_kl, and at the first non-finite gradient, whose update is not
-    applied (the optimizer's state is not touched).
+    """ppo_epochs passes over the batch in shuffled minibatches: one optimizer step per minibatch
+    (minibatch_gradients, then optimizer_step). During value warm-up only the value head steps.
+    Stops early once approx_kl passes target_kl, and at the first non-finite gradient, whose update
+    is not applied (the optimizer's state is not touched).
     -> (mean statistics, epochs done, whether every gradient was finite)."""
-    optimizer, scaler = state.optimizer, state.scaler
-    kl_estimator = KL_ESTIMATORS[cfg.kl_estimator]
     value_warmup = in_value_warmup(state.step, cfg)
-    names = ("pg_loss", "vf_loss", "approx_kl", "clipfrac", "entropy")
-    stats = {k: [] for k in names + ("grad_norm",)}
+    stats = {k: [] for k in LOSS_NAMES + ("grad_norm",)}
     summary = lambda: {k: float(np.mean(v)) for k, v in stats.items() if v}  # noqa: E731
     for epoch in range(cfg.ppo_epochs):
         permutation = torch.randperm(len(batch.scores), generator=state.shuffle_generator)
         for minibatch in permutation.split(cfg.minibatch_size):
             counts = batch.loss_counts[minibatch.to(run.device)].sum()
+            # every rank reaches this all-reduce: each has the same number of minibatches
+            # (batch_size and minibatch_size are per rank), and the setting is the same on all
             if cfg.drop_zero_std_groups and all_reduce_sum(counts)[0] == 0:
                 continue  # all of it dropped, on every rank: no step (Adam's momentum would move)
-            n_actions = counts.clamp(min=1)
-            micros = micro_batches(minibatch, batch.lengths, cfg.micro_batch_size)
-            minibatch_stats = torch.zeros(len(names), device=run.device)
-            for i, micro in enumerate(micros):
-                micro = micro.to(run.device)
-                # DDP all-reduces the gradients of the minibatch's last micro-batch only
-                no_sync = (model.no_sync() if run.ddp and i < len(micros) - 1
-                           else contextlib.nullcontext())
-                with no_sync, autocast(run.device, run.dtype):
-                    new_logprobs, new_values, entropy, new_choice_logprobs = rollout_kind.forward(
-                        model, batch, micro)
-                    weights = batch.loss_weights[micro]
-                    losses = ppo_losses(new_logprobs, batch.logprobs[micro],
-                                        batch.advantages[micro], new_values, batch.values[micro],
-                                        batch.returns[micro], weights, cfg.clip_coef,
-                                        cfg.vf_clip_coef)
-                    losses["entropy"] = masked_mean(entropy, weights)
-                    kl = None
-                    if kl_estimator.enters == "loss":
-                        kl = kl_estimate(kl_estimator, new_logprobs, batch.ref_logprobs[micro],
-                                         batch.mask[micro], new_choice_logprobs,
-                                         rows(batch.choice_ref_logprobs, micro))
-                    loss = step_loss(losses, kl, weights, state.kl_controller.value, cfg,
-                                     value_warmup)
-                # this micro-batch's share of the minibatch's weight: its means weigh that much
-                share = weights.sum() / n_actions
-                scaler.scale(loss * share).backward()
-                minibatch_stats += torch.stack([losses[k].detach().float() for k in names]) * share
-            for k, value in zip(names, minibatch_stats.tolist()):
+            minibatch_stats = minibatch_gradients(model, rollout_kind, batch, minibatch,
+                                                  counts.clamp(min=1), state, cfg, run,
+                                                  value_warmup)
+            for k, value in zip(LOSS_NAMES, minibatch_stats):
                 stats[k].append(value)
-            scaler.unscale_(optimizer)
-            if value_warmup:  # the value loss's gradients in the shared trunk are not applied
-                for p in policy_parameters(raw_model):
-                    p.grad = None
-            max_norm = cfg.grad_clip or float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
-            stats["grad_norm"].append(grad_norm.item())
-            # the same on every rank: the gradients were all-reduced
-            finite = bool(torch.isfinite(grad_norm))
-            fp16_overflow = not finite and scaler.is_enabled() and scaler.get_scale() > 1.0
-            if finite or fp16_overflow:
-                # after a float16 overflow the scaler skips the step and lowers its scale
-                scaler.step(optimizer)
-                scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if not (finite or fp16_overflow):
+            grad_norm, applied = optimizer_step(raw_model, state, cfg, value_warmup)
+            stats["grad_norm"].append(grad_norm)
+            if not applied:
                 return summary(), epoch + 1, False
-            # every rank sees the same mean, so every rank stops at the same point
-            if cfg.target_kl > 0:
-                approx_kl = all_reduce_sum(torch.tensor(stats["approx_kl"][-1]))[0]
-                if approx_kl / run.world_size > cfg.target_kl:
-                    return summary(), epoch + 1, True
+            # every rank reaches this all-reduce: the step above was applied on all of them or on
+            # none (the gradient norm is the same everywhere); and every rank sees the same mean,
+            # so every rank stops at the same point
+            if (cfg.target_kl > 0 and all_reduce_sum(torch.tensor(stats["approx_kl"][-1]))[0]
+                    / run.world_size > cfg.target_kl):
+                return summary(), epoch + 1, True
     return summary(), cfg.ppo_epochs, True
+
+
+def minibatch_gradients(model, rollout_kind, batch, minibatch, n_actions, state, cfg, run,
+                        value_warmup):
+    """A minibatch's gradients, accumulated over its micro-batches. A minibatch's losses are means
+    over its actions, weighed as loss_agg says (loss_weights), each micro-batch's by its share of
+    the minibatch's n_actions (its loss_counts' sum), so micro_batch_size (a memory setting) does
+    not change the update; that is also what lets each micro-batch take rollouts of similar length
+    (micro_batches). -> the minibatch's mean of each of LOSS_NAMES."""
+    micros = micro_batches(minibatch, batch.lengths, cfg.micro_batch_size)
+    minibatch_stats = torch.zeros(len(LOSS_NAMES), device=run.device)
+    for i, micro in enumerate(micros):
+        micro = micro.to(run.device)
+        # DDP all-reduces the gradients in the backward of the minibatch's last micro-batch only;
+        # every rank reaches it at the same micro-batch: each has minibatch_size rollouts, so as
+        # many micro-batches
+        no_sync = (model.no_sync() if run.ddp and i < len(micros) - 1
+                   else contextlib.nullcontext())
+        with no_sync, autocast(run.device, run.dtype):
+            loss, losses = micro_batch_loss(model, rollout_kind, batch, micro,
+                                            state.kl_controller.value, cfg, value_warmup)
+        # this micro-batch's share of the minibatch's weight: its means weigh that much
+        share = batch.loss_weights[micro].sum() / n_actions
+        state.scaler.scale(loss * share).backward()
+        minibatch_stats += torch.stack([losses[k].detach().float() for k in LOSS_NAMES]) * share
+    return minibatch_stats.tolist()
+
+
+def micro_batch_loss(model, rollout_kind, batch, micro, kl_coef, cfg, value_warmup):
+    """-> (what a micro-batch minimises (step_loss), its LOSS_NAMES: means over its actions)."""
+    kl_estimator = KL_ESTIMATORS[cfg.kl_estimator]
+    new_logprobs, new_values, entropy, new_choice_logprobs = rollout_kind.forward(model, batch,
+                                                                                  micro)
+    weights = batch.loss_weights[micro]
+    losses = ppo_losses(new_logprobs, batch.logprobs[micro], batch.advantages[micro], new_values,
+                        batch.values[micro], batch.returns[micro], weights, cfg.clip_coef,
+                        cfg.vf_clip_coef)
+    losses["entropy"] = masked_mean(entropy, weights)
+    kl = None
+    if kl_estimator.enters == "loss":
+        kl = kl_estimate(kl_estimator, new_logprobs, batch.ref_logprobs[micro], batch.mask[micro],
+                         new_choice_logprobs, rows(batch.choice_ref_logprobs, micro))
+    return step_loss(losses, kl, weights, kl_coef, cfg, value_warmup), losses
+
+
+def optimizer_step(raw_model, state, cfg, value_warmup):
+    """Apply the accumulated gradients, clipped to grad_clip, and clear them. A non-finite gradient
+    norm (the same on every rank: the gradients were all-reduced) is not applied and leaves the
+    optimizer's state untouched, but for a float16 overflow, which the scaler skips and answers
+    with a lower scale. -> (the gradient norm, whether the update may go on)."""
+    optimizer, scaler = state.optimizer, state.scaler
+    scaler.unscale_(optimizer)
+    if value_warmup:  # the value loss's gradients in the shared trunk are not applied
+        for p in policy_parameters(raw_model):
+            p.grad = None
+    max_norm = cfg.grad_clip or float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
+    norm = grad_norm.item()
+    finite = bool(torch.isfinite(grad_norm))
+    fp16_overflow = not finite and scaler.is_enabled() and scaler.get_scale() > 1.0
+    if finite or fp16_overflow:
+        # after a float16 overflow the scaler skips the step and lowers its scale
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, finite or fp16_overflow
 
 
 def set_learning_rate(optimizer, lr, value_lr_scale):
@@ -1243,11 +1297,14 @@ def run_ppo(cfg, run):
                                                (cfg.beta1, cfg.beta2), device_type)
     controller = AdaptiveKLController if cfg.adaptive_kl else FixedKLController
     state = TrainingState(
-        optimizer, torch.amp.GradScaler(device_type, enabled=(run.dtype == "float16")),
-        controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon), reward_fn, rollout_kind,
-        sample_generator, shuffle_generator,
-        Batches(len(train_examples), cfg.batch_size // cfg.group_size, cfg.seed, run,
-                cfg.group_size), reference_state)
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler(device_type, enabled=(run.dtype == "float16")),
+        kl_controller=controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon),
+        reward_fn=reward_fn, rollout_kind=rollout_kind,
+        sample_generator=sample_generator, shuffle_generator=shuffle_generator,
+        batches=Batches(len(train_examples), cfg.batch_size // cfg.group_size, cfg.seed, run,
+                        cfg.group_size),
+        reference=reference_state)
     if ckpt:
         state.load_state_dict(ckpt, cfg, run)
         run.log(f"resumed from {resume_path} at step {state.step}")

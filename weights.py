@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 # common before transformers: it keeps transformers from asking the hub for kernels
 from common import (UserError, atomic_directory, atomic_write_text, check_output_path, first_line,
-                    looks_like_a_path, read_json, step_checkpoints, warn)
+                    looks_like_a_path, read_json, warn)
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config,
                           GPT2LMHeadModel)
 from transformers.utils import logging as hf_logging
@@ -33,8 +33,6 @@ from tokenizer import EOT_TOKEN, VOCAB_SIZE, gpt2_hf_tokenizer
 
 # causal-mask buffers that transformers' and old nanoGPT's GPT-2 keep beside their weights
 MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
-# marks this project's checkpoints (written by train_ppo.py)
-CHECKPOINT_FORMAT = "gpt-ppo-checkpoint/1"
 HUB_GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # transformers' GPT-2 keeps these in Conv1D layers: (in, out) where nn.Linear has (out, in)
 _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight",
@@ -78,6 +76,33 @@ def read_gpt2(source, defaults):
     return _read_transformers(source, defaults)
 
 
+# --------------------------------------------------------------------------------------------------
+# this project's checkpoint file: a dict of plain data and tensors, marked by its format, named
+# ckpt_<step>.pt in its run directory. The policy's part is here (policy_part); the training
+# state's is run_management.checkpoint_dict's, which read_checkpoint reads back.
+
+CHECKPOINT_FORMAT = "gpt-ppo-checkpoint/1"
+CHECKPOINT_PATTERN = re.compile(r"ckpt_(\d+)\.pt")
+
+
+def checkpoint_path(run_dir, step):
+    return os.path.join(run_dir, f"ckpt_{step:06d}.pt")
+
+
+def step_checkpoints(run_dir):
+    """[(step, path)] of the step checkpoints in run_dir, oldest first
+    ([] if run_dir is not a directory)."""
+    names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+    return sorted((int(m.group(1)), os.path.join(run_dir, name)) for name in names
+                  if (m := CHECKPOINT_PATTERN.fullmatch(name)))
+
+
+def latest_checkpoint(run_dir):
+    """Path of the newest ckpt_<step>.pt in run_dir, or None."""
+    checkpoints = step_checkpoints(run_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
 def checkpoint_source(source):
     """The source read_gpt2 reads for `source`: a run directory (no config.json) as its newest
     ckpt_<step>.pt, which the run's later saves do not change; anything else as it is."""
@@ -87,10 +112,22 @@ def checkpoint_source(source):
     return source
 
 
-def latest_checkpoint(run_dir):
-    """Path of the newest ckpt_<step>.pt in run_dir (written by train_ppo.py), or None."""
-    checkpoints = step_checkpoints(run_dir)
-    return checkpoints[-1][1] if checkpoints else None
+def policy_part(fields, state_dict):
+    """A checkpoint's policy: the GPT's config fields and its weights, under the format's mark."""
+    return {"format": CHECKPOINT_FORMAT, "model_config": fields, "model": state_dict}
+
+
+def is_checkpoint(ckpt):
+    return isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT
+
+
+def load_checkpoint(path):
+    """A checkpoint file -> its dict, tensors on the CPU, nothing executed. Another file is a
+    ValueError; torch raises many kinds for a damaged one."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not is_checkpoint(ckpt):
+        raise ValueError("not a checkpoint of this project")
+    return ckpt
 
 
 def _read_transformers(name_or_dir, defaults):
@@ -170,7 +207,7 @@ def _read_torch_file(path, defaults):
                         f"({first_line(e)})") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"{path}: expected a checkpoint dict, found {type(ckpt).__name__}")
-    if ckpt.get("format") == CHECKPOINT_FORMAT:  # ours
+    if is_checkpoint(ckpt):  # ours
         config_key, fields, strict = "model_config", ckpt.get("model_config"), True
     # build-nanogpt
     elif "model" in ckpt and "config" in ckpt and not isinstance(ckpt["config"], dict):

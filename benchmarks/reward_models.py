@@ -46,9 +46,10 @@ sys.path.insert(0, HERE)
 
 import analyze  # noqa: E402
 import hellaswag  # noqa: E402
-from common import UserError, read_json, run_cli, step_checkpoints  # noqa: E402
+from common import UserError, read_json, run_cli  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from synthetic import ending_rows, fit_endings, write_jsonl  # noqa: E402
+from weights import step_checkpoints  # noqa: E402
 
 # this folder is on the path of a script
 import arguments  # noqa: E402

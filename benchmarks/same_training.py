@@ -69,8 +69,9 @@ def report(what, difference):
 
 
 def final_weights(out_dir, step):
-    return torch.load(os.path.join(out_dir, f"ckpt_{step:06d}.pt"), map_location="cpu",
-                      weights_only=True)["model"]
+    from weights import checkpoint_path, load_checkpoint  # the models' libraries, as below
+
+    return load_checkpoint(checkpoint_path(out_dir, step))["model"]
 
 
 def demo_steps():

@@ -21,6 +21,7 @@ import synthetic
 import run_management
 import train_ppo
 from common import UserError
+from reward import REWARD_KINDS
 from tokenizer import gpt2_encoding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -304,6 +305,18 @@ def test_runs_that_differ_in_their_judge_are_compared_side_by_side(tmp_path):
     # runs that share their judge get no such section
     analyze.main(runs[1:2] + [runs[1], "--out", str(tmp_path / "same")])
     assert "## The judges compared" not in report_of(str(tmp_path / "same"))[0]
+
+
+def test_whether_a_run_had_a_judge_comes_from_the_reward_kinds_table(monkeypatch):
+    """judge_rows asks reward.REWARD_KINDS whether a kind scores with a judge: a kind added without
+    one names none (the name "label" is not what says so); a kind this code does not know is
+    taken to have its reward_model."""
+    monkeypatch.setitem(REWARD_KINDS, "gold", REWARD_KINDS["label"])
+    kinds = ("gold", "teacher", "label", "unknown")
+    runs = [{"config": {"reward_kind": kind, "reward_model": "/models/judge/"}} for kind in kinds]
+    results = [{"label": kind, "comparisons": {}} for kind in kinds]
+    assert ([row["judge"] for row in analyze.judge_rows(runs, results)]
+            == [None, "judge", None, "judge"])
 
 
 def test_a_report_replaces_an_earlier_report_whole(tmp_path):

@@ -231,11 +231,11 @@ def test_the_kl_table_estimates_as_its_functions_and_says_where_the_kl_enters():
 
 def test_reward_kinds_declare_their_call_and_needs():
     from reward import REWARD_KINDS, LabelReward
-    assert {name: (k.rollout, k.judge, k.labels, k.cache, k.picks)
+    assert {name: (k.rollout, k.judge, k.cache, k.picks)
             for name, k in REWARD_KINDS.items()} == {
-        "likelihood": ("generate", True, False, False, False),
-        "teacher": ("choice", True, False, True, True),
-        "label": ("choice", False, True, False, False)}
+        "likelihood": ("generate", True, False, False),
+        "teacher": ("choice", True, True, True),
+        "label": ("choice", False, False, False)}
     examples = [{"label": 2}, {"label": 0}]
     label = REWARD_KINDS["label"].build(None, examples, train_ppo.Config(), cache_dir=None,
                                         data_id=None, all_reduce=None)

@@ -157,6 +157,9 @@ def test_an_optimizer_state_from_before_the_value_groups_loads_parameter_for_par
     (dict(adv_estimator="expected", value_lr_scale=2.0), "value_lr_scale is for adv_estimator gae"),
     (dict(adv_estimator="reinforce++"), "adv_estimator 'reinforce\\+\\+' is for generate rollouts"),
     (dict(loss_agg="seq-mean"), "loss_agg must be one of token-mean, seq-mean-token-mean"),
+    # the policy would never train
+    (dict(value_warmup_steps=40, max_steps=40),
+     r"value_warmup_steps \(40\) must be below max_steps \(40\): the policy would never train"),
 ])
 def test_a_setting_that_does_not_fit_is_refused(settings, message):
     with pytest.raises(UserError, match=message):

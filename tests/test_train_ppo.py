@@ -16,7 +16,7 @@ import synthetic
 import train_ppo
 from common import UserError
 from hellaswag import read_predictions
-from config import read_config_file
+from config import describe, read_config_file, setting
 from tokenizer import gpt2_tokens
 from train_ppo import (AdaptiveKLController, compute_gae, load_config, masked_whiten, ppo_losses,
                        sampled_kl)
@@ -371,7 +371,7 @@ def test_ppo_update_does_not_depend_on_micro_batch_size(loss_agg):
         kind = train_ppo.GenerateRollouts(None, cfg, prompt_budget=8, stop_tokens=[50256],
                                           device="cpu", tokens=gpt2_tokens())
         state = run_management.TrainingState(
-            optimizer, scaler, kl_controller=train_ppo.FixedKLController(0.05, 6.0, 1000),
+            optimizer=optimizer, scaler=scaler, kl_controller=train_ppo.FixedKLController(0.05, 6.0, 1000),
             reward_fn=None, rollout_kind=kind,
             sample_generator=None, shuffle_generator=torch.Generator().manual_seed(0),
             batches=None, reference={})
@@ -815,6 +815,36 @@ def test_help_prints_each_setting_with_its_comment_and_limits(capsys):
     assert "  --clip_coef=0.2  (> 0 and <= 10)\n      policy ratio clipping\n" in out
     for f in dataclasses.fields(train_ppo.Config):
         assert f"  --{f.name}={f.default!r}" in out
+
+
+def test_every_setting_says_what_it_does():
+    """--help gives each setting a comment (from the Config's source), not only its limits."""
+    lines = describe(train_ppo.Config).splitlines()
+    bare = [line.split("=")[0].strip() for line, after in zip(lines, lines[1:] + [""])
+            if line.startswith("  --") and not after.startswith("      ")]
+    assert bare == []
+
+
+def test_what_a_run_does_with_a_setting_is_its_own_metadata(tmp_path, monkeypatch):
+    """absolute_paths and log_changed_settings read a setting's path= and run= (config.setting),
+    so a new setting says both where it is declared."""
+    @dataclasses.dataclass
+    class Settings:
+        scratch_dir: str = setting("", path="folder")  # a folder
+        model: str = setting("m", path="source")  # a source
+        patience: int = setting(3, run=True)  # a run setting
+        lr: float = setting(1.0)  # the training's
+    (tmp_path / "m").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = run_management.absolute_paths(Settings(scratch_dir="x"))
+    assert (cfg.scratch_dir, cfg.model) == (str(tmp_path / "x"), str(tmp_path / "m"))
+    said = []
+    run = types.SimpleNamespace(log=lambda text: said.append(("log", text)),
+                                warn=lambda text: said.append(("warn", text)))
+    run_management.log_changed_settings({"patience": 1, "lr": 2.0}, cfg, run)
+    assert said == [("log", "resuming with patience 1 -> 3"),
+                    ("warn", "resuming with settings that differ from the checkpoint's, so "
+                     "another experiment from here on: lr 2.0 -> 1.0")]
 
 
 def test_the_console_line_prints_the_fields_of_its_tuple(capsys):
