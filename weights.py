@@ -431,7 +431,11 @@ def gguf_directory(path):
 def _lock_file(path, wait=False):
     """The open file `path` holding an exclusive lock (flock: on one machine, or a shared file
     system that supports it, such as NFS), or None where another process holds it and not wait."""
-    f = open(path, "a")
+    try:
+        f = open(path, "a")
+    except OSError as e:  # a shared cache whose lock file another user made
+        raise UserError(f"{path}: cannot open this lock file of the GGUF cache ({e.strerror}); "
+                        "set $GGUF_CACHE to a folder of your own") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         return f

@@ -5,6 +5,7 @@ packages are installed, the two real models (SmolLM2-135M-Instruct and Gemma 3 2
 """
 
 import dataclasses
+import errno
 import fcntl
 import importlib.util
 import json
@@ -265,6 +266,29 @@ def test_a_judge_gguf_that_fails_to_convert_ends_each_rank_on_its_own(tmp_path, 
     # nothing half-written is left, and the lock is free for the next try
     assert [n for n in os.listdir(gguf_cache) if not n.endswith(".lock")] == []
     assert weights._complete_entry(weights.gguf_directory(path))
+
+
+def no_locks(cache, sha256, monkeypatch):
+    def flock(f, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
+def lock_file_not_openable(cache, sha256, monkeypatch):
+    os.makedirs(cache / f"{sha256}.lock")
+
+
+@pytest.mark.parametrize("fault, message", [
+    (no_locks, r"cannot lock a file in the GGUF cache \(No locks available\); set \$GGUF_CACHE "
+               "to a folder on a local disk"),
+    (lock_file_not_openable, r"\.lock: cannot open this lock file of the GGUF cache \(Is a "
+                             r"directory\)")])
+def test_a_gguf_cache_that_cannot_be_locked_is_one_line(tmp_path, gguf_cache, monkeypatch, fault,
+                                                       message):
+    path, _ = write_tiny_llama(tmp_path / "tiny.gguf")
+    fault(gguf_cache, weights.file_sha256(path), monkeypatch)
+    with pytest.raises(UserError, match=message):
+        weights.gguf_directory(path)
 
 
 def test_an_unreadable_gguf_file_is_one_line(tmp_path, monkeypatch):
