@@ -147,7 +147,8 @@ def test_a_damaged_cache_entry_is_converted_again(tmp_path, capsys):
 # a process loading a GGUF file through weights.gguf_directory, with hooks that stop it at chosen
 # points: argv = role, the .gguf file, a folder for the signal files. It appends its role to
 # conversions.log when it starts converting; "first" then waits, mid-conversion, for the file
-# "arrived"; "second" makes that file when it waits for the lock or starts converting itself;
+# "arrived" (ten minutes at most); "second" makes that file when it waits for the lock or starts
+# converting itself;
 # "killed" waits mid-conversion until it is killed.
 LOADER = """
 import fcntl, os, sys, time
@@ -162,7 +163,7 @@ def convert(*args, **kwargs):
         print(role, file=log)
     if role == "second":
         signal_file("arrived")
-    waits = {"first": 1200, "killed": 10 ** 9}.get(role, 0)  # tenths of a second
+    waits = {"first": 6000, "killed": 10 ** 9}.get(role, 0)  # tenths of a second
     while waits and not (role == "first" and os.path.exists(os.path.join(folder, "arrived"))):
         waits -= 1
         time.sleep(0.1)
