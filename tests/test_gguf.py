@@ -148,8 +148,7 @@ def test_a_damaged_cache_entry_is_converted_again(tmp_path, capsys):
 # points: argv = role, the .gguf file, a folder for the signal files. It appends its role to
 # conversions.log when it starts converting; "first" then waits, mid-conversion, for the file
 # "arrived" (ten minutes at most); "second" makes that file when it waits for the lock or starts
-# converting itself;
-# "killed" waits mid-conversion until it is killed.
+# converting itself; "killed" waits mid-conversion until it is killed.
 LOADER = """
 import fcntl, os, sys, time
 import weights
