@@ -211,7 +211,7 @@ def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu", per_toke
         for i, lp in zip(batch, row_logprobs(model, [rows[i] for i in batch], pad_id, device)):
             logprobs[i] = lp
     for batch in group_batches(rows, groups, batch_size, model.config, vocab_size,
-                               input_limit(model)):
+                               input_limit(model), keeps_logits(model)):
         members = [i for group in batch for i in group]
         for i, lp in zip(members, shared_prefix_logprobs(model, rows, batch, pad_id, device)):
             logprobs[i] = lp
@@ -228,22 +228,28 @@ def output_size(model):
     return getattr(getattr(model, "config", None), "vocab_size", 0) or 0
 
 
+def greedy_batches(items, fits):
+    """items in order, cut into runs: each run takes items while fits(run) holds (at least one)."""
+    batches, batch = [], []
+    for item in items:
+        if batch and not fits(batch + [item]):
+            batches.append(batch)
+            batch = []
+        batch.append(item)
+    return batches + ([batch] if batch else [])
+
+
 def row_batches(rows, indices, batch_size, vocab_size, span_only=True):
     """The rows at indices in batches, longest first (an out-of-memory batch fails at once), so
     each batch pads little: at most batch_size rows and SCORE_BUDGET floats of logits (rows x the
     positions that predict scored tokens x vocabulary; every position without span_only)."""
-    batches, batch = [], []
-    for i in sorted(indices, key=lambda i: -len(rows[i][0])):
-        candidate = batch + [i]
-        longest = len(rows[candidate[0]][0]) - 1
-        span = (longest - min(len(rows[j][0]) - 1 - rows[j][1] for j in candidate)
+    def fits(batch):
+        longest = len(rows[batch[0]][0]) - 1
+        span = (longest - min(len(rows[j][0]) - 1 - rows[j][1] for j in batch)
                 if span_only else longest)
-        if batch and (len(candidate) > batch_size
-                      or len(candidate) * span * vocab_size > SCORE_BUDGET):
-            batches.append(batch)
-            candidate = [i]
-        batch = candidate
-    return batches + ([batch] if batch else [])
+        return len(batch) <= batch_size and len(batch) * span * vocab_size <= SCORE_BUDGET
+
+    return greedy_batches(sorted(indices, key=lambda i: -len(rows[i][0])), fits)
 
 
 def shared_prefix_groups(rows, window=None):
@@ -272,27 +278,31 @@ def input_limit(model):
     return min(limits) if limits else None
 
 
-def group_batches(rows, groups, batch_size, config, vocab_size, limit=None):
+def group_batches(rows, groups, batch_size, config, vocab_size, limit=None, last_only=True):
     """Groups in batches, longest prefix first, each holding at most batch_size rows, at most
-    SCORE_BUDGET floats of logits (rows x continuation x vocabulary) and KV cache (rows x prefix x
-    layers x 2 x width), and, padded, at most `limit` input positions (the longest prefix, then
-    the longest continuation)."""
+    SCORE_BUDGET floats of logits (rows x continuation x vocabulary, plus groups x prefix x
+    vocabulary for a model that cannot keep only the prefix's last logits: last_only=False) and KV
+    cache (rows x prefix x layers x 2 x width), and, padded, at most `limit` input positions (the
+    longest prefix, then the longest continuation). A group that passes these alone (a judge
+    scoring a large GRPO group) is split into pieces that fit, each running the prefix again."""
     cache_per_token = 2 * getattr(config, "num_hidden_layers", 1) * getattr(config,
                                                                             "hidden_size", 0)
     prefix_length = lambda group: len(rows[group[0]][0]) - rows[group[0]][1]
-    batches, batch = [], []
-    for group in sorted(groups, key=lambda g: -prefix_length(g)):
-        candidate = batch + [group]
-        n_rows = sum(len(g) for g in candidate)
-        prefix = prefix_length(candidate[0])
-        longest = max(rows[i][1] for g in candidate for i in g)
-        cost = n_rows * (longest * vocab_size + prefix * cache_per_token)
+
+    def fits(batch):
+        n_rows = sum(len(g) for g in batch)
+        prefix = prefix_length(batch[0])
+        longest = max(rows[i][1] for g in batch for i in g)
+        prefix_logits = 0 if last_only else len(batch) * prefix * vocab_size
+        cost = n_rows * (longest * vocab_size + prefix * cache_per_token) + prefix_logits
         too_long = limit is not None and prefix + longest - 1 > limit
-        if batch and (n_rows > batch_size or cost > SCORE_BUDGET or too_long):
-            batches.append(batch)
-            candidate = [group]
-        batch = candidate
-    return batches + ([batch] if batch else [])
+        return n_rows <= batch_size and cost <= SCORE_BUDGET and not too_long
+
+    pieces = []
+    for group in groups:  # longest continuation first: a piece's rows pad little
+        pieces.extend(greedy_batches(sorted(group, key=lambda i: -rows[i][1]),
+                                     lambda piece: fits([piece])))
+    return greedy_batches(sorted(pieces, key=lambda g: -prefix_length(g)), fits)
 
 
 def scored_logprobs(logits, slots, targets):

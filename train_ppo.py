@@ -59,8 +59,7 @@ from run_management import (Batches, Reference, RunManager, Shown, StoppedAtOnce
                             TrainingState, absolute_paths, check_sources, forget_after,
                             log_changed_settings, lost_rank_error, out_dir_lock, prepare_out_dir,
                             seed_everything, setup_distributed, synthetic_dir)
-from weights import (check_finite_weights, checkpoint_source, gguf_directory, is_gguf,
-                     step_checkpoints)
+from weights import check_finite_weights, checkpoint_source, step_checkpoints
 
 
 # --------------------------------------------------------------------------------------------------
@@ -991,10 +990,6 @@ def build_reward(cfg, train_examples, sources, run):
     kind = REWARD_KINDS[cfg.reward_kind]
     judge = None
     if kind.judge:
-        if is_gguf(sources["reward_source"]):  # one rank per node converts it, the others read it
-            if run.local_master:
-                gguf_directory(sources["reward_source"])
-            run.barrier()
         judge = CausalLM.load(sources["reward_source"], device=run.device,
                               dtype=None if cfg.reward_dtype == "auto" else cfg.reward_dtype)
     cache_dir = cfg.teacher_cache or os.path.join(cfg.out_dir, "teacher_cache")

@@ -11,12 +11,14 @@ parameter names, from which model.py builds its GPT.
 """
 
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
 import os
 import pickle
 import re
+import shutil
 import sys
 
 import torch
@@ -334,11 +336,14 @@ def _check_gpt2_variant(c, where):
 # GGUF files (llama.cpp's format): read by transformers, which dequantizes them to float. That takes
 # a minute for a 100M-parameter model on a CPU, so the result is kept once as a transformers
 # directory under a cache folder named by the file's sha256: a changed file is a new entry, never a
-# stale one.
+# stale one. Processes that load the same file at once (DDP ranks, jobs sharing $GGUF_CACHE) take
+# turns on a lock file beside the entry: the first converts, the others then read its entry.
 
 GGUF_MAGIC = b"GGUF"
 # written last into a cache entry: the file it came from and the size of each file of the entry
 GGUF_ENTRY_RECORD = "gguf_source.json"
+# a conversion's temporary folder (atomic_directory's, beside the entry): .<sha256>.<random>
+GGUF_TEMP_NAME = re.compile(r"\.([0-9a-f]{64})\..+")
 
 
 def is_gguf(source):
@@ -349,8 +354,8 @@ def is_gguf(source):
 def gguf_cache_dir():
     """Where dequantized GGUF models are kept: $GGUF_CACHE, by default
     ~/.cache/gpt2-ppo-hellaswag/gguf."""
-    return os.environ.get("GGUF_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "gpt2-ppo-hellaswag", "gguf")
+    return os.path.abspath(os.path.expanduser(os.environ.get("GGUF_CACHE") or os.path.join(
+        "~", ".cache", "gpt2-ppo-hellaswag", "gguf")))
 
 
 def file_sha256(path):
@@ -381,10 +386,15 @@ def check_gguf(path):
     if not os.path.isfile(path):
         what = "a directory, not a file" if os.path.isdir(path) else "no such file"
         raise UserError(f"{path}: {what}")
-    with open(path, "rb") as f:
-        if f.read(4) != GGUF_MAGIC:
-            raise UserError(f"{path}: not a GGUF file (it does not start with 'GGUF'); give a "
-                            "llama.cpp .gguf file or a transformers model directory")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror}); give a file you may read, or "
+                        "change its permissions") from None
+    if magic != GGUF_MAGIC:
+        raise UserError(f"{path}: not a GGUF file (it does not start with 'GGUF'); give a "
+                        "llama.cpp .gguf file or a transformers model directory")
     gguf = require_gguf_package()
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
     try:
@@ -427,17 +437,71 @@ def gguf_directory(path):
     """
     The transformers directory (config, float32 safetensors weights, tokenizer) of a GGUF file,
     converted on first use into gguf_cache_dir()/<sha256 of the file> and read from there after:
-    seconds instead of a minute. The entry is written atomically (a kill leaves none or all of it).
+    seconds instead of a minute. The entry is written atomically (a kill leaves none or all of it),
+    by one process at a time: another that wants it meanwhile waits, then reads it. A finished
+    entry is never replaced, so a process may read it while others start.
     """
     path = os.path.abspath(os.fspath(path))
     architecture = check_gguf(path)
     sha256 = file_sha256(path)
-    entry = os.path.join(gguf_cache_dir(), sha256)
+    cache = gguf_cache_dir()
+    entry = os.path.join(cache, sha256)
     if _complete_entry(entry):
         return entry
     check_output_path(entry, directory=True)  # $GGUF_CACHE under a file, or not writable
-    if os.path.exists(entry):
-        warn(f"{entry}: a damaged cache entry of {path}; converting the file again")
+    os.makedirs(cache, exist_ok=True)
+    lock = _lock_file(entry + ".lock")
+    if lock is None:
+        print(f"waiting for another process converting {path} into {entry}", file=sys.stderr,
+              flush=True)
+        lock = _lock_file(entry + ".lock", wait=True)
+    with lock:  # closing it (an error, a kill) frees the lock
+        if _complete_entry(entry):  # the other process's
+            return entry
+        _remove_unfinished_conversions(cache, sha256)
+        if os.path.exists(entry):
+            warn(f"{entry}: a damaged cache entry of {path}; converting the file again")
+        _convert_gguf(path, entry, sha256, architecture)
+    return entry
+
+
+def _lock_file(path, wait=False):
+    """The open file `path` holding an exclusive lock (flock: on one machine, or a shared file
+    system that supports it, such as NFS), or None where another process holds it and not wait."""
+    try:
+        f = open(path, "a")
+    except OSError as e:  # a shared cache whose lock file another user made
+        raise UserError(f"{path}: cannot open this lock file of the GGUF cache ({e.strerror}); "
+                        "set $GGUF_CACHE to a folder of your own") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return f
+    except BlockingIOError:
+        f.close()
+        return None
+    except OSError as e:
+        f.close()
+        raise UserError(f"{os.path.dirname(path)}: cannot lock a file in the GGUF cache "
+                        f"({e.strerror}); set $GGUF_CACHE to a folder on a local disk") from None
+
+
+def _remove_unfinished_conversions(cache, sha256):
+    """Remove the temporary folders that killed conversions left in the cache (a whole float32
+    copy each): those of the entry `sha256`, whose lock the caller holds, and those of any other
+    entry that no process is converting now (its lock is free)."""
+    for name in os.listdir(cache):
+        match = GGUF_TEMP_NAME.fullmatch(name)
+        if not match:
+            continue
+        if match.group(1) == sha256:
+            shutil.rmtree(os.path.join(cache, name), ignore_errors=True)
+        elif lock := _lock_file(os.path.join(cache, match.group(1) + ".lock")):
+            with lock:
+                shutil.rmtree(os.path.join(cache, name), ignore_errors=True)
+
+
+def _convert_gguf(path, entry, sha256, architecture):
+    """Convert the GGUF file at path into the cache entry (see gguf_directory)."""
     print(f"converting {path} to a transformers directory in {entry} (once; a minute or two on a "
           "CPU)", file=sys.stderr, flush=True)
     directory, name = os.path.split(path)
@@ -464,7 +528,7 @@ def gguf_directory(path):
         record = {"gguf_file": path, "sha256": sha256, "architecture": architecture,
                   "files": _entry_files(tmp)}
         atomic_write_text(os.path.join(tmp, GGUF_ENTRY_RECORD), json.dumps(record, indent=2))
-    return entry
+
 
 
 # --------------------------------------------------------------------------------------------------

@@ -403,6 +403,31 @@ def test_a_scoring_batch_of_shared_contexts_stays_within_its_budget(neo, monkeyp
                                atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("keeps_logits", [True, False])
+def test_one_context_with_many_continuations_is_split_within_the_budget(neo, monkeypatch,
+                                                                        keeps_logits):
+    """A judge scoring a large GRPO group: one context, twelve continuations."""
+    rows = neo.encode_pairs(["A man is sitting on a roof. He"] * 12,
+                            [" starts pulling up roofing.", " jumps.", " is using a phone."] * 4)
+    monkeypatch.setattr(causal_lm, "keeps_logits", lambda model: keeps_logits)
+    unsplit = causal_lm.sequence_logprobs(neo.model, rows, neo.pad_id)
+    vocab = neo.model.get_output_embeddings().weight.shape[0]
+    longest = max(n for _, n in rows)
+    # a budget that holds the logits of three rows' continuations (and, without logits_to_keep,
+    # of one prefix), not twelve
+    budget = 3 * longest * vocab + (0 if keeps_logits else len(rows[0][0]) * vocab)
+    monkeypatch.setattr(causal_lm, "SCORE_BUDGET", budget)
+    logits_sizes = []
+    hook = neo.model.register_forward_hook(
+        lambda module, args, output: logits_sizes.append(output.logits.numel()))
+    try:
+        split = causal_lm.sequence_logprobs(neo.model, rows, neo.pad_id)
+    finally:
+        hook.remove()
+    assert len(logits_sizes) > 2 and max(logits_sizes) <= budget
+    torch.testing.assert_close(split, unsplit, atol=1e-5, rtol=0)
+
+
 def test_a_batch_of_whole_rows_stays_within_the_budget(neo, monkeypatch):
     rows = neo.encode_pairs(["A man is sitting", "The weather", "x", "Yes"],
                             [" on a roof.", " is nice today.", " y", " no"])

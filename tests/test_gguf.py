@@ -5,9 +5,16 @@ packages are installed, the two real models (SmolLM2-135M-Instruct and Gemma 3 2
 """
 
 import dataclasses
+import errno
+import fcntl
 import importlib.util
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+import types
 
 import pytest
 import torch
@@ -26,6 +33,7 @@ from tokenizer import EOT_TOKEN, gpt2_encoding, gpt2_tokens
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hellaswag_synthetic.jsonl")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
@@ -134,6 +142,178 @@ def test_a_damaged_cache_entry_is_converted_again(tmp_path, capsys):
     ids = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
         assert torch.equal(CausalLM.load(path).model(ids).logits, float_model(ids).logits)
+
+
+# a process loading a GGUF file through weights.gguf_directory, with hooks that stop it at chosen
+# points: argv = role, the .gguf file, a folder for the signal files. It appends its role to
+# conversions.log when it starts converting; "first" then waits, mid-conversion, for the file
+# "arrived" (ten minutes at most); "second" makes that file when it waits for the lock or starts
+# converting itself; "killed" waits mid-conversion until it is killed.
+LOADER = """
+import fcntl, os, sys, time
+import weights
+
+role, path, folder = sys.argv[1:]
+signal_file = lambda name: open(os.path.join(folder, name), "a").close()
+real_convert, real_flock = weights.AutoModelForCausalLM.from_pretrained, fcntl.flock
+
+def convert(*args, **kwargs):
+    with open(os.path.join(folder, "conversions.log"), "a") as log:
+        print(role, file=log)
+    if role == "second":
+        signal_file("arrived")
+    waits = {"first": 6000, "killed": 10 ** 9}.get(role, 0)  # tenths of a second
+    while waits and not (role == "first" and os.path.exists(os.path.join(folder, "arrived"))):
+        waits -= 1
+        time.sleep(0.1)
+    return real_convert(*args, **kwargs)
+
+def flock(f, operation):
+    if role == "second" and not operation & fcntl.LOCK_NB:  # about to wait for the lock
+        signal_file("arrived")
+    return real_flock(f, operation)
+
+weights.AutoModelForCausalLM.from_pretrained = convert
+fcntl.flock = flock
+print(weights.gguf_directory(path))
+"""
+
+
+@pytest.fixture
+def start_loader():
+    """start_loader(role, path, folder) -> a LOADER process, killed after the test if it runs on."""
+    started = []
+
+    def start(role, path, folder):
+        started.append(subprocess.Popen([sys.executable, "-c", LOADER, role, path, str(folder)],
+                                        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True))
+        return started[-1]
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def wait_for_conversion(folder, process):
+    """Until process has started converting (it wrote conversions.log)."""
+    log = folder / "conversions.log"
+    while not log.exists():
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.1)
+
+
+def test_two_processes_loading_one_gguf_file_at_once_convert_it_once(tmp_path, gguf_cache,
+                                                                     start_loader):
+    """DDP ranks with init_from=X.gguf, or two jobs sharing $GGUF_CACHE: the second waits for the
+    first's conversion, then reads its entry (before, both converted, and the later rename could
+    fail with 'Directory not empty' or remove the entry the other was reading)."""
+    path, _ = write_tiny_llama(tmp_path / "tiny.gguf")
+    first = start_loader("first", path, tmp_path)
+    wait_for_conversion(tmp_path, first)  # it holds the lock now
+    second = start_loader("second", path, tmp_path)
+    (first_out, first_err), (second_out, second_err) = first.communicate(), second.communicate()
+    assert first.returncode == 0 and second.returncode == 0, first_err + second_err
+    entry = os.path.join(gguf_cache, weights.file_sha256(path))
+    assert first_out.strip() == second_out.strip() == entry
+    assert (tmp_path / "conversions.log").read_text() == "first\n"
+    assert "waiting for another process converting" in second_err
+    assert weights._complete_entry(entry)
+
+
+def test_a_killed_conversion_leaves_no_copy_behind_and_frees_the_lock(tmp_path, gguf_cache,
+                                                                      start_loader):
+    path, float_model = write_tiny_llama(tmp_path / "tiny.gguf")
+    sha256 = weights.file_sha256(path)
+    killed = start_loader("killed", path, tmp_path)
+    wait_for_conversion(tmp_path, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    leftovers = [name for name in os.listdir(gguf_cache) if name.startswith(f".{sha256}.")]
+    assert leftovers  # the temporary folder the kill left, where the weights were being written
+    # another file's conversion, killed before, and one running now (its lock held)
+    for name in (f".{'a' * 64}.x1", f".{'b' * 64}.x2"):
+        os.makedirs(gguf_cache / name)
+        (gguf_cache / name / "model.safetensors").write_bytes(b"0" * 1000)
+    with open(gguf_cache / f"{'b' * 64}.lock", "a") as running:
+        fcntl.flock(running, fcntl.LOCK_EX)
+        entry = weights.gguf_directory(path)  # the next conversion: it does not wait for the kill
+    assert sorted(n for n in os.listdir(gguf_cache) if n.startswith(".")) == [f".{'b' * 64}.x2"]
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(CausalLM.load(entry).model(ids).logits, float_model(ids).logits)
+
+
+def test_a_judge_gguf_that_fails_to_convert_ends_each_rank_on_its_own(tmp_path, gguf_cache,
+                                                                       monkeypatch):
+    """Every rank converts or reads the entry itself: a rank whose conversion fails says so in one
+    line, and no rank waits at a barrier for a local master that has already stopped."""
+    path, _ = write_tiny_llama(tmp_path / "judge.gguf")
+    cfg = load_config([f"--reward_model={path}", "--reward_kind=teacher", "--device=cpu"])
+    not_local_master = types.SimpleNamespace(
+        local_master=False, master_process=False, ddp=False, device="cpu",
+        barrier=lambda: pytest.fail("waits at a barrier for another rank's conversion"))
+
+    def broken(*args, **kwargs):
+        raise ValueError("a broken tokenizer")
+    with monkeypatch.context() as patch:
+        patch.setattr(weights.AutoTokenizer, "from_pretrained", broken)
+        with pytest.raises(UserError, match="transformers could not read this GGUF model "
+                                            "\\(a broken tokenizer\\)"):
+            train_ppo.build_reward(cfg, [], {"reward_source": path, "train_data": "x"},
+                                   not_local_master)
+    # nothing half-written is left, and the lock is free for the next try
+    assert [n for n in os.listdir(gguf_cache) if not n.endswith(".lock")] == []
+    assert weights._complete_entry(weights.gguf_directory(path))
+
+
+def no_locks(cache, sha256, monkeypatch):
+    def flock(f, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
+def lock_file_not_openable(cache, sha256, monkeypatch):
+    os.makedirs(cache / f"{sha256}.lock")
+
+
+@pytest.mark.parametrize("fault, message", [
+    (no_locks, r"cannot lock a file in the GGUF cache \(No locks available\); set \$GGUF_CACHE "
+               "to a folder on a local disk"),
+    (lock_file_not_openable, r"\.lock: cannot open this lock file of the GGUF cache \(Is a "
+                             r"directory\)")])
+def test_a_gguf_cache_that_cannot_be_locked_is_one_line(tmp_path, gguf_cache, monkeypatch, fault,
+                                                       message):
+    path, _ = write_tiny_llama(tmp_path / "tiny.gguf")
+    fault(gguf_cache, weights.file_sha256(path), monkeypatch)
+    with pytest.raises(UserError, match=message):
+        weights.gguf_directory(path)
+
+
+def test_an_unreadable_gguf_file_is_one_line(tmp_path, monkeypatch):
+    path, _ = write_tiny_llama(tmp_path / "tiny.gguf")
+    os.chmod(path, 0)
+    if os.geteuid() == 0:  # root reads a file of mode 000: refuse it as the system would
+        real_open = open
+
+        def refusing_open(file, *args, **kwargs):
+            if os.fspath(file) == path:
+                raise PermissionError(13, "Permission denied", file)
+            return real_open(file, *args, **kwargs)
+        monkeypatch.setattr(weights, "open", refusing_open, raising=False)
+    with pytest.raises(UserError, match=f"{path}: cannot read it \\(Permission denied\\)"):
+        CausalLM.load(path)
+
+
+def test_a_gguf_cache_under_the_home_folder_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("GGUF_CACHE", "~/models/gguf")
+    monkeypatch.chdir(tmp_path)  # where a literal '~' folder would appear
+    path, _ = write_tiny_llama(tmp_path / "tiny.gguf")
+    entry = weights.gguf_directory(path)
+    assert os.path.dirname(entry) == str(tmp_path / "home" / "models" / "gguf")
+    assert not (tmp_path / "~").exists()
 
 
 def truncated(tmp_path):
