@@ -194,16 +194,31 @@ def test_an_unfinished_evaluation_of_other_settings_is_one_line(tmp_path, checkp
               str(tmp_path / "preds.jsonl")])
 
 
+def stop_after_the_first_chunk(monkeypatch):
+    """hellaswag.evaluate, stopped as by Ctrl-C when it is called a second time."""
+    calls, real_evaluate = [], hellaswag.evaluate
+
+    def evaluate_once(model, examples, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(len(examples))
+        return real_evaluate(model, examples, **kwargs)
+
+    monkeypatch.setattr(hellaswag, "evaluate", evaluate_once)
+
+
 def test_an_unfinished_evaluation_of_other_data_is_one_line(tmp_path, checkpoint, monkeypatch):
     monkeypatch.setattr(hellaswag, "PARTIAL_CHUNK", 2)
-    predictions = tmp_path / "preds.jsonl"
+    predictions, partial = tmp_path / "preds.jsonl", tmp_path / "preds.jsonl.partial"
     argv = ["--model", checkpoint, "--data", FIXTURE, "--predictions", str(predictions)]
-    main(argv)
-    lines = [json.loads(line) for line in open(FIXTURE)]
-    # the same file, changed: an unfinished evaluation of it no longer follows it
-    (tmp_path / "preds.jsonl.partial").write_text(
-        json.dumps({"settings": hellaswag.run_settings(hellaswag.parse_args(argv))}) + "\n"
-        + json.dumps({"index": 0, "label": (lines[0]["label"] + 1) % 4}) + "\n")
+    stop_after_the_first_chunk(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    # a progress file whose predictions no longer follow the data it was made with
+    first, prediction, rest = partial.read_text().split("\n", 2)
+    prediction = json.loads(prediction)
+    prediction["label"] = (prediction["label"] + 1) % 4
+    partial.write_text(first + "\n" + json.dumps(prediction) + "\n" + rest)
     with pytest.raises(UserError, match=r"do not follow the data \(example 0\)"):
         main(argv)
 
