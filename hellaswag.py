@@ -627,7 +627,13 @@ def write_predictions(path, predictions):
 
 
 def _check_prediction_texts(prediction, where):
-    """The group fields are printed and drawn: a lone surrogate in one could be neither."""
+    """The group fields are text, sorted, printed and drawn: a value of another type (a hand-edited
+    3 among "indomain"s) would not sort with the others, a lone surrogate could be neither."""
+    for field in GROUP_FIELDS:
+        if field in prediction and not isinstance(prediction[field], str):
+            raise UserError(f"{where}: '{field}' is {shorten(json.dumps(prediction[field]))}, but "
+                            "a group field is text, as hellaswag.py writes it; quote it, or "
+                            "remove the field")
     for key, value in prediction.items():
         invalid = unicode_problem(value) if isinstance(value, str) else None
         if invalid:

@@ -473,6 +473,21 @@ def test_compare_refuses_files_of_different_data(tmp_path, capsys):
         hellaswag.read_predictions(str(tmp_path / "junk.jsonl"))
 
 
+@pytest.mark.parametrize("value", [3, None, ["indomain"]])
+def test_compare_a_group_field_that_is_not_text_is_one_line(tmp_path, capsys, value):
+    """A hand-edited group field of another type among text ones would not sort (a traceback)."""
+    a = write_predictions(tmp_path / "a.jsonl", [0, 1, 2], [0, 0, 0], ["indomain"] * 3)
+    lines = (tmp_path / "a.jsonl").read_text().splitlines()
+    edited = {**json.loads(lines[1]), "split_type": value}
+    b = tmp_path / "b.jsonl"
+    b.write_text("\n".join([lines[0], json.dumps(edited), lines[2]]) + "\n")
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, ["--compare", a, str(b)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(
+        f"error: {b}, line 2: 'split_type' is {json.dumps(value)}, but a group field is text")
+
+
 # --------------------------------------------------------------------------------------------------
 # distributed: 2 gloo processes on CPU
 
