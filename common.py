@@ -71,6 +71,13 @@ def progress_bar(iterable=None, *, total=None, desc=None, unit="it", unit_scale=
                 disable=off, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
+def say(message):
+    """print(message) on stdout, flushed, moving a progress bar drawn on stderr out of its way (the
+    message goes above it): in a terminal the two share the screen."""
+    with tqdm.external_write_mode():
+        print(message, flush=True)
+
+
 def first_line(error):
     """The first line of an exception's message, or its type name:
     enough to say why inside one line."""

@@ -265,7 +265,7 @@ def test_teacher_scores_match_reference_and_rewards(neo):
 
 def test_the_teachers_setup_pass_shows_a_bar_on_a_terminal(neo, terminal_stderr, monkeypatch):
     """The pass over every unscored training example when the reward is built (a minute for the
-    full training set); train_ppo.py's teacher has the bar, off on ranks but 0 and off a terminal."""
+    full training set): train_ppo.py's teacher shows a bar, never on a rank but 0."""
     cfg = SimpleNamespace(style="completion", teacher_mode="prob", teacher_temperature=1.0,
                           reward_batch_size=4)
     REWARD_KINDS["teacher"].build(neo, EXAMPLES, cfg, cache_dir=None, data_id=None,
