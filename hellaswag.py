@@ -882,8 +882,8 @@ def _settings_difference(found, settings):
     """The first setting an unfinished evaluation was made with that differs from these, as
     "key: then -> now"."""
     found = found if isinstance(found, dict) else {}
-    key = next(k for k in settings if found.get(k) != settings[k])
-    return f"{key}: {shorten(str(found.get(key)))} -> {shorten(str(settings[key]))}"
+    key = next(k for k in [*settings, *found] if found.get(k) != settings.get(k))
+    return f"{key}: {shorten(str(found.get(key)))} -> {shorten(str(settings.get(key)))}"
 
 
 def read_partial(path, settings, examples):
@@ -962,8 +962,9 @@ def main(argv=None):
     device = resolve_device(args.device)
     # a run directory as the checkpoint it holds now: the one scored, whatever the run saves next
     source = checkpoint_source(args.model)
-    partial, done = args.predictions and args.predictions + PARTIAL_SUFFIX, []
+    done, done_weights = [], None
     if args.predictions:  # a progress file of other settings is refused before the model loads
+        partial = args.predictions + PARTIAL_SUFFIX
         settings = run_settings(args, source, examples)
         done, done_weights = read_partial(partial, settings, examples)
     model, tokenizer = load_model(source)
