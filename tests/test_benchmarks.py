@@ -115,7 +115,8 @@ def test_estimators_tables_from_the_runs_files(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "choice_gae_sampled_1337" in proc.stderr
 
 
-def test_estimators_show_a_bar_over_the_settings_on_a_terminal_only(terminal_stderr, monkeypatch):
+def test_estimators_show_a_bar_over_the_settings_on_a_terminal_only(terminal_stderr,
+                                                                      monkeypatch):
     import estimators
 
     rows = [("gae", ["run 1", "run 2"]), ("grpo", ["run 3"])]

@@ -30,13 +30,18 @@ def tiny_gpt(seed=0):
     return GPT(GPTConfig(**TINY)).eval()
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    model = tiny_gpt()
-    path = tmp_path_factory.mktemp("ckpt") / "ckpt_000010.pt"
+def save_checkpoint(path, seed=0, **config):
+    """This project's checkpoint of a tiny GPT at path."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**TINY, **config}))
     torch.save({"format": CHECKPOINT_FORMAT, "model_config": dataclasses.asdict(model.config),
                 "model": model.state_dict()}, path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt_000010.pt")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,15 +227,6 @@ def test_an_unfinished_evaluation_of_other_data_is_one_line(tmp_path, checkpoint
     partial.write_text(first + "\n" + json.dumps(prediction) + "\n" + rest)
     with pytest.raises(UserError, match=r"do not follow the data \(example 0\)"):
         main(argv)
-
-
-def save_checkpoint(path, seed=0, **config):
-    """This project's checkpoint of a tiny GPT at path."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**{**TINY, **config}))
-    torch.save({"format": CHECKPOINT_FORMAT, "model_config": dataclasses.asdict(model.config),
-                "model": model.state_dict()}, path)
-    return str(path)
 
 
 @pytest.mark.parametrize("replaced", ["the file", "the run's newest checkpoint", "the data"])
