@@ -185,7 +185,7 @@ SCORE_BUDGET = 1 << 28
 
 @torch.no_grad()
 def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu", per_token=False,
-                      share=True):
+                      share=True, progress=None):
     """
     Log-probabilities of the last n tokens of each row under a transformers causal LM.
     rows: list of (ids, n) with ids a list of token ids and n >= 1 the number of tokens at its end
@@ -195,7 +195,8 @@ def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu", per_toke
     Rows that share the tokens before their scored ones (a context and its continuations, as
     encode_pairs makes them) run those tokens once and continue their KV cache for each
     continuation (shared_prefix_logprobs); the others run whole (row_logprobs). Both give the
-    same log-probs, to float rounding. share=False runs every row whole.
+    same log-probs, to float rounding. share=False runs every row whole. progress: a
+    common.progress_bar, advanced by one per row scored.
     """
     continuable = can_continue(model)
     if share and not continuable and type(model).__name__ not in _WHOLE_ROWS_SAID:
@@ -210,11 +211,15 @@ def sequence_logprobs(model, rows, pad_id, batch_size=32, device="cpu", per_toke
     for batch in row_batches(rows, alone, batch_size, vocab_size, keeps_logits(model)):
         for i, lp in zip(batch, row_logprobs(model, [rows[i] for i in batch], pad_id, device)):
             logprobs[i] = lp
+        if progress is not None:
+            progress.update(len(batch))
     for batch in group_batches(rows, groups, batch_size, model.config, vocab_size,
                                input_limit(model), keeps_logits(model)):
         members = [i for group in batch for i in group]
         for i, lp in zip(members, shared_prefix_logprobs(model, rows, batch, pad_id, device)):
             logprobs[i] = lp
+        if progress is not None:
+            progress.update(len(members))
     sums = torch.stack([lp.sum() for lp in logprobs]).float().cpu() if rows else torch.zeros(0)
     return (sums, [lp.cpu() for lp in logprobs]) if per_token else sums
 
@@ -626,15 +631,17 @@ class CausalLM:
         return [self.row(i, context_ids, continuation_ids)
                 for i, (context_ids, continuation_ids) in enumerate(split)]
 
-    def score(self, contexts, continuations, batch_size=32):
+    def score(self, contexts, continuations, batch_size=32, progress=None):
         """
         log p(continuation | context) for each text pair. -> dict of (N,) float32 CPU tensors in
         input order: sum_logprob, n_tokens, mean_logprob (per token), n_chars (len(continuation) as
         given), per_char_logprob.
         An empty continuation, or one that alone does not fit the window, is a PairError.
+        progress: a common.progress_bar, advanced by one per pair scored.
         """
         rows = self.encode_pairs(contexts, continuations)
-        return self.score_rows(rows, [len(c) for c in continuations], batch_size)
+        return self.score_rows(rows, [len(c) for c in continuations], batch_size,
+                               progress=progress)
 
     def score_tokens(self, context_tokens, continuation_tokens, tokens, batch_size=32,
                      per_token=False):
@@ -689,9 +696,9 @@ class CausalLM:
         start = continuation_start(self.encode(context), whole)
         return self.row(index, whole[:start], whole[start:]), [end for _, end in offsets[start:]]
 
-    def score_rows(self, rows, n_chars, batch_size=32, per_token=False):
+    def score_rows(self, rows, n_chars, batch_size=32, per_token=False, progress=None):
         sum_logprob = sequence_logprobs(self.model, rows, self.pad_id, batch_size, self.device,
-                                        per_token)
+                                        per_token, progress=progress)
         if per_token:
             sum_logprob, token_logprobs = sum_logprob
         n_tokens = torch.tensor([n for _, n in rows], dtype=torch.float32)

@@ -1,7 +1,7 @@
 """
 Small pieces shared by the top-level scripts that belong to none of them: user-facing errors, atomic
-file writes, checks of output paths, reading JSON, picking a device / autocast dtype, and sums
-across ranks.
+file writes, checks of output paths, reading JSON, picking a device / autocast dtype, sums across
+ranks, and progress bars.
 """
 
 import contextlib
@@ -15,6 +15,7 @@ import tempfile
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 # Recent transformers releases use hub kernels by default: loading a model fetches and swaps in
 # layers from the hub (through the `kernels` package), and importing some model classes (GPT-Neo's
@@ -45,6 +46,35 @@ def run_cli(main, argv=None):
 def warn(message):
     """A warning: on stderr, where a user piping a command's results does not expect it mixed in."""
     print(f"warning: {message}", file=sys.stderr)
+
+
+# the --no-progress flag's help, the same in every CLI that draws a bar
+PROGRESS_HELP = ("draw no progress bar on stderr (NO_PROGRESS=1 does so for every command); no "
+                 "bar is drawn when stderr is not a terminal, nor on a rank other than 0")
+
+
+def progress_bar(iterable=None, *, total=None, desc=None, unit="it", unit_scale=False, initial=0,
+                 enabled=True):
+    """A tqdm bar on stderr, with the rate and the time left, for work that takes minutes. Drawn
+    only where someone watches: not when enabled is False (a CLI's --no-progress), when NO_PROGRESS
+    is set (to anything but 0), when stderr is not a terminal (a log file or a pipe gets no bar
+    lines), or on any rank but rank 0. Use it in a `with` block: the bar is cleared when the block
+    ends, by an error too, so that an `error: ...` line never follows a half-drawn bar."""
+    distributed = dist.is_available() and dist.is_initialized()
+    # torchrun sets RANK before the process group starts
+    first_rank = dist.get_rank() == 0 if distributed else os.environ.get("RANK", "0") == "0"
+    watched = sys.stderr is not None and sys.stderr.isatty()
+    off = (not (enabled and watched and first_rank)
+           or os.environ.get("NO_PROGRESS", "").strip() not in ("", "0"))
+    return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale, initial=initial,
+                disable=off, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def say(message):
+    """print(message) on stdout, flushed, moving a progress bar drawn on stderr out of its way (the
+    message goes above it): in a terminal the two share the screen."""
+    with tqdm.external_write_mode():
+        print(message, flush=True)
 
 
 def first_line(error):

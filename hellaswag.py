@@ -18,6 +18,7 @@ Two scoring styles, both documented in the README:
 """
 
 import argparse
+import hashlib
 import http.client
 import json
 import math
@@ -29,17 +30,18 @@ import urllib.request
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
 from causal_lm import (CausalLM, PairError, load_causal_lm, sequence_logprobs, shares_vocab,
                        split_encode, unicode_problem)
-from common import (UserError, atomic_path, atomic_write_text, autocast, check_output_path,
-                    first_line, looks_like_a_path, read_json, read_jsonl, resolve_device, run_cli,
-                    same_error_on_every_rank, write_errors_are_one_line)
+from common import (PROGRESS_HELP, UserError, atomic_path, atomic_write_text, autocast,
+                    check_output_path, first_line, looks_like_a_path, progress_bar, read_json,
+                    read_jsonl, resolve_device, run_cli, same_error_on_every_rank, shorten,
+                    write_errors_are_one_line)
 from model import GPT, logprobs_from_logits
 from tokenizer import gpt2_tokens
-from weights import check_finite_weights, gguf_directory, is_gguf, unsupported_gpt2_setting
+from weights import (check_finite_weights, checkpoint_source, gguf_directory, is_gguf,
+                     unsupported_gpt2_setting, weights_fingerprint)
 
 STYLES = ("completion", "lm-eval")
 SPLITS = ("train", "val", "test")
@@ -63,12 +65,14 @@ def _fetch(url, out_path, desc, timeout):
 
     with urllib.request.urlopen(url, timeout=timeout) as response, open(out_path, "wb") as f:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr) as bar:
+        received = 0
+        with progress_bar(total=total, unit="B", unit_scale=True, desc=desc) as bar:
             while chunk := response.read(1 << 16):
                 f.write(chunk)
+                received += len(chunk)
                 bar.update(len(chunk))
-        if total is not None and bar.n != total:
-            raise OSError(f"connection closed after {bar.n} of {total} bytes")
+        if total is not None and received != total:
+            raise OSError(f"connection closed after {received} of {total} bytes")
 
 
 def _count_lines(path):
@@ -383,13 +387,15 @@ def _score_gpt_batch(model, encoded, pad_token, device):
 
 
 @torch.no_grad()
-def score_choices(model, encoded, batch_size=32, device="cpu", dtype="float32", pad_token=None):
+def score_choices(model, encoded, batch_size=32, device="cpu", dtype="float32", pad_token=None,
+                  progress=None):
     """
     The one HellaSwag scorer of this project's GPT: summed log-probs of the 4 endings of each
     encoded example (GPT.encode_choices), (N, 4) float32 on the host. Examples are scored
     batch_size at a time in order of context length (less padding); results stay on the device
     until the end, so there is no host sync per batch. The model must be in eval mode. pad_token:
-    None for the model's own (model.tokens.pad_id).
+    None for the model's own (model.tokens.pad_id). progress: a common.progress_bar, advanced by
+    one per ending scored.
     """
     if pad_token is None:
         pad_token = model.tokens.pad_id
@@ -400,6 +406,8 @@ def score_choices(model, encoded, batch_size=32, device="cpu", dtype="float32", 
         with autocast(device, dtype):
             batch = [encoded[i] for i in order[start:start + batch_size]]
             in_order.append(_score_gpt_batch(model, batch, pad_token, device).float())
+        if progress is not None:
+            progress.update(4 * len(batch))
     scores = torch.zeros(len(encoded), 4)
     if in_order:
         scores[torch.tensor(order)] = torch.cat(in_order).cpu()
@@ -431,7 +439,7 @@ def _prediction(example, pred, pred_norm, sum_logprobs, norm_scores):
     return record
 
 
-def _score_with_gpt(model, examples, style, batch_size, device, dtype):
+def _score_with_gpt(model, examples, style, batch_size, device, dtype, progress):
     """-> summed ending log-probs and ending lengths in tokens, (N, 4) each, with the shared-context
     scorer."""
     with same_error_on_every_rank():
@@ -439,7 +447,7 @@ def _score_with_gpt(model, examples, style, batch_size, device, dtype):
     was_training = model.training
     model.eval()
     try:
-        sum_logprobs = score_choices(model, encoded, batch_size, device, dtype)
+        sum_logprobs = score_choices(model, encoded, batch_size, device, dtype, progress=progress)
     finally:
         model.train(was_training)
     n_tokens = torch.tensor([[len(e) for e in endings] for _, endings in encoded],
@@ -447,7 +455,7 @@ def _score_with_gpt(model, examples, style, batch_size, device, dtype):
     return sum_logprobs, n_tokens.view(-1, 4)
 
 
-def _score_with_causal_lm(lm, examples, style, batch_size, device, dtype):
+def _score_with_causal_lm(lm, examples, style, batch_size, device, dtype, progress):
     """-> summed ending log-probs and ending lengths in tokens, (N, 4) each: each ending a row of
     its own, scored by causal_lm exactly as a teacher scores it in reward.py."""
     contexts, continuations = [], []
@@ -461,19 +469,22 @@ def _score_with_causal_lm(lm, examples, style, batch_size, device, dtype):
         except PairError as e:
             raise UserError(f"example {examples[e.index // 4]['index']}: {e.problem}") from None
     with autocast(device, dtype):
-        sum_logprobs = sequence_logprobs(lm.model, rows, lm.pad_id, 4 * batch_size, device)
+        sum_logprobs = sequence_logprobs(lm.model, rows, lm.pad_id, 4 * batch_size, device,
+                                         progress=progress)
     n_tokens = torch.tensor([n for _, n in rows], dtype=torch.float32)
     return sum_logprobs.view(-1, 4), n_tokens.view(-1, 4)
 
 
 def evaluate(model, examples, *, tokenizer=None, style="completion", batch_size=32, device=None,
-             dtype="float32", return_predictions=False):
+             dtype="float32", return_predictions=False, progress=None):
     """
     HellaSwag accuracy of `model` on `examples` (from load_examples) -> {"n", "acc", "acc_norm",
     "seconds"} and "predictions" (one dict per example, in data order) if asked. model: this
     project's GPT (raw, DDP-wrapped or compiled), a causal_lm.CausalLM, or any transformers causal
     LM with its `tokenizer`. device defaults to the model's. Under torch.distributed each rank
-    scores examples i % world_size == rank and every rank returns the same totals.
+    scores examples i % world_size == rank and every rank returns the same totals. progress: a
+    common.progress_bar, advanced by one per ending this rank scores (the CLI's; training-time
+    evaluations have none, their log line is the progress).
     """
     t0 = time.time()
     if style not in STYLES:
@@ -496,10 +507,11 @@ def evaluate(model, examples, *, tokenizer=None, style="completion", batch_size=
     mine = examples[rank::world_size]
 
     if isinstance(model, GPT):
-        sum_logprobs, n_tokens = _score_with_gpt(model, mine, style, batch_size, device, dtype)
+        sum_logprobs, n_tokens = _score_with_gpt(model, mine, style, batch_size, device, dtype,
+                                                 progress)
     else:
         sum_logprobs, n_tokens = _score_with_causal_lm(
-            model, mine, style, batch_size, device, dtype)
+            model, mine, style, batch_size, device, dtype, progress)
     if style == "completion":  # mean log-prob per token
         lengths = n_tokens
     else:  # per character of the ending, without the space before it (lm-evaluation-harness)
@@ -582,7 +594,13 @@ def write_predictions(path, predictions):
 
 
 def _check_prediction_texts(prediction, where):
-    """The group fields are printed and drawn: a lone surrogate in one could be neither."""
+    """The group fields are text, sorted, printed and drawn: a value of another type (a hand-edited
+    3 among "indomain"s) would not sort with the others, a lone surrogate could be neither."""
+    for field in GROUP_FIELDS:
+        if field in prediction and not isinstance(prediction[field], str):
+            raise UserError(f"{where}: '{field}' is {shorten(json.dumps(prediction[field]))}, but "
+                            "a group field is text, as hellaswag.py writes it; quote it, or "
+                            "remove the field")
     for key, value in prediction.items():
         invalid = unicode_problem(value) if isinstance(value, str) else None
         if invalid:
@@ -776,6 +794,7 @@ def parse_args(argv=None):
     parser.add_argument("--compare", nargs=2, metavar=("A.jsonl", "B.jsonl"),
                         help="compare two --predictions files of the same data, on the "
                              "examples both cover")
+    parser.add_argument("--no-progress", action="store_true", help=PROGRESS_HELP)
     args = parser.parse_args(argv)
     if args.compare is None and args.model is None:
         raise UserError("give --model SOURCE to evaluate, or --compare A.jsonl B.jsonl")
@@ -795,46 +814,71 @@ def check_outputs(args):
             and os.path.realpath(args.output) == os.path.realpath(args.predictions)):
         raise UserError(f"--output and --predictions are the same file ({args.predictions}); "
                         "give each its own path")
+    if (args.output and args.predictions and os.path.realpath(args.output)
+            == os.path.realpath(args.predictions + PARTIAL_SUFFIX)):
+        # the results would replace the progress file, and go with it when the evaluation ends
+        raise UserError(f"--output {args.output} is where --predictions {args.predictions} keeps "
+                        "its progress; give --output another path")
     check_output_path(args.output, inputs=[data, args.model])
     check_output_path(args.predictions, inputs=[data, args.model, args.output])
     if args.predictions:  # where a long evaluation keeps its progress
         check_output_path(args.predictions + PARTIAL_SUFFIX, inputs=[data, args.model])
 
 
-# a long --predictions evaluation keeps its progress in PREDICTIONS.partial, a chunk at a time
+# a long --predictions evaluation keeps its progress in PREDICTIONS.partial, a chunk at a time: a
+# first line {"settings": ..., "weights": ...}, then one prediction a line
 PARTIAL_SUFFIX = ".partial"
 PARTIAL_CHUNK = 256
 
 
-def run_settings(args):
-    """What a --predictions file's scores depend on: an unfinished one resumes only under the same
-    settings."""
-    model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
+def run_settings(args, source, examples):
+    """What a --predictions file's scores depend on, bar the weights (weights_fingerprint, known
+    once they load): the model as given and the checkpoint it resolved to (checkpoint_source: a run
+    directory's newest), the examples themselves (a file changed in place is other data), and how
+    they are scored. An unfinished evaluation resumes only under the same."""
+    def where(path):
+        return os.path.abspath(path) if os.path.exists(path) else path
+
     data = os.path.abspath(args.data) if args.data else ("hub" if args.hub else "official")
-    return {"model": model, "data": data, "split": args.split, "style": args.style,
+    examples_sha256 = hashlib.sha256(json.dumps(examples).encode("utf-8")).hexdigest()
+    return {"model": where(args.model), "checkpoint": where(source), "data": data,
+            "examples_sha256": examples_sha256, "split": args.split, "style": args.style,
             "dtype": args.dtype, "limit": args.limit}
 
 
+def _settings_difference(found, settings):
+    """The first setting an unfinished evaluation was made with that differs from these, as
+    "key: then -> now"."""
+    found = found if isinstance(found, dict) else {}
+    key = next(k for k in [*settings, *found] if found.get(k) != settings.get(k))
+    return f"{key}: {shorten(str(found.get(key)))} -> {shorten(str(settings.get(key)))}"
+
+
 def read_partial(path, settings, examples):
-    """The predictions an unfinished evaluation kept in path (none if there is no such file),
-    checked against the settings and the data; a line torn by a kill is cut off the file."""
+    """-> (the predictions an unfinished evaluation kept in path, the fingerprint of the weights
+    that made them); ([], None) when there is nothing to resume: no file, or an empty one (a kill
+    before its first line was written). The file is checked against the settings and the data
+    before the model loads (the weights once they have), and only a file known to be a progress
+    file loses a last line torn by a kill."""
     if not os.path.exists(path):
-        return []
+        return [], None
     with open(path, "rb") as f:
         data = f.read()
+    if not data:
+        return [], None
     complete = data[:data.rfind(b"\n") + 1]  # a last line without its newline was torn
-    if len(complete) < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(complete))
     try:
         lines = [json.loads(line) for line in complete.decode("utf-8").splitlines()]
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: not the progress file of an evaluation ({first_line(e)}); "
                         "remove it to start the evaluation over") from None
-    if not lines or lines[0] != {"settings": settings}:
-        found = lines[0].get("settings") if lines and isinstance(lines[0], dict) else None
-        raise UserError(f"{path}: an unfinished evaluation with other settings ({found}); run "
-                        "with those to resume it, or remove the file to start over")
+    if not (lines and isinstance(lines[0], dict) and "settings" in lines[0]):
+        raise UserError(f"{path}: not the progress file of an evaluation (no settings line); "
+                        "remove it to start the evaluation over")
+    if lines[0]["settings"] != settings:
+        raise UserError(f"{path}: an unfinished evaluation with other settings "
+                        f"({_settings_difference(lines[0]['settings'], settings)}); run with "
+                        "those to resume it, or remove the file to start over")
     done = lines[1:]
     for prediction, example in zip(done, examples):
         if (not isinstance(prediction, dict) or prediction.get("index") != example["index"]
@@ -844,23 +888,23 @@ def read_partial(path, settings, examples):
     if len(done) > len(examples):
         raise UserError(f"{path}: more predictions ({len(done)}) than examples "
                         f"({len(examples)}); remove the file to start over")
-    return done
+    if len(complete) < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    return done, lines[0].get("weights")
 
 
-def evaluate_resumably(score, examples, predictions_path, settings):
+def evaluate_resumably(score, examples, predictions_path, settings, weights, done):
     """score(examples) (evaluate with return_predictions) a chunk at a time, each chunk's
-    predictions appended to PREDICTIONS.partial and synced: a stopped evaluation continues where it
-    stopped (the file is checked against the settings and the data first). -> evaluate's result for
-    all examples, "seconds" those of this process."""
+    predictions appended to PREDICTIONS.partial and synced, after `done` (read_partial's): a
+    stopped evaluation continues where it stopped. A new progress file starts whole with its
+    settings line (written atomically), so a kill never leaves one without it. -> evaluate's
+    result for all examples, "seconds" those of this process."""
     partial = predictions_path + PARTIAL_SUFFIX
-    done = read_partial(partial, settings, examples)
     resumed, seconds = len(done), 0.0
-    if resumed:
-        print(f"resuming {partial}: {resumed} of {len(examples)} examples already scored")
-    os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)  # as the file's will be
+    if not done:
+        atomic_write_text(partial, json.dumps({"settings": settings, "weights": weights}) + "\n")
     with write_errors_are_one_line(partial), open(partial, "a", encoding="utf-8") as f:
-        if not done:
-            f.write(json.dumps({"settings": settings}) + "\n")
         for start in range(len(done), len(examples), PARTIAL_CHUNK):
             result = score(examples[start:start + PARTIAL_CHUNK])
             f.write("".join(json.dumps(p) + "\n" for p in result["predictions"]))
@@ -884,16 +928,32 @@ def main(argv=None):
     check_outputs(args)
     examples = load_examples(args.split, args.data, limit=args.limit, hub=args.hub)
     device = resolve_device(args.device)
-    model, tokenizer = load_model(args.model)
+    # a run directory as the checkpoint it holds now: the one scored, whatever the run saves next
+    source = checkpoint_source(args.model)
+    done, done_weights = [], None
+    if args.predictions:  # a progress file of other settings is refused before the model loads
+        partial = args.predictions + PARTIAL_SUFFIX
+        settings = run_settings(args, source, examples)
+        done, done_weights = read_partial(partial, settings, examples)
+    model, tokenizer = load_model(source)
     check_finite_weights(model, args.model)  # NaN weights would score as chance, not fail
+    weights = weights_fingerprint(model) if args.predictions else None
+    if done and done_weights != weights:
+        raise UserError(f"{partial}: an unfinished evaluation of other weights than {args.model} "
+                        "holds now (a file replaced since it stopped); remove it to start over")
+    if done:
+        print(f"resuming {partial}: {len(done)} of {len(examples)} examples already scored")
     model.to(device)
-    score = lambda part: evaluate(model, part, tokenizer=tokenizer, style=args.style,
-                                  batch_size=args.batch_size, device=device, dtype=args.dtype,
-                                  return_predictions=True)
-    if args.predictions:
-        result = evaluate_resumably(score, examples, args.predictions, run_settings(args))
-    else:
-        result = score(examples)
+    with progress_bar(total=4 * len(examples), initial=4 * len(done), desc="hellaswag",
+                      unit=" ending", enabled=not args.no_progress) as bar:
+        score = lambda part: evaluate(model, part, tokenizer=tokenizer, style=args.style,
+                                      batch_size=args.batch_size, device=device,
+                                      dtype=args.dtype, return_predictions=True, progress=bar)
+        if args.predictions:
+            result = evaluate_resumably(score, examples, args.predictions, settings, weights,
+                                        done)
+        else:
+            result = score(examples)
     predictions = result.pop("predictions")
     summary = {"model": args.model, "split": args.split,
                "data": args.data or ("hub" if args.hub else "official"),
@@ -915,7 +975,7 @@ def main(argv=None):
         atomic_write_text(args.output, json.dumps(summary, indent=2) + "\n")
     if args.predictions:
         write_predictions(args.predictions, predictions)
-        os.remove(args.predictions + PARTIAL_SUFFIX)
+        os.remove(partial)
 
 
 if __name__ == "__main__":

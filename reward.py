@@ -35,8 +35,8 @@ import torch
 
 import hellaswag
 from causal_lm import CausalLM, PairError, unicode_problem
-from common import (UserError, atomic_torch_save, atomic_write_text, check_output_path, read_jsonl,
-                    run_cli)
+from common import (PROGRESS_HELP, UserError, atomic_torch_save, atomic_write_text,
+                    check_output_path, progress_bar, read_jsonl, run_cli)
 
 # the seed project's judge: GPT-2's vocabulary, ~5.4 GB in bf16
 DEFAULT_REWARD_MODEL = "EleutherAI/gpt-neo-2.7B"
@@ -185,12 +185,13 @@ class TeacherReward(NothingToSave):
     meets and merges the file's contents into its own before each (atomic) save; the rare entry lost
     to two simultaneous saves is only scored again. Every pair not in the cache is tokenized when
     the reward is built, so that one the teacher cannot score (an ending longer than its window) is
-    an error then, not when its example is first drawn hours into a run.
+    an error then, not when its example is first drawn hours into a run (progress=True: with a
+    common.progress_bar, as that takes a minute for the full training set).
     examples: dicts as from hellaswag.load_examples; indices are positions in this list.
     """
 
     def __init__(self, reward_model, examples, *, style="completion", temperature=1.0, mode="prob",
-                 cache_dir=None, data_id=None, batch_size=32):
+                 cache_dir=None, data_id=None, batch_size=32, progress=False):
         if mode not in ("prob", "agree"):
             raise UserError(f"teacher reward: mode must be 'prob' or 'agree', not '{mode}'")
         if not temperature > 0:
@@ -217,14 +218,17 @@ class TeacherReward(NothingToSave):
             self.cache_path = os.path.join(cache_dir, f"teacher-{name}-{style}-{self.key[:16]}.pt")
             self._merge_cache()
         unscored = [i for i in range(len(examples)) if math.isnan(self.sum_logprob[i, 0])]
-        for start in range(0, len(unscored), 1024):  # the token rows of a chunk at a time
-            chunk = unscored[start:start + 1024]
-            try:
-                reward_model.encode_pairs(*self._pairs(chunk))
-            except PairError as e:
-                raise UserError(f"teacher reward: {data_id or 'the training data'}, example "
-                                f"{chunk[e.index // 4]}, ending {e.index % 4}: {e.problem}; the "
-                                "teacher cannot score it") from None
+        with progress_bar(total=len(unscored), desc="teacher: tokenizing", unit=" example",
+                          enabled=progress) as bar:
+            for start in range(0, len(unscored), 1024):  # the token rows of a chunk at a time
+                chunk = unscored[start:start + 1024]
+                try:
+                    reward_model.encode_pairs(*self._pairs(chunk))
+                except PairError as e:
+                    raise UserError(f"teacher reward: {data_id or 'the training data'}, example "
+                                    f"{chunk[e.index // 4]}, ending {e.index % 4}: {e.problem}; "
+                                    "the teacher cannot score it") from None
+                bar.update(len(chunk))
 
     def __len__(self):
         return len(self.texts)
@@ -376,7 +380,7 @@ def likelihood_reward(judge, examples, cfg, cache_dir, data_id, all_reduce):
 def teacher_reward(judge, examples, cfg, cache_dir, data_id, all_reduce):
     return TeacherReward(judge, examples, style=cfg.style, mode=cfg.teacher_mode,
                          temperature=cfg.teacher_temperature, batch_size=cfg.reward_batch_size,
-                         cache_dir=cache_dir, data_id=data_id)
+                         cache_dir=cache_dir, data_id=data_id, progress=True)
 
 
 def label_reward(judge, examples, cfg, cache_dir, data_id, all_reduce):
@@ -430,6 +434,7 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="default: bfloat16 on CUDA, float32 elsewhere")
+    parser.add_argument("--no-progress", action="store_true", help=PROGRESS_HELP)
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {args.batch_size}")
@@ -440,7 +445,10 @@ def main(argv=None):
     t0 = time.time()
     reward_model = CausalLM.load(args.model, device=args.device, dtype=args.dtype)
     try:
-        scores = reward_model.score(contexts, continuations, batch_size=args.batch_size)
+        with progress_bar(total=len(contexts), desc="scoring", unit=" pair",
+                          enabled=not args.no_progress) as bar:
+            scores = reward_model.score(contexts, continuations, batch_size=args.batch_size,
+                                        progress=bar)
     except PairError as e:
         raise UserError(f"{wheres[e.index]}: {e.problem}") from None
     lines = []

@@ -59,7 +59,8 @@ from run_management import (Batches, Reference, RunManager, Shown, StoppedAtOnce
                             TrainingState, absolute_paths, check_sources, forget_after,
                             log_changed_settings, lost_rank_error, out_dir_lock, prepare_out_dir,
                             seed_everything, setup_distributed, synthetic_dir)
-from weights import check_finite_weights, checkpoint_source, step_checkpoints
+from weights import (check_finite_weights, checkpoint_source, step_checkpoints,
+                     weights_fingerprint)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -973,15 +974,6 @@ def load_models(cfg, init_from, ckpt, resume_path, device):
         policy = copy.deepcopy(reference).requires_grad_(True)
     policy.to(device).eval()  # eval mode throughout: PPO wants no dropout in rollouts or updates
     return policy, reference, Reference(reference_from, scratch, fingerprint)
-
-
-def weights_fingerprint(model):
-    """sha256 of a model's tensors (names, dtypes, shapes and bytes), hex."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def build_reward(cfg, train_examples, sources, run):

@@ -545,6 +545,16 @@ def check_finite_weights(model, source):
                             "damaged model, use an earlier checkpoint")
 
 
+def weights_fingerprint(model):
+    """sha256 of a model's tensors (names, dtypes, shapes and bytes), hex: what two loads of the
+    same weights share, whatever the file they came from."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def _non_float_weights(where, name, dtype):
     """The error for a tensor of a non-float dtype where a weight belongs: loading would cast it to
     float without a word, and an integer or boolean copy of a model would be scored."""

@@ -29,7 +29,7 @@ from collections import namedtuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import UserError, run_cli  # noqa: E402
+from common import UserError, progress_bar, run_cli  # noqa: E402
 
 # this folder is on the path of a script
 import arguments  # noqa: E402
@@ -149,8 +149,9 @@ def table(title, rows, figure, eval_column=False):
 
 def summaries(rows, summarize, metrics_of):
     """[(row name, [the summary of each run])], each run's metrics from metrics_of (train or
-    reused)."""
-    return [(name, [summarize(metrics_of(run), run) for run in runs]) for name, runs in rows]
+    reused), with a bar over the rows (minutes each, when their runs train)."""
+    with progress_bar(rows, desc="settings", unit=" setting") as bar:
+        return [(name, [summarize(metrics_of(run), run) for run in runs]) for name, runs in bar]
 
 
 def print_table(kind, results):

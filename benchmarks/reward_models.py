@@ -46,7 +46,7 @@ sys.path.insert(0, HERE)
 
 import analyze  # noqa: E402
 import hellaswag  # noqa: E402
-from common import UserError, read_json, run_cli  # noqa: E402
+from common import UserError, progress_bar, read_json, run_cli, say  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from synthetic import ending_rows, fit_endings, write_jsonl  # noqa: E402
 from weights import step_checkpoints  # noqa: E402
@@ -198,7 +198,7 @@ def train(run, overrides):
 
 
 def run_everything(work, paths, judge_of, seeds, args):
-    log = lambda message: print(message, flush=True)  # noqa: E731
+    log = say  # above the runs' bar
     policy, tiny = os.path.join(work, "policy"), judge_of["tiny"].source
     if not os.path.isfile(os.path.join(policy, "config.json")):
         log(f"pretraining the starting policy ({args.pretrain_steps} steps) into {policy}")
@@ -217,12 +217,14 @@ def run_everything(work, paths, judge_of, seeds, args):
     common = [f"--init_from={policy}", f"--max_steps={args.steps}",
               f"--train_data={paths['train']}", f"--val_data={paths['heldout']}",
               f"--teacher_cache={os.path.join(work, 'teacher_cache')}"]
-    for run in choice_runs(work, seeds):
-        judge = judge_of[run.judge]
-        log(f"run {run.name}")
-        train(run, common + [f"--reward_kind={judge.reward_kind}"]
-              + ([f"--reward_model={judge.source}"] if judge.source else []))
-        evaluate(last_checkpoint(run), paths["train"], predictions_path(work, run.name, "train"))
+    with progress_bar(choice_runs(work, seeds), desc="choice runs", unit=" run") as runs:
+        for run in runs:
+            judge = judge_of[run.judge]
+            log(f"run {run.name}")
+            train(run, common + [f"--reward_kind={judge.reward_kind}"]
+                  + ([f"--reward_model={judge.source}"] if judge.source else []))
+            evaluate(last_checkpoint(run), paths["train"],
+                     predictions_path(work, run.name, "train"))
     run = generate_run(work, seeds)
     log(f"run {run.name}")
     train(run, common + [f"--reward_model={judge_of['smollm2'].source}", *GENERATE])

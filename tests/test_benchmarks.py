@@ -115,6 +115,20 @@ def test_estimators_tables_from_the_runs_files(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "choice_gae_sampled_1337" in proc.stderr
 
 
+def test_estimators_show_a_bar_over_the_settings_on_a_terminal_only(terminal_stderr,
+                                                                      monkeypatch):
+    import estimators
+
+    rows = [("gae", ["run 1", "run 2"]), ("grpo", ["run 3"])]
+    for run in ("terminal", "pipe"):
+        if run == "pipe":
+            monkeypatch.setattr(type(sys.stderr), "isatty", lambda self: False)
+        assert estimators.summaries(rows, lambda metrics, run: metrics.upper(), str) == [
+            ("gae", ["RUN 1", "RUN 2"]), ("grpo", ["RUN 3"])]
+        out, err = terminal_stderr.readouterr()
+        assert out == "" and (("settings:   0%" in err) if run == "terminal" else err == "")
+
+
 @pytest.mark.parametrize("metrics, message", [
     ("", "metrics.jsonl: empty, no step logged"),
     ('{"step": 0, "eval/acc_norm": 0.25}\n{"step": 1, "kl',

@@ -801,6 +801,35 @@ def test_cli_pair_that_cannot_fit_names_its_line(neo, tmp_path):
         main(["--model", neo.source, "--input", src])
 
 
+def test_cli_progress_bar_is_drawn_on_a_terminal_only_and_never_changes_stdout(
+        neo, tmp_path, terminal_stderr, monkeypatch):
+    src = write_jsonl(tmp_path / "pairs.jsonl",
+                      [{"context": c, "continuation": k} for c, k in PAIRS[:4]])
+    runs = {}
+    for run in ("terminal", "--no-progress", "pipe"):
+        if run == "pipe":
+            monkeypatch.undo()  # stderr is capsys's again, no terminal
+        main(["--model", neo.source, "--input", src, "--batch-size", "2"]
+             + (["--no-progress"] if run == "--no-progress" else []))
+        runs[run] = terminal_stderr.readouterr()
+    assert runs["terminal"].out == runs["--no-progress"].out == runs["pipe"].out != ""
+    assert "scoring:   0%" in runs["terminal"].err and "0/4 [00:00<?, ? pair/s]" in runs[
+        "terminal"].err
+    for run in ("--no-progress", "pipe"):
+        assert runs[run].err.startswith("scored 4 pairs") and "\r" not in runs[run].err
+
+
+def test_cli_error_while_scoring_clears_the_bar_before_its_line(neo, tmp_path, terminal_stderr):
+    src = write_jsonl(tmp_path / "pairs.jsonl", [{"context": "a", "continuation": " b"},
+                                                 {"context": "a", "continuation": " roof" * 80}])
+    with pytest.raises(SystemExit):
+        run_cli(main, ["--model", neo.source, "--input", src])
+    *drawn, cleared, error = terminal_stderr.readouterr().err.split("\r")
+    assert "scoring" in drawn[-1] and not cleared.strip()
+    assert error.startswith(f"error: {src}, line 2: the continuation alone") and error.count(
+        "\n") == 1
+
+
 def test_cli_text_that_is_not_valid_unicode_is_one_line(neo, tmp_path, capsys):
     src = tmp_path / "pairs.jsonl"
     src.write_text('{"context": "\\ud800", "continuation": " b"}\n')

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common import (UserError, atomic_directory, atomic_path, atomic_write_text, autocast,
-                    resolve_device, same_error_on_every_rank)
+                    progress_bar, resolve_device, run_cli, same_error_on_every_rank)
 
 
 def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
@@ -165,3 +165,52 @@ def test_hub_kernels_stay_available_to_a_user_who_asks_for_them():
     proc = run_probe("train_ppo", dict(os.environ, USE_HUB_KERNELS="1"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("['kernels'")  # the probe above would see the import
+
+
+# --------------------------------------------------------------------------------------------------
+# progress bars
+
+
+def count_to_three(**kwargs):
+    with progress_bar(total=3, desc="counting", unit=" step", **kwargs) as bar:
+        for _ in range(3):
+            bar.update(1)
+
+
+def test_a_progress_bar_is_drawn_on_a_terminal_with_its_rate_and_time_left(terminal_stderr):
+    count_to_three()
+    drawn = terminal_stderr.readouterr().err
+    assert "counting:   0%" in drawn and "0/3 [00:00<?, ? step/s]" in drawn
+    assert drawn.endswith("\r") and not drawn.split("\r")[-2].strip()  # cleared at the end
+
+
+@pytest.mark.parametrize("off", ["flag", "NO_PROGRESS", "rank"])
+def test_a_progress_bar_is_off_when_asked_and_on_ranks_but_0(terminal_stderr, monkeypatch, off):
+    if off == "NO_PROGRESS":
+        monkeypatch.setenv("NO_PROGRESS", "1")
+    if off == "rank":  # as torchrun sets it, before the process group starts
+        monkeypatch.setenv("RANK", "1")
+    count_to_three(enabled=off != "flag")
+    assert terminal_stderr.readouterr().err == ""
+    monkeypatch.setenv("NO_PROGRESS", "0")
+    monkeypatch.setenv("RANK", "0")
+    count_to_three()
+    assert "counting" in terminal_stderr.readouterr().err
+
+
+def test_a_progress_bar_is_off_when_stderr_is_not_a_terminal(capsys):
+    count_to_three()
+    assert capsys.readouterr() == ("", "")
+
+
+def test_an_error_line_never_follows_a_half_drawn_bar(terminal_stderr):
+    def main(argv):
+        with progress_bar(total=3, desc="counting") as bar:
+            bar.update(1)
+            raise UserError("the second step went wrong")
+
+    with pytest.raises(SystemExit):
+        run_cli(main)
+    *drawn, cleared, error = terminal_stderr.readouterr().err.split("\r")
+    assert "counting" in drawn[-1] and not cleared.strip()
+    assert error == "error: the second step went wrong\n"

@@ -5,6 +5,7 @@ import dataclasses
 import http.server
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -29,13 +30,18 @@ def tiny_gpt(seed=0):
     return GPT(GPTConfig(**TINY)).eval()
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    model = tiny_gpt()
-    path = tmp_path_factory.mktemp("ckpt") / "ckpt_000010.pt"
+def save_checkpoint(path, seed=0, **config):
+    """This project's checkpoint of a tiny GPT at path."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**TINY, **config}))
     torch.save({"format": CHECKPOINT_FORMAT, "model_config": dataclasses.asdict(model.config),
                 "model": model.state_dict()}, path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt_000010.pt")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,18 +200,179 @@ def test_an_unfinished_evaluation_of_other_settings_is_one_line(tmp_path, checkp
               str(tmp_path / "preds.jsonl")])
 
 
+def stop_after_the_first_chunk(monkeypatch):
+    """hellaswag.evaluate, stopped as by Ctrl-C when it is called a second time."""
+    calls, real_evaluate = [], hellaswag.evaluate
+
+    def evaluate_once(model, examples, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(len(examples))
+        return real_evaluate(model, examples, **kwargs)
+
+    monkeypatch.setattr(hellaswag, "evaluate", evaluate_once)
+
+
 def test_an_unfinished_evaluation_of_other_data_is_one_line(tmp_path, checkpoint, monkeypatch):
     monkeypatch.setattr(hellaswag, "PARTIAL_CHUNK", 2)
-    predictions = tmp_path / "preds.jsonl"
+    predictions, partial = tmp_path / "preds.jsonl", tmp_path / "preds.jsonl.partial"
     argv = ["--model", checkpoint, "--data", FIXTURE, "--predictions", str(predictions)]
-    main(argv)
-    lines = [json.loads(line) for line in open(FIXTURE)]
-    # the same file, changed: an unfinished evaluation of it no longer follows it
-    (tmp_path / "preds.jsonl.partial").write_text(
-        json.dumps({"settings": hellaswag.run_settings(hellaswag.parse_args(argv))}) + "\n"
-        + json.dumps({"index": 0, "label": (lines[0]["label"] + 1) % 4}) + "\n")
+    stop_after_the_first_chunk(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    # a progress file whose predictions no longer follow the data it was made with
+    first, prediction, rest = partial.read_text().split("\n", 2)
+    prediction = json.loads(prediction)
+    prediction["label"] = (prediction["label"] + 1) % 4
+    partial.write_text(first + "\n" + json.dumps(prediction) + "\n" + rest)
     with pytest.raises(UserError, match=r"do not follow the data \(example 0\)"):
         main(argv)
+
+
+@pytest.mark.parametrize("replaced", ["the file", "the run's newest checkpoint", "the data"])
+def test_a_resumed_evaluation_of_other_weights_or_data_at_the_same_path_is_refused(
+        tmp_path, monkeypatch, replaced):
+    """The progress file knows what its scores came from, not only the paths: resuming it with
+    another model or other data at the same path would mix two evaluations in one accuracy."""
+    monkeypatch.setattr(hellaswag, "PARTIAL_CHUNK", 2)
+    run_dir, data = tmp_path / "run", tmp_path / "data.jsonl"
+    run_dir.mkdir()
+    data.write_text(open(FIXTURE).read())
+    model = (save_checkpoint(run_dir / "ckpt_000010.pt") if replaced != "the file"
+             else save_checkpoint(tmp_path / "model.pt"))
+    given = str(run_dir) if replaced == "the run's newest checkpoint" else model
+    argv = ["--model", given, "--data", str(data), "--predictions", str(tmp_path / "p.jsonl")]
+    stop_after_the_first_chunk(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    monkeypatch.setattr(hellaswag, "evaluate", evaluate)
+    if replaced == "the file":  # overwritten by another model
+        save_checkpoint(model, seed=1)
+        message = "an unfinished evaluation of other weights"
+    elif replaced == "the run's newest checkpoint":  # the run went on
+        save_checkpoint(run_dir / "ckpt_000020.pt", seed=1)
+        message = r"other settings \(checkpoint: .*ckpt_000010.pt -> .*ckpt_000020.pt\)"
+    else:  # a context edited, the labels as they were
+        data.write_text(data.read_text().replace("A woman pours", "A man pours"))
+        message = r"other settings \(examples_sha256: "
+    with pytest.raises(UserError, match=message):
+        main(argv)
+
+
+def test_an_evaluation_killed_before_its_first_chunk_starts_over(tmp_path, checkpoint,
+                                                                 monkeypatch, capsys):
+    """The settings line is on disk before the first chunk is scored; an empty progress file (which
+    a kill left when it was not) is no progress, not a file of other settings."""
+    predictions, partial = tmp_path / "p.jsonl", tmp_path / "p.jsonl.partial"
+    argv = ["--model", checkpoint, "--data", FIXTURE, "--predictions", str(predictions)]
+    on_disk, real_evaluate = [], hellaswag.evaluate
+
+    def evaluate_and_look(model, examples, **kwargs):
+        on_disk.append(partial.read_text())
+        return real_evaluate(model, examples, **kwargs)
+
+    monkeypatch.setattr(hellaswag, "evaluate", evaluate_and_look)
+    main(argv)
+    assert json.loads(on_disk[0])["settings"]["model"] == checkpoint
+    whole = predictions.read_text()
+    predictions.unlink()
+    partial.write_text("")
+    main(argv)
+    assert predictions.read_text() == whole and not partial.exists()
+    assert "resuming" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", [b"my notes\nnot finished", b'{"index": 0}\n{"ind'])
+def test_a_file_that_is_not_a_progress_file_is_refused_untouched(tmp_path, checkpoint,
+                                                                 content):
+    """Refused as it is: the torn last line of a progress file is cut only once the file is known
+    to be one."""
+    partial = tmp_path / "p.jsonl.partial"
+    partial.write_bytes(content)
+    with pytest.raises(UserError, match="not the progress file of an evaluation"):
+        main(["--model", checkpoint, "--data", FIXTURE, "--predictions",
+              str(tmp_path / "p.jsonl")])
+    assert partial.read_bytes() == content
+
+
+def test_a_progress_file_of_other_settings_is_refused_before_the_model_loads(
+        tmp_path, checkpoint, monkeypatch):
+    (tmp_path / "p.jsonl.partial").write_text('{"settings": {"model": "other"}}\n')
+
+    def no_loading(source):
+        raise AssertionError(f"{source} loaded")
+
+    monkeypatch.setattr(hellaswag, "load_model", no_loading)
+    with pytest.raises(UserError, match=r"other settings \(model: other -> "):
+        main(["--model", checkpoint, "--data", FIXTURE, "--predictions",
+              str(tmp_path / "p.jsonl")])
+
+
+def test_output_on_the_progress_file_is_refused(tmp_path, checkpoint, capsys):
+    """It would be written over the progress file, and removed with it at the end."""
+    predictions = str(tmp_path / "p.jsonl")
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, ["--model", checkpoint, "--data", FIXTURE, "--predictions", predictions,
+                       "--output", predictions + ".partial"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(
+        f"error: --output {predictions}.partial is where --predictions {predictions} keeps its "
+        "progress")
+    assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# the progress bar
+
+
+def without_timings(printed):
+    """The summary line's seconds and speed vary from run to run."""
+    return re.sub(r"\| [\d.]+s \| [\d.]+ examples/s", "| TIME", printed)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "transformers"])
+@pytest.mark.parametrize("predictions", [False, True])
+def test_the_scoring_bar_is_drawn_on_a_terminal_only_and_never_changes_stdout(
+        tmp_path, checkpoint, terminal_stderr, monkeypatch, kind, predictions):
+    model = checkpoint if kind == "gpt" else gpt2_with_its_own_tokenizer(tmp_path / "gpt2")
+    argv = ["--model", model, "--data", FIXTURE, "--batch-size", "2"]
+    runs = {}
+    for run in ("terminal", "--no-progress", "pipe"):
+        if run == "pipe":
+            monkeypatch.undo()  # stderr is capsys's again, no terminal
+        output = tmp_path / f"{run}.jsonl"
+        main(argv + (["--predictions", str(output)] if predictions else [])
+             + (["--no-progress"] if run == "--no-progress" else []))
+        runs[run] = terminal_stderr.readouterr()
+        if predictions:
+            assert output.read_text() == (tmp_path / "terminal.jsonl").read_text()
+    printed = {run: without_timings(out) for run, (out, _) in runs.items()}
+    assert printed["terminal"] == printed["--no-progress"] == printed["pipe"]
+    assert runs["--no-progress"].err == runs["pipe"].err == ""
+    bar = runs["terminal"].err
+    assert "hellaswag:   0%" in bar and "0/24 [00:00<?, ? ending/s]" in bar
+
+
+def test_a_resumed_evaluation_starts_its_bar_where_it_stopped(tmp_path, checkpoint,
+                                                             terminal_stderr, monkeypatch):
+    monkeypatch.setattr(hellaswag, "PARTIAL_CHUNK", 2)
+    argv = ["--model", checkpoint, "--data", FIXTURE, "--predictions", str(tmp_path / "p.jsonl")]
+    stop_after_the_first_chunk(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    monkeypatch.setattr(hellaswag, "evaluate", evaluate)
+    terminal_stderr.readouterr()
+    main(argv)
+    assert "hellaswag:  33%" in terminal_stderr.readouterr().err  # 2 of the 6 examples
+
+
+def test_an_error_while_scoring_clears_the_bar_before_its_line(tmp_path, terminal_stderr):
+    short = save_checkpoint(tmp_path / "short.pt", block_size=8)
+    with pytest.raises(SystemExit):
+        run_cli(main, ["--model", short, "--data", FIXTURE])
+    *drawn, cleared, error = terminal_stderr.readouterr().err.split("\r")
+    assert "hellaswag" in drawn[-1] and not cleared.strip()
+    assert error.startswith("error: example 0: an ending of") and error.count("\n") == 1
 
 
 def test_cli_on_a_transformers_model_of_another_architecture(tmp_path, capsys):
@@ -456,6 +623,21 @@ def test_compare_refuses_files_of_different_data(tmp_path, capsys):
     (tmp_path / "junk.jsonl").write_text('{"index": 0}\n')
     with pytest.raises(UserError, match="not a prediction line"):
         hellaswag.read_predictions(str(tmp_path / "junk.jsonl"))
+
+
+@pytest.mark.parametrize("value", [3, None, ["indomain"]])
+def test_compare_a_group_field_that_is_not_text_is_one_line(tmp_path, capsys, value):
+    """A hand-edited group field of another type among text ones would not sort (a traceback)."""
+    a = write_predictions(tmp_path / "a.jsonl", [0, 1, 2], [0, 0, 0], ["indomain"] * 3)
+    lines = (tmp_path / "a.jsonl").read_text().splitlines()
+    edited = {**json.loads(lines[1]), "split_type": value}
+    b = tmp_path / "b.jsonl"
+    b.write_text("\n".join([lines[0], json.dumps(edited), lines[2]]) + "\n")
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, ["--compare", a, str(b)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(
+        f"error: {b}, line 2: 'split_type' is {json.dumps(value)}, but a group field is text")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -60,6 +61,27 @@ def test_a_split_that_cannot_be_made_is_one_line_and_writes_nothing(tmp_path, re
     with pytest.raises(reward_models.UserError, match=message):
         reward_models.write_split(str(tmp_path / "work"), str(data), *args)
     assert not (tmp_path / "work").exists()
+
+
+def test_the_runs_show_a_bar_on_a_terminal_only_and_never_change_stdout(tmp_path, monkeypatch,
+                                                                         terminal_stderr):
+    """Every stage stubbed (none trains here): the choice runs' bar, and the stage lines above it,
+    the same on stdout with and without it."""
+    work = str(tmp_path)
+    for folder in ("policy", "tiny_judge"):  # made before: not trained again
+        write_lines(os.path.join(work, folder, "config.json"), [{}])
+    for stage in ("train", "evaluate", "last_checkpoint", "analyze_runs"):
+        monkeypatch.setattr(reward_models, stage, lambda *args, **kwargs: None)
+    args = SimpleNamespace(steps=1, pretrain_steps=1, judge_steps=1)
+    judge_of = reward_models.judges(work, "smollm2.gguf", "gemma.gguf")
+    printed = []
+    for run in ("terminal", "pipe"):
+        if run == "pipe":
+            monkeypatch.setattr(type(sys.stderr), "isatty", lambda self: False)
+        reward_models.run_everything(work, reward_models.data_paths(work), judge_of, [7, 8], args)
+        printed.append(terminal_stderr.readouterr())
+    assert printed[0].out == printed[1].out and "run label_7\nrun label_8\n" in printed[0].out
+    assert "choice runs:   0%" in printed[0].err and printed[1].err == ""
 
 
 def test_rows_score_the_ending_and_cut_the_context_from_the_left():

@@ -4,6 +4,7 @@ GPT-Neo built in the test.
 """
 
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 import hellaswag
 from common import UserError
 from causal_lm import CausalLM, PairError, continuation_start
-from reward import LabelReward, LikelihoodReward, TeacherReward
+from reward import REWARD_KINDS, LabelReward, LikelihoodReward, TeacherReward
 # llama and neo are fixtures, shared with test_causal_lm
 from test_causal_lm import llama, neo, reference_score, tiktoken_encode  # noqa: F401
 from tokenizer import EOT_TOKEN, gpt2_encoding, gpt2_tokens
@@ -261,6 +262,21 @@ def test_teacher_scores_match_reference_and_rewards(neo):
     assert agree.tolist() == [1.0, 1.0, 1.0]
     disagree = TeacherReward(neo, EXAMPLES, mode="agree")([4], (expected.argmax(-1)[[4]] + 1) % 4)
     assert disagree.tolist() == [0.0]
+
+
+def test_the_teachers_setup_pass_shows_a_bar_on_a_terminal(neo, terminal_stderr, monkeypatch):
+    """The pass over every unscored training example when the reward is built (a minute for the
+    full training set): train_ppo.py's teacher shows a bar, never on a rank but 0."""
+    cfg = SimpleNamespace(style="completion", teacher_mode="prob", teacher_temperature=1.0,
+                          reward_batch_size=4)
+    REWARD_KINDS["teacher"].build(neo, EXAMPLES, cfg, cache_dir=None, data_id=None,
+                                  all_reduce=None)
+    assert "teacher: tokenizing:   0%" in terminal_stderr.readouterr().err
+    TeacherReward(neo, EXAMPLES)  # a teacher built in code: quiet unless asked
+    monkeypatch.setenv("RANK", "1")
+    REWARD_KINDS["teacher"].build(neo, EXAMPLES, cfg, cache_dir=None, data_id=None,
+                                  all_reduce=None)
+    assert terminal_stderr.readouterr().err == ""
 
 
 def test_an_ending_the_teacher_cannot_score_is_an_error_when_the_reward_is_built(tmp_path):
