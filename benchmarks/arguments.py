@@ -150,10 +150,26 @@ def train_once(out_dir, *args, inputs=()):
               record=os.path.join(out_dir, "bench.json"))
 
 
+def finished(output, record=None):
+    """For --reuse: the record of a stage that finished (as make_once keeps it) from the files its
+    inputs still hold. A stage stopped, or made before one of its inputs changed (a rerun with other
+    arguments that stopped midway), is one line naming it."""
+    record = record or output.rstrip(os.sep) + ".made.json"
+    saved = read_record(record) if os.path.exists(output) else None
+    if saved is None:
+        raise UserError(f"{output}: unfinished (no {os.path.basename(record)}, which a finished "
+                        "stage leaves)")
+    inputs = saved.get("inputs") if isinstance(saved.get("inputs"), dict) else {}
+    changed = [path for path, made in inputs.items() if fingerprint(path) != made]
+    if changed:
+        raise UserError(f"{output}: made from another {changed[0]} than the one there now")
+    return saved
+
+
 def finished_seconds(out_dir):
-    """The wall-clock seconds of a run train_once finished in out_dir; a run without its
-    bench.json (stopped, or training again) is one line."""
-    info = read_record(os.path.join(out_dir, "bench.json")) or {}
-    if not isinstance(info.get("seconds"), (int, float)):
-        raise UserError(f"{out_dir}: unfinished (no bench.json, which a finished run leaves)")
-    return info["seconds"]
+    """The wall-clock seconds of a run train_once finished in out_dir from its inputs as they are
+    (finished()); one line otherwise."""
+    seconds = finished(out_dir, os.path.join(out_dir, "bench.json")).get("seconds")
+    if not isinstance(seconds, (int, float)):
+        raise UserError(f"{os.path.join(out_dir, 'bench.json')}: no seconds recorded")
+    return seconds

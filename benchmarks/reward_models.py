@@ -285,6 +285,10 @@ def last_checkpoint(run):
 def read_predictions(path):
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist; run without --reuse to make it")
+    try:  # made from the model and data there now, not from those of an earlier start
+        arguments.finished(path)
+    except UserError as e:
+        raise UserError(f"{e}; run without --reuse to make it again") from None
     return hellaswag.read_predictions(path)
 
 

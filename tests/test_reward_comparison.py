@@ -103,6 +103,14 @@ def write_run(work, name, start, end, kl, seconds=120.0, metrics=None, samples=N
         json.dump({"seconds": seconds}, f)
 
 
+def write_predictions(work, who, subset, picks):
+    """A stage's predictions and the record make_once leaves when it finishes."""
+    path = reward_models.predictions_path(work, who, subset)
+    write_lines(path, predictions(picks, LABELS))
+    with open(path + ".made.json", "w") as f:
+        json.dump({"args": [], "seconds": 1.0}, f)
+
+
 def comparison(work):
     """A finished comparison's files for seed 7: four training and four held-out examples."""
     write_lines(os.path.join(work, "data", "train.jsonl"), [example(i, i) for i in range(4)])
@@ -112,13 +120,10 @@ def comparison(work):
                                   ("gemma", [0, 1, 2, 3], [0, 1, 2, 3]),
                                   ("tiny", [0, 1, 2, 3], [1, 1, 1, 1])):
         for subset, picks in (("train", train), ("heldout", heldout)):
-            write_lines(reward_models.predictions_path(work, judge, subset),
-                        predictions(picks, LABELS))
-    write_lines(reward_models.predictions_path(work, "policy", "train"),
-                predictions([0, 0, 0, 0], LABELS))
+            write_predictions(work, judge, subset, picks)
+    write_predictions(work, "policy", "train", [0, 0, 0, 0])
     for name in ("label_7", "smollm2_7", "gemma_7", "tiny_7"):
-        write_lines(reward_models.predictions_path(work, name, "train"),
-                    predictions([0, 1, 2, 0], LABELS))
+        write_predictions(work, name, "train", [0, 1, 2, 0])
         write_run(work, name, start=[0, 0, 0, 0], end=[0, 1, 1, 1], kl=0.5)
     # the generate run: the judge's score -3 -> -1, responses 16 -> 4 tokens, their 2-grams repeat
     metrics = [{"step": s, "kl": 0.2, "dt": 2.0, "train/judge_score": -3.0 if s <= 5 else -1.0,
@@ -162,6 +167,8 @@ def test_tables_from_a_comparisons_files(tmp_path):
 @pytest.mark.parametrize("remove, message", [
     ("predictions/gemma_heldout.jsonl", "gemma_heldout.jsonl does not exist; run without --reuse"),
     ("runs/tiny_7/bench.json", "tiny_7: unfinished"),
+    ("predictions/policy_train.jsonl.made.json", "policy_train.jsonl: unfinished (no "
+     "policy_train.jsonl.made.json"),
     ("runs/label_7/eval/step_000010.jsonl", "label_7/eval: fewer than two evaluations")])
 def test_reuse_of_an_unfinished_comparison_is_one_line_and_prints_no_table(tmp_path, remove,
                                                                            message):
@@ -170,6 +177,19 @@ def test_reuse_of_an_unfinished_comparison_is_one_line_and_prints_no_table(tmp_p
     proc = run_script("--reuse", "--work", str(tmp_path), "--seeds", "7")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("error: ") and message in proc.stderr and proc.stdout == ""
+
+
+def test_reuse_refuses_a_stage_made_from_files_that_changed_since(tmp_path):
+    """A rerun with other --pretrain_steps that stopped after the new policy: a run trained from
+    the policy before it is not tabled beside the new policy's figures."""
+    comparison(str(tmp_path))
+    bench = tmp_path / "runs" / "tiny_7" / "bench.json"
+    policy = tmp_path / "policy"
+    bench.write_text(json.dumps({"args": [], "inputs": {str(policy): "0" * 64}, "seconds": 60.0}))
+    proc = run_script("--reuse", "--work", str(tmp_path), "--seeds", "7")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr == (f"error: {bench.parent}: made from another {policy} than the one there "
+                           "now; run without --reuse to train it\n") and proc.stdout == ""
 
 
 @pytest.mark.parametrize("args, message", [
