@@ -1,17 +1,20 @@
 """
 The benchmark scripts' arguments, checked before any work: bad input is one line, `error: ...`, and
-exit status 2 (a UserError, through common.run_cli), as everywhere else in the project. And the runs
-they start: the project's scripts in a subprocess, a finished training run kept, its metrics read.
+exit status 2 (a UserError, through common.run_cli), as everywhere else in the project. And the work
+they do: the project's scripts in a subprocess, each stage (a training run, a model, predictions)
+kept while its arguments and input files are those it was made from, a run's metrics read.
 A script puts the repository on sys.path before importing this.
 """
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
 
-from common import UserError, atomic_write_text, check_output_path, read_json, read_jsonl
+from common import (UserError, atomic_write_text, check_output_path, read_json, read_jsonl,
+                    shorten)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,27 +66,110 @@ def run_metrics(out_dir):
     return lines
 
 
-def run_script(*args):
-    """Run one of the project's scripts (args: the script and its arguments) in the repository; a
-    failure is a UserError naming the command, with the end of what it said."""
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True)
+def run_script(*args, log):
+    """Run one of the project's scripts (args: the script and its arguments) in the repository, its
+    stderr kept whole in the file log; a failure is a UserError in one line naming the command,
+    with the script's last `error:` line (or its last line: a traceback's exception) and the log."""
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    with open(log, "w", encoding="utf-8") as stderr:
+        proc = subprocess.run([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=stderr)
     if proc.returncode != 0:
-        raise UserError(f"{' '.join(args)} failed: {proc.stderr.strip()[-1000:]}")
+        with open(log, encoding="utf-8", errors="replace") as f:
+            said = [line.strip() for line in f if line.strip()]
+        last = next((line for line in reversed(said) if line.startswith("error: ")),
+                    said[-1] if said else f"exit status {proc.returncode}")
+        raise UserError(f"{' '.join(args)} failed: {shorten(last, 300)} (all it said: {log})")
 
 
-def train_once(out_dir, *args):
-    """Run train_ppo.py with args (a config and overrides, --start_over=True among them) in out_dir
-    unless a run with the same args finished there. A finished run's args and wall-clock seconds go
-    to OUT_DIR/bench.json last, so a stopped benchmark goes on where it stopped, a run without that
-    file starts over, and so does one whose settings changed since."""
-    done = os.path.join(out_dir, "bench.json")
-    args = ["train_ppo.py", *args, f"--out_dir={out_dir}"]
+def fingerprint(path):
+    """sha256 of a file, or of a directory's files (each one's name and bytes): a model retrained
+    or a data file rewritten at the same path is told apart. None for a path that is not there (a
+    hub name, or a file the script reading it will name)."""
+    from weights import file_sha256  # weights imports transformers: only when a file is read
+    if not os.path.exists(path):
+        return None
+    if not os.path.isdir(path):
+        return file_sha256(path)
+    files = sorted(os.path.relpath(os.path.join(root, name), path)
+                   for root, _, names in os.walk(path) for name in names)
+    return hashlib.sha256(json.dumps(
+        [(name, file_sha256(os.path.join(path, name))) for name in files]).encode()).hexdigest()
+
+
+def stage_key(args, inputs=()):
+    """What a benchmark's stage comes from: its arguments, and the fingerprint of each file or
+    directory it reads (inputs)."""
+    key = {"args": [str(a) for a in args]}
+    if inputs:  # a record without inputs (a run of the demo task, which it builds) stays valid
+        key["inputs"] = {os.path.abspath(p): fingerprint(p) for p in inputs}
+    return key
+
+
+def read_record(record):
+    """A stage's record (a JSON object), or None where it is missing, torn or not an object."""
     try:
-        saved = read_json(done) if os.path.isfile(done) else None
-    except UserError:  # torn: train it again
-        saved = None
-    if isinstance(saved, dict) and saved.get("args") == args:
-        return
+        saved = read_json(record) if os.path.isfile(record) else None
+    except UserError:  # torn
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def made_from(record, key):
+    """Whether the stage whose record this is finished from key: same arguments, inputs
+    unchanged."""
+    saved = read_record(record)
+    return saved is not None and all(saved.get(k) == v for k, v in key.items())
+
+
+def make_once(output, key, make, record=None):
+    """make() (a stage of a benchmark: a run, a model, predictions) unless output is there and its
+    record (by default OUTPUT.made.json) says it was made from key. The record goes before make()
+    starts and comes back, with the seconds it took, when it finishes, so a stage that stopped, or
+    whose arguments or input files changed since, is made again, and a stopped benchmark goes on
+    where it stopped. -> whether it made output."""
+    record = record or output.rstrip(os.sep) + ".made.json"
+    if os.path.exists(output) and made_from(record, key):
+        return False
+    if os.path.lexists(record):
+        os.remove(record)  # atomic: the old record or none, never one that vouches for half a stage
     t0 = time.time()
-    run_script(*args)
-    atomic_write_text(done, json.dumps({"args": args, "seconds": time.time() - t0}) + "\n")
+    make()
+    atomic_write_text(record, json.dumps({**key, "seconds": time.time() - t0}) + "\n")
+    return True
+
+
+def train_once(out_dir, *args, inputs=()):
+    """Run train_ppo.py with args (a config and overrides, --start_over=True among them) in out_dir
+    unless a run with the same args, and the same files as inputs (its data, starting model and
+    judge), finished there: a stage whose record is OUT_DIR/bench.json (with the run's wall-clock
+    seconds), and whose stderr is kept in OUT_DIR.log."""
+    args = ["train_ppo.py", *args, f"--out_dir={out_dir}"]
+    make_once(out_dir, stage_key(args, inputs),
+              lambda: run_script(*args, log=out_dir.rstrip(os.sep) + ".log"),
+              record=os.path.join(out_dir, "bench.json"))
+
+
+def finished(output, record=None):
+    """For --reuse: the record of a stage that finished (as make_once keeps it) from the files its
+    inputs still hold. A stage stopped, or made before one of its inputs changed (a rerun with other
+    arguments that stopped midway), is one line naming it."""
+    record = record or output.rstrip(os.sep) + ".made.json"
+    saved = read_record(record) if os.path.exists(output) else None
+    if saved is None:
+        raise UserError(f"{output}: unfinished (no {os.path.basename(record)}, which a finished "
+                        "stage leaves)")
+    inputs = saved.get("inputs") if isinstance(saved.get("inputs"), dict) else {}
+    changed = [path for path, made in inputs.items() if fingerprint(path) != made]
+    if changed:
+        raise UserError(f"{output}: made from another {changed[0]} than the one there now")
+    return saved
+
+
+def finished_seconds(out_dir):
+    """The wall-clock seconds of a run train_once finished in out_dir from its inputs as they are
+    (finished()); one line otherwise."""
+    seconds = finished(out_dir, os.path.join(out_dir, "bench.json")).get("seconds")
+    if not isinstance(seconds, (int, float)):
+        raise UserError(f"{os.path.join(out_dir, 'bench.json')}: no seconds recorded")
+    return seconds

@@ -18,7 +18,8 @@ the first and final figure, the logged KL at the end (mean of the last 5 steps) 
 Each seed builds its own demo task once, shared by the estimators. A run that finished is kept in
 --work, so a stopped benchmark goes on where it stopped (a run that did not finish, or whose
 settings changed, trains again). --reuse prints the tables from the runs already in --work,
-training none (every run's metrics.jsonl read before anything prints).
+training none (every run's metrics.jsonl read before anything prints; one that did not finish is
+refused).
 """
 
 import argparse
@@ -48,8 +49,9 @@ def train(run):
 
 
 def reused(run):
-    """A run already in --work -> its metrics.jsonl lines."""
+    """A run that finished in --work -> its metrics.jsonl lines."""
     try:
+        arguments.finished_seconds(run.out_dir)  # a stopped run's curve is not the run's
         return arguments.run_metrics(run.out_dir)
     except UserError as e:
         raise UserError(f"--reuse: {e}; run without --reuse to train it") from None

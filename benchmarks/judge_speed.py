@@ -14,6 +14,7 @@ absent; lm-eval 0.4.13 is optional (pip install lm-eval==0.4.13).
 """
 
 import argparse
+import copy
 import importlib.util
 import os
 import sys
@@ -60,7 +61,8 @@ def harness(lm, batch_size, dtype):
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    model = lm.model if dtype == "float32" else lm.model.to(getattr(torch, dtype))
+    # a copy: .to() converts in place, and the other methods run the float32 model under autocast
+    model = lm.model if dtype == "float32" else copy.deepcopy(lm.model).to(getattr(torch, dtype))
     hflm = HFLM(pretrained=model, tokenizer=lm.tokenizer, batch_size=4 * batch_size,
                 device=lm.device, add_bos_token=bool(lm.prefix_ids), max_length=lm.max_length)
 

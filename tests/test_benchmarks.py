@@ -73,10 +73,13 @@ def test_choice_speed_skips_without_the_data(tmp_path):
             and "missing.jsonl" in proc.stdout)
 
 
-def write_metrics(path, lines):
+def write_metrics(path, lines, finished=True):
     os.makedirs(path)
     with open(os.path.join(path, "metrics.jsonl"), "w") as f:
         f.write("".join(json.dumps(line) + "\n" for line in lines))
+    if finished:  # what train_once leaves last
+        with open(os.path.join(path, "bench.json"), "w") as f:
+            json.dump({"args": [], "seconds": 60.0}, f)
 
 
 def test_estimators_tables_from_the_runs_files(tmp_path):
@@ -150,11 +153,65 @@ def test_estimators_reuse_of_a_damaged_run_is_one_line_and_prints_no_table(tmp_p
     else:
         os.makedirs(bad.parent)
         bad.write_text(metrics)
+    (bad.parent / "bench.json").write_text('{"args": [], "seconds": 60.0}')  # damaged after
     proc = run_script("benchmarks/estimators.py", "--reuse", "--work", str(tmp_path),
                       "--seeds", "7")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("error: ") and str(bad) in proc.stderr
     assert message in proc.stderr and proc.stdout == ""
+
+
+def test_estimators_reuse_refuses_a_run_that_did_not_finish(tmp_path):
+    """A stopped run's metrics.jsonl holds steps and evaluations too: without the bench.json a
+    finished run leaves, --reuse names it instead of tabling half a run."""
+    good = [{"step": 0, "eval/acc_norm": 0.25}, {"step": 1, "kl": 0.1, "dt": 1.0,
+                                                 "train/judge_score": -2.0, "eval/acc_norm": 0.5}]
+    names = [f"choice_{adv}_{kl}_7" for adv in ("gae", "expected") for kl in ("sampled", "exact")]
+    for name in names:
+        write_metrics(tmp_path / name, good, finished=name != "choice_expected_sampled_7")
+    proc = run_script("benchmarks/estimators.py", "--reuse", "--work", str(tmp_path),
+                      "--seeds", "7", "--only", "choice")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: --reuse: {tmp_path / 'choice_expected_sampled_7'}: "
+                                  "unfinished (no bench.json") and proc.stdout == ""
+
+
+def test_a_stopped_retrain_leaves_no_record_of_the_run_before_it(tmp_path, monkeypatch):
+    """A finished run, then one of other arguments stopped midway (--start_over moved the first
+    run's files aside, not bench.json), then the first arguments again: the run trains again
+    rather than the stopped one being taken for it."""
+    calls = []
+
+    def run_script(*args, log=None):
+        calls.append(args)
+        if "--max_steps=2" in args:
+            raise KeyboardInterrupt  # stopped midway
+    monkeypatch.setattr(arguments, "run_script", run_script)
+    out = str(tmp_path / "run")
+    arguments.train_once(out, "configs/demo.py", "--start_over=True", "--max_steps=1")
+    with pytest.raises(KeyboardInterrupt):
+        arguments.train_once(out, "configs/demo.py", "--start_over=True", "--max_steps=2")
+    assert not os.path.exists(os.path.join(out, "bench.json"))
+    arguments.train_once(out, "configs/demo.py", "--start_over=True", "--max_steps=1")
+    assert [args[-2] for args in calls] == ["--max_steps=1", "--max_steps=2", "--max_steps=1"]
+
+
+def test_a_failed_stage_is_one_line_naming_the_command_and_the_log(tmp_path):
+    """A script that fails with a traceback, or with one line among others: the message is one
+    line, the command and the script's last error (or last line), and the log that holds all it
+    said."""
+    log = tmp_path / "stage.log"
+    with pytest.raises(UserError) as e:
+        arguments.run_script("-c", "print('noise'); raise KeyError('value_head')", log=str(log))
+    assert str(e.value) == (f"-c print('noise'); raise KeyError('value_head') failed: "
+                            f"KeyError: 'value_head' (all it said: {log})")
+    assert "Traceback (most recent call last)" in log.read_text()
+    script = ("import sys; print('error: out_dir x is in use', file=sys.stderr); "
+              "print('torchrun: 1 process failed', file=sys.stderr); sys.exit(2)")
+    with pytest.raises(UserError) as e:
+        arguments.run_script("-c", script, log=str(log))
+    assert "\n" not in str(e.value)
+    assert str(e.value).endswith(f"failed: error: out_dir x is in use (all it said: {log})")
 
 
 @pytest.mark.slow

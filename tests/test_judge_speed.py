@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -44,3 +45,30 @@ def test_judge_speed_bad_arguments_are_one_line(tmp_path, argument, message):
 def _has_harness():
     import importlib.util
     return importlib.util.find_spec("lm_eval") is not None
+
+
+def test_the_harness_in_bfloat16_leaves_the_other_methods_model_in_float32(tmp_path,
+                                                                          monkeypatch):
+    """--dtype bfloat16: the harness gets a bf16 model, and the model the other methods run under
+    autocast stays float32 (converting it in place made them measure bf16 weights)."""
+    import torch
+
+    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+    import judge_speed
+    from causal_lm import CausalLM
+
+    given = []
+    huggingface = types.ModuleType("lm_eval.models.huggingface")  # lm-eval's HFLM, recorded
+    huggingface.HFLM = lambda pretrained, **kwargs: given.append(pretrained)
+    instance = types.ModuleType("lm_eval.api.instance")
+    instance.Instance = None
+    for name, module in (("lm_eval", types.ModuleType("lm_eval")),
+                         ("lm_eval.api", types.ModuleType("lm_eval.api")),
+                         ("lm_eval.api.instance", instance),
+                         ("lm_eval.models", types.ModuleType("lm_eval.models")),
+                         ("lm_eval.models.huggingface", huggingface)):
+        monkeypatch.setitem(sys.modules, name, module)
+    lm = CausalLM.load(build_llama(tmp_path / "llama"))
+    judge_speed.harness(lm, 2, "bfloat16")
+    assert {p.dtype for p in given[0].parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in lm.model.parameters()} == {torch.float32}

