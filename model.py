@@ -293,7 +293,7 @@ class GPT(nn.Module):
         tokens only, and takes the positions it would have right after the context. So the numbers
         are those of n full rows context + ending (hellaswag.pad_choices), gradients reach the
         context through all n endings, and one pass runs half the token positions on HellaSwag
-        (README).
+        (docs/results.md).
         idx (B, T): context, ending 1, ..., ending n, right-padded.
         segments (B, T): 0 context, j ending j, -1 pad.
         -> sum_logprobs (B, n): each ending's summed token log-probs given its context, float32
@@ -500,7 +500,7 @@ def sample_from_probs(probs, generator=None):
     One index per row of probs (B, V), drawn with probability p_i / sum(p) (probs need not sum to
     1): the exponential race argmax_i p_i / E_i with E_i ~ Exp(1) independent, which is Gumbel-max
     with one log per entry instead of two. On a CPU with 1 thread it took a third of
-    torch.multinomial's time (README). The draw depends only on generator's state.
+    torch.multinomial's time (docs/results.md). The draw depends only on generator's state.
     """
     race = torch.empty_like(probs).uniform_(generator=generator)  # u in [0, 1)
     # E = -log u ~ Exp(1). u = 0 (one draw in 2**24) would make E infinite and a kept token's

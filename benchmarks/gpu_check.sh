@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements behind the README's GPU figures, in one run on a CUDA machine; needs no internet.
+# The GPU measurements behind docs/results.md's GPU figures, in one run on a CUDA machine; needs no internet.
 #   1. scorer speed on the full HellaSwag validation set (GPT-2-124M shape, random weights);
 #   2. the CUDA training path end to end: the demo under torchrun (NCCL, bf16 autocast);
 #   3. seconds per step and peak memory of each GPT-2 recipe, on random-weight stand-ins of its models.

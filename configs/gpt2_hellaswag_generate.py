@@ -13,7 +13,7 @@ likelihood_per = "token"
 reward_normalize = True
 reward_clip = 5.0
 # each token gets its share of the score (they sum to the sparse one): on the generate demo it
-# learned more than sparse rewards on 3 of 3 seeds (README); not yet measured at this size;
+# learned more than sparse rewards on 3 of 3 seeds (docs/results.md); not yet measured at this size;
 # False = the whole score at the last token
 likelihood_dense = True
 max_prompt_tokens = 128
@@ -43,5 +43,5 @@ sample_interval = 10
 # advantages: GAE over the value head (the default). To try (not measured at this size):
 # adv_estimator = "rloo" or "grpo" with group_size = 4 (batch_size counts samples: 16 prompts x 4),
 # and kl_estimator = "k3" (never negative, in the loss, as GRPO uses it). On the generate demo both
-# ended below GAE on all three seeds (README, Current figures); a larger batch_size gives them as
+# ended below GAE on all three seeds (docs/results.md); a larger batch_size gives them as
 # many prompts a step as GAE sees

@@ -1,4 +1,4 @@
-"""The benchmark scripts run end to end on tiny stand-ins (their numbers are for the README, not for
+"""The benchmark scripts run end to end on tiny stand-ins (their numbers are for docs/results.md, not for
 tests)."""
 
 import json

@@ -1,5 +1,5 @@
 """benchmarks/judge_speed.py end to end on a tiny Llama-style model and the test fixture (its
-numbers are for the README, not for tests): the three paths must agree."""
+numbers are for docs/results.md, not for tests): the three paths must agree."""
 
 import os
 import re
