@@ -184,7 +184,8 @@ def has_teacher(reward_kind):
 def has_judge(reward_kind):
     """Whether a run of this reward kind scored with its reward_model (one of a kind this code
     does not know is taken to have)."""
-    return reward_kind not in REWARD_KINDS or REWARD_KINDS[reward_kind].judge
+    kind = REWARD_KINDS.get(reward_kind)
+    return kind is None or kind.judge
 
 
 def read_config(run_dir, notes):
