@@ -69,10 +69,10 @@ def test_the_runs_show_a_bar_on_a_terminal_only_and_never_change_stdout(tmp_path
     """Every stage stubbed (none trains here): the choice runs' bar, and the stage lines above it,
     the same on stdout with and without it."""
     work = str(tmp_path)
-    for folder in ("policy", "tiny_judge"):  # made before: not trained again
-        write_lines(os.path.join(work, folder, "config.json"), [{}])
     for stage in ("train", "evaluate", "last_checkpoint", "analyze_runs"):
         monkeypatch.setattr(reward_models, stage, lambda *args, **kwargs: None)
+    # the starting policy and the tiny judge: made before, not trained again
+    monkeypatch.setattr(reward_models.arguments, "make_once", lambda *args, **kwargs: None)
     args = types.SimpleNamespace(steps=1, pretrain_steps=1, judge_steps=1)
     judge_of = reward_models.judges(work, "smollm2.gguf", "gemma.gguf")
     printed = []
