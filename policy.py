@@ -60,15 +60,23 @@ class Policy(Protocol):
         """The longest row it takes, in tokens (prompt + sample, context + ending)."""
 
     def encode_choices(self, examples, style):
-        """HellaSwag examples -> one (context ids, 4 ending id lists) row each, cut to block_size:
-        what the evaluator (hellaswag.evaluate) and the choice rollouts both score, so the choice
-        policy scores exactly as the evaluator. A bad example is a UserError that names it."""
+        """HellaSwag examples -> one entry each, in the policy's own row format (JSON-able; GPT's:
+        (context ids, 4 ending id lists)), cut to block_size: what the evaluator
+        (hellaswag.evaluate) and the choice rollouts both score, so the choice policy scores
+        exactly as the evaluator. A bad example is a UserError that names it."""
+
+    def choice_inputs(self, encoded):
+        """Entries of encode_choices -> forward's keyword arguments (CPU tensors) for their choice
+        forward (GPT's: idx and segments from model.pack_choices)."""
+
+    def choice_lengths(self, encoded):
+        """Entries of encode_choices -> each ending's scored tokens (N, 4) float32 (the per-token
+        normaliser), and the tokens each entry's choice forward runs (N,) long."""
 
     def forward(self, idx, attention_mask=None, logits_at=None, segments=None):
         """
-        The choice forward, with segments: idx and segments from model.pack_choices(rows,
-        tokens.pad_id) -> (N, 4) summed ending log-probs and (N,) values at each context's last
-        token.
+        The choice forward, with the keyword arguments of choice_inputs -> (N, 4) summed ending
+        log-probs and (N,) values at each context's last token.
         The sequence forward, with logits_at (B, T) bool over right-padded rows: -> logits (K, V)
         at the K selected positions in row-major order, and values (B, T).
         """

@@ -1,0 +1,132 @@
+"""
+A transformers causal LM as the policy (hf_policy.HFPolicy): tiny random Llama and Gemma 3
+(sliding-window) models built here, saved and loaded by path. Its choice rows score as
+hellaswag.evaluate scores the same model, its samples' log-probs are those of a forward over them,
+padding changes nothing, and it trains through train_ppo's real loop.
+"""
+
+import pytest
+import torch
+
+import synthetic
+import train_ppo
+from causal_lm import CausalLM, padded
+from hellaswag import evaluate, load_examples
+from hf_policy import HFPolicy
+from test_causal_lm import build_gemma3, build_llama
+from tokenizer import SENTENCE_ENDS
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return build_llama(tmp_path_factory.mktemp("llama"), window=96)
+
+
+@pytest.fixture(scope="module")
+def gemma3_dir(tmp_path_factory):
+    # a sliding window shorter than the rows, so that the window is exercised
+    return build_gemma3(tmp_path_factory.mktemp("gemma3"), window=96, sliding_window=8)
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "val.jsonl"
+    synthetic.write_jsonl(path, synthetic.make_examples(6, seed=3, split="val"))
+    return load_examples(data_file=str(path))
+
+
+@pytest.fixture(params=["llama", "gemma3"])
+def source(request):
+    return request.getfixturevalue(f"{request.param}_dir")
+
+
+@pytest.mark.parametrize("style", ["completion", "lm-eval"])
+def test_choice_sums_are_the_evaluators(source, examples, style):
+    policy = HFPolicy.load(source)
+    encoded = policy.encode_choices(examples, style)
+    with torch.no_grad():
+        sums, values = policy(**policy.choice_inputs(encoded))
+    result = evaluate(CausalLM.load(source), examples, style=style, return_predictions=True)
+    expected = torch.tensor([p["sum_logprobs"] for p in result["predictions"]])
+    torch.testing.assert_close(sums, expected, atol=2e-5, rtol=0)
+    assert sums.dtype == torch.float32 and values.shape == (len(examples),)
+    # and the policy itself is evaluated as its causal LM is
+    assert evaluate(policy, examples, style=style)["acc_norm"] == result["acc_norm"]
+    if style == "completion":  # the choice policy: softmax of the per-token means
+        with torch.no_grad():
+            logprobs, _ = train_ppo.choice_forward(policy, encoded, 0.5, "cpu", policy)
+        norm = torch.tensor([p["norm_scores"] for p in result["predictions"]])
+        torch.testing.assert_close(logprobs, torch.log_softmax(norm / 0.5, -1), atol=1e-4,
+                                   rtol=0)
+
+
+def test_the_choice_forward_has_gradients_and_a_zero_value_head(llama_dir, examples):
+    policy = HFPolicy.load(llama_dir).requires_grad_(True)
+    assert not policy.value_head.weight.any() and not policy.value_head.bias.any()
+    encoded = policy.encode_choices(examples[:2], "completion")
+    sums, values = policy(**policy.choice_inputs(encoded))
+    assert not values.any()
+    (sums.sum() + values.sum()).backward()
+    assert policy.value_head.weight.grad.abs().sum() > 0
+    assert policy.value_head.bias.grad.item() == 2  # one value per example
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.model.parameters())
+    groups = policy.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").param_groups
+    heads = [g for g in groups if g["value_head"]]
+    assert sum(len(g["params"]) for g in heads) == 2
+    assert all(p is policy.value_head.weight or p is policy.value_head.bias
+               for g in heads for p in g["params"])
+
+
+def prompts_of(policy, texts):
+    head = [policy.tokens.bos_id] if policy.tokens.bos_id is not None else []
+    return padded([head + policy.tokens.encode(t) for t in texts], policy.tokens.pad_id, left=True)
+
+
+def test_generates_log_probs_are_a_forward_over_the_sampled_tokens(source):
+    policy = HFPolicy.load(source)
+    prompts, mask = prompts_of(policy, ["A man is sitting on a roof. He starts",
+                                        "The cats", "Line one\nLine two and a much longer line"])
+    for top_k, temperature in ((None, 1.0), (5, 0.7)):
+        tokens, tokens_mask, logprobs = policy.generate(
+            prompts, mask, max_new_tokens=12, temperature=temperature, top_k=top_k,
+            stop_tokens=policy.tokens.stop_tokens(True), generator=torch.Generator().manual_seed(1))
+        again = policy.generate(prompts, mask, max_new_tokens=12, temperature=temperature,
+                                top_k=top_k, stop_tokens=policy.tokens.stop_tokens(True),
+                                generator=torch.Generator().manual_seed(1))
+        assert torch.equal(tokens, again[0])  # only the generator draws
+        with torch.no_grad():
+            forward, _, _ = train_ppo.sequence_forward(policy, prompts, mask, tokens, tokens_mask,
+                                                       temperature)
+        torch.testing.assert_close(logprobs, forward, atol=1e-4, rtol=0)
+        stops = torch.isin(tokens, torch.tensor(policy.tokens.stop_tokens(True)))
+        for row, row_mask, row_stops in zip(tokens, tokens_mask, stops):
+            n = int(row_mask.sum())  # up to and including the first stop token
+            assert not row_stops[:n - 1].any() and (n == tokens.size(1) or row_stops[n - 1])
+
+
+def test_left_padding_does_not_change_a_rows_log_probs(source):
+    policy = HFPolicy.load(source)
+    alone, alone_mask = prompts_of(policy, ["The cats are here."])
+    batch, batch_mask = prompts_of(policy, ["The cats are here.",
+                                            "A much longer row of text that pads the other one."])
+    with torch.no_grad():
+        logits_alone, values_alone = policy(alone, alone_mask)
+        logits, values = policy(batch, batch_mask)
+    n = alone.size(1)
+    torch.testing.assert_close(logits[0, -n:], logits_alone[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(values[0, -n:], values_alone[0])
+
+
+def test_the_tokens_are_the_tokenizers(source):
+    tokens = HFPolicy.load(source).tokens
+    text = "The quick brown fox jumps over the lazy dog, doesn't it? Yes!"
+    ids = tokens.encode(text)
+    assert tokens.decode(ids) == text and tokens.bos_id not in ids
+    # the bytes of the tokens of a text inside a sentence are its bytes
+    middle = tokens.encode("Wait. " + text)
+    assert b"".join(tokens.token_bytes(t) for t in middle).endswith(text.encode())
+    stops = tokens.stop_tokens(True)
+    assert tokens.eos_id in stops and tokens.stop_tokens(False) == [tokens.eos_id]
+    assert all(t == tokens.eos_id or tokens.token_bytes(t).decode() in SENTENCE_ENDS
+               for t in stops)
+    assert tokens.encode("Yes.")[-1] in stops
