@@ -38,6 +38,7 @@ from common import (PROGRESS_HELP, UserError, atomic_path, atomic_write_text, au
                     check_output_path, first_line, looks_like_a_path, progress_bar, read_json,
                     read_jsonl, resolve_device, run_cli, same_error_on_every_rank, shorten,
                     write_errors_are_one_line)
+from hf_policy import checkpoint_policy
 from model import GPT, logprobs_from_logits
 from tokenizer import gpt2_tokens
 from weights import (check_finite_weights, checkpoint_source, gguf_directory, is_gguf,
@@ -773,6 +774,9 @@ def load_model(source):
     takes that is GPT-2 exactly and reads GPT-2's tokens, else a transformers causal LM with its own
     tokenizer, in float32 on the CPU (--dtype sets the autocast, not the weights). A GGUF file
     is read through its cached transformers directory."""
+    policy = checkpoint_policy(source)  # a transformers policy trained by this project
+    if policy is not None:
+        return policy, None
     if is_gguf(source):
         source = gguf_directory(source)
     config = _transformers_config(source)

@@ -12,17 +12,20 @@ head only where a log-prob is needed (logits_to_keep: Gemma 3's vocabulary is 26
 """
 
 import functools
+import json
+import os
 import re
 
 import torch
 import torch.nn as nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-import hellaswag
 from causal_lm import (CausalLM, cache_argument, keeps_logits, load_causal_lm, padded,
                        special_prefix)
-from common import UserError
+from common import UserError, first_line
 from model import logprobs_from_logits, policy_adamw, sample_tokens
 from tokenizer import SENTENCE_ENDS, _bytes_to_unicode
+from weights import clean_state_dict, gguf_directory, is_checkpoint, is_gguf
 
 BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's token for a raw byte
 
@@ -117,11 +120,58 @@ class HFPolicy(nn.Module):
         return self.causal_lm.max_length
 
     # ----------------------------------------------------------------------------------------------
+    # checkpoints: what rebuilds it (its source, for the tokenizer, and its transformers config)
+    # beside its weights
+
+    def checkpoint_fields(self):
+        return {"source": self.source, "transformers_config": self.model.config.to_json_string()}
+
+    @staticmethod
+    def records(fields):
+        """Whether a checkpoint's model_config is an HFPolicy's (checkpoint_fields)."""
+        return isinstance(fields, dict) and "transformers_config" in fields
+
+    @classmethod
+    def from_checkpoint(cls, fields, state_dict, where):
+        """The policy a checkpoint holds: its transformers config, its weights, and the tokenizer
+        of the source it came from (which must still load)."""
+        source = fields["source"]
+        try:
+            config = json.loads(fields["transformers_config"])
+            config = AutoConfig.for_model(config.pop("model_type"), **config)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        except Exception as e:  # transformers raises many kinds for a config it cannot build
+            raise UserError(f"{where}: its policy's architecture cannot be rebuilt by this "
+                            f"transformers ({first_line(e)}); install the version it was "
+                            "trained with") from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf_directory(source) if is_gguf(source)
+                                                      else source)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"{where}: the tokenizer of {source}, where its policy came from, "
+                            f"does not load ({first_line(e)}); put that model back there") from None
+        policy = cls(model.eval(), tokenizer, source)
+        missing, unexpected = policy.load_state_dict(clean_state_dict(state_dict, where),
+                                                     strict=False)
+        # a tied LM head is saved once
+        missing = [k for k in missing if k not in tied_names(model)]
+        if missing or unexpected:
+            raise UserError(f"{where}: its weights do not fit its policy's architecture (missing "
+                            f"{missing[:4]}, unexpected {unexpected[:4]})")
+        return policy
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    # ----------------------------------------------------------------------------------------------
     # the choice rows: 4 whole rows per example, the evaluator's
 
     def encode_choices(self, examples, style):
         """Each example's 4 rows [ids, n scored tokens] as hellaswag.py --model SOURCE scores them
         (an ending may take context tokens of its own: a token spanning the boundary)."""
+        import hellaswag  # here, not at the top: hellaswag imports this module
         rows = hellaswag.causal_lm_rows(self.causal_lm, examples, style)
         return [[list(row) for row in rows[i:i + 4]] for i in range(0, len(rows), 4)]
 
@@ -229,3 +279,28 @@ class HFPolicy(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         return policy_adamw(self, weight_decay, learning_rate, betas, device_type)
+
+
+def tied_names(model):
+    """The names of the model's parameters that another parameter's tensor stands for (a tied LM
+    head), as HFPolicy names them."""
+    seen, tied = set(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add("model." + name)
+        seen.add(id(p))
+    return tied
+
+
+def checkpoint_policy(path):
+    """A checkpoint file of this project that holds an HFPolicy -> that policy; None for
+    any other source (GPT.from_pretrained and load_causal_lm read those)."""
+    if not (isinstance(path, str) and path.endswith(".pt") and os.path.isfile(path)):
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # GPT.from_pretrained says what is wrong with it
+        return None
+    if not is_checkpoint(ckpt) or not HFPolicy.records(ckpt.get("model_config")):
+        return None
+    return HFPolicy.from_checkpoint(ckpt["model_config"], ckpt["model"], path)

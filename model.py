@@ -195,6 +195,10 @@ class GPT(nn.Module):
     def block_size(self):
         return self.config.block_size
 
+    def checkpoint_fields(self):
+        """What rebuilds it besides its weights (a checkpoint's model_config): GPTConfig's fields."""
+        return dataclasses.asdict(self.config)
+
     def encode_choices(self, examples, style):
         """Each example's context and 4 endings as the HellaSwag scorer encodes them for this
         project's GPT (hellaswag.encode_for_model), cut to the window."""

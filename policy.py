@@ -87,6 +87,10 @@ class Policy(Protocol):
         (B, N), their mask (1 up to and including the first stop token) and their log-probs before
         top-k / top-p (float32, 0 where masked)."""
 
+    def checkpoint_fields(self):
+        """What rebuilds it besides its weights, a dict of plain data (a checkpoint's
+        model_config; train_ppo.policy_from_checkpoint reads it)."""
+
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """The optimizer over the trainable parameters, the value head's in groups of their own
         marked "value_head": True (its learning rate is scaled apart: value_lr_scale)."""

@@ -949,6 +949,15 @@ def build_policy(source, cfg):
     return model if tokenizer is None else HFPolicy(model, tokenizer, source)
 
 
+def policy_from_checkpoint(model_config, state_dict, where):
+    """The policy a checkpoint holds (its model_config: the policy's checkpoint_fields)."""
+    if HFPolicy.records(model_config):
+        return HFPolicy.from_checkpoint(model_config, state_dict, where)
+    policy = GPT(GPTConfig(**model_config))
+    policy._load_state_dict(state_dict, where)
+    return policy
+
+
 def load_models(cfg, init_from, ckpt, resume_path, device):
     """-> (policy with its value head, frozen reference, what a checkpoint keeps of the reference
     (a Reference: where it came from, the settings of a scratch one, a fingerprint of its
@@ -974,8 +983,7 @@ def load_models(cfg, init_from, ckpt, resume_path, device):
                         f"{resume_path}")
     reference.to(device).eval().requires_grad_(False)
     if ckpt:
-        policy = GPT(GPTConfig(**ckpt.model_config))
-        policy._load_state_dict(ckpt.model, resume_path)
+        policy = policy_from_checkpoint(ckpt.model_config, ckpt.model, resume_path)
     else:
         policy = copy.deepcopy(reference).requires_grad_(True)
     policy.to(device).eval()  # eval mode throughout: PPO wants no dropout in rollouts or updates

@@ -5,15 +5,20 @@ hellaswag.evaluate scores the same model, its samples' log-probs are those of a 
 padding changes nothing, and it trains through train_ppo's real loop.
 """
 
+import math
+import os
+
 import pytest
 import torch
 
+import hellaswag
 import synthetic
 import train_ppo
 from causal_lm import CausalLM, padded
 from hellaswag import evaluate, load_examples
 from hf_policy import HFPolicy
 from test_causal_lm import build_gemma3, build_llama
+from test_train_ppo import read_metrics, tiny_run
 from tokenizer import SENTENCE_ENDS
 
 
@@ -130,3 +135,68 @@ def test_the_tokens_are_the_tokenizers(source):
     assert all(t == tokens.eos_id or tokens.token_bytes(t).decode() in SENTENCE_ENDS
                for t in stops)
     assert tokens.encode("Yes.")[-1] in stops
+
+
+# --------------------------------------------------------------------------------------------------
+# through train_ppo's loop: init_from a transformers directory
+
+
+def llama_run(out_dir, synthetic_dir, llama_dir, **overrides):
+    settings = dict(init_from=llama_dir, reward_kind="label", batch_size=8, minibatch_size=4,
+                    micro_batch_size=4, ppo_epochs=1, eval_limit=8)
+    return tiny_run(out_dir, synthetic_dir, **{**settings, **overrides})
+
+
+ROLLOUT_ESTIMATORS = [(kind, name) for name, estimator in train_ppo.ADV_ESTIMATORS.items()
+                      for kind in estimator.rollouts]
+
+
+@pytest.mark.parametrize("rollout, adv_estimator", ROLLOUT_ESTIMATORS)
+def test_a_transformers_policy_trains_through_the_loop(tmp_path, synthetic_dir, llama_dir,
+                                                       rollout, adv_estimator):
+    # generate: judged by the demo's teacher, of GPT-2's vocabulary (another tokenizer)
+    generate = dict(reward_kind="likelihood", max_new_tokens=6,
+                    group_size=2 if train_ppo.ADV_ESTIMATORS[adv_estimator].grouped else 1)
+    cfg = llama_run(tmp_path, synthetic_dir, llama_dir, rollout=rollout,
+                    adv_estimator=adv_estimator, **(generate if rollout == "generate" else {}))
+    summary = train_ppo.train(cfg)
+    policy = summary["model"]
+    assert isinstance(policy, HFPolicy) and summary["step"] == 2
+    start = HFPolicy.load(llama_dir)
+    assert any(not torch.equal(a, b) for a, b in zip(policy.model.parameters(),
+                                                     start.model.parameters()))
+    metrics = read_metrics(tmp_path)
+    assert all(math.isfinite(m["pg_loss"]) for m in metrics if "pg_loss" in m)
+    val = load_examples(data_file=os.path.join(synthetic_dir, "val.jsonl"))[:8]
+    assert metrics[-1]["eval/acc_norm"] == evaluate(policy, val)["acc_norm"]
+
+
+def test_a_transformers_policy_resumes_exactly_and_its_run_is_a_source(tmp_path, synthetic_dir,
+                                                                       llama_dir, capsys):
+    common = dict(eval_interval=2, checkpoint_interval=2)
+    straight = train_ppo.train(llama_run(tmp_path / "straight", synthetic_dir, llama_dir,
+                                         max_steps=3, **common))["model"]
+    train_ppo.train(llama_run(tmp_path / "split", synthetic_dir, llama_dir, max_steps=2, **common))
+    resumed = train_ppo.train(llama_run(tmp_path / "split", synthetic_dir, llama_dir, max_steps=3,
+                                        init_from="resume", **common))["model"]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    # the checkpoint rebuilds it: its source's tokenizer, its config, its weights
+    ckpt = torch.load(tmp_path / "split" / "ckpt_000003.pt", weights_only=True)
+    assert ckpt["model_config"]["source"] == llama_dir
+    rebuilt = train_ppo.policy_from_checkpoint(ckpt["model_config"], ckpt["model"], "ckpt")
+    for (name, a), b in zip(resumed.state_dict().items(), rebuilt.state_dict().values()):
+        assert torch.equal(a, b), name
+    # hellaswag.py --model RUN_DIR scores as the run's last evaluation did
+    capsys.readouterr()
+    hellaswag.main(["--model", str(tmp_path / "split"), "--data",
+                    os.path.join(synthetic_dir, "val.jsonl"), "--limit", "8", "--no-progress"])
+    acc_norm = float(capsys.readouterr().out.split("acc_norm")[1].split()[0])
+    assert acc_norm == pytest.approx(read_metrics(tmp_path / "split")[-1]["eval/acc_norm"])
+    # and the run is a source to start from: the policy with its value head, the reference too
+    policy, reference, _ = train_ppo.load_models(
+        llama_run(tmp_path / "next", synthetic_dir, llama_dir), str(tmp_path / "split"), None,
+        None, "cpu")
+    for (name, a), b in zip(resumed.state_dict().items(), policy.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert isinstance(reference, HFPolicy) and not reference.value_head.weight.requires_grad
