@@ -22,10 +22,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from causal_lm import (CausalLM, cache_argument, keeps_logits, load_causal_lm, padded,
                        special_prefix)
-from common import UserError, first_line
+from common import UserError, atomic_directory, first_line
 from model import logprobs_from_logits, policy_adamw, sample_tokens
 from tokenizer import SENTENCE_ENDS, _bytes_to_unicode
-from weights import clean_state_dict, gguf_directory, is_checkpoint, is_gguf
+from weights import (clean_state_dict, gguf_directory, is_checkpoint, is_gguf,
+                     transformers_quietly, write_value_head)
 
 BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's token for a raw byte
 
@@ -279,6 +280,15 @@ class HFPolicy(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         return policy_adamw(self, weight_decay, learning_rate, betas, device_type)
+
+    def save_pretrained(self, out_dir):
+        """A transformers directory (the model and its tokenizer: AutoModelForCausalLM and
+        lm-evaluation-harness load it) plus value_head.safetensors, replaced atomically: a crash
+        leaves the old export or the new one, never half of one."""
+        with atomic_directory(out_dir) as tmp, transformers_quietly():
+            self.model.save_pretrained(tmp)
+            self.tokens.tokenizer.save_pretrained(tmp)
+            write_value_head(tmp, self.state_dict())
 
 
 def tied_names(model):

@@ -984,6 +984,10 @@ def load_models(cfg, init_from, ckpt, resume_path, device):
     reference.to(device).eval().requires_grad_(False)
     if ckpt:
         policy = policy_from_checkpoint(ckpt.model_config, ckpt.model, resume_path)
+        if type(policy) is not type(reference) or policy.tokens.vocab() != reference.tokens.vocab():
+            raise UserError(f"{resume_path}: its policy and its reference ({reference_from}) are "
+                            "not the same kind of model with the same tokenizer; resume with the "
+                            "reference the run started from")
     else:
         policy = copy.deepcopy(reference).requires_grad_(True)
     policy.to(device).eval()  # eval mode throughout: PPO wants no dropout in rollouts or updates

@@ -15,6 +15,7 @@ import hellaswag
 import synthetic
 import train_ppo
 from causal_lm import CausalLM, padded
+from common import run_cli
 from hellaswag import evaluate, load_examples
 from hf_policy import HFPolicy
 from test_causal_lm import build_gemma3, build_llama
@@ -200,3 +201,69 @@ def test_a_transformers_policy_resumes_exactly_and_its_run_is_a_source(tmp_path,
     for (name, a), b in zip(resumed.state_dict().items(), policy.state_dict().values()):
         assert torch.equal(a, b), name
     assert isinstance(reference, HFPolicy) and not reference.value_head.weight.requires_grad
+
+
+def test_the_export_reloads_in_transformers_with_the_same_logits(tmp_path, synthetic_dir,
+                                                                  llama_dir):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    policy = train_ppo.train(llama_run(tmp_path, synthetic_dir, llama_dir, max_steps=1,
+                                       export_hf=True))["model"]
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    ids = torch.tensor([policy.tokens.encode("A man is sitting on a roof. He starts")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, policy.model(ids).logits, atol=1e-5, rtol=0)
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").get_vocab() == policy.tokens.vocab()
+    head = load_file(tmp_path / "hf" / "value_head.safetensors")
+    assert torch.equal(head["weight"], policy.value_head.weight)
+    # and the export is a source as any transformers directory is
+    assert isinstance(train_ppo.build_policy(str(tmp_path / "hf"), None), HFPolicy)
+
+
+def bad_input(argv, main, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(main, argv)
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
+    return err
+
+
+def test_bad_sources_are_one_line_errors_before_any_work(tmp_path, synthetic_dir, llama_dir,
+                                                         capsys):
+    def run(out, **overrides):
+        settings = dict(out_dir=str(tmp_path / out), synthetic=True,
+                        synthetic_dir=synthetic_dir, device="cpu", reward_kind="label",
+                        batch_size=8, minibatch_size=4, micro_batch_size=4, max_steps=1,
+                        eval_interval=0, checkpoint_interval=1, export_hf=False)
+        return [f"--{k}={v}" for k, v in {**settings, **overrides}.items()]
+
+    # not a causal LM
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    err = bad_input(run("a", init_from=str(tmp_path / "bert")), train_ppo.main, capsys)
+    assert str(tmp_path / "bert") in err
+    assert not os.path.exists(tmp_path / "a" / "metrics.jsonl")
+    # no tokenizer
+    import shutil
+    shutil.copytree(llama_dir, tmp_path / "bare")
+    for name in os.listdir(tmp_path / "bare"):
+        if "token" in name:
+            os.remove(tmp_path / "bare" / name)
+    assert "tokenizer" in bad_input(run("b", init_from=str(tmp_path / "bare")), train_ppo.main,
+                                    capsys)
+    # a checkpoint whose source cannot be rebuilt
+    train_ppo.main(run("c", init_from=llama_dir))
+    ckpt = torch.load(tmp_path / "c" / "ckpt_000001.pt", weights_only=True)
+    ckpt["model_config"]["source"] = str(tmp_path / "gone")
+    torch.save(ckpt, tmp_path / "moved.pt")
+    err = bad_input(["--model", str(tmp_path / "moved.pt"), "--data",
+                     os.path.join(synthetic_dir, "val.jsonl")], hellaswag.main, capsys)
+    assert "moved.pt" in err and "gone" in err
+    # a policy and a reference that disagree: a resumed transformers policy, a GPT reference
+    ckpt = torch.load(tmp_path / "c" / "ckpt_000001.pt", weights_only=True)
+    ckpt["reference_from"] = os.path.join(synthetic_dir, "policy")
+    ckpt["reference_fingerprint"] = None
+    torch.save(ckpt, tmp_path / "c" / "ckpt_000001.pt")
+    err = bad_input(run("c", init_from="resume", max_steps=2), train_ppo.main, capsys)
+    assert "reference" in err
