@@ -267,3 +267,25 @@ def test_bad_sources_are_one_line_errors_before_any_work(tmp_path, synthetic_dir
     torch.save(ckpt, tmp_path / "c" / "ckpt_000001.pt")
     err = bad_input(run("c", init_from="resume", max_steps=2), train_ppo.main, capsys)
     assert "reference" in err
+
+
+@pytest.mark.slow
+def test_one_step_of_the_smollm2_config_with_the_real_gguf(tmp_path):
+    from test_gguf import smollm2_path
+
+    path = smollm2_path()
+    if not os.path.isfile(path):
+        pytest.skip(f"{path} is not there")
+    data = os.path.join(os.path.dirname(__file__), "fixtures", "hellaswag_synthetic.jsonl")
+    cfg = train_ppo.load_config([os.path.join(os.path.dirname(__file__), "..", "configs",
+                                              "smollm2_label.py"),
+                                 f"--init_from={path}", f"--out_dir={tmp_path}",
+                                 f"--train_data={data}", f"--val_data={data}", "--batch_size=4",
+                                 "--minibatch_size=4", "--ppo_epochs=1", "--max_steps=1",
+                                 "--eval_limit=4", "--eval_interval=1", "--checkpoint_interval=1"])
+    summary = train_ppo.train(cfg)
+    assert isinstance(summary["model"], HFPolicy) and summary["step"] == 1
+    step = read_metrics(tmp_path)[-1]
+    assert math.isfinite(step["pg_loss"]) and 0 <= step["eval/acc_norm"] <= 1
+    ckpt = torch.load(tmp_path / "ckpt_000001.pt", weights_only=True, mmap=True)
+    assert ckpt["model_config"]["source"] == path
