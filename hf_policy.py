@@ -202,7 +202,8 @@ class HFPolicy(nn.Module):
         T = idx.size(1)
         last = T - 1 if last is None else last
         keep = keeps_logits(self.model)
-        kwargs = {"logits_to_keep": torch.arange(first, last + 1, device=idx.device)} if keep else {}
+        span = torch.arange(first, last + 1, device=idx.device)
+        kwargs = {"logits_to_keep": span} if keep else {}
         positions = None
         if attention_mask is not None:
             positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)

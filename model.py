@@ -196,7 +196,8 @@ class GPT(nn.Module):
         return self.config.block_size
 
     def checkpoint_fields(self):
-        """What rebuilds it besides its weights (a checkpoint's model_config): GPTConfig's fields."""
+        """What rebuilds it besides its weights (a checkpoint's model_config): GPTConfig's
+        fields."""
         return dataclasses.asdict(self.config)
 
     def encode_choices(self, examples, style):

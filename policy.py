@@ -1,9 +1,10 @@
 """
 The policy's interface: what the PPO rollouts, the update and the evaluation use of a policy, its
 tokenizer included, written down once. model.GPT is its reference implementation (with
-tokenizer.GPT2Tokens as its tokens); another architecture comes in through an adapter that meets
-it. Nothing outside the GPT module assumes GPT-2's token ids: text goes in and out through
-policy.tokens, and the multiple-choice rows through policy.encode_choices.
+tokenizer.GPT2Tokens as its tokens); any other transformers causal LM comes in through
+hf_policy.HFPolicy, which meets it. Nothing outside the GPT module assumes GPT-2's token ids:
+text goes in and out through policy.tokens, and the multiple-choice rows through
+policy.encode_choices.
 
     rows = policy.encode_choices(examples, "completion")   # what the evaluator and PPO both score
     prompts, mask = causal_lm.padded([policy.tokens.encode(ctx)], policy.tokens.pad_id, left=True)
@@ -50,7 +51,8 @@ class Policy(Protocol):
     the gradients only of what ran inside forward); log-probs and values come back float32.
     hellaswag.evaluate scores the rows of encode_choices without gradients; a GPT's with the
     shared-context scorer (hellaswag.score_choices, which reads GPT's own hidden_states and KV
-    cache).
+    cache), a transformers policy's (hf_policy.HFPolicy) through its causal_lm, as hellaswag.py
+    --model SOURCE scores that model.
     """
     tokens: Tokens
     value_head: torch.nn.Module  # frozen by the estimators that take no value baseline

