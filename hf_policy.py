@@ -18,6 +18,7 @@ import re
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from causal_lm import (CausalLM, cache_argument, keeps_logits, load_causal_lm, padded,
@@ -114,7 +115,17 @@ class HFPolicy(nn.Module):
     def load(cls, source):
         """From anything a judge loads from (a hub name, a transformers directory, a .gguf file),
         in float32 on the CPU."""
-        return cls(*load_causal_lm(str(source), "cpu", torch.float32), source=source)
+        return cls.wrap(*load_causal_lm(str(source), "cpu", torch.float32), source=source)
+
+    @classmethod
+    def wrap(cls, model, tokenizer, source):
+        """The policy of a loaded model, with the value head that this project's export keeps
+        beside it (value_head.safetensors in the source directory) if there is one."""
+        policy = cls(model, tokenizer, source)
+        value_head = os.path.join(str(source), "value_head.safetensors")
+        if os.path.isfile(value_head):
+            policy.value_head.load_state_dict(load_file(value_head))
+        return policy
 
     @property
     def block_size(self):

@@ -946,7 +946,7 @@ def build_policy(source, cfg):
     # a GPT-2 as hellaswag.py tells one (exactly GPT-2, GPT-2's tokens) loads into GPT, any other
     # causal LM is wrapped by the adapter
     model, tokenizer = hellaswag.load_model(source)
-    return model if tokenizer is None else HFPolicy(model, tokenizer, source)
+    return model if tokenizer is None else HFPolicy.wrap(model, tokenizer, source)
 
 
 def policy_from_checkpoint(model_config, state_dict, where):

@@ -217,8 +217,14 @@ def test_the_export_reloads_in_transformers_with_the_same_logits(tmp_path, synth
     assert AutoTokenizer.from_pretrained(tmp_path / "hf").get_vocab() == policy.tokens.vocab()
     head = load_file(tmp_path / "hf" / "value_head.safetensors")
     assert torch.equal(head["weight"], policy.value_head.weight)
-    # and the export is a source as any transformers directory is
-    assert isinstance(train_ppo.build_policy(str(tmp_path / "hf"), None), HFPolicy)
+    # and an export is a source as any transformers directory is, its value head kept
+    with torch.no_grad():
+        policy.value_head.weight.normal_()
+    policy.save_pretrained(tmp_path / "again")
+    again = train_ppo.build_policy(str(tmp_path / "again"), None)
+    assert isinstance(again, HFPolicy)
+    for (name, a), b in zip(policy.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def bad_input(argv, main, capsys):
