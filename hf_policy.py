@@ -25,7 +25,7 @@ from causal_lm import (CausalLM, cache_argument, keeps_logits, load_causal_lm, p
                        special_prefix)
 from common import UserError, atomic_directory, first_line
 from model import logprobs_from_logits, policy_adamw, sample_tokens
-from tokenizer import SENTENCE_ENDS, _bytes_to_unicode
+from tokenizer import SENTENCE_ENDS, bytes_to_unicode
 from weights import (clean_state_dict, gguf_directory, is_checkpoint, is_gguf,
                      transformers_quietly, write_value_head)
 
@@ -63,9 +63,9 @@ class HFTokens:
     def _bytes(self):
         """Each id's bytes: byte-level BPE (GPT-2's table of printable stand-ins), SentencePiece
         (its "▁" for a space, <0xNN> for a raw byte), or the token's text; special tokens none."""
-        byte_level = "ByteLevel" in repr(getattr(self.tokenizer, "backend_tokenizer", None)
-                                         and self.tokenizer.backend_tokenizer.decoder)
-        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)  # a fast tokenizer's
+        byte_level = backend is not None and "ByteLevel" in repr(backend.decoder)
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
         special = set(self.tokenizer.all_special_ids)
         table = []
         for i, piece in enumerate(self.tokenizer.convert_ids_to_tokens(range(len(self.tokenizer)))):

@@ -18,7 +18,7 @@ from causal_lm import CausalLM, padded
 from common import run_cli
 from hellaswag import evaluate, load_examples
 from hf_policy import HFPolicy
-from test_causal_lm import build_gemma3, build_llama
+from test_causal_lm import build_gemma3, build_llama, build_pythia
 from test_train_ppo import read_metrics, tiny_run
 from tokenizer import SENTENCE_ENDS
 
@@ -123,7 +123,10 @@ def test_left_padding_does_not_change_a_rows_log_probs(source):
     torch.testing.assert_close(values[0, -n:], values_alone[0])
 
 
-def test_the_tokens_are_the_tokenizers(source):
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "pythia"])  # pythia's: byte-level BPE
+def test_the_tokens_are_the_tokenizers(kind, request, tmp_path):
+    source = (build_pythia(tmp_path) if kind == "pythia"
+              else request.getfixturevalue(f"{kind}_dir"))
     tokens = HFPolicy.load(source).tokens
     text = "The quick brown fox jumps over the lazy dog, doesn't it? Yes!"
     ids = tokens.encode(text)
