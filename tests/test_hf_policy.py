@@ -298,3 +298,31 @@ def test_one_step_of_the_smollm2_config_with_the_real_gguf(tmp_path):
     assert math.isfinite(step["pg_loss"]) and 0 <= step["eval/acc_norm"] <= 1
     ckpt = torch.load(tmp_path / "ckpt_000001.pt", weights_only=True, mmap=True)
     assert ckpt["model_config"]["source"] == path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rollout", ["choice", "generate"])
+def test_two_gloo_ranks_train_a_transformers_policy_to_the_same_weights(tmp_path, synthetic_dir,
+                                                                        llama_dir, rollout):
+    import subprocess
+    import sys
+
+    from test_train_faults import REPO, RUN_SCRIPT, launcher_args
+
+    script = tmp_path / "run.py"
+    script.write_text(RUN_SCRIPT)
+    generate = dict(reward_kind="likelihood", max_new_tokens=6)
+    cfg = llama_run(tmp_path, synthetic_dir, llama_dir, rollout=rollout,
+                    **(generate if rollout == "generate" else {}))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(script),
+                           *launcher_args(cfg, tmp_path / "run")],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "WEIGHTS_DIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert rank0.keys() == rank1.keys()
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
+    start = HFPolicy.load(llama_dir).state_dict()
+    assert any(not torch.equal(rank0[name], start[name]) for name in start)
+    assert [m["step"] for m in read_metrics(tmp_path / "run")][-1] == 2
