@@ -326,3 +326,22 @@ def test_two_gloo_ranks_train_a_transformers_policy_to_the_same_weights(tmp_path
     start = HFPolicy.load(llama_dir).state_dict()
     assert any(not torch.equal(rank0[name], start[name]) for name in start)
     assert [m["step"] for m in read_metrics(tmp_path / "run")][-1] == 2
+
+
+@pytest.mark.parametrize("judge", ["another tokenizer", "the same tokenizer"])
+def test_judges_of_another_and_of_the_same_tokenizer_reward_a_transformers_policy(
+        tmp_path, synthetic_dir, llama_dir, judge):
+    if judge == "another tokenizer":  # the demo's teacher, of GPT-2's vocabulary, picks endings
+        cfg = llama_run(tmp_path, synthetic_dir, llama_dir, reward_kind="teacher", max_steps=1)
+    else:  # the policy's own model judges its samples, per token
+        data = {k: os.path.join(synthetic_dir, f"{split}.jsonl")
+                for k, split in (("train_data", "train"), ("val_data", "val"))}
+        cfg = llama_run(tmp_path, synthetic_dir, llama_dir, synthetic=False, **data,
+                        rollout="generate", reward_kind="likelihood", likelihood_dense=True,
+                        reward_model=llama_dir, max_new_tokens=6, max_steps=1)
+    summary = train_ppo.train(cfg)
+    step = read_metrics(tmp_path)[-1]
+    assert summary["step"] == 1 and math.isfinite(step["reward"])
+    judge_lm = CausalLM.load(cfg.reward_model if judge != "another tokenizer"
+                             else os.path.join(synthetic_dir, "teacher"))
+    assert judge_lm.shares_vocab(summary["model"].tokens) == (judge == "the same tokenizer")
