@@ -595,8 +595,9 @@ def teacher_agreement(before, after, teacher, notes):
 
 
 def run_tokens(config):
-    """The tokens of a run's policy (policy.Tokens): every policy train_ppo.py builds is a GPT,
-    whose tokens are GPT-2's."""
+    """The tokens of a run's policy (policy.Tokens), for a run whose metrics lack its samples'
+    lengths and stops: such runs are older than the transformers policy (hf_policy), so their
+    policy is a GPT, whose tokens are GPT-2's."""
     return gpt2_tokens()
 
 

@@ -38,6 +38,7 @@ from common import (PROGRESS_HELP, UserError, atomic_path, atomic_write_text, au
                     check_output_path, first_line, looks_like_a_path, progress_bar, read_json,
                     read_jsonl, resolve_device, run_cli, same_error_on_every_rank, shorten,
                     write_errors_are_one_line)
+from hf_policy import checkpoint_policy
 from model import GPT, logprobs_from_logits
 from tokenizer import gpt2_tokens
 from weights import (check_finite_weights, checkpoint_source, gguf_directory, is_gguf,
@@ -455,19 +456,26 @@ def _score_with_gpt(model, examples, style, batch_size, device, dtype, progress)
     return sum_logprobs, n_tokens.view(-1, 4)
 
 
-def _score_with_causal_lm(lm, examples, style, batch_size, device, dtype, progress):
-    """-> summed ending log-probs and ending lengths in tokens, (N, 4) each: each ending a row of
-    its own, scored by causal_lm exactly as a teacher scores it in reward.py."""
+def causal_lm_rows(lm, examples, style):
+    """-> 4 rows (ids, n scored tokens) per example, ending after ending: each ending a row of its
+    own, with the model's own tokenizer, boundary, BOS and window rules (CausalLM.encode_pairs). A
+    transformers policy's choice rows (hf_policy) are these."""
     contexts, continuations = [], []
     for ex in examples:
         context, endings = example_texts(ex, style)
         contexts += [context] * 4
         continuations += endings
+    try:
+        return lm.encode_pairs(contexts, continuations)
+    except PairError as e:
+        raise UserError(f"example {examples[e.index // 4]['index']}: {e.problem}") from None
+
+
+def _score_with_causal_lm(lm, examples, style, batch_size, device, dtype, progress):
+    """-> summed ending log-probs and ending lengths in tokens, (N, 4) each: each ending a row of
+    its own, scored by causal_lm exactly as a teacher scores it in reward.py."""
     with same_error_on_every_rank():
-        try:
-            rows = lm.encode_pairs(contexts, continuations)
-        except PairError as e:
-            raise UserError(f"example {examples[e.index // 4]['index']}: {e.problem}") from None
+        rows = causal_lm_rows(lm, examples, style)
     with autocast(device, dtype):
         sum_logprobs = sequence_logprobs(lm.model, rows, lm.pad_id, 4 * batch_size, device,
                                          progress=progress)
@@ -494,6 +502,9 @@ def evaluate(model, examples, *, tokenizer=None, style="completion", batch_size=
         raise UserError(f"{len(unlabeled)} examples have no label (first: index {unlabeled[0]}); "
                         "the HellaSwag test split is unlabeled, evaluate on val (or train)")
     model = _unwrap(model)
+    # a transformers policy (hf_policy.HFPolicy) scores as its causal LM does alone: what
+    # hellaswag.py --model SOURCE says of it
+    model = getattr(model, "causal_lm", model)
     if not isinstance(model, (GPT, CausalLM)):
         if tokenizer is None:
             raise ValueError("a transformers model needs its tokenizer: "
@@ -763,6 +774,9 @@ def load_model(source):
     takes that is GPT-2 exactly and reads GPT-2's tokens, else a transformers causal LM with its own
     tokenizer, in float32 on the CPU (--dtype sets the autocast, not the weights). A GGUF file
     is read through its cached transformers directory."""
+    policy = checkpoint_policy(source)  # a transformers policy trained by this project
+    if policy is not None:
+        return policy, None
     if is_gguf(source):
         source = gguf_directory(source)
     config = _transformers_config(source)

@@ -195,12 +195,32 @@ class GPT(nn.Module):
     def block_size(self):
         return self.config.block_size
 
+    def checkpoint_fields(self):
+        """What rebuilds it besides its weights (a checkpoint's model_config): GPTConfig's
+        fields."""
+        return dataclasses.asdict(self.config)
+
     def encode_choices(self, examples, style):
         """Each example's context and 4 endings as the HellaSwag scorer encodes them for this
         project's GPT (hellaswag.encode_for_model), cut to the window."""
         import hellaswag  # here, not at the top: hellaswag imports this module
         return [hellaswag.encode_for_model(ex, self.tokens.encode, self.block_size, style)
                 for ex in examples]
+
+    def choice_inputs(self, encoded):
+        """forward's keyword arguments for the choice forward of rows of encode_choices: each
+        context once, its endings packed after it (pack_choices)."""
+        idx, segments = pack_choices(encoded, self.tokens.pad_id)
+        return {"idx": idx, "segments": segments}
+
+    def choice_lengths(self, encoded):
+        """-> each ending's tokens (N, 4) float32 (the scorer's per-token normaliser), and the
+        tokens of each example's packed row (N,) long (what its choice forward runs)."""
+        endings = torch.tensor([[len(e) for e in endings] for _, endings in encoded],
+                               dtype=torch.float32)
+        packed = torch.tensor([len(context) + sum(map(len, endings))
+                               for context, endings in encoded], dtype=torch.long)
+        return endings, packed
 
     # ----------------------------------------------------------------------------------------------
     # forward
@@ -363,44 +383,21 @@ class GPT(nn.Module):
         full_mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=1)
         cache = [KVCache(T + max_new_tokens) for _ in self.transformer.h]
         hidden = self.hidden_states(idx, attention_mask, cache=cache)
+
+        def next_logits(next_token, step):
+            hidden = self.hidden_states(next_token[:, None], full_mask[:, :T + step + 1],
+                                        cache=cache)
+            return self.lm_head(hidden[:, -1, :]).float()
+
         # left padding: the last column is every row's last token
-        logits = self.lm_head(hidden[:, -1, :]).float()
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        tokens, masks, logprobs = [], [], []
-        for step in range(max_new_tokens):
-            next_token, logp = sample_next_token(logits, temperature, top_k, top_p, generator)
-            alive = ~done
-            tokens.append(next_token)
-            masks.append(alive)
-            logprobs.append(logp * alive)
-            done = done | torch.isin(next_token, stop)
-            if step == max_new_tokens - 1 or bool(done.all()):
-                break
-            step_mask = full_mask[:, :T + step + 1]
-            hidden = self.hidden_states(next_token[:, None], step_mask, cache=cache)
-            logits = self.lm_head(hidden[:, -1, :]).float()
-        return torch.stack(tokens, 1), torch.stack(masks, 1).long(), torch.stack(logprobs, 1)
+        return sample_tokens(self.lm_head(hidden[:, -1, :]).float(), next_logits, max_new_tokens,
+                             temperature, top_k, top_p, stop, generator)
 
     # ----------------------------------------------------------------------------------------------
     # optimizer
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        # decay the matrices (and embeddings), not the biases and LayerNorm gains; the value head's
-        # in groups of their own (a learning rate of its own), each after its policy group: the
-        # head is the last module, so the parameters keep the order of a single group
-        groups = []
-        for decay in (True, False):
-            for value_head in (False, True):
-                params = [p for name, p in self.named_parameters()
-                          if p.requires_grad and (p.dim() >= 2) == decay
-                          and name.startswith("value_head.") == value_head]
-                if params:  # no group for a frozen value head
-                    groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
-                                   "value_head": value_head})
-        # one fused kernel for all parameters: on a CPU 4x faster than the per-tensor loop, at
-        # GPT-2 124M about 0.3 s saved per optimizer step
-        fused = device_type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+        return policy_adamw(self, weight_decay, learning_rate, betas, device_type)
 
     # ----------------------------------------------------------------------------------------------
     # loading and export
@@ -473,6 +470,50 @@ def pack_choices(encoded, pad_token=EOT_TOKEN):
         row_segments = [0] * len(context) + [j + 1 for j, e in enumerate(endings) for _ in e]
         segments[i, :len(row)] = torch.tensor(row_segments)
     return idx, segments
+
+
+def policy_adamw(policy, weight_decay, learning_rate, betas, device_type):
+    """A policy's AdamW (policy.Policy.configure_optimizers): decay the matrices (and embeddings),
+    not the biases and norm gains; the value head's in groups of their own (a learning rate of its
+    own), each after its policy group: the head is the last module, so the parameters keep the
+    order of a single group."""
+    groups = []
+    for decay in (True, False):
+        for value_head in (False, True):
+            params = [p for name, p in policy.named_parameters()
+                      if p.requires_grad and (p.dim() >= 2) == decay
+                      and name.startswith("value_head.") == value_head]
+            if params:  # no group for a frozen value head
+                groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0,
+                               "value_head": value_head})
+    # one fused kernel for all parameters: on a CPU 4x faster than the per-tensor loop, at
+    # GPT-2 124M about 0.3 s saved per optimizer step
+    fused = device_type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+
+def sample_tokens(logits, next_logits, max_new_tokens, temperature, top_k, top_p, stop,
+                  generator):
+    """
+    The sampling loop of a policy's generate with a KV cache: logits (B, V) float32 after the
+    prompt; next_logits(next_token (B,), step) runs the tokens just drawn and gives the logits
+    after them. -> tokens (B, N), mask (B, N) (1 up to and including the first stop token: stop, a
+    long tensor) and their log-probs before top-k / top-p, 0 where masked. Stops early once every
+    row has stopped.
+    """
+    done = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device)
+    tokens, masks, logprobs = [], [], []
+    for step in range(max_new_tokens):
+        next_token, logp = sample_next_token(logits, temperature, top_k, top_p, generator)
+        alive = ~done
+        tokens.append(next_token)
+        masks.append(alive)
+        logprobs.append(logp * alive)
+        done = done | torch.isin(next_token, stop)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        logits = next_logits(next_token, step)
+    return torch.stack(tokens, 1), torch.stack(masks, 1).long(), torch.stack(logprobs, 1)
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -1,9 +1,10 @@
 """
 The policy's interface: what the PPO rollouts, the update and the evaluation use of a policy, its
 tokenizer included, written down once. model.GPT is its reference implementation (with
-tokenizer.GPT2Tokens as its tokens); another architecture comes in through an adapter that meets
-it. Nothing outside the GPT module assumes GPT-2's token ids: text goes in and out through
-policy.tokens, and the multiple-choice rows through policy.encode_choices.
+tokenizer.GPT2Tokens as its tokens); any other transformers causal LM comes in through
+hf_policy.HFPolicy, which meets it. Nothing outside the GPT module assumes GPT-2's token ids:
+text goes in and out through policy.tokens, and the multiple-choice rows through
+policy.encode_choices.
 
     rows = policy.encode_choices(examples, "completion")   # what the evaluator and PPO both score
     prompts, mask = causal_lm.padded([policy.tokens.encode(ctx)], policy.tokens.pad_id, left=True)
@@ -50,7 +51,8 @@ class Policy(Protocol):
     the gradients only of what ran inside forward); log-probs and values come back float32.
     hellaswag.evaluate scores the rows of encode_choices without gradients; a GPT's with the
     shared-context scorer (hellaswag.score_choices, which reads GPT's own hidden_states and KV
-    cache).
+    cache), a transformers policy's (hf_policy.HFPolicy) through its causal_lm, as hellaswag.py
+    --model SOURCE scores that model.
     """
     tokens: Tokens
     value_head: torch.nn.Module  # frozen by the estimators that take no value baseline
@@ -60,15 +62,23 @@ class Policy(Protocol):
         """The longest row it takes, in tokens (prompt + sample, context + ending)."""
 
     def encode_choices(self, examples, style):
-        """HellaSwag examples -> one (context ids, 4 ending id lists) row each, cut to block_size:
-        what the evaluator (hellaswag.evaluate) and the choice rollouts both score, so the choice
-        policy scores exactly as the evaluator. A bad example is a UserError that names it."""
+        """HellaSwag examples -> one entry each, in the policy's own row format (JSON-able; GPT's:
+        (context ids, 4 ending id lists)), cut to block_size: what the evaluator
+        (hellaswag.evaluate) and the choice rollouts both score, so the choice policy scores
+        exactly as the evaluator. A bad example is a UserError that names it."""
+
+    def choice_inputs(self, encoded):
+        """Entries of encode_choices -> forward's keyword arguments (CPU tensors) for their choice
+        forward (GPT's: idx and segments from model.pack_choices)."""
+
+    def choice_lengths(self, encoded):
+        """Entries of encode_choices -> each ending's scored tokens (N, 4) float32 (the per-token
+        normaliser), and the tokens each entry's choice forward runs (N,) long."""
 
     def forward(self, idx, attention_mask=None, logits_at=None, segments=None):
         """
-        The choice forward, with segments: idx and segments from model.pack_choices(rows,
-        tokens.pad_id) -> (N, 4) summed ending log-probs and (N,) values at each context's last
-        token.
+        The choice forward, with the keyword arguments of choice_inputs -> (N, 4) summed ending
+        log-probs and (N,) values at each context's last token.
         The sequence forward, with logits_at (B, T) bool over right-padded rows: -> logits (K, V)
         at the K selected positions in row-major order, and values (B, T).
         """
@@ -78,6 +88,10 @@ class Policy(Protocol):
         """Sample continuations of left-padded prompts, drawing only from generator. -> tokens
         (B, N), their mask (1 up to and including the first stop token) and their log-probs before
         top-k / top-p (float32, 0 where masked)."""
+
+    def checkpoint_fields(self):
+        """What rebuilds it besides its weights, a dict of plain data (a checkpoint's
+        model_config; train_ppo.policy_from_checkpoint reads it)."""
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """The optimizer over the trainable parameters, the value head's in groups of their own

@@ -506,7 +506,7 @@ def checkpoint_dict(raw_model, cfg, state, run):
     """A checkpoint, each of its keys named here: the policy (weights and shape), the config, and
     the TrainingState a run needs to go on exactly. read_checkpoint reads it back. Every rank
     calls this: it gathers every rank's random generators."""
-    return {**policy_part(dataclasses.asdict(raw_model.config), raw_model.state_dict()),
+    return {**policy_part(raw_model.checkpoint_fields(), raw_model.state_dict()),
             "config": dataclasses.asdict(cfg),
             "step": state.step, "data_position": state.data_position,
             "best_acc_norm": state.best_acc_norm, "optimizer": state.optimizer.state_dict(),

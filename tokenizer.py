@@ -65,7 +65,7 @@ def gpt2_encoding():
     with open(encoder_json, encoding="utf-8") as f:
         encoder = json.load(f)
     # encoder.json maps GPT-2's printable byte-level strings to ids; undo the byte->unicode mapping
-    byte_decoder = {c: b for b, c in _bytes_to_unicode().items()}
+    byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
     ranks = {bytes(byte_decoder[c] for c in token): rank
              for token, rank in encoder.items() if token != "<|endoftext|>"}
     # the merge file must agree with the ranks: each merge produces the token of the next rank
@@ -79,7 +79,7 @@ def gpt2_encoding():
     )
 
 
-def _bytes_to_unicode():
+def bytes_to_unicode():
     # GPT-2's reversible byte -> printable-character table (from the original encoder.py)
     bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
           + list(range(ord("®"), ord("ÿ") + 1)))

@@ -48,12 +48,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import hellaswag
 import synthetic
 from causal_lm import CausalLM, padded
 from common import UserError, all_reduce_sum, autocast, run_cli
 from config import describe, parse_config, setting
 from hellaswag import load_examples
-from model import GPT, GPTConfig, pack_choices
+from hf_policy import HFPolicy
+from model import GPT, GPTConfig
 from reward import DEFAULT_REWARD_MODEL, REWARD_KINDS
 from run_management import (Batches, Reference, RunManager, Shown, StoppedAtOnce,
                             TrainingState, absolute_paths, check_sources, forget_after,
@@ -585,18 +587,18 @@ class Rollouts:
     loss_counts: torch.Tensor = None
 
 
-def choice_forward(model, encoded, choice_temperature, device, pad_id):
+def choice_forward(model, encoded, choice_temperature, device, rows):
     """
     Score the 4 endings of each encoded example (policy.encode_choices) as the HellaSwag scorer
-    does (mean log-prob per ending token) and turn them into the policy over endings. Each context
-    runs once, its endings packed after it (model.pack_choices, padded with the policy's pad_id),
-    with gradients through the shared context. -> log-probs (N, 4), values (N,), all float32.
+    does (mean log-prob per ending token) and turn them into the policy over endings, with
+    gradients. rows: the policy (unwrapped) whose rows these are: its choice_inputs lays them out
+    for its forward (GPT: each context once, its endings packed after it) and its choice_lengths
+    counts their tokens. -> log-probs (N, 4), values (N,), all float32.
     """
-    idx, segments = (t.to(device) for t in pack_choices(encoded, pad_id))
+    inputs = {name: t.to(device) for name, t in rows.choice_inputs(encoded).items()}
     # through forward(), so that DDP syncs the gradients
-    sum_logprobs, values = model(idx, segments=segments)
-    n_tokens = torch.tensor([[len(e) for e in endings] for _, endings in encoded],
-                            dtype=torch.float32, device=device)
+    sum_logprobs, values = model(**inputs)
+    n_tokens = rows.choice_lengths(encoded)[0].to(device)
     scores = sum_logprobs / n_tokens  # (N, 4) mean log-prob per ending token
     return F.log_softmax(scores / choice_temperature, dim=-1), values
 
@@ -608,10 +610,10 @@ class ChoiceRollouts:
     max_actions = 1  # per rollout
 
     def __init__(self, encoded, reward_fn, choice_temperature, micro_batch_size, device,
-                 score_every_ending=False, *, pad_id):
+                 score_every_ending=False, *, rows):
         # every training example, encoded once at setup as the evaluator encodes it
-        # (policy.encode_choices); pad_id: the policy's (policy.tokens)
-        self.encoded, self.pad_id = encoded, pad_id
+        # (policy.encode_choices); rows: that policy, unwrapped (choice_forward)
+        self.encoded, self.rows = encoded, rows
         self.reward_fn, self.temperature = reward_fn, choice_temperature
         self.micro_batch_size, self.device = micro_batch_size, device
         # whether the reward of every ending is wanted (AdvantageEstimator.every_choice_scored)
@@ -626,10 +628,10 @@ class ChoiceRollouts:
                                        if torch.isnan(self.reference_logprobs[i, 0])}),
                                dtype=torch.long)
         encoded = [self.encoded[i] for i in missing.tolist()]
-        for group in micro_batches(torch.arange(len(encoded)), packed_lengths(encoded),
+        for group in micro_batches(torch.arange(len(encoded)), self.lengths(encoded),
                                    self.micro_batch_size):
             lp = choice_forward(reference, [encoded[j] for j in group.tolist()],
-                                self.temperature, self.device, self.pad_id)[0]
+                                self.temperature, self.device, self.rows)[0]
             self.reference_logprobs[missing[group]] = lp.float().cpu()
         return self.reference_logprobs[indices].to(self.device)
 
@@ -657,14 +659,14 @@ class ChoiceRollouts:
     @torch.no_grad()
     def collect(self, policy, reference, examples, indices, generator, timer):
         encoded = [self.encoded[i] for i in indices]
-        lengths = packed_lengths(encoded)
+        lengths = self.lengths(encoded)
         policy_lp = torch.zeros(len(encoded), 4, device=self.device)
         values = torch.zeros(len(encoded), device=self.device)
         with timer("rollout"):
             for group in micro_batches(torch.arange(len(encoded)), lengths,
                                        self.micro_batch_size):
                 lp, v = choice_forward(policy, [encoded[j] for j in group.tolist()],
-                                       self.temperature, self.device, self.pad_id)
+                                       self.temperature, self.device, self.rows)
                 group = group.to(self.device)
                 policy_lp[group], values[group] = lp, v
         with timer("reference"):
@@ -688,7 +690,7 @@ class ChoiceRollouts:
                         ref_logprobs=ref_lp.gather(1, choices),
                         values=values[:, None],
                         mask=torch.ones(choices.shape, device=self.device), scores=scores,
-                        n_tokens=sum(4 * len(c) + sum(map(len, es)) for c, es in encoded),
+                        n_tokens=int(lengths.sum()),
                         samples=samples, lengths=lengths, choice_logprobs=policy_lp,
                         choice_ref_logprobs=ref_lp, choice_scores=every_score)
 
@@ -696,10 +698,14 @@ class ChoiceRollouts:
         """-> the chosen endings' log-probs, values and entropies (N, 1), and every ending's
         log-probs (N, 4)."""
         encoded = [rollouts.actions["encoded"][j] for j in micro.tolist()]
-        lp, v = choice_forward(model, encoded, self.temperature, self.device, self.pad_id)
+        lp, v = choice_forward(model, encoded, self.temperature, self.device, self.rows)
         entropy = -(lp.exp() * lp).sum(1, keepdim=True)
         chosen = lp.gather(1, rollouts.actions["choices"][micro])
         return chosen, v[:, None], entropy, lp
+
+    def lengths(self, encoded):
+        """(N,) long: the tokens each encoded example's choice forward runs (micro_batches)."""
+        return self.rows.choice_lengths(encoded)[1]
 
     def metrics(self, rollouts):
         """The share of this rank's choices that were the gold ending (when the data has labels)."""
@@ -709,12 +715,6 @@ class ChoiceRollouts:
         labels = torch.tensor(labels, device=self.device)
         chosen = rollouts.actions["choices"].squeeze(1)
         return {"train/chosen_acc": (chosen == labels).float().mean().item()}
-
-
-def packed_lengths(encoded):
-    """(N,) long: the tokens in each encoded example's packed row (pack_choices)."""
-    return torch.tensor([len(context) + sum(map(len, endings)) for context, endings in encoded],
-                        dtype=torch.long)
 
 
 def sequence_forward(model, prompts, prompt_mask, responses, response_mask, temperature,
@@ -778,7 +778,10 @@ class GenerateRollouts:
     def collect(self, policy, reference, examples, indices, generator, timer):
         cfg = self.cfg
         contexts = [self.tokens.encode(ex["ctx"]) for ex in examples]
-        prompt_tokens = [c[-self.prompt_budget:] for c in contexts]
+        # the context's last tokens, after the BOS the policy puts before a text (if any)
+        head = [] if self.tokens.bos_id is None else [self.tokens.bos_id]
+        prompt_tokens = [head + c[max(0, len(c) - self.prompt_budget + len(head)):]
+                         for c in contexts]
         prompts, prompt_mask = (t.to(self.device)
                                 for t in padded(prompt_tokens, self.tokens.pad_id, left=True))
         with timer("rollout"):
@@ -940,7 +943,19 @@ def build_policy(source, cfg):
         torch.manual_seed(cfg.seed)
         return GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                              block_size=cfg.block_size))
-    return GPT.from_pretrained(source)
+    # a GPT-2 as hellaswag.py tells one (exactly GPT-2, GPT-2's tokens) loads into GPT, any other
+    # causal LM is wrapped by the adapter
+    model, tokenizer = hellaswag.load_model(source)
+    return model if tokenizer is None else HFPolicy.wrap(model, tokenizer, source)
+
+
+def policy_from_checkpoint(model_config, state_dict, where):
+    """The policy a checkpoint holds (its model_config: the policy's checkpoint_fields)."""
+    if HFPolicy.records(model_config):
+        return HFPolicy.from_checkpoint(model_config, state_dict, where)
+    policy = GPT(GPTConfig(**model_config))
+    policy._load_state_dict(state_dict, where)
+    return policy
 
 
 def load_models(cfg, init_from, ckpt, resume_path, device):
@@ -968,8 +983,11 @@ def load_models(cfg, init_from, ckpt, resume_path, device):
                         f"{resume_path}")
     reference.to(device).eval().requires_grad_(False)
     if ckpt:
-        policy = GPT(GPTConfig(**ckpt.model_config))
-        policy._load_state_dict(ckpt.model, resume_path)
+        policy = policy_from_checkpoint(ckpt.model_config, ckpt.model, resume_path)
+        if type(policy) is not type(reference) or policy.tokens.vocab() != reference.tokens.vocab():
+            raise UserError(f"{resume_path}: its policy and its reference ({reference_from}) are "
+                            "not the same kind of model with the same tokenizer; resume with the "
+                            "reference the run started from")
     else:
         policy = copy.deepcopy(reference).requires_grad_(True)
     policy.to(device).eval()  # eval mode throughout: PPO wants no dropout in rollouts or updates
@@ -1000,7 +1018,7 @@ def build_rollouts(cfg, policy, train_examples, reward_fn, device):
         encoded = policy.encode_choices(train_examples, cfg.style)
         return ChoiceRollouts(encoded, reward_fn, cfg.choice_temperature, cfg.micro_batch_size,
                               device, ADV_ESTIMATORS[cfg.adv_estimator].every_choice_scored,
-                              pad_id=policy.tokens.pad_id)
+                              rows=policy)
     # fit the window
     prompt_budget = min(cfg.max_prompt_tokens, policy.block_size - cfg.max_new_tokens)
     if prompt_budget < 1:

@@ -703,11 +703,17 @@ def write_gpt2(out_dir, fields, state_dict):
     with atomic_directory(out_dir) as tmp, transformers_quietly():
         hf.save_pretrained(tmp)
         gpt2_hf_tokenizer().save_pretrained(tmp)
-        vh = {k.removeprefix("value_head."): v.detach().float().cpu().contiguous()
-              for k, v in state_dict.items() if k.startswith("value_head.")}
-        save_file(vh, os.path.join(tmp, "value_head.safetensors"))
+        write_value_head(tmp, state_dict)
         with open(os.path.join(tmp, "gpt_config.json"), "w") as f:
             json.dump(fields, f, indent=2)
+
+
+def write_value_head(directory, state_dict):
+    """The value head's tensors of a policy's state dict, as value_head.safetensors in an export
+    directory (beside the transformers model, which has no place for it)."""
+    vh = {k.removeprefix("value_head."): v.detach().float().cpu().contiguous()
+          for k, v in state_dict.items() if k.startswith("value_head.")}
+    save_file(vh, os.path.join(directory, "value_head.safetensors"))
 
 
 def _transformers_gpt2(fields, state_dict):

@@ -414,15 +414,15 @@ def test_a_reference_from_a_run_directory_stays_the_checkpoint_it_started_from(
 
 def test_cached_reference_scores_are_kept_only_for_the_same_examples_and_temperature():
     encoded = [([1, 2], [[3], [4], [5], [6]]), ([7], [[8], [9], [10], [11]])]
-    saved = train_ppo.ChoiceRollouts(encoded, None, 1.0, 2, "cpu", pad_id=0)
+    saved = train_ppo.ChoiceRollouts(encoded, None, 1.0, 2, "cpu", rows=None)
     saved.reference_logprobs = torch.randn(2, 4)
     state = saved.state_dict()
-    same = train_ppo.ChoiceRollouts(encoded, None, 1.0, 2, "cpu", pad_id=0)
+    same = train_ppo.ChoiceRollouts(encoded, None, 1.0, 2, "cpu", rows=None)
     assert (same.load_state_dict(state)
             and torch.equal(same.reference_logprobs, saved.reference_logprobs))
-    for other in (train_ppo.ChoiceRollouts(encoded, None, 2.0, 2, "cpu", pad_id=0),
-                  train_ppo.ChoiceRollouts(encoded[::-1], None, 1.0, 2, "cpu", pad_id=0),
-                  train_ppo.ChoiceRollouts(encoded[:1], None, 1.0, 2, "cpu", pad_id=0)):
+    for other in (train_ppo.ChoiceRollouts(encoded, None, 2.0, 2, "cpu", rows=None),
+                  train_ppo.ChoiceRollouts(encoded[::-1], None, 1.0, 2, "cpu", rows=None),
+                  train_ppo.ChoiceRollouts(encoded[:1], None, 1.0, 2, "cpu", rows=None)):
         assert not other.load_state_dict(state) and torch.isnan(other.reference_logprobs).all()
 
 

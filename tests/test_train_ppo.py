@@ -322,11 +322,11 @@ def test_rollouts_scored_in_micro_batches_of_similar_length_come_back_in_order(t
     synthetic.write_jsonl(tmp_path / "val.jsonl", synthetic.make_examples(5, seed=3, split="val"))
     examples = load_examples(data_file=str(tmp_path / "val.jsonl"))
     encoded = [encode_for_model(ex, gpt2_tokens().encode, 32) for ex in examples]
-    assert len(set(train_ppo.packed_lengths(encoded).tolist())) > 1
+    assert len(set(model.choice_lengths(encoded)[1].tolist())) > 1
     rollouts = []
     for micro_batch_size in (2, 5):
         kind = train_ppo.ChoiceRollouts(encoded, lambda indices, choices: torch.zeros(len(indices)),
-                                        0.5, micro_batch_size, device="cpu", pad_id=50256)
+                                        0.5, micro_batch_size, device="cpu", rows=model)
         rollouts.append(kind.collect(model, model, examples, [4, 0, 2, 1, 3],
                                      torch.Generator().manual_seed(0),
                                      run_management.PhaseTimer("cpu")))
@@ -764,7 +764,7 @@ def test_choice_policy_scores_endings_like_the_evaluator(tmp_path):
     assert max(len(c) + max(map(len, es)) for c, es in encoded) == 12
     with torch.no_grad():
         policy_logprobs, values = train_ppo.choice_forward(model, encoded, choice_temperature=0.5,
-                                                           device="cpu", pad_id=50256)
+                                                           device="cpu", rows=model)
         result = evaluate(model, examples, return_predictions=True)
     norm_scores = torch.tensor([p["norm_scores"] for p in result["predictions"]])
     assert torch.allclose(policy_logprobs, torch.log_softmax(norm_scores / 0.5, -1), atol=1e-4)
@@ -784,7 +784,7 @@ def test_choice_rollouts_compute_the_reference_once_per_example(tmp_path, monkey
     torch.manual_seed(0)
     reference = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)).eval()
     rollouts = train_ppo.ChoiceRollouts(encoded, None, 0.5, micro_batch_size=2, device="cpu",
-                                        pad_id=50256)
+                                        rows=reference)
     scored = []
     real = train_ppo.choice_forward
     monkeypatch.setattr(train_ppo, "choice_forward",
@@ -792,13 +792,13 @@ def test_choice_rollouts_compute_the_reference_once_per_example(tmp_path, monkey
     with torch.no_grad():
         first = rollouts.reference(reference, [4, 1, 4])
         again = rollouts.reference(reference, [1, 2])
-        expected = real(reference, encoded, 0.5, "cpu", 50256)[0]
+        expected = real(reference, encoded, 0.5, "cpu", reference)[0]
     # each example once, however often it is met (in micro-batches grouped by length: any order)
     assert sorted(scored) == sorted([encoded[1], encoded[4], encoded[2]])
     torch.testing.assert_close(first, expected[[4, 1, 4]])
     torch.testing.assert_close(again, expected[[1, 2]])
     restored = train_ppo.ChoiceRollouts(encoded, None, 0.5, micro_batch_size=2, device="cpu",
-                                        pad_id=50256)
+                                        rows=reference)
     # the checkpoint keeps them: a resumed run does not recompute
     restored.load_state_dict(rollouts.state_dict())
     torch.testing.assert_close(restored.reference(reference, [1, 2, 4]), expected[[1, 2, 4]])
