@@ -89,10 +89,10 @@ def sft_update(model, raw_model, state, encoded, labels, cfg, run):
 def check_labels(examples, cfg):
     """Supervised fine-tuning needs every training example's gold ending: found before the models
     load."""
-    unlabelled = [i for i, ex in enumerate(examples) if ex["label"] is None]
+    unlabelled = [ex["index"] for ex in examples if ex["label"] is None]
     if unlabelled:
         raise UserError(f"config: train_data={cfg.train_data!r}: {len(unlabelled)} of its "
-                        f"{len(examples)} examples have no label (first: example {unlabelled[0]}; "
+                        f"{len(examples)} examples have no label (first: index {unlabelled[0]}; "
                         "HellaSwag's test split is unlabelled); supervised fine-tuning learns from "
                         "the labels: train on train or val")
 
