@@ -192,3 +192,42 @@ def test_an_unknown_setting_is_one_line_and_exit_2(tmp_path):
 def test_a_config_of_any_reward_learns_from_the_labels():
     cfg = train_sft.load_config([os.path.join(REPO, "configs", "demo.py")])
     assert cfg.reward_kind == "label" and cfg.rollout == "choice" and cfg.batch_size == 64
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_as_one_process_with_both_batches(tmp_path, synthetic_dir):
+    """torchrun, 2 CPU processes: both ranks end with the same weights, those of one process
+    taking both ranks' examples a step (the gradients are averaged across ranks)."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "import train_sft\n"
+        "cfg = train_sft.load_config(sys.argv[1:])\n"
+        "summary = train_sft.train(cfg)\n"
+        "torch.save(summary['model'].state_dict(), "
+        "os.path.join(cfg.out_dir, f\"rank{os.environ['RANK']}.pt\"))\n")
+    common = dict(max_steps=3, eval_limit=21, learning_rate=3e-3, micro_batch_size=2)
+    # one optimizer step a step: a minibatch of each rank's examples is the whole global batch
+    cfg = tiny_run(tmp_path / "ddp", synthetic_dir, batch_size=8, minibatch_size=8, **common)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(script),
+                             *[f"--{k}={v}" for k, v in vars(cfg).items()]],
+                            cwd=REPO, capture_output=True, text=True, timeout=400,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1))
+    one = train_sft.train(tiny_run(tmp_path / "one", synthetic_dir, batch_size=16,
+                                   minibatch_size=16, **common))["model"].state_dict()
+    start = GPT.from_pretrained(os.path.join(synthetic_dir, "policy")).state_dict()
+    assert not torch.equal(start["lm_head.weight"], one["lm_head.weight"])
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+        # loosely: a parameter whose gradient is 0 in exact arithmetic (the attention's key bias)
+        # takes Adam steps on rounding noise, which differs with the order of the sums
+        assert torch.allclose(rank0[name], one[name], atol=5e-4), name
+    # the mean loss, probability of the gold ending and KL of each step, over both ranks' examples
+    logged = [[m[k] for m in read_metrics(tmp_path / run)[1:] for k in ("loss", "reward", "kl")]
+              for run in ("ddp", "one")]
+    assert logged[0] == pytest.approx(logged[1], rel=1e-5, abs=1e-6)
+    assert [m["eval/n"] for m in read_metrics(tmp_path / "ddp") if "eval/n" in m] == [21, 21]
