@@ -42,8 +42,11 @@ from train_ppo import (Config, FixedKLController, build_reward, build_rollouts, 
                        micro_batches, optimizer_step, packed_lengths, set_learning_rate)
 from weights import check_finite_weights
 
-# appended to the command line: what supervised fine-tuning learns from, whatever a config says
-SUPERVISED = ("--rollout=choice", "--reward_kind=label")
+
+def supervised_argv(argv):
+    """The command line as train_ppo reads it: out_dir's default is out/sft, and what supervised
+    fine-tuning learns from comes last, whatever a config file says."""
+    return ["--out_dir=out/sft", *argv, "--rollout=choice", "--reward_kind=label"]
 
 
 def choice_cross_entropy(logprobs, labels):
@@ -71,8 +74,10 @@ def sft_update(model, raw_model, state, encoded, labels, cfg, run):
     for minibatch in torch.arange(len(encoded)).split(cfg.minibatch_size):
         micros = micro_batches(minibatch, lengths, cfg.micro_batch_size)
         for i, micro in enumerate(micros):
-            # DDP all-reduces in the last micro-batch's backward; every rank has as many
-            no_sync = model.no_sync() if run.ddp and i < len(micros) - 1 else contextlib.nullcontext()
+            # DDP all-reduces the gradients in the minibatch's last backward, which every rank
+            # reaches at the same micro-batch (each has minibatch_size examples)
+            last = i == len(micros) - 1
+            no_sync = model.no_sync() if run.ddp and not last else contextlib.nullcontext()
             with no_sync, autocast(run.device, run.dtype):
                 loss, lp = sft_loss(model, [encoded[j] for j in micro.tolist()],
                                     labels[micro.to(run.device)], cfg, run.device,
@@ -196,8 +201,8 @@ def run_sft(cfg, run):
 
 
 def load_config(argv):
-    """train_ppo's Config, from the same config files and overrides, with SUPERVISED last."""
-    return train_ppo.load_config([*argv, *SUPERVISED])
+    """train_ppo's Config, from the same config files and overrides (supervised_argv)."""
+    return train_ppo.load_config(supervised_argv(argv))
 
 
 def train(cfg):
@@ -210,10 +215,11 @@ def main(argv=None):
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         print("\nusage: train_sft.py [configs/X.py ...] [--key=value ...]; the settings (those of "
-              "rollouts, rewards, the KL and PPO unused), their defaults and limits:")
+              "rollouts, rewards, the KL and PPO unused; out_dir's default out/sft), their "
+              "defaults and limits:")
         print(describe(Config))
         return None
-    return train_ppo.main([*argv, *SUPERVISED], loop=run_sft)
+    return train_ppo.main(supervised_argv(argv), loop=run_sft)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import train_sft
 from common import run_cli
 from hellaswag import read_predictions
 from model import GPT, GPTConfig
-from train_ppo import packed_lengths
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # what differs between two runs of the same training: the clock and the memory
@@ -192,6 +191,7 @@ def test_an_unknown_setting_is_one_line_and_exit_2(tmp_path):
 def test_a_config_of_any_reward_learns_from_the_labels():
     cfg = train_sft.load_config([os.path.join(REPO, "configs", "demo.py")])
     assert cfg.reward_kind == "label" and cfg.rollout == "choice" and cfg.batch_size == 64
+    assert cfg.out_dir == "out/demo" and train_sft.load_config([]).out_dir == "out/sft"
 
 
 @pytest.mark.slow
