@@ -1,7 +1,9 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -231,3 +233,24 @@ def test_two_gloo_processes_train_as_one_process_with_both_batches(tmp_path, syn
               for run in ("ddp", "one")]
     assert logged[0] == pytest.approx(logged[1], rel=1e-5, abs=1e-6)
     assert [m["eval/n"] for m in read_metrics(tmp_path / "ddp") if "eval/n" in m] == [21, 21]
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_exits_with_128_plus_the_signal(tmp_path, synthetic_dir):
+    cfg = tiny_run(tmp_path, synthetic_dir, max_steps=10000, eval_limit=8, batch_size=8)
+    proc = subprocess.Popen([sys.executable, "train_sft.py",
+                             *[f"--{k}={v}" for k, v in vars(cfg).items()]],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(tmp_path / "metrics.jsonl") and len(read_metrics(tmp_path)) >= 3:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    last_step = read_metrics(tmp_path)[-1]["step"]
+    ckpt = torch.load(tmp_path / f"ckpt_{last_step:06d}.pt", weights_only=True)
+    assert ckpt["step"] == last_step >= 2 and "received signal" in output
+    assert ckpt["data_position"] == last_step * cfg.batch_size
