@@ -194,6 +194,8 @@ def test_a_config_of_any_reward_learns_from_the_labels():
     cfg = train_sft.load_config([os.path.join(REPO, "configs", "demo.py")])
     assert cfg.reward_kind == "label" and cfg.rollout == "choice" and cfg.batch_size == 64
     assert cfg.out_dir == "out/demo" and train_sft.load_config([]).out_dir == "out/sft"
+    demo = train_sft.load_config([os.path.join(REPO, "configs", "sft_demo.py")])
+    assert demo.synthetic and demo.init_from == "synthetic" and demo.out_dir == "out/sft_demo"
 
 
 @pytest.mark.slow
