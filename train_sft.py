@@ -130,8 +130,8 @@ def run_sft(cfg, run):
     run.log(f"policy: {raw_model.num_params() / 1e6:.2f}M parameters from "
             f"{reference_state.source}; supervised on the labels; device {run.device}, "
             f"{run.world_size} process(es), autocast {run.dtype}")
-    # the label reward (logged for the picks) and the choice rollouts' encoded examples and cached
-    # reference scores (the KL), both saved with the checkpoints as a PPO run's
+    # a label run's reward and choice rollouts (the encoded examples, the reference's cached
+    # scores for the KL): the checkpoints hold what a PPO run's do
     label_reward, _ = build_reward(cfg, train_examples, sources, run)
     choices = build_rollouts(cfg, raw_model, train_examples, label_reward, run.device)
     labels = torch.tensor([ex["label"] for ex in train_examples], device=run.device)
