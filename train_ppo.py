@@ -1222,18 +1222,25 @@ def guarded_update(model, raw_model, state, rollout_kind, batch, cfg, run):
     if finite_rollout:
         stats, epochs_done, finite = ppo_update(model, raw_model, state, rollout_kind, batch, cfg,
                                                 run)
+    count_bad_steps(raw_model, state, finite, "gradient" if finite_rollout else "rollout", cfg,
+                    run)
+    return stats, epochs_done
+
+
+def count_bad_steps(raw_model, state, finite, what, cfg, run):
+    """Count the step about to end as bad unless finite (what: the non-finite part), stop the run
+    at max_bad_steps in a row, and check the weights, before they are sampled from or saved."""
     state.bad_steps = 0 if finite else state.bad_steps + 1
     step = state.step + 1
     if state.bad_steps:
-        run.warn(f"step {step}: non-finite {'gradient' if finite_rollout else 'rollout'} "
-                 f"({state.bad_steps} step(s) in a row); the rest of the step's update is skipped")
+        run.warn(f"step {step}: non-finite {what} ({state.bad_steps} step(s) in a row); the rest "
+                 "of the step's update is skipped")
     if state.bad_steps >= cfg.max_bad_steps:
         raise UserError(f"{state.bad_steps} steps in a row with non-finite losses or gradients at "
                         f"step {step}; stopping (the last checkpoint is kept; try a lower "
                         "learning_rate)")
     # the same on every rank
     check_finite_weights(raw_model, f"step {step}: the policy (try a lower learning_rate)")
-    return stats, epochs_done
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1369,15 +1376,16 @@ def run_ppo(cfg, run):
             "model": raw_model, "stopped_by": stopped_by}
 
 
-def train(cfg):
-    """Run PPO as configured: the processes set up, out_dir held for the run's life (a second run
-    into it is refused), and torn down at the end. -> run_ppo's summary."""
+def train(cfg, loop=run_ppo):
+    """Run PPO (or another loop of run_ppo's shape: train_sft.run_sft) as configured: the
+    processes set up, out_dir held for the run's life (a second run into it is refused), and torn
+    down at the end. -> the loop's summary."""
     cfg = absolute_paths(cfg)
     check_sources(cfg)
     run = setup_distributed(cfg)
     with out_dir_lock(cfg.out_dir, run):
         try:
-            summary = run_ppo(cfg, run)
+            summary = loop(cfg, run)
         except RuntimeError as e:  # a collective failed: one line, naming the lost rank
             raise lost_rank_error(run, e) or e from None
     if run.ddp:
@@ -1391,7 +1399,7 @@ def train(cfg):
     return summary
 
 
-def main(argv=None):
+def main(argv=None, loop=run_ppo):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
@@ -1401,7 +1409,7 @@ def main(argv=None):
         return None
     cfg = absolute_paths(load_config(argv))
     try:
-        summary = train(cfg)
+        summary = train(cfg, loop)
     except StoppedAtOnce as e:
         print(f"error: {stopped_at_once(e.signum, cfg.out_dir)}", file=sys.stderr)
         sys.exit(128 + e.signum)
