@@ -39,7 +39,7 @@ from run_management import (Batches, RunManager, Shown, TrainingState, forget_af
                             log_changed_settings, prepare_out_dir, seed_everything)
 from train_ppo import (Config, FixedKLController, build_reward, build_rollouts, choice_forward,
                        count_bad_steps, exact_kl, learning_rate_at, load_data, load_models,
-                       micro_batches, optimizer_step, packed_lengths, set_learning_rate)
+                       micro_batches, optimizer_step, set_learning_rate)
 from weights import check_finite_weights
 
 
@@ -55,11 +55,11 @@ def choice_cross_entropy(logprobs, labels):
     return F.nll_loss(logprobs.float(), labels)
 
 
-def sft_loss(model, encoded, labels, cfg, device, pad_id):
+def sft_loss(model, encoded, labels, cfg, device, rows):
     """A micro-batch's loss: its encoded examples' endings scored by choice_forward (through the
     model's forward, so that DDP syncs the gradients) -> (the mean cross-entropy, the (N, 4)
     log-probs)."""
-    logprobs, _ = choice_forward(model, encoded, cfg.choice_temperature, device, pad_id)
+    logprobs, _ = choice_forward(model, encoded, cfg.choice_temperature, device, rows)
     return choice_cross_entropy(logprobs, labels), logprobs
 
 
@@ -70,7 +70,7 @@ def sft_update(model, raw_model, state, encoded, labels, cfg, run):
     applied and skips the rest of the step. -> the (B, 4) log-probs each example had when its
     minibatch met it (NaN where skipped), the gradient norms, whether every gradient was finite."""
     logprobs = torch.full((len(encoded), 4), float("nan"), device=run.device)
-    lengths, grad_norms = packed_lengths(encoded), []
+    lengths, grad_norms = raw_model.choice_lengths(encoded)[1], []
     for minibatch in torch.arange(len(encoded)).split(cfg.minibatch_size):
         micros = micro_batches(minibatch, lengths, cfg.micro_batch_size)
         for i, micro in enumerate(micros):
@@ -80,8 +80,7 @@ def sft_update(model, raw_model, state, encoded, labels, cfg, run):
             no_sync = model.no_sync() if run.ddp and not last else contextlib.nullcontext()
             with no_sync, autocast(run.device, run.dtype):
                 loss, lp = sft_loss(model, [encoded[j] for j in micro.tolist()],
-                                    labels[micro.to(run.device)], cfg, run.device,
-                                    raw_model.tokens.pad_id)
+                                    labels[micro.to(run.device)], cfg, run.device, raw_model)
             state.scaler.scale(loss * len(micro) / len(minibatch)).backward()
             logprobs[micro.to(run.device)] = lp.detach()
         grad_norm, applied = optimizer_step(raw_model, state, cfg, value_warmup=False)
@@ -187,7 +186,7 @@ def run_sft(cfg, run):
         metrics = {"step": state.step, "loss": loss.item(), "reward": p_gold.item(),
                    "train/acc": acc.item(), "kl": kl.item(), "lr": lr,
                    "grad_norm": sum(grad_norms) / len(grad_norms),
-                   **manager.throughput(t0, len(indices), int(packed_lengths(encoded).sum()))}
+                   **manager.throughput(t0, len(indices), int(raw_model.choice_lengths(encoded)[1].sum()))}
         # samples.jsonl: the first examples, the ending scored highest, p(gold)
         batch = types.SimpleNamespace(scores=gold.exp(), samples=[
             {"ctx": train_examples[i]["ctx"], "chosen": train_examples[i]["endings"][c],

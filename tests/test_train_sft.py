@@ -46,7 +46,7 @@ def test_the_loss_is_the_four_way_cross_entropy_of_the_evaluators_scores(tempera
     assert len(set(labels.tolist())) > 1
     encoded = model.encode_choices(examples, "completion")
     cfg = types.SimpleNamespace(choice_temperature=temperature)
-    loss, logprobs = train_sft.sft_loss(model, encoded, labels, cfg, "cpu", model.tokens.pad_id)
+    loss, logprobs = train_sft.sft_loss(model, encoded, labels, cfg, "cpu", model)
 
     # by hand: each ending as its own row after its context, its mean log-prob per token, then
     # -log softmax(scores / temperature)[gold], averaged over the examples
