@@ -865,7 +865,10 @@ def _settings_difference(found, settings):
     "key: then -> now"."""
     found = found if isinstance(found, dict) else {}
     key = next(k for k in [*settings, *found] if found.get(k) != settings.get(k))
-    return f"{key}: {shorten(str(found.get(key)))} -> {shorten(str(settings.get(key)))}"
+    # a long value is cut from the left: paths differ in their last part (ckpt_000010.pt)
+    then, now = (str(v) if len(str(v)) <= 80 else "..." + str(v)[-77:]
+                 for v in (found.get(key), settings.get(key)))
+    return f"{key}: {then} -> {now}"
 
 
 def read_partial(path, settings, examples):
