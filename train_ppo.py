@@ -1273,6 +1273,20 @@ CONSOLE_LINE = (Shown("step", "step {}"), Shown("reward", "reward {:.4f}"),
                 Shown("dt", "dt {:.0f}ms", scale=1000), Shown("peak_mem_gb", "mem {:.2f}GB"))
 
 
+def training_wrappers(raw_model, cfg, run):
+    """-> the policy as the update calls it (DDP-wrapped under torchrun, so the gradients sync),
+    that one compiled if cfg.compile, and the optimizer over the raw model's parameters."""
+    device_type = torch.device(run.device).type
+    model = raw_model
+    if run.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[run.local_rank]
+                                                          if device_type == "cuda" else None)
+    train_model = torch.compile(model) if cfg.compile else model
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
+                                               (cfg.beta1, cfg.beta2), device_type)
+    return model, train_model, optimizer
+
+
 def run_ppo(cfg, run):
     """PPO as configured, in the process `run` describes, out_dir held. -> a summary: final step,
     last eval, last metrics, the policy and the signal that stopped the run early (or None)."""
@@ -1300,13 +1314,7 @@ def run_ppo(cfg, run):
     reward_fn, teacher = build_reward(cfg, train_examples, sources, run)
     rollout_kind = build_rollouts(cfg, raw_model, train_examples, reward_fn, run.device)
     device_type = torch.device(run.device).type
-    model = raw_model
-    if run.ddp:
-        model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[run.local_rank]
-                                                          if device_type == "cuda" else None)
-    train_model = torch.compile(model) if cfg.compile else model
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
-                                               (cfg.beta1, cfg.beta2), device_type)
+    model, train_model, optimizer = training_wrappers(raw_model, cfg, run)
     controller = AdaptiveKLController if cfg.adaptive_kl else FixedKLController
     state = TrainingState(
         optimizer=optimizer,

@@ -39,7 +39,7 @@ from run_management import (Batches, RunManager, Shown, TrainingState, forget_af
                             log_changed_settings, prepare_out_dir, seed_everything)
 from train_ppo import (Config, FixedKLController, build_reward, build_rollouts, choice_forward,
                        count_bad_steps, exact_kl, learning_rate_at, load_data, load_models,
-                       micro_batches, optimizer_step, set_learning_rate)
+                       micro_batches, optimizer_step, set_learning_rate, training_wrappers)
 from weights import check_finite_weights
 
 
@@ -135,13 +135,7 @@ def run_sft(cfg, run):
     choices = build_rollouts(cfg, raw_model, train_examples, label_reward, run.device)
     labels = torch.tensor([ex["label"] for ex in train_examples], device=run.device)
     device_type = torch.device(run.device).type
-    model = raw_model
-    if run.ddp:
-        model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[run.local_rank]
-                                                          if device_type == "cuda" else None)
-    train_model = torch.compile(model) if cfg.compile else model
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
-                                               (cfg.beta1, cfg.beta2), device_type)
+    model, train_model, optimizer = training_wrappers(raw_model, cfg, run)
     state = TrainingState(
         optimizer=optimizer,
         scaler=torch.amp.GradScaler(device_type, enabled=(run.dtype == "float16")),
