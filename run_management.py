@@ -188,7 +188,14 @@ def process_alive(pid):
 
 
 def autocast_dtype(cfg, device):
-    return cfg.dtype if device.startswith("cuda") else "float32"
+    """The run's autocast dtype: auto = bfloat16 on CUDA, float32 elsewhere; float16 on CUDA only
+    (its GradScaler is CUDA's)."""
+    if cfg.dtype == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    if cfg.dtype == "float16" and not device.startswith("cuda"):
+        raise UserError(f"dtype float16 needs a CUDA device, not {device}; use dtype=bfloat16 or "
+                        "float32 (--dtype=...)")
+    return cfg.dtype
 
 
 def seed_everything(seed, run):

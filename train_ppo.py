@@ -344,8 +344,10 @@ class Config:
     seed: int = setting(1337, low=0, high=2**31 - 1)  # numpy takes seeds below 2**32
     # auto | cpu | cuda | cuda:N | mps (under torchrun: cuda:LOCAL_RANK)
     device: str = setting("auto", run=True)
-    # autocast dtype on CUDA (float16 adds a GradScaler); always float32 on CPU
-    dtype: str = setting("bfloat16", choices=("bfloat16", "float16", "float32"))
+    # autocast dtype: auto = bfloat16 on CUDA, float32 elsewhere; bfloat16 on a CPU pays where it
+    # has bf16 units (docs/results.md); float16 (CUDA only) adds a GradScaler. Log-probs, ratios,
+    # KL and advantages are float32 whatever it is
+    dtype: str = setting("auto", choices=("auto", "bfloat16", "float16", "float32"))
     # torch.compile the training forward (rollouts and eval stay eager)
     compile: bool = setting(False, run=True)
     # a rank that waits this long on a dead one stops the run
