@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from causal_lm import (CausalLM, cache_argument, keeps_logits, load_causal_lm, padded,
                        special_prefix)
 from common import UserError, atomic_directory, first_line
-from model import logprobs_from_logits, policy_adamw, sample_tokens
+from model import freeze_below_top_blocks, logprobs_from_logits, policy_adamw, sample_tokens
 from tokenizer import SENTENCE_ENDS, bytes_to_unicode
 from weights import (clean_state_dict, gguf_directory, is_checkpoint, is_gguf,
                      transformers_quietly, write_value_head)
@@ -293,6 +293,9 @@ class HFPolicy(nn.Module):
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         return policy_adamw(self, weight_decay, learning_rate, betas, device_type)
 
+    def train_top_blocks(self, n):
+        freeze_below_top_blocks([self.model.get_input_embeddings()], decoder_blocks(self.model), n)
+
     def save_pretrained(self, out_dir):
         """A transformers directory (the model and its tokenizer: AutoModelForCausalLM and
         lm-evaluation-harness load it) plus value_head.safetensors, replaced atomically: a crash
@@ -312,6 +315,17 @@ def tied_names(model):
             tied.add("model." + name)
         seen.add(id(p))
     return tied
+
+
+def decoder_blocks(model):
+    """A transformers causal LM's transformer blocks: the nn.ModuleList of as many modules as its
+    config has hidden layers (Llama's and Gemma's model.layers, GPT-2's transformer.h)."""
+    n = model.config.get_text_config().num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise UserError(f"{type(model).__name__}: no list of its {n} transformer blocks found, so "
+                    "train_top_blocks cannot pick the top ones; use train_top_blocks=0")
 
 
 def checkpoint_policy(path):

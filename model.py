@@ -399,6 +399,9 @@ class GPT(nn.Module):
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         return policy_adamw(self, weight_decay, learning_rate, betas, device_type)
 
+    def train_top_blocks(self, n):
+        freeze_below_top_blocks((self.transformer.wte, self.transformer.wpe), self.transformer.h, n)
+
     # ----------------------------------------------------------------------------------------------
     # loading and export
 
@@ -490,6 +493,17 @@ def policy_adamw(policy, weight_decay, learning_rate, betas, device_type):
     # GPT-2 124M about 0.3 s saved per optimizer step
     fused = device_type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+
+def freeze_below_top_blocks(embeddings, blocks, n):
+    """Policy.train_top_blocks: freeze the embeddings (and an LM head tied to them) and every block
+    below the top n, so that no gradient flows below those n: the backward, most of an update's
+    cost, then runs through n blocks and the LM head only."""
+    if not 1 <= n <= len(blocks):
+        raise UserError(f"train_top_blocks={n}: the policy has {len(blocks)} transformer blocks; "
+                        f"give 1 to {len(blocks)}, or 0 to train them all")
+    for module in (*embeddings, *blocks[:len(blocks) - n]):
+        module.requires_grad_(False)
 
 
 def sample_tokens(logits, next_logits, max_new_tokens, temperature, top_k, top_p, stop,

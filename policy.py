@@ -93,6 +93,12 @@ class Policy(Protocol):
         """What rebuilds it besides its weights, a dict of plain data (a checkpoint's
         model_config; train_ppo.policy_from_checkpoint reads it)."""
 
+    def train_top_blocks(self, n):
+        """Leave only the top n transformer blocks and what follows them (the final norm, the value
+        head, an LM head of its own) trainable: the embeddings (and an LM head tied to them) and the
+        blocks below are frozen, and the backward stops at the lowest of the n
+        (model.freeze_below_top_blocks)."""
+
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """The optimizer over the trainable parameters, the value head's in groups of their own
         marked "value_head": True (its learning rate is scaled apart: value_lr_scale)."""

@@ -443,6 +443,10 @@ class Config:
     # per rank; gradient accumulation inside a minibatch: a memory setting, the update is the same
     # for any value
     micro_batch_size: int = setting(8, low=1, run=True)
+    # train only the top N transformer blocks (and the final norm and value head); the embeddings
+    # and the blocks below stay frozen, so the backward stops above them: an update costs a
+    # fraction of a full one (docs/results.md). 0 = train every parameter
+    train_top_blocks: int = setting(0, low=0, high=1000)
     # AdamW's peak rate (the value head's: value_lr_scale times it)
     learning_rate: float = setting(1e-5, low=0.0, high=1.0)
     warmup_steps: int = setting(0, low=0)  # a linear warm-up to learning_rate over the first steps
@@ -1249,10 +1253,23 @@ def count_bad_steps(raw_model, state, finite, what, cfg, run):
 # training
 
 
+def check_same_trained_blocks(saved, cfg, resume_path):
+    """A resume that trains other blocks than its checkpoint's run (train_top_blocks) cannot load
+    that run's optimizer state: refused before any work."""
+    blocks = saved.get("train_top_blocks", 0)
+    if blocks != cfg.train_top_blocks:
+        raise UserError(f"init_from=resume: {resume_path} was trained with train_top_blocks="
+                        f"{blocks} and this run asks for {cfg.train_top_blocks}, so its optimizer "
+                        f"state cannot go on; resume with --train_top_blocks={blocks}, or start a "
+                        f"new run from its weights with --init_from={resume_path} and another "
+                        "out_dir")
+
+
 def check_same_trained_parameters(saved, cfg, resume_path):
-    """A checkpoint's optimizer state holds the parameters its run trained: a resume whose
-    estimator freezes the value head that run trained, or trains the one it left frozen, cannot
-    load it, and is refused before any work."""
+    """A checkpoint's optimizer state holds the parameters its run trained: a resume that trains
+    other blocks (train_top_blocks), or whose estimator freezes the value head that run trained or
+    trains the one it left frozen, cannot load it, and is refused before any work."""
+    check_same_trained_blocks(saved, cfg, resume_path)
     before = saved.get("adv_estimator", "gae")  # checkpoints from before the estimators: GAE
     if trains_value_head(before) == trains_value_head(cfg.adv_estimator):
         return
@@ -1279,6 +1296,8 @@ def training_wrappers(raw_model, cfg, run):
     """-> the policy as the update calls it (DDP-wrapped under torchrun, so the gradients sync),
     that one compiled if cfg.compile, and the optimizer over the raw model's parameters."""
     device_type = torch.device(run.device).type
+    if cfg.train_top_blocks:  # frozen before DDP and the optimizer take the trainable parameters
+        raw_model.train_top_blocks(cfg.train_top_blocks)
     model = raw_model
     if run.ddp:
         model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[run.local_rank]

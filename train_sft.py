@@ -37,9 +37,10 @@ from common import UserError, all_reduce_sum, autocast, run_cli
 from config import describe
 from run_management import (Batches, RunManager, Shown, TrainingState, forget_after,
                             log_changed_settings, prepare_out_dir, seed_everything)
-from train_ppo import (Config, FixedKLController, build_reward, build_rollouts, choice_forward,
-                       count_bad_steps, exact_kl, learning_rate_at, load_data, load_models,
-                       micro_batches, optimizer_step, set_learning_rate, training_wrappers)
+from train_ppo import (Config, FixedKLController, build_reward, build_rollouts,
+                       check_same_trained_blocks, choice_forward, count_bad_steps, exact_kl,
+                       learning_rate_at, load_data, load_models, micro_batches, optimizer_step,
+                       set_learning_rate, training_wrappers)
 from weights import check_finite_weights
 
 
@@ -119,6 +120,7 @@ def run_sft(cfg, run):
     os.makedirs(cfg.out_dir, exist_ok=True)
     run.log(json.dumps(dataclasses.asdict(cfg), indent=2))
     if ckpt:
+        check_same_trained_blocks(ckpt.config, cfg, resume_path)
         log_changed_settings(ckpt.config, cfg, run)
     train_examples, val_examples, sources = load_data(cfg, run, run.log)
     check_labels(train_examples, cfg)
