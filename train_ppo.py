@@ -767,6 +767,13 @@ def sequence_forward(model, prompts, prompt_mask, responses, response_mask, temp
     return tuple(F.pad(x, (0, N - W)) for x in (logprobs, values, entropy))
 
 
+def prompt_ids(tokens, context, budget):
+    """A generate rollout's prompt: the context's (token ids) last tokens, after the BOS the
+    policy puts before a text (if any), budget tokens in all."""
+    head = [] if tokens.bos_id is None else [tokens.bos_id]
+    return head + context[max(0, len(context) - budget + len(head)):]
+
+
 class GenerateRollouts:
     """The policy writes a continuation of the context (its last prompt_budget tokens); the judge's
     likelihood of it, given the whole context, is the score. A sample that never stopped loses
@@ -784,10 +791,7 @@ class GenerateRollouts:
     def collect(self, policy, reference, examples, indices, generator, timer):
         cfg = self.cfg
         contexts = [self.tokens.encode(ex["ctx"]) for ex in examples]
-        # the context's last tokens, after the BOS the policy puts before a text (if any)
-        head = [] if self.tokens.bos_id is None else [self.tokens.bos_id]
-        prompt_tokens = [head + c[max(0, len(c) - self.prompt_budget + len(head)):]
-                         for c in contexts]
+        prompt_tokens = [prompt_ids(self.tokens, c, self.prompt_budget) for c in contexts]
         prompts, prompt_mask = (t.to(self.device)
                                 for t in padded(prompt_tokens, self.tokens.pad_id, left=True))
         with timer("rollout"):
