@@ -316,7 +316,7 @@ def test_bad_arguments_are_one_line_before_any_work(tmp_path, args, message):
 
 @pytest.mark.slow
 def test_a_study_of_a_tiny_llama_end_to_end(tmp_path):
-    """The whole study, two jobs at a time, with a tiny random Llama directory in SmolLM2's place:
+    """The whole study, two jobs at a time, a tiny random Llama directory in SmolLM2's and Gemma's:
     the real scripts, their files read back into the tables, the figure and the reports."""
     import synthetic
     from test_causal_lm import build_llama
@@ -325,16 +325,17 @@ def test_a_study_of_a_tiny_llama_end_to_end(tmp_path):
     data = tmp_path / "val.jsonl"
     synthetic.write_jsonl(data, synthetic.make_examples(40, seed=3, split="val"))
     work = tmp_path / "work"
-    proc = run_script("--data", str(data), "--work", str(work), "--smollm2", llama,
-                      "--train_examples", "16", "--heldout_examples", "8", "--seeds", "3",
-                      "--arms", "ppo", "sft", "--jobs", "2")
+    proc = run_script("--data", str(data), "--work", str(work), "--smollm2", llama, "--gemma",
+                      llama, "--train_examples", "16", "--heldout_examples", "8", "--seeds", "3",
+                      "--jobs", "2")
     assert proc.returncode == 0, proc.stderr
-    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| ppo | 3 |",
-                                                                          "| sft | 3 |"))]
-    assert len(rows) == 2 and "on the 16 training examples and the 8 held-out ones" in proc.stdout
+    arms = list(real_policy.ARMS)
+    rows = [line.split(" | ")[0][2:] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and " | 3 | " in line]
+    assert rows == arms and "on the 16 training examples and the 8 held-out ones" in proc.stdout
     assert (work / "heldout_curve.png").is_file()
-    assert (work / "reports" / "ppo").is_dir() and (work / "reports" / "sft").is_dir()
-    again = run_script("--reuse", "--work", str(work), "--seeds", "3", "--arms", "ppo", "sft")
+    assert all((work / "reports" / arm / "report.md").is_file() for arm in arms)
+    again = run_script("--reuse", "--work", str(work), "--seeds", "3")
     assert again.returncode == 0 and [line for line in again.stdout.splitlines()
                                       if line.startswith("| ")] == [
         line for line in proc.stdout.splitlines() if line.startswith("| ")]
