@@ -139,12 +139,13 @@ def make_once(output, key, make, record=None):
     return True
 
 
-def train_once(out_dir, *args, inputs=()):
-    """Run train_ppo.py with args (a config and overrides, --start_over=True among them) in out_dir
-    unless a run with the same args, and the same files as inputs (its data, starting model and
-    judge), finished there: a stage whose record is OUT_DIR/bench.json (with the run's wall-clock
-    seconds), and whose stderr is kept in OUT_DIR.log."""
-    args = ["train_ppo.py", *args, f"--out_dir={out_dir}"]
+def train_once(out_dir, *args, inputs=(), script="train_ppo.py"):
+    """Run script (train_ppo.py, or train_sft.py, which reads the same settings) with args (a config
+    and overrides, --start_over=True among them) in out_dir unless a run with the same args, and the
+    same files as inputs (its data, starting model and judge), finished there: a stage whose record
+    is OUT_DIR/bench.json (with the run's wall-clock seconds), and whose stderr is kept in
+    OUT_DIR.log."""
+    args = [script, *args, f"--out_dir={out_dir}"]
     make_once(out_dir, stage_key(args, inputs),
               lambda: run_script(*args, log=out_dir.rstrip(os.sep) + ".log"),
               record=os.path.join(out_dir, "bench.json"))

