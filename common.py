@@ -330,6 +330,17 @@ def resolve_device(device="auto"):
     return device
 
 
+def autocast_dtype(dtype, device):
+    """A run's autocast dtype from its dtype setting: auto = bfloat16 on CUDA, float32 elsewhere;
+    float16 on CUDA only (its GradScaler is CUDA's)."""
+    if dtype == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype == "float16" and not device.startswith("cuda"):
+        raise UserError(f"dtype float16 needs a CUDA device, not {device}; use dtype=bfloat16 or "
+                        "float32 (--dtype=...)")
+    return dtype
+
+
 def autocast(device, dtype):
     """torch.autocast for dtype ("bfloat16"/"float16") on `device`, or a no-op for "float32"."""
     if dtype in (None, "float32", torch.float32):

@@ -35,14 +35,14 @@ from transformers import AutoConfig, AutoTokenizer
 from causal_lm import (CausalLM, PairError, load_causal_lm, sequence_logprobs, shares_vocab,
                        split_encode, unicode_problem)
 from common import (PROGRESS_HELP, UserError, atomic_path, atomic_write_text, autocast,
-                    check_output_path, first_line, looks_like_a_path, progress_bar, read_json,
+                    autocast_dtype, check_output_path, first_line, looks_like_a_path, progress_bar, read_json,
                     read_jsonl, resolve_device, run_cli, same_error_on_every_rank, shorten,
                     write_errors_are_one_line)
 from hf_policy import checkpoint_policy
 from model import GPT, logprobs_from_logits
 from tokenizer import gpt2_tokens
-from weights import (check_finite_weights, checkpoint_source, gguf_directory, is_gguf,
-                     unsupported_gpt2_setting, weights_fingerprint)
+from weights import (check_finite_weights, checkpoint_source, gguf_directory, is_checkpoint,
+                     is_gguf, unsupported_gpt2_setting, weights_fingerprint)
 
 STYLES = ("completion", "lm-eval")
 SPLITS = ("train", "val", "test")
@@ -798,10 +798,13 @@ def parse_args(argv=None):
     parser.add_argument("--hub", action="store_true",
                         help=f"read the split from the {HUB_DATASET} dataset")
     parser.add_argument("--limit", type=int, help="score only the first N examples")
-    parser.add_argument("--style", default="completion", choices=STYLES)
+    parser.add_argument("--style", choices=STYLES,
+                        help="default: a run's or checkpoint's own (its config's), else completion")
     parser.add_argument("--batch-size", type=int, default=32, help="examples per forward")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="the autocast; default: the one a run's or checkpoint's evaluations "
+                             "used on this device, else float32")
     parser.add_argument("--output",
                         help="write the results (accuracies, by group, speed) to this JSON file")
     parser.add_argument("--predictions", help="write one JSON line per example to this file")
@@ -843,6 +846,25 @@ def check_outputs(args):
 # first line {"settings": ..., "weights": ...}, then one prediction a line
 PARTIAL_SUFFIX = ".partial"
 PARTIAL_CHUNK = 256
+
+
+def evaluation_settings(source, device):
+    """The style and autocast dtype a checkpoint of this project's runs was evaluated in (its
+    config's; dtype as the run resolves it on device): what --model RUN_DIR defaults to, so that it
+    scores as the run's evaluations did. {} for any other source."""
+    if not (source.endswith(".pt") and os.path.isfile(source)):
+        return {}
+    try:
+        ckpt = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # load_model says what is wrong with it
+        return {}
+    config = ckpt.get("config") if is_checkpoint(ckpt) else None
+    if not isinstance(config, dict):
+        return {}
+    dtype = config.get("dtype", "auto")
+    if dtype == "float16" and not device.startswith("cuda"):
+        dtype = "auto"
+    return {"style": config.get("style", "completion"), "dtype": autocast_dtype(dtype, device)}
 
 
 def run_settings(args, source, examples):
@@ -947,6 +969,9 @@ def main(argv=None):
     device = resolve_device(args.device)
     # a run directory as the checkpoint it holds now: the one scored, whatever the run saves next
     source = checkpoint_source(args.model)
+    run = evaluation_settings(source, device)
+    args.style = args.style or run.get("style", "completion")
+    args.dtype = args.dtype or run.get("dtype", "float32")
     done, done_weights = [], None
     if args.predictions:  # a progress file of other settings is refused before the model loads
         partial = args.predictions + PARTIAL_SUFFIX

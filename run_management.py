@@ -42,8 +42,8 @@ import torch.distributed as dist
 
 import synthetic
 from common import (UserError, all_reduce_sum, atomic_torch_save, atomic_write_text,
-                    check_output_path, first_line, looks_like_a_path, read_json_objects,
-                    resolve_device, same_error_on_every_rank, shorten, warn,
+                    autocast_dtype, check_output_path, first_line, looks_like_a_path,
+                    read_json_objects, resolve_device, same_error_on_every_rank, shorten, warn,
                     write_errors_are_one_line)
 from config import marked
 from hellaswag import evaluate, split_path, write_predictions
@@ -131,7 +131,7 @@ def setup_distributed(cfg):
         if device.startswith("cuda"):
             torch.cuda.set_device(device)  # memory stats and synchronize follow the chosen GPU
         return Distributed(ddp=False, rank=0, local_rank=0, world_size=1, device=device,
-                           dtype=autocast_dtype(cfg, device))
+                           dtype=autocast_dtype(cfg.dtype, device))
     rank, local_rank, world_size = (int(os.environ[k])
                                     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     nccl = requested.startswith("cuda")
@@ -144,7 +144,7 @@ def setup_distributed(cfg):
     # where each rank runs, so that the survivors of a rank that dies can name it (lost_ranks)
     process_store().set(f"gpt2_ppo/rank{rank}", f"{socket.gethostname()} {os.getpid()}")
     return Distributed(ddp=True, rank=rank, local_rank=local_rank, world_size=world_size,
-                       device=device, dtype=autocast_dtype(cfg, device))
+                       device=device, dtype=autocast_dtype(cfg.dtype, device))
 
 
 def process_store():
@@ -185,17 +185,6 @@ def process_alive(pid):
             return f.read().rpartition(")")[2].split()[0] != "Z"  # a zombie has ended
     except OSError:
         return False
-
-
-def autocast_dtype(cfg, device):
-    """The run's autocast dtype: auto = bfloat16 on CUDA, float32 elsewhere; float16 on CUDA only
-    (its GradScaler is CUDA's)."""
-    if cfg.dtype == "auto":
-        return "bfloat16" if device.startswith("cuda") else "float32"
-    if cfg.dtype == "float16" and not device.startswith("cuda"):
-        raise UserError(f"dtype float16 needs a CUDA device, not {device}; use dtype=bfloat16 or "
-                        "float32 (--dtype=...)")
-    return cfg.dtype
 
 
 def seed_everything(seed, run):

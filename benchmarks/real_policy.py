@@ -68,7 +68,6 @@ from reward_models import (add_study_arguments, analyze_runs, assemble_gemma,  #
 
 CONFIG = "configs/real_policy.py"
 SUBSETS = ("train", "heldout")
-EVALUATIONS = 4  # a run's held-out evaluations after step 0
 # what an arm trains with: its script, its own settings, every seed or the first only, and whether
 # Gemma is its judge
 Arm = namedtuple("Arm", "title script settings every_seed judged")
@@ -104,7 +103,7 @@ def plan(args):
     steps = max_steps(args.train_examples, args.passes, config_setting("batch_size"))
     common = [f"--init_from={args.smollm2}", f"--train_data={paths['train']}",
               f"--val_data={paths['heldout']}", f"--max_steps={steps}",
-              f"--eval_interval={math.ceil(steps / EVALUATIONS)}",
+              f"--eval_interval={math.ceil(steps / args.evaluations)}",
               f"--checkpoint_interval={steps}"]  # the final checkpoint only, and resume
     inputs = [args.smollm2, paths["train"], paths["heldout"]]
     judge = [f"--reward_model={args.gemma}",
@@ -275,6 +274,8 @@ def parse_args(argv):
     parser.add_argument("--heldout_examples", type=int, default=1000)
     parser.add_argument("--passes", type=int, default=1,
                         help="passes over the training examples (the runs' steps)")
+    parser.add_argument("--evaluations", type=int, default=4,
+                        help="a run's held-out evaluations after step 0 (the curve's points)")
     parser.add_argument("--arms", nargs="+", choices=tuple(ARMS), default=list(ARMS))
     parser.add_argument("--jobs", type=int, default=1,
                         help="stages side by side, each with OMP_NUM_THREADS=1")
@@ -282,7 +283,8 @@ def parse_args(argv):
                                          "WORK/heldout_curve.png)")
     args = parser.parse_args(argv)
     arguments.at_least(args, 0, "--seeds")
-    arguments.at_least(args, 1, "--train_examples", "--heldout_examples", "--passes", "--jobs")
+    arguments.at_least(args, 1, "--train_examples", "--heldout_examples", "--passes", "--evaluations",
+                        "--jobs")
     try:
         check_output_path(args.figure)
     except UserError as e:

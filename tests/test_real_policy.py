@@ -28,7 +28,7 @@ def run_script(*args):
 
 def study_args(work="/w", **changes):
     args = dict(work=work, seeds=[1337, 1, 2], arms=list(real_policy.ARMS), train_examples=1024,
-                passes=1, smollm2="smollm2.gguf", gemma="gemma.gguf")
+                passes=1, evaluations=4, smollm2="smollm2.gguf", gemma="gemma.gguf")
     return types.SimpleNamespace(**{**args, **changes})
 
 
@@ -72,6 +72,9 @@ def test_the_steps_are_the_passes_over_the_training_examples():
     [run] = real_policy.plan(study_args(arms=["sft"], seeds=[5], train_examples=100, passes=3))
     s = settings(run)
     assert (s["max_steps"], s["eval_interval"], s["checkpoint_interval"]) == ("19", "5", "19")
+    [run] = real_policy.plan(study_args(arms=["sft"], seeds=[5], train_examples=100, passes=3,
+                                        evaluations=2))
+    assert settings(run)["eval_interval"] == "10"
     # the arms come in the table's order, whatever the command line's
     runs = real_policy.plan(study_args(arms=["sft", "ppo"], seeds=[5]))
     assert [r.name for r in runs] == ["ppo_5", "sft_5"]

@@ -11,9 +11,10 @@ import sys
 import pytest
 import torch
 
+import hellaswag
 import train_ppo
 import train_sft
-from common import UserError
+from common import UserError, read_jsonl
 from hf_policy import HFPolicy
 from model import GPT, GPTConfig
 from test_hf_policy import bad_input, examples, llama_dir, llama_run  # noqa: F401 (fixtures)
@@ -130,10 +131,10 @@ def test_two_gloo_ranks_train_the_top_blocks_to_the_same_weights(tmp_path, synth
                                                       ("auto", "cuda:0", "bfloat16"),
                                                       ("bfloat16", "cpu", "bfloat16"),
                                                       ("float32", "cuda:0", "float32")])
-def test_the_autocast_dtype(dtype, device, expected, tmp_path, synthetic_dir):
-    from run_management import autocast_dtype
+def test_the_autocast_dtype(dtype, device, expected):
+    from common import autocast_dtype
 
-    assert autocast_dtype(tiny_run(tmp_path, synthetic_dir, dtype=dtype), device) == expected
+    assert autocast_dtype(dtype, device) == expected
 
 
 def test_float16_on_a_cpu_is_one_line_before_any_work(tmp_path, synthetic_dir, capsys):
@@ -145,7 +146,8 @@ def test_float16_on_a_cpu_is_one_line_before_any_work(tmp_path, synthetic_dir, c
 
 def test_a_transformers_policy_trains_under_bf16_autocast_on_a_cpu(tmp_path, synthetic_dir,
                                                                    llama_dir, examples):
-    cfg = llama_run(tmp_path, synthetic_dir, llama_dir, dtype="bfloat16", eval_interval=1)
+    cfg = llama_run(tmp_path, synthetic_dir, llama_dir, dtype="bfloat16", style="lm-eval",
+                    eval_interval=1)
     summary = train_ppo.train(cfg)
     policy = summary["model"]
     assert all(p.dtype == torch.float32 for p in policy.parameters())  # autocast, not a cast
@@ -160,3 +162,10 @@ def test_a_transformers_policy_trains_under_bf16_autocast_on_a_cpu(tmp_path, syn
     assert sums.dtype == values.dtype == torch.float32
     assert not torch.equal(sums, exact)  # it did run in bf16
     torch.testing.assert_close(sums, exact, rtol=0.05, atol=0.5)
+    # hellaswag.py --model RUN_DIR scores in the run's style and autocast, as its evaluations did
+    hellaswag.main(["--model", str(tmp_path), "--data", os.path.join(synthetic_dir, "val.jsonl"),
+                    "--limit", "8", "--predictions", str(tmp_path / "again.jsonl"),
+                    "--no-progress"])
+    [last] = sorted((tmp_path / "eval").iterdir())[-1:]
+    assert ([line for _, line in read_jsonl(tmp_path / "again.jsonl")]
+            == [line for _, line in read_jsonl(last)])
