@@ -175,6 +175,22 @@ def test_a_transformers_policy_trains_through_the_loop(tmp_path, synthetic_dir, 
     assert metrics[-1]["eval/acc_norm"] == evaluate(policy, val)["acc_norm"]
 
 
+@pytest.mark.parametrize("rollout, kl_estimator", [
+    (kind, name) for name, estimator in train_ppo.KL_ESTIMATORS.items()
+    for kind in estimator.rollouts if name != "sampled"])  # sampled: the test above
+def test_every_kl_estimator_trains_a_transformers_policy(tmp_path, synthetic_dir, llama_dir,
+                                                         rollout, kl_estimator):
+    generate = dict(reward_kind="likelihood", max_new_tokens=6)
+    cfg = llama_run(tmp_path, synthetic_dir, llama_dir, rollout=rollout,
+                    kl_estimator=kl_estimator, kl_coef=0.5,
+                    **(generate if rollout == "generate" else {}))
+    train_ppo.train(cfg)
+    first, second = [m for m in read_metrics(tmp_path) if "pg_loss" in m]
+    # the first step's rollouts come from the reference itself; the second's from the policy its
+    # update moved: both estimators are >= 0, and 0 only where the two agree
+    assert abs(first["kl"]) < 1e-6 < second["kl"] and math.isfinite(second["pg_loss"])
+
+
 def test_a_transformers_policy_resumes_exactly_and_its_run_is_a_source(tmp_path, synthetic_dir,
                                                                        llama_dir, capsys):
     common = dict(eval_interval=2, checkpoint_interval=2)
