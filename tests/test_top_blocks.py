@@ -37,7 +37,8 @@ def top_and_below(policy, blocks, n):
     """-> (names under the top n blocks, names under the blocks below them)."""
     names = [[name for name, _ in block.named_parameters()] for block in blocks]
     prefix = next(name for name, module in policy.named_modules() if module is blocks)
-    under = [{f"{prefix}.{i}.{name}" for name in block_names} for i, block_names in enumerate(names)]
+    under = [{f"{prefix}.{i}.{name}" for name in block_names}
+             for i, block_names in enumerate(names)]
     return set().union(*under[len(blocks) - n:]), set().union(*under[:len(blocks) - n])
 
 
@@ -111,7 +112,8 @@ def test_two_gloo_ranks_train_the_top_blocks_to_the_same_weights(tmp_path, synth
     script.write_text(RUN_SCRIPT)
     cfg = tiny_run(tmp_path, synthetic_dir, reward_kind="label", train_top_blocks=1, eval_limit=8)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", str(script), *launcher_args(cfg, tmp_path / "run")],
+                           "--nproc_per_node=2", str(script),
+                           *launcher_args(cfg, tmp_path / "run")],
                           cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "WEIGHTS_DIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
