@@ -66,16 +66,19 @@ def run_metrics(out_dir):
     return lines
 
 
-def run_script(*args, log):
+def run_script(*args, log, append=False):
     """Run one of the project's scripts (args: the script and its arguments) in the repository, its
-    stderr kept whole in the file log; a failure is a UserError in one line naming the command,
-    with the script's last `error:` line (or its last line: a traceback's exception) and the log."""
+    stderr kept whole in the file log (after what it holds, if append); a failure is a UserError
+    in one line naming the command, with the script's last `error:` line (or its last line: a
+    traceback's exception) and the log."""
     os.makedirs(os.path.dirname(log), exist_ok=True)
-    with open(log, "w", encoding="utf-8") as stderr:
+    with open(log, "a" if append else "w", encoding="utf-8") as stderr:
+        start = stderr.tell()
         proc = subprocess.run([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL,
                               stderr=stderr)
     if proc.returncode != 0:
         with open(log, encoding="utf-8", errors="replace") as f:
+            f.seek(start)  # what this run said
             said = [line.strip() for line in f if line.strip()]
         last = next((line for line in reversed(said) if line.startswith("error: ")),
                     said[-1] if said else f"exit status {proc.returncode}")
@@ -122,18 +125,19 @@ def made_from(record, key):
     return saved is not None and all(saved.get(k) == v for k, v in key.items())
 
 
-def make_once(output, key, make, record=None):
+def make_once(output, key, make, record=None, since=None):
     """make() (a stage of a benchmark: a run, a model, predictions) unless output is there and its
     record (by default OUTPUT.made.json) says it was made from key. The record goes before make()
-    starts and comes back, with the seconds it took, when it finishes, so a stage that stopped, or
-    whose arguments or input files changed since, is made again, and a stopped benchmark goes on
-    where it stopped. -> whether it made output."""
+    starts and comes back, with the seconds it took (since the time since, if given: a stage
+    continued), when it finishes, so a stage that stopped, or whose arguments or input files
+    changed since, is made again, and a stopped benchmark goes on where it stopped.
+    -> whether it made output."""
     record = record or output.rstrip(os.sep) + ".made.json"
     if os.path.exists(output) and made_from(record, key):
         return False
     if os.path.lexists(record):
         os.remove(record)  # atomic: the old record or none, never one that vouches for half a stage
-    t0 = time.time()
+    t0 = time.time() if since is None else since
     make()
     atomic_write_text(record, json.dumps({**key, "seconds": time.time() - t0}) + "\n")
     return True
@@ -144,11 +148,44 @@ def train_once(out_dir, *args, inputs=(), script="train_ppo.py"):
     and overrides, --start_over=True among them) in out_dir unless a run with the same args, and the
     same files as inputs (its data, starting model and judge), finished there: a stage whose record
     is OUT_DIR/bench.json (with the run's wall-clock seconds), and whose stderr is kept in
-    OUT_DIR.log."""
+    OUT_DIR.log. A run of the same args and inputs that stopped after a checkpoint goes on from it
+    (--init_from=resume); its seconds are those up to that checkpoint and those after."""
     args = [script, *args, f"--out_dir={out_dir}"]
-    make_once(out_dir, stage_key(args, inputs),
-              lambda: run_script(*args, log=out_dir.rstrip(os.sep) + ".log"),
-              record=os.path.join(out_dir, "bench.json"))
+    key = stage_key(args, inputs)
+    record = os.path.join(out_dir, "bench.json")
+    if os.path.exists(out_dir) and made_from(record, key):
+        return
+    # OUT_DIR.started.json: the stage's key and when it started (less the time its earlier parts
+    # spent up to the checkpoint it goes on from); beside out_dir, which start_over empties
+    started = out_dir.rstrip(os.sep) + ".started.json"
+    since = resume_point(out_dir, started, key)
+    resume = since is not None
+    if not resume:
+        since = time.time()
+        atomic_write_text(started, json.dumps({**key, "started": since}) + "\n")
+    log = out_dir.rstrip(os.sep) + ".log"
+    make_once(out_dir, key, lambda: run_script(*args, *(["--init_from=resume"] * resume), log=log,
+                                               append=resume),
+              record=record, since=since)
+
+
+def resume_point(out_dir, started, key):
+    """For a run of key that stopped in out_dir: the time it started, moved on by the time lost
+    after its last checkpoint (so that the time from there to the end is the run's own), with
+    OUT_DIR.started.json rewritten to it; None if there is no such run to go on with (another
+    run's record, no checkpoint, or one at the run's last step)."""
+    from weights import step_checkpoints  # weights imports transformers: only when a run is read
+    saved = read_record(started)
+    checkpoints = step_checkpoints(out_dir)
+    if saved is None or not checkpoints or not all(saved.get(k) == v for k, v in key.items()):
+        return None
+    step, checkpoint = checkpoints[-1]
+    config = read_record(os.path.join(out_dir, "train_config.json")) or {}
+    if not isinstance(saved.get("started"), (int, float)) or step >= config.get("max_steps", 0):
+        return None
+    since = time.time() - (os.path.getmtime(checkpoint) - saved["started"])
+    atomic_write_text(started, json.dumps({**key, "started": since}) + "\n")
+    return since
 
 
 def finished(output, record=None):

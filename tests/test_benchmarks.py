@@ -182,7 +182,7 @@ def test_a_stopped_retrain_leaves_no_record_of_the_run_before_it(tmp_path, monke
     rather than the stopped one being taken for it."""
     calls = []
 
-    def run_script(*args, log=None):
+    def run_script(*args, log=None, append=False):
         calls.append(args)
         if "--max_steps=2" in args:
             raise KeyboardInterrupt  # stopped midway
@@ -212,6 +212,71 @@ def test_a_failed_stage_is_one_line_naming_the_command_and_the_log(tmp_path):
         arguments.run_script("-c", script, log=str(log))
     assert "\n" not in str(e.value)
     assert str(e.value).endswith(f"failed: error: out_dir x is in use (all it said: {log})")
+
+
+def test_a_stopped_run_goes_on_from_its_checkpoint_with_its_time_so_far(tmp_path, monkeypatch):
+    """A run stopped after a checkpoint: started again with the same arguments, it goes on from
+    there (--init_from=resume, its log appended to), and its seconds count those up to the
+    checkpoint; a run of other arguments, or one whose checkpoint is its last step, starts over."""
+    calls = []
+    out = str(tmp_path / "run")
+
+    def run_script(*args, log=None, append=False):
+        calls.append((args[-3:], append))
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "train_config.json"), "w") as f:
+            json.dump({"max_steps": 4}, f)
+        if "--init_from=resume" not in args:  # trains 100 s to step 2, then stops
+            checkpoint = os.path.join(out, "ckpt_000002.pt")
+            open(checkpoint, "w").close()
+            started = json.load(open(out + ".started.json"))["started"]
+            os.utime(checkpoint, (started + 100, started + 100))
+            raise KeyboardInterrupt
+    monkeypatch.setattr(arguments, "run_script", run_script)
+    with pytest.raises(KeyboardInterrupt):
+        arguments.train_once(out, "configs/demo.py", "--start_over=True", "--max_steps=4")
+    arguments.train_once(out, "configs/demo.py", "--start_over=True", "--max_steps=4")
+    assert calls[-1] == (("--max_steps=4", f"--out_dir={out}", "--init_from=resume"), True)
+    assert 100 <= json.load(open(os.path.join(out, "bench.json")))["seconds"] < 110
+    arguments.train_once(out, "configs/demo.py", "--start_over=True", "--max_steps=4")
+    assert len(calls) == 2  # finished: kept
+    calls.clear()
+    os.remove(os.path.join(out, "bench.json"))  # stopped again, now at step 2 of another run
+    for steps in ("--max_steps=5", "--max_steps=2"):
+        with pytest.raises(KeyboardInterrupt):
+            arguments.train_once(out, "configs/demo.py", "--start_over=True", steps)
+    assert [append for _, append in calls] == [False, False]
+    with open(os.path.join(out, "train_config.json"), "w") as f:
+        json.dump({"max_steps": 2}, f)  # the checkpoint is the last step's: nothing to go on with
+    with pytest.raises(KeyboardInterrupt):
+        arguments.train_once(out, "configs/demo.py", "--start_over=True", "--max_steps=2")
+    assert calls[-1] == (("--start_over=True", "--max_steps=2", f"--out_dir={out}"), False)
+
+
+@pytest.mark.slow
+def test_a_stopped_run_resumed_ends_as_one_never_stopped(tmp_path, synthetic_dir):
+    """train_once on a run whose last part was lost (bench.json and the checkpoints after step 2
+    gone, as when it was killed): it goes on from step 2, rather than starting over, and ends with
+    the metrics of the run that never stopped."""
+    out = str(tmp_path / "run")
+    settings = ("configs/demo.py", "--start_over=True", f"--synthetic_dir={synthetic_dir}",
+                "--max_steps=4", "--checkpoint_interval=2", "--eval_interval=2", "--eval_limit=8")
+    arguments.train_once(out, *settings)
+    metrics = os.path.join(out, "metrics.jsonl")
+    whole = [json.loads(line) for line in open(metrics)]
+    os.remove(os.path.join(out, "bench.json"))
+    os.remove(os.path.join(out, "ckpt_000004.pt"))
+    with open(metrics) as f:  # what step 2's checkpoint had logged
+        kept = [line for line in f if json.loads(line)["step"] <= 2]
+    with open(metrics, "w") as f:
+        f.write("".join(kept))
+    arguments.train_once(out, *settings)
+    resumed = [json.loads(line) for line in open(metrics)]
+    timeless = {"dt", "samples_per_s", "tokens_per_s", "peak_mem_gb"}
+    assert [{k: v for k, v in m.items() if k not in timeless and not k.startswith("time/")}
+            for m in resumed] == [{k: v for k, v in m.items() if k not in timeless
+                                   and not k.startswith("time/")} for m in whole]
+    assert not os.path.exists(os.path.join(out, "previous"))  # not started over
 
 
 @pytest.mark.slow

@@ -109,7 +109,7 @@ def stand_ins(monkeypatch):
         with open(path, "w") as f:
             f.write(text)
 
-    def run_script(*args, log=None):
+    def run_script(*args, log=None, append=False):
         with lock:
             made.append((args[0], args[-1] if args[0] == "hellaswag.py" else
                          os.path.basename(args[-1].split("=", 1)[-1])))
@@ -131,14 +131,15 @@ def test_the_stages_run_the_right_scripts_once_and_again_when_a_run_stopped(tmp_
     paths = real_policy.write_split(work, str(data), 3, 2)
     real_policy.run_everything(args, paths, real_policy.plan(args))
     runs = ["ppo_7", "ppo_8", "sft_7", "sft_8"]
-    predictions = {os.path.join(work, "predictions", f"{who}_{subset}.jsonl")
-                   for who in ["policy", *runs] for subset in ("train", "heldout")}
+    # the held-out predictions are the runs' own evaluations: on the training examples only
+    predictions = {os.path.join(work, "predictions", f"{who}_train.jsonl")
+                   for who in ["policy", *runs]}
     assert sorted(made) == sorted(
         [("hellaswag.py", p) for p in predictions]
         + [("train_ppo.py", "ppo_7"), ("train_ppo.py", "ppo_8"), ("train_sft.py", "sft_7"),
            ("train_sft.py", "sft_8"), ("analyze.py", "ppo"), ("analyze.py", "sft")])
     # the predictions in the runs' own style and dtype; the reports on each arm's first seed
-    command = json.loads(open(os.path.join(work, "predictions", "sft_8_heldout.jsonl")).read())
+    command = json.loads(open(os.path.join(work, "predictions", "sft_8_train.jsonl")).read())
     assert command[command.index("--style") + 1] == "lm-eval"
     assert command[command.index("--dtype") + 1] == "bfloat16"
     assert command[2] == os.path.join(work, "runs", "sft_8", "ckpt_000002.pt")
@@ -149,9 +150,8 @@ def test_the_stages_run_the_right_scripts_once_and_again_when_a_run_stopped(tmp_
     made.clear()
     real_policy.run_everything(args, paths, real_policy.plan(args))
     assert sorted(made) == sorted(
-        [("train_sft.py", "sft_7"), ("analyze.py", "ppo"), ("analyze.py", "sft")]
-        + [("hellaswag.py", os.path.join(work, "predictions", f"sft_7_{s}.jsonl"))
-           for s in ("train", "heldout")])
+        [("train_sft.py", "sft_7"), ("analyze.py", "ppo"), ("analyze.py", "sft"),
+         ("hellaswag.py", os.path.join(work, "predictions", "sft_7_train.jsonl"))])
 
 
 def test_jobs_run_side_by_side_and_a_failure_stops_the_tasks_not_started():
@@ -211,11 +211,11 @@ BEFORE = {"train": ([0, 0, 0, 0], [2, 0, 0, 1]), "heldout": ([0, 0, 0, 0], None)
 def study(work):
     write_lines(os.path.join(work, "data", "train.jsonl"), [example(i, i) for i in range(4)])
     write_lines(os.path.join(work, "data", "heldout.jsonl"), [example(4 + i, i) for i in range(4)])
-    for subset, picks in BEFORE.items():
-        write_predictions(work, "policy", subset, *picks)
+    # on the training examples, hellaswag.py's predictions; on the held-out ones, the run's own
+    # evaluations at its start and end
+    write_predictions(work, "policy", "train", *BEFORE["train"])
     for name, subsets in AFTER.items():
-        for subset, picks in subsets.items():
-            write_predictions(work, name, subset, *picks)
+        write_predictions(work, name, "train", *subsets["train"])
         write_run(work, name, {0: BEFORE["heldout"][0], 4: AFTER[name]["heldout"][0]},
                   kl=0.25 if name != "sft_7" else 0.5, seconds=90.0)
 

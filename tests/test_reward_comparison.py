@@ -271,7 +271,7 @@ def stand_ins(monkeypatch):
         write(os.path.join(out_dir, "config.json"), json.dumps([policy, len(train), steps]))
         return 0.0
 
-    def run_script(*args, log=None):
+    def run_script(*args, log=None, append=False):
         if args[0] == "hellaswag.py":
             made.append(("predictions", os.path.basename(args[-1])))
             write(args[-1], json.dumps(args) + "\n")
