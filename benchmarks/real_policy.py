@@ -108,7 +108,9 @@ def plan(args):
     common = [f"--init_from={args.smollm2}", f"--train_data={paths['train']}",
               f"--val_data={paths['heldout']}", f"--max_steps={steps}",
               f"--eval_interval={math.ceil(steps / args.evaluations)}",
-              f"--checkpoint_interval={steps}"]  # the final checkpoint only, and resume
+              # checkpoints: the final one, at a better evaluation and on a stop signal (SIGTERM):
+              # a stopped run goes on from there
+              f"--checkpoint_interval={steps}"]
     inputs = [args.smollm2, paths["train"], paths["heldout"]]
     judge = [f"--reward_model={args.gemma}",
              f"--teacher_cache={os.path.join(args.work, 'teacher_cache')}"]
