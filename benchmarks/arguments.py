@@ -121,7 +121,11 @@ def read_record(record):
 def made_from(record, key):
     """Whether the stage whose record this is finished from key: same arguments, inputs
     unchanged."""
-    saved = read_record(record)
+    return same_key(read_record(record), key)
+
+
+def same_key(saved, key):
+    """Whether a stage's record (or None) holds key: the same arguments and input fingerprints."""
     return saved is not None and all(saved.get(k) == v for k, v in key.items())
 
 
@@ -177,7 +181,7 @@ def resume_point(out_dir, started, key):
     from weights import step_checkpoints  # weights imports transformers: only when a run is read
     saved = read_record(started)
     checkpoints = step_checkpoints(out_dir)
-    if saved is None or not checkpoints or not all(saved.get(k) == v for k, v in key.items()):
+    if not checkpoints or not same_key(saved, key):
         return None
     step, checkpoint = checkpoints[-1]
     config = read_record(os.path.join(out_dir, "train_config.json")) or {}

@@ -65,8 +65,7 @@ from config import read_config_file  # noqa: E402
 import arguments  # noqa: E402
 from reward_models import (add_study_arguments, analyze_runs, assemble_gemma,  # noqa: E402
                            before_after, check_study_inputs, data_paths, evaluate,
-                           evaluations_of, gemma_file, held_out_evaluations,
-                           last_checkpoint, paired_cell,
+                           evaluations_of, gemma_file, last_checkpoint, paired_cell,
                            predictions_path, read_predictions, run_metrics, smollm2_file,
                            write_split)
 
@@ -184,13 +183,13 @@ def run_everything(args, paths, runs):
 # the tables and the figure, from the files
 
 
-def run_row(work, run):
+def run_row(work, run, evaluations):
     """Everything the table says of one run: on the training examples, the starting policy's
     predictions and the final checkpoint's; on the held-out ones, the run's first and last
-    evaluations (the same scorer, style and dtype, in the run)."""
+    evaluations (evaluations_of(run): the same scorer, style and dtype, in the run)."""
     subsets = {"train": (read_predictions(predictions_path(work, "policy", "train")),
                          read_predictions(predictions_path(work, run.name, "train"))),
-               "heldout": held_out_evaluations(run)}
+               "heldout": (evaluations[0]["predictions"], evaluations[-1]["predictions"])}
     temperature = read_json(os.path.join(run.out_dir, "train_config.json")).get(
         "choice_temperature", 1.0)
     return {"arm": run.arm, "seed": run.seed, **run_metrics(run),
@@ -198,22 +197,23 @@ def run_row(work, run):
                for subset, (before, after) in subsets.items()}}
 
 
-def heldout_curve(run):
-    """[(training examples seen, held-out acc_norm)] of a run's evaluations."""
+def heldout_curve(run, evaluations):
+    """[(training examples seen, held-out acc_norm)] of a run's evaluations (evaluations_of)."""
     batch_size = read_json(os.path.join(run.out_dir, "train_config.json"))["batch_size"]
     return [(e["step"] * batch_size,
              statistics.fmean(p["pred_norm"] == p["label"] for p in e["predictions"]))
-            for e in evaluations_of(run)]
+            for e in evaluations]
 
 
 def tables(work, runs):
     """Every row and curve, read from work's files (all of them before anything prints)."""
     if not os.path.isdir(os.path.join(work, "runs")):
         raise UserError(f"--work {work}: no runs there; run without --reuse to train them")
-    rows = [run_row(work, run) for run in runs]
+    evaluations = [evaluations_of(run) for run in runs]  # read once: the rows and the curves
+    rows = [run_row(work, run, e) for run, e in zip(runs, evaluations)]
     curves = {}
-    for run in runs:
-        curves.setdefault(run.arm, []).append(heldout_curve(run))
+    for run, e in zip(runs, evaluations):
+        curves.setdefault(run.arm, []).append(heldout_curve(run, e))
     counts = [sum(1 for _ in open(data_paths(work)[s], encoding="utf-8")) for s in SUBSETS]
     return rows, curves, counts
 

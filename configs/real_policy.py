@@ -6,7 +6,8 @@ fine-tuning (train_sft.py reads this same file). Scored in the "lm-eval" style, 
 project measured SmolLM2's zero-shot acc_norm on the whole validation set: 0.4060. The script
 sets init_from, train_data, val_data, seed, out_dir, max_steps (the passes over the training
 examples), eval_interval (from --evaluations), checkpoint_interval (= max_steps: the final
-checkpoint only) and each arm's own settings; the rest is here, the same for every arm.
+checkpoint, besides those at a better evaluation and on a stop signal) and each arm's own
+settings; the rest is here, the same for every arm.
     python benchmarks/real_policy.py --data hellaswag_val.jsonl
 """
 device = "cpu"

@@ -251,6 +251,13 @@ def test_a_stopped_run_goes_on_from_its_checkpoint_with_its_time_so_far(tmp_path
     with pytest.raises(KeyboardInterrupt):
         arguments.train_once(out, "configs/demo.py", "--start_over=True", "--max_steps=2")
     assert calls[-1] == (("--start_over=True", "--max_steps=2", f"--out_dir={out}"), False)
+    with open(os.path.join(out, "train_config.json"), "w") as f:
+        json.dump({"max_steps": 4}, f)
+    with open(out + ".started.json", "w") as f:
+        f.write('{"args": ["train_ppo.py"')  # a torn record: nothing to go on with, start over
+    with pytest.raises(KeyboardInterrupt):
+        arguments.train_once(out, "configs/demo.py", "--start_over=True", "--max_steps=4")
+    assert calls[-1] == (("--start_over=True", "--max_steps=4", f"--out_dir={out}"), False)
 
 
 @pytest.mark.slow

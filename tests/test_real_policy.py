@@ -271,7 +271,7 @@ def test_the_curve_is_the_mean_over_seeds_against_the_examples_seen(tmp_path, mo
     work = str(tmp_path)
     study(work)
     runs = real_policy.plan(study_args(work=work, seeds=[7, 8], arms=["ppo"]))
-    curves = [real_policy.heldout_curve(run) for run in runs]
+    curves = [real_policy.heldout_curve(run, real_policy.evaluations_of(run)) for run in runs]
     assert curves == [[(0, 0.25), (64, 0.5)], [(0, 0.25), (64, 1.0)]]  # step 4 of 16 examples
     drawn = {}
     monkeypatch.setattr(real_policy.analyze, "save_figure",
