@@ -427,6 +427,19 @@ def source_name(source_id):
     return {"activitynet": "ActivityNet", "wikihow": "WikiHow"}.get(prefix.lower(), prefix)
 
 
+def acc_norm_lengths(examples, style, n_tokens):
+    """What acc_norm divides each ending's summed log-prob by, (N, 4) float32: its tokens
+    (n_tokens, (N, 4)) in the completion style, its characters in the lm-eval style."""
+    return n_tokens.float() if style == "completion" else ending_characters(examples, style)
+
+
+def ending_characters(examples, style):
+    """Each ending's characters as rendered in style, without the space before it (at least 1), as
+    lm-evaluation-harness's acc_norm counts them: (N, 4) float32."""
+    return torch.tensor([[max(1, len(c) - 1) for c in example_texts(ex, style)[1]]
+                         for ex in examples], dtype=torch.float32)
+
+
 def _prediction(example, pred, pred_norm, sum_logprobs, norm_scores):
     record = {"index": example["index"], "label": example["label"], "pred": int(pred),
               "pred_norm": int(pred_norm),
@@ -523,12 +536,7 @@ def evaluate(model, examples, *, tokenizer=None, style="completion", batch_size=
     else:
         sum_logprobs, n_tokens = _score_with_causal_lm(
             model, mine, style, batch_size, device, dtype, progress)
-    if style == "completion":  # mean log-prob per token
-        lengths = n_tokens
-    else:  # per character of the ending, without the space before it (lm-evaluation-harness)
-        n_chars = [[max(1, len(c) - 1) for c in example_texts(ex, style)[1]] for ex in mine]
-        lengths = torch.tensor(n_chars, dtype=torch.float32)
-    norm_scores = sum_logprobs / lengths.view(-1, 4)
+    norm_scores = sum_logprobs / acc_norm_lengths(mine, style, n_tokens)
     labels = torch.tensor([ex["label"] for ex in mine], dtype=torch.long)
     # ties go to the first ending, as np.argmax
     pred, pred_norm = sum_logprobs.argmax(1), norm_scores.argmax(1)

@@ -580,7 +580,8 @@ class TrainingState:
         """Put back a Checkpoint's state (read_checkpoint)."""
         if ckpt.rollouts is not None and not self.rollout_kind.load_state_dict(ckpt.rollouts):
             run.log("the checkpoint's cached reference scores are for other training examples "
-                    "or another choice_temperature: computing them again as examples are met")
+                    "or another choice_temperature or choice_norm: computing them again as "
+                    "examples are met")
         self.optimizer.load_state_dict(value_head_groups(ckpt.optimizer, self.optimizer))
         # saved param groups carry their own flags: keep this run's kernel (a checkpoint from
         # before the fused AdamW on CPUs says fused=None, which would run the slower loop)

@@ -380,6 +380,11 @@ class Config:
     batch_size: int = setting(64, low=1)  # rollouts per rank per step
     # choice: softmax temperature over the 4 endings' scores
     choice_temperature: float = setting(1.0, low=0.01, high=100.0)
+    # choice: an ending's score is its summed log-prob divided by what the style's acc_norm divides
+    # it by (style: tokens in the completion style, characters in lm-eval's, as the evaluator) or
+    # by its tokens (token: the same in the completion style; in lm-eval's a sharper policy, about
+    # as many times sharper as a token has characters)
+    choice_norm: str = setting("style", choices=("style", "token"))
     # generate: the prompt is the context's last tokens (fewer if the window needs it; the judge
     # sees the whole context)
     max_prompt_tokens: int = setting(128, low=1)
@@ -593,20 +598,28 @@ class Rollouts:
     loss_counts: torch.Tensor = None
 
 
-def choice_forward(model, encoded, choice_temperature, device, rows):
+def choice_forward(model, encoded, normalisers, choice_temperature, device, rows):
     """
     Score the 4 endings of each encoded example (policy.encode_choices) as the HellaSwag scorer
-    does (mean log-prob per ending token) and turn them into the policy over endings, with
-    gradients. rows: the policy (unwrapped) whose rows these are: its choice_inputs lays them out
-    for its forward (GPT: each context once, its endings packed after it) and its choice_lengths
-    counts their tokens. -> log-probs (N, 4), values (N,), all float32.
+    does (each ending's summed log-prob over its normaliser, (N, 4): choice_normalisers') and
+    turn them into the policy over endings, with gradients. rows: the policy (unwrapped) whose
+    rows these are: its choice_inputs lays them out for its forward (GPT: each context once, its
+    endings packed after it). -> log-probs (N, 4), values (N,), all float32.
     """
     inputs = {name: t.to(device) for name, t in rows.choice_inputs(encoded).items()}
     # through forward(), so that DDP syncs the gradients
     sum_logprobs, values = model(**inputs)
-    n_tokens = rows.choice_lengths(encoded)[0].to(device)
-    scores = sum_logprobs / n_tokens  # (N, 4) mean log-prob per ending token
+    scores = sum_logprobs / normalisers.to(device)  # (N, 4)
     return F.log_softmax(scores / choice_temperature, dim=-1), values
+
+
+def choice_normalisers(examples, cfg):
+    """What choice_forward divides each ending's summed log-prob by where it is not the ending's
+    tokens (the completion style's acc_norm, and choice_norm "token"): the lm-eval style's
+    characters, (N, 4) float32; else None."""
+    if cfg.choice_norm == "token" or cfg.style == "completion":
+        return None
+    return hellaswag.ending_characters(examples, cfg.style)
 
 
 class ChoiceRollouts:
@@ -616,10 +629,14 @@ class ChoiceRollouts:
     max_actions = 1  # per rollout
 
     def __init__(self, encoded, reward_fn, choice_temperature, micro_batch_size, device,
-                 score_every_ending=False, *, rows):
+                 score_every_ending=False, *, rows, normalisers=None):
         # every training example, encoded once at setup as the evaluator encodes it
-        # (policy.encode_choices); rows: that policy, unwrapped (choice_forward)
+        # (policy.encode_choices); rows: that policy, unwrapped (choice_forward); what each
+        # example's endings' summed log-probs are divided by, (N, 4): normalisers
+        # (choice_normalisers) or, if None, their tokens
         self.encoded, self.rows = encoded, rows
+        self.per_token = normalisers is None
+        self.normalisers = rows.choice_lengths(encoded)[0] if self.per_token else normalisers
         self.reward_fn, self.temperature = reward_fn, choice_temperature
         self.micro_batch_size, self.device = micro_batch_size, device
         # whether the reward of every ending is wanted (AdvantageEstimator.every_choice_scored)
@@ -637,15 +654,19 @@ class ChoiceRollouts:
         for group in micro_batches(torch.arange(len(encoded)), self.lengths(encoded),
                                    self.micro_batch_size):
             lp = choice_forward(reference, [encoded[j] for j in group.tolist()],
-                                self.temperature, self.device, self.rows)[0]
+                                self.normalisers[missing[group]], self.temperature,
+                                self.device, self.rows)[0]
             self.reference_logprobs[missing[group]] = lp.float().cpu()
         return self.reference_logprobs[indices].to(self.device)
 
     def cache_key(self):
         """What the cached reference scores depend on besides the reference itself: the encoded
-        training examples (data, style, window) and the temperature."""
+        training examples (data, style, window), what their scores are divided by (unless their
+        tokens) and the temperature."""
         if not hasattr(self, "_cache_key"):
-            digest = hashlib.sha256(json.dumps(self.encoded).encode()).hexdigest()
+            scored = (self.encoded if self.per_token
+                      else [self.encoded, self.normalisers.tolist()])
+            digest = hashlib.sha256(json.dumps(scored).encode()).hexdigest()
             self._cache_key = f"{digest}/{self.temperature!r}"
         return self._cache_key
 
@@ -665,6 +686,7 @@ class ChoiceRollouts:
     @torch.no_grad()
     def collect(self, policy, reference, examples, indices, generator, timer):
         encoded = [self.encoded[i] for i in indices]
+        normalisers = self.normalisers[indices]
         lengths = self.lengths(encoded)
         policy_lp = torch.zeros(len(encoded), 4, device=self.device)
         values = torch.zeros(len(encoded), device=self.device)
@@ -672,7 +694,8 @@ class ChoiceRollouts:
             for group in micro_batches(torch.arange(len(encoded)), lengths,
                                        self.micro_batch_size):
                 lp, v = choice_forward(policy, [encoded[j] for j in group.tolist()],
-                                       self.temperature, self.device, self.rows)
+                                       normalisers[group], self.temperature, self.device,
+                                       self.rows)
                 group = group.to(self.device)
                 policy_lp[group], values[group] = lp, v
         with timer("reference"):
@@ -691,7 +714,8 @@ class ChoiceRollouts:
                                            for i in range(4)], 1).to(self.device).float()
         samples = [{"ctx": ex["ctx"], "chosen": ex["endings"][c], "label": ex.get("label")}
                    for ex, c in zip(examples, choices.squeeze(1).tolist())]
-        return Rollouts(examples=examples, actions={"choices": choices, "encoded": encoded},
+        return Rollouts(examples=examples, actions={"choices": choices, "encoded": encoded,
+                                                    "normalisers": normalisers},
                         logprobs=policy_lp.gather(1, choices),
                         ref_logprobs=ref_lp.gather(1, choices),
                         values=values[:, None],
@@ -704,7 +728,8 @@ class ChoiceRollouts:
         """-> the chosen endings' log-probs, values and entropies (N, 1), and every ending's
         log-probs (N, 4)."""
         encoded = [rollouts.actions["encoded"][j] for j in micro.tolist()]
-        lp, v = choice_forward(model, encoded, self.temperature, self.device, self.rows)
+        lp, v = choice_forward(model, encoded, rollouts.actions["normalisers"][micro.cpu()],
+                               self.temperature, self.device, self.rows)
         entropy = -(lp.exp() * lp).sum(1, keepdim=True)
         chosen = lp.gather(1, rollouts.actions["choices"][micro])
         return chosen, v[:, None], entropy, lp
@@ -1028,7 +1053,7 @@ def build_rollouts(cfg, policy, train_examples, reward_fn, device):
         encoded = policy.encode_choices(train_examples, cfg.style)
         return ChoiceRollouts(encoded, reward_fn, cfg.choice_temperature, cfg.micro_batch_size,
                               device, ADV_ESTIMATORS[cfg.adv_estimator].every_choice_scored,
-                              rows=policy)
+                              rows=policy, normalisers=choice_normalisers(train_examples, cfg))
     # fit the window
     prompt_budget = min(cfg.max_prompt_tokens, policy.block_size - cfg.max_new_tokens)
     if prompt_budget < 1:

@@ -8,9 +8,10 @@ HellaSwag paper's GPT baseline, the usual baseline to run before PPO and its con
 
 Every step: batch_size examples per rank, in minibatches of minibatch_size with one optimizer step
 each (one PPO epoch's worth of steps over as many rollouts). The policy scores an example's 4
-endings exactly as the evaluator and the choice rollouts do (train_ppo.choice_forward: the mean
-log-prob per ending token, as policy.encode_choices renders them), and the loss is the 4-way
-cross-entropy of softmax(scores / choice_temperature) against the gold ending. The value head is
+endings exactly as the evaluator and the choice rollouts do (train_ppo.choice_forward: the summed
+log-prob of each ending, as policy.encode_choices renders them, divided as acc_norm divides it, or
+by its tokens with choice_norm="token"), and the loss is the 4-way cross-entropy of
+softmax(scores / choice_temperature) against the gold ending. The value head is
 frozen (saved and exported as it was).
 Everything else is train_ppo.py's: its Config, config files and overrides (the settings of
 rollouts, rewards, the KL penalty and PPO epochs are not read; rollout and reward_kind are set to
@@ -56,15 +57,16 @@ def choice_cross_entropy(logprobs, labels):
     return F.nll_loss(logprobs.float(), labels)
 
 
-def sft_loss(model, encoded, labels, cfg, device, rows):
+def sft_loss(model, encoded, normalisers, labels, cfg, device, rows):
     """A micro-batch's loss: its encoded examples' endings scored by choice_forward (through the
-    model's forward, so that DDP syncs the gradients) -> (the mean cross-entropy, the (N, 4)
-    log-probs)."""
-    logprobs, _ = choice_forward(model, encoded, cfg.choice_temperature, device, rows)
+    model's forward, so that DDP syncs the gradients; normalisers: choice_normalisers') -> (the mean
+    cross-entropy, the (N, 4) log-probs)."""
+    logprobs, _ = choice_forward(model, encoded, normalisers, cfg.choice_temperature, device,
+                                 rows)
     return choice_cross_entropy(logprobs, labels), logprobs
 
 
-def sft_update(model, raw_model, state, encoded, labels, cfg, run):
+def sft_update(model, raw_model, state, encoded, normalisers, labels, cfg, run):
     """A step's examples in minibatches of minibatch_size, one optimizer step each, the gradient
     accumulated over micro-batches of similar length, each weighed by its share of the minibatch
     (micro_batch_size, a memory setting, does not change the update). A non-finite gradient is not
@@ -81,7 +83,8 @@ def sft_update(model, raw_model, state, encoded, labels, cfg, run):
             no_sync = model.no_sync() if run.ddp and not last else contextlib.nullcontext()
             with no_sync, autocast(run.device, run.dtype):
                 loss, lp = sft_loss(model, [encoded[j] for j in micro.tolist()],
-                                    labels[micro.to(run.device)], cfg, run.device, raw_model)
+                                    normalisers[micro], labels[micro.to(run.device)], cfg,
+                                    run.device, raw_model)
             state.scaler.scale(loss * len(micro) / len(minibatch)).backward()
             logprobs[micro.to(run.device)] = lp.detach()
         grad_norm, applied = optimizer_step(raw_model, state, cfg, value_warmup=False)
@@ -168,8 +171,9 @@ def run_sft(cfg, run):
 
         # ---- the 4-way cross-entropy against the gold endings, one optimizer step a minibatch
         with timer("update"):
-            logprobs, grad_norms, finite = sft_update(train_model, raw_model, state, encoded,
-                                                      labels[indices], cfg, run)
+            logprobs, grad_norms, finite = sft_update(
+                train_model, raw_model, state, encoded, choices.normalisers[indices],
+                labels[indices], cfg, run)
         count_bad_steps(raw_model, state, finite, "gradient", cfg, run)
         state.step += 1
 

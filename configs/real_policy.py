@@ -13,6 +13,10 @@ settings; the rest is here, the same for every arm.
 device = "cpu"
 dtype = "bfloat16"  # autocast on the CPU too
 style = "lm-eval"
+# the policy over endings: softmax of each ending's mean log-prob per token (sharper than the
+# per-character acc_norm it is evaluated by, about 4 characters a token); the study's runs were
+# made so ("style" would train on acc_norm's own scores)
+choice_norm = "token"
 rollout = "choice"
 reward_kind = "label"
 batch_size = 16

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import hellaswag
+import run_management
 import synthetic
 import train_ppo
 from causal_lm import CausalLM, padded
@@ -58,12 +59,42 @@ def test_choice_sums_are_the_evaluators(source, examples, style):
     assert sums.dtype == torch.float32 and values.shape == (len(examples),)
     # and the policy itself is evaluated as its causal LM is
     assert evaluate(policy, examples, style=style)["acc_norm"] == result["acc_norm"]
-    if style == "completion":  # the choice policy: softmax of the per-token means
+    # the choice policy: the softmax of the evaluator's acc_norm scores (per token in the
+    # completion style, per character in lm-eval's), or of the per-token means if asked
+    norm = torch.tensor([p["norm_scores"] for p in result["predictions"]])
+    per_token = expected / torch.tensor([[n for _, n in entry] for entry in encoded])
+    assert (style == "completion") == torch.allclose(norm, per_token)
+    for choice_norm, scores in (("style", norm), ("token", per_token)):
+        cfg = train_ppo.Config(style=style, choice_norm=choice_norm)
+        normalisers = train_ppo.choice_normalisers(examples, cfg)
+        if normalisers is None:  # the endings' tokens
+            normalisers = policy.choice_lengths(encoded)[0]
         with torch.no_grad():
-            logprobs, _ = train_ppo.choice_forward(policy, encoded, 0.5, "cpu", policy)
-        norm = torch.tensor([p["norm_scores"] for p in result["predictions"]])
-        torch.testing.assert_close(logprobs, torch.log_softmax(norm / 0.5, -1), atol=1e-4,
+            logprobs, _ = train_ppo.choice_forward(policy, encoded, normalisers, 0.5, "cpu",
+                                                   policy)
+        torch.testing.assert_close(logprobs, torch.log_softmax(scores / 0.5, -1), atol=1e-4,
                                    rtol=0)
+
+
+@pytest.mark.parametrize("choice_norm", ["style", "token"])
+def test_choice_rollouts_sample_from_the_policy_the_settings_name(llama_dir, examples,
+                                                                  choice_norm):
+    """build_rollouts hands the choice rollouts the lm-eval style's acc_norm normaliser (the
+    endings' characters), or the endings' tokens with choice_norm "token"."""
+    policy = HFPolicy.load(llama_dir)
+    cfg = train_ppo.Config(style="lm-eval", choice_norm=choice_norm, choice_temperature=0.5)
+    kind = train_ppo.build_rollouts(cfg, policy, examples, lambda i, c: torch.zeros(len(i)),
+                                    "cpu")
+    with torch.no_grad():
+        rollouts = kind.collect(policy, policy, examples, list(range(len(examples))),
+                                torch.Generator().manual_seed(0), run_management.PhaseTimer("cpu"))
+    predictions = evaluate(policy, examples, style="lm-eval", return_predictions=True)[
+        "predictions"]
+    sums = torch.tensor([p["sum_logprobs"] for p in predictions])
+    scores = (torch.tensor([p["norm_scores"] for p in predictions]) if choice_norm == "style"
+              else sums / policy.choice_lengths(kind.encoded)[0])
+    torch.testing.assert_close(rollouts.choice_logprobs, torch.log_softmax(scores / 0.5, -1),
+                               atol=1e-4, rtol=0)
 
 
 def test_the_choice_forward_has_gradients_and_a_zero_value_head(llama_dir, examples):

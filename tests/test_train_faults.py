@@ -5,6 +5,7 @@ multi-node run, a rank that dies. Tiny models on the synthetic task, CPU, gloo.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -412,18 +414,37 @@ def test_a_reference_from_a_run_directory_stays_the_checkpoint_it_started_from(
         train_ppo.train(label_run(run, synthetic_dir, init_from="resume", max_steps=3))
 
 
-def test_cached_reference_scores_are_kept_only_for_the_same_examples_and_temperature():
+def test_cached_reference_scores_are_kept_only_for_the_same_examples_and_scores():
     encoded = [([1, 2], [[3], [4], [5], [6]]), ([7], [[8], [9], [10], [11]])]
-    saved = train_ppo.ChoiceRollouts(encoded, None, 1.0, 2, "cpu", rows=None)
+    rows = types.SimpleNamespace(choice_lengths=lambda enc: (torch.ones(len(enc), 4), None))
+
+    def rollouts(encoded=encoded, temperature=1.0, normalisers=None):
+        return train_ppo.ChoiceRollouts(encoded, None, temperature, 2, "cpu", rows=rows,
+                                        normalisers=normalisers)
+    saved = rollouts()
     saved.reference_logprobs = torch.randn(2, 4)
     state = saved.state_dict()
-    same = train_ppo.ChoiceRollouts(encoded, None, 1.0, 2, "cpu", rows=None)
+    # a checkpoint of scores divided by the endings' tokens, written before the key knew of other
+    # normalisers: its key is the examples' and the temperature's alone
+    digest = hashlib.sha256(json.dumps(encoded).encode()).hexdigest()
+    assert state["key"] == f"{digest}/1.0"
+    same = rollouts()
     assert (same.load_state_dict(state)
             and torch.equal(same.reference_logprobs, saved.reference_logprobs))
-    for other in (train_ppo.ChoiceRollouts(encoded, None, 2.0, 2, "cpu", rows=None),
-                  train_ppo.ChoiceRollouts(encoded[::-1], None, 1.0, 2, "cpu", rows=None),
-                  train_ppo.ChoiceRollouts(encoded[:1], None, 1.0, 2, "cpu", rows=None)):
-        assert not other.load_state_dict(state) and torch.isnan(other.reference_logprobs).all()
+    chars = torch.tensor([[5.0, 6.0, 7.0, 8.0]] * 2)
+    by_chars = rollouts(normalisers=chars)
+    by_chars.reference_logprobs = torch.randn(2, 4)
+    by_chars_state = by_chars.state_dict()
+    for other, checkpoint in ((rollouts(temperature=2.0), state),
+                              (rollouts(normalisers=chars), state),
+                              (rollouts(encoded[::-1]), state), (rollouts(encoded[:1]), state),
+                              (rollouts(), by_chars_state),
+                              (rollouts(normalisers=chars + 1), by_chars_state)):
+        assert not other.load_state_dict(checkpoint)
+        assert torch.isnan(other.reference_logprobs).all()
+    again = rollouts(normalisers=chars.clone())
+    assert again.load_state_dict(by_chars_state)
+    assert torch.equal(again.reference_logprobs, by_chars.reference_logprobs)
 
 
 def test_a_float16_run_resumes_a_checkpoint_saved_without_a_scaler(tmp_path):

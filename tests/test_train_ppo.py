@@ -750,7 +750,8 @@ def test_torchrun_two_processes_agree(tmp_path, synthetic_dir):
     assert read_metrics(tmp_path)[-1]["step"] == 2
 
 
-def test_choice_policy_scores_endings_like_the_evaluator(tmp_path):
+@pytest.mark.parametrize("style", ["completion", "lm-eval"])
+def test_choice_policy_scores_endings_like_the_evaluator(tmp_path, style):
     from hellaswag import evaluate, load_examples
     from model import GPT, GPTConfig
 
@@ -760,14 +761,20 @@ def test_choice_policy_scores_endings_like_the_evaluator(tmp_path):
     # most contexts are cut to fit
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=12)).eval()
     torch.nn.init.normal_(model.value_head.weight)
-    encoded = model.encode_choices(examples, "completion")
+    encoded = model.encode_choices(examples, style)
     assert max(len(c) + max(map(len, es)) for c, es in encoded) == 12
+    # the evaluator's acc_norm scores: per token in the completion style, per character in lm-eval's
+    tokens = model.choice_lengths(encoded)[0]
+    normalisers = train_ppo.choice_normalisers(examples, train_ppo.Config(style=style))
+    assert (normalisers is None) == (style == "completion")
+    normalisers = tokens if normalisers is None else normalisers
     with torch.no_grad():
-        policy_logprobs, values = train_ppo.choice_forward(model, encoded, choice_temperature=0.5,
-                                                           device="cpu", rows=model)
-        result = evaluate(model, examples, return_predictions=True)
+        policy_logprobs, values = train_ppo.choice_forward(
+            model, encoded, normalisers, choice_temperature=0.5, device="cpu", rows=model)
+        result = evaluate(model, examples, style=style, return_predictions=True)
     norm_scores = torch.tensor([p["norm_scores"] for p in result["predictions"]])
     assert torch.allclose(policy_logprobs, torch.log_softmax(norm_scores / 0.5, -1), atol=1e-4)
+    assert torch.equal(normalisers, tokens) == (style == "completion")
     context, _ = encoded[5]
     with torch.no_grad():
         alone = model(torch.tensor([context]))[1][0, -1]  # the value at the context's last token
@@ -783,6 +790,7 @@ def test_choice_rollouts_compute_the_reference_once_per_example(tmp_path, monkey
     encoded = [encode_for_model(ex, gpt2_tokens().encode, 64) for ex in examples]
     torch.manual_seed(0)
     reference = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)).eval()
+    tokens = reference.choice_lengths(encoded)[0]
     rollouts = train_ppo.ChoiceRollouts(encoded, None, 0.5, micro_batch_size=2, device="cpu",
                                         rows=reference)
     scored = []
@@ -792,7 +800,7 @@ def test_choice_rollouts_compute_the_reference_once_per_example(tmp_path, monkey
     with torch.no_grad():
         first = rollouts.reference(reference, [4, 1, 4])
         again = rollouts.reference(reference, [1, 2])
-        expected = real(reference, encoded, 0.5, "cpu", reference)[0]
+        expected = real(reference, encoded, tokens, 0.5, "cpu", reference)[0]
     # each example once, however often it is met (in micro-batches grouped by length: any order)
     assert sorted(scored) == sorted([encoded[1], encoded[4], encoded[2]])
     torch.testing.assert_close(first, expected[[4, 1, 4]])

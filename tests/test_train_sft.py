@@ -46,7 +46,8 @@ def test_the_loss_is_the_four_way_cross_entropy_of_the_evaluators_scores(tempera
     assert len(set(labels.tolist())) > 1
     encoded = model.encode_choices(examples, "completion")
     cfg = types.SimpleNamespace(choice_temperature=temperature)
-    loss, logprobs = train_sft.sft_loss(model, encoded, labels, cfg, "cpu", model)
+    tokens = model.choice_lengths(encoded)[0]  # the completion style's acc_norm divides by them
+    loss, logprobs = train_sft.sft_loss(model, encoded, tokens, labels, cfg, "cpu", model)
 
     # by hand: each ending as its own row after its context, its mean log-prob per token, then
     # -log softmax(scores / temperature)[gold], averaged over the examples
@@ -84,8 +85,8 @@ def test_micro_batch_size_does_not_change_the_update():
         cfg = types.SimpleNamespace(minibatch_size=8, micro_batch_size=micro_batch_size,
                                     choice_temperature=1.0, grad_clip=0.0)
         run = types.SimpleNamespace(ddp=False, device="cpu", dtype="float32")
-        logprobs, grad_norms, finite = train_sft.sft_update(model, model, state, encoded, labels,
-                                                            cfg, run)
+        logprobs, grad_norms, finite = train_sft.sft_update(
+            model, model, state, encoded, model.choice_lengths(encoded)[0], labels, cfg, run)
         assert finite and len(grad_norms) == 2 and torch.isfinite(logprobs).all()
         weights.append(model.state_dict())
     for other in weights[1:]:
