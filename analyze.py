@@ -71,12 +71,17 @@ def wilson_interval(correct, n, z=1.96):
     return [max(0.0, center - half), min(1.0, center + half)]
 
 
-def choice_probabilities(scores, temperature=1.0):
-    """softmax(scores / temperature): for completion-style norm_scores, the choice rollouts' policy
-    over endings."""
+def choice_logprobs(scores, temperature=1.0):
+    """log softmax(scores / temperature): for norm_scores, the choice rollouts' policy over
+    endings, in logs (none underflows)."""
     top = max(scores)
-    weights = [math.exp((s - top) / temperature) for s in scores]
-    return [w / sum(weights) for w in weights]
+    log_total = math.log(sum(math.exp((s - top) / temperature) for s in scores))
+    return [(s - top) / temperature - log_total for s in scores]
+
+
+def choice_probabilities(scores, temperature=1.0):
+    """softmax(scores / temperature)."""
+    return [math.exp(logp) for logp in choice_logprobs(scores, temperature)]
 
 
 def calibration(confidences, correct, n_bins=CALIBRATION_BINS):
@@ -489,6 +494,20 @@ def finite_scores(prediction):
 def confidences(predictions, temperature):
     return [choice_probabilities(p["norm_scores"], temperature) if finite_scores(p) else None
             for p in predictions]
+
+
+def choice_kl(before, after, temperature):
+    """The mean over the examples of KL(after || before) between two evaluations' policies over
+    the endings (softmax(norm_scores / temperature)), in nats: how far the model moved on them,
+    measured alike for every way of training it. None if a prediction has no finite scores."""
+    hellaswag.check_same_examples(before, after, ("before", "after"))
+    if not all(finite_scores(p) for p in before + after):
+        return None
+    kls = []
+    for p, q in zip(before, after):
+        a, b = (choice_logprobs(x["norm_scores"], temperature) for x in (p, q))
+        kls.append(sum(math.exp(lb) * (lb - la) for la, lb in zip(a, b)))
+    return mean(kls)
 
 
 def compare(run, before, after, temperature):

@@ -31,7 +31,9 @@ fine-tuning on the same examples, measured on held-out ones.
    analyze.py's report on each arm's first-seed run in WORK/reports/ARM.
 5. The tables: per run, acc_norm and acc before -> after on the training examples and on the
    held-out ones, with the paired 95% interval and McNemar's p; ECE (held-out) before -> after; the
-   KL to the starting policy at the end; minutes. Then each arm's mean change over its seeds. The
+   KL from the starting policy's choice over the endings to the final one on the held-out examples
+   (the same measure for every arm) and the KL the run logged at its end; minutes. Then each arm's
+   mean changes over its seeds. The
    figure: held-out acc_norm against the training examples seen, one line per arm (the mean over
    its seeds, their range shaded), in WORK/heldout_curve.png or --figure.
 
@@ -193,6 +195,7 @@ def run_row(work, run, evaluations):
     temperature = read_json(os.path.join(run.out_dir, "train_config.json")).get(
         "choice_temperature", 1.0)
     return {"arm": run.arm, "seed": run.seed, **run_metrics(run),
+            "heldout_kl": analyze.choice_kl(*subsets["heldout"], temperature),
             **{subset: before_after(before, after, None, temperature)
                for subset, (before, after) in subsets.items()}}
 
@@ -219,33 +222,44 @@ def tables(work, runs):
 
 
 def arm_means(rows):
-    """{arm: (seeds, mean held-out acc_norm change, mean training acc_norm change)}."""
+    """{arm: (seeds, mean held-out acc_norm change, mean training acc_norm change, mean held-out
+    KL (None if a run has none))}."""
     by_arm = {}
     for r in rows:
         by_arm.setdefault(r["arm"], []).append(r)
+    kl = lambda rs: (None if any(r["heldout_kl"] is None for r in rs)  # noqa: E731
+                     else statistics.fmean(r["heldout_kl"] for r in rs))
     return {arm: (len(rs), statistics.fmean(r["heldout"]["acc_norm"]["diff"] for r in rs),
-                  statistics.fmean(r["train"]["acc_norm"]["diff"] for r in rs))
+                  statistics.fmean(r["train"]["acc_norm"]["diff"] for r in rs), kl(rs))
             for arm, rs in by_arm.items()}
+
+
+def number(x, fmt):
+    return "n/a" if x is None else f"{x:{fmt}}"
 
 
 def print_tables(rows, n_train, n_heldout):
     print("\nSmolLM2-135M-Instruct, before → after (difference [paired 95% interval], McNemar p) "
           f"on the {n_train} training examples and the {n_heldout} held-out ones; ECE on the "
-          "held-out ones, before → after; the KL to the starting policy at the end\n")
+          "held-out ones, before → after; the KL from the starting policy's choice over the "
+          "endings to the final one on the held-out examples (exact, alike for every arm), and "
+          "the KL the run logged over its last 5 steps\n")
     print("| arm | seed | train acc_norm | train acc | held-out acc_norm | held-out acc | "
-          "ECE, held-out | KL at the end | minutes |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "ECE, held-out | KL, held-out | KL logged at the end | minutes |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t, h = r["train"], r["heldout"]
         print(f"| {r['arm']} | {r['seed']} | {paired_cell(t['acc_norm'])} | "
               f"{paired_cell(t['acc'])} | {paired_cell(h['acc_norm'])} | "
               f"{paired_cell(h['acc'])} | {h['ece'][0]:.3f} → {h['ece'][1]:.3f} | "
-              f"{r['kl']:.3f} | {r['minutes']:.1f} |")
-    print("\nPer arm, the mean over its seeds of the acc_norm change\n")
-    print("| arm | what | seeds | held-out acc_norm change | train acc_norm change |")
-    print("|---|---|---|---|---|")
-    for arm, (seeds, heldout, train) in arm_means(rows).items():
-        print(f"| {arm} | {ARMS[arm].title} | {seeds} | {heldout:+.3f} | {train:+.3f} |")
+              f"{number(r['heldout_kl'], '.4f')} | {r['kl']:.3f} | {r['minutes']:.1f} |")
+    print("\nPer arm, the mean over its seeds of the acc_norm change and the held-out KL\n")
+    print("| arm | what | seeds | held-out acc_norm change | train acc_norm change | "
+          "KL, held-out |")
+    print("|---|---|---|---|---|---|")
+    for arm, (seeds, heldout, train, kl) in arm_means(rows).items():
+        print(f"| {arm} | {ARMS[arm].title} | {seeds} | {heldout:+.3f} | {train:+.3f} | "
+              f"{number(kl, '.4f')} |")
 
 
 def plot_heldout(curves, n_heldout, path):

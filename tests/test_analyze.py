@@ -147,6 +147,28 @@ def test_calibration_error_against_a_plain_computation():
     assert sum(b["n"] for b in result["bins"]) == 500
 
 
+def test_choice_kl_against_a_plain_computation():
+    rng = np.random.default_rng(0)
+    before, after = (rng.normal(size=(50, 4)) for _ in "ba")
+    lines = lambda scores: [{"index": i, "label": i % 4, "norm_scores": s.tolist()}  # noqa: E731
+                            for i, s in enumerate(scores)]
+    for temperature in (1.0, 0.25):
+        p, q = (np.exp(x / temperature) / np.exp(x / temperature).sum(1, keepdims=True)
+                for x in (before, after))
+        expected = (q * np.log(q / p)).sum(1).mean()
+        assert analyze.choice_kl(lines(before), lines(after), temperature) == pytest.approx(
+            expected, rel=1e-9) and expected > 0.05
+    assert analyze.choice_kl(lines(before), lines(before), 1.0) == pytest.approx(0.0, abs=1e-12)
+    # endings whose probabilities underflow a float: still the exact KL, here 2000 nats
+    far = [{"index": 0, "label": 0, "norm_scores": s} for s in ([0.0, -2000.0], [-2000.0, 0.0])]
+    assert analyze.choice_kl(far[:1], far[1:], 1.0) == pytest.approx(2000.0)
+    overflowed = lines(after)
+    overflowed[1]["norm_scores"] = [float("nan")] * 4
+    assert analyze.choice_kl(lines(before), overflowed, 1.0) is None
+    with pytest.raises(UserError, match="before has 50 predictions and after 49"):
+        analyze.choice_kl(lines(before), lines(after)[1:], 1.0)
+
+
 # --------------------------------------------------------------------------------------------------
 # a run's report
 

@@ -173,10 +173,11 @@ def test_jobs_run_side_by_side_and_a_failure_stops_the_tasks_not_started():
 LABELS = [0, 1, 2, 3]
 
 
-def predictions(picks_norm, picks=None):
-    """Prediction lines of hellaswag.py's schema, every ending scored alike (confidence 1/4)."""
+def predictions(picks_norm, picks=None, scores=(0.0,) * 4):
+    """Prediction lines of hellaswag.py's schema, every example's endings scored alike (by default
+    all four the same: confidence 1/4)."""
     return [{"index": i, "label": label, "pred": pick, "pred_norm": norm,
-             "sum_logprobs": [-1.0] * 4, "norm_scores": [0.0] * 4}
+             "sum_logprobs": [-1.0] * 4, "norm_scores": list(scores)}
             for i, (norm, pick, label) in enumerate(zip(picks_norm, picks or picks_norm, LABELS))]
 
 
@@ -187,11 +188,14 @@ def write_predictions(work, who, subset, picks_norm, picks=None):
         json.dump({"args": [], "seconds": 1.0}, f)
 
 
-def write_run(work, name, curve, kl, seconds):
-    """A finished run: its held-out evaluations (step: picks), metrics, config and record."""
+def write_run(work, name, curve, kl, seconds, last_scores=(0.0,) * 4):
+    """A finished run: its held-out evaluations (step: picks; the last with last_scores), metrics,
+    config and record."""
     out = os.path.join(work, "runs", name)
     for step, picks in curve.items():
-        write_lines(os.path.join(out, "eval", f"step_{step:06d}.jsonl"), predictions(picks))
+        scores = last_scores if step == max(curve) else (0.0,) * 4
+        write_lines(os.path.join(out, "eval", f"step_{step:06d}.jsonl"),
+                    predictions(picks, scores=scores))
     write_lines(os.path.join(out, "metrics.jsonl"),
                 [{"step": s, "kl": kl if s > 5 else 9.0} for s in range(1, 11)])
     with open(os.path.join(out, "train_config.json"), "w") as f:
@@ -206,6 +210,8 @@ AFTER = {"ppo_7": {"train": ([0, 1, 2, 0], [0, 0, 0, 0]), "heldout": ([0, 1, 1, 
          "sft_7": {"train": ([1, 1, 1, 1], None), "heldout": ([0, 0, 0, 0], None)},
          "sft_8": {"train": ([0, 0, 0, 3], None), "heldout": ([0, 1, 0, 0], None)}}
 BEFORE = {"train": ([0, 0, 0, 0], [2, 0, 0, 1]), "heldout": ([0, 0, 0, 0], None)}
+# sft_8's last held-out evaluation gives the endings these probabilities (the others, 1/4 each)
+SFT_8_PROBABILITIES = (0.4, 0.3, 0.2, 0.1)
 
 
 def study(work):
@@ -217,7 +223,9 @@ def study(work):
     for name, subsets in AFTER.items():
         write_predictions(work, name, "train", *subsets["train"])
         write_run(work, name, {0: BEFORE["heldout"][0], 4: AFTER[name]["heldout"][0]},
-                  kl=0.25 if name != "sft_7" else 0.5, seconds=90.0)
+                  kl=0.25 if name != "sft_7" else 0.5, seconds=90.0,
+                  last_scores=([math.log(p) for p in SFT_8_PROBABILITIES] if name == "sft_8"
+                               else (0.0,) * 4))
 
 
 def cell(before, after):
@@ -249,19 +257,25 @@ def test_tables_from_a_studys_files(tmp_path):
         "| ppo | 7 | 0.250 → 0.750 (+0.500 [-0.066, +1.066], p 0.5) | "
         "0.000 → 0.250 (+0.250 [-0.240, +0.740], p 1) | "
         "0.250 → 0.500 (+0.250 [-0.240, +0.740], p 1) | "
-        "0.250 → 0.500 (+0.250 [-0.240, +0.740], p 1) | 0.000 → 0.250 | 0.250 | 1.5 |")
+        "0.250 → 0.500 (+0.250 [-0.240, +0.740], p 1) | 0.000 → 0.250 | 0.0000 | 0.250 | 1.5 |")
     for name, seed in (("ppo", "8"), ("sft", "7"), ("sft", "8")):
         after, row = AFTER[f"{name}_{seed}"], rows[(f"| {name}", seed)]
         cells = row.split(" | ")
         assert cells[2] == cell(BEFORE["train"][0], after["train"][0])
         assert cells[3] == cell(BEFORE["train"][1], after["train"][1] or after["train"][0])
         assert cells[4] == cell(BEFORE["heldout"][0], after["heldout"][0])
-    # ECE: every confidence 1/4, so |acc_norm - 1/4|; the KL of the last five steps
-    assert rows[("| sft", "7")].endswith("| 0.000 → 0.000 | 0.500 | 1.5 |")
-    assert rows[("| ppo", "8")].endswith("| 0.000 → 0.750 | 0.250 | 1.5 |")
+    # ECE: every confidence 1/4, so |acc_norm - 1/4|; the held-out KL from uniform choices to
+    # uniform ones: 0; the KL of the last five steps
+    assert rows[("| sft", "7")].endswith("| 0.000 → 0.000 | 0.0000 | 0.500 | 1.5 |")
+    assert rows[("| ppo", "8")].endswith("| 0.000 → 0.750 | 0.0000 | 0.250 | 1.5 |")
+    # sft_8 ends with its top ending at 0.4 on each example and right on two of four: ECE
+    # |0.5 - 0.4|; KL(q || uniform) = sum q log(4 q)
+    kl = sum(q * math.log(4 * q) for q in SFT_8_PROBABILITIES)
+    assert rows[("| sft", "8")].endswith(f"| 0.000 → 0.100 | {kl:.4f} | 0.250 | 1.5 |")
     # the arms' means: ppo held out +0.25 and +0.75, trained on +0.5 and +0.75; sft 0 and +0.25
-    assert rows[("| ppo", "PPO, label")] == "| ppo | PPO, label | 2 | +0.500 | +0.625 |"
-    assert rows[("| sft", "supervised")] == "| sft | supervised | 2 | +0.125 | +0.125 |"
+    assert rows[("| ppo", "PPO, label")] == "| ppo | PPO, label | 2 | +0.500 | +0.625 | 0.0000 |"
+    assert rows[("| sft", "supervised")] == (
+        f"| sft | supervised | 2 | +0.125 | +0.125 | {kl / 2:.4f} |")
     assert "on the 4 training examples and the 4 held-out ones" in proc.stdout
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "heldout_curve.png").exists()
