@@ -9,6 +9,7 @@ A script puts the repository on sys.path before importing this.
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -81,8 +82,21 @@ def run_script(*args, log, append=False):
             f.seek(start)  # what this run said
             said = [line.strip() for line in f if line.strip()]
         last = next((line for line in reversed(said) if line.startswith("error: ")),
-                    said[-1] if said else f"exit status {proc.returncode}")
+                    said[-1] if said else how_it_ended(proc.returncode))
         raise UserError(f"{' '.join(args)} failed: {shorten(last, 300)} (all it said: {log})")
+
+
+def how_it_ended(returncode):
+    """A process's exit status in words: a signal (a kill, or a script that stopped on one and
+    exited with 128 + its number, as the training scripts do) is one that starting the benchmark
+    again goes on from."""
+    number = -returncode if returncode < 0 else returncode - 128
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        return f"exit status {returncode}"
+    how = f"killed by {name}" if returncode < 0 else f"stopped by {name} (exit status {returncode})"
+    return f"{how}; start the benchmark again to go on from its last checkpoint"
 
 
 def fingerprint(path):

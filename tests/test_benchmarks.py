@@ -212,6 +212,16 @@ def test_a_failed_stage_is_one_line_naming_the_command_and_the_log(tmp_path):
         arguments.run_script("-c", script, log=str(log))
     assert "\n" not in str(e.value)
     assert str(e.value).endswith(f"failed: error: out_dir x is in use (all it said: {log})")
+    # a script that said nothing: how it ended (a stop signal is one to start again from)
+    for script, ended in (
+            ("import sys; sys.exit(3)", "exit status 3"),
+            ("import sys; sys.exit(143)", "stopped by SIGTERM (exit status 143); start the "
+             "benchmark again to go on from its last checkpoint"),
+            ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "killed by SIGKILL; "
+             "start the benchmark again to go on from its last checkpoint")):
+        with pytest.raises(UserError) as e:
+            arguments.run_script("-c", script, log=str(log))
+        assert str(e.value) == f"-c {script} failed: {ended} (all it said: {log})"
 
 
 def test_a_stopped_run_goes_on_from_its_checkpoint_with_its_time_so_far(tmp_path, monkeypatch):
