@@ -33,9 +33,9 @@ fine-tuning on the same examples, measured on held-out ones.
    held-out ones, with the paired 95% interval and McNemar's p; ECE (held-out) before -> after; the
    KL from the starting policy's choice over the endings to the final one on the held-out examples
    (the same measure for every arm) and the KL the run logged at its end; minutes. Then each arm's
-   mean changes over its seeds. The
-   figure: held-out acc_norm against the training examples seen, one line per arm (the mean over
-   its seeds, their range shaded), in WORK/heldout_curve.png or --figure.
+   mean changes over its seeds. The figure: held-out acc_norm against the training examples seen,
+   one line per arm (the mean over its seeds, their range shaded), in WORK/heldout_curve.png or
+   --figure.
 
 Every stage is kept in --work with a record of what it was made from (as reward_models.py's), so a
 stopped study goes on where it stopped and one started again with other settings redoes only what
@@ -227,11 +227,14 @@ def arm_means(rows):
     by_arm = {}
     for r in rows:
         by_arm.setdefault(r["arm"], []).append(r)
-    kl = lambda rs: (None if any(r["heldout_kl"] is None for r in rs)  # noqa: E731
-                     else statistics.fmean(r["heldout_kl"] for r in rs))
     return {arm: (len(rs), statistics.fmean(r["heldout"]["acc_norm"]["diff"] for r in rs),
-                  statistics.fmean(r["train"]["acc_norm"]["diff"] for r in rs), kl(rs))
+                  statistics.fmean(r["train"]["acc_norm"]["diff"] for r in rs),
+                  mean_or_none([r["heldout_kl"] for r in rs]))
             for arm, rs in by_arm.items()}
+
+
+def mean_or_none(values):
+    return None if None in values else statistics.fmean(values)
 
 
 def number(x, fmt):

@@ -356,3 +356,11 @@ def test_a_study_of_a_tiny_llama_end_to_end(tmp_path):
     assert again.returncode == 0 and [line for line in again.stdout.splitlines()
                                       if line.startswith("| ")] == [
         line for line in proc.stdout.splitlines() if line.startswith("| ")]
+
+
+def test_an_arm_with_a_run_whose_scores_overflowed_has_no_mean_held_out_kl():
+    row = lambda kl: {"arm": "ppo", "heldout_kl": kl, "heldout": {"acc_norm": {"diff": 0.1}},  # noqa: E731
+                      "train": {"acc_norm": {"diff": 0.2}}}
+    assert real_policy.arm_means([row(0.25), row(0.5)])["ppo"] == (2, 0.1, 0.2, 0.375)
+    assert real_policy.arm_means([row(0.25), row(None)])["ppo"][3] is None
+    assert real_policy.number(None, ".4f") == "n/a" and real_policy.number(0.5, ".4f") == "0.5000"
