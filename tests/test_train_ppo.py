@@ -409,6 +409,7 @@ def test_config_files_and_overrides(tmp_path):
     (["--batch_size=1.5"], "batch_size must be int"),
     (["--compile=yes"], "compile must be bool"),
     (["--rollout=beam"], "rollout must be one of choice, generate"),
+    (["--choice_norm=chars"], "choice_norm must be one of style, token"),
     (["--batch_size"], "written --key=value"),
     (["--rollout=generate"], "takes reward_kind likelihood"),
     (["--batch_size=10", "--minibatch_size=4"], "multiple of minibatch_size"),
