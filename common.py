@@ -129,8 +129,9 @@ def write_errors_are_one_line(path, written=None):
     """A write in the block that fails becomes one line: UserError("no space left on device: PATH")
     for a full disk or quota, UserError("cannot write PATH (why)") for another failed write (a
     file-size limit, a read-only filesystem, an I/O error, permissions); any other error in the
-    block (a download's, say) goes on as it is. `written`: the file the block writes, if not path. Enter it before removing any partial file, so that the free space still shows
-    the disk was full."""
+    block (a download's, say) goes on as it is. `written`: the file the block writes, if not
+    path. Enter it before removing any partial file, so that the free space still shows the disk
+    was full."""
     try:
         yield
     except (OSError, RuntimeError) as e:  # torch.save's zip writer raises RuntimeError

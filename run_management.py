@@ -576,6 +576,13 @@ class TrainingState:
         indices, self.data_position = self.batches.at(self.data_position)
         return indices
 
+    def resume(self, ckpt, path, cfg, run):
+        """Go on from a Checkpoint (read from path): its state put back, and what was logged and
+        evaluated after it dropped, to be redone."""
+        self.load_state_dict(ckpt, cfg, run)
+        run.log(f"resumed from {path} at step {self.step}")
+        forget_after(cfg.out_dir, self.step, run)
+
     def load_state_dict(self, ckpt, cfg, run):
         """Put back a Checkpoint's state (read_checkpoint)."""
         if ckpt.rollouts is not None and not self.rollout_kind.load_state_dict(ckpt.rollouts):

@@ -58,7 +58,7 @@ from hf_policy import HFPolicy
 from model import GPT, GPTConfig
 from reward import DEFAULT_REWARD_MODEL, REWARD_KINDS
 from run_management import (Batches, Reference, RunManager, Shown, StoppedAtOnce,
-                            TrainingState, absolute_paths, check_sources, forget_after,
+                            TrainingState, absolute_paths, check_sources,
                             log_changed_settings, lost_rank_error, out_dir_lock, prepare_out_dir,
                             seed_everything, setup_distributed, synthetic_dir)
 from weights import (check_finite_weights, checkpoint_source, step_checkpoints,
@@ -1376,9 +1376,7 @@ def run_ppo(cfg, run):
                         cfg.group_size),
         reference=reference_state)
     if ckpt:
-        state.load_state_dict(ckpt, cfg, run)
-        run.log(f"resumed from {resume_path} at step {state.step}")
-        forget_after(cfg.out_dir, state.step, run)
+        state.resume(ckpt, resume_path, cfg, run)
         del ckpt
     manager = RunManager(cfg, run, state, raw_model, val_examples, CONSOLE_LINE)
     manager.evaluations_before_the_loop(teacher)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import train_ppo
 from common import UserError, all_reduce_sum, autocast, run_cli
 from config import describe
-from run_management import (Batches, RunManager, Shown, TrainingState, forget_after,
+from run_management import (Batches, RunManager, Shown, TrainingState,
                             log_changed_settings, prepare_out_dir, seed_everything)
 from train_ppo import (Config, FixedKLController, build_reward, build_rollouts,
                        check_same_trained_blocks, choice_forward, count_bad_steps, exact_kl,
@@ -150,9 +150,7 @@ def run_sft(cfg, run):
         batches=Batches(len(train_examples), cfg.batch_size, cfg.seed, run),
         reference=reference_state)
     if ckpt:
-        state.load_state_dict(ckpt, cfg, run)
-        run.log(f"resumed from {resume_path} at step {state.step}")
-        forget_after(cfg.out_dir, state.step, run)
+        state.resume(ckpt, resume_path, cfg, run)
         del ckpt
     manager = RunManager(cfg, run, state, raw_model, val_examples, CONSOLE_LINE)
     manager.evaluations_before_the_loop()

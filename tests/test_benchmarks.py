@@ -1,5 +1,5 @@
-"""The benchmark scripts run end to end on tiny stand-ins (their numbers are for docs/results.md, not for
-tests)."""
+"""The benchmark scripts run end to end on tiny stand-ins (their numbers are for docs/results.md,
+not for tests)."""
 
 import json
 import os

@@ -371,7 +371,8 @@ def test_ppo_update_does_not_depend_on_micro_batch_size(loss_agg):
         kind = train_ppo.GenerateRollouts(None, cfg, prompt_budget=8, stop_tokens=[50256],
                                           device="cpu", tokens=gpt2_tokens())
         state = run_management.TrainingState(
-            optimizer=optimizer, scaler=scaler, kl_controller=train_ppo.FixedKLController(0.05, 6.0, 1000),
+            optimizer=optimizer, scaler=scaler,
+            kl_controller=train_ppo.FixedKLController(0.05, 6.0, 1000),
             reward_fn=None, rollout_kind=kind,
             sample_generator=None, shuffle_generator=torch.Generator().manual_seed(0),
             batches=None, reference={})
