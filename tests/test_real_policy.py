@@ -118,6 +118,12 @@ def stand_ins(monkeypatch):
         elif args[0] in ("train_ppo.py", "train_sft.py"):
             write(os.path.join(args[-1].split("=", 1)[1], "ckpt_000002.pt"), f"{len(made)}")
     monkeypatch.setattr(real_policy.arguments, "run_script", run_script)
+
+    def ending_tokens(source, examples, style):
+        with lock:
+            made.append(("tokens", source, len(examples), style))
+        return [[1, 2, 3, 4]] * len(examples)
+    monkeypatch.setattr(real_policy, "ending_tokens", ending_tokens)
     return made
 
 
@@ -134,10 +140,12 @@ def test_the_stages_run_the_right_scripts_once_and_again_when_a_run_stopped(tmp_
     # the held-out predictions are the runs' own evaluations: on the training examples only
     predictions = {os.path.join(work, "predictions", f"{who}_train.jsonl")
                    for who in ["policy", *runs]}
-    assert sorted(made) == sorted(
+    assert made[0] == ("tokens", "smollm2.gguf", 2, "lm-eval")  # the held-out examples
+    assert sorted(made[1:]) == sorted(
         [("hellaswag.py", p) for p in predictions]
         + [("train_ppo.py", "ppo_7"), ("train_ppo.py", "ppo_8"), ("train_sft.py", "sft_7"),
            ("train_sft.py", "sft_8"), ("analyze.py", "ppo"), ("analyze.py", "sft")])
+    assert json.load(open(real_policy.tokens_path(work))) == [[1, 2, 3, 4]] * 2
     # the predictions in the runs' own style and dtype; the reports on each arm's first seed
     command = json.loads(open(os.path.join(work, "predictions", "sft_8_train.jsonl")).read())
     assert command[command.index("--style") + 1] == "lm-eval"
@@ -173,12 +181,21 @@ def test_jobs_run_side_by_side_and_a_failure_stops_the_tasks_not_started():
 LABELS = [0, 1, 2, 3]
 
 
-def predictions(picks_norm, picks=None, scores=(0.0,) * 4):
+# the held-out endings' tokens, every example alike
+TOKENS = [1, 2, 3, 4]
+
+
+def predictions(picks_norm, picks=None, scores=(0.0,) * 4, picks_token=None):
     """Prediction lines of hellaswag.py's schema, every example's endings scored alike (by default
-    all four the same: confidence 1/4)."""
+    all four the same: confidence 1/4). Summed log-probs whose mean per token (over TOKENS) is
+    highest at picks_token's ending (by default the first): -1 a token there, -2 elsewhere, so
+    that the highest sum is at another ending but the first."""
+    picks_token = picks_token or [0] * len(picks_norm)
     return [{"index": i, "label": label, "pred": pick, "pred_norm": norm,
-             "sum_logprobs": [-1.0] * 4, "norm_scores": list(scores)}
-            for i, (norm, pick, label) in enumerate(zip(picks_norm, picks or picks_norm, LABELS))]
+             "sum_logprobs": [-n * (1.0 if j == token else 2.0) for j, n in enumerate(TOKENS)],
+             "norm_scores": list(scores)}
+            for i, (norm, pick, label, token) in enumerate(
+                zip(picks_norm, picks or picks_norm, LABELS, picks_token))]
 
 
 def write_predictions(work, who, subset, picks_norm, picks=None):
@@ -189,13 +206,13 @@ def write_predictions(work, who, subset, picks_norm, picks=None):
 
 
 def write_run(work, name, curve, kl, seconds, last_scores=(0.0,) * 4):
-    """A finished run: its held-out evaluations (step: picks; the last with last_scores), metrics,
-    config and record."""
+    """A finished run: its held-out evaluations (step: (acc_norm picks, per-token picks); the last
+    with last_scores), metrics, config and record."""
     out = os.path.join(work, "runs", name)
-    for step, picks in curve.items():
+    for step, (picks, picks_token) in curve.items():
         scores = last_scores if step == max(curve) else (0.0,) * 4
         write_lines(os.path.join(out, "eval", f"step_{step:06d}.jsonl"),
-                    predictions(picks, scores=scores))
+                    predictions(picks, scores=scores, picks_token=picks_token))
     write_lines(os.path.join(out, "metrics.jsonl"),
                 [{"step": s, "kl": kl if s > 5 else 9.0} for s in range(1, 11)])
     with open(os.path.join(out, "train_config.json"), "w") as f:
@@ -204,12 +221,14 @@ def write_run(work, name, curve, kl, seconds, last_scores=(0.0,) * 4):
         json.dump({"seconds": seconds}, f)
 
 
-# after the run, on each subset: (acc_norm picks, acc picks); before: the policy's
-AFTER = {"ppo_7": {"train": ([0, 1, 2, 0], [0, 0, 0, 0]), "heldout": ([0, 1, 1, 1], None)},
-         "ppo_8": {"train": ([0, 1, 2, 3], None), "heldout": ([0, 1, 2, 3], None)},
-         "sft_7": {"train": ([1, 1, 1, 1], None), "heldout": ([0, 0, 0, 0], None)},
-         "sft_8": {"train": ([0, 0, 0, 3], None), "heldout": ([0, 1, 0, 0], None)}}
-BEFORE = {"train": ([0, 0, 0, 0], [2, 0, 0, 1]), "heldout": ([0, 0, 0, 0], None)}
+# after the run, on each subset: (acc_norm picks, acc picks (training examples) or per-token
+# picks (held-out ones)); before: the policy's
+AFTER = {"ppo_7": {"train": ([0, 1, 2, 0], [0, 0, 0, 0]),
+                   "heldout": ([0, 1, 1, 1], [0, 1, 2, 3])},
+         "ppo_8": {"train": ([0, 1, 2, 3], None), "heldout": ([0, 1, 2, 3], [3, 1, 2, 3])},
+         "sft_7": {"train": ([1, 1, 1, 1], None), "heldout": ([0, 0, 0, 0], [1, 1, 1, 1])},
+         "sft_8": {"train": ([0, 0, 0, 3], None), "heldout": ([0, 1, 0, 0], [2, 1, 0, 3])}}
+BEFORE = {"train": ([0, 0, 0, 0], [2, 0, 0, 1]), "heldout": ([0, 0, 0, 0], [0, 3, 3, 3])}
 # sft_8's last held-out evaluation gives the endings these probabilities (the others, 1/4 each)
 SFT_8_PROBABILITIES = (0.4, 0.3, 0.2, 0.1)
 
@@ -217,12 +236,15 @@ SFT_8_PROBABILITIES = (0.4, 0.3, 0.2, 0.1)
 def study(work):
     write_lines(os.path.join(work, "data", "train.jsonl"), [example(i, i) for i in range(4)])
     write_lines(os.path.join(work, "data", "heldout.jsonl"), [example(4 + i, i) for i in range(4)])
+    write_lines(real_policy.tokens_path(work), [[TOKENS] * 4])
+    with open(real_policy.tokens_path(work) + ".made.json", "w") as f:
+        json.dump({"args": [], "seconds": 1.0}, f)
     # on the training examples, hellaswag.py's predictions; on the held-out ones, the run's own
     # evaluations at its start and end
     write_predictions(work, "policy", "train", *BEFORE["train"])
     for name, subsets in AFTER.items():
         write_predictions(work, name, "train", *subsets["train"])
-        write_run(work, name, {0: BEFORE["heldout"][0], 4: AFTER[name]["heldout"][0]},
+        write_run(work, name, {0: BEFORE["heldout"], 4: AFTER[name]["heldout"]},
                   kl=0.25 if name != "sft_7" else 0.5, seconds=90.0,
                   last_scores=([math.log(p) for p in SFT_8_PROBABILITIES] if name == "sft_8"
                                else (0.0,) * 4))
@@ -257,13 +279,17 @@ def test_tables_from_a_studys_files(tmp_path):
         "| ppo | 7 | 0.250 → 0.750 (+0.500 [-0.066, +1.066], p 0.5) | "
         "0.000 → 0.250 (+0.250 [-0.240, +0.740], p 1) | "
         "0.250 → 0.500 (+0.250 [-0.240, +0.740], p 1) | "
-        "0.250 → 0.500 (+0.250 [-0.240, +0.740], p 1) | 0.000 → 0.250 | 0.0000 | 0.250 | 1.5 |")
+        "0.250 → 0.500 (+0.250 [-0.240, +0.740], p 1) | "
+        "0.500 → 1.000 (+0.500 [-0.066, +1.066], p 0.5) | "
+        "0.000 → 0.250 | 0.0000 | 0.250 | 1.5 |")
     for name, seed in (("ppo", "8"), ("sft", "7"), ("sft", "8")):
         after, row = AFTER[f"{name}_{seed}"], rows[(f"| {name}", seed)]
         cells = row.split(" | ")
         assert cells[2] == cell(BEFORE["train"][0], after["train"][0])
         assert cells[3] == cell(BEFORE["train"][1], after["train"][1] or after["train"][0])
         assert cells[4] == cell(BEFORE["heldout"][0], after["heldout"][0])
+        # the per-token pick: the summed log-probs over TOKENS, not acc_norm's picks
+        assert cells[6] == cell(BEFORE["heldout"][1], after["heldout"][1])
     # ECE: every confidence 1/4, so |acc_norm - 1/4|; the held-out KL from uniform choices to
     # uniform ones: 0; the KL of the last five steps
     assert rows[("| sft", "7")].endswith("| 0.000 → 0.000 | 0.0000 | 0.500 | 1.5 |")
@@ -272,10 +298,12 @@ def test_tables_from_a_studys_files(tmp_path):
     # |0.5 - 0.4|; KL(q || uniform) = sum q log(4 q)
     kl = sum(q * math.log(4 * q) for q in SFT_8_PROBABILITIES)
     assert rows[("| sft", "8")].endswith(f"| 0.000 → 0.100 | {kl:.4f} | 0.250 | 1.5 |")
-    # the arms' means: ppo held out +0.25 and +0.75, trained on +0.5 and +0.75; sft 0 and +0.25
-    assert rows[("| ppo", "PPO, label")] == "| ppo | PPO, label | 2 | +0.500 | +0.625 | 0.0000 |"
+    # the arms' means: ppo held out +0.25 and +0.75 (per token +0.5 and +0.25), trained on +0.5
+    # and +0.75; sft 0 and +0.25 (per token -0.25 and 0)
+    assert rows[("| ppo", "PPO, label")] == (
+        "| ppo | PPO, label | 2 | +0.500 | +0.375 | +0.625 | 0.0000 |")
     assert rows[("| sft", "supervised")] == (
-        f"| sft | supervised | 2 | +0.125 | +0.125 | {kl / 2:.4f} |")
+        f"| sft | supervised | 2 | +0.125 | -0.125 | +0.125 | {kl / 2:.4f} |")
     assert "on the 4 training examples and the 4 held-out ones" in proc.stdout
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "heldout_curve.png").exists()
@@ -305,6 +333,32 @@ def test_reuse_of_an_empty_work_folder_is_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr == (f"error: --work {tmp_path}: no runs there; run without --reuse to "
                            "train them\n") and proc.stdout == ""
+
+
+def test_reuse_without_the_held_out_tokens_is_one_line(tmp_path):
+    study(str(tmp_path))
+    os.remove(real_policy.tokens_path(str(tmp_path)) + ".made.json")  # stopped while made
+    proc = run_script("--reuse", "--work", str(tmp_path), "--seeds", "7", "8", "--arms", "ppo",
+                      "sft")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: {real_policy.tokens_path(str(tmp_path))}: unfinished")
+    assert proc.stderr.endswith("run without --reuse to make it again\n") and proc.stdout == ""
+
+
+def test_the_per_token_counts_are_those_a_transformers_policy_trains_with(tmp_path):
+    """ending_tokens' counts are what choice_norm "token" divides by: the scored tokens of the
+    choice rows of the policy train_ppo.py builds from the same source."""
+    import synthetic
+    from hf_policy import HFPolicy
+    from test_causal_lm import build_llama
+
+    llama = build_llama(tmp_path / "llama", window=96)
+    examples = synthetic.make_examples(6, seed=3, split="val")
+    counts = real_policy.ending_tokens(llama, examples, "lm-eval")
+    policy = HFPolicy.load(llama)
+    expected = policy.choice_lengths(policy.encode_choices(examples, "lm-eval"))[0]
+    assert counts == expected.int().tolist() and len(counts) == 6
+    assert len({n for row in counts for n in row}) > 1  # endings of several lengths
 
 
 def test_reuse_of_an_unfinished_study_is_one_line_and_prints_no_table(tmp_path):
@@ -359,8 +413,9 @@ def test_a_study_of_a_tiny_llama_end_to_end(tmp_path):
 
 
 def test_an_arm_with_a_run_whose_scores_overflowed_has_no_mean_held_out_kl():
-    row = lambda kl: {"arm": "ppo", "heldout_kl": kl, "heldout": {"acc_norm": {"diff": 0.1}},  # noqa: E731
+    row = lambda kl: {"arm": "ppo", "heldout_kl": kl,  # noqa: E731
+                      "heldout": {"acc_norm": {"diff": 0.1}, "acc_token": {"diff": 0.3}},
                       "train": {"acc_norm": {"diff": 0.2}}}
-    assert real_policy.arm_means([row(0.25), row(0.5)])["ppo"] == (2, 0.1, 0.2, 0.375)
-    assert real_policy.arm_means([row(0.25), row(None)])["ppo"][3] is None
+    assert real_policy.arm_means([row(0.25), row(0.5)])["ppo"] == (2, 0.1, 0.3, 0.2, 0.375)
+    assert real_policy.arm_means([row(0.25), row(None)])["ppo"][4] is None
     assert real_policy.number(None, ".4f") == "n/a" and real_policy.number(0.5, ".4f") == "0.5000"
