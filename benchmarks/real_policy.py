@@ -74,8 +74,8 @@ import arguments  # noqa: E402
 from reward_models import (add_study_arguments, analyze_runs, assemble_gemma,  # noqa: E402
                            before_after, check_study_inputs, data_paths, evaluate,
                            evaluations_of, gemma_file, last_checkpoint, paired_cell,
-                           predictions_path, read_predictions, run_metrics, smollm2_file,
-                           write_split)
+                           predictions_path, read_predictions, read_stage, run_metrics,
+                           smollm2_file, write_split)
 
 CONFIG = "configs/real_policy.py"
 SUBSETS = ("train", "heldout")
@@ -245,15 +245,6 @@ def right_per_token(predictions, tokens):
     return [pick(p) == p["label"] for p in predictions]
 
 
-def read_tokens(work):
-    path = tokens_path(work)
-    if not os.path.isfile(path):
-        raise UserError(f"{path} does not exist; run without --reuse to make it")
-    try:  # made from the model and data there now
-        arguments.finished(path)
-    except UserError as e:
-        raise UserError(f"{e}; run without --reuse to make it again") from None
-    return read_json(path)
 
 
 def heldout_curve(run, evaluations):
@@ -269,7 +260,7 @@ def tables(work, runs):
     if not os.path.isdir(os.path.join(work, "runs")):
         raise UserError(f"--work {work}: no runs there; run without --reuse to train them")
     evaluations = [evaluations_of(run) for run in runs]  # read once: the rows and the curves
-    tokens = read_tokens(work)
+    tokens = read_stage(tokens_path(work), read_json)
     rows = [run_row(work, run, e, tokens) for run, e in zip(runs, evaluations)]
     curves = {}
     for run, e in zip(runs, evaluations):

@@ -287,13 +287,19 @@ def last_checkpoint(run):
 
 
 def read_predictions(path):
+    return read_stage(path, hellaswag.read_predictions)
+
+
+def read_stage(path, read):
+    """read(path) of a stage's output, for --reuse: one line if the stage is missing or did not
+    finish from the files there now."""
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist; run without --reuse to make it")
     try:  # made from the model and data there now, not from those of an earlier start
         arguments.finished(path)
     except UserError as e:
         raise UserError(f"{e}; run without --reuse to make it again") from None
-    return hellaswag.read_predictions(path)
+    return read(path)
 
 
 def gold(predictions):
