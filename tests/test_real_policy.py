@@ -119,11 +119,11 @@ def stand_ins(monkeypatch):
             write(os.path.join(args[-1].split("=", 1)[1], "ckpt_000002.pt"), f"{len(made)}")
     monkeypatch.setattr(real_policy.arguments, "run_script", run_script)
 
-    def ending_tokens(source, examples, style):
+    def ending_token_counts(source, examples, style):
         with lock:
-            made.append(("tokens", source, len(examples), style))
+            made.append(("token counts", source, len(examples), style))
         return [[1, 2, 3, 4]] * len(examples)
-    monkeypatch.setattr(real_policy, "ending_tokens", ending_tokens)
+    monkeypatch.setattr(real_policy, "ending_token_counts", ending_token_counts)
     return made
 
 
@@ -140,12 +140,12 @@ def test_the_stages_run_the_right_scripts_once_and_again_when_a_run_stopped(tmp_
     # the held-out predictions are the runs' own evaluations: on the training examples only
     predictions = {os.path.join(work, "predictions", f"{who}_train.jsonl")
                    for who in ["policy", *runs]}
-    assert made[0] == ("tokens", "smollm2.gguf", 2, "lm-eval")  # the held-out examples
+    assert made[0] == ("token counts", "smollm2.gguf", 2, "lm-eval")  # the held-out examples
     assert sorted(made[1:]) == sorted(
         [("hellaswag.py", p) for p in predictions]
         + [("train_ppo.py", "ppo_7"), ("train_ppo.py", "ppo_8"), ("train_sft.py", "sft_7"),
            ("train_sft.py", "sft_8"), ("analyze.py", "ppo"), ("analyze.py", "sft")])
-    assert json.load(open(real_policy.tokens_path(work))) == [[1, 2, 3, 4]] * 2
+    assert json.load(open(real_policy.token_counts_path(work))) == [[1, 2, 3, 4]] * 2
     # the predictions in the runs' own style and dtype; the reports on each arm's first seed
     command = json.loads(open(os.path.join(work, "predictions", "sft_8_train.jsonl")).read())
     assert command[command.index("--style") + 1] == "lm-eval"
@@ -181,18 +181,20 @@ def test_jobs_run_side_by_side_and_a_failure_stops_the_tasks_not_started():
 LABELS = [0, 1, 2, 3]
 
 
-# the held-out endings' tokens, every example alike
-TOKENS = [1, 2, 3, 4]
+# the number of tokens of each held-out example's endings
+TOKEN_COUNTS = [[1, 2, 3, 4], [4, 3, 2, 1], [2, 4, 1, 3], [3, 1, 4, 2]]
 
 
 def predictions(picks_norm, picks=None, scores=(0.0,) * 4, picks_token=None):
     """Prediction lines of hellaswag.py's schema, every example's endings scored alike (by default
-    all four the same: confidence 1/4). Summed log-probs whose mean per token (over TOKENS) is
-    highest at picks_token's ending (by default the first): -1 a token there, -2 elsewhere, so
-    that the highest sum is at another ending but the first."""
+    all four the same: confidence 1/4). Summed log-probs whose mean per token (over the
+    example's TOKEN_COUNTS) is highest at picks_token's ending (by default the first): -1 a token
+    there, -2 elsewhere. With the studies' picks below, picking by the summed log-prob, or by
+    another example's counts, gives other accuracies."""
     picks_token = picks_token or [0] * len(picks_norm)
     return [{"index": i, "label": label, "pred": pick, "pred_norm": norm,
-             "sum_logprobs": [-n * (1.0 if j == token else 2.0) for j, n in enumerate(TOKENS)],
+             "sum_logprobs": [-n * (1.0 if j == token else 2.0)
+                              for j, n in enumerate(TOKEN_COUNTS[i])],
              "norm_scores": list(scores)}
             for i, (norm, pick, label, token) in enumerate(
                 zip(picks_norm, picks or picks_norm, LABELS, picks_token))]
@@ -236,8 +238,8 @@ SFT_8_PROBABILITIES = (0.4, 0.3, 0.2, 0.1)
 def study(work):
     write_lines(os.path.join(work, "data", "train.jsonl"), [example(i, i) for i in range(4)])
     write_lines(os.path.join(work, "data", "heldout.jsonl"), [example(4 + i, i) for i in range(4)])
-    write_lines(real_policy.tokens_path(work), [[TOKENS] * 4])
-    with open(real_policy.tokens_path(work) + ".made.json", "w") as f:
+    write_lines(real_policy.token_counts_path(work), [TOKEN_COUNTS])
+    with open(real_policy.token_counts_path(work) + ".made.json", "w") as f:
         json.dump({"args": [], "seconds": 1.0}, f)
     # on the training examples, hellaswag.py's predictions; on the held-out ones, the run's own
     # evaluations at its start and end
@@ -281,7 +283,7 @@ def test_tables_from_a_studys_files(tmp_path):
         "0.250 → 0.500 (+0.250 [-0.240, +0.740], p 1) | "
         "0.250 → 0.500 (+0.250 [-0.240, +0.740], p 1) | "
         "0.500 → 1.000 (+0.500 [-0.066, +1.066], p 0.5) | "
-        "0.000 → 0.250 | 0.0000 | 0.250 | 1.5 |")
+        "0.000 → 0.250 | 0.00000 | 0.250 | 1.5 |")
     for name, seed in (("ppo", "8"), ("sft", "7"), ("sft", "8")):
         after, row = AFTER[f"{name}_{seed}"], rows[(f"| {name}", seed)]
         cells = row.split(" | ")
@@ -292,18 +294,18 @@ def test_tables_from_a_studys_files(tmp_path):
         assert cells[6] == cell(BEFORE["heldout"][1], after["heldout"][1])
     # ECE: every confidence 1/4, so |acc_norm - 1/4|; the held-out KL from uniform choices to
     # uniform ones: 0; the KL of the last five steps
-    assert rows[("| sft", "7")].endswith("| 0.000 → 0.000 | 0.0000 | 0.500 | 1.5 |")
-    assert rows[("| ppo", "8")].endswith("| 0.000 → 0.750 | 0.0000 | 0.250 | 1.5 |")
+    assert rows[("| sft", "7")].endswith("| 0.000 → 0.000 | 0.00000 | 0.500 | 1.5 |")
+    assert rows[("| ppo", "8")].endswith("| 0.000 → 0.750 | 0.00000 | 0.250 | 1.5 |")
     # sft_8 ends with its top ending at 0.4 on each example and right on two of four: ECE
     # |0.5 - 0.4|; KL(q || uniform) = sum q log(4 q)
     kl = sum(q * math.log(4 * q) for q in SFT_8_PROBABILITIES)
-    assert rows[("| sft", "8")].endswith(f"| 0.000 → 0.100 | {kl:.4f} | 0.250 | 1.5 |")
+    assert rows[("| sft", "8")].endswith(f"| 0.000 → 0.100 | {kl:.5f} | 0.250 | 1.5 |")
     # the arms' means: ppo held out +0.25 and +0.75 (per token +0.5 and +0.25), trained on +0.5
     # and +0.75; sft 0 and +0.25 (per token -0.25 and 0)
     assert rows[("| ppo", "PPO, label")] == (
-        "| ppo | PPO, label | 2 | +0.500 | +0.375 | +0.625 | 0.0000 |")
+        "| ppo | PPO, label | 2 | +0.500 | +0.375 | +0.625 | 0.00000 |")
     assert rows[("| sft", "supervised")] == (
-        f"| sft | supervised | 2 | +0.125 | -0.125 | +0.125 | {kl / 2:.4f} |")
+        f"| sft | supervised | 2 | +0.125 | -0.125 | +0.125 | {kl / 2:.5f} |")
     assert "on the 4 training examples and the 4 held-out ones" in proc.stdout
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "heldout_curve.png").exists()
@@ -337,24 +339,26 @@ def test_reuse_of_an_empty_work_folder_is_one_line(tmp_path):
 
 def test_reuse_without_the_held_out_tokens_is_one_line(tmp_path):
     study(str(tmp_path))
-    os.remove(real_policy.tokens_path(str(tmp_path)) + ".made.json")  # stopped while made
+    os.remove(real_policy.token_counts_path(str(tmp_path)) + ".made.json")  # stopped while made
     proc = run_script("--reuse", "--work", str(tmp_path), "--seeds", "7", "8", "--arms", "ppo",
                       "sft")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert proc.stderr.startswith(f"error: {real_policy.tokens_path(str(tmp_path))}: unfinished")
+    assert proc.stderr.startswith(
+        f"error: {real_policy.token_counts_path(str(tmp_path))}: unfinished")
     assert proc.stderr.endswith("run without --reuse to make it again\n") and proc.stdout == ""
 
 
 def test_the_per_token_counts_are_those_a_transformers_policy_trains_with(tmp_path):
-    """ending_tokens' counts are what choice_norm "token" divides by: the scored tokens of the
-    choice rows of the policy train_ppo.py builds from the same source."""
+    """ending_token_counts' counts are what choice_norm "token" divides by: the scored tokens of
+    the choice rows of the policy train_ppo.py builds from the same source (both come from
+    hellaswag.causal_lm_rows: this guards the grouping by example and the field read)."""
     import synthetic
     from hf_policy import HFPolicy
     from test_causal_lm import build_llama
 
     llama = build_llama(tmp_path / "llama", window=96)
     examples = synthetic.make_examples(6, seed=3, split="val")
-    counts = real_policy.ending_tokens(llama, examples, "lm-eval")
+    counts = real_policy.ending_token_counts(llama, examples, "lm-eval")
     policy = HFPolicy.load(llama)
     expected = policy.choice_lengths(policy.encode_choices(examples, "lm-eval"))[0]
     assert counts == expected.int().tolist() and len(counts) == 6
