@@ -290,7 +290,7 @@ def test_tables_from_a_studys_files(tmp_path):
         assert cells[2] == cell(BEFORE["train"][0], after["train"][0])
         assert cells[3] == cell(BEFORE["train"][1], after["train"][1] or after["train"][0])
         assert cells[4] == cell(BEFORE["heldout"][0], after["heldout"][0])
-        # the per-token pick: the summed log-probs over TOKENS, not acc_norm's picks
+        # the per-token pick: the summed log-probs over TOKEN_COUNTS, not acc_norm's picks
         assert cells[6] == cell(BEFORE["heldout"][1], after["heldout"][1])
     # ECE: every confidence 1/4, so |acc_norm - 1/4|; the held-out KL from uniform choices to
     # uniform ones: 0; the KL of the last five steps
@@ -337,7 +337,7 @@ def test_reuse_of_an_empty_work_folder_is_one_line(tmp_path):
                            "train them\n") and proc.stdout == ""
 
 
-def test_reuse_without_the_held_out_tokens_is_one_line(tmp_path):
+def test_reuse_without_the_held_out_token_counts_is_one_line(tmp_path):
     study(str(tmp_path))
     os.remove(real_policy.token_counts_path(str(tmp_path)) + ".made.json")  # stopped while made
     proc = run_script("--reuse", "--work", str(tmp_path), "--seeds", "7", "8", "--arms", "ppo",
@@ -346,6 +346,20 @@ def test_reuse_without_the_held_out_tokens_is_one_line(tmp_path):
     assert proc.stderr.startswith(
         f"error: {real_policy.token_counts_path(str(tmp_path))}: unfinished")
     assert proc.stderr.endswith("run without --reuse to make it again\n") and proc.stdout == ""
+
+
+def test_the_per_token_pick_takes_the_first_of_equals_and_nothing_from_an_overflow():
+    counts = [[1, 4, 2, 2]]
+    right = lambda label, sums: real_policy.right_per_token(  # noqa: E731
+        [{"index": 0, "label": label, "sum_logprobs": sums}], counts)
+    assert right(1, [-2.0, -4.0, -3.0, -8.0]) == [True]  # per token -2, -1, -1.5, -4
+    # -1 at endings 1 and 2: the first of them, as the evaluator's argmax
+    assert right(1, [-2.0, -4.0, -2.0, -8.0]) == [True]
+    assert right(2, [-2.0, -4.0, -2.0, -8.0]) == [False]
+    # a NaN first would win Python's max(), an -inf lose to ending 2: an overflowed example is
+    # right for no ending (as analyze.finite_scores treats its scores)
+    assert right(0, [float("nan"), -4.0, -3.0, -8.0]) == [False]
+    assert right(2, [-2.0, float("-inf"), -3.0, -8.0]) == [False]
 
 
 def test_the_per_token_counts_are_those_a_transformers_policy_trains_with(tmp_path):
