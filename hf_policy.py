@@ -258,9 +258,10 @@ class HFPolicy(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, attention_mask=None, max_new_tokens=32, temperature=1.0, top_k=None,
-                 top_p=None, stop_tokens=(), generator=None):
+                 top_p=None, stop_tokens=(), generator=None, with_values=False):
         """As GPT.generate: left-padded prompts, the project's sampling loop (model.sample_tokens)
-        over the model's KV cache, drawing only from generator."""
+        over the model's KV cache, drawing only from generator; with_values, the value head's too
+        (the hidden states are read only then)."""
         B, T = idx.size()
         if attention_mask is None:
             attention_mask = torch.ones_like(idx)
@@ -276,19 +277,28 @@ class HFPolicy(nn.Module):
         full_mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=1)
         positions = (full_mask.cumsum(1) - 1).clamp(min=0)
         keep = {"logits_to_keep": 1} if keeps_logits(self.model) else {}
+
+        def last(out):
+            """-> the logits after the last column and its last hidden state (None unless
+            with_values)."""
+            return (out.logits[:, -1].float(),
+                    out.hidden_states[-1][:, -1] if with_values else None)
+
         out = self.model(input_ids=idx, attention_mask=attention_mask,
-                         position_ids=positions[:, :T], use_cache=True, **keep)
+                         position_ids=positions[:, :T], use_cache=True,
+                         output_hidden_states=with_values, **keep)
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
 
-        def next_logits(next_token, step):
+        def next_step(next_token, step):
             now = T + step  # the column of the token just drawn
-            out = self.model(input_ids=next_token[:, None], attention_mask=full_mask[:, :now + 1],
-                             position_ids=positions[:, now:now + 1], use_cache=True,
-                             **{cache_argument(self.model): cache}, **keep)
-            return out.logits[:, -1].float()
+            return last(self.model(input_ids=next_token[:, None],
+                                   attention_mask=full_mask[:, :now + 1],
+                                   position_ids=positions[:, now:now + 1], use_cache=True,
+                                   output_hidden_states=with_values,
+                                   **{cache_argument(self.model): cache}, **keep))
 
-        return sample_tokens(out.logits[:, -1].float(), next_logits, max_new_tokens, temperature,
-                             top_k, top_p, stop, generator)
+        return sample_tokens(last(out), next_step, max_new_tokens, temperature, top_k, top_p, stop,
+                             generator, self.value_head if with_values else None)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         return policy_adamw(self, weight_decay, learning_rate, betas, device_type)

@@ -356,12 +356,13 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, attention_mask=None, max_new_tokens=32, temperature=1.0, top_k=None,
-                 top_p=None, stop_tokens=(EOT_TOKEN,), generator=None):
+                 top_p=None, stop_tokens=(EOT_TOKEN,), generator=None, with_values=False):
         """
         Sample continuations of left-padded prompts idx (B, T) with a KV cache.
         Returns tokens (B, N), mask (B, N) (1 up to and including the first stop token) and the
         log-probs of the sampled tokens under the temperature-scaled distribution (before top-k /
-        top-p), float32, 0 where masked.
+        top-p), float32, 0 where masked; with_values, also the value head's (B, N) at each token's
+        state (the position before it, as forward reads them), float32, 0 where masked.
         temperature=0 is greedy decoding (log-probs then under temperature 1). N <= max_new_tokens:
         sampling stops early once every row has stopped. Sampling draws only from generator (or
         torch's default one).
@@ -382,16 +383,17 @@ class GPT(nn.Module):
         # (B, T + N)
         full_mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=1)
         cache = [KVCache(T + max_new_tokens) for _ in self.transformer.h]
-        hidden = self.hidden_states(idx, attention_mask, cache=cache)
-
-        def next_logits(next_token, step):
-            hidden = self.hidden_states(next_token[:, None], full_mask[:, :T + step + 1],
-                                        cache=cache)
-            return self.lm_head(hidden[:, -1, :]).float()
-
         # left padding: the last column is every row's last token
-        return sample_tokens(self.lm_head(hidden[:, -1, :]).float(), next_logits, max_new_tokens,
-                             temperature, top_k, top_p, stop, generator)
+        hidden = self.hidden_states(idx, attention_mask, cache=cache)[:, -1]
+
+        def next_step(next_token, step):
+            hidden = self.hidden_states(next_token[:, None], full_mask[:, :T + step + 1],
+                                        cache=cache)[:, -1]
+            return self.lm_head(hidden).float(), hidden
+
+        return sample_tokens((self.lm_head(hidden).float(), hidden), next_step, max_new_tokens,
+                             temperature, top_k, top_p, stop, generator,
+                             self.value_head if with_values else None)
 
     # ----------------------------------------------------------------------------------------------
     # optimizer
@@ -506,28 +508,34 @@ def freeze_below_top_blocks(embeddings, blocks, n):
         module.requires_grad_(False)
 
 
-def sample_tokens(logits, next_logits, max_new_tokens, temperature, top_k, top_p, stop,
-                  generator):
+def sample_tokens(first, next_step, max_new_tokens, temperature, top_k, top_p, stop, generator,
+                  value_head=None):
     """
-    The sampling loop of a policy's generate with a KV cache: logits (B, V) float32 after the
-    prompt; next_logits(next_token (B,), step) runs the tokens just drawn and gives the logits
-    after them. -> tokens (B, N), mask (B, N) (1 up to and including the first stop token: stop, a
-    long tensor) and their log-probs before top-k / top-p, 0 where masked. Stops early once every
-    row has stopped.
+    The sampling loop of a policy's generate with a KV cache: first, the logits (B, V) float32
+    after the prompt and the last hidden state (B, C) they came from; next_step(next_token (B,),
+    step) runs the tokens just drawn and gives the same pair after them. -> tokens (B, N), mask
+    (B, N) (1 up to and including the first stop token: stop, a long tensor) and their log-probs
+    before top-k / top-p, 0 where masked; with a value_head, also its (B, N) values at the hidden
+    state each token was drawn from (float32, 0 where masked). Stops early once every row has
+    stopped.
     """
+    logits, hidden = first
     done = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device)
-    tokens, masks, logprobs = [], [], []
+    tokens, masks, logprobs, values = [], [], [], []
     for step in range(max_new_tokens):
         next_token, logp = sample_next_token(logits, temperature, top_k, top_p, generator)
         alive = ~done
         tokens.append(next_token)
         masks.append(alive)
         logprobs.append(logp * alive)
+        if value_head is not None:
+            values.append(value_head(hidden).squeeze(-1).float() * alive)
         done = done | torch.isin(next_token, stop)
         if step == max_new_tokens - 1 or bool(done.all()):
             break
-        logits = next_logits(next_token, step)
-    return torch.stack(tokens, 1), torch.stack(masks, 1).long(), torch.stack(logprobs, 1)
+        logits, hidden = next_step(next_token, step)
+    sampled = torch.stack(tokens, 1), torch.stack(masks, 1).long(), torch.stack(logprobs, 1)
+    return (*sampled, torch.stack(values, 1)) if value_head is not None else sampled
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

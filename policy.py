@@ -84,10 +84,11 @@ class Policy(Protocol):
         """
 
     def generate(self, idx, attention_mask=None, max_new_tokens=32, temperature=1.0, top_k=None,
-                 top_p=None, stop_tokens=(), generator=None):
+                 top_p=None, stop_tokens=(), generator=None, with_values=False):
         """Sample continuations of left-padded prompts, drawing only from generator. -> tokens
         (B, N), their mask (1 up to and including the first stop token) and their log-probs before
-        top-k / top-p (float32, 0 where masked)."""
+        top-k / top-p (float32, 0 where masked); with_values, also the value head's (B, N) at the
+        state each token was drawn in (what forward gives at the position before it)."""
 
     def checkpoint_fields(self):
         """What rebuilds it besides its weights, a dict of plain data (a checkpoint's

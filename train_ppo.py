@@ -399,6 +399,11 @@ class Config:
     stop_at_sentence_end: bool = True
     # generate: taken from a sample that never stopped
     no_stop_penalty: float = setting(1.0, low=0.0, high=1000.0)
+    # generate: the rollout's log-probs and values from a forward over prompt + response, as the
+    # update computes them (its first ratios are exactly 1); False keeps those the sampling loop
+    # computed on its way (one policy forward less a step, as TRL's PPOTrainer does; they differ
+    # from the update's by rounding, more under bf16 than float32)
+    rollout_forward: bool = True
     # ---- reward
     # teacher | label (choice rollouts), likelihood (generate rollouts)
     reward_kind: str = setting("teacher", choices=tuple(REWARD_KINDS))
@@ -518,6 +523,9 @@ def load_config(argv):
     if cfg.likelihood_dense and REWARD_KINDS[cfg.reward_kind].rollout != "generate":
         raise UserError("config: likelihood_dense is for reward_kind="
                         f"{' or '.join(map(repr, dense))}, not {cfg.reward_kind!r}")
+    if not cfg.rollout_forward and cfg.rollout != "generate":
+        raise UserError("config: rollout_forward=False is for generate rollouts (a choice "
+                        "rollout's forward is its sampling); leave it True")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"config: n_embd ({cfg.n_embd}) must be a multiple of n_head "
                         f"({cfg.n_head})")
@@ -820,14 +828,17 @@ class GenerateRollouts:
         prompts, prompt_mask = (t.to(self.device)
                                 for t in padded(prompt_tokens, self.tokens.pad_id, left=True))
         with timer("rollout"):
-            responses, response_mask, _ = policy.generate(
+            responses, response_mask, *sampled = policy.generate(
                 prompts, prompt_mask, max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
-                stop_tokens=self.stop_tokens.tolist(), generator=generator)
+                stop_tokens=self.stop_tokens.tolist(), generator=generator,
+                with_values=not cfg.rollout_forward)
             lengths = (prompt_mask.sum(1) + response_mask.sum(1)).cpu()
             groups = micro_batches(torch.arange(len(examples)), lengths, cfg.micro_batch_size)
             sequences = (prompts, prompt_mask, responses, response_mask)
-            logprobs, values = self.scored_by(policy, groups, *sequences)
+            # the sampling loop's log-probs and values (rollout_forward=False), or a forward's
+            logprobs, values = (self.scored_by(policy, groups, *sequences) if cfg.rollout_forward
+                                else sampled)
         with timer("reference"):
             ref_logprobs = self.scored_by(reference, groups, *sequences)[0]
         with timer("reward"):

@@ -14,12 +14,18 @@ step is a warm-up and is not timed, the later ones are (their median). What diff
 being measured: TRL's value model is a second full transformer (ours: a head on the policy), its
 reward model a sequence classifier (ours: the same SmolLM2 as a likelihood judge, one forward over
 context + response), it samples through transformers' generate (ours: our own loop over the KV
-cache), scores a rollout's log-probs in one forward of the whole batch (ours: in micro-batches of
-the minibatch size) and clips no gradients (ours neither, here). TRL's reward and value heads are
-new and random, which costs what trained ones would.
+cache), runs its reference, value and reward models over the whole batch at once (ours: the
+reference in micro-batches of the minibatch size) and clips no gradients (ours neither, here).
+TRL's reward and value heads are new and random, which costs what trained ones would.
+
+Ours runs twice: as configured by default (ours: a forward over prompt + response gives the
+rollout's log-probs and values, as the update computes them), and with rollout_forward=False
+(ours_sampled: the sampling loop's own log-probs and values, as TRL takes its old log-probs from its
+generate's logits: one policy forward less a step).
 """
 
 import argparse
+import functools
 import importlib.util
 import itertools
 import json
@@ -87,10 +93,10 @@ def response_lengths(responses, stop_id):
 # the two sides, each in a process of its own
 
 
-def run_ours(args, model_dir, data):
+def run_ours(args, model_dir, data, rollout_forward=True, name="ours"):
     """train_ppo.train on the prompts -> its median later step (and the phases' seconds) and mean
     response length."""
-    run_dir = os.path.join(args.work, "ours")
+    run_dir = os.path.join(args.work, name)
     shutil.rmtree(run_dir, ignore_errors=True)
     minibatch = args.batch // args.minibatches
     settings = {"init_from": model_dir, "reward_model": model_dir, "out_dir": run_dir,
@@ -100,6 +106,7 @@ def run_ours(args, model_dir, data):
                 "micro_batch_size": minibatch, "ppo_epochs": args.ppo_epochs,
                 "max_prompt_tokens": args.prompt_tokens, "max_new_tokens": args.response_length,
                 "stop_at_sentence_end": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                "rollout_forward": rollout_forward,
                 "learning_rate": args.learning_rate, "grad_clip": 0.0, "seed": args.seed,
                 "max_steps": args.steps + 1, "eval_interval": 0, "eval_limit": 1,
                 "checkpoint_interval": args.steps + 1, "keep_last": 1, "sample_interval": 0,
@@ -171,7 +178,9 @@ def run_trl(args, model_dir, data):
             "response_length": statistics.mean(lengths[1:])}
 
 
-SIDES = {"ours": run_ours, "trl": run_trl}
+SIDES = {"ours": run_ours,
+         "ours_sampled": functools.partial(run_ours, rollout_forward=False, name="ours_sampled"),
+         "trl": run_trl}
 
 
 def worker(args, model_dir, data):
@@ -192,22 +201,26 @@ def worker(args, model_dir, data):
 
 
 def compare(results):
-    """{"ours": worker result, "trl": worker result} -> the table's lines, the speed-up (ours over
-    TRL in episodes/s) and a warning when the two sampled responses of different lengths."""
+    """{side: worker result}, TRL's among them -> the table's lines, the speed-up of each of our
+    sides over TRL (episodes/s) and a warning when sides sampled responses of different lengths."""
     lines = ["| side | steps | s/step | episodes/s | mean response tokens |",
              "|---|---|---|---|---|"]
     for side, r in results.items():
         lines.append(f"| {side} | {r['steps']} | {r['step_s']:.2f} | {r['episodes_per_s']:.2f} | "
                      f"{r['response_length']:.1f} |")
-    ours, trl = results["ours"], results["trl"]
-    ratio = ours["episodes_per_s"] / trl["episodes_per_s"]
-    lines.append(f"ours / TRL: {ratio:.2f}x episodes/s (goal: at least 1.5x)")
-    a, b = ours["response_length"], trl["response_length"]
+    trl = results["trl"]
+    ratios = {side: r["episodes_per_s"] / trl["episodes_per_s"]
+              for side, r in results.items() if side != "trl"}
+    for side, ratio in ratios.items():
+        lines.append(f"{side} / TRL: {ratio:.2f}x episodes/s (goal: at least 1.5x)")
+    lengths = {side: r["response_length"] for side, r in results.items()}
+    shortest, longest = min(lengths.values()), max(lengths.values())
     warning = None
-    if abs(a - b) > LENGTHS_DIFFER * max(a, b):
-        warning = (f"mean response lengths differ ({a:.1f} vs {b:.1f} tokens): the sides did not "
-                   "do the same work; more --steps or a larger --batch even them out")
-    return lines, ratio, warning
+    if longest - shortest > LENGTHS_DIFFER * longest:
+        listed = ", ".join(f"{side} {n:.1f}" for side, n in lengths.items())
+        warning = (f"mean response lengths differ ({listed} tokens): the sides did not do the "
+                   "same work; more --steps or a larger --batch even them out")
+    return lines, ratios, warning
 
 
 def settings_line(args, threads):
@@ -285,13 +298,13 @@ def main(argv=None):
                    log=os.path.join(args.work, f"{side}.log"))
         with open(os.path.join(args.work, f"{side}.json")) as f:
             results[side] = json.loads(f.read())
-    lines, ratio, warning = compare(results)
+    lines, ratios, warning = compare(results)
     print("\n" + settings_line(args, results["ours"]["threads"]))
     print("\n".join(lines))
     if warning:
         print(f"warning: {warning}")
     result = {"settings": {k: v for k, v in vars(args).items() if k not in ("side", "output")},
-              "cpu": cpu_name(), "torch": torch.__version__, **results, "ratio": ratio,
+              "cpu": cpu_name(), "torch": torch.__version__, **results, "ratios": ratios,
               "warning": warning}
     if args.output:
         atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")

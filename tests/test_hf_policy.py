@@ -119,22 +119,28 @@ def prompts_of(policy, texts):
     return padded([head + policy.tokens.encode(t) for t in texts], policy.tokens.pad_id, left=True)
 
 
-def test_generates_log_probs_are_a_forward_over_the_sampled_tokens(source):
+def test_generates_log_probs_and_values_are_a_forward_over_the_sampled_tokens(source):
     policy = HFPolicy.load(source)
+    torch.nn.init.normal_(policy.value_head.weight)  # values that differ by position
     prompts, mask = prompts_of(policy, ["A man is sitting on a roof. He starts",
                                         "The cats", "Line one\nLine two and a much longer line"])
     for top_k, temperature in ((None, 1.0), (5, 0.7)):
-        tokens, tokens_mask, logprobs = policy.generate(
+        tokens, tokens_mask, logprobs, values = policy.generate(
             prompts, mask, max_new_tokens=12, temperature=temperature, top_k=top_k,
-            stop_tokens=policy.tokens.stop_tokens(True), generator=torch.Generator().manual_seed(1))
+            stop_tokens=policy.tokens.stop_tokens(True), generator=torch.Generator().manual_seed(1),
+            with_values=True)
         again = policy.generate(prompts, mask, max_new_tokens=12, temperature=temperature,
                                 top_k=top_k, stop_tokens=policy.tokens.stop_tokens(True),
                                 generator=torch.Generator().manual_seed(1))
-        assert torch.equal(tokens, again[0])  # only the generator draws
+        # only the generator draws; reading the values changes nothing
+        assert torch.equal(tokens, again[0]) and torch.equal(logprobs, again[2])
         with torch.no_grad():
-            forward, _, _ = train_ppo.sequence_forward(policy, prompts, mask, tokens, tokens_mask,
-                                                       temperature)
+            forward, forward_values, _ = train_ppo.sequence_forward(policy, prompts, mask, tokens,
+                                                                    tokens_mask, temperature)
         torch.testing.assert_close(logprobs, forward, atol=1e-4, rtol=0)
+        # each token's value in the state it was drawn in, as the update reads it
+        assert values[tokens_mask == 1].abs().min() > 0
+        torch.testing.assert_close(values, forward_values, atol=1e-4, rtol=0)
         stops = torch.isin(tokens, torch.tensor(policy.tokens.stop_tokens(True)))
         for row, row_mask, row_stops in zip(tokens, tokens_mask, stops):
             n = int(row_mask.sum())  # up to and including the first stop token
@@ -220,6 +226,17 @@ def test_every_kl_estimator_trains_a_transformers_policy(tmp_path, synthetic_dir
     # the first step's rollouts come from the reference itself; the second's from the policy its
     # update moved: both estimators are >= 0, and 0 only where the two agree
     assert abs(first["kl"]) < 1e-6 < second["kl"] and math.isfinite(second["pg_loss"])
+
+
+def test_a_transformers_policy_trains_on_its_sampling_loops_log_probs(tmp_path, synthetic_dir,
+                                                                     llama_dir):
+    cfg = llama_run(tmp_path, synthetic_dir, llama_dir, rollout="generate",
+                    reward_kind="likelihood", max_new_tokens=6, rollout_forward=False)
+    train_ppo.train(cfg)
+    first, second = [m for m in read_metrics(tmp_path) if "pg_loss" in m]
+    # the first rollouts are the reference's own: its forward and the sampling loop agree
+    assert abs(first["kl"]) < 1e-5 and abs(second["kl"]) > 1e-4
+    assert math.isfinite(second["pg_loss"])
 
 
 def test_a_transformers_policy_resumes_exactly_and_its_run_is_a_source(tmp_path, synthetic_dir,

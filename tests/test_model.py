@@ -298,27 +298,33 @@ def test_kv_cache_decoding_equals_full_forward():
 @pytest.mark.parametrize("top_k, top_p", [(None, None), (20, None), (None, 0.9)])
 def test_generate_logprobs_equal_full_forward_with_stops(top_k, top_p):
     model = tiny_gpt(seed=5)
+    torch.nn.init.normal_(model.value_head.weight)  # values that differ by position
     idx, mask = left_padded_prompts()
     temperature = 0.7
 
-    def sample(stop_tokens):
+    def sample(stop_tokens, with_values=False):
         return model.generate(idx, mask, max_new_tokens=10, temperature=temperature, top_k=top_k,
                               top_p=top_p, stop_tokens=stop_tokens,
-                              generator=torch.Generator().manual_seed(0))
+                              generator=torch.Generator().manual_seed(0), with_values=with_values)
 
     free = sample(())[0]
     stop = int(free[0, 2])  # row 0 stops at its third token (or earlier), the others later or never
-    tokens, out_mask, logprobs = sample((stop,))
+    # reading the values changes no draw
+    tokens, out_mask, logprobs, values = sample((stop,), with_values=True)
     assert torch.equal(tokens, free[:, :tokens.size(1)])  # stopping changes the mask, not the draws
     first_stop = (free[0] == stop).nonzero()[0].item()
     assert out_mask[0].tolist() == [1] * (first_stop + 1) + [0] * (tokens.size(1) - first_stop - 1)
     assert not out_mask.all()
     # generate goes on feeding a stopped row its samples (masked out afterwards): the
     # full forward sees them too
-    logits, _ = model(torch.cat([idx, tokens], 1), torch.cat([mask, torch.ones_like(tokens)], 1))
+    logits, forward_values = model(torch.cat([idx, tokens], 1),
+                                   torch.cat([mask, torch.ones_like(tokens)], 1))
     T = idx.size(1)
     ref = logprobs_from_logits(logits[:, T - 1:-1] / temperature, tokens) * out_mask
     assert (ref - logprobs).abs().max().item() <= 1e-5
+    # each token's value is read in the state it was drawn in: forward's at the position before it
+    assert values[out_mask == 1].abs().min() > 0 and not values[out_mask == 0].any()
+    assert (values - forward_values[:, T - 1:-1] * out_mask).abs().max().item() <= 1e-5
     # every sampled token survives top-k / top-p at its position
     allowed = torch.isfinite(filter_logits(logits[:, T - 1:-1].flatten(0, 1) / temperature, top_k,
                                            top_p))

@@ -335,6 +335,33 @@ def test_rollouts_scored_in_micro_batches_of_similar_length_come_back_in_order(t
     assert torch.equal(rollouts[0].actions["choices"], rollouts[1].actions["choices"])
 
 
+def test_without_the_rollout_forward_the_sampling_loops_log_probs_and_values_are_kept():
+    """rollout_forward=False: the same samples; their log-probs and values are the sampling
+    loop's, the forward's but for rounding, and the policy runs no forward in the rollout."""
+    examples = [{"ctx": text} for text in ("A man is sitting on a roof. He", "The cats", "So")]
+    reference = tiny_policy(seed=1).eval()
+    collected = {}
+    for rollout_forward in (True, False):
+        policy = tiny_policy().eval()
+        forwards = []
+        policy.register_forward_hook(lambda *unused: forwards.append(1))
+        cfg = train_ppo.Config(rollout="generate", reward_kind="likelihood", temperature=0.7,
+                               max_new_tokens=8, rollout_forward=rollout_forward)
+        kind = train_ppo.GenerateRollouts(FixedJudge(), cfg, prompt_budget=8,
+                                          stop_tokens=[13, 50256], device="cpu",
+                                          tokens=gpt2_tokens())
+        collected[rollout_forward] = kind.collect(policy, reference, examples, [0, 1, 2],
+                                                  torch.Generator().manual_seed(0),
+                                                  run_management.PhaseTimer("cpu"))
+        assert len(forwards) == (1 if rollout_forward else 0)  # one micro-batch of 3, or none
+    forward, sampled = collected[True], collected[False]
+    assert torch.equal(forward.actions["responses"], sampled.actions["responses"])
+    assert torch.equal(forward.ref_logprobs, sampled.ref_logprobs)
+    assert forward.values.abs().min() > 0  # a random value head: a value read elsewhere differs
+    torch.testing.assert_close(sampled.logprobs, forward.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sampled.values, forward.values, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean",
                                       "seq-mean-token-sum-norm"])
 def test_ppo_update_does_not_depend_on_micro_batch_size(loss_agg):
@@ -433,6 +460,7 @@ def test_config_files_and_overrides(tmp_path):
     (["--start_over=yes"], "start_over must be bool"),
     (["--likelihood_dense=True"],
      "likelihood_dense is for reward_kind='likelihood', not 'teacher'"),
+    (["--rollout_forward=False"], "rollout_forward=False is for generate rollouts"),
     (["--init_from=scratch", "--n_embd=65", "--n_head=2"],
      r"n_embd \(65\) must be a multiple of n_head \(2\)"),
     (["--kl_coef=1e999"], "kl_coef must be a finite number"),
@@ -538,11 +566,14 @@ def test_one_choice_step(tmp_path, synthetic_dir):
 
 
 @pytest.mark.slow
-def test_one_generate_step(tmp_path, synthetic_dir):
+@pytest.mark.parametrize("rollout_forward", [True, False])
+def test_one_generate_step(tmp_path, synthetic_dir, rollout_forward):
     train_ppo.train(tiny_run(tmp_path, synthetic_dir, max_steps=1, rollout="generate",
-                             reward_kind="likelihood", max_new_tokens=6))
+                             reward_kind="likelihood", max_new_tokens=6,
+                             rollout_forward=rollout_forward))
     step = read_metrics(tmp_path)[1]
-    # policy == reference at step 0
+    # policy == reference at step 0 (without the rollout's forward, the sampling loop's log-probs
+    # against the reference's forward)
     assert step["step"] == 1 and step["entropy"] > 0 and abs(step["kl"]) < 1e-4
     phases = [step[f"time/{p}"] for p in ("rollout", "reference", "reward", "update")]
     assert all(s > 0 for s in phases) and sum(phases) <= step["dt"]

@@ -41,24 +41,27 @@ def result(step_s, response_length, batch=16):
             "response_length": response_length}
 
 
-def test_compare_gives_the_speed_up_of_ours_over_trl_in_a_table():
-    lines, ratio, warning = trl_speed.compare({"ours": result(2.0, 23.0),
-                                               "trl": result(5.0, 22.0)})
-    assert ratio == pytest.approx(2.5)
+def test_compare_gives_the_speed_up_of_each_of_ours_over_trl_in_a_table():
+    lines, ratios, warning = trl_speed.compare({"ours": result(2.0, 23.0),
+                                                "ours_sampled": result(1.6, 24.0),
+                                                "trl": result(5.0, 22.0)})
+    assert ratios == {"ours": pytest.approx(2.5), "ours_sampled": pytest.approx(3.125)}
     assert lines[2] == "| ours | 3 | 2.00 | 8.00 | 23.0 |"
-    assert lines[3] == "| trl | 3 | 5.00 | 3.20 | 22.0 |"
-    assert lines[-1].startswith("ours / TRL: 2.50x episodes/s")
+    assert lines[4] == "| trl | 3 | 5.00 | 3.20 | 22.0 |"
+    assert lines[-2].startswith("ours / TRL: 2.50x episodes/s")
+    assert lines[-1].startswith("ours_sampled / TRL: 3.12x episodes/s")
     assert warning is None
 
 
 @pytest.mark.parametrize("ours_length, trl_length", [(24.0, 12.0), (10.0, 24.0)])
 def test_compare_warns_when_the_sides_sampled_responses_of_different_lengths(ours_length,
                                                                                trl_length):
-    _, ratio, warning = trl_speed.compare({"ours": result(4.0, ours_length),
-                                           "trl": result(4.0, trl_length)})
-    assert ratio == pytest.approx(1.0)
-    assert warning.startswith(f"mean response lengths differ ({ours_length:.1f} vs "
-                              f"{trl_length:.1f} tokens)")
+    _, ratios, warning = trl_speed.compare({"ours": result(4.0, ours_length),
+                                            "ours_sampled": result(4.0, 20.0),
+                                            "trl": result(4.0, trl_length)})
+    assert ratios["ours"] == pytest.approx(1.0)
+    assert warning.startswith(f"mean response lengths differ (ours {ours_length:.1f}, "
+                              f"ours_sampled 20.0, trl {trl_length:.1f} tokens)")
 
 
 def test_response_lengths_count_up_to_the_first_stop_or_all():
@@ -85,7 +88,8 @@ def test_trl_gets_the_prompts_train_ppo_samples_from_cut_to_prompt_tokens():
     examples = load_examples(data_file=FIXTURE)
     budget = 6
     ours = PromptsSeen()
-    cfg = types.SimpleNamespace(max_new_tokens=4, temperature=1.0, top_k=0, top_p=1.0)
+    cfg = types.SimpleNamespace(max_new_tokens=4, temperature=1.0, top_k=0, top_p=1.0,
+                                rollout_forward=True)
     rollouts = train_ppo.GenerateRollouts(None, cfg, budget, [tokens.eos_id], "cpu", tokens)
     with pytest.raises(Recorded):
         rollouts.collect(ours, None, examples, list(range(len(examples))), None,
@@ -112,10 +116,11 @@ def test_both_sides_run_on_a_tiny_llama(tmp_path):
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     saved = json.loads(output.read_text())
-    for side in ("ours", "trl"):
+    for side in ("ours", "ours_sampled", "trl"):
         assert saved[side]["steps"] == 1
         assert saved[side]["episodes_per_s"] == pytest.approx(2 / saved[side]["step_s"])
         assert 1 <= saved[side]["response_length"] <= 4
-    assert saved["ratio"] == pytest.approx(saved["ours"]["episodes_per_s"]
-                                           / saved["trl"]["episodes_per_s"])
-    assert "| trl | 1 |" in proc.stdout and "ours / TRL:" in proc.stdout
+    for side in ("ours", "ours_sampled"):
+        assert saved["ratios"][side] == pytest.approx(saved[side]["episodes_per_s"]
+                                                      / saved["trl"]["episodes_per_s"])
+    assert "| trl | 1 |" in proc.stdout and "ours_sampled / TRL:" in proc.stdout
