@@ -206,35 +206,42 @@ class HFPolicy(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # forward
 
-    def run(self, idx, attention_mask, first=0, last=None):
-        """The model's own forward -> logits at columns first..last (all of them for a model that
-        cannot keep fewer: then first is 0) and the last hidden states (B, T, C). Position ids come
-        from the mask, so a left-padded row has the positions it has alone."""
-        T = idx.size(1)
-        last = T - 1 if last is None else last
-        keep = keeps_logits(self.model)
-        span = torch.arange(first, last + 1, device=idx.device)
-        kwargs = {"logits_to_keep": span} if keep else {}
+    def run(self, idx, attention_mask, at=None):
+        """The model's own forward -> logits (K, V) at the K positions that at (B, T) bool marks, in
+        row-major order (every position's (B, T, V) without at), and the last hidden states
+        (B, T, C). Position ids come from the mask, so a left-padded row has the positions it has
+        alone. The LM head runs at the marked positions only: the model's body hands its head
+        their hidden states as one row (a hook on the body's output), so what the head does
+        (Gemma's logit soft-capping) is the model's own; a model whose forward cannot keep fewer
+        logits computes them all, and the marked ones are picked."""
         positions = None
         if attention_mask is not None:
             positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-        out = self.model(input_ids=idx, attention_mask=attention_mask, position_ids=positions,
-                         use_cache=False, output_hidden_states=True, **kwargs)
-        logits = out.logits if keep else out.logits[:, first:last + 1]
-        return logits, out.hidden_states[-1]
+        inputs = {"input_ids": idx, "attention_mask": attention_mask, "position_ids": positions,
+                  "use_cache": False}
+        body = {}
+
+        def marked_only(module, args, kwargs, output):
+            body["hidden"] = output.last_hidden_state
+            output.last_hidden_state = output.last_hidden_state[at][None]
+            return output
+
+        if at is None or not keeps_logits(self.model):
+            out = self.model(**inputs, output_hidden_states=True)
+            return (out.logits if at is None else out.logits[at]), out.hidden_states[-1]
+        hook = self.model.base_model.register_forward_hook(marked_only, with_kwargs=True)
+        try:
+            out = self.model(**inputs, logits_to_keep=0)  # 0: every position the head is given
+        finally:
+            hook.remove()
+        return out.logits[0], body["hidden"]
 
     def forward(self, idx, attention_mask=None, logits_at=None, segments=None):
         """As policy.Policy.forward: the choice forward with segments (choice_inputs), else
         logits (at logits_at only) and values (B, T), float32."""
         if segments is not None:
             return self.choice_forward(idx, attention_mask, segments)
-        if logits_at is None:
-            logits, hidden = self.run(idx, attention_mask)
-        else:
-            columns = logits_at.any(0).nonzero().squeeze(1)
-            first, last = (int(columns.min()), int(columns.max())) if len(columns) else (0, 0)
-            logits, hidden = self.run(idx, attention_mask, first, last)
-            logits = logits[logits_at[:, first:last + 1]]
+        logits, hidden = self.run(idx, attention_mask, logits_at)
         return logits, self.value_head(hidden).squeeze(-1).float()
 
     def choice_forward(self, idx, attention_mask, segments):
@@ -242,10 +249,10 @@ class HFPolicy(nn.Module):
         at the last context token of its first row, float32."""
         scored = segments >= 0  # (R, T)
         starts = scored.float().argmax(1)  # (R,) each row's first scored column
-        first = int(starts.min())
-        logits, hidden = self.run(idx, attention_mask, first)
+        # the LM head where a token is predicted only
+        logits, hidden = self.run(idx, attention_mask, scored)
         r, c = scored.nonzero(as_tuple=True)
-        token_logprobs = logprobs_from_logits(logits[r, c - first], segments[r, c])
+        token_logprobs = logprobs_from_logits(logits, segments[r, c])
         # put back in their (row, column) slots and summed per row: deterministic, unlike an
         # atomic index_add on CUDA
         slots = torch.zeros(scored.shape, device=idx.device).index_put((r, c), token_logprobs)

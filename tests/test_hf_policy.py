@@ -147,6 +147,31 @@ def test_generates_log_probs_and_values_are_a_forward_over_the_sampled_tokens(so
             assert not row_stops[:n - 1].any() and (n == tokens.size(1) or row_stops[n - 1])
 
 
+def test_the_lm_head_runs_only_where_logits_are_asked_for_as_the_model_runs_it(source):
+    policy = HFPolicy.load(source)
+    torch.nn.init.normal_(policy.value_head.weight)
+    prompts, mask = prompts_of(policy, ["A man is sitting on a roof. He starts",
+                                        "The cats", "Line one\nLine two and a much longer line"])
+    at = mask.bool() & (torch.rand(mask.shape, generator=torch.Generator().manual_seed(0)) < 0.5)
+    if policy.model.config.model_type == "gemma3_text":
+        # a head that does more than a matmul: Gemma's soft-capping, whose cap these logits pass
+        with torch.no_grad():
+            assert policy(prompts, mask)[0].abs().max() > 2.0
+        policy.model.config.final_logit_softcapping = 2.0
+    head_rows = []
+    policy.model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: head_rows.append(args[0].shape[:-1].numel()))
+    with torch.no_grad():
+        full, values = policy(prompts, mask)
+        picked, picked_values = policy(prompts, mask, logits_at=at)
+    assert head_rows == [mask.numel(), int(at.sum())]
+    assert picked.shape == (int(at.sum()), full.size(-1))
+    torch.testing.assert_close(picked, full[at], atol=1e-5, rtol=0)
+    assert torch.equal(picked_values, values)
+    if policy.model.config.model_type == "gemma3_text":
+        assert full.abs().max() <= 2.0
+
+
 def test_left_padding_does_not_change_a_rows_log_probs(source):
     policy = HFPolicy.load(source)
     alone, alone_mask = prompts_of(policy, ["The cats are here."])
