@@ -581,6 +581,15 @@ def test_one_generate_step(tmp_path, synthetic_dir, rollout_forward):
     assert samples and "continuation" in samples[0]
 
 
+def test_the_sampling_loops_log_probs_are_refused_under_bf16_before_any_work(tmp_path,
+                                                                           synthetic_dir):
+    cfg = tiny_run(tmp_path, synthetic_dir, rollout="generate", reward_kind="likelihood",
+                   rollout_forward=False, dtype="bfloat16")
+    with pytest.raises(UserError, match="rollout_forward=False .* under bfloat16 autocast"):
+        train_ppo.train(cfg)
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
 @pytest.mark.slow
 def test_choice_rollouts_learn_the_synthetic_task(tmp_path, synthetic_dir):
     cfg = tiny_run(tmp_path, synthetic_dir, batch_size=32, minibatch_size=16, micro_batch_size=16,
