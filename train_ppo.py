@@ -402,7 +402,8 @@ class Config:
     # generate: the rollout's log-probs and values from a forward over prompt + response, as the
     # update computes them (its first ratios are exactly 1); False keeps those the sampling loop
     # computed on its way (one policy forward less a step, as TRL's PPOTrainer does; float32 only:
-    # they differ from the update's by rounding, about 2e-5 there, up to 0.2 under bf16)
+    # they differ from the update's by rounding, about 2e-5 there on a CPU, up to 0.2 under bf16;
+    # unmeasured on CUDA, whose float32 matmuls run in TF32 here)
     rollout_forward: bool = True
     # ---- reward
     # teacher | label (choice rollouts), likelihood (generate rollouts)
