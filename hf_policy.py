@@ -234,7 +234,9 @@ class HFPolicy(nn.Module):
             out = self.model(**inputs, logits_to_keep=0)  # 0: every position the head is given
         finally:
             hook.remove()
-        return out.logits[0], body["hidden"]
+        # a model whose head did not read its body's output gave every position's logits
+        K = int(at.sum())
+        return (out.logits[0] if out.logits.shape[:2] == (1, K) else out.logits[at]), body["hidden"]
 
     def forward(self, idx, attention_mask=None, logits_at=None, segments=None):
         """As policy.Policy.forward: the choice forward with segments (choice_inputs), else
