@@ -93,10 +93,10 @@ def response_lengths(responses, stop_id):
 # the two sides, each in a process of its own
 
 
-def run_ours(args, model_dir, data, rollout_forward=True, name="ours"):
-    """train_ppo.train on the prompts -> its median later step (and the phases' seconds) and mean
-    response length."""
-    run_dir = os.path.join(args.work, name)
+def run_ours(args, model_dir, data, rollout_forward=True):
+    """train_ppo.train on the prompts, into WORK/SIDE -> its median later step (and the phases'
+    seconds) and mean response length."""
+    run_dir = os.path.join(args.work, args.side)
     shutil.rmtree(run_dir, ignore_errors=True)
     minibatch = args.batch // args.minibatches
     settings = {"init_from": model_dir, "reward_model": model_dir, "out_dir": run_dir,
@@ -179,7 +179,7 @@ def run_trl(args, model_dir, data):
 
 
 SIDES = {"ours": run_ours,
-         "ours_sampled": functools.partial(run_ours, rollout_forward=False, name="ours_sampled"),
+         "ours_sampled": functools.partial(run_ours, rollout_forward=False),
          "trl": run_trl}
 
 
