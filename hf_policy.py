@@ -219,6 +219,9 @@ class HFPolicy(nn.Module):
             positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
         inputs = {"input_ids": idx, "attention_mask": attention_mask, "position_ids": positions,
                   "use_cache": False}
+        if at is None or not keeps_logits(self.model):
+            out = self.model(**inputs, output_hidden_states=True)
+            return (out.logits if at is None else out.logits[at]), out.hidden_states[-1]
         body = {}
 
         def marked_only(module, args, kwargs, output):
@@ -226,9 +229,6 @@ class HFPolicy(nn.Module):
             output.last_hidden_state = output.last_hidden_state[at][None]
             return output
 
-        if at is None or not keeps_logits(self.model):
-            out = self.model(**inputs, output_hidden_states=True)
-            return (out.logits if at is None else out.logits[at]), out.hidden_states[-1]
         hook = self.model.base_model.register_forward_hook(marked_only, with_kwargs=True)
         try:
             out = self.model(**inputs, logits_to_keep=0)  # 0: every position the head is given
